@@ -1,0 +1,45 @@
+//! `switchyard`: one binary for every role and tool of a Switchyard deployment.
+//!
+//! Owns command-line parsing, logging set-up and turning library errors into messages for people (`anyhow` with
+//! context). The work itself lives in the library crates; each subcommand is a thin layer over them.
+
+mod commands;
+mod model_dir;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Switchyard: Llama 4 serving with disaggregated attention and expert workers.
+#[derive(Parser)]
+#[command(name = "switchyard", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing-subscriber EnvFilter syntax), e.g. `info` or `switchyard_model=debug`.
+    #[arg(long, env = "SWITCHYARD_LOG", default_value = "warn", global = true)]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a deterministic random checkpoint in the real Llama 4 layout (config, safetensors, tokenizer).
+    MakeTiny(commands::make_tiny::Args),
+    /// Generate text with the model in this process.
+    Generate(commands::generate::Args),
+    /// Run a benchmark and print ratios against limits measured in the same run.
+    Bench(commands::bench::Args),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::MakeTiny(args) => commands::make_tiny::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+    }
+}

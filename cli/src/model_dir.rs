@@ -1,0 +1,92 @@
+//! Finding a model directory: the one given, or the built-in tiny model made on first use into a cache directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use switchyard_model::checkpoint::Checkpoint;
+use switchyard_model::config::ModelConfig;
+use switchyard_model::tiny::{write_checkpoint, Preset, TinySpec};
+use switchyard_model::{Llama4Model, LoadOptions};
+
+/// Seed of the built-in model; changing it (or the generator) needs a new cache name below.
+const BUILTIN_SEED: u64 = 0;
+const BUILTIN_NAME: &str = "builtin-tiny-fp8-v1";
+
+/// Where the built-in model is cached: `$SWITCHYARD_CACHE_DIR`, else `$XDG_CACHE_HOME/switchyard`, else
+/// `~/.cache/switchyard`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SWITCHYARD_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("switchyard");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".cache").join("switchyard"),
+        None => std::env::temp_dir().join("switchyard-cache"),
+    }
+}
+
+/// The model directory to use: `model` if given, else the built-in tiny FP8 model, written on first use.
+pub fn resolve(model: Option<&Path>) -> Result<PathBuf> {
+    if let Some(dir) = model {
+        return Ok(dir.to_path_buf());
+    }
+    let dir = cache_dir().join(BUILTIN_NAME);
+    if dir.join("config.json").is_file() {
+        return Ok(dir);
+    }
+    // Write into a private directory and rename, so a concurrent or interrupted first use never leaves a half
+    // written model behind.
+    let parent = cache_dir();
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating the cache directory {}", parent.display()))?;
+    let staging = parent.join(format!(".{BUILTIN_NAME}.{}", std::process::id()));
+    let spec = TinySpec { preset: Preset::Tiny, seed: BUILTIN_SEED, fp8: true };
+    write_checkpoint(&staging, &spec, &mut |_, _| {})
+        .with_context(|| format!("writing the built-in tiny model to {}", staging.display()))?;
+    match std::fs::rename(&staging, &dir) {
+        Ok(()) => {}
+        // Another process won the race: its copy is identical (deterministic), use it.
+        Err(_) if dir.join("config.json").is_file() => {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        Err(e) => return Err(e).with_context(|| format!("moving the built-in model into {}", dir.display())),
+    }
+    Ok(dir)
+}
+
+/// A progress bar counting bytes, drawn only on a terminal.
+pub fn bytes_bar(message: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(message);
+    bar
+}
+
+/// Opens and loads the model in `dir`, showing a progress bar over its tensors.
+pub fn load(dir: &Path, options: &LoadOptions) -> Result<(ModelConfig, Llama4Model)> {
+    let config_path = dir.join("config.json");
+    let config = ModelConfig::from_file(&config_path)
+        .with_context(|| format!("reading the model config {}", config_path.display()))?;
+    let checkpoint = Checkpoint::open(dir).with_context(|| format!("opening the checkpoint in {}", dir.display()))?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("loading {msg} [{bar:40}] {pos}/{len} parts ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(dir.display().to_string());
+    let model = Llama4Model::load(&checkpoint, &config, options, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("loading the model in {}", dir.display()))?;
+    bar.finish_and_clear();
+    tracing::info!(bytes_read = checkpoint.ledger().bytes_read(), "model loaded");
+    Ok((config, model))
+}

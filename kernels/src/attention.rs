@@ -1,0 +1,291 @@
+//! Grouped-query softmax attention over a contiguous range of absolute key positions, with the causal and the
+//! chunked (Llama 4 RoPE layers) masks, and the exact merge of partial attentions computed over disjoint key ranges.
+//!
+//! Both masks make the keys a query can see one contiguous range of positions, so the kernel computes scores only
+//! over that range instead of masking a full row.
+
+use rayon::prelude::*;
+
+use crate::error::{check_len, product, KernelError};
+use crate::simd::{self, Isa};
+
+/// Which keys a query sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionMask {
+    /// Key `j` is visible to the query at position `p` iff `j <= p`.
+    Causal,
+    /// Key `j` is visible to the query at position `p` iff `j <= p` and `j / chunk == p / chunk` (fixed absolute
+    /// blocks, not a sliding window: Llama 4's chunked-attention layers).
+    Chunked {
+        /// Block length in positions (8192 for Llama 4).
+        chunk: usize,
+    },
+}
+
+impl AttentionMask {
+    /// The visible absolute key positions `[lo, hi)` for a query at `position`, clipped to the keys held,
+    /// `[key_start, key_end)`. Empty when `lo >= hi`.
+    fn visible(self, position: usize, key_start: usize, key_end: usize) -> (usize, usize) {
+        let first = match self {
+            AttentionMask::Causal => 0,
+            AttentionMask::Chunked { chunk } => position / chunk * chunk,
+        };
+        (first.max(key_start), position.saturating_add(1).min(key_end))
+    }
+}
+
+/// Head counts and size of an attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub q_heads: usize,
+    /// Key/value heads; must divide `q_heads`.
+    pub kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+}
+
+/// Sizes derived from the arguments once they have been checked.
+struct Checked {
+    t_q: usize,
+    t_k: usize,
+    group: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check(
+    op: &'static str,
+    q: &[f32],
+    q_positions: &[usize],
+    k: &[f32],
+    v: &[f32],
+    key_start: usize,
+    shape: AttentionShape,
+    mask: AttentionMask,
+    out: &[f32],
+    lse: Option<&[f32]>,
+) -> Result<Checked, KernelError> {
+    let AttentionShape { q_heads, kv_heads, head_dim } = shape;
+    if q_heads == 0 || kv_heads == 0 || head_dim == 0 {
+        return Err(KernelError::invalid(op, format!("empty shape {shape:?}")));
+    }
+    if q_heads % kv_heads != 0 {
+        return Err(KernelError::invalid(op, format!("q_heads = {q_heads} is not a multiple of kv_heads = {kv_heads}")));
+    }
+    if let AttentionMask::Chunked { chunk: 0 } = mask {
+        return Err(KernelError::invalid(op, "chunk size is 0"));
+    }
+    let t_q = q_positions.len();
+    let q_row = q_heads * head_dim;
+    let kv_row = product(op, kv_heads, head_dim)?;
+    check_len(op, "q", q.len(), product(op, t_q, q_row)?, &format!("t_q * q_heads * head_dim = {t_q} * {q_heads} * {head_dim}"))?;
+    check_len(op, "out", out.len(), q.len(), "q.len()")?;
+    if k.len() % kv_row != 0 {
+        return Err(KernelError::shape(op, format!("k has {} values, not a multiple of kv_heads * head_dim = {kv_row}", k.len())));
+    }
+    check_len(op, "v", v.len(), k.len(), "k.len()")?;
+    let t_k = k.len() / kv_row;
+    if key_start.checked_add(t_k).is_none() {
+        return Err(KernelError::invalid(op, format!("key_start {key_start} + {t_k} keys overflows")));
+    }
+    if let Some(lse) = lse {
+        check_len(op, "lse", lse.len(), t_q * q_heads, &format!("t_q * q_heads = {t_q} * {q_heads}"))?;
+    }
+    Ok(Checked { t_q, t_k, group: q_heads / kv_heads })
+}
+
+/// Grouped-query attention.
+///
+/// `q`: `[t_q, q_heads, head_dim]` for absolute positions `q_positions` (`t_q = q_positions.len()`); `k`, `v`:
+/// `[t_k, kv_heads, head_dim]` holding the keys of absolute positions `key_start .. key_start + t_k`. Query head `h`
+/// uses kv head `h / (q_heads / kv_heads)`. Scores are `q · k * scale`, masked, softmaxed in f32 (max-subtracted);
+/// `out`: `[t_q, q_heads, head_dim]`. If `lse` is given it receives, per (query, head) (`[t_q, q_heads]`), the
+/// natural log-sum-exp of the scaled, masked scores, so that partial attentions over disjoint key ranges can be
+/// merged exactly with [`merge_partials`]. A query that sees no key gets zeros and `lse = -inf`.
+///
+/// Multi-threaded over (query, head).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    q_positions: &[usize],
+    k: &[f32],
+    v: &[f32],
+    key_start: usize,
+    shape: AttentionShape,
+    mask: AttentionMask,
+    scale: f32,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) -> Result<(), KernelError> {
+    attention_with(Isa::detect(), q, q_positions, k, v, key_start, shape, mask, scale, out, lse)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_with(
+    isa: Isa,
+    q: &[f32],
+    q_positions: &[usize],
+    k: &[f32],
+    v: &[f32],
+    key_start: usize,
+    shape: AttentionShape,
+    mask: AttentionMask,
+    scale: f32,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) -> Result<(), KernelError> {
+    let sizes = check("attention", q, q_positions, k, v, key_start, shape, mask, out, lse.as_deref())?;
+    let AttentionShape { q_heads, kv_heads, head_dim } = shape;
+    let key_end = key_start + sizes.t_k;
+    let mut own_lse;
+    let lse = match lse {
+        Some(lse) => lse,
+        None => {
+            own_lse = vec![0.0f32; sizes.t_q * q_heads];
+            &mut own_lse[..]
+        }
+    };
+    out.par_chunks_mut(head_dim).zip(lse.par_iter_mut()).enumerate().for_each_init(Vec::new, |scores, (row, (dst, lse))| {
+        let (i, h) = (row / q_heads, row % q_heads);
+        let kv_head = h / sizes.group;
+        let (lo, hi) = mask.visible(q_positions[i], key_start, key_end);
+        if lo >= hi {
+            dst.fill(0.0);
+            *lse = f32::NEG_INFINITY;
+            return;
+        }
+        let query = &q[row * head_dim..(row + 1) * head_dim];
+        let key_row = |pos: usize| ((pos - key_start) * kv_heads + kv_head) * head_dim;
+        scores.clear();
+        scores.extend((lo..hi).map(|pos| {
+            let at = key_row(pos);
+            simd::dot(isa, query, &k[at..at + head_dim]) * scale
+        }));
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let total = simd::exp_shifted_sum(isa, scores, max);
+        dst.fill(0.0);
+        for (pos, &weight) in (lo..hi).zip(scores.iter()) {
+            let at = key_row(pos);
+            simd::axpy(isa, weight, &v[at..at + head_dim], dst);
+        }
+        simd::scale_in_place(isa, dst, 1.0 / total);
+        *lse = max + total.ln();
+    });
+    Ok(())
+}
+
+/// Scalar reference for [`attention`]: every key scored, the mask applied as `-inf`, softmax in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_reference(
+    q: &[f32],
+    q_positions: &[usize],
+    k: &[f32],
+    v: &[f32],
+    key_start: usize,
+    shape: AttentionShape,
+    mask: AttentionMask,
+    scale: f32,
+    out: &mut [f32],
+    mut lse: Option<&mut [f32]>,
+) -> Result<(), KernelError> {
+    let sizes = check("attention_reference", q, q_positions, k, v, key_start, shape, mask, out, lse.as_deref())?;
+    let AttentionShape { q_heads, kv_heads, head_dim } = shape;
+    let visible = |p: usize, j: usize| match mask {
+        AttentionMask::Causal => j <= p,
+        AttentionMask::Chunked { chunk } => j <= p && j / chunk == p / chunk,
+    };
+    for (i, &p) in q_positions.iter().enumerate() {
+        for h in 0..q_heads {
+            let g = h / (q_heads / kv_heads);
+            let qo = (i * q_heads + h) * head_dim;
+            let scores: Vec<f64> = (0..sizes.t_k)
+                .map(|j| {
+                    if !visible(p, key_start + j) {
+                        return f64::NEG_INFINITY;
+                    }
+                    let ko = (j * kv_heads + g) * head_dim;
+                    let d: f64 = (0..head_dim).map(|c| q[qo + c] as f64 * k[ko + c] as f64).sum();
+                    d * scale as f64
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let row_lse = &mut lse.as_deref_mut().map(|l| &mut l[i * q_heads + h]);
+            if max == f64::NEG_INFINITY {
+                out[qo..qo + head_dim].fill(0.0);
+                if let Some(l) = row_lse {
+                    **l = f32::NEG_INFINITY;
+                }
+                continue;
+            }
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for c in 0..head_dim {
+                let acc: f64 = (0..sizes.t_k).map(|j| weights[j] * v[(j * kv_heads + g) * head_dim + c] as f64).sum();
+                out[qo + c] = (acc / total) as f32;
+            }
+            if let Some(l) = row_lse {
+                **l = (max + total.ln()) as f32;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One partial attention result: the output and log-sum-exp of [`attention`] over one range of keys.
+#[derive(Debug, Clone, Copy)]
+pub struct PartialAttention<'a> {
+    /// `[rows, head_dim]` (rows = queries x heads).
+    pub out: &'a [f32],
+    /// `[rows]`, `-inf` where the range held no visible key.
+    pub lse: &'a [f32],
+}
+
+/// Merges partial attentions over disjoint key ranges into the attention over their union, exactly (up to
+/// rounding): `out = sum_p exp(lse_p - L) * out_p` with `L = log(sum_p exp(lse_p))`. Rows no part saw a key for get
+/// zeros and `lse = -inf`. `out` has `rows * head_dim` values; `lse`, if given, receives `L` (`rows` values).
+pub fn merge_partials(
+    parts: &[PartialAttention<'_>],
+    head_dim: usize,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) -> Result<(), KernelError> {
+    const OP: &str = "merge_partials";
+    if head_dim == 0 {
+        return Err(KernelError::invalid(OP, "head_dim is 0"));
+    }
+    if out.len() % head_dim != 0 {
+        return Err(KernelError::shape(OP, format!("out has {} values, not a multiple of head_dim = {head_dim}", out.len())));
+    }
+    let rows = out.len() / head_dim;
+    for (p, part) in parts.iter().enumerate() {
+        check_len(OP, &format!("part {p} out"), part.out.len(), out.len(), "out.len()")?;
+        check_len(OP, &format!("part {p} lse"), part.lse.len(), rows, "out.len() / head_dim")?;
+    }
+    if let Some(lse) = lse.as_deref() {
+        check_len(OP, "lse", lse.len(), rows, "out.len() / head_dim")?;
+    }
+    let isa = Isa::detect();
+    let mut merged_lse = vec![0.0f32; rows];
+    out.par_chunks_mut(head_dim).zip(merged_lse.par_iter_mut()).enumerate().for_each(|(r, (dst, row_lse))| {
+        let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.lse[r]));
+        dst.fill(0.0);
+        if max == f32::NEG_INFINITY {
+            *row_lse = f32::NEG_INFINITY;
+            return;
+        }
+        let mut total = 0.0f32;
+        for part in parts {
+            let weight = (part.lse[r] - max).exp();
+            if weight > 0.0 {
+                simd::axpy(isa, weight, &part.out[r * head_dim..(r + 1) * head_dim], dst);
+                total += weight;
+            }
+        }
+        simd::scale_in_place(isa, dst, 1.0 / total);
+        *row_lse = max + total.ln();
+    });
+    if let Some(lse) = lse {
+        lse.copy_from_slice(&merged_lse);
+    }
+    Ok(())
+}

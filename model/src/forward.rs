@@ -1,0 +1,504 @@
+//! The Llama 4 text forward pass on CPU.
+//!
+//! Pre-norm decoder layers: `h = x + o_proj(attn(rmsnorm(x)))`, `out = h + ffn(rmsnorm(h))`, where `ffn` is a dense
+//! SwiGLU MLP or an MoE block (top-1 sigmoid router whose score scales the expert input, plus a shared expert). RoPE
+//! layers rotate q/k with interleaved pairs and attend within fixed absolute chunks; NoPE layers attend globally and
+//! scale q by the temperature factor. Sequences are processed as a batch: projections and experts run once over the
+//! tokens of all sequences, attention per sequence against its own [`KvCache`].
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use switchyard_kernels::{
+    activation::silu_mul,
+    attention::{attention, AttentionMask, AttentionShape},
+    norm::{rms_norm, rms_norm_unweighted_in_place},
+    rope::rope_interleaved_in_place,
+    router::top1,
+};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{ModelConfig, TextConfig};
+use crate::experts::{ActivationPrecision, LocalExperts, RoutedExperts};
+use crate::linear::LinearWeight;
+use crate::rope::{inverse_frequencies, temperature_factor};
+use crate::ModelError;
+
+/// A SwiGLU MLP: the dense layers' FFN and the MoE layers' shared expert.
+pub struct Mlp {
+    /// `[intermediate, hidden]`.
+    pub gate: LinearWeight,
+    /// `[intermediate, hidden]`.
+    pub up: LinearWeight,
+    /// `[hidden, intermediate]`.
+    pub down: LinearWeight,
+}
+
+impl Mlp {
+    /// `down(silu(gate(x)) * up(x))` over `tokens` rows.
+    pub fn forward(&self, x: &[f32], tokens: usize) -> Result<Vec<f32>, ModelError> {
+        let gate = self.gate.apply(x, tokens)?;
+        let up = self.up.apply(x, tokens)?;
+        let mut activated = vec![0.0; gate.len()];
+        silu_mul(&gate, &up, &mut activated)?;
+        self.down.apply(&activated, tokens)
+    }
+}
+
+/// The projections of one attention block.
+pub struct AttentionWeights {
+    /// `[q_heads * head_dim, hidden]`.
+    pub q: LinearWeight,
+    /// `[kv_heads * head_dim, hidden]`.
+    pub k: LinearWeight,
+    /// `[kv_heads * head_dim, hidden]`.
+    pub v: LinearWeight,
+    /// `[hidden, q_heads * head_dim]`.
+    pub o: LinearWeight,
+}
+
+/// The feed-forward half of a decoder layer.
+pub enum FeedForward {
+    /// A dense SwiGLU MLP (`intermediate_size_mlp`).
+    Dense(Mlp),
+    /// Router + shared expert here; routed experts behind [`RoutedExperts`].
+    Moe {
+        /// `[experts, hidden]` router, no bias.
+        router: LinearWeight,
+        /// The shared expert, applied to every token.
+        shared: Mlp,
+    },
+}
+
+/// One decoder layer's weights.
+pub struct DecoderLayer {
+    /// RMSNorm before attention.
+    pub input_norm: Vec<f32>,
+    /// RMSNorm before the feed-forward block.
+    pub post_attention_norm: Vec<f32>,
+    /// q, k, v, o.
+    pub attention: AttentionWeights,
+    /// Dense MLP or MoE.
+    pub feed_forward: FeedForward,
+}
+
+/// Which experts a process loads (the attention side of a disaggregated deployment loads none).
+#[derive(Debug, Clone, Default)]
+pub enum ExpertSelection {
+    /// Every expert of every MoE layer (single-process serving).
+    #[default]
+    All,
+    /// No routed expert: they are computed elsewhere through a [`RoutedExperts`] supplied later.
+    None,
+}
+
+/// Options for [`Llama4Model::load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Which routed experts to load.
+    pub experts: ExpertSelection,
+    /// Activation precision for FP8 experts.
+    pub activation_precision: ActivationPrecision,
+}
+
+/// Which positions of a step produce logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every token of the step (prompt logits).
+    All,
+    /// Only the step's last token (decode).
+    Last,
+}
+
+/// The keys and values one layer keeps for one sequence.
+#[derive(Debug, Clone, Default)]
+struct LayerKv {
+    /// Absolute position of the first key held.
+    start: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+/// The KV cache of one sequence. Chunked-attention layers keep only the current chunk's keys (no query can see an
+/// earlier chunk); global layers keep every key.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `config`.
+    pub fn new(config: &TextConfig) -> Self {
+        Self { layers: vec![LayerKv::default(); config.num_hidden_layers], len: 0 }
+    }
+
+    /// Tokens processed so far (the next token's absolute position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token has been processed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Floats held across all layers (keys and values).
+    pub fn floats_held(&self) -> usize {
+        self.layers.iter().map(|l| l.keys.len() + l.values.len()).sum()
+    }
+}
+
+/// One sequence's part of a batched step: its new tokens and its cache.
+pub struct SequenceStep<'a> {
+    /// Token ids to append (prompt or decoded tokens).
+    pub tokens: &'a [u32],
+    /// The sequence's cache; advanced by `tokens.len()`.
+    pub cache: &'a mut KvCache,
+    /// Which logits to return.
+    pub logits: LogitsFor,
+}
+
+/// A loaded Llama 4 text model.
+pub struct Llama4Model {
+    config: TextConfig,
+    embed_tokens: Vec<f32>,
+    layers: Vec<DecoderLayer>,
+    norm: Vec<f32>,
+    lm_head: LinearWeight,
+    inv_freq: Vec<f32>,
+    routed: Arc<dyn RoutedExperts>,
+}
+
+impl Llama4Model {
+    /// Loads the model from an opened checkpoint, checking every tensor against the config. `progress` is told
+    /// (tensors done, tensors total).
+    pub fn load(
+        checkpoint: &Checkpoint,
+        config: &ModelConfig,
+        options: &LoadOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
+        let text = &config.text;
+        text.validate()?;
+        checkpoint.check_against(text)?;
+        let hidden = text.hidden_size;
+        let layer_count = text.num_hidden_layers;
+        let moe_layers = (0..layer_count).filter(|&l| text.is_moe_layer(l)).count();
+        let experts_to_load = match options.experts {
+            ExpertSelection::All => text.num_local_experts,
+            ExpertSelection::None => 0,
+        };
+        let total = 3 + layer_count + moe_layers * experts_to_load;
+        let mut done = 0;
+        let mut tick = |progress: &mut dyn FnMut(usize, usize)| {
+            done += 1;
+            progress(done, total);
+        };
+
+        let embed_tokens = checkpoint.tensor_f32("model.embed_tokens.weight", &[text.vocab_size, hidden])?;
+        tick(progress);
+        let mut layers = Vec::with_capacity(layer_count);
+        let mut local = LocalExperts::new(options.activation_precision);
+        for l in 0..layer_count {
+            let p = format!("model.layers.{l}");
+            let attention = AttentionWeights {
+                q: checkpoint.linear(&format!("{p}.self_attn.q_proj.weight"), text.q_dim(), hidden)?,
+                k: checkpoint.linear(&format!("{p}.self_attn.k_proj.weight"), text.kv_dim(), hidden)?,
+                v: checkpoint.linear(&format!("{p}.self_attn.v_proj.weight"), text.kv_dim(), hidden)?,
+                o: checkpoint.linear(&format!("{p}.self_attn.o_proj.weight"), hidden, text.q_dim())?,
+            };
+            let mlp = |prefix: &str, intermediate: usize| -> Result<Mlp, ModelError> {
+                Ok(Mlp {
+                    gate: checkpoint.linear(&format!("{prefix}.gate_proj.weight"), intermediate, hidden)?,
+                    up: checkpoint.linear(&format!("{prefix}.up_proj.weight"), intermediate, hidden)?,
+                    down: checkpoint.linear(&format!("{prefix}.down_proj.weight"), hidden, intermediate)?,
+                })
+            };
+            let feed_forward = if text.is_moe_layer(l) {
+                FeedForward::Moe {
+                    router: checkpoint.linear(
+                        &format!("{p}.feed_forward.router.weight"),
+                        text.num_local_experts,
+                        hidden,
+                    )?,
+                    shared: mlp(&format!("{p}.feed_forward.shared_expert"), text.intermediate_size)?,
+                }
+            } else {
+                FeedForward::Dense(mlp(&format!("{p}.feed_forward"), text.intermediate_size_mlp)?)
+            };
+            layers.push(DecoderLayer {
+                input_norm: checkpoint.tensor_f32(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+                post_attention_norm: checkpoint
+                    .tensor_f32(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
+                attention,
+                feed_forward,
+            });
+            tick(progress);
+            if text.is_moe_layer(l) {
+                for e in 0..experts_to_load {
+                    local.insert(l, e as u32, checkpoint.expert(l, e, text)?);
+                    tick(progress);
+                }
+            }
+        }
+        let norm = checkpoint.tensor_f32("model.norm.weight", &[hidden])?;
+        tick(progress);
+        let lm_head = checkpoint.linear("lm_head.weight", text.vocab_size, hidden)?;
+        tick(progress);
+        Ok(Self {
+            config: text.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: inverse_frequencies(text),
+            routed: Arc::new(local),
+        })
+    }
+
+    /// The text config the model was loaded with.
+    pub fn config(&self) -> &TextConfig {
+        &self.config
+    }
+
+    /// Replaces where routed experts are computed (e.g. a dispatch client to expert workers).
+    pub fn set_routed_experts(&mut self, routed: Arc<dyn RoutedExperts>) {
+        self.routed = routed;
+    }
+
+    /// A fresh KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.config)
+    }
+
+    /// Runs one step for one sequence, returning logits `[positions, vocab]`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, logits: LogitsFor) -> Result<Vec<f32>, ModelError> {
+        let mut out = self.forward_batch(&mut [SequenceStep { tokens, cache, logits }])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Runs one step for a batch of sequences. Returns, per sequence, logits `[positions, vocab]` where positions are
+    /// all its new tokens or only the last one. On error no cache has advanced.
+    pub fn forward_batch(&self, batch: &mut [SequenceStep<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let cfg = &self.config;
+        let hidden = cfg.hidden_size;
+        for (i, step) in batch.iter().enumerate() {
+            self.validate_step(i, step)?;
+        }
+        let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let mut x = Vec::with_capacity(tokens * hidden);
+        for step in batch.iter() {
+            for &t in step.tokens {
+                let row = t as usize * hidden;
+                x.extend_from_slice(&self.embed_tokens[row..row + hidden]);
+            }
+        }
+        // Each sequence's KV is updated into a copy that replaces the cache only once the whole step succeeded, so a
+        // failed step (e.g. a lost expert worker) leaves every sequence where it was and can be retried.
+        let mut caches: Vec<KvCache> = batch.iter().map(|s| s.cache.clone()).collect();
+        let mut normed = vec![0.0; x.len()];
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps as f32, &mut normed)?;
+            let attended = self.attention_block(l, layer, &normed, batch, &mut caches)?;
+            for (xi, ai) in x.iter_mut().zip(&attended) {
+                *xi += ai;
+            }
+            rms_norm(&x, &layer.post_attention_norm, cfg.rms_norm_eps as f32, &mut normed)?;
+            let ff = self.feed_forward(l, layer, &normed, tokens)?;
+            for (xi, fi) in x.iter_mut().zip(&ff) {
+                *xi += fi;
+            }
+        }
+        for (cache, step) in caches.iter_mut().zip(batch.iter()) {
+            cache.len += step.tokens.len();
+        }
+        // Final norm and lm_head only on the rows whose logits are wanted.
+        let mut wanted = Vec::new();
+        let mut offset = 0;
+        for step in batch.iter() {
+            let n = step.tokens.len();
+            match step.logits {
+                LogitsFor::All => wanted.extend(offset..offset + n),
+                LogitsFor::Last => wanted.push(offset + n - 1),
+            }
+            offset += n;
+        }
+        let mut rows = Vec::with_capacity(wanted.len() * hidden);
+        for &r in &wanted {
+            rows.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
+        }
+        let mut final_normed = vec![0.0; rows.len()];
+        rms_norm(&rows, &self.norm, cfg.rms_norm_eps as f32, &mut final_normed)?;
+        let logits = self.lm_head.apply(&final_normed, wanted.len())?;
+        let vocab = cfg.vocab_size;
+        let mut result = Vec::with_capacity(batch.len());
+        let mut row = 0;
+        for (step, cache) in batch.iter_mut().zip(caches) {
+            let n = match step.logits {
+                LogitsFor::All => step.tokens.len(),
+                LogitsFor::Last => 1,
+            };
+            result.push(logits[row * vocab..(row + n) * vocab].to_vec());
+            row += n;
+            *step.cache = cache;
+        }
+        Ok(result)
+    }
+
+    fn validate_step(&self, index: usize, step: &SequenceStep<'_>) -> Result<(), ModelError> {
+        let cfg = &self.config;
+        if step.tokens.is_empty() {
+            return Err(ModelError::InvalidInput {
+                what: format!("sequence {index} of the batch"),
+                reason: "no tokens to process".into(),
+            });
+        }
+        if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(ModelError::InvalidInput {
+                what: "token id".into(),
+                reason: format!("token id {bad} is outside the vocabulary (vocab_size {})", cfg.vocab_size),
+            });
+        }
+        let end = step.cache.len() + step.tokens.len();
+        if end > cfg.max_position_embeddings {
+            return Err(ModelError::InvalidInput {
+                what: "context length".into(),
+                reason: format!(
+                    "{end} tokens ({} cached + {} new) exceed the model's max_position_embeddings {}",
+                    step.cache.len(),
+                    step.tokens.len(),
+                    cfg.max_position_embeddings
+                ),
+            });
+        }
+        if step.cache.layers.len() != cfg.num_hidden_layers {
+            return Err(ModelError::InvalidInput {
+                what: "KV cache".into(),
+                reason: format!(
+                    "cache has {} layers, the model {}",
+                    step.cache.layers.len(),
+                    cfg.num_hidden_layers
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn attention_block(
+        &self,
+        l: usize,
+        layer: &DecoderLayer,
+        normed: &[f32],
+        batch: &[SequenceStep<'_>],
+        caches: &mut [KvCache],
+    ) -> Result<Vec<f32>, ModelError> {
+        let cfg = &self.config;
+        let tokens = normed.len() / cfg.hidden_size;
+        let (hd, qh, kvh) = (cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
+        let mut q = layer.attention.q.apply(normed, tokens)?;
+        let mut k = layer.attention.k.apply(normed, tokens)?;
+        let v = layer.attention.v.apply(normed, tokens)?;
+        let uses_rope = cfg.uses_rope(l);
+        let mask = if cfg.is_chunked_attention(l) {
+            AttentionMask::Chunked { chunk: cfg.attention_chunk_size.unwrap_or(usize::MAX) }
+        } else {
+            AttentionMask::Causal
+        };
+        let shape = AttentionShape { q_heads: qh, kv_heads: kvh, head_dim: hd };
+        let scale = 1.0 / (hd as f32).sqrt();
+
+        let mut positions = Vec::with_capacity(tokens);
+        for (step, cache) in batch.iter().zip(caches.iter()) {
+            positions.extend(cache.len..cache.len + step.tokens.len());
+        }
+        if uses_rope {
+            rope_interleaved_in_place(&mut q, &positions, qh, hd, &self.inv_freq)?;
+            rope_interleaved_in_place(&mut k, &positions, kvh, hd, &self.inv_freq)?;
+            if cfg.use_qk_norm {
+                let eps = cfg.rms_norm_eps as f32;
+                rms_norm_unweighted_in_place(&mut q, hd, eps)?;
+                rms_norm_unweighted_in_place(&mut k, hd, eps)?;
+            }
+        } else if cfg.attn_temperature_tuning {
+            for (row, &pos) in q.chunks_exact_mut(qh * hd).zip(&positions) {
+                let factor = temperature_factor(cfg, pos);
+                row.iter_mut().for_each(|v| *v *= factor);
+            }
+        }
+
+        let q_dim = qh * hd;
+        let kv_dim = kvh * hd;
+        let mut attended = vec![0.0; tokens * q_dim];
+        // Split the batch's rows per sequence, then attend each sequence against its own cache in parallel.
+        let mut work = Vec::with_capacity(batch.len());
+        let mut rest_out = &mut attended[..];
+        let mut offset = 0;
+        for (step, cache) in batch.iter().zip(caches.iter_mut()) {
+            let n = step.tokens.len();
+            let (out, rest) = rest_out.split_at_mut(n * q_dim);
+            rest_out = rest;
+            work.push((cache, out, offset..offset + n));
+            offset += n;
+        }
+        work.into_par_iter().try_for_each(|(cache, out, rows)| -> Result<(), ModelError> {
+            let (offset, n) = (rows.start, rows.len());
+            let kv = &mut cache.layers[l];
+            kv.keys.extend_from_slice(&k[offset * kv_dim..(offset + n) * kv_dim]);
+            kv.values.extend_from_slice(&v[offset * kv_dim..(offset + n) * kv_dim]);
+            let held = kv.keys.len() / kv_dim;
+            attention(
+                &q[offset * q_dim..(offset + n) * q_dim],
+                &positions[rows],
+                &kv.keys,
+                &kv.values,
+                kv.start,
+                shape,
+                mask,
+                scale,
+                out,
+                None,
+            )?;
+            if let AttentionMask::Chunked { chunk } = mask {
+                // Later queries sit at positions >= the last one, so nothing before its chunk is needed again.
+                let last = kv.start + held - 1;
+                let keep_from = (last / chunk) * chunk;
+                if keep_from > kv.start {
+                    let drop = (keep_from - kv.start) * kv_dim;
+                    kv.keys.drain(..drop);
+                    kv.values.drain(..drop);
+                    kv.start = keep_from;
+                }
+            }
+            Ok(())
+        })?;
+        layer.attention.o.apply(&attended, tokens)
+    }
+
+    fn feed_forward(&self, l: usize, layer: &DecoderLayer, normed: &[f32], tokens: usize) -> Result<Vec<f32>, ModelError> {
+        match &layer.feed_forward {
+            FeedForward::Dense(mlp) => mlp.forward(normed, tokens),
+            FeedForward::Moe { router, shared } => {
+                let hidden = self.config.hidden_size;
+                let logits = router.apply(normed, tokens)?;
+                let choices = top1(&logits, self.config.num_local_experts)?;
+                let mut routed_in = normed.to_vec();
+                let mut experts = Vec::with_capacity(tokens);
+                for (row, (expert, logit)) in routed_in.chunks_exact_mut(hidden).zip(choices) {
+                    let score = 1.0 / (1.0 + (-logit).exp());
+                    row.iter_mut().for_each(|v| *v *= score);
+                    experts.push(expert);
+                }
+                let (routed, shared_out) = rayon::join(
+                    || self.routed.compute(l, &routed_in, &experts, hidden),
+                    || shared.forward(normed, tokens),
+                );
+                let mut out = shared_out?;
+                for (o, r) in out.iter_mut().zip(routed?) {
+                    *o += r;
+                }
+                Ok(out)
+            }
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! The Llama 4 text model of Switchyard: config, checkpoint loading and the forward pass.
+//!
+//! Owns the model's facts (config parsing with Hugging Face's defaults), the checkpoint index and memory-mapped
+//! safetensors loading (selective by expert, every tensor checked by name, shape and dtype), the layer math built on
+//! `switchyard-kernels`, and the deterministic tiny-checkpoint generator. It must not know about the network, the
+//! cluster or requests: workers put those around it.
+//!
+//! # Feature flags
+//! - `cuda`: forwards to `switchyard-kernels/cuda`.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod experts;
+pub mod forward;
+pub mod generate;
+pub mod linear;
+pub mod rope;
+pub mod tiny;
+
+pub use error::ModelError;
+pub use experts::{ActivationPrecision, LocalExperts, RoutedExperts};
+pub use forward::{ExpertSelection, KvCache, Llama4Model, LoadOptions, LogitsFor, SequenceStep};
+pub use generate::{generate, FinishReason, Generation, GenerationRequest, SamplingParams};

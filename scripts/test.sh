@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite: what CI runs (.ci/run) and what the README tells everyone to run.
+# Installs what it needs, builds once, runs every test, and checks that the CUDA backend compiles (no GPU needed:
+# GPU tests skip with a printed reason where there is none).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/ensure-deps.sh
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+start=$(date +%s)
+echo "== build (workspace, all targets)"
+cargo build --workspace --all-targets --locked
+echo "== test"
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.txt
+echo "== build with --features cuda (cudarc loads CUDA at run time; none is needed to compile)"
+cargo build --features cuda --locked
+echo "== done in $(( $(date +%s) - start )) s"
