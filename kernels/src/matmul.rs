@@ -27,17 +27,21 @@ pub(crate) struct Fp8Plan {
     pub(crate) panel_values: usize,
     /// Weight codes each streaming task reads (rows are grouped to about this many bytes).
     pub(crate) stream_task_bytes: usize,
+    /// Activation bytes of one column block in the streaming strategy (kept in L1 across the rows of a task).
+    pub(crate) x_block_bytes: usize,
 }
 
 impl Default for Fp8Plan {
     fn default() -> Self {
         Fp8Plan {
             // At 16 tokens both strategies take about the same time on AVX2 (measured with the ignored perf tests).
-            panel_min_tokens: 16,
+            panel_min_tokens: std::env::var("PM").ok().and_then(|v| v.parse().ok()).unwrap_or(16),
             // 4 MiB: large enough that gemm's per-call packing of `x` is amortised over many output columns, small
             // enough to stay near the last-level cache.
-            panel_values: 1 << 20,
+            panel_values: std::env::var("PV").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 20),
             stream_task_bytes: 128 << 10,
+            // Half of a 32 KiB L1D, leaving the rest to the codes streaming past.
+            x_block_bytes: std::env::var("XB").ok().and_then(|v| v.parse().ok()).unwrap_or(16 << 10),
         }
     }
 }
@@ -215,48 +219,53 @@ impl SharedOut {
 }
 
 /// Few tokens: stream each weight row once, against all tokens four at a time.
+///
+/// The columns are cut into blocks sized so that one block of four tokens' activations stays in L1 while every row
+/// of the task is multiplied against it (four tokens of 5120 values would otherwise be re-read from L2 for each row,
+/// which caps the rate below the memory bandwidth). Each code is still read exactly once.
 fn fp8_streaming(isa: Isa, plan: Fp8Plan, x: &[f32], m: usize, weight: Fp8Weight<'_>, out: &mut [f32]) {
     let (rows, cols) = (weight.rows, weight.cols);
     let rows_per_task = (plan.stream_task_bytes / cols).clamp(1, rows);
-    let token = |t: usize| &x[t * cols..(t + 1) * cols];
+    let tokens_per_pass = m.min(4);
+    // A multiple of 32 keeps the SIMD loop free of tails except at the last block.
+    let block = (plan.x_block_bytes / (4 * tokens_per_pass) / 32 * 32).max(32);
     let dst = SharedOut(out.as_mut_ptr());
-    let blocks = rows.div_ceil(rows_per_task);
-    (0..blocks).into_par_iter().for_each(|block| {
-        let first = block * rows_per_task;
-        for o in first..(first + rows_per_task).min(rows) {
-            let codes = weight.row(o);
+    let tasks = rows.div_ceil(rows_per_task);
+    (0..tasks).into_par_iter().for_each_init(Vec::new, |sums, task| {
+        let first = task * rows_per_task;
+        let count = rows_per_task.min(rows - first);
+        // sums[r * m + t]: the dot product of row first + r with token t so far.
+        sums.clear();
+        sums.resize(count * m, 0.0f32);
+        let mut start = 0;
+        while start < cols {
+            let end = (start + block).min(cols);
+            let token = |t: usize| &x[t * cols + start..t * cols + end];
+            for (r, row_sums) in sums.chunks_exact_mut(m).enumerate() {
+                let codes = &weight.row(first + r)[start..end];
+                let mut t = 0;
+                while t < m {
+                    let step = (m - t).min(4);
+                    let part = &mut row_sums[t..t + step];
+                    let add = |s: &[f32], part: &mut [f32]| part.iter_mut().zip(s).for_each(|(p, v)| *p += v);
+                    match step {
+                        1 => add(&simd::fp8_dot_tokens(isa, codes, [token(t)]), part),
+                        2 => add(&simd::fp8_dot_tokens(isa, codes, [token(t), token(t + 1)]), part),
+                        3 => add(&simd::fp8_dot_tokens(isa, codes, [token(t), token(t + 1), token(t + 2)]), part),
+                        _ => add(&simd::fp8_dot_tokens(isa, codes, [token(t), token(t + 1), token(t + 2), token(t + 3)]), part),
+                    }
+                    t += step;
+                }
+            }
+            start = end;
+        }
+        for (r, row_sums) in sums.chunks_exact(m).enumerate() {
+            let o = first + r;
             let scale = weight.scales[o];
-            let mut t = 0;
-            while t < m {
-                let left = m - t;
-                let write = |offset: usize, value: f32| {
-                    // SAFETY: (t + offset) < m and o < rows, so the index is inside out (m * rows values), and
-                    // column o belongs to this task's row block only.
-                    unsafe { dst.write((t + offset) * rows + o, value * scale) };
-                };
-                let step = match left {
-                    1 => {
-                        let [a] = simd::fp8_dot_tokens(isa, codes, [token(t)]);
-                        write(0, a);
-                        1
-                    }
-                    2 => {
-                        let s = simd::fp8_dot_tokens(isa, codes, [token(t), token(t + 1)]);
-                        s.iter().enumerate().for_each(|(j, &v)| write(j, v));
-                        2
-                    }
-                    3 => {
-                        let s = simd::fp8_dot_tokens(isa, codes, [token(t), token(t + 1), token(t + 2)]);
-                        s.iter().enumerate().for_each(|(j, &v)| write(j, v));
-                        3
-                    }
-                    _ => {
-                        let s = simd::fp8_dot_tokens(isa, codes, [token(t), token(t + 1), token(t + 2), token(t + 3)]);
-                        s.iter().enumerate().for_each(|(j, &v)| write(j, v));
-                        4
-                    }
-                };
-                t += step;
+            for (t, &v) in row_sums.iter().enumerate() {
+                // SAFETY: t < m and o < rows, so the index is inside out (m * rows values), and column o belongs to
+                // this task's rows only.
+                unsafe { dst.write(t * rows + o, v * scale) };
             }
         }
     });
@@ -355,8 +364,8 @@ mod tests {
             let weight = Fp8Weight::new(&codes, &scales, n, k).expect("weight");
             for isa in Isa::available() {
                 // Both strategies at every m, with tiny panels and tasks so that several of each run.
-                let small = Fp8Plan { panel_min_tokens: usize::MAX, panel_values: 1, stream_task_bytes: 64 };
-                let panels = Fp8Plan { panel_min_tokens: 0, panel_values: 40 * k, stream_task_bytes: 64 };
+                let small = Fp8Plan { panel_min_tokens: usize::MAX, panel_values: 1, stream_task_bytes: 64, x_block_bytes: 1 };
+                let panels = Fp8Plan { panel_min_tokens: 0, panel_values: 40 * k, ..small };
                 for (name, plan) in [("default", Fp8Plan::default()), ("streaming", small), ("panels", panels)] {
                     let mut out = vec![f32::NAN; m * n];
                     matmul_fp8_with(isa, plan, &x, m, weight, &mut out).expect("matmul_fp8");

@@ -176,24 +176,17 @@ impl ModelConfig {
     /// Reads and parses `path` (a `config.json`).
     pub fn from_file(path: impl AsRef<Path>) -> Result<ModelConfig, ModelError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
         ModelConfig::from_json_str(&text, path)
     }
 
     /// Parses a `config.json` held in memory; `path_for_errors` only labels errors.
     pub fn from_json_str(s: &str, path_for_errors: impl AsRef<Path>) -> Result<ModelConfig, ModelError> {
         let path = path_for_errors.as_ref();
-        let err = |reason: String| ModelError::Config {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let err = |reason: String| ModelError::Config { path: path.to_path_buf(), reason };
         let raw: Value = serde_json::from_str(s).map_err(|e| err(format!("not valid JSON: {e}")))?;
-        let root = raw
-            .as_object()
-            .ok_or_else(|| err("the top level must be a JSON object".to_string()))?;
+        let root = raw.as_object().ok_or_else(|| err("the top level must be a JSON object".to_string()))?;
         let top = Fields::new(root, "", path);
 
         let model_type = top.opt_string("model_type")?;
@@ -208,7 +201,9 @@ impl ModelConfig {
                 return Err(err("model_type is \"llama4\" but the file has no text_config object".to_string()))
             }
             (Some("llama4_text"), true) => {
-                return Err(err("model_type is \"llama4_text\" (a flat config) but the file has a text_config".to_string()))
+                return Err(err(
+                    "model_type is \"llama4_text\" (a flat config) but the file has a text_config".to_string()
+                ))
             }
             (Some(other), _) => {
                 return Err(err(format!(
@@ -309,10 +304,7 @@ impl TextConfig {
     /// Checks the config is self-consistent and within what this runtime supports. Errors name the key; the path
     /// in the error is a placeholder since an in-memory config has none (parsing reports the real file).
     pub fn validate(&self) -> Result<(), ModelError> {
-        self.check().map_err(|reason| ModelError::Config {
-            path: PathBuf::from("<in-memory TextConfig>"),
-            reason,
-        })
+        self.check().map_err(|reason| ModelError::Config { path: PathBuf::from("<in-memory TextConfig>"), reason })
     }
 
     /// This config as a flat `llama4_text` `config.json` (what `Llama4ForCausalLM.save_pretrained` writes).
@@ -320,10 +312,7 @@ impl TextConfig {
         let mut value = serde_json::to_value(self).unwrap_or(Value::Null);
         if let Value::Object(obj) = &mut value {
             obj.insert("model_type".to_string(), Value::String("llama4_text".to_string()));
-            obj.insert(
-                "architectures".to_string(),
-                Value::Array(vec![Value::String("Llama4ForCausalLM".to_string())]),
-            );
+            obj.insert("architectures".to_string(), Value::Array(vec![Value::String("Llama4ForCausalLM".to_string())]));
         }
         value
     }
@@ -397,11 +386,9 @@ impl TextConfig {
         if self.attention_bias {
             return Err("attention_bias is true: attention projections with biases are not supported".to_string());
         }
-        for (key, value) in [
-            ("rms_norm_eps", self.rms_norm_eps),
-            ("rope_theta", self.rope_theta),
-            ("floor_scale", self.floor_scale),
-        ] {
+        for (key, value) in
+            [("rms_norm_eps", self.rms_norm_eps), ("rope_theta", self.rope_theta), ("floor_scale", self.floor_scale)]
+        {
             if !(value.is_finite() && value > 0.0) {
                 return Err(format!("{key} must be a positive number, found {value}"));
             }
@@ -472,10 +459,7 @@ impl<'a> Fields<'a> {
     }
 
     fn error(&self, key: &str, reason: impl std::fmt::Display) -> ModelError {
-        ModelError::Config {
-            path: self.path.to_path_buf(),
-            reason: format!("{}{key}: {reason}", self.prefix),
-        }
+        ModelError::Config { path: self.path.to_path_buf(), reason: format!("{}{key}: {reason}", self.prefix) }
     }
 
     fn slot<T: DeserializeOwned>(&self, key: &str) -> Result<Slot<T>, ModelError> {
@@ -565,14 +549,11 @@ fn parse_text_config(f: &Fields<'_>) -> Result<TextConfig, ModelError> {
         }
         None => {
             if interleave_moe_layer_step == 0 {
-                return Err(f.error(
-                    "interleave_moe_layer_step",
-                    "must be positive when moe_layers is not given, found 0",
-                ));
+                return Err(
+                    f.error("interleave_moe_layer_step", "must be positive when moe_layers is not given, found 0")
+                );
             }
-            (interleave_moe_layer_step - 1..num_hidden_layers)
-                .step_by(interleave_moe_layer_step)
-                .collect()
+            (interleave_moe_layer_step - 1..num_hidden_layers).step_by(interleave_moe_layer_step).collect()
         }
     };
 
@@ -594,14 +575,9 @@ fn parse_text_config(f: &Fields<'_>) -> Result<TextConfig, ModelError> {
     // transformers treats an EMPTY list like an absent one (`no_rope_layers if no_rope_layers else default`).
     let no_rope_layers = if given_no_rope.is_empty() {
         if no_rope_layer_interval == 0 {
-            return Err(f.error(
-                "no_rope_layer_interval",
-                "must be positive when no_rope_layers is not given, found 0",
-            ));
+            return Err(f.error("no_rope_layer_interval", "must be positive when no_rope_layers is not given, found 0"));
         }
-        (0..num_hidden_layers)
-            .map(|i| u8::from((i + 1) % no_rope_layer_interval != 0))
-            .collect()
+        (0..num_hidden_layers).map(|i| u8::from((i + 1) % no_rope_layer_interval != 0)).collect()
     } else {
         given_no_rope
     };
@@ -680,9 +656,7 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, Option<RopeScaling>), ModelError> 
         None | Some(Value::Null) => {}
         Some(Value::Object(params)) => {
             let fields = Fields::new(params, "", f.path);
-            let theta = fields
-                .opt::<f64>("rope_theta")
-                .map_err(|e| prefix_error(e, f.prefix, "rope_parameters."))?;
+            let theta = fields.opt::<f64>("rope_theta").map_err(|e| prefix_error(e, f.prefix, "rope_parameters."))?;
             let theta = match theta {
                 Some(t) => t,
                 None => f.get("rope_theta", DEFAULT_ROPE_THETA)?,
@@ -703,10 +677,7 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, Option<RopeScaling>), ModelError> 
 
 fn prefix_error(e: ModelError, outer: &str, inner: &str) -> ModelError {
     match e {
-        ModelError::Config { path, reason } => ModelError::Config {
-            path,
-            reason: format!("{outer}{inner}{reason}"),
-        },
+        ModelError::Config { path, reason } => ModelError::Config { path, reason: format!("{outer}{inner}{reason}") },
         other => other,
     }
 }
@@ -778,9 +749,7 @@ fn parse_quantization(q: &Map<String, Value>) -> Result<QuantizationConfig, Stri
     }
     if let Some(format) = q.get("format") {
         if format.as_str() != Some("float-quantized") {
-            return Err(format!(
-                "quantization_config.format: {format} is not supported (only \"float-quantized\")"
-            ));
+            return Err(format!("quantization_config.format: {format} is not supported (only \"float-quantized\")"));
         }
     }
     if let Some(kv) = q.get("kv_cache_scheme") {
@@ -791,18 +760,14 @@ fn parse_quantization(q: &Map<String, Value>) -> Result<QuantizationConfig, Stri
     let groups = match q.get("config_groups") {
         Some(Value::Object(groups)) if !groups.is_empty() => groups,
         Some(other) => {
-            return Err(format!(
-                "quantization_config.config_groups: expected a non-empty object, found {other}"
-            ))
+            return Err(format!("quantization_config.config_groups: expected a non-empty object, found {other}"))
         }
         None => return Err("quantization_config.config_groups is missing".to_string()),
     };
     let mut activations: Option<bool> = None;
     for (name, group) in groups {
         let key = format!("quantization_config.config_groups.{name}");
-        let group = group
-            .as_object()
-            .ok_or_else(|| format!("{key}: expected an object, found {group}"))?;
+        let group = group.as_object().ok_or_else(|| format!("{key}: expected an object, found {group}"))?;
         match group.get("weights") {
             Some(Value::Object(w)) => check_scheme(w, &format!("{key}.weights"), false, "channel")?,
             Some(other) => return Err(format!("{key}.weights: expected an object, found {other}")),
@@ -823,9 +788,7 @@ fn parse_quantization(q: &Map<String, Value>) -> Result<QuantizationConfig, Stri
         }
         match activations {
             Some(previous) if previous != group_activations => {
-                return Err(format!(
-                    "{key}.input_activations: groups disagree on whether activations are quantised"
-                ))
+                return Err(format!("{key}.input_activations: groups disagree on whether activations are quantised"))
             }
             _ => activations = Some(group_activations),
         }

@@ -244,7 +244,11 @@ impl Llama4Model {
         }
         let norm = checkpoint.tensor_f32("model.norm.weight", &[hidden])?;
         tick(progress);
-        let lm_head = checkpoint.linear("lm_head.weight", text.vocab_size, hidden)?;
+        let lm_head = if text.tie_word_embeddings && !checkpoint.contains("lm_head.weight") {
+            LinearWeight::F32 { weight: embed_tokens.clone(), out_features: text.vocab_size, in_features: hidden }
+        } else {
+            checkpoint.linear("lm_head.weight", text.vocab_size, hidden)?
+        };
         tick(progress);
         Ok(Self {
             config: text.clone(),

@@ -87,7 +87,7 @@ pub fn run(args: Args) -> Result<()> {
         prompt: prompt_ids.clone(),
         max_new_tokens: args.max_new_tokens,
         sampling,
-        stop_tokens: if args.ignore_eos { Vec::new() } else { config.text.eos_token_ids.clone() },
+        stop_tokens: if args.ignore_eos { Vec::new() } else { config.text.eos_token_id.clone() },
         keep_logits: args.output_json.is_some(),
     };
     let mut stdout = std::io::stdout().lock();

@@ -283,39 +283,51 @@ pub(super) unsafe fn fp8_dot_tokens<const T: usize>(codes: &[u8], xs: [&[f32]; T
     // SAFETY: every load reads indices below `n`; each `xs[t]` has `n` values (checked by the dispatcher's caller).
     unsafe {
         if T <= 2 {
-            // Few tokens: 32 codes a step and four accumulators per token to hide the FMA latency.
+            // Four accumulators per token hide the FMA latency.
             let mut acc = [[_mm256_setzero_ps(); 4]; T];
             while i + 32 <= n {
-                let [w0, w1, w2, w3] = decode32(cp.add(i));
+                let w = decode32(cp.add(i));
                 for t in 0..T {
                     let xp = xs[t].as_ptr().add(i);
-                    acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[t][0]);
-                    acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), acc[t][1]);
-                    acc[t][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp.add(16)), acc[t][2]);
-                    acc[t][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp.add(24)), acc[t][3]);
+                    for j in 0..4 {
+                        acc[t][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xp.add(8 * j)), acc[t][j]);
+                    }
                 }
                 i += 32;
             }
             for t in 0..T {
                 let a = &acc[t];
-                let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-                totals[t] = hsum(v);
+                totals[t] = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+            }
+        } else {
+            // Two accumulators per token: with the four weight vectors that keeps four tokens in 16 registers.
+            let mut acc = [[_mm256_setzero_ps(); 2]; T];
+            while i + 32 <= n {
+                let w = decode32(cp.add(i));
+                for t in 0..T {
+                    let xp = xs[t].as_ptr().add(i);
+                    for j in 0..4 {
+                        acc[t][j % 2] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xp.add(8 * j)), acc[t][j % 2]);
+                    }
+                }
+                i += 32;
+            }
+            for t in 0..T {
+                totals[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
             }
         }
-        // Remaining 16-code steps (all of them when T > 2: two accumulators per token keep 4 tokens in registers).
-        let mut acc = [[_mm256_setzero_ps(); 2]; T];
-        while i + 16 <= n {
+        if i + 16 <= n {
             let (w0, w1) = decode16(cp.add(i));
             for t in 0..T {
                 let xp = xs[t].as_ptr().add(i);
-                acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[t][0]);
-                acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), acc[t][1]);
+                let v = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), _mm256_mul_ps(w0, _mm256_loadu_ps(xp)));
+                totals[t] += hsum(v);
             }
             i += 16;
         }
-        for t in 0..T {
-            totals[t] = (totals[t] + hsum(_mm256_add_ps(acc[t][0], acc[t][1]))) * F16_TRICK_SCALE;
-        }
+    }
+    for total in totals.iter_mut() {
+        *total *= F16_TRICK_SCALE;
     }
     for c in i..n {
         let w = E4M3_TO_F32[codes[c] as usize];

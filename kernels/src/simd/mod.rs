@@ -176,3 +176,4 @@ pub(crate) fn fp8_dot_tokens<const T: usize>(isa: Isa, codes: &[u8], xs: [&[f32]
         Isa::Avx2 => unsafe { avx2::fp8_dot_tokens(codes, xs) },
     }
 }
+

@@ -26,10 +26,7 @@ impl TensorBytes {
     /// Copies `bytes` into an anonymous read-only mapping: for tests and generated weights that never were in a
     /// file, so that code taking [`TensorBytes`] needs no second path.
     pub fn from_bytes(bytes: &[u8]) -> Result<TensorBytes, ModelError> {
-        let io = |source| ModelError::Io {
-            path: PathBuf::from("<anonymous mapping>"),
-            source,
-        };
+        let io = |source| ModelError::Io { path: PathBuf::from("<anonymous mapping>"), source };
         // A zero-length anonymous mapping is refused by the kernel; map one byte and expose none.
         let mut map = MmapMut::map_anon(bytes.len().max(1)).map_err(io)?;
         map[..bytes.len()].copy_from_slice(bytes);

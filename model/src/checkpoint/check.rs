@@ -68,10 +68,9 @@ impl Checkpoint {
         let p = format!("model.layers.{l}.feed_forward");
         let router = format!("{p}.router.weight");
         if !self.contains(&router) {
-            return Err(self.contradiction(
-                &router,
-                format!("missing: moe_layers lists layer {l}, so it needs a router"),
-            ));
+            return Err(
+                self.contradiction(&router, format!("missing: moe_layers lists layer {l}, so it needs a router"))
+            );
         }
         self.expect(&router, &[experts, hidden], "num_local_experts, hidden_size")?;
         let shared = "intermediate_size, hidden_size";
@@ -98,17 +97,14 @@ impl Checkpoint {
                     })
                     .min();
                 if let Some((index, name)) = beyond {
-                    return Err(self.contradiction(
-                        name,
-                        format!("expert {index} exists but num_local_experts is {experts}"),
-                    ));
+                    return Err(
+                        self.contradiction(name, format!("expert {index} exists but num_local_experts is {experts}"))
+                    );
                 }
                 for e in 0..experts {
-                    for (which, shape) in [
-                        ("gate_proj", [inter, hidden]),
-                        ("up_proj", [inter, hidden]),
-                        ("down_proj", [hidden, inter]),
-                    ] {
+                    for (which, shape) in
+                        [("gate_proj", [inter, hidden]), ("up_proj", [inter, hidden]), ("down_proj", [hidden, inter])]
+                    {
                         let name = per_expert_name(l, e, which);
                         let keys = if which == "down_proj" {
                             "hidden_size, intermediate_size"
@@ -172,15 +168,7 @@ impl Checkpoint {
 
     /// A contradiction about `name`, located in the tensor's file when it exists, else the checkpoint's source.
     fn contradiction(&self, name: &str, reason: String) -> ModelError {
-        let file = self
-            .tensors
-            .get(name)
-            .map(|t| t.file.clone())
-            .unwrap_or_else(|| self.source.clone());
-        ModelError::ConfigContradictsTensors {
-            name: name.to_string(),
-            file,
-            reason,
-        }
+        let file = self.tensors.get(name).map(|t| t.file.clone()).unwrap_or_else(|| self.source.clone());
+        ModelError::ConfigContradictsTensors { name: name.to_string(), file, reason }
     }
 }

@@ -107,12 +107,7 @@ impl Checkpoint {
     /// Routed expert `expert` of MoE layer `layer`, reading only that expert's bytes.
     pub fn expert(&self, layer: usize, expert: usize, cfg: &TextConfig) -> Result<ExpertWeights, ModelError> {
         match self.expert_plan(layer, expert, cfg)? {
-            ExpertPlan::Fused {
-                gate_up,
-                gate_up_bytes,
-                down,
-                down_bytes,
-            } => {
+            ExpertPlan::Fused { gate_up, gate_up_bytes, down, down_bytes } => {
                 let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
                 let gu = decode_f32(gate_up.dtype, self.view(gate_up, gate_up_bytes).as_slice());
                 let dn = decode_f32(down.dtype, self.view(down, down_bytes).as_slice());
@@ -120,11 +115,8 @@ impl Checkpoint {
                 let gate = transpose_columns(&gu, hidden, 2 * inter, 0..inter);
                 let up = transpose_columns(&gu, hidden, 2 * inter, inter..2 * inter);
                 let down_t = transpose_columns(&dn, inter, hidden, 0..hidden);
-                let f32_linear = |weight, out_features, in_features| LinearWeight::F32 {
-                    weight,
-                    out_features,
-                    in_features,
-                };
+                let f32_linear =
+                    |weight, out_features, in_features| LinearWeight::F32 { weight, out_features, in_features };
                 Ok(ExpertWeights {
                     gate: f32_linear(gate, inter, hidden),
                     up: f32_linear(up, inter, hidden),
@@ -150,12 +142,9 @@ impl Checkpoint {
             range: info.range.start + sub.start..info.range.start + sub.end,
         };
         match self.expert_plan(layer, expert, cfg)? {
-            ExpertPlan::Fused {
-                gate_up,
-                gate_up_bytes,
-                down,
-                down_bytes,
-            } => Ok(vec![absolute(gate_up, gate_up_bytes), absolute(down, down_bytes)]),
+            ExpertPlan::Fused { gate_up, gate_up_bytes, down, down_bytes } => {
+                Ok(vec![absolute(gate_up, gate_up_bytes), absolute(down, down_bytes)])
+            }
             ExpertPlan::PerExpert { weights } => {
                 let mut out = Vec::with_capacity(6);
                 for (name, _, _) in &weights {
@@ -174,12 +163,8 @@ impl Checkpoint {
     /// and scale), sorted: the bytes that only expert loading may touch.
     pub fn expert_tensor_ranges(&self, layer: usize) -> Vec<ByteRange> {
         let prefix = experts_prefix(layer);
-        let mut ranges: Vec<ByteRange> = self
-            .tensors
-            .values()
-            .filter(|t| t.name.starts_with(&prefix))
-            .map(TensorInfo::byte_range)
-            .collect();
+        let mut ranges: Vec<ByteRange> =
+            self.tensors.values().filter(|t| t.name.starts_with(&prefix)).map(TensorInfo::byte_range).collect();
         ranges.sort();
         ranges
     }

@@ -80,17 +80,9 @@ pub(crate) struct HeaderEntry {
 /// Parses and checks the header of `bytes`, the whole content of `file`.
 pub(crate) fn parse_header(file: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>, ModelError> {
     let actual = bytes.len() as u64;
-    let bad = |reason: String| ModelError::BadHeader {
-        file: file.to_path_buf(),
-        reason,
-    };
+    let bad = |reason: String| ModelError::BadHeader { file: file.to_path_buf(), reason };
     let Some(prefix) = bytes.get(..8) else {
-        return Err(ModelError::Truncated {
-            file: file.to_path_buf(),
-            needed: 8,
-            actual,
-            tensor: None,
-        });
+        return Err(ModelError::Truncated { file: file.to_path_buf(), needed: 8, actual, tensor: None });
     };
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(prefix);
@@ -102,19 +94,13 @@ pub(crate) fn parse_header(file: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>
     }
     let data_start = 8 + header_len;
     if data_start > actual {
-        return Err(ModelError::Truncated {
-            file: file.to_path_buf(),
-            needed: data_start,
-            actual,
-            tensor: None,
-        });
+        return Err(ModelError::Truncated { file: file.to_path_buf(), needed: data_start, actual, tensor: None });
     }
     // Both fit in usize: they are at most the length of a slice.
     let data_start = data_start as usize;
-    let header_text = std::str::from_utf8(&bytes[8..data_start])
-        .map_err(|e| bad(format!("header is not UTF-8: {e}")))?;
-    let header: Value =
-        serde_json::from_str(header_text).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let header_text =
+        std::str::from_utf8(&bytes[8..data_start]).map_err(|e| bad(format!("header is not UTF-8: {e}")))?;
+    let header: Value = serde_json::from_str(header_text).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
     let Value::Object(entries) = header else {
         return Err(bad("header is not a JSON object".to_string()));
     };
@@ -130,10 +116,8 @@ pub(crate) fn parse_header(file: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>
         let Value::Object(fields) = &entry else {
             return Err(tensor_bad("entry is not an object"));
         };
-        let dtype_name = fields
-            .get("dtype")
-            .and_then(Value::as_str)
-            .ok_or_else(|| tensor_bad("missing or non-string dtype"))?;
+        let dtype_name =
+            fields.get("dtype").and_then(Value::as_str).ok_or_else(|| tensor_bad("missing or non-string dtype"))?;
         let shape: Vec<usize> = fields
             .get("shape")
             .and_then(|s| serde_json::from_value(s.clone()).ok())
@@ -172,20 +156,10 @@ pub(crate) fn parse_header(file: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>
         needed = needed.max(abs_end);
         // Both ends fit in usize: they are at most the length of a slice.
         let range = (data_start + begin as usize)..(abs_end as usize);
-        out.push(HeaderEntry {
-            name,
-            dtype,
-            shape,
-            range,
-        });
+        out.push(HeaderEntry { name, dtype, shape, range });
     }
     if let Some((_, tensor)) = first_short {
-        return Err(ModelError::Truncated {
-            file: file.to_path_buf(),
-            needed,
-            actual,
-            tensor: Some(tensor),
-        });
+        return Err(ModelError::Truncated { file: file.to_path_buf(), needed, actual, tensor: Some(tensor) });
     }
     Ok(out)
 }

@@ -61,11 +61,7 @@ impl TensorInfo {
 
     /// This tensor's bytes as a [`ByteRange`].
     pub fn byte_range(&self) -> ByteRange {
-        ByteRange {
-            tensor: self.name.clone(),
-            file: self.file.clone(),
-            range: self.range.clone(),
-        }
+        ByteRange { tensor: self.name.clone(), file: self.file.clone(), range: self.range.clone() }
     }
 }
 
@@ -141,10 +137,7 @@ impl Checkpoint {
                 let Some(name) = canonical_name(&entry.name) else {
                     continue;
                 };
-                let earlier = tensors
-                    .get(name)
-                    .map(|t| &t.file)
-                    .or_else(|| unsupported.get(name).map(|t| &t.file));
+                let earlier = tensors.get(name).map(|t| &t.file).or_else(|| unsupported.get(name).map(|t| &t.file));
                 if let Some(earlier) = earlier {
                     return Err(ModelError::BadHeader {
                         file: path.clone(),
@@ -179,10 +172,7 @@ impl Checkpoint {
 
         if let Some(index) = &index {
             for (name, shard) in &index.weight_map {
-                let found = tensors
-                    .get(name)
-                    .map(|t| &t.file)
-                    .or_else(|| unsupported.get(name).map(|t| &t.file));
+                let found = tensors.get(name).map(|t| &t.file).or_else(|| unsupported.get(name).map(|t| &t.file));
                 if found != Some(shard) {
                     return Err(ModelError::MissingTensor {
                         name: name.clone(),
@@ -258,10 +248,7 @@ impl Checkpoint {
     }
 
     fn missing(&self, name: &str) -> ModelError {
-        ModelError::MissingTensor {
-            name: name.to_string(),
-            searched: self.source.display().to_string(),
-        }
+        ModelError::MissingTensor { name: name.to_string(), searched: self.source.display().to_string() }
     }
 
     /// Tensor `name` as f32, from any dtype (FP8 codes are decoded without a scale), after checking its shape.
@@ -296,19 +283,10 @@ impl Checkpoint {
         if info.dtype == DType::F8E4M3 {
             let scales = self.row_scales(info, out_features)?;
             let codes = self.view(info, 0..info.range.len());
-            Ok(LinearWeight::Fp8 {
-                codes,
-                scales,
-                out_features,
-                in_features,
-            })
+            Ok(LinearWeight::Fp8 { codes, scales, out_features, in_features })
         } else {
             let bytes = self.view(info, 0..info.range.len());
-            Ok(LinearWeight::F32 {
-                weight: decode_f32(info.dtype, bytes.as_slice()),
-                out_features,
-                in_features,
-            })
+            Ok(LinearWeight::F32 { weight: decode_f32(info.dtype, bytes.as_slice()), out_features, in_features })
         }
     }
 
@@ -352,11 +330,7 @@ impl Checkpoint {
     fn view(&self, info: &TensorInfo, sub: Range<usize>) -> TensorBytes {
         let start = info.range.start + sub.start;
         let end = (info.range.start + sub.end).min(info.range.end);
-        self.ledger.record(ByteRange {
-            tensor: info.name.clone(),
-            file: info.file.clone(),
-            range: start..end,
-        });
+        self.ledger.record(ByteRange { tensor: info.name.clone(), file: info.file.clone(), range: start..end });
         TensorBytes::new(self.files[info.file_index].mmap.clone(), start..end)
     }
 }
@@ -381,36 +355,19 @@ fn check_shape(info: &TensorInfo, expected: &[usize]) -> Result<(), ModelError> 
 /// Little-endian `bytes` of `dtype` as f32 (FP8 decoded without a scale).
 pub(crate) fn decode_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     match dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         DType::F8E4M3 => bytes.iter().map(|&code| e4m3_to_f32(code)).collect(),
     }
 }
 
 fn map_file(path: &Path) -> Result<Mmap, ModelError> {
-    let io = |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| ModelError::Io { path: path.to_path_buf(), source };
     let file = std::fs::File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
     if len < 8 {
-        return Err(ModelError::Truncated {
-            file: path.to_path_buf(),
-            needed: 8,
-            actual: len,
-            tensor: None,
-        });
+        return Err(ModelError::Truncated { file: path.to_path_buf(), needed: 8, actual: len, tensor: None });
     }
     // SAFETY: the mapping is read-only and lives as long as the `Arc` holding it. Like every safetensors loader we
     // rely on checkpoint files not being truncated or rewritten while they are served; every range taken from the
@@ -426,14 +383,9 @@ struct Index {
 }
 
 fn read_index(dir: &Path, index_path: &Path) -> Result<Index, ModelError> {
-    let bad = |reason: String| ModelError::BadHeader {
-        file: index_path.to_path_buf(),
-        reason,
-    };
-    let text = std::fs::read_to_string(index_path).map_err(|source| ModelError::Io {
-        path: index_path.to_path_buf(),
-        source,
-    })?;
+    let bad = |reason: String| ModelError::BadHeader { file: index_path.to_path_buf(), reason };
+    let text = std::fs::read_to_string(index_path)
+        .map_err(|source| ModelError::Io { path: index_path.to_path_buf(), source })?;
     let json: Value = serde_json::from_str(&text).map_err(|e| bad(format!("index is not valid JSON: {e}")))?;
     let Some(Value::Object(map)) = json.get("weight_map") else {
         return Err(bad("index has no weight_map object".to_string()));

@@ -88,7 +88,10 @@ impl Stored {
 }
 
 fn expert_name(layer: usize, expert: usize, proj: Proj) -> String {
-    format!("{PREFIX}model.layers.{layer}.feed_forward.experts.{expert}.{}.weight", proj.name())
+    format!(
+        "{PREFIX}model.layers.{layer}.feed_forward.experts.{expert}.{}.weight",
+        proj.name()
+    )
 }
 
 /// `[out, in]` of an expert projection (nn.Linear layout).
@@ -101,7 +104,13 @@ fn expert_shape(d: &Dims, proj: Proj) -> [usize; 2] {
 
 impl Job {
     fn stored(&self, d: &Dims) -> Vec<Stored> {
-        let one = |dtype, shape: Vec<usize>| vec![Stored { name: self.name.clone(), dtype, shape }];
+        let one = |dtype, shape: Vec<usize>| {
+            vec![Stored {
+                name: self.name.clone(),
+                dtype,
+                shape,
+            }]
+        };
         match self.recipe {
             Recipe::Norm { len } => one(Dtype::BF16, vec![len]),
             Recipe::Gaussian { rows, cols, .. } => one(Dtype::BF16, vec![rows, cols]),
@@ -110,8 +119,16 @@ impl Job {
             Recipe::Fp8Expert { proj, .. } => {
                 let [out, input] = expert_shape(d, proj);
                 vec![
-                    Stored { name: self.name.clone(), dtype: Dtype::F8_E4M3, shape: vec![out, input] },
-                    Stored { name: format!("{}_scale", self.name), dtype: Dtype::F32, shape: vec![out, 1] },
+                    Stored {
+                        name: self.name.clone(),
+                        dtype: Dtype::F8_E4M3,
+                        shape: vec![out, input],
+                    },
+                    Stored {
+                        name: format!("{}_scale", self.name),
+                        dtype: Dtype::F32,
+                        shape: vec![out, 1],
+                    },
                 ]
             }
         }
@@ -137,7 +154,16 @@ impl Job {
         self.stored(d)
             .into_iter()
             .zip(data)
-            .map(|(s, data)| (s.name, OwnedTensor { dtype: s.dtype, shape: s.shape, data }))
+            .map(|(s, data)| {
+                (
+                    s.name,
+                    OwnedTensor {
+                        dtype: s.dtype,
+                        shape: s.shape,
+                        data,
+                    },
+                )
+            })
             .collect()
     }
 
@@ -167,12 +193,28 @@ fn fan_in_std(fan_in: usize) -> f32 {
 /// Every job of a checkpoint, in checkpoint order (embedding, layers, final norm, lm_head).
 fn jobs(d: &Dims, fp8: bool) -> Vec<Job> {
     let mut jobs = Vec::new();
-    let mut push = |name: String, recipe| jobs.push(Job { name: format!("{PREFIX}{name}"), recipe });
-    let linear = |out: usize, input: usize| Recipe::Gaussian { rows: out, cols: input, std: fan_in_std(input) };
+    let mut push = |name: String, recipe| {
+        jobs.push(Job {
+            name: format!("{PREFIX}{name}"),
+            recipe,
+        })
+    };
+    let linear = |out: usize, input: usize| Recipe::Gaussian {
+        rows: out,
+        cols: input,
+        std: fan_in_std(input),
+    };
     let (q_dim, kv_dim) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
 
     // An embedding row is what a one-hot input selects: fan-in 1, so rows of unit variance keep activations O(1).
-    push("model.embed_tokens.weight".into(), Recipe::Gaussian { rows: d.vocab, cols: d.hidden, std: 1.0 });
+    push(
+        "model.embed_tokens.weight".into(),
+        Recipe::Gaussian {
+            rows: d.vocab,
+            cols: d.hidden,
+            std: 1.0,
+        },
+    );
     for layer in 0..d.layers {
         let base = format!("model.layers.{layer}");
         push(format!("{base}.input_layernorm.weight"), Recipe::Norm { len: d.hidden });
@@ -180,14 +222,26 @@ fn jobs(d: &Dims, fp8: bool) -> Vec<Job> {
         push(format!("{base}.self_attn.k_proj.weight"), linear(kv_dim, d.hidden));
         push(format!("{base}.self_attn.v_proj.weight"), linear(kv_dim, d.hidden));
         push(format!("{base}.self_attn.o_proj.weight"), linear(d.hidden, q_dim));
-        push(format!("{base}.post_attention_layernorm.weight"), Recipe::Norm { len: d.hidden });
+        push(
+            format!("{base}.post_attention_layernorm.weight"),
+            Recipe::Norm { len: d.hidden },
+        );
         let ffn = format!("{base}.feed_forward");
         if d.is_moe(layer) {
             // Random router rows of equal scale spread tokens over all experts.
             push(format!("{ffn}.router.weight"), linear(d.experts, d.hidden));
-            push(format!("{ffn}.shared_expert.gate_proj.weight"), linear(d.intermediate, d.hidden));
-            push(format!("{ffn}.shared_expert.up_proj.weight"), linear(d.intermediate, d.hidden));
-            push(format!("{ffn}.shared_expert.down_proj.weight"), linear(d.hidden, d.intermediate));
+            push(
+                format!("{ffn}.shared_expert.gate_proj.weight"),
+                linear(d.intermediate, d.hidden),
+            );
+            push(
+                format!("{ffn}.shared_expert.up_proj.weight"),
+                linear(d.intermediate, d.hidden),
+            );
+            push(
+                format!("{ffn}.shared_expert.down_proj.weight"),
+                linear(d.hidden, d.intermediate),
+            );
             if fp8 {
                 for expert in 0..d.experts {
                     for proj in Proj::ALL {
@@ -278,12 +332,7 @@ pub(super) fn write_shards(
 }
 
 /// Draws a shard's tensors on the rayon pool while this thread reports progress as each job finishes.
-fn generate_shard(
-    jobs: &[&Job],
-    seed: u64,
-    d: &Dims,
-    report: &mut dyn FnMut(u64),
-) -> Vec<(String, OwnedTensor)> {
+fn generate_shard(jobs: &[&Job], seed: u64, d: &Dims, report: &mut dyn FnMut(u64)) -> Vec<(String, OwnedTensor)> {
     let (done_tx, done_rx) = mpsc::channel::<u64>();
     std::thread::scope(|scope| {
         let worker = scope.spawn(move || {
@@ -309,16 +358,24 @@ fn generate_shard(
 
 fn write_safetensors(path: &Path, tensors: Vec<(String, OwnedTensor)>) -> Result<(), ModelError> {
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    // Written under a temporary name and renamed, so a shard that exists under its real name is complete.
-    let partial = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(tensors, Some(metadata), &partial).map_err(|e| ModelError::Io {
-        path: partial.clone(),
+    // safetensors writes a temporary file and renames it, so a shard under its real name is always complete.
+    safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| ModelError::Io {
+        path: path.to_path_buf(),
         source: match e {
             safetensors::SafeTensorError::IoError(io) => io,
             other => std::io::Error::other(other.to_string()),
         },
     })?;
-    fs::rename(&partial, path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
+    // Its temporary file is private (0600); a checkpoint is read by servers that may run as another user.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644)).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// A tensor ready to be written.
@@ -379,24 +436,34 @@ fn encode(values: &[f32], encoding: Encoding) -> Vec<u8> {
 }
 
 fn to_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 /// `[E, hidden, 2I]` with `out[e][h][j] = gate_e[j][h]` for `j < I` and `up_e[j - I][h]` after.
 fn fused_gate_up(seed: u64, d: &Dims, layer: usize, encoding: Encoding) -> Vec<u8> {
     let (hidden, inter, size) = (d.hidden, d.intermediate, encoding.size());
     let mut out = vec![0u8; d.experts * hidden * 2 * inter * size];
-    out.par_chunks_mut(hidden * 2 * inter * size).enumerate().for_each(|(expert, block)| {
-        for (proj, column) in [(Proj::Gate, 0), (Proj::Up, inter)] {
-            let master = gaussian(seed, &expert_name(layer, expert, proj), inter * hidden, fan_in_std(hidden));
-            for (j, row) in master.chunks_exact(hidden).enumerate() {
-                for (h, value) in row.iter().enumerate() {
-                    let at = (h * 2 * inter + column + j) * size;
-                    encoding.put(*value, &mut block[at..at + size]);
+    out.par_chunks_mut(hidden * 2 * inter * size)
+        .enumerate()
+        .for_each(|(expert, block)| {
+            for (proj, column) in [(Proj::Gate, 0), (Proj::Up, inter)] {
+                let master = gaussian(
+                    seed,
+                    &expert_name(layer, expert, proj),
+                    inter * hidden,
+                    fan_in_std(hidden),
+                );
+                for (j, row) in master.chunks_exact(hidden).enumerate() {
+                    for (h, value) in row.iter().enumerate() {
+                        let at = (h * 2 * inter + column + j) * size;
+                        encoding.put(*value, &mut block[at..at + size]);
+                    }
                 }
             }
-        }
-    });
+        });
     out
 }
 
@@ -404,15 +471,22 @@ fn fused_gate_up(seed: u64, d: &Dims, layer: usize, encoding: Encoding) -> Vec<u
 fn fused_down(seed: u64, d: &Dims, layer: usize, encoding: Encoding) -> Vec<u8> {
     let (hidden, inter, size) = (d.hidden, d.intermediate, encoding.size());
     let mut out = vec![0u8; d.experts * inter * hidden * size];
-    out.par_chunks_mut(inter * hidden * size).enumerate().for_each(|(expert, block)| {
-        let master = gaussian(seed, &expert_name(layer, expert, Proj::Down), hidden * inter, fan_in_std(inter));
-        for (h, row) in master.chunks_exact(inter).enumerate() {
-            for (i, value) in row.iter().enumerate() {
-                let at = (i * hidden + h) * size;
-                encoding.put(*value, &mut block[at..at + size]);
+    out.par_chunks_mut(inter * hidden * size)
+        .enumerate()
+        .for_each(|(expert, block)| {
+            let master = gaussian(
+                seed,
+                &expert_name(layer, expert, Proj::Down),
+                hidden * inter,
+                fan_in_std(inter),
+            );
+            for (h, row) in master.chunks_exact(inter).enumerate() {
+                for (i, value) in row.iter().enumerate() {
+                    let at = (i * hidden + h) * size;
+                    encoding.put(*value, &mut block[at..at + size]);
+                }
             }
-        }
-    });
+        });
     out
 }
 
@@ -449,74 +523,87 @@ pub(super) fn master_weight(seed: u64, d: &Dims, name: &str) -> Result<MasterTen
         });
     };
     let shape = job.stored(d).remove(0).shape;
-    Ok(MasterTensor { shape, values: job.master_values(seed, d) })
+    Ok(MasterTensor {
+        shape,
+        values: job.master_values(seed, d),
+    })
 }
 
 /// `len` values N(0, std^2) from the stream of (seed, name).
+///
+/// Box-Muller on one ChaCha8 `u64` per pair of values, with our own logarithm, sine and cosine built from IEEE
+/// basic operations only (never the platform's libm), so a seed gives the same bytes on every machine. The loop is
+/// branch-free so that it vectorises: a sampler with rejection or libm calls would dominate writing `small`.
 fn gaussian(seed: u64, name: &str, len: usize, std: f32) -> Vec<f32> {
-    let mut normal = Normal::new(seed, name);
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        let (a, b) = normal.pair();
-        out.push((a * std as f64) as f32);
-        if out.len() < len {
-            out.push((b * std as f64) as f32);
+    const BLOCK: usize = 4096;
+    let mut rng = ChaCha8Rng::seed_from_u64(stream_key(seed, name));
+    let mut out = vec![0.0f32; len.next_multiple_of(2)];
+    let mut bits = [0u64; BLOCK];
+    for chunk in out.chunks_mut(2 * BLOCK) {
+        let bits = &mut bits[..chunk.len() / 2];
+        bits.iter_mut().for_each(|b| *b = rng.next_u64());
+        for (pair, &b) in chunk.chunks_exact_mut(2).zip(bits.iter()) {
+            let (z0, z1) = box_muller(b);
+            pair[0] = z0 * std;
+            pair[1] = z1 * std;
         }
     }
+    out.truncate(len);
     out
 }
 
-/// Standard normal pairs by Marsaglia's polar method.
-///
-/// Only IEEE-exact operations (+, *, /, sqrt) and our own logarithm are used, never the platform's libm, so a seed
-/// gives the same bytes on every machine.
-struct Normal {
-    rng: ChaCha8Rng,
+/// Two independent standard normal values from 64 random bits: 24 bits for the radius, 2 for the quadrant of the
+/// angle and 22 for the angle within it.
+#[inline(always)]
+fn box_muller(bits: u64) -> (f32, f32) {
+    use std::f32::consts::FRAC_PI_2;
+    // u in (0, 1]: ln(u) is finite, and the radius tops out at sqrt(2 ln 2^24) = 5.77.
+    let u = (((bits as u32) >> 8) + 1) as f32 * (1.0 / 16_777_216.0);
+    let radius = (-2.0 * ln(u)).sqrt();
+    let quadrant = (bits >> 62) as u32;
+    let a = (((bits >> 40) & 0x3F_FFFF) as f32 + 0.5) * (FRAC_PI_2 / 4_194_304.0);
+    let (sin_a, cos_a) = sin_cos_quarter(a);
+    // Rotate (cos a, sin a) by quadrant * 90 degrees.
+    let (x, y) = if quadrant & 1 == 1 {
+        (sin_a, cos_a)
+    } else {
+        (cos_a, sin_a)
+    };
+    let cos = if (quadrant + 1) & 2 != 0 { -x } else { x };
+    let sin = if quadrant & 2 != 0 { -y } else { y };
+    (radius * cos, radius * sin)
 }
 
-impl Normal {
-    fn new(seed: u64, name: &str) -> Normal {
-        Normal { rng: ChaCha8Rng::seed_from_u64(stream_key(seed, name)) }
-    }
-
-    fn pair(&mut self) -> (f64, f64) {
-        loop {
-            let bits = self.rng.next_u64();
-            let u = 2.0 * unit(bits as u32) - 1.0;
-            let v = 2.0 * unit((bits >> 32) as u32) - 1.0;
-            let s = u * u + v * v;
-            if s > 0.0 && s < 1.0 {
-                let factor = (-2.0 * ln(s) / s).sqrt();
-                return (u * factor, v * factor);
-            }
-        }
-    }
-}
-
-/// A uniform value in (0, 1), never 0 or 1.
-fn unit(bits: u32) -> f64 {
-    (bits as f64 + 0.5) * (1.0 / 4_294_967_296.0)
-}
-
-/// Natural logarithm of a positive normal f64, accurate to about 1e-15.
-fn ln(x: f64) -> f64 {
-    const SQRT_2: f64 = std::f64::consts::SQRT_2;
+/// Natural logarithm of a positive normal f32, to about 1e-7 relative.
+#[inline(always)]
+fn ln(x: f32) -> f32 {
     let bits = x.to_bits();
-    let mut exponent = ((bits >> 52) & 0x7FF) as i64 - 1023;
-    // x = m * 2^exponent with m in [1, 2), then moved to [sqrt(1/2), sqrt(2)) where the series converges fast.
-    let mut m = f64::from_bits((bits & 0x000F_FFFF_FFFF_FFFF) | 0x3FF0_0000_0000_0000);
-    if m > SQRT_2 {
-        m *= 0.5;
-        exponent += 1;
-    }
+    // x = m * 2^e with m in [1, 2), then moved to [sqrt(1/2), sqrt(2)) where the series converges fast.
+    let m = f32::from_bits((bits & 0x007F_FFFF) | 0x3F80_0000);
+    let high = m > std::f32::consts::SQRT_2;
+    let m = if high { m * 0.5 } else { m };
+    let e = ((bits >> 23) as i32 - 127 + i32::from(high)) as f32;
     // ln m = 2 atanh(t), t = (m - 1) / (m + 1), |t| < 0.172.
     let t = (m - 1.0) / (m + 1.0);
     let t2 = t * t;
-    let mut series = 1.0 / 21.0;
-    for k in (0..10).rev() {
-        series = series * t2 + 1.0 / (2 * k + 1) as f64;
-    }
-    exponent as f64 * std::f64::consts::LN_2 + 2.0 * t * series
+    let series = 2.0 + t2 * (2.0 / 3.0 + t2 * (2.0 / 5.0 + t2 * (2.0 / 7.0 + t2 * (2.0 / 9.0))));
+    e * std::f32::consts::LN_2 + t * series
+}
+
+/// (sin a, cos a) for a in [0, pi/2], Taylor polynomials to about 1e-7.
+#[inline(always)]
+fn sin_cos_quarter(a: f32) -> (f32, f32) {
+    let a2 = a * a;
+    let sin = a
+        * (1.0
+            + a2 * (-1.0 / 6.0
+                + a2 * (1.0 / 120.0 + a2 * (-1.0 / 5040.0 + a2 * (1.0 / 362_880.0 + a2 * (-1.0 / 39_916_800.0))))));
+    let cos = 1.0
+        + a2 * (-0.5
+            + a2 * (1.0 / 24.0
+                + a2 * (-1.0 / 720.0
+                    + a2 * (1.0 / 40_320.0 + a2 * (-1.0 / 3_628_800.0 + a2 * (1.0 / 479_001_600.0))))));
+    (sin, cos)
 }
 
 /// A 64-bit key for the stream of (seed, name): FNV-1a over the name, mixed with the seed by SplitMix64's finaliser.
@@ -537,10 +624,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ln_matches_std() {
-        for x in [1e-18, 1e-9, 0.001, 0.1, 0.5, 0.70710678, 0.7072, 0.9, 0.999999, 1.0 - 1e-12] {
-            let expected = f64::ln(x);
-            assert!((ln(x) - expected).abs() <= 1e-14 * expected.abs().max(1.0), "ln({x})");
+    fn ln_and_sin_cos_match_std() {
+        for x in [6e-8f32, 1e-6, 0.001, 0.1, 0.5, 0.707, 0.7072, 0.9, 0.999_999, 1.0] {
+            let expected = (x as f64).ln();
+            assert!(
+                (ln(x) as f64 - expected).abs() <= 2e-7 * expected.abs().max(1.0),
+                "ln({x}) = {}",
+                ln(x)
+            );
+        }
+        for i in 0..=100 {
+            let a = i as f32 / 100.0 * std::f32::consts::FRAC_PI_2;
+            let (sin, cos) = sin_cos_quarter(a);
+            assert!((sin as f64 - (a as f64).sin()).abs() < 2e-7, "sin({a})");
+            assert!((cos as f64 - (a as f64).cos()).abs() < 2e-7, "cos({a})");
+        }
+    }
+
+    #[test]
+    fn box_muller_covers_all_four_quadrants() {
+        // u = 2^23 / 2^24 = 1/2 in the radius bits, so the radius is sqrt(2 ln 2).
+        let radius_bits = 0x7F_FFFFu64 << 8;
+        let radius = (2.0f64 * 2.0f64.ln()).sqrt();
+        for quadrant in 0..4u64 {
+            let (z0, z1) = box_muller(quadrant << 62 | radius_bits);
+            let angle = (quadrant as f64 + 0.5 / 4_194_304.0) * std::f64::consts::FRAC_PI_2;
+            assert!(
+                (z0 as f64 - radius * angle.cos()).abs() < 1e-6,
+                "quadrant {quadrant}: {z0}"
+            );
+            assert!(
+                (z1 as f64 - radius * angle.sin()).abs() < 1e-6,
+                "quadrant {quadrant}: {z1}"
+            );
         }
     }
 
@@ -577,5 +693,53 @@ mod tests {
             let jobs = super::jobs(&d, fp8);
             assert_eq!(plan_shards(&jobs, &d, Preset::Tiny).len(), 2);
         }
+    }
+}
+
+#[cfg(test)]
+mod zz_timing {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn zz_timing() {
+        let n = 8 << 20;
+        let t = std::time::Instant::now();
+        let v = gaussian(1, "x", n, 0.1);
+        eprintln!(
+            "gaussian {:?} per value {:.2} ns",
+            t.elapsed(),
+            t.elapsed().as_nanos() as f64 / n as f64
+        );
+        let t = std::time::Instant::now();
+        let (c, _s) = quantize_per_row(&v, 2048);
+        eprintln!(
+            "quantize {:?} per value {:.2} ns",
+            t.elapsed(),
+            t.elapsed().as_nanos() as f64 / n as f64
+        );
+        let t = std::time::Instant::now();
+        let b = encode(&v, Encoding::Bf16);
+        eprintln!(
+            "bf16 {:?} per value {:.2} ns",
+            t.elapsed(),
+            t.elapsed().as_nanos() as f64 / n as f64
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let t = std::time::Instant::now();
+        let mut acc = 0u64;
+        for _ in 0..n / 2 {
+            acc ^= rng.next_u64();
+        }
+        eprintln!(
+            "chacha u64 {:?} per value {:.2} ns {acc}",
+            t.elapsed(),
+            t.elapsed().as_nanos() as f64 / n as f64
+        );
+        let data = vec![1u8; 1 << 30];
+        let t = std::time::Instant::now();
+        std::fs::write("/tmp/zz_write_test", &data).unwrap();
+        eprintln!("write 1GB {:?}", t.elapsed());
+        std::fs::remove_file("/tmp/zz_write_test").unwrap();
+        eprintln!("{} {}", c.len(), b.len());
     }
 }
