@@ -6,6 +6,8 @@
 mod commands;
 mod model_dir;
 
+use std::process::ExitCode;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -31,15 +33,23 @@ enum Command {
     Bench(commands::bench::Args),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
+    let result: Result<()> = match cli.command {
         Command::MakeTiny(args) => commands::make_tiny::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Bench(args) => commands::bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line of causes, outermost first: what an operator reads in a log.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }

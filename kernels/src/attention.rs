@@ -30,7 +30,10 @@ impl AttentionMask {
             AttentionMask::Causal => 0,
             AttentionMask::Chunked { chunk } => position / chunk * chunk,
         };
-        (first.max(key_start), position.saturating_add(1).min(key_end))
+        (
+            first.max(key_start),
+            position.saturating_add(1).min(key_end),
+        )
     }
 }
 
@@ -65,12 +68,19 @@ fn check(
     out: &[f32],
     lse: Option<&[f32]>,
 ) -> Result<Checked, KernelError> {
-    let AttentionShape { q_heads, kv_heads, head_dim } = shape;
+    let AttentionShape {
+        q_heads,
+        kv_heads,
+        head_dim,
+    } = shape;
     if q_heads == 0 || kv_heads == 0 || head_dim == 0 {
         return Err(KernelError::invalid(op, format!("empty shape {shape:?}")));
     }
     if q_heads % kv_heads != 0 {
-        return Err(KernelError::invalid(op, format!("q_heads = {q_heads} is not a multiple of kv_heads = {kv_heads}")));
+        return Err(KernelError::invalid(
+            op,
+            format!("q_heads = {q_heads} is not a multiple of kv_heads = {kv_heads}"),
+        ));
     }
     if let AttentionMask::Chunked { chunk: 0 } = mask {
         return Err(KernelError::invalid(op, "chunk size is 0"));
@@ -78,20 +88,45 @@ fn check(
     let t_q = q_positions.len();
     let q_row = q_heads * head_dim;
     let kv_row = product(op, kv_heads, head_dim)?;
-    check_len(op, "q", q.len(), product(op, t_q, q_row)?, &format!("t_q * q_heads * head_dim = {t_q} * {q_heads} * {head_dim}"))?;
+    check_len(
+        op,
+        "q",
+        q.len(),
+        product(op, t_q, q_row)?,
+        format_args!("t_q * q_heads * head_dim = {t_q} * {q_heads} * {head_dim}"),
+    )?;
     check_len(op, "out", out.len(), q.len(), "q.len()")?;
     if k.len() % kv_row != 0 {
-        return Err(KernelError::shape(op, format!("k has {} values, not a multiple of kv_heads * head_dim = {kv_row}", k.len())));
+        return Err(KernelError::shape(
+            op,
+            format!(
+                "k has {} values, not a multiple of kv_heads * head_dim = {kv_row}",
+                k.len()
+            ),
+        ));
     }
     check_len(op, "v", v.len(), k.len(), "k.len()")?;
     let t_k = k.len() / kv_row;
     if key_start.checked_add(t_k).is_none() {
-        return Err(KernelError::invalid(op, format!("key_start {key_start} + {t_k} keys overflows")));
+        return Err(KernelError::invalid(
+            op,
+            format!("key_start {key_start} + {t_k} keys overflows"),
+        ));
     }
     if let Some(lse) = lse {
-        check_len(op, "lse", lse.len(), t_q * q_heads, &format!("t_q * q_heads = {t_q} * {q_heads}"))?;
+        check_len(
+            op,
+            "lse",
+            lse.len(),
+            t_q * q_heads,
+            format_args!("t_q * q_heads = {t_q} * {q_heads}"),
+        )?;
     }
-    Ok(Checked { t_q, t_k, group: q_heads / kv_heads })
+    Ok(Checked {
+        t_q,
+        t_k,
+        group: q_heads / kv_heads,
+    })
 }
 
 /// Grouped-query attention.
@@ -117,7 +152,19 @@ pub fn attention(
     out: &mut [f32],
     lse: Option<&mut [f32]>,
 ) -> Result<(), KernelError> {
-    attention_with(Isa::detect(), q, q_positions, k, v, key_start, shape, mask, scale, out, lse)
+    attention_with(
+        Isa::detect(),
+        q,
+        q_positions,
+        k,
+        v,
+        key_start,
+        shape,
+        mask,
+        scale,
+        out,
+        lse,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -134,8 +181,23 @@ pub(crate) fn attention_with(
     out: &mut [f32],
     lse: Option<&mut [f32]>,
 ) -> Result<(), KernelError> {
-    let sizes = check("attention", q, q_positions, k, v, key_start, shape, mask, out, lse.as_deref())?;
-    let AttentionShape { q_heads, kv_heads, head_dim } = shape;
+    let sizes = check(
+        "attention",
+        q,
+        q_positions,
+        k,
+        v,
+        key_start,
+        shape,
+        mask,
+        out,
+        lse.as_deref(),
+    )?;
+    let AttentionShape {
+        q_heads,
+        kv_heads,
+        head_dim,
+    } = shape;
     let key_end = key_start + sizes.t_k;
     let mut own_lse;
     let lse = match lse {
@@ -145,32 +207,35 @@ pub(crate) fn attention_with(
             &mut own_lse[..]
         }
     };
-    out.par_chunks_mut(head_dim).zip(lse.par_iter_mut()).enumerate().for_each_init(Vec::new, |scores, (row, (dst, lse))| {
-        let (i, h) = (row / q_heads, row % q_heads);
-        let kv_head = h / sizes.group;
-        let (lo, hi) = mask.visible(q_positions[i], key_start, key_end);
-        if lo >= hi {
+    out.par_chunks_mut(head_dim)
+        .zip(lse.par_iter_mut())
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (row, (dst, lse))| {
+            let (i, h) = (row / q_heads, row % q_heads);
+            let kv_head = h / sizes.group;
+            let (lo, hi) = mask.visible(q_positions[i], key_start, key_end);
+            if lo >= hi {
+                dst.fill(0.0);
+                *lse = f32::NEG_INFINITY;
+                return;
+            }
+            let query = &q[row * head_dim..(row + 1) * head_dim];
+            let key_row = |pos: usize| ((pos - key_start) * kv_heads + kv_head) * head_dim;
+            scores.clear();
+            scores.extend((lo..hi).map(|pos| {
+                let at = key_row(pos);
+                simd::dot(isa, query, &k[at..at + head_dim]) * scale
+            }));
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let total = simd::exp_shifted_sum(isa, scores, max);
             dst.fill(0.0);
-            *lse = f32::NEG_INFINITY;
-            return;
-        }
-        let query = &q[row * head_dim..(row + 1) * head_dim];
-        let key_row = |pos: usize| ((pos - key_start) * kv_heads + kv_head) * head_dim;
-        scores.clear();
-        scores.extend((lo..hi).map(|pos| {
-            let at = key_row(pos);
-            simd::dot(isa, query, &k[at..at + head_dim]) * scale
-        }));
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let total = simd::exp_shifted_sum(isa, scores, max);
-        dst.fill(0.0);
-        for (pos, &weight) in (lo..hi).zip(scores.iter()) {
-            let at = key_row(pos);
-            simd::axpy(isa, weight, &v[at..at + head_dim], dst);
-        }
-        simd::scale_in_place(isa, dst, 1.0 / total);
-        *lse = max + total.ln();
-    });
+            for (pos, &weight) in (lo..hi).zip(scores.iter()) {
+                let at = key_row(pos);
+                simd::axpy(isa, weight, &v[at..at + head_dim], dst);
+            }
+            simd::scale_in_place(isa, dst, 1.0 / total);
+            *lse = max + total.ln();
+        });
     Ok(())
 }
 
@@ -188,8 +253,23 @@ pub fn attention_reference(
     out: &mut [f32],
     mut lse: Option<&mut [f32]>,
 ) -> Result<(), KernelError> {
-    let sizes = check("attention_reference", q, q_positions, k, v, key_start, shape, mask, out, lse.as_deref())?;
-    let AttentionShape { q_heads, kv_heads, head_dim } = shape;
+    let sizes = check(
+        "attention_reference",
+        q,
+        q_positions,
+        k,
+        v,
+        key_start,
+        shape,
+        mask,
+        out,
+        lse.as_deref(),
+    )?;
+    let AttentionShape {
+        q_heads,
+        kv_heads,
+        head_dim,
+    } = shape;
     let visible = |p: usize, j: usize| match mask {
         AttentionMask::Causal => j <= p,
         AttentionMask::Chunked { chunk } => j <= p && j / chunk == p / chunk,
@@ -204,27 +284,30 @@ pub fn attention_reference(
                         return f64::NEG_INFINITY;
                     }
                     let ko = (j * kv_heads + g) * head_dim;
-                    let d: f64 = (0..head_dim).map(|c| q[qo + c] as f64 * k[ko + c] as f64).sum();
+                    let d: f64 = (0..head_dim)
+                        .map(|c| q[qo + c] as f64 * k[ko + c] as f64)
+                        .sum();
                     d * scale as f64
                 })
                 .collect();
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let row_lse = &mut lse.as_deref_mut().map(|l| &mut l[i * q_heads + h]);
             if max == f64::NEG_INFINITY {
                 out[qo..qo + head_dim].fill(0.0);
-                if let Some(l) = row_lse {
-                    **l = f32::NEG_INFINITY;
+                if let Some(lse) = lse.as_deref_mut() {
+                    lse[i * q_heads + h] = f32::NEG_INFINITY;
                 }
                 continue;
             }
             let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
             let total: f64 = weights.iter().sum();
             for c in 0..head_dim {
-                let acc: f64 = (0..sizes.t_k).map(|j| weights[j] * v[(j * kv_heads + g) * head_dim + c] as f64).sum();
+                let acc: f64 = (0..sizes.t_k)
+                    .map(|j| weights[j] * v[(j * kv_heads + g) * head_dim + c] as f64)
+                    .sum();
                 out[qo + c] = (acc / total) as f32;
             }
-            if let Some(l) = row_lse {
-                **l = (max + total.ln()) as f32;
+            if let Some(lse) = lse.as_deref_mut() {
+                lse[i * q_heads + h] = (max + total.ln()) as f32;
             }
         }
     }
@@ -254,38 +337,336 @@ pub fn merge_partials(
         return Err(KernelError::invalid(OP, "head_dim is 0"));
     }
     if out.len() % head_dim != 0 {
-        return Err(KernelError::shape(OP, format!("out has {} values, not a multiple of head_dim = {head_dim}", out.len())));
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "out has {} values, not a multiple of head_dim = {head_dim}",
+                out.len()
+            ),
+        ));
     }
     let rows = out.len() / head_dim;
     for (p, part) in parts.iter().enumerate() {
-        check_len(OP, &format!("part {p} out"), part.out.len(), out.len(), "out.len()")?;
-        check_len(OP, &format!("part {p} lse"), part.lse.len(), rows, "out.len() / head_dim")?;
+        check_len(
+            OP,
+            format_args!("part {p} out"),
+            part.out.len(),
+            out.len(),
+            "out.len()",
+        )?;
+        check_len(
+            OP,
+            format_args!("part {p} lse"),
+            part.lse.len(),
+            rows,
+            "out.len() / head_dim",
+        )?;
     }
     if let Some(lse) = lse.as_deref() {
         check_len(OP, "lse", lse.len(), rows, "out.len() / head_dim")?;
     }
     let isa = Isa::detect();
     let mut merged_lse = vec![0.0f32; rows];
-    out.par_chunks_mut(head_dim).zip(merged_lse.par_iter_mut()).enumerate().for_each(|(r, (dst, row_lse))| {
-        let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.lse[r]));
-        dst.fill(0.0);
-        if max == f32::NEG_INFINITY {
-            *row_lse = f32::NEG_INFINITY;
-            return;
-        }
-        let mut total = 0.0f32;
-        for part in parts {
-            let weight = (part.lse[r] - max).exp();
-            if weight > 0.0 {
-                simd::axpy(isa, weight, &part.out[r * head_dim..(r + 1) * head_dim], dst);
-                total += weight;
+    out.par_chunks_mut(head_dim)
+        .zip(merged_lse.par_iter_mut())
+        .enumerate()
+        .for_each(|(r, (dst, row_lse))| {
+            let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.lse[r]));
+            dst.fill(0.0);
+            if max == f32::NEG_INFINITY {
+                *row_lse = f32::NEG_INFINITY;
+                return;
             }
-        }
-        simd::scale_in_place(isa, dst, 1.0 / total);
-        *row_lse = max + total.ln();
-    });
+            let mut total = 0.0f32;
+            for part in parts {
+                let weight = (part.lse[r] - max).exp();
+                if weight > 0.0 {
+                    simd::axpy(
+                        isa,
+                        weight,
+                        &part.out[r * head_dim..(r + 1) * head_dim],
+                        dst,
+                    );
+                    total += weight;
+                }
+            }
+            simd::scale_in_place(isa, dst, 1.0 / total);
+            *row_lse = max + total.ln();
+        });
     if let Some(lse) = lse {
         lse.copy_from_slice(&merged_lse);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, rng, uniform};
+
+    struct Case {
+        q: Vec<f32>,
+        positions: Vec<usize>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        key_start: usize,
+        shape: AttentionShape,
+    }
+
+    fn case(
+        seed: u64,
+        positions: Vec<usize>,
+        key_start: usize,
+        t_k: usize,
+        shape: AttentionShape,
+    ) -> Case {
+        let mut r = rng(seed);
+        let q = uniform(
+            &mut r,
+            positions.len() * shape.q_heads * shape.head_dim,
+            1.0,
+        );
+        let k = uniform(&mut r, t_k * shape.kv_heads * shape.head_dim, 1.0);
+        let v = uniform(&mut r, t_k * shape.kv_heads * shape.head_dim, 1.0);
+        Case {
+            q,
+            positions,
+            k,
+            v,
+            key_start,
+            shape,
+        }
+    }
+
+    fn run(isa: Isa, c: &Case, mask: AttentionMask, scale: f32) -> (Vec<f32>, Vec<f32>) {
+        let mut out = vec![f32::NAN; c.q.len()];
+        let mut lse = vec![f32::NAN; c.positions.len() * c.shape.q_heads];
+        attention_with(
+            isa,
+            &c.q,
+            &c.positions,
+            &c.k,
+            &c.v,
+            c.key_start,
+            c.shape,
+            mask,
+            scale,
+            &mut out,
+            Some(&mut lse),
+        )
+        .expect("attention");
+        (out, lse)
+    }
+
+    fn reference(c: &Case, mask: AttentionMask, scale: f32) -> (Vec<f32>, Vec<f32>) {
+        let mut out = vec![f32::NAN; c.q.len()];
+        let mut lse = vec![f32::NAN; c.positions.len() * c.shape.q_heads];
+        attention_reference(
+            &c.q,
+            &c.positions,
+            &c.k,
+            &c.v,
+            c.key_start,
+            c.shape,
+            mask,
+            scale,
+            &mut out,
+            Some(&mut lse),
+        )
+        .expect("reference");
+        (out, lse)
+    }
+
+    fn assert_lse_eq(got: &[f32], want: &[f32], what: &str) {
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            if w == f32::NEG_INFINITY {
+                assert_eq!(g, w, "{what}: lse[{i}]");
+            } else {
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{what}: lse[{i}] = {g}, want {w}"
+                );
+            }
+        }
+    }
+
+    const GQA: AttentionShape = AttentionShape {
+        q_heads: 6,
+        kv_heads: 2,
+        head_dim: 19,
+    };
+
+    #[test]
+    fn matches_reference_causal_and_chunked_with_gqa() {
+        // Prefill: queries at the positions of the keys, which start at 5 (a cache that began mid-sequence).
+        let prefill = case(11, (5..5 + 23).collect(), 5, 23, GQA);
+        // Decode-like: a few queries past the keys, plus one before them that sees nothing.
+        let decode = case(12, vec![2, 40, 41, 57], 10, 31, GQA);
+        // Wide heads (Llama 4 sizes, fewer heads) and a single kv head.
+        let wide = case(
+            13,
+            vec![0, 1, 7, 8, 63],
+            0,
+            64,
+            AttentionShape {
+                q_heads: 5,
+                kv_heads: 1,
+                head_dim: 128,
+            },
+        );
+        for isa in Isa::available() {
+            for (name, c) in [("prefill", &prefill), ("decode", &decode), ("wide", &wide)] {
+                for mask in [
+                    AttentionMask::Causal,
+                    AttentionMask::Chunked { chunk: 8 },
+                    AttentionMask::Chunked { chunk: 3 },
+                ] {
+                    let scale = 1.0 / (c.shape.head_dim as f32).sqrt();
+                    let (out, lse) = run(isa, c, mask, scale);
+                    let (want_out, want_lse) = reference(c, mask, scale);
+                    let what = format!("{isa:?} {name} {mask:?}");
+                    assert_close(&out, &want_out, 2e-6, 1e-5, &what);
+                    assert_lse_eq(&lse, &want_lse, &what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn invisible_queries_get_zeros_and_negative_infinity() {
+        // Keys 16..24; chunk 8: a query at 30 sees keys 24.. (none held), one at 3 sees nothing either.
+        let c = case(14, vec![3, 17, 30], 16, 8, GQA);
+        let (out, lse) = run(Isa::detect(), &c, AttentionMask::Chunked { chunk: 8 }, 0.3);
+        let row = GQA.q_heads * GQA.head_dim;
+        assert!(out[..row].iter().all(|&v| v == 0.0));
+        assert!(out[2 * row..].iter().all(|&v| v == 0.0));
+        assert!(
+            out[row..2 * row].iter().all(|v| v.is_finite())
+                && out[row..2 * row].iter().any(|&v| v != 0.0)
+        );
+        assert!(lse[..6]
+            .iter()
+            .chain(&lse[12..])
+            .all(|&l| l == f32::NEG_INFINITY));
+        assert!(lse[6..12].iter().all(|l| l.is_finite()));
+    }
+
+    #[test]
+    fn merging_two_halves_equals_the_whole() {
+        let shape = GQA;
+        let c = case(15, vec![9, 20, 21, 33, 34, 35], 4, 32, shape);
+        let split = 4 + 13;
+        let kv_row = shape.kv_heads * shape.head_dim;
+        let (k_lo, k_hi) = c.k.split_at(13 * kv_row);
+        let (v_lo, v_hi) = c.v.split_at(13 * kv_row);
+        for mask in [AttentionMask::Causal, AttentionMask::Chunked { chunk: 16 }] {
+            let (whole, whole_lse) = run(Isa::detect(), &c, mask, 0.25);
+            let mut parts = Vec::new();
+            for (k, v, start) in [(k_lo, v_lo, 4), (k_hi, v_hi, split)] {
+                let half = Case {
+                    q: c.q.clone(),
+                    positions: c.positions.clone(),
+                    k: k.to_vec(),
+                    v: v.to_vec(),
+                    key_start: start,
+                    shape,
+                };
+                parts.push(run(Isa::detect(), &half, mask, 0.25));
+            }
+            // The query at 9 sees no key of the upper half: its lse there is -inf and the merge must ignore it.
+            assert!(parts[1].1[..shape.q_heads]
+                .iter()
+                .all(|&l| l == f32::NEG_INFINITY));
+            let partials: Vec<PartialAttention<'_>> = parts
+                .iter()
+                .map(|(out, lse)| PartialAttention { out, lse })
+                .collect();
+            let mut merged = vec![f32::NAN; whole.len()];
+            let mut merged_lse = vec![f32::NAN; whole_lse.len()];
+            merge_partials(
+                &partials,
+                shape.head_dim,
+                &mut merged,
+                Some(&mut merged_lse),
+            )
+            .expect("merge");
+            assert_close(&merged, &whole, 2e-6, 1e-5, &format!("{mask:?} merged out"));
+            assert_lse_eq(&merged_lse, &whole_lse, &format!("{mask:?} merged lse"));
+            // Merging is order-independent and a lone part merges to itself.
+            let reversed: Vec<PartialAttention<'_>> = partials.iter().rev().copied().collect();
+            let mut again = vec![f32::NAN; whole.len()];
+            merge_partials(&reversed, shape.head_dim, &mut again, None).expect("merge reversed");
+            assert_close(&again, &whole, 2e-6, 1e-5, "reversed");
+            let mut lone = vec![f32::NAN; whole.len()];
+            merge_partials(&partials[..1], shape.head_dim, &mut lone, None).expect("merge one");
+            assert_close(&lone, &parts[0].0, 0.0, 1e-6, "lone");
+        }
+        // Nothing to merge: zeros and -inf.
+        let mut out = [f32::NAN; 4];
+        let mut lse = [0.0f32; 2];
+        merge_partials(&[], 2, &mut out, Some(&mut lse)).expect("empty merge");
+        assert_eq!(out, [0.0; 4]);
+        assert_eq!(lse, [f32::NEG_INFINITY; 2]);
+    }
+
+    #[test]
+    fn refuses_bad_shapes() {
+        let c = case(16, vec![0, 1], 0, 2, GQA);
+        let mut out = vec![0.0f32; c.q.len()];
+        let call = |shape: AttentionShape,
+                    mask: AttentionMask,
+                    k: &[f32],
+                    out: &mut [f32],
+                    lse: Option<&mut [f32]>| {
+            attention(&c.q, &c.positions, k, &c.v, 0, shape, mask, 1.0, out, lse)
+        };
+        let bad_heads = AttentionShape {
+            q_heads: 6,
+            kv_heads: 4,
+            head_dim: 19,
+        };
+        assert!(matches!(
+            call(bad_heads, AttentionMask::Causal, &c.k, &mut out, None),
+            Err(KernelError::InvalidArgument { .. })
+        ));
+        assert!(call(
+            GQA,
+            AttentionMask::Chunked { chunk: 0 },
+            &c.k,
+            &mut out,
+            None
+        )
+        .is_err());
+        let err = call(GQA, AttentionMask::Causal, &c.k[1..], &mut out, None)
+            .expect_err("k not whole rows");
+        assert!(
+            matches!(
+                err,
+                KernelError::Shape {
+                    op: "attention",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(call(GQA, AttentionMask::Causal, &c.k, &mut out[1..], None).is_err());
+        assert!(call(
+            GQA,
+            AttentionMask::Causal,
+            &c.k,
+            &mut out,
+            Some(&mut [0.0; 3])
+        )
+        .is_err());
+        assert!(merge_partials(
+            &[PartialAttention {
+                out: &[0.0; 4],
+                lse: &[0.0; 3]
+            }],
+            2,
+            &mut [0.0; 4],
+            None
+        )
+        .is_err());
+    }
 }

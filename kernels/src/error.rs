@@ -56,24 +56,41 @@ pub enum KernelError {
 
 impl KernelError {
     pub(crate) fn shape(op: &'static str, what: impl Into<String>) -> Self {
-        KernelError::Shape { op, what: what.into() }
+        KernelError::Shape {
+            op,
+            what: what.into(),
+        }
     }
 
     pub(crate) fn invalid(op: &'static str, what: impl Into<String>) -> Self {
-        KernelError::InvalidArgument { op, what: what.into() }
+        KernelError::InvalidArgument {
+            op,
+            what: what.into(),
+        }
     }
 }
 
-/// Checks `len == expected`, naming the buffer and the formula in the error.
-pub(crate) fn check_len(op: &'static str, name: &str, len: usize, expected: usize, formula: &str) -> Result<(), KernelError> {
+/// Checks `len == expected`, naming the buffer and the formula in the error. Both are `Display` so that callers
+/// pass `format_args!`, which formats nothing unless the check fails (these checks run on every kernel call).
+pub(crate) fn check_len(
+    op: &'static str,
+    name: impl std::fmt::Display,
+    len: usize,
+    expected: usize,
+    formula: impl std::fmt::Display,
+) -> Result<(), KernelError> {
     if len == expected {
         Ok(())
     } else {
-        Err(KernelError::shape(op, format!("{name} has {len} values, expected {formula} = {expected}")))
+        Err(KernelError::shape(
+            op,
+            format!("{name} has {len} values, expected {formula} = {expected}"),
+        ))
     }
 }
 
 /// `a * b`, or a shape error when the product does not fit a `usize` (only absurd dimensions get there).
 pub(crate) fn product(op: &'static str, a: usize, b: usize) -> Result<usize, KernelError> {
-    a.checked_mul(b).ok_or_else(|| KernelError::shape(op, format!("{a} x {b} overflows usize")))
+    a.checked_mul(b)
+        .ok_or_else(|| KernelError::shape(op, format!("{a} x {b} overflows usize")))
 }

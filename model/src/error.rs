@@ -10,7 +10,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// A file could not be opened, read or memory-mapped.
-    #[error("I/O error on {}: {source}", path.display())]
+    #[error("I/O error on {}", path.display())]
     Io {
         /// The file or directory involved.
         path: PathBuf,

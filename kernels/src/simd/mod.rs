@@ -177,3 +177,138 @@ pub(crate) fn fp8_dot_tokens<const T: usize>(isa: Isa, codes: &[u8], xs: [&[f32]
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fp8::E4M3_TO_F32;
+    use crate::testing::{assert_close, rng, uniform};
+
+    #[test]
+    fn fp8_decode_matches_the_table_for_every_code() {
+        // Every finite code, at every position of a 32- and 16-wide step and the scalar tail.
+        let codes: Vec<u8> = (0..=255u8).filter(|c| c & 0x7F != 0x7F).collect();
+        for isa in Isa::available() {
+            for shift in 0..codes.len() {
+                let rotated: Vec<u8> = codes
+                    .iter()
+                    .cycle()
+                    .skip(shift)
+                    .take(codes.len() + 17)
+                    .copied()
+                    .collect();
+                let mut out = vec![f32::NAN; rotated.len()];
+                fp8_dequant_row(isa, &rotated, 1.0, &mut out);
+                for (c, v) in rotated.iter().zip(&out) {
+                    assert_eq!(
+                        v.to_bits(),
+                        E4M3_TO_F32[*c as usize].to_bits(),
+                        "{isa:?} code {c:#04x}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_dot_matches_a_plain_sum() {
+        let mut r = rng(7);
+        for isa in Isa::available() {
+            for len in [0usize, 1, 15, 16, 17, 31, 32, 33, 48, 100, 257] {
+                let codes = crate::testing::fp8_codes(&mut r, len);
+                let xs: Vec<Vec<f32>> = (0..4).map(|_| uniform(&mut r, len, 1.0)).collect();
+                let want: Vec<f32> = xs
+                    .iter()
+                    .map(|x| {
+                        x.iter()
+                            .zip(&codes)
+                            .map(|(a, &c)| *a as f64 * E4M3_TO_F32[c as usize] as f64)
+                            .sum::<f64>() as f32
+                    })
+                    .collect();
+                let atol = 1e-5 * (len as f32 + 1.0) * 448.0;
+                assert_close(
+                    &fp8_dot_tokens(isa, &codes, [&xs[0][..]]),
+                    &want[..1],
+                    atol,
+                    1e-5,
+                    "T=1",
+                );
+                assert_close(
+                    &fp8_dot_tokens(isa, &codes, [&xs[0][..], &xs[1][..]]),
+                    &want[..2],
+                    atol,
+                    1e-5,
+                    "T=2",
+                );
+                assert_close(
+                    &fp8_dot_tokens(isa, &codes, [&xs[0][..], &xs[1][..], &xs[2][..]]),
+                    &want[..3],
+                    atol,
+                    1e-5,
+                    "T=3",
+                );
+                let four = fp8_dot_tokens(
+                    isa,
+                    &codes,
+                    [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]],
+                );
+                assert_close(&four, &want, atol, 1e-5, "T=4");
+            }
+        }
+    }
+
+    #[test]
+    fn vector_helpers_match_scalar_loops() {
+        let mut r = rng(8);
+        for isa in Isa::available() {
+            for len in [0usize, 1, 7, 8, 9, 31, 32, 33, 100] {
+                let a = uniform(&mut r, len, 2.0);
+                let b = uniform(&mut r, len, 2.0);
+                let tol = 1e-5 * (len as f32 + 1.0);
+                let dot_ref: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+                assert_close(&[dot(isa, &a, &b)], &[dot_ref], tol, 1e-5, "dot");
+                assert_close(
+                    &[sum_squares(isa, &a)],
+                    &[a.iter().map(|x| x * x).sum()],
+                    tol,
+                    1e-5,
+                    "sum_squares",
+                );
+                assert_close(&[sum(isa, &a)], &[a.iter().sum()], tol, 1e-5, "sum");
+                let mut y = b.clone();
+                axpy(isa, 0.5, &a, &mut y);
+                let y_ref: Vec<f32> = a.iter().zip(&b).map(|(x, y)| y + 0.5 * x).collect();
+                assert_close(&y, &y_ref, 1e-6, 1e-6, "axpy");
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate_over_the_softmax_and_silu_range() {
+        for isa in Isa::available() {
+            // exp(x - max) with x - max in [-100, 0] (softmax), and exp(-g) for g in [-88, 88] (silu).
+            let values: Vec<f32> = (0..=20_000).map(|i| -100.0 + i as f32 * 0.0094).collect();
+            let mut shifted = values.clone();
+            exp_shifted_sum(isa, &mut shifted, 0.0);
+            for (&x, &e) in values.iter().zip(&shifted) {
+                let want = x.exp();
+                // Below e^-87 the result is allowed to flush to zero.
+                assert!(
+                    (e - want).abs() <= 4e-7 * want + 1e-37,
+                    "{isa:?} exp({x}) = {e}, want {want}"
+                );
+            }
+            // The returned sum, on a softmax-shaped row.
+            let mut row: Vec<f32> = (0..1001).map(|i| i as f32 * 0.01).collect();
+            let want_total: f64 = row.iter().map(|&x| (x as f64 - 10.0).exp()).sum();
+            let total = exp_shifted_sum(isa, &mut row, 10.0);
+            assert!(
+                ((total as f64) - want_total).abs() <= 1e-5 * want_total,
+                "{total} vs {want_total}"
+            );
+            let mut nan = [f32::NAN; 9];
+            exp_shifted_sum(isa, &mut nan, 0.0);
+            assert!(nan.iter().all(|v| v.is_nan()), "{isa:?} NaN must propagate");
+        }
+    }
+}

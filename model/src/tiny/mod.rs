@@ -12,6 +12,7 @@
 //!
 //! This module must not depend on the checkpoint loader: the loader is tested against what it writes.
 
+mod sampler;
 mod tokenizer;
 mod weights;
 
@@ -144,8 +145,9 @@ impl Dims {
                 kv_heads: 4,
                 head_dim: 128,
                 experts: 16,
-                intermediate: 4096,
-                intermediate_mlp: 8192,
+                // Sized so the FP8 checkpoint is ~1.8 GB: 4 MoE layers x 16 experts x 3 x 2048 x 3072 of codes.
+                intermediate: 3072,
+                intermediate_mlp: 6144,
                 moe_step: 2,
                 chunk: 2048,
                 max_positions: 262_144,
@@ -213,9 +215,10 @@ pub fn preset_text_config(preset: Preset) -> Value {
 
 /// Writes the checkpoint of `spec` into `dir` (created if missing; files of the same names are replaced).
 ///
-/// `progress(done, total)` counts tensor bytes (the index's `total_size`): it is called after each tensor has been
-/// generated, and a last time with `done == total` once every file is on disk. Shards are generated one at a time
-/// and dropped once written, so memory stays near one shard (at most about 1 GB for `small`).
+/// `progress(done, total)` counts tensor bytes (the index's `total_size`): it is called as pieces of tensors reach
+/// their shard file, and a last time with `done == total` once every file is on disk. Shards are streamed to disk
+/// piece by piece on the rayon pool, so memory stays at a few reused buffers per thread whatever the preset, and a
+/// shard file appears under its name only once complete.
 pub fn write_checkpoint(
     dir: &Path,
     spec: &TinySpec,
