@@ -1,8 +1,28 @@
 //! Attention worker of Switchyard.
 //!
-//! Will own the serving front (gRPC and OpenAI-compatible HTTP), the scheduler, the paged KV cache, and the
-//! attention/dense/router/shared-expert half of each MoE step, with the dispatch/combine client. It must not hold
-//! routed experts' weights.
+//! Owns the serving front (the `switchyard.v1.Generation` gRPC service), the scheduler ([`Engine`]: one thread that
+//! batches every active sequence into model steps), and the attention/dense/router/shared-expert half of each MoE
+//! step, whose routed experts it dispatches to expert workers through a [`switchyard_transport::Transport`]
+//! ([`RemoteExperts`], routed by a [`RoutingTable`] built from the coordinator's placement).
 //!
-//! Empty until the distributed data plane lands (issue 3); the single-process forward pass lives in
-//! `switchyard-model` today.
+//! It must not hold routed experts' weights (the model is loaded with `ExpertSelection::None`), and must not know how
+//! activations are encoded on the wire (the transport crate owns that).
+//!
+//! Paged KV, chunked prefill, preemption and the OpenAI-compatible HTTP front come with the serving issue.
+//!
+//! # Feature flags
+//! None.
+
+pub mod engine;
+pub mod error;
+pub mod placement;
+pub mod remote;
+pub mod request;
+pub mod service;
+
+pub use engine::{Engine, EngineOptions, GenerationEvent};
+pub use error::{AttentionWorkerError, DispatchError};
+pub use placement::{fetch_placement, placement_from_expert_workers, ExpertWorkerRoute, RoutingTable};
+pub use remote::{micro_batch_pool, RemoteExperts, DEFAULT_DISPATCH_TIMEOUT};
+pub use request::{load_tokenizer, RequestLimits, ValidGenerateRequest};
+pub use service::{serve, GenerationService, MAX_MESSAGE_BYTES};

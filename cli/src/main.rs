@@ -5,6 +5,7 @@
 
 mod commands;
 mod model_dir;
+mod serving;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,14 @@ enum Command {
     MakeTiny(commands::make_tiny::Args),
     /// Generate text with the model in this process.
     Generate(commands::generate::Args),
+    /// Serve a subset of the routed experts of every MoE layer (dispatch, control, health).
+    ExpertWorker(commands::expert_worker::Args),
+    /// Serve generation: attention, dense layers, router and shared expert; routed experts on expert workers.
+    AttentionWorker(commands::attention_worker::Args),
+    /// Run a whole cluster on this machine (coordinator, attention and expert workers as processes on loopback).
+    Up(commands::up::Args),
+    /// Serve the expert placement to attention workers.
+    Coordinator(commands::coordinator::Args),
     /// Run a benchmark and print ratios against limits measured in the same run.
     Bench(commands::bench::Args),
 }
@@ -43,6 +52,10 @@ fn main() -> ExitCode {
         Command::MakeTiny(args) => commands::make_tiny::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Coordinator(args) => commands::coordinator::run(args),
+        Command::Up(args) => commands::up::run(args),
+        Command::ExpertWorker(args) => commands::expert_worker::run(args),
+        Command::AttentionWorker(args) => commands::attention_worker::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -150,6 +150,18 @@ pub enum ModelError {
         /// What went wrong.
         reason: String,
     },
+    /// Routed experts computed elsewhere (an expert worker) failed. The source is the caller's own error type, so
+    /// whoever supplied the [`crate::RoutedExperts`] can take it back out with `downcast`.
+    #[error("routed experts of layer {layer}: {source}")]
+    RoutedExperts {
+        /// Decoder layer index of the MoE layer.
+        layer: usize,
+        /// Whether re-sending the step may succeed (e.g. to a replica of a lost worker).
+        retryable: bool,
+        /// What failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl ModelError {
@@ -171,6 +183,7 @@ impl ModelError {
             | ModelError::Kernel(_)
             | ModelError::InvalidInput { .. }
             | ModelError::Tokenizer { .. } => false,
+            ModelError::RoutedExperts { retryable, .. } => *retryable,
         }
     }
 }

@@ -74,6 +74,16 @@ impl LocalExperts {
         self.layers.entry(layer).or_default().insert(expert, weights);
     }
 
+    /// Removes expert `expert` of layer `layer`, returning its weights if it was held.
+    pub fn remove(&mut self, layer: usize, expert: u32) -> Option<ExpertWeights> {
+        let experts = self.layers.get_mut(&layer)?;
+        let removed = experts.remove(&expert);
+        if experts.is_empty() {
+            self.layers.remove(&layer);
+        }
+        removed
+    }
+
     /// The experts held for `layer`.
     pub fn held(&self, layer: usize) -> impl Iterator<Item = u32> + '_ {
         self.layers.get(&layer).into_iter().flat_map(|experts| experts.keys().copied())

@@ -1,6 +1,16 @@
 //! Wire formats of Switchyard.
 //!
-//! Owns every `.proto` file and the generated gRPC code (dispatch/combine, worker control, client API). Nothing else
-//! in the workspace defines a wire format. It must not depend on model math or on any worker.
+//! Owns every `.proto` file (`proto/switchyard/v1/`) and the code generated from them: dispatch/combine between
+//! attention and expert workers, expert-worker control, the coordinator's placement API and the client Generate API.
+//! Nothing else in the workspace defines a wire format. It must not depend on model math or on any worker.
 //!
-//! Empty until the distributed data plane lands (issue 3): no service is defined yet, and nothing here claims to be.
+//! Byte fields are generated as `bytes::Bytes`, so activation payloads are not copied by decoding.
+
+/// Version 1 of the Switchyard protocol (`package switchyard.v1`).
+pub mod v1 {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("switchyard.v1");
+
+    /// The encoded file descriptor set, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("switchyard_descriptor");
+}

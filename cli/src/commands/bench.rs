@@ -18,6 +18,11 @@ pub struct Args {
 enum Which {
     /// FP8-weight GEMM/GEMV of the `small` preset's expert shapes against sgemm and memory bandwidth.
     Kernels(KernelArgs),
+    /// Dispatch+combine over gRPC on loopback against a raw TCP stream between the same two processes.
+    Transport(crate::commands::bench_transport::Args),
+    /// The peer process of `bench transport` (started by it).
+    #[command(hide = true)]
+    TransportPeer,
 }
 
 #[derive(clap::Args)]
@@ -37,6 +42,8 @@ struct KernelArgs {
 pub fn run(args: Args) -> Result<()> {
     match args.which {
         Which::Kernels(args) => kernels(args),
+        Which::Transport(args) => crate::commands::bench_transport::run(args),
+        Which::TransportPeer => crate::commands::bench_transport::run_peer(),
     }
 }
 

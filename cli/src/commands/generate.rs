@@ -10,6 +10,7 @@ use switchyard_model::{
 };
 use tokenizers::Tokenizer;
 
+use crate::commands::remote_generate::{self, RemoteRequest};
 use crate::model_dir;
 
 /// Flags of `generate`.
@@ -51,10 +52,17 @@ pub struct Args {
     /// Write prompt ids, prompt and decode logits, generated tokens and text as JSON.
     #[arg(long)]
     output_json: Option<PathBuf>,
+    /// Generate through a running cluster's client API (e.g. the endpoint `switchyard up` prints) instead of
+    /// loading the model in this process.
+    #[arg(long, env = "SWITCHYARD_ENDPOINT", conflicts_with_all = ["model", "fp8_activations"])]
+    endpoint: Option<String>,
 }
 
 /// Runs `generate`.
 pub fn run(args: Args) -> Result<()> {
+    if let Some(endpoint) = args.endpoint.clone() {
+        return run_remote(&endpoint, args);
+    }
     check_device(&args.device).with_context(|| format!("device {}", args.device))?;
     if args.device != Device::Cpu {
         bail!("device {}: the GPU forward pass is not available yet; use --device cpu", args.device);
@@ -119,19 +127,75 @@ pub fn run(args: Args) -> Result<()> {
         writeln!(stdout, "{:?}", generation.tokens)?;
     }
     if let Some(path) = &args.output_json {
+        let reason = match generation.finish_reason {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+        };
+        let output = Output {
+            prompt_ids: &prompt_ids,
+            prompt_logits: &generation.prompt_logits,
+            decode_logits: &generation.decode_logits,
+            tokens: &generation.tokens,
+            text: &text,
+            finish_reason: reason,
+        };
+        output.write(path)?;
+        writeln!(stdout, "{text}")?;
+    }
+    Ok(())
+}
+
+/// `--output-json`, the same from one process and from a cluster.
+struct Output<'a> {
+    prompt_ids: &'a [u32],
+    prompt_logits: &'a [Vec<f32>],
+    decode_logits: &'a [Vec<f32>],
+    tokens: &'a [u32],
+    text: &'a str,
+    finish_reason: &'a str,
+}
+
+impl Output<'_> {
+    fn write(&self, path: &Path) -> Result<()> {
         let json = serde_json::json!({
-            "prompt_ids": prompt_ids,
-            "prompt_logits": generation.prompt_logits,
-            "decode_logits": generation.decode_logits,
-            "greedy_tokens": generation.tokens,
-            "text": text,
-            "finish_reason": match generation.finish_reason { FinishReason::Length => "length", FinishReason::Stop => "stop" },
+            "prompt_ids": self.prompt_ids,
+            "prompt_logits": self.prompt_logits,
+            "decode_logits": self.decode_logits,
+            "greedy_tokens": self.tokens,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
         });
         let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         serde_json::to_writer(std::io::BufWriter::new(file), &json)
-            .with_context(|| format!("writing {}", path.display()))?;
-        writeln!(stdout, "{text}")?;
+            .with_context(|| format!("writing {}", path.display()))
     }
+}
+
+fn run_remote(endpoint: &str, args: Args) -> Result<()> {
+    let request = RemoteRequest {
+        prompt: RemoteRequest::prompt_from(args.prompt.clone(), args.prompt_ids.clone())?,
+        max_new_tokens: u32::try_from(args.max_new_tokens).context("--max-new-tokens is too large")?,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k.map(|k| u32::try_from(k).unwrap_or(u32::MAX)).unwrap_or(0),
+        seed: args.seed,
+        ignore_eos: args.ignore_eos,
+        return_logits: args.output_json.is_some(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    let generation = runtime.block_on(remote_generate::generate(endpoint, request, &mut |_| {}))?;
+    if let Some(path) = &args.output_json {
+        Output {
+            prompt_ids: &generation.prompt_ids,
+            prompt_logits: &generation.prompt_logits,
+            decode_logits: &generation.decode_logits,
+            tokens: &generation.tokens,
+            text: &generation.text,
+            finish_reason: generation.finish_reason,
+        }
+        .write(path)?;
+    }
+    println!("{}", generation.text);
     Ok(())
 }
 

@@ -1,5 +1,11 @@
 //! One module per subcommand.
 
+pub mod attention_worker;
 pub mod bench;
+pub mod bench_transport;
+pub mod coordinator;
+pub mod expert_worker;
 pub mod generate;
 pub mod make_tiny;
+pub mod remote_generate;
+pub mod up;

@@ -389,3 +389,150 @@ pub(super) unsafe fn fp8_dot_tokens<const T: usize>(codes: &[u8], xs: [&[f32]; T
     }
     totals
 }
+
+/// `max |x[i]|`, NaN ignored (the scalar `fold(0.0, |m, v| m.max(v.abs()))`: `maxps` returns its second operand
+/// when either is NaN, so the accumulator goes second). Max is exact and order-free, so the lanes may split the work.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn amax(x: &[f32]) -> f32 {
+    let n = x.len();
+    let p = x.as_ptr();
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: every load reads indices below `n`.
+    unsafe {
+        while i + 32 <= n {
+            for (j, slot) in acc.iter_mut().enumerate() {
+                let v = _mm256_and_ps(_mm256_loadu_ps(p.add(i + 8 * j)), abs_mask);
+                *slot = _mm256_max_ps(v, *slot);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p.add(i)), abs_mask), acc[0]);
+            i += 8;
+        }
+    }
+    let v = _mm256_max_ps(_mm256_max_ps(acc[0], acc[1]), _mm256_max_ps(acc[2], acc[3]));
+    let v = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let v = _mm_max_ps(v, _mm_movehl_ps(v, v));
+    let v = _mm_max_ss(v, _mm_shuffle_ps::<1>(v, v));
+    let mut m = _mm_cvtss_f32(v);
+    while i < n {
+        m = m.max(x[i].abs());
+        i += 1;
+    }
+    m
+}
+
+/// The E4M3 codes of eight `x * inverse` lanes as eight `i32`, bit for bit [`crate::fp8::f32_to_e4m3`]:
+/// - normal range (`|y| >= 2^-6`): round the f32 bits to nearest-even at bit 20 (`b + 0x7FFFF + ((b >> 20) & 1)`,
+///   a carry moves into the exponent as it should) and rebias the exponent 127 -> 7 (`- 120 << 3`);
+/// - subnormal range: adding 2^14, whose ulp is 2^-9, rounds `|y|` to a multiple of 2^-9 the way the hardware
+///   rounds (nearest-even), so the bit difference to 2^14 is `round_ties_even(|y| * 512)`;
+/// - saturation is a clamp of the code to 0x7E (every `|y| >= 448` and infinity land above it, no finite `|y| <
+///   448` does); NaN gives 0x7F without sign, like the scalar code.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn e4m3_codes8(x: __m256, inverse: __m256) -> __m256i {
+    let bits = _mm256_castps_si256(_mm256_mul_ps(x, inverse));
+    let magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF_FFFF));
+    let sign = _mm256_and_si256(_mm256_srli_epi32::<24>(bits), _mm256_set1_epi32(0x80));
+    let odd = _mm256_and_si256(_mm256_srli_epi32::<20>(magnitude), _mm256_set1_epi32(1));
+    let rounded = _mm256_add_epi32(
+        magnitude,
+        _mm256_add_epi32(_mm256_set1_epi32(0x7_FFFF), odd),
+    );
+    let normal = _mm256_sub_epi32(
+        _mm256_srli_epi32::<20>(rounded),
+        _mm256_set1_epi32(120 << 3),
+    );
+    let shifted = _mm256_add_ps(_mm256_castsi256_ps(magnitude), _mm256_set1_ps(16384.0));
+    let subnormal = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x4680_0000));
+    // `magnitude` is below 2^31, so signed compares order it correctly. 0x3C80_0000 is 2^-6.
+    let is_normal = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x3C7F_FFFF));
+    let code = _mm256_blendv_epi8(subnormal, normal, is_normal);
+    let code = _mm256_or_si256(_mm256_min_epi32(code, _mm256_set1_epi32(0x7E)), sign);
+    let is_nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7F80_0000));
+    _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7F), is_nan)
+}
+
+/// `out[i] = f32_to_e4m3(x[i] * inverse)`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn fp8_encode_scaled(x: &[f32], inverse: f32, out: &mut [u8]) {
+    let n = x.len().min(out.len());
+    let (p, o) = (x.as_ptr(), out.as_mut_ptr());
+    let vi = _mm256_set1_ps(inverse);
+    // Packing interleaves the four 8-lane vectors by 128-bit half; this puts the 4-byte groups back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut i = 0;
+    // SAFETY: every load and store is below `n`.
+    unsafe {
+        while i + 32 <= n {
+            let a = e4m3_codes8(_mm256_loadu_ps(p.add(i)), vi);
+            let b = e4m3_codes8(_mm256_loadu_ps(p.add(i + 8)), vi);
+            let c = e4m3_codes8(_mm256_loadu_ps(p.add(i + 16)), vi);
+            let d = e4m3_codes8(_mm256_loadu_ps(p.add(i + 24)), vi);
+            // Codes are 0..=255: neither saturating pack changes them.
+            let bytes = _mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+            _mm256_storeu_si256(
+                o.add(i) as *mut __m256i,
+                _mm256_permutevar8x32_epi32(bytes, order),
+            );
+            i += 32;
+        }
+        while i + 8 <= n {
+            let a = e4m3_codes8(_mm256_loadu_ps(p.add(i)), vi);
+            let words =
+                _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
+            let bytes = _mm_packus_epi16(words, words);
+            _mm_storel_epi64(o.add(i) as *mut __m128i, bytes);
+            i += 8;
+        }
+    }
+    while i < n {
+        out[i] = crate::fp8::f32_to_e4m3(x[i] * inverse);
+        i += 1;
+    }
+}
+
+/// `out[i] = E4M3_TO_F32[codes[i]] * scale`, bit for bit, NaN codes included (unlike [`fp8_dequant_row`]).
+///
+/// The F16C trick gives `e4m3 * 2^-8` exactly and `scale * 2^8` is exact while it stays finite, so their product
+/// is the same real number as the table's, rounded once the same way. Scales where `scale * 2^8` would overflow,
+/// and 32-code blocks holding a NaN code, take the table.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn fp8_decode_scaled(codes: &[u8], scale: f32, out: &mut [f32]) {
+    let n = codes.len().min(out.len());
+    let mut i = 0;
+    if scale.abs() < f32::MAX / F16_TRICK_SCALE {
+        let vs = _mm256_set1_ps(scale * F16_TRICK_SCALE);
+        let all_ones = _mm256_set1_epi8(-1);
+        let sign = _mm256_set1_epi8(0x80u8 as i8);
+        // SAFETY: every load and store is below `n`.
+        unsafe {
+            while i + 32 <= n {
+                let p = codes.as_ptr().add(i);
+                let bytes = _mm256_loadu_si256(p as *const __m256i);
+                // A NaN code is 0x7F or 0xFF: with the sign bit forced on, all ones.
+                let nan = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, sign), all_ones);
+                if _mm256_movemask_epi8(nan) == 0 {
+                    let w = decode32(p);
+                    for (j, v) in w.into_iter().enumerate() {
+                        _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * j), _mm256_mul_ps(v, vs));
+                    }
+                } else {
+                    for j in i..i + 32 {
+                        *out.get_unchecked_mut(j) =
+                            E4M3_TO_F32[*codes.get_unchecked(j) as usize] * scale;
+                    }
+                }
+                i += 32;
+            }
+        }
+    }
+    while i < n {
+        out[i] = E4M3_TO_F32[codes[i] as usize] * scale;
+        i += 1;
+    }
+}

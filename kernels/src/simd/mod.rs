@@ -177,6 +177,42 @@ pub(crate) fn fp8_dot_tokens<const T: usize>(isa: Isa, codes: &[u8], xs: [&[f32]
     }
 }
 
+/// `max |x[i]|` ignoring NaN, exactly `x.iter().fold(0.0, |m, v| m.max(v.abs()))`.
+#[inline]
+pub(crate) fn amax(isa: Isa, x: &[f32]) -> f32 {
+    match isa {
+        Isa::Portable => portable::amax(x),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see the note above the dispatchers.
+        Isa::Avx2 => unsafe { avx2::amax(x) },
+    }
+}
+
+/// `out[i] = f32_to_e4m3(x[i] * inverse)`, bit for bit.
+#[inline]
+pub(crate) fn fp8_encode_scaled(isa: Isa, x: &[f32], inverse: f32, out: &mut [u8]) {
+    debug_assert_eq!(x.len(), out.len());
+    match isa {
+        Isa::Portable => portable::fp8_encode_scaled(x, inverse, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see the note above the dispatchers.
+        Isa::Avx2 => unsafe { avx2::fp8_encode_scaled(x, inverse, out) },
+    }
+}
+
+/// `out[i] = E4M3_TO_F32[codes[i]] * scale`, bit for bit, NaN codes included (unlike [`fp8_dequant_row`], whose
+/// AVX2 path turns NaN codes into ±480 * scale).
+#[inline]
+pub(crate) fn fp8_decode_scaled(isa: Isa, codes: &[u8], scale: f32, out: &mut [f32]) {
+    debug_assert_eq!(codes.len(), out.len());
+    match isa {
+        Isa::Portable => portable::fp8_dequant_row(codes, scale, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see the note above the dispatchers.
+        Isa::Avx2 => unsafe { avx2::fp8_decode_scaled(codes, scale, out) },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +345,172 @@ mod tests {
             let mut nan = [f32::NAN; 9];
             exp_shifted_sum(isa, &mut nan, 0.0);
             assert!(nan.iter().all(|v| v.is_nan()), "{isa:?} NaN must propagate");
+        }
+    }
+
+    /// f32 values that reach every branch of the E4M3 encoder, both signs: a sweep over every exponent and the top
+    /// mantissa bits (zeros, f32 subnormals, infinities, NaNs), every E4M3 rounding point of the normal range with its
+    /// tie and neighbours, the subnormal grid's ties, and the values around the saturation point 448.
+    fn e4m3_edge_values() -> Vec<f32> {
+        let mut values = Vec::new();
+        for high in 0..=0xFFFFu32 {
+            values.push(f32::from_bits(high << 16));
+            values.push(f32::from_bits((high << 16) | 0xFFFF));
+        }
+        for exponent in 110u32..=137 {
+            for mantissa in 0..8u32 {
+                for rest in [0, 1, 0x7_FFFF, 0x8_0000, 0x8_0001, 0xF_FFFF] {
+                    let x = f32::from_bits((exponent << 23) | (mantissa << 20) | rest);
+                    values.extend([x, -x]);
+                }
+            }
+        }
+        for half_units in 0..=20u32 {
+            let bits = (half_units as f32 / 1024.0).to_bits();
+            for b in [bits.saturating_sub(1), bits, bits + 1] {
+                values.extend([f32::from_bits(b), -f32::from_bits(b)]);
+            }
+        }
+        for x in [
+            448.0f32,
+            464.0,
+            480.0,
+            1e30,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NAN,
+            0.0,
+            f32::MIN_POSITIVE,
+            1e-45,
+        ] {
+            let bits = x.to_bits();
+            for b in [bits.saturating_sub(1), bits, bits.saturating_add(1)] {
+                values.extend([f32::from_bits(b), -f32::from_bits(b)]);
+            }
+        }
+        let mut r = rng(11);
+        values.extend((0..50_000).map(|_| f32::from_bits(rand::Rng::random::<u32>(&mut r))));
+        values.extend(uniform(&mut r, 50_000, 500.0));
+        values.extend(uniform(&mut r, 20_000, 0.02));
+        values
+    }
+
+    #[test]
+    fn fp8_encode_matches_the_scalar_encoder_bit_for_bit() {
+        let values = e4m3_edge_values();
+        for isa in Isa::available() {
+            for inverse in [1.0f32, 0.37, 448.0 / 3.0, 1e-3, 2e5] {
+                let mut codes = vec![0u8; values.len()];
+                fp8_encode_scaled(isa, &values, inverse, &mut codes);
+                for (&x, &code) in values.iter().zip(&codes) {
+                    let want = crate::fp8::f32_to_e4m3(x * inverse);
+                    assert_eq!(
+                        code,
+                        want,
+                        "{isa:?}: {x:e} ({:#010x}) * {inverse}",
+                        x.to_bits()
+                    );
+                }
+            }
+            // Every length up to two 32-wide steps, so each tail path sees every edge value.
+            for len in 0..70 {
+                for start in (0..values.len() - len).step_by(7919) {
+                    let slice = &values[start..start + len];
+                    let mut codes = vec![0xAAu8; len];
+                    fp8_encode_scaled(isa, slice, 1.0, &mut codes);
+                    let want: Vec<u8> = slice.iter().map(|&x| crate::fp8::f32_to_e4m3(x)).collect();
+                    assert_eq!(codes, want, "{isa:?} len {len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_decode_scaled_matches_the_table_bit_for_bit() {
+        // All 256 codes (NaN codes included) at every position of a 32-wide step and the tail.
+        let codes: Vec<u8> = (0..=255u8).collect();
+        let scales = [
+            1.0f32,
+            0.0,
+            -0.0,
+            2.5e-3,
+            1e-40,
+            1.3e36,
+            1.4e36,
+            3e37,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NAN,
+            -0.75,
+        ];
+        for isa in Isa::available() {
+            for &scale in &scales {
+                for shift in (0..codes.len()).step_by(5) {
+                    let rotated: Vec<u8> = codes
+                        .iter()
+                        .cycle()
+                        .skip(shift)
+                        .take(codes.len() + 19)
+                        .copied()
+                        .collect();
+                    let mut out = vec![0.0f32; rotated.len()];
+                    fp8_decode_scaled(isa, &rotated, scale, &mut out);
+                    for (c, v) in rotated.iter().zip(&out) {
+                        let want = E4M3_TO_F32[*c as usize] * scale;
+                        // NaN times NaN: which operand's NaN comes out is the compiler's choice (it may swap
+                        // the operands of a multiply), so only NaN-ness is defined there.
+                        let same = v.to_bits() == want.to_bits() || (scale.is_nan() && v.is_nan());
+                        assert!(same, "{isa:?} code {c:#04x} scale {scale:e}: {v} vs {want}");
+                    }
+                }
+            }
+            // Blocks without any NaN code take the F16C path; with random scales of every magnitude.
+            let mut r = rng(12);
+            let finite = crate::testing::fp8_codes(&mut r, 4096 + 13);
+            for _ in 0..200 {
+                let scale = f32::from_bits(rand::Rng::random_range(&mut r, 0..0x7F80_0000u32));
+                let mut out = vec![0.0f32; finite.len()];
+                fp8_decode_scaled(isa, &finite, scale, &mut out);
+                for (c, v) in finite.iter().zip(&out) {
+                    let want = E4M3_TO_F32[*c as usize] * scale;
+                    assert_eq!(
+                        v.to_bits(),
+                        want.to_bits(),
+                        "{isa:?} code {c:#04x} scale {scale:e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn amax_matches_the_scalar_fold() {
+        let mut r = rng(13);
+        for isa in Isa::available() {
+            for len in [0usize, 1, 7, 8, 9, 31, 32, 33, 64, 100, 5120] {
+                let base = uniform(&mut r, len, 3.0);
+                let mut cases = vec![base.clone(), vec![-0.0; len], vec![0.0; len]];
+                for special in [
+                    f32::NAN,
+                    -f32::NAN,
+                    f32::INFINITY,
+                    -f32::INFINITY,
+                    -1e30,
+                    1e-42,
+                ] {
+                    for position in [0, len / 2, len.saturating_sub(1)] {
+                        let mut x = base.clone();
+                        if let Some(v) = x.get_mut(position) {
+                            *v = special;
+                        }
+                        cases.push(x);
+                    }
+                }
+                for x in cases {
+                    let want = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    assert_eq!(amax(isa, &x).to_bits(), want.to_bits(), "{isa:?} len {len}");
+                }
+            }
         }
     }
 }

@@ -111,3 +111,50 @@ pub(super) fn fp8_dot_tokens<const T: usize>(codes: &[u8], xs: [&[f32]; T]) -> [
     }
     totals
 }
+
+pub(super) fn amax(x: &[f32]) -> f32 {
+    // `f32::max` ignores a NaN operand, so a NaN never enters an accumulator, as in the scalar fold.
+    let mut acc = [0.0f32; LANES];
+    let (main, tail) = x.split_at(x.len() / LANES * LANES);
+    for chunk in main.chunks_exact(LANES) {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(chunk[l].abs());
+        }
+    }
+    let mut m = acc.iter().fold(0.0f32, |m, &v| m.max(v));
+    for v in tail {
+        m = m.max(v.abs());
+    }
+    m
+}
+
+/// `f32_to_e4m3(y)` without branches, so that loops over it vectorise; the steps are explained at
+/// `avx2::e4m3_codes8`.
+#[inline(always)]
+pub(super) fn e4m3_code(y: f32) -> u8 {
+    let bits = y.to_bits();
+    let magnitude = bits & 0x7FFF_FFFF;
+    let sign = (bits >> 24) & 0x80;
+    let rounded = magnitude + 0x7_FFFF + ((magnitude >> 20) & 1);
+    let normal = (rounded >> 20).wrapping_sub(120 << 3);
+    let subnormal = (f32::from_bits(magnitude) + 16384.0)
+        .to_bits()
+        .wrapping_sub(0x4680_0000);
+    let code = if magnitude >= 0x3C80_0000 {
+        normal
+    } else {
+        subnormal
+    };
+    let code = code.min(0x7E) | sign;
+    if magnitude > 0x7F80_0000 {
+        0x7F
+    } else {
+        code as u8
+    }
+}
+
+pub(super) fn fp8_encode_scaled(x: &[f32], inverse: f32, out: &mut [u8]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = e4m3_code(v * inverse);
+    }
+}

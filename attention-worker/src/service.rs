@@ -1,0 +1,208 @@
+//! The client API: the `switchyard.v1.Generation` gRPC service, and [`serve`], the attention worker's server.
+//!
+//! The handler is thin: validate into a [`ValidGenerateRequest`], submit to the [`Engine`], turn its events into
+//! `GenerateResponse`s. Dropping the response stream (the client went away) drops the engine's receiver, which
+//! cancels the sequence.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use switchyard_model::FinishReason;
+use switchyard_proto::v1::generate_response::Event;
+use switchyard_proto::v1::generation_server::{Generation, GenerationServer};
+use switchyard_proto::v1::{
+    FinishReason as WireFinishReason, Finished, GenerateRequest, GenerateResponse, GeneratedToken, PromptInfo,
+    FILE_DESCRIPTOR_SET,
+};
+use tokenizers::Tokenizer;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::engine::{Engine, GenerationEvent};
+use crate::request::ValidGenerateRequest;
+use crate::AttentionWorkerError;
+
+/// Largest gRPC message accepted or sent (a `[4096, 5120]` f32 block is 80 MiB; prompt logits can be larger still).
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// The `Generation` service over an [`Engine`].
+pub struct GenerationService {
+    engine: Arc<Engine>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    worker_id: String,
+    next_request: AtomicU64,
+}
+
+impl GenerationService {
+    /// Serves `engine`; text prompts are tokenized and outputs decoded with `tokenizer` when there is one. Request ids
+    /// the server makes up start with `worker_id`.
+    pub fn new(engine: Arc<Engine>, tokenizer: Option<Tokenizer>, worker_id: impl Into<String>) -> Self {
+        Self {
+            engine,
+            tokenizer: tokenizer.map(Arc::new),
+            worker_id: worker_id.into(),
+            next_request: AtomicU64::new(0),
+        }
+    }
+
+    /// The engine served.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+}
+
+/// The response stream of `Generate`.
+pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let request = request.into_inner();
+        let fallback_id = format!("{}-{}", self.worker_id, self.next_request.fetch_add(1, Ordering::Relaxed));
+        let tokenizer = self.tokenizer.clone();
+        let limits = self.engine.limits().clone();
+        // Tokenizing a long prompt is CPU work: keep it off the runtime's threads.
+        let valid = tokio::task::spawn_blocking(move || {
+            ValidGenerateRequest::from_proto(request, tokenizer.as_deref(), &limits, || fallback_id)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("validating the request: {e}")))?
+        .inspect_err(|error| tracing::debug!(%error, "request refused"))?;
+        let span = tracing::info_span!("generate", request_id = %valid.request_id);
+        let prompt_ids = valid.prompt.clone();
+        let events = span.in_scope(|| {
+            tracing::debug!(prompt_tokens = prompt_ids.len(), max_new_tokens = valid.max_new_tokens, "submitting");
+            self.engine.submit(valid).inspect_err(|error| tracing::info!(%error, "request refused"))
+        })?;
+        let state = StreamState {
+            events,
+            prompt_ids,
+            vocab_size: self.engine.limits().vocab_size as u32,
+            generated: Vec::new(),
+            tokenizer: self.tokenizer.clone(),
+            done: false,
+            span,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(state, next_response))))
+    }
+}
+
+/// What the response stream keeps between events.
+struct StreamState {
+    events: UnboundedReceiver<GenerationEvent>,
+    prompt_ids: Vec<u32>,
+    vocab_size: u32,
+    generated: Vec<u32>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    done: bool,
+    span: tracing::Span,
+}
+
+async fn next_response(mut state: StreamState) -> Option<(Result<GenerateResponse, Status>, StreamState)> {
+    if state.done {
+        return None;
+    }
+    let span = state.span.clone();
+    async move {
+        let event = match state.events.recv().await {
+            Some(event) => event,
+            None => {
+                state.done = true;
+                return Some((Err(Status::internal("the engine dropped the request without finishing it")), state));
+            }
+        };
+        let response = match event {
+            GenerationEvent::Prefilled { prompt_logits } => Event::Prompt(PromptInfo {
+                prompt_ids: std::mem::take(&mut state.prompt_ids),
+                vocab_size: state.vocab_size,
+                prompt_logits: prompt_logits.map(|l| f32_le_bytes(&l)).unwrap_or_default(),
+            }),
+            GenerationEvent::Token { id, index, logits } => {
+                state.generated.push(id);
+                Event::Token(GeneratedToken { id, index, logits: logits.map(|l| f32_le_bytes(&l)).unwrap_or_default() })
+            }
+            GenerationEvent::Finished { reason, generated_tokens } => {
+                state.done = true;
+                let text = match &state.tokenizer {
+                    Some(tokenizer) => match tokenizer.decode(&state.generated, true) {
+                        Ok(text) => text,
+                        Err(e) => return Some((Err(Status::internal(format!("decoding the output: {e}"))), state)),
+                    },
+                    None => String::new(),
+                };
+                tracing::info!(generated_tokens, ?reason, "finished");
+                let reason = match reason {
+                    FinishReason::Length => WireFinishReason::Length,
+                    FinishReason::Stop => WireFinishReason::Stop,
+                };
+                Event::Finished(Finished { reason: reason as i32, text, generated_tokens })
+            }
+            GenerationEvent::Failed(error) => {
+                state.done = true;
+                tracing::warn!(%error, "request failed");
+                return Some((Err(error.to_status()), state));
+            }
+        };
+        Some((Ok(GenerateResponse { event: Some(response) }), state))
+    }
+    .instrument(span)
+    .await
+}
+
+/// `values` as little-endian f32 bytes (the wire layout of logits).
+pub fn f32_le_bytes(values: &[f32]) -> Bytes {
+    let mut bytes = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    Bytes::from(bytes)
+}
+
+/// How often the server pings idle HTTP/2 connections, and how long a ping may go unanswered: a client that vanished
+/// without closing its connection is noticed within seconds, which cancels its sequences.
+pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(5));
+
+/// Serves `generation` on `listener` until `shutdown` resolves, with `grpc.health.v1` (SERVING from the start: the
+/// engine is ready when this is called; NOT_SERVING once shutdown starts), reflection, and [`MAX_MESSAGE_BYTES`]
+/// message limits. In-flight streams finish before it returns.
+pub async fn serve(
+    listener: TcpListener,
+    generation: GenerationService,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AttentionWorkerError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GenerationServer<GenerationService>>().await;
+    let shutdown = async move {
+        shutdown.await;
+        health.set_not_serving::<GenerationServer<GenerationService>>().await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AttentionWorkerError::Startup { what: "the reflection service".into(), reason: e.to_string() })?;
+    let generation = GenerationServer::new(generation)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(KEEPALIVE.0))
+        .http2_keepalive_timeout(Some(KEEPALIVE.1))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(generation)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! The engine: continuous batching equals solo runs, cancellation frees sequences, a lost expert worker fails the
+//! requests of its step and not the engine, admission is bounded.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{cluster, cluster_with, expert_workers, fixture, in_process, max_diff, prompt, solo};
+use switchyard_attention_worker::{AttentionWorkerError, Engine, EngineOptions, GenerationEvent, ValidGenerateRequest};
+use switchyard_model::{FinishReason, SamplingParams};
+use switchyard_transport::{BoxFuture, ExpertBatch, Transport, TransportError, WireFormat};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn request(id: &str, prompt: Vec<u32>, max_new_tokens: usize, sampling: SamplingParams) -> ValidGenerateRequest {
+    ValidGenerateRequest {
+        request_id: id.into(),
+        prompt,
+        max_new_tokens,
+        sampling,
+        ignore_eos: true,
+        return_logits: true,
+    }
+}
+
+/// What a request received.
+#[derive(Debug, Default)]
+struct Outcome {
+    prompt_logits: Vec<f32>,
+    tokens: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    finished: Option<FinishReason>,
+    failed: Option<Arc<AttentionWorkerError>>,
+}
+
+async fn drain(mut events: UnboundedReceiver<GenerationEvent>) -> Outcome {
+    let mut outcome = Outcome::default();
+    while let Some(event) = events.recv().await {
+        match event {
+            GenerationEvent::Prefilled { prompt_logits } => outcome.prompt_logits = prompt_logits.unwrap_or_default(),
+            GenerationEvent::Token { id, index, logits } => {
+                assert_eq!(index as usize, outcome.tokens.len());
+                outcome.tokens.push(id);
+                outcome.logits.push(logits.unwrap_or_default());
+            }
+            GenerationEvent::Finished { reason, generated_tokens } => {
+                assert_eq!(generated_tokens as usize, outcome.tokens.len());
+                outcome.finished = Some(reason);
+            }
+            GenerationEvent::Failed(error) => outcome.failed = Some(error),
+        }
+    }
+    outcome
+}
+
+fn sampling(i: u64) -> SamplingParams {
+    if i % 2 == 0 {
+        SamplingParams::default()
+    } else {
+        SamplingParams { temperature: 0.8, top_p: 0.9, top_k: Some(40), seed: 100 + i }
+    }
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Records the micro-batch id of every dispatch.
+struct Recording {
+    inner: Arc<dyn Transport>,
+    micro_batches: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+}
+
+impl Transport for Recording {
+    fn dispatch(&self, worker: &str, batch: ExpertBatch) -> BoxFuture<'static, Result<Vec<f32>, TransportError>> {
+        self.micro_batches.lock().unwrap().insert(batch.micro_batch);
+        self.inner.dispatch(worker, batch)
+    }
+}
+
+/// 8 concurrent requests with different prompts, lengths and seeds each equal their solo run, with one and with two
+/// micro-batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_equal_their_solo_runs() {
+    let fixture = fixture();
+    for micro_batches in [1, 2] {
+        let workers = expert_workers(&["0-3", "4-7"]);
+        let inner = in_process(&workers, WireFormat::default());
+        let recording = Arc::new(Recording { inner, micro_batches: Default::default() });
+        let cluster = cluster_with(workers, recording.clone(), tokio::runtime::Handle::current());
+        let options = EngineOptions { micro_batches, threads: 2, ..EngineOptions::default() };
+        let engine = Engine::start(cluster.model.clone(), options).unwrap();
+        let requests: Vec<ValidGenerateRequest> = (0..8u64)
+            .map(|i| request(&format!("r{i}"), prompt(i, 3 + 5 * i as usize), 4 + i as usize, sampling(i)))
+            .collect();
+        let receivers: Vec<_> = requests.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
+        let outcomes = futures::future::join_all(receivers.into_iter().map(drain)).await;
+        for (r, outcome) in requests.iter().zip(&outcomes) {
+            assert!(outcome.failed.is_none(), "{}: {:?}", r.request_id, outcome.failed);
+            assert_eq!(outcome.finished, Some(FinishReason::Length));
+            let alone = solo(&fixture.reference, &r.prompt, r.max_new_tokens, r.sampling.clone());
+            assert_eq!(outcome.tokens, alone.tokens, "{} with {micro_batches} micro-batches", r.request_id);
+            let prompt_alone: Vec<f32> = alone.prompt_logits.concat();
+            assert!(max_diff(&outcome.prompt_logits, &prompt_alone) <= 1e-5, "{} prompt logits", r.request_id);
+            for (got, want) in outcome.logits.iter().zip(&alone.decode_logits) {
+                assert!(max_diff(got, want) <= 1e-5, "{} decode logits: {}", r.request_id, max_diff(got, want));
+            }
+        }
+        wait_until("no sequence is active", || engine.active() == 0).await;
+        assert!(engine.steps() < 8 * 12, "requests were batched: {} steps", engine.steps());
+        let seen: Vec<u32> = recording.micro_batches.lock().unwrap().iter().copied().collect();
+        assert_eq!(seen, (0..micro_batches as u32).collect::<Vec<_>>(), "micro-batch ids dispatched");
+    }
+}
+
+/// A request whose receiver is dropped mid-generation is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_receiver_frees_the_sequence() {
+    let cluster = cluster(&["all"], tokio::runtime::Handle::current());
+    let engine =
+        Engine::start(cluster.model.clone(), EngineOptions { threads: 2, ..EngineOptions::default() }).unwrap();
+    let mut events = engine.submit(request("long", prompt(1, 8), 3000, SamplingParams::default())).unwrap();
+    let mut tokens = 0;
+    while tokens < 3 {
+        if let Some(GenerationEvent::Token { .. }) = events.recv().await {
+            tokens += 1;
+        }
+    }
+    assert_eq!(engine.active(), 1);
+    drop(events);
+    wait_until("the cancelled sequence is gone", || engine.active() == 0).await;
+    let steps = engine.steps();
+    assert!(steps < 3000, "generation stopped early: {steps} steps");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(engine.steps(), steps, "no step runs without sequences");
+}
+
+/// Fails every dispatch while `failing` is set, as a lost expert worker would.
+struct FlakyTransport {
+    inner: Arc<dyn Transport>,
+    failing: AtomicBool,
+}
+
+impl Transport for FlakyTransport {
+    fn dispatch(&self, worker: &str, batch: ExpertBatch) -> BoxFuture<'static, Result<Vec<f32>, TransportError>> {
+        if self.failing.load(Ordering::SeqCst) {
+            let error = TransportError::Unavailable { peer: worker.to_string(), reason: "connection reset".into() };
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        self.inner.dispatch(worker, batch)
+    }
+}
+
+/// A lost expert worker fails the requests of the step with `Unavailable` naming it; the engine serves the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_expert_worker_fails_the_request_not_the_engine() {
+    let fixture = fixture();
+    let workers = expert_workers(&["0-3", "4-7"]);
+    let inner = in_process(&workers, WireFormat::default());
+    let flaky = Arc::new(FlakyTransport { inner, failing: AtomicBool::new(false) });
+    let cluster = cluster_with(workers, flaky.clone(), tokio::runtime::Handle::current());
+    let engine =
+        Engine::start(cluster.model.clone(), EngineOptions { threads: 2, ..EngineOptions::default() }).unwrap();
+
+    let mut events = engine.submit(request("doomed", prompt(2, 6), 1000, SamplingParams::default())).unwrap();
+    let mut tokens = 0;
+    let failure = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("an event within 10 s") {
+            Some(GenerationEvent::Token { .. }) => {
+                tokens += 1;
+                if tokens == 2 {
+                    flaky.failing.store(true, Ordering::SeqCst);
+                }
+            }
+            Some(GenerationEvent::Failed(error)) => break error,
+            Some(GenerationEvent::Prefilled { .. }) => {}
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    };
+    assert!(events.recv().await.is_none(), "nothing follows a failure");
+    let status = failure.to_status();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("expert worker ew-"), "{}", status.message());
+    assert!(status.message().contains("connection reset"), "{}", status.message());
+    assert!(failure.retryable());
+    wait_until("the failed sequence is gone", || engine.active() == 0).await;
+    assert!(engine.failed_steps() >= 1);
+
+    flaky.failing.store(false, Ordering::SeqCst);
+    let next = request("next", prompt(3, 9), 6, SamplingParams::default());
+    let outcome = drain(engine.submit(next.clone()).unwrap()).await;
+    assert!(outcome.failed.is_none(), "{:?}", outcome.failed);
+    let alone = solo(&fixture.reference, &next.prompt, 6, SamplingParams::default());
+    assert_eq!(outcome.tokens, alone.tokens);
+}
+
+/// At most `max_batch` active and `max_waiting` waiting; beyond that requests are refused with ResourceExhausted, and
+/// invalid requests are refused before they queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_is_bounded_and_checked() {
+    let cluster = cluster(&["all"], tokio::runtime::Handle::current());
+    let options = EngineOptions { max_batch: 1, max_waiting: 1, threads: 2, ..EngineOptions::default() };
+    let engine = Engine::start(cluster.model.clone(), options).unwrap();
+    let mut kept = Vec::new();
+    let mut refused = None;
+    for i in 0..3 {
+        match engine.submit(request(&format!("r{i}"), prompt(i, 4), 2000, SamplingParams::default())) {
+            Ok(events) => kept.push(events),
+            Err(error) => refused = Some(error),
+        }
+    }
+    let refused = refused.expect("one of three requests is refused with max_batch 1 and max_waiting 1");
+    assert_eq!(refused.to_status().code(), tonic::Code::ResourceExhausted, "{refused}");
+    assert!(refused.to_string().contains("max_waiting 1"), "{refused}");
+    assert!(engine.active() <= 1);
+
+    let vocab = fixture().config.text.vocab_size;
+    let bad = engine.submit(request("bad", vec![1, vocab as u32 + 3], 1, SamplingParams::default())).unwrap_err();
+    assert_eq!(bad.to_status().code(), tonic::Code::InvalidArgument);
+    assert!(bad.to_string().contains(&format!("token id {}", vocab + 3)), "{bad}");
+    drop(kept);
+    wait_until("the cancelled sequences are gone", || engine.active() == 0 && engine.waiting() == 0).await;
+}

@@ -1,0 +1,390 @@
+//! `switchyard up`: a whole cluster on this machine, each role in its own process on loopback.
+//!
+//! Starts the expert workers (each told which experts to load by a static contiguous placement), then a coordinator
+//! serving that placement, then the attention workers, waits until every one reports SERVING on gRPC health, and
+//! prints the `ready` line with the client endpoint. Children are this same binary; they stop when `up` stops
+//! (SIGTERM, a grace period, then SIGKILL; and the kernel's parent-death signal if `up` itself is killed).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use switchyard_coordinator::Placement;
+use switchyard_model::config::ModelConfig;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::commands::remote_generate::{self, RemoteRequest};
+use crate::{model_dir, serving};
+
+/// Flags of `up`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory. Default: the built-in tiny model.
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    model: Option<PathBuf>,
+    /// Expert worker processes; experts are split evenly among them.
+    #[arg(long, default_value_t = 2)]
+    expert_workers: usize,
+    /// Attention worker processes.
+    #[arg(long, default_value_t = 1)]
+    attention_workers: usize,
+    /// Client endpoint address (the first attention worker's). Default: a free loopback port.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Generate for this prompt, print the text, and stop the cluster. Without it, serve until Ctrl-C.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Tokens to generate for `--prompt`.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: u32,
+    /// Dispatch encoding: f32, bf16 or fp8 (per-token scales).
+    #[arg(long, default_value = "f32")]
+    wire: String,
+    /// Combine encoding: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    combine: String,
+    /// Micro-batches in flight per attention worker (2 = ping-pong).
+    #[arg(long, default_value_t = 1)]
+    micro_batches: usize,
+    /// Expert workers quantise activations to FP8 per token.
+    #[arg(long)]
+    fp8_activations: bool,
+    /// Seconds to wait for each process to become ready.
+    #[arg(long, default_value_t = 120)]
+    ready_timeout: u64,
+}
+
+/// A started child process.
+struct Child {
+    role: String,
+    pid: u32,
+    endpoint: String,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// Lines of a child's stderr kept to explain its death.
+const STDERR_TAIL: usize = 20;
+
+impl Child {
+    fn tail(&self) -> String {
+        let tail = self.stderr_tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        if tail.is_empty() {
+            "(it wrote nothing to stderr)".into()
+        } else {
+            tail.join("\n")
+        }
+    }
+}
+
+/// The children, and a channel on which each one's exit is reported.
+struct Cluster {
+    children: Vec<Child>,
+    exits: mpsc::UnboundedReceiver<(usize, std::io::Result<std::process::ExitStatus>)>,
+    exit_sender: mpsc::UnboundedSender<(usize, std::io::Result<std::process::ExitStatus>)>,
+    alive: Vec<bool>,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let (exit_sender, exits) = mpsc::unbounded_channel();
+        Self { children: Vec::new(), exits, exit_sender, alive: Vec::new() }
+    }
+
+    /// Starts `switchyard ARGS` as `role` and waits for its `listening on URL` line.
+    async fn spawn(&mut self, role: String, args: Vec<String>, timeout: Duration) -> Result<String> {
+        let exe = std::env::current_exe().context("locating the switchyard binary")?;
+        let mut command = Command::new(exe);
+        command.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it only asks the kernel to send
+        // SIGTERM to the child when this process dies, so no child outlives `up` even after a SIGKILL.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut process = command.spawn().with_context(|| format!("starting the {role}"))?;
+        let pid = process.id().unwrap_or_default();
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+        if let Some(stderr) = process.stderr.take() {
+            let tail = Arc::clone(&stderr_tail);
+            let prefix = role.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    eprintln!("[{prefix}] {line}");
+                    if let Ok(mut tail) = tail.lock() {
+                        if tail.len() == STDERR_TAIL {
+                            tail.pop_front();
+                        }
+                        tail.push_back(line);
+                    }
+                }
+            });
+        }
+        let stdout = process.stdout.take().context("child stdout")?;
+        let index = self.children.len();
+        let sender = self.exit_sender.clone();
+        tokio::spawn(async move {
+            let status = process.wait().await;
+            let _ = sender.send((index, status));
+        });
+        self.children.push(Child { role: role.clone(), pid, endpoint: String::new(), stderr_tail });
+        self.alive.push(true);
+
+        let mut lines = BufReader::new(stdout).lines();
+        let announced = tokio::time::timeout(timeout, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    return Ok::<Option<String>, std::io::Error>(Some(url.trim().to_string()));
+                }
+            }
+            Ok(None)
+        })
+        .await;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let endpoint = match announced {
+            Ok(Ok(Some(url))) => url,
+            Ok(_) => {
+                // Give the exit watcher a moment so the status is known.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                bail!("the {role} exited before it was ready; its last stderr lines:\n{}", self.children[index].tail())
+            }
+            Err(_) => bail!("the {role} did not start serving within {} s", timeout.as_secs()),
+        };
+        self.children[index].endpoint = endpoint.clone();
+        println!("started {role} (pid {pid}) at {endpoint}");
+        Ok(endpoint)
+    }
+
+    /// Polls gRPC health until the child answers SERVING.
+    async fn wait_serving(&mut self, index: usize, timeout: Duration) -> Result<()> {
+        let (role, endpoint) = (self.children[index].role.clone(), self.children[index].endpoint.clone());
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = String::from("no answer");
+        while tokio::time::Instant::now() < deadline {
+            self.report_exits();
+            if !self.alive[index] {
+                bail!("the {role} exited while starting; its last stderr lines:\n{}", self.children[index].tail());
+            }
+            let channel = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
+                Ok(e) => e.connect_timeout(Duration::from_secs(1)).connect().await.ok(),
+                Err(e) => bail!("the {role} announced an unusable endpoint {endpoint}: {e}"),
+            };
+            if let Some(channel) = channel {
+                let mut client = HealthClient::new(channel);
+                match client.check(HealthCheckRequest { service: String::new() }).await {
+                    Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
+                    Ok(r) => last = format!("status {}", r.get_ref().status),
+                    Err(status) => last = status.message().to_string(),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the {role} at {endpoint} was not SERVING within {} s (last: {last})", timeout.as_secs())
+    }
+
+    /// Reports children that exited since the last call; returns how many did.
+    fn report_exits(&mut self) -> usize {
+        let mut count = 0;
+        while let Ok((index, status)) = self.exits.try_recv() {
+            self.note_exit(index, status);
+            count += 1;
+        }
+        count
+    }
+
+    fn note_exit(&mut self, index: usize, status: std::io::Result<std::process::ExitStatus>) {
+        self.alive[index] = false;
+        let child = &self.children[index];
+        let status = match status {
+            Ok(status) => status.to_string(),
+            Err(e) => format!("unknown status ({e})"),
+        };
+        eprintln!("error: the {} (pid {}, {}) exited: {status}; its last stderr lines:\n{}", child.role, child.pid,
+            child.endpoint, child.tail());
+    }
+
+    fn attention_workers_alive(&self) -> usize {
+        self.children.iter().zip(&self.alive).filter(|(c, &alive)| alive && c.role.starts_with("attention")).count()
+    }
+
+    /// SIGTERM to every live child, a grace period, then SIGKILL.
+    async fn shutdown(&mut self) {
+        self.report_exits();
+        for (child, &alive) in self.children.iter().zip(&self.alive) {
+            if alive && child.pid != 0 {
+                // SAFETY: sending a signal to a pid we started; it has not been reaped (we saw no exit).
+                unsafe {
+                    libc::kill(child.pid as libc::pid_t, libc::SIGTERM);
+                }
+            }
+        }
+        let grace = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.alive.iter().any(|&a| a) {
+            match tokio::time::timeout_at(grace, self.exits.recv()).await {
+                Ok(Some((index, _))) => self.alive[index] = false,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        for (child, &alive) in self.children.iter().zip(&self.alive) {
+            if alive && child.pid != 0 {
+                eprintln!("the {} did not stop within 5 s; killing it", child.role);
+                // SAFETY: as above.
+                unsafe {
+                    libc::kill(child.pid as libc::pid_t, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// Runs `up`.
+pub fn run(args: Args) -> Result<()> {
+    if args.attention_workers == 0 {
+        bail!("--attention-workers must be at least 1");
+    }
+    let dir = model_dir::resolve(args.model.as_deref())?;
+    let config_path = dir.join("config.json");
+    let config = ModelConfig::from_file(&config_path)
+        .with_context(|| format!("reading the model config {}", config_path.display()))?;
+    let text = &config.text;
+    let moe_layers: Vec<u32> =
+        (0..text.num_hidden_layers).filter(|&l| text.is_moe_layer(l)).map(|l| l as u32).collect();
+    let mut placement = Placement::contiguous(&moe_layers, text.num_local_experts as u32, args.expert_workers, 1)
+        .context("placing the experts")?;
+    let state_dir = tempfile_dir()?;
+    let runtime = serving::runtime(2)?;
+    runtime.block_on(async move {
+        let mut cluster = Cluster::new();
+        let result = start_and_serve(&args, &dir, &mut placement, &state_dir, &mut cluster).await;
+        cluster.shutdown().await;
+        let _ = std::fs::remove_dir_all(&state_dir);
+        result
+    })
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("switchyard-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+async fn start_and_serve(
+    args: &Args,
+    dir: &std::path::Path,
+    placement: &mut Placement,
+    state_dir: &std::path::Path,
+    cluster: &mut Cluster,
+) -> Result<()> {
+    let timeout = Duration::from_secs(args.ready_timeout);
+    let model = dir.to_string_lossy().into_owned();
+    for worker in &mut placement.workers {
+        let mut child_args = vec![
+            "expert-worker".to_string(),
+            "--model".into(),
+            model.clone(),
+            "--experts".into(),
+            worker.expert_spec(),
+            "--worker-id".into(),
+            worker.worker_id.clone(),
+            "--placement-epoch".into(),
+            placement.epoch.to_string(),
+        ];
+        if args.fp8_activations {
+            child_args.push("--fp8-activations".into());
+        }
+        let role = format!("expert worker {}", worker.worker_id);
+        worker.endpoint = cluster.spawn(role, child_args, timeout).await?;
+    }
+    let placement_file = state_dir.join("placement.json");
+    placement.write(&placement_file)?;
+    let coordinator = cluster
+        .spawn(
+            "coordinator".into(),
+            vec!["coordinator".into(), "--placement".into(), placement_file.to_string_lossy().into_owned()],
+            timeout,
+        )
+        .await?;
+    let mut attention_endpoints = Vec::new();
+    for i in 0..args.attention_workers {
+        let listen = match (i, args.listen) {
+            (0, Some(addr)) => addr.to_string(),
+            _ => "127.0.0.1:0".into(),
+        };
+        let child_args = vec![
+            "attention-worker".to_string(),
+            "--model".into(),
+            model.clone(),
+            "--coordinator".into(),
+            coordinator.clone(),
+            "--listen".into(),
+            listen,
+            "--worker-id".into(),
+            format!("aw-{i}"),
+            "--wire".into(),
+            args.wire.clone(),
+            "--combine".into(),
+            args.combine.clone(),
+            "--micro-batches".into(),
+            args.micro_batches.to_string(),
+        ];
+        attention_endpoints.push(cluster.spawn(format!("attention worker aw-{i}"), child_args, timeout).await?);
+    }
+    for index in 0..cluster.children.len() {
+        cluster.wait_serving(index, timeout).await?;
+    }
+    let client = attention_endpoints[0].clone();
+    println!(
+        "ready: client endpoint {client} (attention workers: {}; expert workers: {}; coordinator: {coordinator})",
+        attention_endpoints.join(", "),
+        placement.workers.iter().map(|w| format!("{}={}", w.worker_id, w.endpoint)).collect::<Vec<_>>().join(", ")
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    if let Some(prompt) = &args.prompt {
+        let request = RemoteRequest {
+            prompt: RemoteRequest::prompt_from(Some(prompt.clone()), None)?,
+            max_new_tokens: args.max_new_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            ignore_eos: false,
+            return_logits: false,
+        };
+        let generation = remote_generate::generate(&client, request, &mut |_| {}).await?;
+        println!("{}", generation.text);
+        return Ok(());
+    }
+
+    let shutdown = serving::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            exit = cluster.exits.recv() => {
+                let Some((index, status)) = exit else { return Ok(()) };
+                cluster.note_exit(index, status);
+                if cluster.attention_workers_alive() == 0 {
+                    bail!("no attention worker is left; stopping the cluster");
+                }
+                eprintln!("the cluster keeps serving with the remaining processes");
+            }
+        }
+    }
+}

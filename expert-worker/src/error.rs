@@ -1,0 +1,91 @@
+//! The one error type of the expert worker's own operations (loading, control, serving). Dispatch errors are
+//! [`switchyard_transport::TransportError`]s: the transport owns their wire mapping.
+
+use std::path::PathBuf;
+
+use switchyard_model::ModelError;
+use tonic::{Code, Status};
+
+use crate::spec::SpecError;
+
+/// Errors of loading, controlling and serving an expert worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The model's `config.json` could not be read or is invalid.
+    #[error("reading the model config {}", path.display())]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<ModelError>,
+    },
+    /// The checkpoint could not be opened.
+    #[error("opening the checkpoint in {}", dir.display())]
+    Checkpoint {
+        /// The model directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<ModelError>,
+    },
+    /// The `--experts` spec does not parse or does not fit the model.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A load or unload request names experts the model does not have.
+    #[error("invalid experts: {reason}")]
+    InvalidExperts {
+        /// What is wrong, naming the layer or expert.
+        reason: String,
+    },
+    /// Reading one expert's weights failed.
+    #[error("loading expert {expert} of layer {layer}")]
+    LoadExpert {
+        /// Decoder layer index.
+        layer: usize,
+        /// Expert id.
+        expert: u32,
+        /// Why.
+        #[source]
+        source: Box<ModelError>,
+    },
+    /// The batching executor's thread could not be started.
+    #[error("starting the expert executor thread")]
+    Executor(#[source] std::io::Error),
+    /// The gRPC reflection service could not be built from the descriptor set.
+    #[error("building the gRPC reflection service")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    /// The gRPC server failed.
+    #[error("serving gRPC")]
+    Serve(#[source] tonic::transport::Error),
+    /// A blocking task of a control request died.
+    #[error("control task failed: {reason}")]
+    Task {
+        /// What happened to it.
+        reason: String,
+    },
+}
+
+impl WorkerError {
+    /// The gRPC status a control request answers with: the caller's mistakes are `InvalidArgument`, the rest
+    /// `Internal`. The message carries the whole chain of causes.
+    pub fn to_status(&self) -> Status {
+        let code = match self {
+            WorkerError::Spec(_) | WorkerError::InvalidExperts { .. } => Code::InvalidArgument,
+            _ => Code::Internal,
+        };
+        Status::new(code, error_chain(self))
+    }
+}
+
+/// `error: cause: cause`, as an operator reads it in one line.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,855 @@
+//! Wire encodings of activations and the conversion between [`ExpertBatch`] and the dispatch messages.
+//!
+//! Everything that arrives from a peer is checked here before it is used: dtype, shape, byte lengths, scales, sizes.
+//! Each refusal is a [`TransportError::InvalidPayload`] naming the field (`activations.data`, `expert_ids`, ...).
+//! [`round_trip`] gives, without serialising, exactly the values a receiver decodes, so that the in-process transport
+//! and the gRPC transport compute on identical numbers.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use switchyard_kernels::fp8::{dequantize_rows, quantize_rows};
+use switchyard_proto::v1::{ActivationDtype, Activations, DispatchRequest, DispatchResponse};
+
+use crate::{ExpertBatch, TransportError, WireDtype, WireFormat};
+
+/// The largest activation block accepted, in values (`tokens * hidden`): 2^28, i.e. 1 GiB of f32 once decoded. A
+/// 4096 x 5120 block is 2^24.4; anything near the limit is a corrupt header, refused before allocating.
+pub const MAX_VALUES: usize = 1 << 28;
+
+/// Values per inner loop of the decoders: fixed-size blocks let the compiler unroll and vectorise.
+const BLOCK: usize = 64;
+
+/// Bytes one value takes in `dtype` (scales not counted).
+pub fn bytes_per_value(dtype: WireDtype) -> usize {
+    match dtype {
+        WireDtype::F32 => 4,
+        WireDtype::Bf16 => 2,
+        WireDtype::Fp8E4m3 => 1,
+    }
+}
+
+impl From<WireDtype> for ActivationDtype {
+    fn from(dtype: WireDtype) -> Self {
+        match dtype {
+            WireDtype::F32 => ActivationDtype::F32,
+            WireDtype::Bf16 => ActivationDtype::Bf16,
+            WireDtype::Fp8E4m3 => ActivationDtype::Fp8E4m3,
+        }
+    }
+}
+
+/// The dtype of a proto enum value; `what` names the field in the error.
+fn wire_dtype(value: i32, what: &str) -> Result<WireDtype, TransportError> {
+    match ActivationDtype::try_from(value) {
+        Ok(ActivationDtype::F32) => Ok(WireDtype::F32),
+        Ok(ActivationDtype::Bf16) => Ok(WireDtype::Bf16),
+        Ok(ActivationDtype::Fp8E4m3) => Ok(WireDtype::Fp8E4m3),
+        Ok(ActivationDtype::Unspecified) => Err(invalid(what, "dtype is unspecified".into())),
+        Err(_) => Err(invalid(what, format!("unknown dtype {value}"))),
+    }
+}
+
+fn invalid(what: &str, reason: String) -> TransportError {
+    TransportError::InvalidPayload { what: what.to_owned(), reason }
+}
+
+/// Encodes `tokens` rows of `hidden` values. FP8 quantises each row with its own scale (`amax / 448`); bf16 rounds to
+/// nearest even.
+///
+/// # Panics
+/// If `values.len() != tokens * hidden` or `tokens`/`hidden` exceed `u32`: the caller sizes both from one shape
+/// ([`ExpertBatch::check_shape`] checks a batch first).
+pub fn encode(values: &[f32], tokens: usize, hidden: usize, dtype: WireDtype) -> Activations {
+    encode_with(values, tokens, hidden, dtype, None)
+}
+
+/// [`encode`], writing the payload into a buffer from `recycler` (returned to it when the last `Bytes` referring to
+/// it is dropped) instead of a fresh allocation.
+pub(crate) fn encode_with(
+    values: &[f32],
+    tokens: usize,
+    hidden: usize,
+    dtype: WireDtype,
+    recycler: Option<&Arc<Recycler<u8>>>,
+) -> Activations {
+    assert_eq!(values.len(), tokens * hidden, "encode: values length does not match [{tokens}, {hidden}]");
+    let (tokens_u32, hidden_u32) = match (u32::try_from(tokens), u32::try_from(hidden)) {
+        (Ok(t), Ok(h)) => (t, h),
+        _ => panic!("encode: shape [{tokens}, {hidden}] exceeds u32"),
+    };
+    let length = values.len() * bytes_per_value(dtype);
+    let mut data = match recycler {
+        Some(recycler) => recycler.take(length),
+        None => vec![0u8; length],
+    };
+    let token_scales = match dtype {
+        WireDtype::F32 => {
+            f32_to_bytes(values, &mut data);
+            Bytes::new()
+        }
+        WireDtype::Bf16 => {
+            bf16_to_bytes(values, &mut data);
+            Bytes::new()
+        }
+        WireDtype::Fp8E4m3 => {
+            // Rows of width 0 are never visited by `quantize_rows`; their scale must still be finite.
+            let mut scales = vec![1.0f32; tokens];
+            quantize_rows(values, hidden, &mut data, &mut scales);
+            let mut scale_bytes = vec![0u8; tokens * 4];
+            f32_to_bytes(&scales, &mut scale_bytes);
+            Bytes::from(scale_bytes)
+        }
+    };
+    let data = match recycler {
+        Some(recycler) => Bytes::from_owner(Recycled { data, home: recycler.clone() }),
+        None => Bytes::from(data),
+    };
+    Activations {
+        dtype: ActivationDtype::from(dtype) as i32,
+        tokens: tokens_u32,
+        hidden: hidden_u32,
+        data,
+        token_scales,
+    }
+}
+
+/// Buffers kept for reuse by the gRPC transport, so that large payloads are written into memory the process already
+/// has. A fresh multi-megabyte allocation comes straight from `mmap` and pays a page fault per 4 KiB on first
+/// touch: for a 4096 x 5120 block that costs several times more than encoding it.
+pub(crate) struct Recycler<T> {
+    free: Mutex<Vec<Vec<T>>>,
+}
+
+/// Buffers smaller than this are not kept: the allocator serves them from memory it holds anyway.
+const RECYCLE_MIN_BYTES: usize = 64 << 10;
+/// At most this many buffers, and this many bytes, are kept; the smallest go first.
+const RECYCLE_MAX_BUFFERS: usize = 32;
+const RECYCLE_MAX_BYTES: usize = 256 << 20;
+
+impl<T: Copy + Default> Recycler<T> {
+    /// An empty recycler.
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Recycler { free: Mutex::new(Vec::new()) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Vec<T>>> {
+        // The list is only pushed to and popped from: a panic elsewhere cannot leave it inconsistent.
+        self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A buffer of exactly `len` elements whose contents are unspecified (the caller overwrites all of them): the
+    /// smallest kept buffer that is large enough, or a new one.
+    pub(crate) fn take(&self, len: usize) -> Vec<T> {
+        let reused = {
+            let mut free = self.lock();
+            // Among equals the most recently returned, the likeliest to be in cache; `remove` keeps that order.
+            let best = free
+                .iter()
+                .enumerate()
+                .rev()
+                .filter(|(_, buffer)| buffer.capacity() >= len)
+                .min_by_key(|(_, buffer)| buffer.capacity())
+                .map(|(index, _)| index);
+            best.map(|index| free.remove(index))
+        };
+        match reused {
+            Some(mut buffer) => {
+                // Stale contents are fine: only the (already touched) tail beyond the old length is zeroed.
+                if buffer.len() >= len {
+                    buffer.truncate(len);
+                } else {
+                    buffer.resize(len, T::default());
+                }
+                buffer
+            }
+            None => vec![T::default(); len],
+        }
+    }
+
+    /// Keeps `buffer` for a later [`Recycler::take`], unless it is small or the recycler is full.
+    pub(crate) fn put(&self, buffer: Vec<T>) {
+        let bytes = |b: &Vec<T>| b.capacity() * std::mem::size_of::<T>();
+        if bytes(&buffer) < RECYCLE_MIN_BYTES {
+            return;
+        }
+        let mut free = self.lock();
+        free.push(buffer);
+        while free.len() > RECYCLE_MAX_BUFFERS || free.iter().map(bytes).sum::<usize>() > RECYCLE_MAX_BYTES {
+            let smallest = free.iter().enumerate().min_by_key(|(_, b)| b.capacity()).map(|(index, _)| index);
+            match smallest {
+                Some(index) => drop(free.remove(index)),
+                None => break,
+            }
+        }
+    }
+}
+
+/// A payload buffer that goes back to its recycler when `Bytes` drops it.
+struct Recycled {
+    data: Vec<u8>,
+    home: Arc<Recycler<u8>>,
+}
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        self.home.put(std::mem::take(&mut self.data));
+    }
+}
+
+/// Decodes a block received from a peer into `tokens * hidden` f32 values, checking everything first.
+pub fn decode(activations: &Activations) -> Result<Vec<f32>, TransportError> {
+    decode_field(activations, "activations")
+}
+
+/// [`decode`] into `out`, which must hold exactly `tokens * hidden` values (checked like the rest): what a receiver
+/// that already owns the destination (the attention worker's output block) calls, so no block is allocated.
+pub fn decode_into(activations: &Activations, out: &mut [f32]) -> Result<(), TransportError> {
+    decode_field_into(activations, "activations", out)
+}
+
+/// [`decode`] with errors naming `field.data`, `field.tokens`, ...
+fn decode_field(activations: &Activations, field: &str) -> Result<Vec<f32>, TransportError> {
+    // Everything is checked before the block is allocated: a corrupt header must not cost a gigabyte.
+    let block = Checked::of(activations, field)?;
+    let mut out = vec![0.0f32; block.tokens * block.hidden];
+    block.convert(activations, &mut out);
+    Ok(out)
+}
+
+/// [`decode_into`] with errors naming `field.*`.
+fn decode_field_into(activations: &Activations, field: &str, out: &mut [f32]) -> Result<(), TransportError> {
+    let block = Checked::of(activations, field)?;
+    let values = block.tokens * block.hidden;
+    if out.len() != values {
+        return Err(invalid(
+            &format!("{field}.tokens"),
+            format!("[{}, {}] is {values} values, but {} were expected", block.tokens, block.hidden, out.len()),
+        ));
+    }
+    block.convert(activations, out);
+    Ok(())
+}
+
+/// A received block whose header, byte lengths and scales have been checked.
+struct Checked {
+    dtype: WireDtype,
+    tokens: usize,
+    hidden: usize,
+    /// The per-token scales (FP8 only), all finite and non-negative.
+    scales: Vec<f32>,
+}
+
+impl Checked {
+    fn of(activations: &Activations, field: &str) -> Result<Checked, TransportError> {
+        let dtype = wire_dtype(activations.dtype, &format!("{field}.dtype"))?;
+        let tokens = activations.tokens as usize;
+        let hidden = activations.hidden as usize;
+        let values = (activations.tokens as u64) * (activations.hidden as u64);
+        if values > MAX_VALUES as u64 {
+            return Err(invalid(
+                &format!("{field}.tokens"),
+                format!("[{tokens}, {hidden}] is {values} values, more than the limit {MAX_VALUES}"),
+            ));
+        }
+        if hidden == 0 {
+            return Err(invalid(&format!("{field}.hidden"), "must be positive".into()));
+        }
+        let values = values as usize;
+        let data = &activations.data;
+        let expected = values * bytes_per_value(dtype);
+        if data.len() != expected {
+            return Err(invalid(
+                &format!("{field}.data"),
+                format!("{} bytes, but [{tokens}, {hidden}] {dtype} needs {expected}", data.len()),
+            ));
+        }
+        let scale_bytes = &activations.token_scales;
+        let what = format!("{field}.token_scales");
+        if dtype != WireDtype::Fp8E4m3 {
+            if !scale_bytes.is_empty() {
+                return Err(invalid(&what, format!("{} bytes, but {dtype} carries no scales", scale_bytes.len())));
+            }
+            return Ok(Checked { dtype, tokens, hidden, scales: Vec::new() });
+        }
+        if scale_bytes.len() != tokens * 4 {
+            return Err(invalid(
+                &what,
+                format!("{} bytes, but {tokens} tokens need {} (one f32 each)", scale_bytes.len(), tokens * 4),
+            ));
+        }
+        let mut scales = vec![0.0f32; tokens];
+        f32_from_bytes(scale_bytes, &mut scales);
+        if let Some((row, scale)) = scales.iter().enumerate().find(|(_, scale)| !scale.is_finite() || **scale < 0.0) {
+            return Err(invalid(&what, format!("scale of token {row} is {scale}")));
+        }
+        Ok(Checked { dtype, tokens, hidden, scales })
+    }
+
+    /// Decodes the checked `activations` into `out` (`tokens * hidden` values).
+    fn convert(&self, activations: &Activations, out: &mut [f32]) {
+        let data = &activations.data;
+        match self.dtype {
+            WireDtype::F32 => f32_from_bytes(data, out),
+            WireDtype::Bf16 => bf16_from_bytes(data, out),
+            WireDtype::Fp8E4m3 => dequantize_rows(data, self.hidden, &self.scales, out),
+        }
+    }
+}
+
+/// Writes the little-endian bytes of `values` to `out` (`4 * values.len()` bytes).
+fn f32_to_bytes(values: &[f32], out: &mut [u8]) {
+    for (bytes, value) in out.chunks_exact_mut(4).zip(values) {
+        bytes.copy_from_slice(&value.to_le_bytes());
+    }
+}
+
+/// `out[i]` from the little-endian bytes `data[4 i..4 i + 4]`.
+fn f32_from_bytes(data: &[u8], out: &mut [f32]) {
+    let (blocks, tail) = data.split_at(data.len() / (4 * BLOCK) * (4 * BLOCK));
+    let (out_blocks, out_tail) = out.split_at_mut(blocks.len() / 4);
+    for (o, b) in out_blocks.chunks_exact_mut(BLOCK).zip(blocks.chunks_exact(4 * BLOCK)) {
+        for (value, bytes) in o.iter_mut().zip(b.chunks_exact(4)) {
+            *value = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        }
+    }
+    for (value, bytes) in out_tail.iter_mut().zip(tail.chunks_exact(4)) {
+        *value = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    }
+}
+
+/// bf16 bits of `value`, exactly `half::bf16::from_f32`: round to nearest even (the carry out of the low half lands
+/// in the exponent as it should, up to infinity), NaN kept as a quiet NaN with its sign and top mantissa bits.
+/// Branch-free so that the loops over it vectorise.
+#[inline(always)]
+fn bf16_bits(value: f32) -> u16 {
+    let bits = value.to_bits();
+    // Wrapping: for NaN (not selected) the sum may overflow; for every other value it cannot.
+    let rounded = (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = ((bits >> 16) | 0x0040) as u16;
+    if bits & 0x7FFF_FFFF > 0x7F80_0000 {
+        quiet_nan
+    } else {
+        rounded
+    }
+}
+
+/// Writes the little-endian bf16 bytes of `values` to `out` (`2 * values.len()` bytes).
+fn bf16_to_bytes(values: &[f32], out: &mut [u8]) {
+    let (blocks, tail) = values.split_at(values.len() / BLOCK * BLOCK);
+    let (out_blocks, out_tail) = out.split_at_mut(blocks.len() * 2);
+    for (d, v) in out_blocks.chunks_exact_mut(2 * BLOCK).zip(blocks.chunks_exact(BLOCK)) {
+        for (bytes, &value) in d.chunks_exact_mut(2).zip(v) {
+            bytes.copy_from_slice(&bf16_bits(value).to_le_bytes());
+        }
+    }
+    for (bytes, &value) in out_tail.chunks_exact_mut(2).zip(tail) {
+        bytes.copy_from_slice(&bf16_bits(value).to_le_bytes());
+    }
+}
+
+/// `out[i]` from the little-endian bf16 bytes `data[2 i..2 i + 2]`: bf16 is the top half of an f32, so widening is
+/// a shift, exactly what `bf16::to_f32` does for every value it produces.
+fn bf16_from_bytes(data: &[u8], out: &mut [f32]) {
+    let (blocks, tail) = data.split_at(data.len() / (2 * BLOCK) * (2 * BLOCK));
+    let (out_blocks, out_tail) = out.split_at_mut(blocks.len() / 2);
+    for (o, b) in out_blocks.chunks_exact_mut(BLOCK).zip(blocks.chunks_exact(2 * BLOCK)) {
+        for (value, bytes) in o.iter_mut().zip(b.chunks_exact(2)) {
+            *value = f32::from_bits((u16::from_le_bytes([bytes[0], bytes[1]]) as u32) << 16);
+        }
+    }
+    for (value, bytes) in out_tail.iter_mut().zip(tail.chunks_exact(2)) {
+        *value = f32::from_bits((u16::from_le_bytes([bytes[0], bytes[1]]) as u32) << 16);
+    }
+}
+
+/// The values a receiver decodes after `values` (rows of `hidden`) travel as `dtype`: bit for bit what
+/// `decode(&encode(values, ..))` returns, without building the bytes.
+///
+/// # Panics
+/// If `hidden` is 0 while `values` is not empty, or `values.len()` is not a multiple of `hidden`.
+pub fn round_trip(values: &[f32], hidden: usize, dtype: WireDtype) -> Vec<f32> {
+    assert!(
+        (hidden == 0 && values.is_empty()) || (hidden > 0 && values.len() % hidden == 0),
+        "round_trip: {} values are not rows of {hidden}",
+        values.len()
+    );
+    match dtype {
+        WireDtype::F32 => values.to_vec(),
+        WireDtype::Bf16 => values.iter().map(|&v| f32::from_bits((bf16_bits(v) as u32) << 16)).collect(),
+        WireDtype::Fp8E4m3 => {
+            if values.is_empty() {
+                return Vec::new();
+            }
+            let tokens = values.len() / hidden;
+            let mut codes = vec![0u8; values.len()];
+            let mut scales = vec![1.0f32; tokens];
+            quantize_rows(values, hidden, &mut codes, &mut scales);
+            let mut out = vec![0.0f32; values.len()];
+            dequantize_rows(&codes, hidden, &scales, &mut out);
+            out
+        }
+    }
+}
+
+/// Builds the request that carries `batch`, with inputs encoded as `wire.dispatch` and outputs asked for as
+/// `wire.combine`.
+///
+/// # Panics
+/// If the batch is inconsistent (see [`ExpertBatch::check_shape`], which transports call first).
+pub fn request_from_batch(request_id: u64, batch: &ExpertBatch, wire: WireFormat) -> DispatchRequest {
+    request_for_rows(request_id, batch, &batch.experts, &batch.inputs, wire, None)
+}
+
+/// The request that carries the rows `experts` / `inputs` (`experts.len()` rows of `batch.hidden`) with the ids of
+/// `batch` (whose own rows are not read), the payload written into a buffer from `recycler` if there is one.
+pub(crate) fn request_for_rows(
+    request_id: u64,
+    batch: &ExpertBatch,
+    experts: &[u32],
+    inputs: &[f32],
+    wire: WireFormat,
+    recycler: Option<&Arc<Recycler<u8>>>,
+) -> DispatchRequest {
+    let mut expert_ids = vec![0u8; experts.len() * 4];
+    for (bytes, expert) in expert_ids.chunks_exact_mut(4).zip(experts) {
+        bytes.copy_from_slice(&expert.to_le_bytes());
+    }
+    DispatchRequest {
+        request_id,
+        step_id: batch.step_id,
+        micro_batch: batch.micro_batch,
+        layer: batch.layer,
+        placement_epoch: batch.placement_epoch,
+        attention_worker: batch.attention_worker.clone(),
+        expert_ids: Bytes::from(expert_ids),
+        activations: Some(encode_with(inputs, experts.len(), batch.hidden, wire.dispatch, recycler)),
+        output_dtype: ActivationDtype::from(wire.combine) as i32,
+    }
+}
+
+/// Decodes and checks a received request (shape, dtypes, `expert_ids` length). Whether its layer, experts and epoch
+/// are served is the [`crate::ExpertService::validate`]'s call.
+pub fn batch_from_request(request: &DispatchRequest) -> Result<ExpertBatch, TransportError> {
+    batch_from_request_with(request, None)
+}
+
+/// [`batch_from_request`], decoding into a buffer from `recycler` if there is one.
+pub(crate) fn batch_from_request_with(
+    request: &DispatchRequest,
+    recycler: Option<&Recycler<f32>>,
+) -> Result<ExpertBatch, TransportError> {
+    let activations = request.activations.as_ref().ok_or_else(|| invalid("activations", "missing".into()))?;
+    // Checked before decoding: it is cheap and names the field even when the activations are also wrong.
+    output_dtype(request)?;
+    let tokens = activations.tokens as usize;
+    if request.expert_ids.len() != tokens.saturating_mul(4) {
+        return Err(invalid(
+            "expert_ids",
+            format!("{} bytes, but {tokens} tokens need {} (one u32 each)", request.expert_ids.len(), tokens * 4),
+        ));
+    }
+    let block = Checked::of(activations, "activations")?;
+    let values = block.tokens * block.hidden;
+    let mut inputs = match recycler {
+        Some(recycler) => recycler.take(values),
+        None => vec![0.0f32; values],
+    };
+    block.convert(activations, &mut inputs);
+    let experts = request.expert_ids.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    Ok(ExpertBatch {
+        step_id: request.step_id,
+        micro_batch: request.micro_batch,
+        layer: request.layer,
+        placement_epoch: request.placement_epoch,
+        attention_worker: request.attention_worker.clone(),
+        experts,
+        inputs,
+        hidden: activations.hidden as usize,
+    })
+}
+
+/// The encoding a request wants its outputs in (`UNSPECIFIED` means F32).
+pub fn output_dtype(request: &DispatchRequest) -> Result<WireDtype, TransportError> {
+    if request.output_dtype == ActivationDtype::Unspecified as i32 {
+        return Ok(WireDtype::F32);
+    }
+    wire_dtype(request.output_dtype, "output_dtype")
+}
+
+/// What a response echoes of its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestIds {
+    /// Matches the response to its request.
+    pub request_id: u64,
+    /// The sender's step counter.
+    pub step_id: u64,
+    /// Micro-batch index.
+    pub micro_batch: u32,
+    /// Decoder layer.
+    pub layer: u32,
+}
+
+impl RequestIds {
+    /// The ids of `request`.
+    pub fn of(request: &DispatchRequest) -> Self {
+        RequestIds {
+            request_id: request.request_id,
+            step_id: request.step_id,
+            micro_batch: request.micro_batch,
+            layer: request.layer,
+        }
+    }
+}
+
+/// Builds the response carrying `outputs` (`tokens` rows of `hidden`) encoded as `dtype`.
+///
+/// # Panics
+/// If `outputs.len() != tokens * hidden` (the server checks a service's outputs first).
+pub fn response_from_outputs(
+    ids: RequestIds,
+    outputs: &[f32],
+    tokens: usize,
+    hidden: usize,
+    dtype: WireDtype,
+) -> DispatchResponse {
+    response_from_outputs_with(ids, outputs, tokens, hidden, dtype, None)
+}
+
+/// [`response_from_outputs`], the payload written into a buffer from `recycler` if there is one.
+pub(crate) fn response_from_outputs_with(
+    ids: RequestIds,
+    outputs: &[f32],
+    tokens: usize,
+    hidden: usize,
+    dtype: WireDtype,
+    recycler: Option<&Arc<Recycler<u8>>>,
+) -> DispatchResponse {
+    DispatchResponse {
+        request_id: ids.request_id,
+        step_id: ids.step_id,
+        micro_batch: ids.micro_batch,
+        layer: ids.layer,
+        outputs: Some(encode_with(outputs, tokens, hidden, dtype, recycler)),
+    }
+}
+
+/// Decodes a received response, checking that it is the `[tokens, hidden]` block that was asked for.
+pub fn outputs_from_response(
+    response: &DispatchResponse,
+    tokens: usize,
+    hidden: usize,
+) -> Result<Vec<f32>, TransportError> {
+    let outputs = checked_outputs(response, tokens, hidden)?;
+    decode_field(outputs, "outputs")
+}
+
+/// [`outputs_from_response`] into `out`, which holds `tokens * hidden` values: the attention worker decodes each
+/// answer straight into its output block.
+pub fn outputs_from_response_into(
+    response: &DispatchResponse,
+    tokens: usize,
+    hidden: usize,
+    out: &mut [f32],
+) -> Result<(), TransportError> {
+    let outputs = checked_outputs(response, tokens, hidden)?;
+    decode_field_into(outputs, "outputs", out)
+}
+
+/// The outputs of `response`, if they have the shape that was asked for.
+fn checked_outputs(response: &DispatchResponse, tokens: usize, hidden: usize) -> Result<&Activations, TransportError> {
+    let outputs = response.outputs.as_ref().ok_or_else(|| invalid("outputs", "missing".into()))?;
+    if outputs.tokens as usize != tokens || outputs.hidden as usize != hidden {
+        return Err(invalid(
+            "outputs.tokens",
+            format!("shape [{}, {}], but the request had [{tokens}, {hidden}]", outputs.tokens, outputs.hidden),
+        ));
+    }
+    Ok(outputs)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use switchyard_kernels::fp8::fake_quantize_rows;
+
+    /// Deterministic values over several orders of magnitude, with an awkward row width.
+    fn values(tokens: usize, hidden: usize) -> Vec<f32> {
+        let mut state = 0x9E37_79B9u32;
+        (0..tokens * hidden)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                let unit = (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                unit * 10f32.powi((i % 7) as i32 - 3)
+            })
+            .collect()
+    }
+
+    fn batch(tokens: usize, hidden: usize) -> ExpertBatch {
+        ExpertBatch {
+            step_id: 7,
+            micro_batch: 1,
+            layer: 3,
+            placement_epoch: 2,
+            attention_worker: "attn-0".into(),
+            experts: (0..tokens as u32).map(|t| t % 5).collect(),
+            inputs: values(tokens, hidden),
+            hidden,
+        }
+    }
+
+    fn field_of(error: TransportError) -> String {
+        match error {
+            TransportError::InvalidPayload { what, .. } => what,
+            other => panic!("expected InvalidPayload, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn f32_round_trips_exactly() {
+        let x = values(5, 131);
+        let decoded = decode(&encode(&x, 5, 131, WireDtype::F32)).unwrap();
+        assert_eq!(
+            decoded.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            x.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(round_trip(&x, 131, WireDtype::F32), decoded);
+    }
+
+    #[test]
+    fn bf16_is_within_half_an_ulp() {
+        let x = values(4, 77);
+        let activations = encode(&x, 4, 77, WireDtype::Bf16);
+        assert_eq!(activations.data.len(), x.len() * 2);
+        let decoded = decode(&activations).unwrap();
+        for (a, b) in x.iter().zip(&decoded) {
+            // bf16 keeps 8 significant bits: half an ulp is at most 2^-8 of the value.
+            assert!((a - b).abs() <= a.abs() * (1.0 / 256.0), "{a} -> {b}");
+        }
+        assert_eq!(round_trip(&x, 77, WireDtype::Bf16), decoded);
+    }
+
+    #[test]
+    fn fp8_round_trip_is_fake_quantisation() {
+        let x = values(6, 100);
+        let activations = encode(&x, 6, 100, WireDtype::Fp8E4m3);
+        assert_eq!(activations.data.len(), 600);
+        assert_eq!(activations.token_scales.len(), 24);
+        let decoded = decode(&activations).unwrap();
+        let mut expected = x.clone();
+        fake_quantize_rows(&mut expected, 100);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&decoded), bits(&expected));
+        assert_eq!(bits(&round_trip(&x, 100, WireDtype::Fp8E4m3)), bits(&decoded));
+    }
+
+    #[test]
+    fn zero_rows_and_empty_blocks() {
+        let x = vec![0.0f32; 8];
+        assert_eq!(decode(&encode(&x, 2, 4, WireDtype::Fp8E4m3)).unwrap(), x);
+        for dtype in [WireDtype::F32, WireDtype::Bf16, WireDtype::Fp8E4m3] {
+            assert!(decode(&encode(&[], 0, 16, dtype)).unwrap().is_empty());
+            assert!(round_trip(&[], 16, dtype).is_empty());
+        }
+    }
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        let b = batch(9, 33);
+        let wire = WireFormat { dispatch: WireDtype::Fp8E4m3, combine: WireDtype::Bf16 };
+        let request = request_from_batch(41, &b, wire);
+        assert_eq!(request.expert_ids.len(), 36);
+        let back = batch_from_request(&request).unwrap();
+        assert_eq!(back.experts, b.experts);
+        assert_eq!(back.inputs, round_trip(&b.inputs, 33, WireDtype::Fp8E4m3));
+        assert_eq!((back.step_id, back.micro_batch, back.layer, back.placement_epoch), (7, 1, 3, 2));
+        assert_eq!(back.attention_worker, "attn-0");
+        assert_eq!(output_dtype(&request).unwrap(), WireDtype::Bf16);
+
+        let response = response_from_outputs(RequestIds::of(&request), &b.inputs, 9, 33, WireDtype::Bf16);
+        assert_eq!(response.request_id, 41);
+        assert_eq!(outputs_from_response(&response, 9, 33).unwrap(), round_trip(&b.inputs, 33, WireDtype::Bf16));
+        assert_eq!(field_of(outputs_from_response(&response, 8, 33).unwrap_err()), "outputs.tokens");
+        let empty = DispatchResponse { outputs: None, ..response };
+        assert_eq!(field_of(outputs_from_response(&empty, 9, 33).unwrap_err()), "outputs");
+    }
+
+    #[test]
+    fn malformed_payloads_name_the_field() {
+        let good =
+            request_from_batch(1, &batch(4, 16), WireFormat { dispatch: WireDtype::Fp8E4m3, combine: WireDtype::F32 });
+        let broken = |edit: &dyn Fn(&mut DispatchRequest)| {
+            let mut request = good.clone();
+            edit(&mut request);
+            field_of(batch_from_request(&request).unwrap_err())
+        };
+        fn activations(edit: impl Fn(&mut Activations)) -> impl Fn(&mut DispatchRequest) {
+            move |r: &mut DispatchRequest| edit(r.activations.as_mut().unwrap())
+        }
+        assert_eq!(broken(&|r| r.activations = None), "activations");
+        assert_eq!(broken(&|r| r.expert_ids = r.expert_ids.slice(..12)), "expert_ids");
+        assert_eq!(broken(&|r| r.output_dtype = 99), "output_dtype");
+        assert_eq!(broken(&activations(|a: &mut Activations| a.dtype = 0)), "activations.dtype");
+        assert_eq!(broken(&activations(|a: &mut Activations| a.dtype = 42)), "activations.dtype");
+        assert_eq!(broken(&activations(|a: &mut Activations| a.data = a.data.slice(1..))), "activations.data");
+        assert_eq!(broken(&activations(|a: &mut Activations| a.hidden = 15)), "activations.data");
+        assert_eq!(broken(&activations(|a: &mut Activations| a.hidden = 0)), "activations.hidden");
+        assert_eq!(
+            broken(&activations(|a: &mut Activations| a.token_scales = Bytes::new())),
+            "activations.token_scales"
+        );
+        assert_eq!(
+            broken(&activations(|a: &mut Activations| a.token_scales = a.token_scales.slice(4..))),
+            "activations.token_scales"
+        );
+        let nan_scale = |a: &mut Activations| {
+            let mut scales = a.token_scales.to_vec();
+            scales[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+            a.token_scales = Bytes::from(scales);
+        };
+        assert_eq!(broken(&activations(nan_scale)), "activations.token_scales");
+        let infinite_scale = |a: &mut Activations| {
+            let mut scales = a.token_scales.to_vec();
+            scales[0..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+            a.token_scales = Bytes::from(scales);
+        };
+        assert_eq!(broken(&activations(infinite_scale)), "activations.token_scales");
+        // A header claiming u32::MAX x u32::MAX values is refused before any allocation.
+        let absurd = |r: &mut DispatchRequest| {
+            let a = r.activations.as_mut().unwrap();
+            a.tokens = u32::MAX;
+            a.hidden = u32::MAX;
+            r.expert_ids = Bytes::from(vec![0u8; 0]);
+        };
+        assert!(matches!(
+            batch_from_request(&{
+                let mut r = good.clone();
+                absurd(&mut r);
+                r
+            }),
+            Err(TransportError::InvalidPayload { .. })
+        ));
+        let absurd_decode = Activations { tokens: u32::MAX, hidden: u32::MAX, ..good.activations.clone().unwrap() };
+        assert_eq!(field_of(decode(&absurd_decode).unwrap_err()), "activations.tokens");
+        // f32 and bf16 carry no scales.
+        let f32_with_scales =
+            Activations { token_scales: Bytes::from_static(&[0; 16]), ..encode(&[0.0; 64], 4, 16, WireDtype::F32) };
+        assert_eq!(field_of(decode(&f32_with_scales).unwrap_err()), "activations.token_scales");
+    }
+
+    #[test]
+    fn bf16_encoding_is_half_bit_for_bit() {
+        let mut special = vec![
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1e-45,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7F80_0001),
+            f32::from_bits(0xFFBF_FFFF),
+            f32::from_bits(0x7FFF_FFFF),
+        ];
+        // Ties (low half exactly 0x8000) with an even and an odd kept half, and their neighbours.
+        for high in [0x3F80u32, 0x3F81, 0x7F7F, 0x0000, 0x0001, 0xBF80, 0xFF7F] {
+            for low in [0x7FFFu32, 0x8000, 0x8001, 0xFFFF] {
+                special.push(f32::from_bits((high << 16) | low));
+            }
+        }
+        let mut state = 0x1234_5678u32;
+        special.extend((0..100_000).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            f32::from_bits(state)
+        }));
+        let activations = encode(&special, 1, special.len(), WireDtype::Bf16);
+        for (value, bytes) in special.iter().zip(activations.data.chunks_exact(2)) {
+            let want = half::bf16::from_f32(*value).to_bits();
+            assert_eq!(u16::from_le_bytes([bytes[0], bytes[1]]), want, "{value:e} ({:#010x})", value.to_bits());
+        }
+        let decoded = decode(&activations).unwrap();
+        let by_half: Vec<u32> = special.iter().map(|&v| half::bf16::from_f32(v).to_f32().to_bits()).collect();
+        assert_eq!(decoded.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), by_half);
+        let round = round_trip(&special, special.len(), WireDtype::Bf16);
+        assert_eq!(round.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), by_half);
+    }
+
+    #[test]
+    fn decoding_into_a_block_equals_decoding() {
+        for dtype in [WireDtype::F32, WireDtype::Bf16, WireDtype::Fp8E4m3] {
+            let x = values(7, 96);
+            let activations = encode(&x, 7, 96, dtype);
+            let mut out = vec![f32::NAN; 7 * 96];
+            decode_into(&activations, &mut out).unwrap();
+            assert_eq!(out, decode(&activations).unwrap(), "{dtype}");
+            let mut short = vec![0.0f32; 7 * 96 - 1];
+            assert_eq!(field_of(decode_into(&activations, &mut short).unwrap_err()), "activations.tokens");
+            let broken = Activations { data: activations.data.slice(1..), ..activations.clone() };
+            assert_eq!(field_of(decode_into(&broken, &mut out).unwrap_err()), "activations.data");
+        }
+        let b = batch(5, 40);
+        let request = request_from_batch(3, &b, WireFormat { dispatch: WireDtype::Bf16, combine: WireDtype::Bf16 });
+        let response = response_from_outputs(RequestIds::of(&request), &b.inputs, 5, 40, WireDtype::Bf16);
+        let mut out = vec![0.0f32; 5 * 40];
+        outputs_from_response_into(&response, 5, 40, &mut out).unwrap();
+        assert_eq!(out, outputs_from_response(&response, 5, 40).unwrap());
+        assert_eq!(field_of(outputs_from_response_into(&response, 4, 40, &mut out).unwrap_err()), "outputs.tokens");
+    }
+
+    #[test]
+    fn requests_for_rows_carry_those_rows_only() {
+        let b = batch(10, 24);
+        let wire = WireFormat { dispatch: WireDtype::Fp8E4m3, combine: WireDtype::F32 };
+        let whole = batch_from_request(&request_from_batch(1, &b, wire)).unwrap();
+        let recycler = Recycler::new();
+        let part = request_for_rows(2, &b, &b.experts[3..7], &b.inputs[3 * 24..7 * 24], wire, Some(&recycler));
+        let part = batch_from_request_with(&part, Some(&Recycler::new())).unwrap();
+        assert_eq!(part.experts, &b.experts[3..7]);
+        // FP8 scales are per row, so a row encodes the same alone or in its batch.
+        assert_eq!(part.inputs, &whole.inputs[3 * 24..7 * 24]);
+        assert_eq!((part.step_id, part.layer, part.hidden), (b.step_id, b.layer, 24));
+    }
+
+    #[test]
+    fn recycled_buffers_come_back_and_stay_bounded() {
+        let recycler: Arc<Recycler<u8>> = Recycler::new();
+        let x = values(64, 2048);
+        let plain = encode(&x, 64, 2048, WireDtype::Bf16);
+        let recycled = encode_with(&x, 64, 2048, WireDtype::Bf16, Some(&recycler));
+        assert_eq!(plain, recycled);
+        let address = recycled.data.as_ptr();
+        assert_eq!(recycler.lock().len(), 0);
+        drop(recycled);
+        assert_eq!(recycler.lock().len(), 1, "dropping the payload returns its buffer");
+        let again = encode_with(&x, 64, 2048, WireDtype::Fp8E4m3, Some(&recycler));
+        assert_eq!(again.data.as_ptr(), address, "a smaller payload reuses the buffer");
+        assert_eq!(again, encode(&x, 64, 2048, WireDtype::Fp8E4m3));
+        drop(again);
+        // Small buffers are not kept; large ones up to the bounds.
+        recycler.put(vec![0u8; 100]);
+        for _ in 0..RECYCLE_MAX_BUFFERS + 5 {
+            recycler.put(vec![0u8; RECYCLE_MIN_BYTES]);
+        }
+        let free = recycler.lock();
+        assert_eq!(free.len(), RECYCLE_MAX_BUFFERS);
+        assert!(free.iter().any(|b| b.capacity() >= 64 * 2048 * 2), "the smallest go first");
+        drop(free);
+        let blocks: Recycler<f32> = Recycler { free: Mutex::new(vec![vec![1.0; 50_000]]) };
+        assert_eq!(blocks.take(10).len(), 10);
+        assert_eq!(blocks.take(60_000).len(), 60_000);
+    }
+}

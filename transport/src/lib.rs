@@ -1,0 +1,146 @@
+//! Dispatch and combine between attention workers and expert workers.
+//!
+//! Owns how routed token activations travel: the [`ExpertBatch`] that one dispatch carries, the wire encodings
+//! (f32, bf16, FP8 E4M3 with per-token scales; [`codec`]), the [`Transport`] trait that attention workers send through,
+//! and its implementations: [`in_process`] (direct calls, no serialisation: the embedded default and unit tests) and
+//! [`grpc`] (tonic bidirectional streams over any network; NCCL comes with the CUDA issue). The server half of the gRPC
+//! transport ([`grpc::DispatchServer`]) adapts any [`ExpertService`] so the wire format lives in this crate only.
+//! Errors are one [`TransportError`] with a single mapping to and from gRPC statuses; [`bench`](mod@bench) holds the
+//! raw TCP baseline and an echo service for `switchyard bench transport`.
+//!
+//! It must not know about models, checkpoints or requests: expert workers implement [`ExpertService`], attention
+//! workers call [`Transport`].
+
+pub mod bench;
+pub mod codec;
+pub mod error;
+pub mod grpc;
+pub mod in_process;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+pub use error::TransportError;
+
+/// A boxed, sendable future, the return type of the transport traits (object-safe without `async-trait`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Encoding of activations on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum WireDtype {
+    /// 4 bytes a value; exact.
+    #[default]
+    F32,
+    /// 2 bytes a value (round to nearest even).
+    Bf16,
+    /// 1 byte a value plus one f32 scale per token (`scale = amax / 448`): half of bf16's bytes.
+    Fp8E4m3,
+}
+
+impl fmt::Display for WireDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WireDtype::F32 => "f32",
+            WireDtype::Bf16 => "bf16",
+            WireDtype::Fp8E4m3 => "fp8",
+        })
+    }
+}
+
+impl std::str::FromStr for WireDtype {
+    type Err = TransportError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(WireDtype::F32),
+            "bf16" | "bfloat16" => Ok(WireDtype::Bf16),
+            "fp8" | "e4m3" | "fp8-e4m3" => Ok(WireDtype::Fp8E4m3),
+            _ => Err(TransportError::InvalidPayload {
+                what: "wire dtype".into(),
+                reason: format!("{s:?} is not one of f32, bf16, fp8"),
+            }),
+        }
+    }
+}
+
+/// How a deployment encodes the two directions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WireFormat {
+    /// Attention worker -> expert worker (expert inputs).
+    pub dispatch: WireDtype,
+    /// Expert worker -> attention worker (expert outputs): F32 or Bf16.
+    pub combine: WireDtype,
+}
+
+/// The routed tokens of one MoE layer step bound for one expert worker, decoded (f32).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertBatch {
+    /// The sender's step counter (tracing, batching).
+    pub step_id: u64,
+    /// Micro-batch index within the step (ping-pong).
+    pub micro_batch: u32,
+    /// Decoder layer index of the MoE layer.
+    pub layer: u32,
+    /// Placement epoch the sender routed with.
+    pub placement_epoch: u64,
+    /// Who sent it.
+    pub attention_worker: String,
+    /// The expert of each row.
+    pub experts: Vec<u32>,
+    /// `experts.len()` rows of `hidden` router-score-scaled inputs.
+    pub inputs: Vec<f32>,
+    /// Row width.
+    pub hidden: usize,
+}
+
+impl ExpertBatch {
+    /// Rows (tokens) in the batch.
+    pub fn tokens(&self) -> usize {
+        self.experts.len()
+    }
+
+    /// Checks that the batch is one `[tokens, hidden]` block that fits on the wire (`inputs.len() == tokens *
+    /// hidden`, `hidden > 0`, at most [`codec::MAX_VALUES`] values). Transports call it before sending.
+    pub fn check_shape(&self) -> Result<(), TransportError> {
+        let invalid = |what: &str, reason: String| TransportError::InvalidPayload { what: what.into(), reason };
+        if self.hidden == 0 {
+            return Err(invalid("hidden", "must be positive".into()));
+        }
+        match self.tokens().checked_mul(self.hidden) {
+            Some(values) if values > codec::MAX_VALUES => Err(invalid(
+                "inputs",
+                format!("{} x {} values exceed the limit {}", self.tokens(), self.hidden, codec::MAX_VALUES),
+            )),
+            Some(values) if values == self.inputs.len() => Ok(()),
+            _ => Err(invalid(
+                "inputs",
+                format!(
+                    "{} values, but {} tokens x hidden {} need {}",
+                    self.inputs.len(),
+                    self.tokens(),
+                    self.hidden,
+                    self.tokens().saturating_mul(self.hidden)
+                ),
+            )),
+        }
+    }
+}
+
+/// What an expert worker does with a dispatch: compute `experts[i](inputs[i])` for every row, returning
+/// `[tokens, hidden]` outputs in row order. Implemented by the expert worker; called by the in-process transport
+/// directly and by [`grpc::DispatchServer`] after decoding.
+pub trait ExpertService: Send + Sync + 'static {
+    /// Checks a batch before it is queued (layer exists, experts held, epoch current) so that a malformed dispatch is
+    /// refused with a clear error instead of failing later.
+    fn validate(&self, batch: &ExpertBatch) -> Result<(), TransportError>;
+    /// Computes the batch.
+    fn compute(&self, batch: ExpertBatch) -> BoxFuture<'static, Result<Vec<f32>, TransportError>>;
+}
+
+/// Sends expert batches to expert workers and returns their outputs: what attention workers dispatch through.
+pub trait Transport: Send + Sync + 'static {
+    /// Dispatches `batch` to the expert worker `worker` (its id in the placement) and resolves to the outputs,
+    /// `[tokens, hidden]` in row order. Fails with [`TransportError::Unavailable`] when the worker cannot be reached
+    /// or dies before answering (retryable: a step is pure, so it can be re-sent to a replica).
+    fn dispatch(&self, worker: &str, batch: ExpertBatch) -> BoxFuture<'static, Result<Vec<f32>, TransportError>>;
+}
