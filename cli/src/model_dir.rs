@@ -9,9 +9,8 @@ use switchyard_model::config::ModelConfig;
 use switchyard_model::tiny::{write_checkpoint, Preset, TinySpec};
 use switchyard_model::{Llama4Model, LoadOptions};
 
-/// Seed of the built-in model; changing it (or the generator) needs a new cache name below.
+/// Seed of the built-in models; changing it (or the generator) needs new cache names below.
 const BUILTIN_SEED: u64 = 0;
-const BUILTIN_NAME: &str = "builtin-tiny-fp8-v1";
 
 /// Where the built-in model is cached: `$SWITCHYARD_CACHE_DIR`, else `$XDG_CACHE_HOME/switchyard`, else
 /// `~/.cache/switchyard`.
@@ -30,10 +29,16 @@ pub fn cache_dir() -> PathBuf {
 
 /// The model directory to use: `model` if given, else the built-in tiny FP8 model, written on first use.
 pub fn resolve(model: Option<&Path>) -> Result<PathBuf> {
-    if let Some(dir) = model {
-        return Ok(dir.to_path_buf());
+    match model {
+        Some(dir) => Ok(dir.to_path_buf()),
+        None => builtin(Preset::Tiny),
     }
-    let dir = cache_dir().join(BUILTIN_NAME);
+}
+
+/// The built-in FP8 model of `preset` in the cache directory, written on first use.
+pub fn builtin(preset: Preset) -> Result<PathBuf> {
+    let name = format!("builtin-{}-fp8-v1", preset.name());
+    let dir = cache_dir().join(&name);
     if dir.join("config.json").is_file() {
         return Ok(dir);
     }
@@ -41,10 +46,15 @@ pub fn resolve(model: Option<&Path>) -> Result<PathBuf> {
     // written model behind.
     let parent = cache_dir();
     std::fs::create_dir_all(&parent).with_context(|| format!("creating the cache directory {}", parent.display()))?;
-    let staging = parent.join(format!(".{BUILTIN_NAME}.{}", std::process::id()));
-    let spec = TinySpec { preset: Preset::Tiny, seed: BUILTIN_SEED, fp8: true };
-    write_checkpoint(&staging, &spec, &mut |_, _| {})
-        .with_context(|| format!("writing the built-in tiny model to {}", staging.display()))?;
+    let staging = parent.join(format!(".{name}.{}", std::process::id()));
+    let spec = TinySpec { preset, seed: BUILTIN_SEED, fp8: true };
+    let bar = bytes_bar("writing the built-in model");
+    write_checkpoint(&staging, &spec, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+    .with_context(|| format!("writing the built-in {preset} model to {}", staging.display()))?;
+    bar.finish_and_clear();
     match std::fs::rename(&staging, &dir) {
         Ok(()) => {}
         // Another process won the race: its copy is identical (deterministic), use it.

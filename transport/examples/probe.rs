@@ -26,6 +26,12 @@ fn cpu() -> f64 {
     (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
 }
 
+fn minflt() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    fields[7].parse().unwrap()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args[1].as_str() {
@@ -93,6 +99,7 @@ fn main() {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
             let cpu0 = cpu();
+            let flt0 = minflt();
             let w0 = Instant::now();
             for _ in 0..n {
                 let c = if outside { Some(b.clone()) } else { clones.pop() };
@@ -101,7 +108,7 @@ fn main() {
                 t.dispatch("peer", c).await.unwrap();
                 times.push(s.elapsed().as_secs_f64() * 1e6);
             }
-            eprintln!("client cpu per dispatch {:.1} ms (wall {:.1} ms)", (cpu() - cpu0) / n as f64 * 1e3, w0.elapsed().as_secs_f64() / n as f64 * 1e3);
+            eprintln!("client cpu per dispatch {:.1} ms (wall {:.1} ms) faults {}", (cpu() - cpu0) / n as f64 * 1e3, w0.elapsed().as_secs_f64() / n as f64 * 1e3, (minflt() - flt0) / n as u64);
             let mut sorted = times.clone();
             sorted.sort_by(f64::total_cmp);
             println!("{dtype} {tokens}: p50 {:.0}us mean {:.0}us min {:.0}us", sorted[n / 2], times.iter().sum::<f64>() / n as f64, sorted[0]);

@@ -629,7 +629,26 @@ async fn serve_stream(
         tokio::select! {
             message = inbound.message(), if reading => match message {
                 Ok(Some(request)) => {
-                    in_flight.spawn(serve_request(serving.clone(), request));
+                    // Decoding and validating run here, so the request's bytes (tonic's receive buffer) are released
+                    // before the next message is read and the buffer is reused. A computation that is not done at
+                    // once continues as a task; one that is (an error, an immediate answer) is answered without
+                    // waking another thread. A panic ends the stream as it would from the task.
+                    let mut answer = Box::pin(serve_request(serving.clone(), request));
+                    match std::panic::AssertUnwindSafe(&mut answer).catch_unwind().now_or_never() {
+                        None => {
+                            in_flight.spawn(answer);
+                        }
+                        Some(Ok(Ok(response))) => {
+                            if responses.send(Ok(response)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Ok(Err((request_id, error)))) => break Some(stream_error(&error, request_id)),
+                        Some(Err(_)) => {
+                            let error = TransportError::Compute { reason: "the expert computation panicked".into() };
+                            break Some(error.to_status());
+                        }
+                    }
                 }
                 // The client closed its half: answer what is in flight, then end.
                 Ok(None) => reading = false,

@@ -20,6 +20,8 @@ enum Which {
     Kernels(KernelArgs),
     /// Dispatch+combine over gRPC on loopback against a raw TCP stream between the same two processes.
     Transport(crate::commands::bench_transport::Args),
+    /// Decode tokens/s of one process against `switchyard up` with expert workers, same run.
+    E2e(crate::commands::bench_e2e::Args),
     /// The peer process of `bench transport` (started by it).
     #[command(hide = true)]
     TransportPeer,
@@ -43,6 +45,7 @@ pub fn run(args: Args) -> Result<()> {
     match args.which {
         Which::Kernels(args) => kernels(args),
         Which::Transport(args) => crate::commands::bench_transport::run(args),
+        Which::E2e(args) => crate::commands::bench_e2e::run(args),
         Which::TransportPeer => crate::commands::bench_transport::run_peer(),
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod attention_worker;
 pub mod bench;
+pub mod bench_e2e;
 pub mod bench_transport;
 pub mod coordinator;
 pub mod expert_worker;

@@ -222,11 +222,24 @@ impl Cluster {
         self.children.iter().zip(&self.alive).filter(|(c, &alive)| alive && c.role.starts_with("attention")).count()
     }
 
-    /// SIGTERM to every live child, a grace period, then SIGKILL.
+    /// Stops the children in the reverse order of their start (attention workers, which hold client streams,
+    /// before the coordinator and the expert workers they dispatch to): SIGTERM, a grace period, then SIGKILL.
     async fn shutdown(&mut self) {
         self.report_exits();
-        for (child, &alive) in self.children.iter().zip(&self.alive) {
-            if alive && child.pid != 0 {
+        let mut order: Vec<usize> = (0..self.children.len()).collect();
+        order.reverse();
+        // Attention workers first, then the rest: each group gets the grace period.
+        let (front, back): (Vec<usize>, Vec<usize>) =
+            order.into_iter().partition(|&i| self.children[i].role.starts_with("attention"));
+        for group in [front, back] {
+            self.stop_group(&group).await;
+        }
+    }
+
+    async fn stop_group(&mut self, group: &[usize]) {
+        for &index in group {
+            let child = &self.children[index];
+            if self.alive[index] && child.pid != 0 {
                 // SAFETY: sending a signal to a pid we started; it has not been reaped (we saw no exit).
                 unsafe {
                     libc::kill(child.pid as libc::pid_t, libc::SIGTERM);
@@ -234,14 +247,15 @@ impl Cluster {
             }
         }
         let grace = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self.alive.iter().any(|&a| a) {
+        while group.iter().any(|&i| self.alive[i]) {
             match tokio::time::timeout_at(grace, self.exits.recv()).await {
                 Ok(Some((index, _))) => self.alive[index] = false,
                 Ok(None) | Err(_) => break,
             }
         }
-        for (child, &alive) in self.children.iter().zip(&self.alive) {
-            if alive && child.pid != 0 {
+        for &index in group {
+            let child = &self.children[index];
+            if self.alive[index] && child.pid != 0 {
                 eprintln!("the {} did not stop within 5 s; killing it", child.role);
                 // SAFETY: as above.
                 unsafe {
