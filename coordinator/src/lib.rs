@@ -14,4 +14,4 @@ pub mod placement;
 pub mod service;
 
 pub use error::CoordinatorError;
-pub use placement::{ExpertRanges, Placement, WorkerPlacement};
+pub use placement::{Placement, WorkerPlacement};

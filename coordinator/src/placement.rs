@@ -1,46 +1,12 @@
 //! Expert placement: which expert worker holds which experts of each MoE layer, at one epoch.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use switchyard_proto::v1;
 
 use crate::CoordinatorError;
-
-/// A set of expert ids written as inclusive ranges (`0-3,8`), the form expert workers take on their command line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExpertRanges(pub Vec<u32>);
-
-impl fmt::Display for ExpertRanges {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut ids = self.0.clone();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut first = true;
-        let mut i = 0;
-        while i < ids.len() {
-            let start = ids[i];
-            let mut end = start;
-            while i + 1 < ids.len() && ids[i + 1] == end + 1 {
-                i += 1;
-                end = ids[i];
-            }
-            if !first {
-                f.write_str(",")?;
-            }
-            first = false;
-            if start == end {
-                write!(f, "{start}")?;
-            } else {
-                write!(f, "{start}-{end}")?;
-            }
-            i += 1;
-        }
-        Ok(())
-    }
-}
 
 /// One expert worker's share of the placement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,18 +18,6 @@ pub struct WorkerPlacement {
     pub endpoint: String,
     /// Experts held per MoE layer (decoder layer index -> expert ids).
     pub experts: BTreeMap<u32, Vec<u32>>,
-}
-
-impl WorkerPlacement {
-    /// The worker's experts as an expert-worker `--experts` spec (`layer:ranges;...`).
-    pub fn expert_spec(&self) -> String {
-        self.experts
-            .iter()
-            .filter(|(_, experts)| !experts.is_empty())
-            .map(|(layer, experts)| format!("{layer}:{}", ExpertRanges(experts.clone())))
-            .collect::<Vec<_>>()
-            .join(";")
-    }
 }
 
 /// The placement of every expert of every MoE layer at one epoch.
@@ -169,8 +123,8 @@ mod tests {
         placement.check_covers(&[1, 3], 8).expect("covers");
         let sizes: Vec<usize> = placement.workers.iter().map(|w| w.experts[&1].len()).collect();
         assert_eq!(sizes, vec![2, 3, 3]);
-        assert_eq!(placement.workers[0].expert_spec(), "1:0-1;3:0-1");
-        assert_eq!(placement.workers[2].expert_spec(), "1:5-7;3:5-7");
+        assert_eq!(placement.workers[0].experts[&3], vec![0, 1]);
+        assert_eq!(placement.workers[2].experts[&1], vec![5, 6, 7]);
     }
 
     #[test]
@@ -182,12 +136,6 @@ mod tests {
         placement.workers[1].experts.remove(&3);
         let err = placement.check_covers(&[1, 3], 4).expect_err("uncovered");
         assert!(err.to_string().contains("layer 3 expert 2"), "{err}");
-    }
-
-    #[test]
-    fn ranges_render_compactly() {
-        assert_eq!(ExpertRanges(vec![8, 0, 1, 2, 3, 10]).to_string(), "0-3,8,10");
-        assert_eq!(ExpertRanges(vec![5]).to_string(), "5");
     }
 
     #[test]

@@ -80,6 +80,37 @@ fn cluster_equals_single_process_for_every_shape_and_wire_format() {
     }
 }
 
+/// Ping-pong: two micro-batches in flight, two concurrent requests, each equal to the single-process run.
+#[test]
+fn ping_pong_micro_batches_keep_the_output() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let model = work.path().join("model");
+    make_tiny(&model, 6);
+    let reference = single_process(&model, &work.path().join("single.json"), false);
+    let cluster = Cluster::start(&[
+        "--model", model.to_str().expect("utf-8"), "--expert-workers", "2", "--micro-batches", "2",
+    ]);
+    let ids = prompt_ids();
+    let clients: Vec<_> = (0..2)
+        .map(|i| {
+            let out = work.path().join(format!("pp-{i}.json"));
+            let child = Command::new(binary())
+                .args(["generate", "--endpoint", &cluster.endpoint, "--prompt-ids", &ids, "--max-new-tokens", "8",
+                    "--ignore-eos", "--output-json", out.to_str().expect("utf-8")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("client starts");
+            (child, out)
+        })
+        .collect();
+    for (i, (child, out)) in clients.into_iter().enumerate() {
+        let output = child.wait_with_output().expect("client output");
+        assert!(output.status.success(), "client {i}: {}", String::from_utf8_lossy(&output.stderr));
+        assert_equivalent(&format!("ping-pong client {i}"), &reference, &read_json(&out));
+    }
+}
+
 #[test]
 fn up_with_a_prompt_generates_and_stops_every_child() {
     let work = tempfile::tempdir().expect("tempdir");

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use switchyard_coordinator::Placement;
+use switchyard_expert_worker::ExpertSpec;
 use switchyard_model::config::ModelConfig;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -312,7 +313,10 @@ async fn start_and_serve(
             "--model".into(),
             model.clone(),
             "--experts".into(),
-            worker.expert_spec(),
+            ExpertSpec::PerLayer(
+                worker.experts.iter().map(|(&l, e)| (l as usize, Some(e.iter().copied().collect()))).collect(),
+            )
+            .to_string(),
             "--worker-id".into(),
             worker.worker_id.clone(),
             "--placement-epoch".into(),
