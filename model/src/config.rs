@@ -301,8 +301,8 @@ impl TextConfig {
         self.moe_layers.len()
     }
 
-    /// Checks the config is self-consistent and within what this runtime supports. Errors name the key; the path
-    /// in the error is a placeholder since an in-memory config has none (parsing reports the real file).
+    /// Checks the config is self-consistent and within what this runtime supports. Errors name the key; an
+    /// in-memory config has no file, so the path reads `<in-memory TextConfig>` (parsing reports the real file).
     pub fn validate(&self) -> Result<(), ModelError> {
         self.check().map_err(|reason| ModelError::Config { path: PathBuf::from("<in-memory TextConfig>"), reason })
     }
