@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Switchyard needs beyond a Rust toolchain, on Debian/Ubuntu (apt), or says
-# exactly what is missing. Sourced by scripts/switchyard and scripts/test.sh; safe to run repeatedly.
+# exactly what is missing. Run by scripts/switchyard (building) and scripts/test.sh (`ensure-deps.sh test`: also what
+# the tests need); safe to run repeatedly.
 set -euo pipefail
 
 missing=()
@@ -9,6 +10,12 @@ command -v cargo >/dev/null 2>&1 || { echo "error: cargo not found: install a Ru
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+# protoc: etcd-client's build script compiles etcd's protos with it.
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+# etcd: the coordinator's store tests run against a real etcd server they start on loopback.
+if [ "${1:-}" = test ]; then
+  command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

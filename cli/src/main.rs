@@ -40,6 +40,8 @@ enum Command {
     Coordinator(commands::coordinator::Args),
     /// Run a benchmark and print ratios against limits measured in the same run.
     Bench(commands::bench::Args),
+    /// Expert placement: solve one offline from routed-token counts, or show the one a coordinator serves.
+    Placement(commands::placement::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::MakeTiny(args) => commands::make_tiny::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Placement(args) => commands::placement::run(args),
         Command::Coordinator(args) => commands::coordinator::run(args),
         Command::Up(args) => commands::up::run(args),
         Command::ExpertWorker(args) => commands::expert_worker::run(args),

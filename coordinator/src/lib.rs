@@ -1,17 +1,29 @@
 //! Cluster coordination for Switchyard.
 //!
-//! Owns where experts live: the placement (which expert worker holds which experts of each MoE layer, at which
-//! epoch) and the `switchyard.v1.Coordinator` service that attention workers ask for it. Today the placement is
-//! static: experts split evenly and contiguously across expert workers, the same split in every MoE layer. Membership
-//! through etcd, replication of hot experts, live rebalancing and failure handling come with the coordinator issue and
-//! build on these types.
+//! Owns where experts live and who is in the cluster:
+//! - [`placement`]: which expert worker holds which experts of each MoE layer, at which epoch; [`service`] hands it to
+//!   attention workers (`switchyard.v1.Coordinator`).
+//! - [`solver`]: placement with replication of hot experts into redundant slots, node-aware, moving as few expert
+//!   weights as it can relative to the current placement; [`traces`] makes synthetic skewed, drifting routing loads
+//!   to measure it.
+//! - [`store`]: the cluster state (members, placement epochs, load statistics) behind one `Store` trait with an etcd
+//!   and an in-memory implementation; [`membership`] (leases) and [`election`] (coordinator leader) build on it.
+//!
+//! `switchyard up` still serves a static contiguous placement: wiring membership, live rebalancing and recovery into
+//! the running workers is the remaining part of the coordinator issue.
 //!
 //! It must not depend on model math (`switchyard-model`) or kernels: it sees a model only as its MoE layer indices and
 //! expert count.
 
+pub mod election;
 pub mod error;
+pub mod membership;
 pub mod placement;
 pub mod service;
+pub mod store;
+pub mod solver;
+pub mod traces;
 
 pub use error::CoordinatorError;
 pub use placement::{Placement, WorkerPlacement};
+pub use solver::{LayerStats, PlacementProblem, Solution, Solver, SolverOptions, WorkerSlots};

@@ -92,6 +92,68 @@ impl Placement {
             .map_err(|e| CoordinatorError::PlacementFile { path: path.to_path_buf(), reason: e.to_string() })
     }
 
+    /// Replicas this placement puts on a worker that did not hold them in `previous` (matched by worker id): the
+    /// expert weights a change from `previous` to this placement has to move. Dropped replicas move nothing.
+    pub fn added_replicas(&self, previous: &Placement) -> usize {
+        let before: BTreeMap<&str, &WorkerPlacement> =
+            previous.workers.iter().map(|w| (w.worker_id.as_str(), w)).collect();
+        self.workers
+            .iter()
+            .map(|worker| {
+                let held = before.get(worker.worker_id.as_str());
+                worker
+                    .experts
+                    .iter()
+                    .map(|(layer, experts)| {
+                        let old = held.and_then(|w| w.experts.get(layer));
+                        experts.iter().filter(|e| !old.is_some_and(|old| old.contains(e))).count()
+                    })
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// Load of each worker in `layer` (in [`Placement::workers`] order) when expert `e` receives `loads[e]` tokens
+    /// split evenly over its replicas. Experts beyond `loads` and unplaced experts contribute nothing.
+    pub fn worker_loads(&self, layer: u32, loads: &[f64]) -> Vec<f64> {
+        let mut replicas = vec![0u32; loads.len()];
+        for worker in &self.workers {
+            for &e in worker.experts.get(&layer).into_iter().flatten() {
+                if let Some(r) = replicas.get_mut(e as usize) {
+                    *r += 1;
+                }
+            }
+        }
+        self.workers
+            .iter()
+            .map(|worker| {
+                worker
+                    .experts
+                    .get(&layer)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|&e| Some(loads.get(e as usize)? / f64::from(*replicas.get(e as usize)?)))
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// The placement a coordinator served (the inverse of [`Placement::to_proto`]).
+    pub fn from_proto(placement: &v1::Placement) -> Self {
+        Self {
+            epoch: placement.epoch,
+            workers: placement
+                .workers
+                .iter()
+                .map(|w| WorkerPlacement {
+                    worker_id: w.worker_id.clone(),
+                    endpoint: w.endpoint.clone(),
+                    experts: w.experts.iter().map(|l| (l.layer, l.experts.clone())).collect(),
+                })
+                .collect(),
+        }
+    }
+
     /// The wire form served to attention workers.
     pub fn to_proto(&self) -> v1::Placement {
         v1::Placement {
@@ -136,6 +198,35 @@ mod tests {
         placement.workers[1].experts.remove(&3);
         let err = placement.check_covers(&[1, 3], 4).expect_err("uncovered");
         assert!(err.to_string().contains("layer 3 expert 2"), "{err}");
+    }
+
+    #[test]
+    fn added_replicas_count_only_new_holdings() {
+        let before = Placement::contiguous(&[1, 3], 8, 2, 1).expect("placement");
+        assert_eq!(before.added_replicas(&before), 0);
+        let mut after = before.clone();
+        // Expert 4 also on ew-0 in layer 1 (one move); expert 0 dropped from ew-0 in layer 3 (no move).
+        after.workers[0].experts.get_mut(&1).expect("layer 1").push(4);
+        after.workers[0].experts.get_mut(&3).expect("layer 3").retain(|&e| e != 0);
+        assert_eq!(after.added_replicas(&before), 1);
+        // A worker the previous placement did not have moves everything it holds.
+        after.workers[1].worker_id = "ew-9".into();
+        assert_eq!(after.added_replicas(&before), 9);
+    }
+
+    #[test]
+    fn worker_loads_split_replicated_experts() {
+        let mut placement = Placement::contiguous(&[1], 4, 2, 1).expect("placement");
+        placement.workers[1].experts.get_mut(&1).expect("layer 1").push(0);
+        // Expert 0 (8 tokens) on both workers: 4 each.
+        assert_eq!(placement.worker_loads(1, &[8.0, 1.0, 2.0, 3.0]), vec![5.0, 9.0]);
+        assert_eq!(placement.worker_loads(7, &[8.0, 1.0, 2.0, 3.0]), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn proto_round_trip() {
+        let placement = Placement::contiguous(&[1, 3], 8, 3, 4).expect("placement");
+        assert_eq!(Placement::from_proto(&placement.to_proto()), placement);
     }
 
     #[test]

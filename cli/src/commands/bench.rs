@@ -22,6 +22,8 @@ enum Which {
     Transport(crate::commands::bench_transport::Args),
     /// Decode tokens/s of one process against `switchyard up` with expert workers, same run.
     E2e(crate::commands::bench_e2e::Args),
+    /// The placement solver on drifting Zipf routing traces: balance, and weights moved per rebalance.
+    Placement(crate::commands::bench_placement::Args),
     /// The peer process of `bench transport` (started by it).
     #[command(hide = true)]
     TransportPeer,
@@ -46,6 +48,7 @@ pub fn run(args: Args) -> Result<()> {
         Which::Kernels(args) => kernels(args),
         Which::Transport(args) => crate::commands::bench_transport::run(args),
         Which::E2e(args) => crate::commands::bench_e2e::run(args),
+        Which::Placement(args) => crate::commands::bench_placement::run(args),
         Which::TransportPeer => crate::commands::bench_transport::run_peer(),
     }
 }

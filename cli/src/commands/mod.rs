@@ -2,11 +2,13 @@
 
 pub mod attention_worker;
 pub mod bench;
+pub mod bench_placement;
 pub mod bench_e2e;
 pub mod bench_transport;
 pub mod coordinator;
 pub mod expert_worker;
 pub mod generate;
 pub mod make_tiny;
+pub mod placement;
 pub mod remote_generate;
 pub mod up;
