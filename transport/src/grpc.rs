@@ -4,12 +4,17 @@
 //! reads responses and completes the waiting dispatch. When the stream ends or breaks, every pending dispatch fails at
 //! once ([`TransportError::Unavailable`], or the error the peer answered with), and the next dispatch to that worker
 //! opens a new connection. HTTP/2 keepalive pings detect a peer that died silently within a few seconds, and each
-//! dispatch has a deadline, so no dispatch waits forever.
+//! dispatch has a deadline, so no dispatch waits forever. A large dispatch travels as several requests of about
+//! [`SPLIT_VALUES`] values each, sent back to back so that encoding, transfer, the expert worker's work and decoding
+//! overlap; the answers are decoded straight into the batch's own block, which becomes the outputs.
 //!
-//! Server ([`DispatchServer`]): decodes and validates each request, computes valid ones concurrently (so the
-//! [`ExpertService`] can batch requests of several streams) and answers as they complete. A malformed request ends the
-//! stream with the status of its error; the status carries the request id (metadata `switchyard-request-id`) so the
-//! client fails that request with the error and the others on the stream as retryable.
+//! Server ([`DispatchServer`]): decodes and validates each request as it is read, computes valid ones concurrently (so
+//! the [`ExpertService`] can batch requests of several streams) and answers as they complete. A malformed request ends
+//! the stream with the status of its error; the status carries the request id (metadata `switchyard-request-id`) so
+//! the client fails that request with the error and the others on the stream as retryable.
+//!
+//! Both sides reuse their large buffers (payloads, decoded blocks; [`codec`]'s recycler): on the machines this runs on,
+//! touching fresh memory costs more than encoding into it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,6 +110,7 @@ impl GrpcTransport {
     /// A transport for the attention worker `attention_worker_id` (named in requests whose batch names no sender),
     /// with no expert workers yet.
     pub fn new(wire: WireFormat, attention_worker_id: String) -> Self {
+        codec::keep_payload_sized_allocations();
         GrpcTransport {
             wire,
             attention_worker_id,
@@ -543,6 +549,7 @@ impl ShutdownHandle {
 impl DispatchServer {
     /// A server computing with `service`, known to peers as `worker_id`.
     pub fn new(service: Arc<dyn ExpertService>, worker_id: String) -> Self {
+        codec::keep_payload_sized_allocations();
         let serving =
             Serving { service, worker_id: worker_id.into(), blocks: Recycler::new(), payloads: Recycler::new() };
         DispatchServer { serving: Arc::new(serving), shutdown: Arc::new(watch::channel(false).0) }
