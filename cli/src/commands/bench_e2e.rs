@@ -144,6 +144,8 @@ pub fn run(args: Args) -> Result<()> {
     let engine = Engine::start(Arc::new(model), EngineOptions { max_batch: max_batch.max(1), ..Default::default() })
         .context("starting the local engine")?;
     let runtime = serving::runtime(2)?;
+    // Warm-up: the first steps fault in the memory-mapped expert weights and fill caches; measure after them.
+    runtime.block_on(local_rate(&engine, max_batch, &args, vocab))?;
     let mut local = Vec::new();
     for &batch in &args.batch {
         local.push(runtime.block_on(local_rate(&engine, batch, &args, vocab))?);
@@ -176,6 +178,7 @@ pub fn run(args: Args) -> Result<()> {
             }
         };
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        cluster_rate(&endpoint, max_batch, &args, vocab).await?;
         let mut rates = Vec::new();
         for &batch in &args.batch {
             rates.push(cluster_rate(&endpoint, batch, &args, vocab).await?);
