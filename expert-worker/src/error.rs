@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use switchyard_model::ModelError;
+use switchyard_transport::error::error_chain;
 use tonic::{Code, Status};
 
 use crate::spec::SpecError;
@@ -76,16 +77,4 @@ impl WorkerError {
         };
         Status::new(code, error_chain(self))
     }
-}
-
-/// `error: cause: cause`, as an operator reads it in one line.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

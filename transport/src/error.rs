@@ -191,6 +191,19 @@ impl TransportError {
     }
 }
 
+/// An error and its causes on one line, `error: cause: cause`, as an operator reads it in a log (tonic's transport
+/// errors say only "transport error" at the top).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

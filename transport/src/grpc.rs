@@ -36,6 +36,7 @@ use tracing::Instrument;
 
 use crate::codec::{self, Recycler, RequestIds};
 use crate::{BoxFuture, ExpertBatch, ExpertService, Transport, TransportError, WireFormat};
+use crate::error::error_chain;
 
 /// Largest gRPC message either side sends or accepts: a 4096 x 5120 f32 block is 80 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -74,18 +75,6 @@ pub fn server_builder() -> Server {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding these locks leaves plain maps behind, still consistent.
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// An error and its causes on one line (tonic's transport errors say only "transport error" at the top).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 // ---------------------------------------------------------------------------------------------------------------
