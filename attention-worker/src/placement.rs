@@ -157,6 +157,15 @@ impl RoutingTable {
         replicas.holders.get(turn % replicas.holders.len().max(1)).copied()
     }
 
+    /// Like [`RoutingTable::choose_index`], skipping the workers in `excluded` (ones that just failed): the next
+    /// replica in turn that is not excluded, or `None` when every holder is excluded.
+    pub fn choose_index_excluding(&self, layer: usize, expert: u32, excluded: &[usize]) -> Option<usize> {
+        let replicas = self.replicas(layer, expert)?;
+        let count = replicas.holders.len();
+        let turn = replicas.next.fetch_add(1, Ordering::Relaxed);
+        (0..count).map(|i| replicas.holders[(turn + i) % count]).find(|w| !excluded.contains(w))
+    }
+
     fn replicas(&self, layer: usize, expert: u32) -> Option<&Replicas> {
         self.layers.get(layer)?.as_ref()?.get(expert as usize)
     }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use futures::future::try_join_all;
+use futures::future::join_all;
 use switchyard_model::{ModelError, RoutedExperts};
 use switchyard_transport::{ExpertBatch, Transport, TransportError};
 use tokio::runtime::Handle;
@@ -121,6 +121,60 @@ impl RemoteExperts {
     pub fn steps_dispatched(&self) -> u64 {
         self.next_step.load(Ordering::Relaxed)
     }
+
+    /// Sends `rows` of one layer step to `worker`, resolving to their outputs in row order.
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_group(
+        &self,
+        routing: &RoutingTable,
+        worker: usize,
+        rows: &[usize],
+        layer: usize,
+        step_id: u64,
+        inputs: &[f32],
+        experts: &[u32],
+        hidden: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<f32>, DispatchError>> + Send + 'static {
+        let micro_batch = MICRO_BATCH.with(Cell::get);
+        let mut batch_inputs = Vec::with_capacity(rows.len() * hidden);
+        for &row in rows {
+            batch_inputs.extend_from_slice(&inputs[row * hidden..(row + 1) * hidden]);
+        }
+        let batch = ExpertBatch {
+            step_id,
+            micro_batch,
+            layer: layer as u32,
+            placement_epoch: routing.epoch(),
+            attention_worker: self.attention_worker.clone(),
+            experts: rows.iter().map(|&r| experts[r]).collect(),
+            inputs: batch_inputs,
+            hidden,
+        };
+        let id = routing.workers()[worker].id.clone();
+        let expected = rows.len() * hidden;
+        let dispatch = self.transport.dispatch(&id, batch);
+        let timeout = self.timeout;
+        async move {
+            let fail = |source: TransportError| DispatchError { worker: id.clone(), layer, step_id, micro_batch, source };
+            let outputs = match tokio::time::timeout(timeout, dispatch).await {
+                Ok(Ok(outputs)) => outputs,
+                Ok(Err(source)) => return Err(fail(source)),
+                Err(_) => {
+                    return Err(fail(TransportError::Unavailable {
+                        peer: id.clone(),
+                        reason: format!("no answer within {timeout:?}"),
+                    }))
+                }
+            };
+            if outputs.len() != expected {
+                return Err(fail(TransportError::InvalidPayload {
+                    what: "expert outputs".into(),
+                    reason: format!("{} values for {} tokens of hidden size {hidden}", outputs.len(), expected / hidden),
+                }));
+            }
+            Ok(outputs)
+        }
+    }
 }
 
 impl RoutedExperts for RemoteExperts {
@@ -135,93 +189,69 @@ impl RoutedExperts for RemoteExperts {
             return Ok(Vec::new());
         }
         let routing = self.routing();
-        // One replica per (layer, expert) per step: all of an expert's rows go to the same worker, so it computes
-        // them as one group; the next step takes the next replica.
-        let mut chosen: BTreeMap<u32, usize> = BTreeMap::new();
-        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (row, &expert) in experts.iter().enumerate() {
-            let worker = match chosen.get(&expert) {
-                Some(&w) => w,
-                None => {
-                    let w = routing.choose_index(layer, expert).ok_or_else(|| ModelError::InvalidInput {
-                        what: "routed expert".into(),
-                        reason: format!(
-                            "expert {expert} of layer {layer} is held by no expert worker in placement epoch {}",
-                            routing.epoch()
-                        ),
-                    })?;
-                    chosen.insert(expert, w);
-                    w
-                }
-            };
-            groups.entry(worker).or_default().push(row);
-        }
         let step_id = self.next_step.fetch_add(1, Ordering::Relaxed);
         let micro_batch = MICRO_BATCH.with(Cell::get);
-        let span = tracing::debug_span!(
-            "dispatch",
-            layer,
-            step_id,
-            micro_batch,
-            tokens = experts.len(),
-            workers = groups.len()
-        );
+        let span = tracing::debug_span!("dispatch", layer, step_id, micro_batch, tokens = experts.len());
         let _entered = span.enter();
 
-        let mut pending = Vec::with_capacity(groups.len());
-        for (&worker, rows) in &groups {
-            let mut batch_inputs = Vec::with_capacity(rows.len() * hidden);
-            for &row in rows {
-                batch_inputs.extend_from_slice(&inputs[row * hidden..(row + 1) * hidden]);
-            }
-            let batch = ExpertBatch {
-                step_id,
-                micro_batch,
-                layer: layer as u32,
-                placement_epoch: routing.epoch(),
-                attention_worker: self.attention_worker.clone(),
-                experts: rows.iter().map(|&r| experts[r]).collect(),
-                inputs: batch_inputs,
-                hidden,
-            };
-            let id = routing.workers()[worker].id.clone();
-            let expected = rows.len() * hidden;
-            let dispatch = self.transport.dispatch(&id, batch);
-            let timeout = self.timeout;
-            let peer = id.clone();
-            let fail =
-                move |source: TransportError| DispatchError { worker: id.clone(), layer, step_id, micro_batch, source };
-            pending.push(async move {
-                let outputs = match tokio::time::timeout(timeout, dispatch).await {
-                    Ok(Ok(outputs)) => outputs,
-                    Ok(Err(source)) => return Err(fail(source)),
-                    Err(_) => {
-                        return Err(fail(TransportError::Unavailable {
-                            peer,
-                            reason: format!("no answer within {timeout:?}"),
-                        }))
-                    }
-                };
-                if outputs.len() != expected {
-                    return Err(fail(TransportError::InvalidPayload {
-                        what: "expert outputs".into(),
-                        reason: format!(
-                            "{} values for {} tokens of hidden size {hidden}",
-                            outputs.len(),
-                            expected / hidden
-                        ),
-                    }));
-                }
-                Ok((worker, outputs))
-            });
-        }
-        // The first failure ends the wait: the step is lost anyway, and the other answers are dropped with it.
-        let answers = self.runtime.block_on(try_join_all(pending)).map_err(DispatchError::into_model_error)?;
-
         let mut outputs = vec![0.0; inputs.len()];
-        for (worker, computed) in answers {
-            for (i, &row) in groups[&worker].iter().enumerate() {
-                outputs[row * hidden..(row + 1) * hidden].copy_from_slice(&computed[i * hidden..(i + 1) * hidden]);
+        let mut remaining: Vec<usize> = (0..experts.len()).collect();
+        // Workers that failed this step with a retryable error: their rows go to other replicas. A step is pure, so
+        // re-sending it gives the same outputs; only when no replica is left does the step fail.
+        let mut failed: Vec<usize> = Vec::new();
+        let mut last_failure: Option<DispatchError> = None;
+        while !remaining.is_empty() {
+            // One replica per (layer, expert) per attempt: all of an expert's rows go to the same worker, so it
+            // computes them as one group; the next step takes the next replica.
+            let mut chosen: BTreeMap<u32, usize> = BTreeMap::new();
+            let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            for &row in &remaining {
+                let expert = experts[row];
+                let worker = match chosen.get(&expert) {
+                    Some(&w) => w,
+                    None => match routing.choose_index_excluding(layer, expert, &failed) {
+                        Some(w) => {
+                            chosen.insert(expert, w);
+                            w
+                        }
+                        None => {
+                            return Err(match last_failure {
+                                Some(failure) => failure.into_model_error(),
+                                None => ModelError::InvalidInput {
+                                    what: "routed expert".into(),
+                                    reason: format!(
+                                        "expert {expert} of layer {layer} is held by no expert worker in placement \
+                                         epoch {}",
+                                        routing.epoch()
+                                    ),
+                                },
+                            })
+                        }
+                    },
+                };
+                groups.entry(worker).or_default().push(row);
+            }
+            let pending: Vec<_> = groups
+                .iter()
+                .map(|(&worker, rows)| self.dispatch_group(&routing, worker, rows, layer, step_id, inputs, experts, hidden))
+                .collect();
+            remaining.clear();
+            for (answer, (worker, rows)) in self.runtime.block_on(join_all(pending)).into_iter().zip(groups) {
+                match answer {
+                    Ok(computed) => {
+                        for (i, &row) in rows.iter().enumerate() {
+                            outputs[row * hidden..(row + 1) * hidden]
+                                .copy_from_slice(&computed[i * hidden..(i + 1) * hidden]);
+                        }
+                    }
+                    Err(failure) if failure.source.retryable() => {
+                        tracing::warn!(worker = %failure.worker, error = %failure, "re-sending to other replicas");
+                        failed.push(worker);
+                        remaining.extend(rows);
+                        last_failure = Some(failure);
+                    }
+                    Err(failure) => return Err(failure.into_model_error()),
+                }
             }
         }
         for &expert in experts {

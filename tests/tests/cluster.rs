@@ -137,6 +137,43 @@ fn up_with_a_prompt_generates_and_stops_every_child() {
     }
 }
 
+/// With every expert on both expert workers, killing one mid-generation loses nothing: the attention worker re-sends
+/// the affected steps to the surviving replicas and the output equals the fault-free run.
+#[test]
+fn a_killed_expert_worker_with_replicas_loses_nothing() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let model = work.path().join("model");
+    make_tiny(&model, 4);
+    let cluster = Cluster::start(&[
+        "--model", model.to_str().expect("utf-8"), "--expert-workers", "2", "--redundant-slots", "8",
+    ]);
+    let ids = prompt_ids();
+    let run = |out: &Path| {
+        Command::new(binary())
+            .args(["generate", "--endpoint", &cluster.endpoint, "--prompt-ids", &ids, "--max-new-tokens", "600",
+                "--ignore-eos", "--output-json", out.to_str().expect("utf-8")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("client starts")
+    };
+    let started = Instant::now();
+    let reference = run(&work.path().join("fault-free.json")).wait_with_output().expect("fault-free run");
+    assert!(reference.status.success(), "{}", String::from_utf8_lossy(&reference.stderr));
+    let fault_free = started.elapsed();
+
+    let client = run(&work.path().join("faulty.json"));
+    std::thread::sleep(fault_free / 3);
+    cluster.signal("ew-1", libc::SIGKILL);
+    let output = client.wait_with_output().expect("faulty run");
+    assert!(output.status.success(), "the request failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(!cluster.is_alive("ew-1"));
+    // The kill landed mid-generation: the attention worker re-sent steps to the surviving replicas.
+    assert!(cluster.stderr().contains("re-sending to other replicas"), "{}", cluster.stderr());
+    let reference = read_json(&work.path().join("fault-free.json"));
+    assert_equivalent("expert worker killed mid-generation", &reference, &read_json(&work.path().join("faulty.json")));
+}
+
 #[test]
 fn a_killed_expert_worker_fails_the_request_quickly_and_the_rest_keeps_serving() {
     let work = tempfile::tempdir().expect("tempdir");

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use switchyard_coordinator::Placement;
+use switchyard_coordinator::{Placement, PlacementProblem, Solver};
 use switchyard_expert_worker::ExpertSpec;
 use switchyard_model::config::ModelConfig;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -53,6 +53,10 @@ pub struct Args {
     /// Combine encoding: f32 or bf16.
     #[arg(long, default_value = "f32")]
     combine: String,
+    /// Extra expert replicas per MoE layer beyond one of each expert, spread by the placement solver so that replicas
+    /// of an expert sit on different workers; attention workers re-send to a surviving replica when one dies.
+    #[arg(long, default_value_t = 0)]
+    redundant_slots: usize,
     /// Micro-batches in flight per attention worker (2 = ping-pong).
     #[arg(long, default_value_t = 1)]
     micro_batches: usize,
@@ -279,8 +283,23 @@ pub fn run(args: Args) -> Result<()> {
     let text = &config.text;
     let moe_layers: Vec<u32> =
         (0..text.num_hidden_layers).filter(|&l| text.is_moe_layer(l)).map(|l| l as u32).collect();
-    let mut placement = Placement::contiguous(&moe_layers, text.num_local_experts as u32, args.expert_workers, 1)
-        .context("placing the experts")?;
+    let experts = text.num_local_experts as u32;
+    let mut placement = if args.redundant_slots == 0 {
+        Placement::contiguous(&moe_layers, experts, args.expert_workers, 1).context("placing the experts")?
+    } else {
+        // No routing statistics yet: every expert weighs the same, so the redundant slots spread evenly.
+        let problem = PlacementProblem {
+            experts,
+            loads: moe_layers.iter().map(|&l| (l, vec![1.0; experts as usize])).collect(),
+            workers: PlacementProblem::uniform_workers(
+                args.expert_workers,
+                PlacementProblem::equal_slots(experts, args.redundant_slots, args.expert_workers),
+                1,
+            ),
+            redundant_slots: args.redundant_slots,
+        };
+        Solver::default().solve_from_scratch(&problem, 1).context("placing the experts")?.placement
+    };
     let state_dir = tempfile_dir()?;
     let runtime = serving::runtime(2)?;
     runtime.block_on(async move {
