@@ -59,6 +59,21 @@ fn gemm_parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     }
 }
 
+/// The shape checks `matmul_f32` and its reference share: `x` is `m * k`, `weight` is `n * k`, `out` is `m * n`.
+fn check_f32_shapes(
+    op: &'static str,
+    x: &[f32],
+    m: usize,
+    weight: &[f32],
+    n: usize,
+    k: usize,
+    out: &[f32],
+) -> Result<(), KernelError> {
+    check_len(op, "x", x.len(), product(op, m, k)?, format_args!("m * k = {m} * {k}"))?;
+    check_len(op, "weight", weight.len(), product(op, n, k)?, format_args!("n * k = {n} * {k}"))?;
+    check_len(op, "out", out.len(), product(op, m, n)?, format_args!("m * n = {m} * {n}"))
+}
+
 /// `out[m, n] = x[m, k] · weight[n, k]^T` (weight in `nn.Linear` layout `[out_features, in_features]`).
 ///
 /// Runs the `gemm` crate, on all rayon threads once the product is large enough to pay for them.
@@ -71,27 +86,7 @@ pub fn matmul_f32(
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     const OP: &str = "matmul_f32";
-    check_len(
-        OP,
-        "x",
-        x.len(),
-        product(OP, m, k)?,
-        format_args!("m * k = {m} * {k}"),
-    )?;
-    check_len(
-        OP,
-        "weight",
-        weight.len(),
-        product(OP, n, k)?,
-        format_args!("n * k = {n} * {k}"),
-    )?;
-    check_len(
-        OP,
-        "out",
-        out.len(),
-        product(OP, m, n)?,
-        format_args!("m * n = {m} * {n}"),
-    )?;
+    check_f32_shapes(OP, x, m, weight, n, k, out)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -138,27 +133,7 @@ pub fn matmul_f32_reference(
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     const OP: &str = "matmul_f32_reference";
-    check_len(
-        OP,
-        "x",
-        x.len(),
-        product(OP, m, k)?,
-        format_args!("m * k = {m} * {k}"),
-    )?;
-    check_len(
-        OP,
-        "weight",
-        weight.len(),
-        product(OP, n, k)?,
-        format_args!("n * k = {n} * {k}"),
-    )?;
-    check_len(
-        OP,
-        "out",
-        out.len(),
-        product(OP, m, n)?,
-        format_args!("m * n = {m} * {n}"),
-    )?;
+    check_f32_shapes(OP, x, m, weight, n, k, out)?;
     for i in 0..m {
         for o in 0..n {
             let mut acc = 0.0f64;
