@@ -8,6 +8,9 @@
 //! | `checkpoint` | hash of the checkpoint the cluster serves | none |
 //! | `placement/current` | JSON [`Placement`]; written by compare-and-swap, epochs only increase | none |
 //! | `load/<attention_worker_id>` | JSON [`LoadStats`]: per-layer moving average of routed tokens per expert | optional |
+//! | `adopted/<attention_worker_id>` | the placement epoch the attention worker routes with, no older step in flight | the worker's |
+//! | `rebalance/request` | JSON [`RebalanceRequest`]: an operator asks the leading coordinator to re-place now | none |
+//! | `coordinator/status` | JSON [`CoordinatorStatus`]: what the leading coordinator is doing or waiting for | none |
 //! | `election/<name>/<lease>` | candidate id (etcd's election layout) | the candidate's |
 
 use std::collections::BTreeMap;
@@ -86,6 +89,31 @@ impl LoadStats {
     }
 }
 
+/// An operator's request to re-place the experts now (`switchyard placement rebalance`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RebalanceRequest {
+    /// Loads to place for (per MoE layer: tokens per expert) instead of the measured ones, e.g. a recorded profile.
+    #[serde(default)]
+    pub loads: Option<BTreeMap<u32, Vec<f64>>>,
+    /// Who asked and why, for the log.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// What the leading coordinator reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorStatus {
+    /// The candidate id of the coordinator that leads.
+    pub leader: String,
+    /// The placement epoch it last published (0: none yet).
+    pub epoch: u64,
+    /// `waiting` (for workers), `placing`, `serving`, or `unplaceable`.
+    pub state: String,
+    /// Why it is not serving, when it is not (e.g. how much expert memory is missing).
+    #[serde(default)]
+    pub problem: Option<String>,
+}
+
 impl ClusterStore {
     /// The state of cluster `cluster` in `store`.
     pub fn new(store: Arc<dyn Store>, cluster: &str) -> Result<Self, CoordinatorError> {
@@ -132,6 +160,21 @@ impl ClusterStore {
     /// The prefix of load statistics.
     pub fn load_prefix(&self) -> String {
         format!("{}load/", self.root)
+    }
+
+    /// The prefix of the epochs attention workers adopted.
+    pub fn adopted_prefix(&self) -> String {
+        format!("{}adopted/", self.root)
+    }
+
+    /// The key of an operator's rebalance request.
+    pub fn rebalance_request_key(&self) -> String {
+        format!("{}rebalance/request", self.root)
+    }
+
+    /// The key of the leading coordinator's status.
+    pub fn coordinator_status_key(&self) -> String {
+        format!("{}coordinator/status", self.root)
     }
 
     /// The name (key prefix) of an election of this cluster.
@@ -234,6 +277,75 @@ impl ClusterStore {
             }
         }
         Ok(total)
+    }
+}
+
+impl ClusterStore {
+    /// Records that `attention_worker_id` routes every new step with placement `epoch` and no step of an older epoch
+    /// is in flight (attached to its lease, if given, so that a dead worker stops holding old replicas in place).
+    pub async fn report_adopted(
+        &self,
+        attention_worker_id: &str,
+        epoch: u64,
+        lease: Option<LeaseId>,
+    ) -> Result<(), CoordinatorError> {
+        check_name("attention_worker_id", attention_worker_id)?;
+        let key = format!("{}{attention_worker_id}", self.adopted_prefix());
+        self.store.put(&key, epoch.to_string().into_bytes(), lease).await.map(|_| ())
+    }
+
+    /// The epoch each attention worker adopted.
+    pub async fn adopted(&self) -> Result<BTreeMap<String, u64>, CoordinatorError> {
+        let prefix = self.adopted_prefix();
+        let listing = self.store.list(&prefix).await?;
+        listing
+            .kvs
+            .iter()
+            .map(|kv| {
+                let epoch = std::str::from_utf8(&kv.value).ok().and_then(|t| t.trim().parse().ok()).ok_or_else(|| {
+                    CoordinatorError::CorruptRecord { key: kv.key.clone(), reason: "not a placement epoch".into() }
+                })?;
+                Ok((kv.key[prefix.len()..].to_string(), epoch))
+            })
+            .collect()
+    }
+
+    /// Asks the leading coordinator to re-place now.
+    pub async fn request_rebalance(&self, request: &RebalanceRequest) -> Result<u64, CoordinatorError> {
+        let key = self.rebalance_request_key();
+        let value = serde_json::to_vec(request).map_err(|e| CoordinatorError::StoreRequest {
+            op: "put",
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+        self.store.put(&key, value, None).await
+    }
+
+    /// The pending rebalance request and its revision (delete it with a compare on that revision once handled).
+    pub async fn rebalance_request(&self) -> Result<Option<(RebalanceRequest, u64)>, CoordinatorError> {
+        let Some(kv) = self.store.get(&self.rebalance_request_key()).await? else { return Ok(None) };
+        let request = serde_json::from_slice(&kv.value)
+            .map_err(|e| CoordinatorError::CorruptRecord { key: kv.key.clone(), reason: e.to_string() })?;
+        Ok(Some((request, kv.mod_revision)))
+    }
+
+    /// Publishes the leading coordinator's status.
+    pub async fn report_coordinator_status(&self, status: &CoordinatorStatus) -> Result<(), CoordinatorError> {
+        let key = self.coordinator_status_key();
+        let value = serde_json::to_vec(status).map_err(|e| CoordinatorError::StoreRequest {
+            op: "put",
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+        self.store.put(&key, value, None).await.map(|_| ())
+    }
+
+    /// The leading coordinator's last status, if one was published.
+    pub async fn coordinator_status(&self) -> Result<Option<CoordinatorStatus>, CoordinatorError> {
+        let Some(kv) = self.store.get(&self.coordinator_status_key()).await? else { return Ok(None) };
+        serde_json::from_slice(&kv.value)
+            .map(Some)
+            .map_err(|e| CoordinatorError::CorruptRecord { key: kv.key.clone(), reason: e.to_string() })
     }
 }
 

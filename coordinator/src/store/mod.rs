@@ -28,7 +28,7 @@ use tokio_stream::Stream;
 
 use crate::CoordinatorError;
 
-pub use cluster::{ClusterStore, LoadStats, PublishOutcome, StoredPlacement};
+pub use cluster::{ClusterStore, CoordinatorStatus, LoadStats, PublishOutcome, RebalanceRequest, StoredPlacement};
 pub use etcd::{EtcdConfig, EtcdStore};
 pub use etcd_server::EtcdServer;
 pub use memory::MemoryStore;

@@ -77,8 +77,14 @@ pub(crate) struct HeaderEntry {
     pub range: Range<usize>,
 }
 
-/// Parses and checks the header of `bytes`, the whole content of `file`.
-pub(crate) fn parse_header(file: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>, ModelError> {
+/// The length prefix and JSON header of a safetensors file (everything before the tensor data).
+pub(crate) fn header_bytes<'a>(file: &Path, bytes: &'a [u8]) -> Result<&'a [u8], ModelError> {
+    let data_start = header_span(file, bytes)?;
+    Ok(&bytes[..data_start])
+}
+
+/// Where the tensor data starts, and the header text's length, checked against the file's length.
+fn header_span(file: &Path, bytes: &[u8]) -> Result<usize, ModelError> {
     let actual = bytes.len() as u64;
     let bad = |reason: String| ModelError::BadHeader { file: file.to_path_buf(), reason };
     let Some(prefix) = bytes.get(..8) else {
@@ -97,7 +103,14 @@ pub(crate) fn parse_header(file: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>
         return Err(ModelError::Truncated { file: file.to_path_buf(), needed: data_start, actual, tensor: None });
     }
     // Both fit in usize: they are at most the length of a slice.
-    let data_start = data_start as usize;
+    Ok(data_start as usize)
+}
+
+/// Parses and checks the header of `bytes`, the whole content of `file`.
+pub(crate) fn parse_header(file: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>, ModelError> {
+    let actual = bytes.len() as u64;
+    let bad = |reason: String| ModelError::BadHeader { file: file.to_path_buf(), reason };
+    let data_start = header_span(file, bytes)?;
     let header_text =
         std::str::from_utf8(&bytes[8..data_start]).map_err(|e| bad(format!("header is not UTF-8: {e}")))?;
     let header: Value = serde_json::from_str(header_text).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;

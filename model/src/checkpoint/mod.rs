@@ -210,6 +210,34 @@ impl Checkpoint {
         &self.file_paths
     }
 
+    /// A fingerprint of what this checkpoint serves: SHA-256 over `config.json` (when present) and, per
+    /// safetensors file in order, its name, length and header (every tensor's name, dtype, shape and offsets).
+    /// Workers of one cluster must agree on it. Reads only the headers, so it costs the same for 400 GB as for 4 MB;
+    /// it does not catch a tensor's bytes changed in place (the headers pin every tensor's size and position).
+    pub fn fingerprint(&self) -> Result<String, ModelError> {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        let config = self.dir.join("config.json");
+        match std::fs::read(&config) {
+            Ok(bytes) => {
+                hasher.update(b"config.json\0");
+                hasher.update((bytes.len() as u64).to_le_bytes());
+                hasher.update(&bytes);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ModelError::Io { path: config, source: e }),
+        }
+        for (path, file) in self.file_paths.iter().zip(&self.files) {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let header = header::header_bytes(path, &file.mmap)?;
+            hasher.update(name.as_bytes());
+            hasher.update(b"\0");
+            hasher.update((file.mmap.len() as u64).to_le_bytes());
+            hasher.update(header);
+        }
+        Ok(format!("sha256:{:x}", hasher.finalize()))
+    }
+
     /// The record of every byte range handed out.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
