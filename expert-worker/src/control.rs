@@ -52,6 +52,7 @@ pub fn worker_status(worker: &ExpertWorker) -> WorkerStatus {
         held: to_layer_experts(&worker.held()),
         expert_bytes: worker.expert_bytes(),
         placement_epoch: worker.placement_epoch(),
+        min_placement_epoch: worker.placement_epoch(),
         tokens_computed: counters.tokens_computed,
         requests_served: counters.requests_served,
         batches_computed: counters.batches_computed,
