@@ -113,7 +113,7 @@ async fn serves_dispatch_control_and_health() {
 
     // LoadExperts, then the new expert serves; UnloadExperts, then it is refused again.
     let layer3 = vec![LayerExperts { layer: 3, experts: vec![6] }];
-    let loaded = control.load_experts(LoadExpertsRequest { experts: layer3.clone() }).await.unwrap().into_inner();
+    let loaded = control.load_experts(LoadExpertsRequest { experts: layer3.clone(), placement_epoch: 0 }).await.unwrap().into_inner();
     assert!(loaded.bytes_read > 0);
     let expected = reference.compute(3, &to_new.inputs, &to_new.experts, hidden).unwrap();
     assert_eq!(transport.dispatch("ew-test", to_new.clone()).await.unwrap(), expected);
@@ -122,10 +122,10 @@ async fn serves_dispatch_control_and_health() {
     assert_eq!(status.requests_served, 3);
     assert_eq!(status.tokens_computed, 12 + 12 + 4);
     assert!(status.batches_computed >= 1 && status.batches_computed <= 3);
-    let unloaded = control.unload_experts(UnloadExpertsRequest { experts: layer3 }).await.unwrap().into_inner();
+    let unloaded = control.unload_experts(UnloadExpertsRequest { experts: layer3, min_epoch: 0 }).await.unwrap().into_inner();
     assert!(unloaded.bytes_freed > 0);
     assert_eq!(transport.dispatch("ew-test", to_new).await, Err(TransportError::ExpertNotHeld { layer: 3, expert: 6 }));
-    let bad = LoadExpertsRequest { experts: vec![LayerExperts { layer: 2, experts: vec![0] }] };
+    let bad = LoadExpertsRequest { experts: vec![LayerExperts { layer: 2, experts: vec![0] }], placement_epoch: 0 };
     let error = control.load_experts(bad).await.unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
     assert!(error.message().contains("layer 2"), "{}", error.message());
