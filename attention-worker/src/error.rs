@@ -1,7 +1,9 @@
 //! The one error type of the attention worker, and its single mapping to gRPC status codes.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use switchyard_coordinator::CoordinatorError;
 use switchyard_model::ModelError;
 use switchyard_transport::TransportError;
 use tonic::{Code, Status};
@@ -12,7 +14,10 @@ use tonic::{Code, Status};
 /// [`AttentionWorkerError::from_step`] unwraps it again, so the client sees the transport's code (`Unavailable` for a
 /// lost worker) and the worker's id.
 #[derive(Debug, thiserror::Error)]
-#[error("expert worker {worker} failed MoE layer {layer} (step {step_id}, micro-batch {micro_batch}): {source}")]
+#[error(
+    "expert worker {worker} failed MoE layer {layer} (step {step_id}, micro-batch {micro_batch}): {source}{}",
+    .recovery_waited.map(|w| format!("; no new placement within {}s", w.as_secs_f64())).unwrap_or_default()
+)]
 pub struct DispatchError {
     /// The expert worker's id in the placement.
     pub worker: String,
@@ -25,6 +30,9 @@ pub struct DispatchError {
     /// What the transport reported.
     #[source]
     pub source: TransportError,
+    /// How long the step waited for the coordinator to re-place the failed experts before giving up (`None`: it did
+    /// not wait, because recovery is off or the error is not one a new placement can fix).
+    pub recovery_waited: Option<Duration>,
 }
 
 impl DispatchError {
@@ -135,6 +143,24 @@ pub enum AttentionWorkerError {
         message: String,
     },
 
+    /// The cluster store refused or failed a call: registration (e.g. a checkpoint other than the cluster's), or a
+    /// placement read.
+    #[error(transparent)]
+    Store(#[from] CoordinatorError),
+
+    /// The coordinator published no placement in time.
+    #[error(
+        "cluster {cluster} has no expert placement after {:.1} s: is a coordinator running for it, and have enough \
+         expert workers joined?",
+        waited.as_secs_f64()
+    )]
+    NoPlacement {
+        /// The cluster.
+        cluster: String,
+        /// How long the worker waited.
+        waited: Duration,
+    },
+
     /// A thread, a thread pool or a server part could not be started.
     #[error("cannot start {what}: {reason}")]
     Startup {
@@ -165,7 +191,10 @@ impl AttentionWorkerError {
             AttentionWorkerError::Dispatch(e) => e.source.retryable(),
             AttentionWorkerError::Transport(e) => e.retryable(),
             AttentionWorkerError::Model(e) => e.retryable(),
-            AttentionWorkerError::Overloaded { .. } | AttentionWorkerError::Unreachable { .. } => true,
+            AttentionWorkerError::Store(e) => e.retryable(),
+            AttentionWorkerError::Overloaded { .. }
+            | AttentionWorkerError::Unreachable { .. }
+            | AttentionWorkerError::NoPlacement { .. } => true,
             AttentionWorkerError::Placement { .. }
             | AttentionWorkerError::UncoveredExperts { .. }
             | AttentionWorkerError::InvalidRequest { .. }
@@ -187,7 +216,12 @@ impl AttentionWorkerError {
             AttentionWorkerError::Model(_) => Code::Internal,
             AttentionWorkerError::InvalidRequest { .. } => Code::InvalidArgument,
             AttentionWorkerError::Overloaded { .. } => Code::ResourceExhausted,
-            AttentionWorkerError::EngineStopped | AttentionWorkerError::Unreachable { .. } => Code::Unavailable,
+            AttentionWorkerError::EngineStopped
+            | AttentionWorkerError::Unreachable { .. }
+            | AttentionWorkerError::NoPlacement { .. } => Code::Unavailable,
+            AttentionWorkerError::Store(CoordinatorError::StoreUnavailable { .. }) => Code::Unavailable,
+            AttentionWorkerError::Store(CoordinatorError::CheckpointMismatch { .. }) => Code::FailedPrecondition,
+            AttentionWorkerError::Store(_) => Code::Internal,
             AttentionWorkerError::Placement { .. } | AttentionWorkerError::UncoveredExperts { .. } => {
                 Code::FailedPrecondition
             }

@@ -3,7 +3,10 @@
 //! Owns the serving front (the `switchyard.v1.Generation` gRPC service), the scheduler ([`Engine`]: one thread that
 //! batches every active sequence into model steps), and the attention/dense/router/shared-expert half of each MoE
 //! step, whose routed experts it dispatches to expert workers through a [`switchyard_transport::Transport`]
-//! ([`RemoteExperts`], routed by a [`RoutingTable`] built from the coordinator's placement).
+//! ([`RemoteExperts`], routed by a [`RoutingTable`] built from the coordinator's placement). In a cluster with a
+//! coordinator, [`ClusterLink`] registers the worker in the cluster store, follows the placement the coordinator
+//! publishes there (a lost expert worker's steps wait for its re-placement instead of failing) and reports the
+//! routed-token load the coordinator balances by.
 //!
 //! It must not hold routed experts' weights (the model is loaded with `ExpertSelection::None`), and must not know how
 //! activations are encoded on the wire (the transport crate owns that).
@@ -13,6 +16,7 @@
 //! # Feature flags
 //! None.
 
+pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod placement;
@@ -20,9 +24,10 @@ pub mod remote;
 pub mod request;
 pub mod service;
 
+pub use cluster::{ClusterLink, ClusterOptions, ConnectWorker, LOAD_ALPHA};
 pub use engine::{Engine, EngineOptions, GenerationEvent};
 pub use error::{AttentionWorkerError, DispatchError};
 pub use placement::{fetch_placement, placement_from_expert_workers, ExpertWorkerRoute, RoutingTable};
-pub use remote::{micro_batch_pool, RemoteExperts, DEFAULT_DISPATCH_TIMEOUT};
+pub use remote::{micro_batch_pool, wait_until_unused, RemoteExperts, DEFAULT_DISPATCH_TIMEOUT};
 pub use request::{load_tokenizer, RequestLimits, ValidGenerateRequest};
 pub use service::{serve, GenerationService, MAX_MESSAGE_BYTES};

@@ -117,6 +117,14 @@ impl RoutingTable {
         Ok(Self { epoch, workers, experts_per_layer, layers })
     }
 
+    /// Builds the table from the placement a coordinator published in the cluster store (see [`RoutingTable::new`]).
+    pub fn from_placement(
+        placement: &switchyard_coordinator::Placement,
+        config: &TextConfig,
+    ) -> Result<Self, AttentionWorkerError> {
+        Self::new(&placement.to_proto(), config)
+    }
+
     /// The placement epoch the table was built from (sent with every dispatch).
     pub fn epoch(&self) -> u64 {
         self.epoch

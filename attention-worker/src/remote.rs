@@ -7,13 +7,14 @@
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use switchyard_model::{ModelError, RoutedExperts};
 use switchyard_transport::{ExpertBatch, Transport, TransportError};
 use tokio::runtime::Handle;
+use tokio::sync::watch;
 
 use crate::error::DispatchError;
 use crate::placement::RoutingTable;
@@ -49,12 +50,21 @@ pub const DEFAULT_DISPATCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// (a rayon thread, a `spawn_blocking` thread, a plain `std::thread`), never from an async task. Run the forward pass
 /// on a pool of its own ([`micro_batch_pool`], as the engine does): if the blocked threads were the global rayon
 /// pool's, in-process expert services that compute on that pool could wait for them forever.
+///
+/// Each layer step routes with the table current when it starts and holds it (an `Arc` clone) until it ends, so
+/// [`wait_until_unused`] tells when no step routes with a replaced table any more. With a recovery timeout
+/// ([`RemoteExperts::with_recovery_timeout`]), a step whose experts no reachable worker of its table holds waits for
+/// the coordinator's next placement instead of failing.
 pub struct RemoteExperts {
-    routing: RwLock<Arc<RoutingTable>>,
+    /// The table new steps route with; a step waiting for a re-placement subscribes to it.
+    routing: watch::Sender<Arc<RoutingTable>>,
     transport: Arc<dyn Transport>,
     runtime: Handle,
     attention_worker: String,
     timeout: Duration,
+    recovery_timeout: Duration,
+    /// Times a step waited for a newer placement.
+    recovery_waits: AtomicU64,
     next_step: AtomicU64,
     /// Tokens routed to each expert since start, `[layer * experts_per_layer + expert]` (dense layers stay 0).
     expert_tokens: Vec<AtomicU64>,
@@ -72,11 +82,13 @@ impl RemoteExperts {
         let experts_per_layer = routing.experts_per_layer();
         let expert_tokens = (0..routing.num_layers() * experts_per_layer).map(|_| AtomicU64::new(0)).collect();
         Self {
-            routing: RwLock::new(routing),
+            routing: watch::Sender::new(routing),
             transport,
             runtime,
             attention_worker: attention_worker.into(),
             timeout: DEFAULT_DISPATCH_TIMEOUT,
+            recovery_timeout: Duration::ZERO,
+            recovery_waits: AtomicU64::new(0),
             next_step: AtomicU64::new(0),
             expert_tokens,
             experts_per_layer,
@@ -89,14 +101,23 @@ impl RemoteExperts {
         self
     }
 
-    /// The routing table in use.
-    pub fn routing(&self) -> Arc<RoutingTable> {
-        self.routing.read().unwrap_or_else(PoisonError::into_inner).clone()
+    /// How long a step waits for a newer placement when its own cannot complete it: every replica of an expert
+    /// failed with a retryable error, or a worker answered that the step's epoch is stale or that it no longer holds
+    /// the expert. Zero (the default, for a cluster without a coordinator) fails such a step at once.
+    pub fn with_recovery_timeout(mut self, timeout: Duration) -> Self {
+        self.recovery_timeout = timeout;
+        self
     }
 
-    /// Routes later steps with `routing` (a new placement epoch of the same model).
+    /// The routing table in use.
+    pub fn routing(&self) -> Arc<RoutingTable> {
+        self.routing.borrow().clone()
+    }
+
+    /// Routes later steps with `routing` (a new placement epoch of the same model), and wakes the steps waiting for
+    /// a newer placement. Steps already running keep their table; [`wait_until_unused`] tells when they are done.
     pub fn set_routing(&self, routing: Arc<RoutingTable>) {
-        *self.routing.write().unwrap_or_else(PoisonError::into_inner) = routing;
+        self.routing.send_replace(routing);
     }
 
     /// Tokens routed per decoder layer since start (0 for dense layers): for metrics.
@@ -115,6 +136,12 @@ impl RemoteExperts {
             .get(start..start + self.experts_per_layer)
             .map(|counters| counters.iter().map(|c| c.load(Ordering::Relaxed)).collect())
             .unwrap_or_default()
+    }
+
+    /// Times a step waited for a newer placement because its own could not complete it (see
+    /// [`RemoteExperts::with_recovery_timeout`]): for metrics.
+    pub fn recovery_waits(&self) -> u64 {
+        self.recovery_waits.load(Ordering::Relaxed)
     }
 
     /// Dispatches sent so far (each is one layer step of one micro-batch; its step id).
@@ -155,7 +182,14 @@ impl RemoteExperts {
         let dispatch = self.transport.dispatch(&id, batch);
         let timeout = self.timeout;
         async move {
-            let fail = |source: TransportError| DispatchError { worker: id.clone(), layer, step_id, micro_batch, source };
+            let fail = |source: TransportError| DispatchError {
+                worker: id.clone(),
+                layer,
+                step_id,
+                micro_batch,
+                source,
+                recovery_waited: None,
+            };
             let outputs = match tokio::time::timeout(timeout, dispatch).await {
                 Ok(Ok(outputs)) => outputs,
                 Ok(Err(source)) => return Err(fail(source)),
@@ -169,12 +203,84 @@ impl RemoteExperts {
             if outputs.len() != expected {
                 return Err(fail(TransportError::InvalidPayload {
                     what: "expert outputs".into(),
-                    reason: format!("{} values for {} tokens of hidden size {hidden}", outputs.len(), expected / hidden),
+                    reason: format!(
+                        "{} values for {} tokens of hidden size {hidden}",
+                        outputs.len(),
+                        expected / hidden
+                    ),
                 }));
             }
             Ok(outputs)
         }
     }
+
+    /// After `failure` left a step routed with `used` unable to complete: waits up to the recovery timeout for a
+    /// routing table of a newer placement epoch (the coordinator re-placing the lost or moved experts) and returns
+    /// it, or fails with `failure` saying how long it waited.
+    fn await_newer_routing(
+        &self,
+        used: &RoutingTable,
+        failure: DispatchError,
+        layer: usize,
+        step_id: u64,
+    ) -> Result<Arc<RoutingTable>, ModelError> {
+        if self.recovery_timeout.is_zero() {
+            return Err(failure.into_model_error());
+        }
+        let epoch = used.epoch();
+        self.recovery_waits.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            layer, step_id, epoch, worker = %failure.worker, error = %failure,
+            "placement epoch {epoch} cannot complete the step; waiting up to {:.1} s for a new placement",
+            self.recovery_timeout.as_secs_f64()
+        );
+        let started = Instant::now();
+        let mut tables = self.routing.subscribe();
+        let timeout = self.recovery_timeout;
+        // The timer is made inside the runtime: this thread is outside it.
+        let newer = self.runtime.block_on(async move {
+            let newer = tables.wait_for(|table| table.epoch() > epoch);
+            // `self` holds the sender, so the channel cannot close while this waits.
+            tokio::time::timeout(timeout, newer).await.map(|table| table.ok().map(|table| table.clone()))
+        });
+        match newer {
+            Ok(Some(table)) => {
+                tracing::warn!(
+                    layer,
+                    step_id,
+                    epoch = table.epoch(),
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "re-sending the step's remaining rows with the new placement"
+                );
+                Ok(table)
+            }
+            Ok(None) | Err(_) => {
+                tracing::warn!(layer, step_id, epoch, "no new placement in time; failing the step");
+                Err(DispatchError { recovery_waited: Some(self.recovery_timeout), ..failure }.into_model_error())
+            }
+        }
+    }
+}
+
+/// Whether a newer placement can fix a dispatch that failed with `error` although its worker was reached: the
+/// worker has moved past the step's epoch, or no longer holds the expert the step's table sent it.
+fn needs_newer_placement(error: &TransportError) -> bool {
+    matches!(error, TransportError::StaleEpoch { .. } | TransportError::ExpertNotHeld { .. })
+}
+
+/// Resolves once no layer step routes with `old` any more, returning how long that took.
+///
+/// Call it after [`RemoteExperts::set_routing`] replaced `old`, holding no other clone of it: each step holds its
+/// table for its duration, so the count of clones falls to this one when the last step of the old epoch is done.
+/// Steps end within the dispatch timeout (plus the recovery timeout), so this does not wait forever.
+pub async fn wait_until_unused(old: Arc<RoutingTable>) -> Duration {
+    // Polled: a table has no drop hook, and steps are short next to the interval.
+    const POLL: Duration = Duration::from_millis(2);
+    let started = Instant::now();
+    while Arc::strong_count(&old) > 1 {
+        tokio::time::sleep(POLL).await;
+    }
+    started.elapsed()
 }
 
 impl RoutedExperts for RemoteExperts {
@@ -188,7 +294,7 @@ impl RoutedExperts for RemoteExperts {
         if experts.is_empty() {
             return Ok(Vec::new());
         }
-        let routing = self.routing();
+        let mut routing = self.routing();
         let step_id = self.next_step.fetch_add(1, Ordering::Relaxed);
         let micro_batch = MICRO_BATCH.with(Cell::get);
         let span = tracing::debug_span!("dispatch", layer, step_id, micro_batch, tokens = experts.len());
@@ -196,8 +302,8 @@ impl RoutedExperts for RemoteExperts {
 
         let mut outputs = vec![0.0; inputs.len()];
         let mut remaining: Vec<usize> = (0..experts.len()).collect();
-        // Workers that failed this step with a retryable error: their rows go to other replicas. A step is pure, so
-        // re-sending it gives the same outputs; only when no replica is left does the step fail.
+        // Workers of `routing` that failed this step with a retryable error: their rows go to other replicas. A step
+        // is pure, so re-sending it gives the same outputs. The list is per table: a new placement starts afresh.
         let mut failed: Vec<usize> = Vec::new();
         let mut last_failure: Option<DispatchError> = None;
         while !remaining.is_empty() {
@@ -205,6 +311,7 @@ impl RoutedExperts for RemoteExperts {
             // computes them as one group; the next step takes the next replica.
             let mut chosen: BTreeMap<u32, usize> = BTreeMap::new();
             let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            let mut stranded = None;
             for &row in &remaining {
                 let expert = experts[row];
                 let worker = match chosen.get(&expert) {
@@ -215,27 +322,36 @@ impl RoutedExperts for RemoteExperts {
                             w
                         }
                         None => {
-                            return Err(match last_failure {
-                                Some(failure) => failure.into_model_error(),
-                                None => ModelError::InvalidInput {
-                                    what: "routed expert".into(),
-                                    reason: format!(
-                                        "expert {expert} of layer {layer} is held by no expert worker in placement \
-                                         epoch {}",
-                                        routing.epoch()
-                                    ),
-                                },
-                            })
+                            stranded = Some(expert);
+                            break;
                         }
                     },
                 };
                 groups.entry(worker).or_default().push(row);
             }
+            if let Some(expert) = stranded {
+                // Every replica of `expert` failed in this step: only a new placement can complete it.
+                let Some(failure) = last_failure.take() else {
+                    return Err(ModelError::InvalidInput {
+                        what: "routed expert".into(),
+                        reason: format!(
+                            "expert {expert} of layer {layer} is held by no expert worker in placement epoch {}",
+                            routing.epoch()
+                        ),
+                    });
+                };
+                routing = self.await_newer_routing(&routing, failure, layer, step_id)?;
+                failed.clear();
+                continue;
+            }
             let pending: Vec<_> = groups
                 .iter()
-                .map(|(&worker, rows)| self.dispatch_group(&routing, worker, rows, layer, step_id, inputs, experts, hidden))
+                .map(|(&worker, rows)| {
+                    self.dispatch_group(&routing, worker, rows, layer, step_id, inputs, experts, hidden)
+                })
                 .collect();
             remaining.clear();
+            let mut outdated: Option<DispatchError> = None;
             for (answer, (worker, rows)) in self.runtime.block_on(join_all(pending)).into_iter().zip(groups) {
                 match answer {
                     Ok(computed) => {
@@ -250,8 +366,19 @@ impl RoutedExperts for RemoteExperts {
                         remaining.extend(rows);
                         last_failure = Some(failure);
                     }
+                    Err(failure) if !self.recovery_timeout.is_zero() && needs_newer_placement(&failure.source) => {
+                        remaining.extend(rows);
+                        outdated = Some(failure);
+                    }
                     Err(failure) => return Err(failure.into_model_error()),
                 }
+            }
+            // Row order within an expert's group is what makes remote outputs equal the single-process model's.
+            remaining.sort_unstable();
+            if let Some(failure) = outdated {
+                routing = self.await_newer_routing(&routing, failure, layer, step_id)?;
+                failed.clear();
+                last_failure = None;
             }
         }
         for &expert in experts {

@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{expert_workers, fixture, max_diff, prompt, solo};
+use common::{expert_workers, fixture, max_diff, prompt, serve_expert_worker, solo};
 use switchyard_attention_worker::{
     placement_from_expert_workers, serve, Engine, EngineOptions, GenerationService, RemoteExperts, RoutingTable,
 };
@@ -22,15 +22,6 @@ use switchyard_transport::grpc::GrpcTransport;
 use switchyard_transport::WireFormat;
 use tokio_stream::StreamExt;
 use tonic::Code;
-
-/// An expert worker served on its own runtime, so that shutting the runtime down drops its sockets like a kill.
-fn serve_expert_worker(worker: Arc<switchyard_expert_worker::ExpertWorker>) -> (tokio::runtime::Runtime, String) {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    runtime.spawn(switchyard_expert_worker::serve(worker, listener, std::future::pending()));
-    (runtime, endpoint)
-}
 
 fn ids_request(ids: Vec<u32>, max_new_tokens: u32, return_logits: bool) -> GenerateRequest {
     GenerateRequest {

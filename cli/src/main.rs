@@ -36,11 +36,12 @@ enum Command {
     AttentionWorker(commands::attention_worker::Args),
     /// Run a whole cluster on this machine (coordinator, attention and expert workers as processes on loopback).
     Up(commands::up::Args),
-    /// Serve the expert placement to attention workers.
+    /// Coordinate the cluster: place experts on registered expert workers, rebalance, recover; serve the placement
+    /// (and the cluster store, without --store).
     Coordinator(commands::coordinator::Args),
     /// Run a benchmark and print ratios against limits measured in the same run.
     Bench(commands::bench::Args),
-    /// Expert placement: solve one offline from routed-token counts, or show the one a coordinator serves.
+    /// Expert placement: solve offline, show the live one, or ask the coordinator to rebalance.
     Placement(commands::placement::Args),
 }
 

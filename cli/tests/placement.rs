@@ -5,6 +5,9 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
+use switchyard_coordinator::store::{self, ClusterStore};
+use switchyard_coordinator::Placement;
+
 fn switchyard(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)
@@ -218,15 +221,10 @@ impl Drop for Coordinator {
 
 #[test]
 fn show_prints_the_live_placement() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let placement = dir.path().join("placement.json");
-    let json = serde_json::json!({"epoch": 3, "workers": [
-        {"worker_id": "ew-0", "endpoint": "http://127.0.0.1:7001", "experts": {"1": [0, 1, 2, 3], "3": [0, 1, 2, 3]}},
-        {"worker_id": "ew-1", "endpoint": "http://127.0.0.1:7002", "experts": {"1": [4, 5, 6, 7, 0], "3": [4, 5, 6, 7]}},
-    ]});
-    std::fs::write(&placement, json.to_string()).expect("write placement");
+    // A coordinator hosting its store; it waits for 2 expert workers that never come, so the placement written below
+    // stays the current one.
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["coordinator", "--placement", path(&placement), "--listen", "127.0.0.1:0"])
+        .args(["coordinator", "--expert-workers", "2", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -237,13 +235,36 @@ fn show_prints_the_live_placement() {
     BufReader::new(stdout_pipe).read_line(&mut line).expect("listening line");
     let url = line.trim().strip_prefix("listening on ").expect("listening on URL").to_string();
 
-    let run = switchyard(&["placement", "show", "--coordinator", &url]);
+    let run = switchyard(&["placement", "show", "--store", &url]);
     assert!(run.status.success(), "{}", stderr(&run));
     let text = stdout(&run);
-    assert!(text.starts_with("epoch 3: 2 expert workers, 2 MoE layers"), "{text}");
-    assert!(text.contains("ew-0") && text.contains("http://127.0.0.1:7001"), "{text}");
-    // ew-0 holds the same experts in both layers: one row; ew-1 holds a replica of expert 0 in layer 1 only.
-    assert!(text.contains("1,3") && text.contains("0-3 (4)"), "{text}");
-    assert!(text.contains("0,4-7 (5)") && text.contains("4-7 (4)"), "{text}");
+    assert!(text.contains("no placement yet") && text.contains("waiting"), "{text}");
+    let run = switchyard(&["placement", "show", "--coordinator", &url, "--timeout", "5"]);
+    assert!(!run.status.success());
+    assert!(stderr(&run).contains("no placement yet"), "{}", stderr(&run));
+
+    let json = serde_json::json!({"epoch": 3, "workers": [
+        {"worker_id": "ew-0", "endpoint": "http://127.0.0.1:7001", "experts": {"1": [0, 1, 2, 3], "3": [0, 1, 2, 3]}},
+        {"worker_id": "ew-1", "endpoint": "http://127.0.0.1:7002", "experts": {"1": [4, 5, 6, 7, 0], "3": [4, 5, 6, 7]}},
+    ]});
+    let placement: Placement = serde_json::from_value(json).expect("placement");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let cluster = ClusterStore::new(store::connect(&url).await.expect("store"), "default").expect("cluster");
+        cluster.publish_placement(&placement, None).await.expect("publish");
+    });
+
+    for args in [["--coordinator", url.as_str()], ["--store", url.as_str()]] {
+        let run = switchyard(&["placement", "show", args[0], args[1]]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let text = stdout(&run);
+        assert!(text.starts_with("epoch 3: 2 expert workers, 2 MoE layers"), "{text}");
+        assert!(text.contains("ew-0") && text.contains("http://127.0.0.1:7001"), "{text}");
+        // ew-0 holds the same experts in both layers: one row; ew-1 holds a replica of expert 0 in layer 1 only.
+        assert!(text.contains("1,3") && text.contains("0-3 (4)"), "{text}");
+        assert!(text.contains("0,4-7 (5)") && text.contains("4-7 (4)"), "{text}");
+    }
+    let text = stdout(&switchyard(&["placement", "show", "--store", &url]));
+    assert!(text.contains("coordinator: leader c-"), "{text}");
     drop(coordinator);
 }

@@ -2,28 +2,30 @@
 //!
 //! Owns where experts live and who is in the cluster:
 //! - [`placement`]: which expert worker holds which experts of each MoE layer, at which epoch; [`service`] hands it to
-//!   attention workers (`switchyard.v1.Coordinator`).
+//!   attention workers (`switchyard.v1.Coordinator`) from the store.
 //! - [`solver`]: placement with replication of hot experts into redundant slots, node-aware, moving as few expert
 //!   weights as it can relative to the current placement; [`traces`] makes synthetic skewed, drifting routing loads
 //!   to measure it.
 //! - [`store`]: the cluster state (members, placement epochs, load statistics) behind one `Store` trait with an etcd
 //!   and an in-memory implementation; [`membership`] (leases) and [`election`] (coordinator leader) build on it.
-//!
-//! `switchyard up` still serves a static contiguous placement: wiring membership, live rebalancing and recovery into
-//! the running workers is the remaining part of the coordinator issue.
+//! - [`controller`]: the leader loop of `switchyard coordinator`: places the experts once enough expert workers
+//!   registered, rebalances them from measured loads or on request, re-places the experts of lost workers, and
+//!   drives expert workers through load / publish / adopt / unload so no router ever meets a missing expert.
 //!
 //! It must not depend on model math (`switchyard-model`) or kernels: it sees a model only as its MoE layer indices and
 //! expert count.
 
+pub mod controller;
 pub mod election;
 pub mod error;
 pub mod membership;
 pub mod placement;
 pub mod service;
-pub mod store;
 pub mod solver;
+pub mod store;
 pub mod traces;
 
+pub use controller::{Controller, ControllerOptions, ModelShape};
 pub use error::CoordinatorError;
 pub use placement::{Placement, WorkerPlacement};
 pub use solver::{LayerStats, PlacementProblem, Solution, Solver, SolverOptions, WorkerSlots};

@@ -1,43 +1,50 @@
-//! The `switchyard.v1.Coordinator` gRPC service: attention workers ask it where experts live.
+//! The coordinator's gRPC endpoint: `switchyard.v1.Coordinator` (where experts live, read from the store) and, when
+//! the coordinator hosts the cluster store in memory, `switchyard.v1.Store` for the workers.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use switchyard_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use switchyard_proto::v1::{self, GetPlacementRequest};
-use tokio::sync::RwLock;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
-use crate::Placement;
+use crate::store::{ClusterStore, Store, StoreService};
 
-/// Serves the current placement.
+/// Answers `GetPlacement` with the cluster's current placement in the store.
+#[derive(Clone)]
 pub struct CoordinatorService {
-    placement: Arc<RwLock<Placement>>,
+    cluster: ClusterStore,
 }
 
 impl CoordinatorService {
-    /// A service answering with `placement` until it is replaced.
-    pub fn new(placement: Placement) -> Self {
-        Self { placement: Arc::new(RwLock::new(placement)) }
-    }
-
-    /// The shared placement, for whoever updates it.
-    pub fn placement(&self) -> Arc<RwLock<Placement>> {
-        Arc::clone(&self.placement)
+    /// A service reading `cluster`'s placement.
+    pub fn new(cluster: ClusterStore) -> Self {
+        Self { cluster }
     }
 }
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn get_placement(&self, _request: Request<GetPlacementRequest>) -> Result<Response<v1::Placement>, Status> {
-        Ok(Response::new(self.placement.read().await.to_proto()))
+        match self.cluster.placement().await {
+            Ok(Some(stored)) => Ok(Response::new(stored.placement.to_proto())),
+            Ok(None) => Err(Status::not_found(format!(
+                "cluster {} has no placement yet: the coordinator publishes the first one once enough expert workers \
+                 have registered (`switchyard placement show --store ...` shows what it waits for)",
+                self.cluster.cluster()
+            ))),
+            Err(e) if e.retryable() => Err(Status::unavailable(format!("reading the placement: {e}"))),
+            Err(e) => Err(Status::internal(format!("reading the placement: {e}"))),
+        }
     }
 }
 
-/// Serves `service` on `listener` with gRPC health (SERVING) and reflection until `shutdown` resolves.
+/// Serves `service` on `listener` with gRPC health (SERVING) and reflection until `shutdown` resolves; with
+/// `hosted_store`, also serves that store (`switchyard.v1.Store`) so workers can use `--store http://<this address>`.
 pub async fn serve(
     service: CoordinatorService,
+    hosted_store: Option<Arc<dyn Store>>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -47,7 +54,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
         .build_v1();
     let mut builder = tonic::transport::Server::builder();
-    let router = builder.add_service(health_service).add_service(CoordinatorServer::new(service));
+    let router = builder
+        .add_service(health_service)
+        .add_service(CoordinatorServer::new(service))
+        .add_optional_service(hosted_store.map(|store| StoreService::new(store).into_server()));
     let router = match reflection {
         Ok(reflection) => router.add_service(reflection),
         Err(e) => {

@@ -1,31 +1,38 @@
-//! One conformance suite for every `Store`: the same checks run against `MemoryStore` and against a real etcd
-//! started on loopback (the `etcd` binary from Debian's `etcd-server` must be installed: these tests fail, not skip,
-//! without it).
+//! One conformance suite for every `Store`: the same checks run against `MemoryStore`, against a real etcd started on
+//! loopback (the `etcd` binary from Debian's `etcd-server` must be installed: these tests fail, not skip, without it)
+//! and against `RemoteStore`: a `MemoryStore` served by `StoreService` on a loopback port, as a coordinator serves it,
+//! reached through `store::connect("http://...")`.
 //!
 //! Besides the trait itself, the suite covers what is built on it: membership (lease expiry within two lease
 //! periods, checkpoint checks, watches), elections (failover when the leader's lease lapses or it resigns), the
-//! placement compare-and-swap and load statistics.
+//! placement compare-and-swap and load statistics. The store URLs and the remote store's restarts are checked at the
+//! end.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_coordinator::election::Election;
 use switchyard_coordinator::membership::{Member, MemberRole, Membership, MembershipEvent};
 use switchyard_coordinator::store::{
-    BoxStream, CasOutcome, ClusterStore, Condition, EtcdConfig, EtcdServer, EtcdStore, LeaseKeeper, LoadStats,
-    MemoryStore, PublishOutcome, Store, TxnOp, WatchEvent, WatchStream,
+    connect, connect_within, BoxStream, CasOutcome, ClusterStore, Condition, EtcdConfig, EtcdServer, EtcdStore,
+    LeaseId, LeaseKeeper, LoadStats, MemoryStore, PublishOutcome, Store, StoreService, TxnOp, WatchEvent, WatchStream,
 };
 use switchyard_coordinator::{CoordinatorError, Placement};
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
+use tonic::transport::server::Router;
 
 /// A store under test, with the shortest lease it supports (etcd counts whole seconds).
 struct Backend {
     store: Arc<dyn Store>,
     ttl: Duration,
-    // Kept alive for the test; killed on drop.
-    _server: Option<EtcdServer>,
+    // The server behind the store, kept alive for the test; stopped on drop.
+    _server: Option<Box<dyn Any>>,
 }
 
 fn memory() -> Backend {
@@ -35,10 +42,71 @@ fn memory() -> Backend {
 async fn etcd() -> Backend {
     let server = EtcdServer::start().unwrap_or_else(|e| panic!("cannot start etcd for the store tests: {e}"));
     let store = EtcdStore::connect(EtcdConfig::new([server.endpoint()])).await.expect("connect to the test etcd");
-    Backend { store: Arc::new(store), ttl: Duration::from_secs(1), _server: Some(server) }
+    Backend { store: Arc::new(store), ttl: Duration::from_secs(1), _server: Some(Box::new(server)) }
 }
 
-/// Runs `check` against both backends, each in its own test.
+async fn remote() -> Backend {
+    let server = ServedStore::start(store_router(Arc::new(MemoryStore::new())), loopback_any_port()).await;
+    let store = connect(&server.url()).await.expect("connect to the served store");
+    assert_eq!(store.describe(), format!("switchyard store at {}", server.url()));
+    Backend { store, ttl: Duration::from_millis(300), _server: Some(Box::new(server)) }
+}
+
+fn loopback_any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+fn store_router(store: Arc<dyn Store>) -> Router {
+    tonic::transport::Server::builder().add_service(StoreService::new(store).into_server())
+}
+
+/// A gRPC server on a loopback port, run by its own runtime as if it were another process: [`ServedStore::kill`]
+/// (or dropping it) ends every task and connection of it at once, as the death of a coordinator would.
+struct ServedStore {
+    addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl ServedStore {
+    /// Serves `router` on `addr` (port 0: any free port); returns once it listens.
+    async fn start(router: Router, addr: SocketAddr) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime for the store server");
+        let (bound_tx, bound) = oneshot::channel();
+        runtime.spawn(async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            // A restarted server takes its predecessor's port while old connections linger in TIME_WAIT.
+            socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+            socket.bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            let listener = socket.listen(64).expect("listen");
+            let _ = bound_tx.send(listener.local_addr().expect("local address"));
+            router.serve_with_incoming(TcpListenerStream::new(listener)).await
+        });
+        let addr = bound.await.expect("the store server listens");
+        Self { addr, runtime: Some(runtime) }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for ServedStore {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `check` against every backend, each in its own test.
 macro_rules! conformance {
     ($($check:ident),* $(,)?) => {
         mod memory_store {
@@ -57,6 +125,14 @@ macro_rules! conformance {
                 }
             )*
         }
+        mod remote_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    super::$check(super::remote().await).await;
+                }
+            )*
+        }
     };
 }
 
@@ -68,6 +144,7 @@ conformance!(
     lease_expiry_and_keep_alive,
     watches,
     election_primitives,
+    abandoned_campaign_ends_with_its_lease,
     membership_register_list_watch,
     member_vanishes_within_two_lease_periods,
     checkpoint_mismatch_is_refused,
@@ -292,6 +369,30 @@ async fn election_primitives(b: Backend) {
     assert_eq!(s.leader(election).await.expect("leader"), None, "no candidate, no leader");
 }
 
+async fn abandoned_campaign_ends_with_its_lease(b: Backend) {
+    let s = &b.store;
+    let election = "/t/abandon/coordinator";
+    let candidates = || async { s.list(&format!("{election}/")).await.expect("list").kvs.len() };
+    let la = s.grant_lease(Duration::from_secs(30)).await.expect("grant");
+    let a = s.campaign(election, la, b"a".to_vec()).await.expect("a leads");
+    let lb = LeaseKeeper::grant(Arc::clone(s), b.ttl).await.expect("grant");
+    let b_campaign = {
+        let (store, lease) = (Arc::clone(s), lb.lease());
+        tokio::spawn(async move { store.campaign(election, lease, b"b".to_vec()).await })
+    };
+    eventually(Duration::from_secs(5), "b becomes a candidate", || async { candidates().await == 2 }).await;
+    // b's process dies while it waits: its campaign call goes away and nobody refreshes its lease.
+    b_campaign.abort();
+    lb.abandon();
+    eventually(b.ttl * 2 + Duration::from_millis(500), "b's candidacy ends with its lease", || async {
+        candidates().await == 1
+    })
+    .await;
+    s.resign(&a).await.expect("resign");
+    assert_eq!(s.leader(election).await.expect("leader"), None, "a candidate that went away never leads");
+    s.revoke_lease(la).await.expect("revoke");
+}
+
 fn member(id: &str, hash: &str) -> Member {
     Member {
         worker_id: id.into(),
@@ -476,4 +577,105 @@ async fn placement_and_load(b: Backend) {
     assert_eq!(cluster.total_load().await.expect("total")[&1], vec![30.0, 10.0]);
     b.store.revoke_lease(lease).await.expect("revoke");
     assert_eq!(cluster.total_load().await.expect("total")[&1], vec![15.0, 5.0], "load vanishes with its worker");
+}
+
+#[tokio::test]
+async fn connect_names_a_bad_url_and_the_accepted_forms() {
+    for url in [
+        "memory",
+        "localhost:2379",
+        "ftp://10.0.0.1:21",
+        "etcd://",
+        "etcd://10.0.0.1",
+        "etcd://10.0.0.1:2379,,10.0.0.2:2379",
+        "etcd://10.0.0.1:99999",
+        "etcd://http://10.0.0.1:2379",
+        "http://",
+        "https://10.0.0.1:7000",
+    ] {
+        let error = match connect(url).await {
+            Err(e) => e,
+            Ok(store) => panic!("{url:?} is not a store URL, yet it connected to {}", store.describe()),
+        };
+        let text = error.to_string();
+        assert!(matches!(error, CoordinatorError::InvalidName { field: "store URL", .. }), "{url}: {error:?}");
+        assert!(text.contains(&format!("{url:?}")) && text.contains("host:port"), "names the URL and the form: {text}");
+        assert!(!error.retryable());
+    }
+}
+
+#[tokio::test]
+async fn connect_gives_up_on_a_silent_url_naming_it() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address");
+    let url = format!("http://{free}");
+    let error = match connect_within(&url, Duration::from_millis(800)).await {
+        Err(e) => e,
+        Ok(_) => panic!("nothing listens at {url}"),
+    };
+    let text = error.to_string();
+    assert!(text.contains(&url) && text.contains("gave up after"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_refuses_a_server_that_is_not_a_store() {
+    let (_, health) = tonic_health::server::health_reporter();
+    let server = ServedStore::start(tonic::transport::Server::builder().add_service(health), loopback_any_port()).await;
+    let started = Instant::now();
+    let error = match connect(&server.url()).await {
+        Err(e) => e,
+        Ok(_) => panic!("a health-only server is not a store"),
+    };
+    assert!(started.elapsed() < Duration::from_secs(5), "a wrong service is an answer: no retrying");
+    assert!(error.to_string().contains("switchyard.v1.Store"), "{error}");
+    assert!(!error.retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_store_errors_keep_their_variant() {
+    let server = ServedStore::start(store_router(Arc::new(MemoryStore::with_history(2))), loopback_any_port()).await;
+    let store = connect(&server.url()).await.expect("connect");
+    for i in 0..5 {
+        store.put(&format!("/t/h/{i}"), vec![], None).await.expect("put");
+    }
+    match store.watch("/t/h/", Some(1)).await {
+        Err(CoordinatorError::WatchLost { prefix, .. }) => assert_eq!(prefix, "/t/h/"),
+        Err(e) => panic!("a watch from before the kept history is lost, not {e:?}"),
+        Ok(_) => panic!("a watch from before the kept history is lost"),
+    }
+    assert!(matches!(store.keep_alive(LeaseId(12345)).await, Err(CoordinatorError::LeaseNotFound { lease: 12345 })));
+    let twice = vec![TxnOp::Delete { key: "/t/h/0".into() }, TxnOp::Delete { key: "/t/h/0".into() }];
+    match store.txn(vec![], twice).await {
+        Err(e @ CoordinatorError::StoreRequest { .. }) => assert!(e.to_string().contains("twice"), "{e}"),
+        other => panic!("writing a key twice in one transaction is refused: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_store_is_reached_again_after_the_coordinator_restarts() {
+    let mut first = ServedStore::start(store_router(Arc::new(MemoryStore::new())), loopback_any_port()).await;
+    let store = connect(&first.url()).await.expect("connect");
+    let lease = store.grant_lease(Duration::from_secs(30)).await.expect("grant");
+    store.put("/t/restart/a", b"1".to_vec(), Some(lease)).await.expect("put");
+    let mut events = store.watch("/t/restart/", None).await.expect("watch");
+
+    first.kill();
+    let ended = tokio::time::timeout(Duration::from_secs(5), events.next()).await.expect("the watch ends");
+    assert!(matches!(ended, Some(Err(CoordinatorError::WatchLost { .. }))), "re-read and watch again: {ended:?}");
+    match store.get("/t/restart/a").await {
+        Err(e) => assert!(e.retryable() && e.to_string().contains(&first.url()), "{e}"),
+        Ok(kv) => panic!("the coordinator is down, yet get answered {kv:?}"),
+    }
+
+    // The coordinator comes back on the same port with an empty store: the same client reaches it by itself.
+    let second = ServedStore::start(store_router(Arc::new(MemoryStore::new())), first.addr).await;
+    eventually(Duration::from_secs(5), "the restarted store answers", || async {
+        store.get("/t/restart/a").await.is_ok()
+    })
+    .await;
+    assert_eq!(store.get("/t/restart/a").await.expect("get"), None, "a restarted memory store starts empty");
+    assert!(matches!(store.keep_alive(lease).await, Err(CoordinatorError::LeaseNotFound { .. })));
+    let mut events = store.watch("/t/restart/", None).await.expect("watch again");
+    store.put("/t/restart/b", b"2".to_vec(), None).await.expect("put");
+    assert!(matches!(next_event(&mut events).await, WatchEvent::Put(kv) if kv.key == "/t/restart/b"));
+    drop(second);
 }

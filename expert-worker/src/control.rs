@@ -52,7 +52,7 @@ pub fn worker_status(worker: &ExpertWorker) -> WorkerStatus {
         held: to_layer_experts(&worker.held()),
         expert_bytes: worker.expert_bytes(),
         placement_epoch: worker.placement_epoch(),
-        min_placement_epoch: worker.placement_epoch(),
+        min_placement_epoch: worker.min_placement_epoch(),
         tokens_computed: counters.tokens_computed,
         requests_served: counters.requests_served,
         batches_computed: counters.batches_computed,
@@ -76,9 +76,10 @@ impl ExpertControl for ControlService {
         &self,
         request: Request<LoadExpertsRequest>,
     ) -> Result<Response<LoadExpertsResponse>, Status> {
-        let experts = to_map(request.into_inner().experts);
+        let request = request.into_inner();
+        let (experts, epoch) = (to_map(request.experts), request.placement_epoch);
         let worker = self.worker.clone();
-        let bytes_read = blocking(move || worker.load_experts(&experts)).await?;
+        let bytes_read = blocking(move || worker.load_experts(&experts, epoch)).await?;
         Ok(Response::new(LoadExpertsResponse { bytes_read }))
     }
 
@@ -86,9 +87,10 @@ impl ExpertControl for ControlService {
         &self,
         request: Request<UnloadExpertsRequest>,
     ) -> Result<Response<UnloadExpertsResponse>, Status> {
-        let experts = to_map(request.into_inner().experts);
+        let request = request.into_inner();
+        let (experts, min_epoch) = (to_map(request.experts), request.min_epoch);
         let worker = self.worker.clone();
-        let bytes_freed = blocking(move || worker.unload_experts(&experts)).await?;
+        let bytes_freed = blocking(move || worker.unload_experts(&experts, min_epoch)).await?;
         Ok(Response::new(UnloadExpertsResponse { bytes_freed }))
     }
 

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use switchyard_coordinator::CoordinatorError;
 use switchyard_model::ModelError;
 use switchyard_transport::error::error_chain;
 use tonic::{Code, Status};
@@ -30,6 +31,28 @@ pub enum WorkerError {
         #[source]
         source: Box<ModelError>,
     },
+    /// The checkpoint's fingerprint (what cluster members must agree on) could not be computed.
+    #[error("fingerprinting the checkpoint in {}", dir.display())]
+    Fingerprint {
+        /// The model directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<ModelError>,
+    },
+    /// Sizing the routed experts from the checkpoint's headers failed.
+    #[error("sizing the routed experts of the checkpoint in {}", dir.display())]
+    ExpertSizes {
+        /// The model directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<ModelError>,
+    },
+    /// Joining the cluster failed: the cluster serves another checkpoint ([`CoordinatorError::CheckpointMismatch`],
+    /// whose message names both hashes), the store is unreachable, or a name is invalid.
+    #[error(transparent)]
+    Cluster(#[from] CoordinatorError),
     /// The `--experts` spec does not parse or does not fit the model.
     #[error(transparent)]
     Spec(#[from] SpecError),

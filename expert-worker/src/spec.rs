@@ -1,7 +1,7 @@
 //! Which experts a worker holds: the `--experts` spec.
 //!
 //! Three forms, written the way an operator thinks about placement:
-//! - `all`: every expert of every MoE layer;
+//! - `all`: every expert of every MoE layer (and `none`: no expert, for a worker the coordinator fills);
 //! - `0-3,8`: these experts in every MoE layer;
 //! - `1:0-3;3:4-7`: per decoder layer, `layer:list` parts separated by `;` (a list may also be `all`); layers not
 //!   named hold none.
@@ -33,7 +33,10 @@ pub enum ExpertSpec {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
     /// The text is not a spec; `part` is the piece at fault.
-    #[error("invalid expert spec {spec:?} at {part:?}: {reason} (expected `all`, a list like `0-3,8`, or per layer `1:0-3;3:4-7`)")]
+    #[error(
+        "invalid expert spec {spec:?} at {part:?}: {reason} (expected `all`, `none`, a list like `0-3,8`, or per layer \
+         `1:0-3;3:4-7`)"
+    )]
     Syntax {
         /// The whole spec.
         spec: String,
@@ -67,6 +70,9 @@ impl FromStr for ExpertSpec {
         }
         if text.eq_ignore_ascii_case("all") {
             return Ok(ExpertSpec::All);
+        }
+        if text.eq_ignore_ascii_case("none") {
+            return Ok(ExpertSpec::none());
         }
         if !text.contains(':') {
             if text.contains(';') {
@@ -132,6 +138,11 @@ fn parse_list(list: &str) -> Result<BTreeSet<u32>, (String, String)> {
 }
 
 impl ExpertSpec {
+    /// No expert at all: a worker in a coordinated cluster starts empty and loads what the coordinator assigns.
+    pub fn none() -> Self {
+        ExpertSpec::PerLayer(BTreeMap::new())
+    }
+
     /// The experts this spec names in `text`'s model, by MoE layer; every MoE layer of an `all` or list spec
     /// appears, even when a list holds no expert of it. Refuses expert ids at or past `num_local_experts` and layers
     /// that are not MoE layers.
@@ -199,6 +210,7 @@ impl fmt::Display for ExpertSpec {
         match self {
             ExpertSpec::All => f.write_str("all"),
             ExpertSpec::Every(experts) => write_list(f, experts),
+            ExpertSpec::PerLayer(layers) if layers.is_empty() => f.write_str("none"),
             ExpertSpec::PerLayer(layers) => {
                 for (i, (layer, experts)) in layers.iter().enumerate() {
                     if i > 0 {

@@ -25,7 +25,8 @@ pub struct WorkerOptions {
     pub worker_id: String,
     /// The experts to load at start.
     pub experts: ExpertSpec,
-    /// The placement epoch dispatches must carry.
+    /// The placement epoch dispatches must carry at start: the epoch window starts as `[placement_epoch,
+    /// placement_epoch]` and moves with [`ExpertWorker::load_experts`] and [`ExpertWorker::unload_experts`].
     pub placement_epoch: u64,
     /// How activations meet FP8 expert weights.
     pub activation_precision: ActivationPrecision,
@@ -102,7 +103,10 @@ pub struct ExpertWorker {
     shared: Arc<Shared>,
     text: TextConfig,
     precision: ActivationPrecision,
-    epoch: AtomicU64,
+    /// The epoch window: dispatches routed with an epoch in `[min_epoch, max_epoch]` are accepted. Both ends only
+    /// rise (except through [`ExpertWorker::set_placement_epoch`]), so two lock-free reads suffice for a check.
+    min_epoch: AtomicU64,
+    max_epoch: AtomicU64,
     checkpoint: Checkpoint,
     model_dir: PathBuf,
     /// Serialises loads and unloads; computing never waits for it.
@@ -154,7 +158,8 @@ impl ExpertWorker {
             shared,
             text,
             precision: options.activation_precision,
-            epoch: AtomicU64::new(options.placement_epoch),
+            min_epoch: AtomicU64::new(options.placement_epoch),
+            max_epoch: AtomicU64::new(options.placement_epoch),
             checkpoint,
             model_dir: model_dir.to_path_buf(),
             control: Mutex::new(()),
@@ -193,14 +198,30 @@ impl ExpertWorker {
         self.precision
     }
 
-    /// The placement epoch dispatches must carry.
+    /// The newest placement epoch accepted: the upper end of the epoch window.
     pub fn placement_epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        self.max_epoch.load(Ordering::Acquire)
     }
 
-    /// Moves to a new placement epoch: dispatches routed with any other are refused as stale from now on.
+    /// The oldest placement epoch accepted: the lower end of the epoch window.
+    pub fn min_placement_epoch(&self) -> u64 {
+        self.min_epoch.load(Ordering::Acquire)
+    }
+
+    /// The epoch window `(min, max)`: dispatches routed with an epoch in `min..=max` are accepted, others are
+    /// refused as stale.
+    pub fn epoch_window(&self) -> (u64, u64) {
+        (self.min_placement_epoch(), self.placement_epoch())
+    }
+
+    /// Sets the epoch window to exactly `[epoch, epoch]` (also lowering it): for a worker driven without a
+    /// coordinator, where one epoch is the whole truth.
     pub fn set_placement_epoch(&self, epoch: u64) {
-        self.epoch.store(epoch, Ordering::Release);
+        let _control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
+        // Two stores, not one step: a dispatch checked between them sees one old end and one new one. Fine for the
+        // drivers this is for, which change the epoch while no dispatch of the old one is in flight.
+        self.max_epoch.store(epoch, Ordering::Release);
+        self.min_epoch.store(epoch, Ordering::Release);
         tracing::info!(worker_id = %self.worker_id(), epoch, "placement epoch set");
     }
 
@@ -247,8 +268,11 @@ impl ExpertWorker {
     }
 
     /// Loads more experts while serving: the weights are read without holding any lock computing needs, then
-    /// swapped in. Experts already held are skipped. Returns the checkpoint bytes read.
-    pub fn load_experts(&self, experts: &ExpertsByLayer) -> Result<u64, WorkerError> {
+    /// swapped in. Experts already held are skipped. Once they are in, dispatches routed with placement epochs up to
+    /// `placement_epoch` are accepted (the window's upper end rises to it; 0 or an older epoch leaves it): the
+    /// coordinator loads the experts of a placement before it publishes that placement. Returns the checkpoint bytes
+    /// read.
+    pub fn load_experts(&self, experts: &ExpertsByLayer, placement_epoch: u64) -> Result<u64, WorkerError> {
         let _control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
         check_experts(&self.text, experts).map_err(|reason| WorkerError::InvalidExperts { reason })?;
         let missing: ExpertsByLayer = {
@@ -271,9 +295,12 @@ impl ExpertWorker {
             }
         }
         let bytes_read = self.checkpoint.ledger().bytes_read() - before;
+        self.max_epoch.fetch_max(placement_epoch, Ordering::AcqRel);
         tracing::info!(
             worker_id = %self.worker_id(),
             experts = count,
+            min_epoch = self.min_placement_epoch(),
+            max_epoch = self.placement_epoch(),
             checkpoint_bytes_read = bytes_read,
             expert_bytes = self.expert_bytes(),
             "experts loaded"
@@ -282,13 +309,26 @@ impl ExpertWorker {
     }
 
     /// Stops holding `experts` (those not held are ignored); dispatches to them fail with `ExpertNotHeld` from now
-    /// on. Returns the bytes of expert weights freed.
+    /// on. Before anything is unloaded, dispatches routed with placement epochs older than `min_epoch` are refused
+    /// as stale (the window's lower end rises to it; 0 or an older epoch leaves it), so a router still on the old
+    /// placement learns that it must move on instead of seeing a missing expert. The lower end may pass the upper
+    /// one: the window is then empty until a load raises it (a worker left out of the newest placement serves no
+    /// epoch). Returns the bytes of expert weights freed.
     ///
     /// [`LocalExperts`] cannot drop one expert, so a layer that keeps some experts is rebuilt from the checkpoint
     /// (cheap for FP8 experts, whose codes stay in the mapping) outside any lock computing needs, then swapped in.
-    pub fn unload_experts(&self, experts: &ExpertsByLayer) -> Result<u64, WorkerError> {
+    pub fn unload_experts(&self, experts: &ExpertsByLayer, min_epoch: u64) -> Result<u64, WorkerError> {
         let _control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
         check_experts(&self.text, experts).map_err(|reason| WorkerError::InvalidExperts { reason })?;
+        let before_min = self.min_epoch.fetch_max(min_epoch, Ordering::AcqRel);
+        if min_epoch > before_min {
+            tracing::info!(
+                worker_id = %self.worker_id(),
+                min_epoch,
+                max_epoch = self.placement_epoch(),
+                "refusing dispatches of older placement epochs"
+            );
+        }
         let kept: ExpertsByLayer = {
             let held = self.shared.read_held();
             experts
@@ -350,9 +390,12 @@ impl ExpertWorker {
                 ),
             });
         }
-        let current = self.placement_epoch();
-        if batch.placement_epoch != current {
-            return Err(TransportError::StaleEpoch { sent: batch.placement_epoch, current });
+        let (min, max) = self.epoch_window();
+        if batch.placement_epoch < min {
+            return Err(TransportError::StaleEpoch { sent: batch.placement_epoch, current: min });
+        }
+        if batch.placement_epoch > max {
+            return Err(TransportError::StaleEpoch { sent: batch.placement_epoch, current: max });
         }
         // Each distinct id once: a batch is many rows over few experts.
         let distinct: BTreeSet<u32> = batch.experts.iter().copied().collect();

@@ -76,7 +76,7 @@ async fn serves_dispatch_control_and_health() {
     let status = control.status(WorkerStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.worker_id, "ew-test");
     assert_eq!(status.held, vec![LayerExperts { layer: 1, experts: vec![0, 1, 2, 3] }]);
-    assert_eq!(status.placement_epoch, 2);
+    assert_eq!((status.min_placement_epoch, status.placement_epoch), (2, 2));
     assert!(status.expert_bytes > 0);
 
     // f32 on the wire: the worker computes on exactly the sender's numbers, so the result is bit-exact.
@@ -113,7 +113,11 @@ async fn serves_dispatch_control_and_health() {
 
     // LoadExperts, then the new expert serves; UnloadExperts, then it is refused again.
     let layer3 = vec![LayerExperts { layer: 3, experts: vec![6] }];
-    let loaded = control.load_experts(LoadExpertsRequest { experts: layer3.clone(), placement_epoch: 0 }).await.unwrap().into_inner();
+    let loaded = control
+        .load_experts(LoadExpertsRequest { experts: layer3.clone(), placement_epoch: 0 })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(loaded.bytes_read > 0);
     let expected = reference.compute(3, &to_new.inputs, &to_new.experts, hidden).unwrap();
     assert_eq!(transport.dispatch("ew-test", to_new.clone()).await.unwrap(), expected);
@@ -122,7 +126,8 @@ async fn serves_dispatch_control_and_health() {
     assert_eq!(status.requests_served, 3);
     assert_eq!(status.tokens_computed, 12 + 12 + 4);
     assert!(status.batches_computed >= 1 && status.batches_computed <= 3);
-    let unloaded = control.unload_experts(UnloadExpertsRequest { experts: layer3, min_epoch: 0 }).await.unwrap().into_inner();
+    let unloaded =
+        control.unload_experts(UnloadExpertsRequest { experts: layer3, min_epoch: 0 }).await.unwrap().into_inner();
     assert!(unloaded.bytes_freed > 0);
     assert_eq!(transport.dispatch("ew-test", to_new).await, Err(TransportError::ExpertNotHeld { layer: 3, expert: 6 }));
     let bad = LoadExpertsRequest { experts: vec![LayerExperts { layer: 2, experts: vec![0] }], placement_epoch: 0 };
@@ -137,4 +142,52 @@ async fn serves_dispatch_control_and_health() {
     assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
     assert!(started.elapsed() < SHUTDOWN_GRACE, "took {:?}", started.elapsed());
     assert!(transport.dispatch("ew-test", batch).await.is_err());
+}
+
+/// The coordinator's apply protocol against one worker over gRPC: LoadExperts for the next epoch widens the window
+/// (routers on either epoch are served), UnloadExperts with that epoch as the minimum closes the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_window_follows_load_and_unload() {
+    let dir = common::tiny_model();
+    let hidden = common::text_config(dir.path()).hidden_size;
+    let reference = common::all_experts(dir.path(), ActivationPrecision::F32);
+    let server = start(common::worker(dir.path(), "1:0-3", 1)).await;
+    let mut control = ExpertControlClient::connect(server.endpoint.clone()).await.unwrap();
+    let transport = GrpcTransport::new(WireFormat::default(), "aw-0".into());
+    transport.add_worker("ew-test", server.endpoint.clone());
+    let window = |status: switchyard_proto::v1::WorkerStatus| (status.min_placement_epoch, status.placement_epoch);
+    let to_layer1 = |epoch| common::batch(1, 1, &[0, 3], 6, hidden, epoch);
+    let to_layer3 = |epoch| common::batch(2, 3, &[6], 4, hidden, epoch);
+
+    // Epoch 2 moves expert 6 of layer 3 here: loaded before the placement is published, so both epochs are served.
+    let layer3 = vec![LayerExperts { layer: 3, experts: vec![6] }];
+    control.load_experts(LoadExpertsRequest { experts: layer3, placement_epoch: 2 }).await.unwrap();
+    assert_eq!(window(control.status(WorkerStatusRequest {}).await.unwrap().into_inner()), (1, 2));
+    let layer1_out = reference.compute(1, &to_layer1(1).inputs, &to_layer1(1).experts, hidden).unwrap();
+    for epoch in [1, 2] {
+        assert_eq!(transport.dispatch("ew-test", to_layer1(epoch)).await.unwrap(), layer1_out, "epoch {epoch}");
+    }
+    let layer3_out = reference.compute(3, &to_layer3(2).inputs, &to_layer3(2).experts, hidden).unwrap();
+    assert_eq!(transport.dispatch("ew-test", to_layer3(2)).await.unwrap(), layer3_out);
+    assert_eq!(
+        transport.dispatch("ew-test", to_layer1(3)).await,
+        Err(TransportError::StaleEpoch { sent: 3, current: 2 }),
+        "an epoch not loaded yet is refused"
+    );
+
+    // Every router adopted epoch 2: expert 3 of layer 1 leaves, and epoch 1 is refused as stale, not as missing.
+    let layer1 = vec![LayerExperts { layer: 1, experts: vec![3] }];
+    let unloaded = control.unload_experts(UnloadExpertsRequest { experts: layer1, min_epoch: 2 }).await.unwrap();
+    assert!(unloaded.into_inner().bytes_freed > 0);
+    assert_eq!(window(control.status(WorkerStatusRequest {}).await.unwrap().into_inner()), (2, 2));
+    assert_eq!(
+        transport.dispatch("ew-test", to_layer1(1)).await,
+        Err(TransportError::StaleEpoch { sent: 1, current: 2 })
+    );
+    assert_eq!(
+        transport.dispatch("ew-test", to_layer1(2)).await,
+        Err(TransportError::ExpertNotHeld { layer: 1, expert: 3 })
+    );
+    assert_eq!(transport.dispatch("ew-test", to_layer3(2)).await.unwrap(), layer3_out);
+    drop(server);
 }

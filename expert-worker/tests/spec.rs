@@ -17,6 +17,7 @@ fn set(ids: &[u32]) -> BTreeSet<u32> {
 fn parses_the_three_forms() {
     assert_eq!("all".parse::<ExpertSpec>(), Ok(ExpertSpec::All));
     assert_eq!(" ALL ".parse::<ExpertSpec>(), Ok(ExpertSpec::All));
+    assert_eq!("none".parse::<ExpertSpec>(), Ok(ExpertSpec::none()));
     assert_eq!("0-3,8".parse::<ExpertSpec>(), Ok(ExpertSpec::Every(set(&[0, 1, 2, 3, 8]))));
     assert_eq!("5".parse::<ExpertSpec>(), Ok(ExpertSpec::Every(set(&[5]))));
     assert_eq!("2-2, 7 ,1".parse::<ExpertSpec>(), Ok(ExpertSpec::Every(set(&[1, 2, 7]))));
@@ -29,7 +30,7 @@ fn parses_the_three_forms() {
 
 #[test]
 fn display_round_trips() {
-    for text in ["all", "0-3,8", "1:0-3;3:4-7", "1:all;3:0,2,4-5"] {
+    for text in ["all", "none", "0-3,8", "1:0-3;3:4-7", "1:all;3:0,2,4-5"] {
         let spec: ExpertSpec = text.parse().expect(text);
         assert_eq!(spec.to_string(), text);
         assert_eq!(spec.to_string().parse::<ExpertSpec>().as_ref(), Ok(&spec));

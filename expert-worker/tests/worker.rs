@@ -163,6 +163,52 @@ fn refuses_malformed_batches() {
 }
 
 #[test]
+fn accepts_every_epoch_of_its_window() {
+    let dir = common::tiny_model();
+    let hidden = common::text_config(dir.path()).hidden_size;
+    let worker = common::worker(dir.path(), "1:0-3", 3);
+    let at = |epoch: u64| common::batch(1, 1, &[0, 3], 4, hidden, epoch);
+    let stale = |sent: u64, current: u64| Err(TransportError::StaleEpoch { sent, current });
+    let none = BTreeMap::new();
+    assert_eq!(worker.epoch_window(), (3, 3));
+    assert_eq!(worker.validate(&at(4)), stale(4, 3), "too new: the newest accepted epoch comes back");
+
+    // A load for epoch 5 widens the window upwards; an older or zero epoch leaves it.
+    worker.load_experts(&none, 5).unwrap();
+    worker.load_experts(&none, 4).unwrap();
+    worker.load_experts(&none, 0).unwrap();
+    assert_eq!(worker.epoch_window(), (3, 5));
+    for epoch in 3..=5 {
+        assert_eq!(worker.validate(&at(epoch)), Ok(()), "epoch {epoch}");
+    }
+    assert_eq!(compute(&worker, at(3)), compute(&worker, at(5)), "every epoch of the window computes alike");
+    assert_eq!(worker.validate(&at(6)), stale(6, 5));
+    assert_eq!(worker.validate(&at(2)), stale(2, 3), "too old: the oldest accepted epoch comes back");
+
+    // An unload for epoch 4 raises the lower end first; zero leaves it.
+    worker.unload_experts(&BTreeMap::from([(1, BTreeSet::from([3]))]), 4).unwrap();
+    worker.unload_experts(&none, 0).unwrap();
+    assert_eq!(worker.epoch_window(), (4, 5));
+    assert_eq!(worker.validate(&at(3)), stale(3, 4));
+    assert_eq!(worker.validate(&common::batch(1, 1, &[0], 4, hidden, 4)), Ok(()));
+    assert_eq!(worker.validate(&at(4)), Err(TransportError::ExpertNotHeld { layer: 1, expert: 3 }));
+
+    // Raised past the upper end, the window is empty until a load catches up: the worker serves no epoch.
+    worker.unload_experts(&none, 7).unwrap();
+    assert_eq!(worker.epoch_window(), (7, 5));
+    assert_eq!(worker.validate(&at(5)), stale(5, 7));
+    assert_eq!(worker.validate(&at(8)), stale(8, 5));
+    worker.load_experts(&BTreeMap::from([(1, BTreeSet::from([3]))]), 7).unwrap();
+    assert_eq!(worker.epoch_window(), (7, 7));
+    assert_eq!(worker.validate(&at(7)), Ok(()));
+
+    // A failed load leaves the window as it was.
+    assert!(worker.load_experts(&BTreeMap::from([(2, BTreeSet::from([0]))]), 9).is_err());
+    assert!(worker.unload_experts(&BTreeMap::from([(2, BTreeSet::from([0]))]), 9).is_err());
+    assert_eq!(worker.epoch_window(), (7, 7));
+}
+
+#[test]
 fn loads_and_unloads_experts_while_serving() {
     let dir = common::tiny_model();
     let text = common::text_config(dir.path());
@@ -173,7 +219,8 @@ fn loads_and_unloads_experts_while_serving() {
     assert_eq!(compute(&worker, to_new.clone()), Err(TransportError::ExpertNotHeld { layer: 3, expert: 4 }));
 
     let bytes_before = worker.expert_bytes();
-    let read = worker.load_experts(&BTreeMap::from([(3, BTreeSet::from([4, 6])), (1, BTreeSet::from([0]))])).unwrap();
+    let read =
+        worker.load_experts(&BTreeMap::from([(3, BTreeSet::from([4, 6])), (1, BTreeSet::from([0]))]), 0).unwrap();
     let checkpoint = Checkpoint::open(dir.path()).unwrap();
     let expected: usize =
         [4, 6].iter().flat_map(|&e| checkpoint.expert_ranges(3, e, &text).unwrap()).map(|r| r.len()).sum();
@@ -183,7 +230,7 @@ fn loads_and_unloads_experts_while_serving() {
     let expected = reference.compute(3, &to_new.inputs, &to_new.experts, hidden).unwrap();
     assert_eq!(compute(&worker, to_new.clone()).unwrap(), expected);
 
-    let freed = worker.unload_experts(&BTreeMap::from([(3, BTreeSet::from([4]))])).unwrap();
+    let freed = worker.unload_experts(&BTreeMap::from([(3, BTreeSet::from([4]))]), 0).unwrap();
     assert_eq!(freed, bytes_before);
     assert_eq!(worker.held(), BTreeMap::from([(1, BTreeSet::from([0])), (3, BTreeSet::from([6]))]));
     assert_eq!(compute(&worker, to_new.clone()), Err(TransportError::ExpertNotHeld { layer: 3, expert: 4 }));
@@ -192,10 +239,10 @@ fn loads_and_unloads_experts_while_serving() {
     assert_eq!(compute(&worker, to_kept).unwrap(), expected, "the rebuilt layer computes as before");
 
     // Unloading the last expert of a layer, and experts not held, are fine; bad ids are refused.
-    assert_eq!(worker.unload_experts(&BTreeMap::from([(1, BTreeSet::from([0, 3]))])).unwrap(), bytes_before);
+    assert_eq!(worker.unload_experts(&BTreeMap::from([(1, BTreeSet::from([0, 3]))]), 0).unwrap(), bytes_before);
     assert_eq!(worker.held(), BTreeMap::from([(3, BTreeSet::from([6]))]));
-    assert!(worker.load_experts(&BTreeMap::from([(2, BTreeSet::from([0]))])).is_err());
-    assert!(worker.load_experts(&BTreeMap::from([(1, BTreeSet::from([8]))])).is_err());
+    assert!(worker.load_experts(&BTreeMap::from([(2, BTreeSet::from([0]))]), 0).is_err());
+    assert!(worker.load_experts(&BTreeMap::from([(1, BTreeSet::from([8]))]), 0).is_err());
 }
 
 #[test]
@@ -208,7 +255,7 @@ fn an_unload_while_queued_fails_only_the_affected_batches() {
     let dropped = common::batch(2, 1, &[1], 3, hidden, 0);
     let kept_answer = worker.compute(kept);
     let dropped_answer = worker.compute(dropped);
-    worker.unload_experts(&BTreeMap::from([(1, BTreeSet::from([1]))])).unwrap();
+    worker.unload_experts(&BTreeMap::from([(1, BTreeSet::from([1]))]), 0).unwrap();
     worker.resume();
     assert!(block_on(kept_answer).is_ok());
     assert_eq!(block_on(dropped_answer), Err(TransportError::ExpertNotHeld { layer: 1, expert: 1 }));

@@ -1,7 +1,8 @@
 //! Wire formats of Switchyard.
 //!
 //! Owns every `.proto` file (`proto/switchyard/v1/`) and the code generated from them: dispatch/combine between
-//! attention and expert workers, expert-worker control, the coordinator's placement API and the client Generate API.
+//! attention and expert workers, expert-worker control, the coordinator's placement API, the cluster store a coordinator serves
+//! (`switchyard.v1.Store`) and the client Generate API.
 //! Nothing else in the workspace defines a wire format. It must not depend on model math or on any worker.
 //!
 //! Byte fields are generated as `bytes::Bytes`, so activation payloads are not copied by decoding.

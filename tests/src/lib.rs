@@ -57,6 +57,8 @@ pub struct Cluster {
     pub members: Vec<Member>,
     /// The client endpoint from the `ready` line.
     pub endpoint: String,
+    /// The cluster store's URL from the `ready` line (the coordinator's, or the etcd cluster's).
+    pub store: String,
     lines: mpsc::Receiver<String>,
     stderr_path: PathBuf,
     _stderr_dir: tempfile::TempDir,
@@ -65,6 +67,11 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `switchyard up ARGS` and waits (up to 120 s) for its `ready` line.
     pub fn start(args: &[&str]) -> Cluster {
+        Self::try_start(args).unwrap_or_else(|stderr| panic!("switchyard up did not become ready; stderr:\n{stderr}"))
+    }
+
+    /// Like [`Cluster::start`], but gives back what `up` wrote to stderr when it does not become ready (it failed).
+    pub fn try_start(args: &[&str]) -> Result<Cluster, String> {
         let stderr_dir = tempfile::tempdir().expect("tempdir");
         let stderr_path = stderr_dir.path().join("up.stderr");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
@@ -72,6 +79,8 @@ impl Cluster {
             .arg("up")
             .args(args)
             .env_remove("SWITCHYARD_MODEL")
+            // What the tests read from the log: placement changes and expert loads and unloads.
+            .env("SWITCHYARD_LOG", "warn,switchyard_coordinator=info,switchyard_expert_worker=info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -91,6 +100,7 @@ impl Cluster {
             up,
             members: Vec::new(),
             endpoint: String::new(),
+            store: String::new(),
             lines,
             stderr_path,
             _stderr_dir: stderr_dir,
@@ -104,10 +114,19 @@ impl Cluster {
                         cluster.members.push(member);
                     } else if let Some(rest) = line.strip_prefix("ready: client endpoint ") {
                         cluster.endpoint = rest.split_whitespace().next().unwrap_or_default().to_string();
-                        return cluster;
+                        cluster.store = rest
+                            .split_once("(store ")
+                            .and_then(|(_, r)| r.split(';').next())
+                            .unwrap_or_default()
+                            .to_string();
+                        return Ok(cluster);
                     }
                 }
-                Err(_) => panic!("switchyard up did not become ready; stderr:\n{}", cluster.stderr()),
+                Err(_) => {
+                    // Give `up` a moment to finish writing why it stopped.
+                    let _ = cluster.wait_exit(Duration::from_secs(10));
+                    return Err(cluster.stderr());
+                }
             }
         }
     }
@@ -140,6 +159,18 @@ impl Cluster {
         let pid = self.member(name).pid as libc::pid_t;
         // SAFETY: signal 0 only checks that the process exists.
         unsafe { libc::kill(pid, 0) == 0 }
+    }
+
+    /// Waits up to `limit` for `up` to exit; its status, if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.up.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Whether `up` itself still runs.
@@ -194,4 +225,102 @@ pub fn max_abs_diff(a: &serde_json::Value, b: &serde_json::Value) -> f64 {
         }
     }
     max
+}
+
+/// A prompt long enough that routing reaches every expert of the tiny model in both MoE layers.
+pub fn prompt_ids() -> String {
+    (0..96u32).map(|i| ((i * 37 + 11) % 480).to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Greedy generation of `max_new_tokens` for [`prompt_ids`] in one process (no cluster), as `--output-json`.
+pub fn single_process(model: &Path, out: &Path, fp8_activations: bool, max_new_tokens: u32) -> serde_json::Value {
+    let ids = prompt_ids();
+    let tokens = max_new_tokens.to_string();
+    let mut args = vec![
+        "generate", "--model", model.to_str().expect("utf-8"), "--prompt-ids", &ids, "--max-new-tokens", &tokens,
+        "--ignore-eos", "--output-json", out.to_str().expect("utf-8"),
+    ];
+    if fp8_activations {
+        args.push("--fp8-activations");
+    }
+    let output = switchyard(&args);
+    assert!(output.status.success(), "single-process generate: {}", String::from_utf8_lossy(&output.stderr));
+    read_json(out)
+}
+
+/// The same generation of 8 tokens through a cluster's client endpoint.
+pub fn through(endpoint: &str, out: &Path) -> serde_json::Value {
+    let output = generate_through(endpoint, out, 8);
+    assert!(output.status.success(), "generate --endpoint {endpoint}: {}", String::from_utf8_lossy(&output.stderr));
+    read_json(out)
+}
+
+/// Runs `switchyard generate --endpoint` for [`prompt_ids`], writing `--output-json` to `out`.
+pub fn generate_through(endpoint: &str, out: &Path, max_new_tokens: u32) -> Output {
+    switchyard(&[
+        "generate", "--endpoint", endpoint, "--prompt-ids", &prompt_ids(), "--max-new-tokens",
+        &max_new_tokens.to_string(), "--ignore-eos", "--output-json", out.to_str().expect("utf-8"),
+    ])
+}
+
+/// Asserts that a generation equals the reference: same prompt, same greedy tokens, logits within 1e-5.
+pub fn assert_equivalent(name: &str, reference: &serde_json::Value, got: &serde_json::Value) {
+    assert_eq!(got["prompt_ids"], reference["prompt_ids"], "{name}: prompt ids");
+    assert_eq!(got["greedy_tokens"], reference["greedy_tokens"], "{name}: greedy tokens");
+    let prompt = max_abs_diff(&got["prompt_logits"], &reference["prompt_logits"]);
+    let decode = max_abs_diff(&got["decode_logits"], &reference["decode_logits"]);
+    println!("{name}: max |diff| prompt logits {prompt:e}, decode logits {decode:e}");
+    assert!(prompt <= 1e-5 && decode <= 1e-5, "{name}: logits differ by {prompt} / {decode}");
+}
+
+/// Generations run back to back by background clients until [`Traffic::finish`]: load on a cluster while something
+/// else happens to it (a rebalance, a killed worker).
+pub struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<std::thread::JoinHandle<Vec<(PathBuf, Output)>>>,
+}
+
+impl Traffic {
+    /// One client per endpoint in `endpoints`, each generating `max_new_tokens` for [`prompt_ids`] again and again,
+    /// writing each `--output-json` under `dir`.
+    pub fn start(endpoints: &[String], dir: &Path, max_new_tokens: u32) -> Traffic {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = endpoints
+            .iter()
+            .enumerate()
+            .map(|(client, endpoint)| {
+                let (stop, endpoint, dir) = (stop.clone(), endpoint.clone(), dir.to_path_buf());
+                std::thread::spawn(move || {
+                    let mut runs = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let out = dir.join(format!("traffic-{client}-{}.json", runs.len()));
+                        let output = generate_through(&endpoint, &out, max_new_tokens);
+                        runs.push((out, output));
+                    }
+                    runs
+                })
+            })
+            .collect();
+        Traffic { stop, clients }
+    }
+
+    /// Lets every client finish the generation it is in, then returns every run: its `--output-json` path and how
+    /// the client exited.
+    pub fn finish(self) -> Vec<(PathBuf, Output)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.clients.into_iter().flat_map(|c| c.join().expect("traffic client thread")).collect()
+    }
+}
+
+/// Runs `switchyard placement show --store URL` and returns its stdout (the table and the coordinator's status).
+pub fn placement_show(store: &str) -> String {
+    let output = switchyard(&["placement", "show", "--store", store]);
+    assert!(output.status.success(), "placement show: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The first number after `epoch ` in `text`.
+pub fn epoch_in(text: &str) -> Option<u64> {
+    let rest = &text[text.find("epoch ")? + "epoch ".len()..];
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }

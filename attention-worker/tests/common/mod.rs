@@ -125,6 +125,17 @@ pub fn prompt(seed: u64, len: usize) -> Vec<u32> {
 
 /// Single-sequence generation keeping logits, ignoring EOS.
 pub fn solo(model: &Llama4Model, prompt: &[u32], max_new_tokens: usize, sampling: SamplingParams) -> Generation {
+    solo_with(model, prompt, max_new_tokens, sampling, &mut |_| {})
+}
+
+/// [`solo`], calling `on_token` with each generated token.
+pub fn solo_with(
+    model: &Llama4Model,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    sampling: SamplingParams,
+    on_token: &mut dyn FnMut(u32),
+) -> Generation {
     let request = GenerationRequest {
         prompt: prompt.to_vec(),
         max_new_tokens,
@@ -132,7 +143,17 @@ pub fn solo(model: &Llama4Model, prompt: &[u32], max_new_tokens: usize, sampling
         stop_tokens: Vec::new(),
         keep_logits: true,
     };
-    generate(model, &request, &mut |_| {}).expect("generate")
+    generate(model, &request, on_token).expect("generate")
+}
+
+/// An expert worker served over gRPC on its own runtime, so that shutting the runtime down drops its sockets like a
+/// kill. Returns the runtime and the worker's endpoint.
+pub fn serve_expert_worker(worker: Arc<ExpertWorker>) -> (tokio::runtime::Runtime, String) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("local address"));
+    runtime.spawn(switchyard_expert_worker::serve(worker, listener, std::future::pending()));
+    (runtime, endpoint)
 }
 
 /// Largest absolute difference between two equally long rows.

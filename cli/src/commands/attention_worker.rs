@@ -1,9 +1,14 @@
 //! `switchyard attention-worker`: serve generation with the routed experts on expert workers.
 //!
-//! Binds first (a port in use fails before a long load), loads only the non-expert weights, gets the placement from
-//! the coordinator (or builds it from the expert workers' own status), connects the dispatch transport, then prints
-//! exactly one line `listening on http://IP:PORT` to stdout once serving (what `switchyard up` waits for) and logs to
-//! stderr only. Stops gracefully on SIGTERM or Ctrl-C.
+//! Binds first (a port in use fails before a long load), loads only the non-expert weights, gets the placement,
+//! connects the dispatch transport, then prints exactly one line `listening on http://IP:PORT` to stdout once serving
+//! (what `switchyard up` waits for) and logs to stderr only. Stops gracefully on SIGTERM or Ctrl-C.
+//!
+//! With `--store URL` it is a member of a coordinated cluster: it registers in the cluster store (role Attention,
+//! with its checkpoint's fingerprint: a cluster serving another checkpoint refuses it and the process exits with that
+//! error), waits for the coordinator's first placement, then follows the placement the coordinator publishes, reports
+//! the routed load, and lets a step whose expert worker was lost wait up to `--recovery-timeout-ms` for the
+//! re-placement. With `--expert-workers` instead, the placement is what those workers hold, fixed for the process.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,8 +17,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use switchyard_attention_worker::{
-    fetch_placement, load_tokenizer, placement_from_expert_workers, serve, Engine, EngineOptions, GenerationService,
-    RemoteExperts, RoutingTable,
+    load_tokenizer, placement_from_expert_workers, serve, ClusterLink, ClusterOptions, ConnectWorker, Engine,
+    EngineOptions, ExpertWorkerRoute, GenerationService, RemoteExperts, RoutingTable,
 };
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::config::ModelConfig;
@@ -21,8 +26,11 @@ use switchyard_model::{ExpertSelection, Llama4Model, LoadOptions};
 use switchyard_transport::grpc::GrpcTransport;
 use switchyard_transport::{WireDtype, WireFormat};
 
-/// How long to wait for the coordinator or the expert workers to answer while they start.
+/// How long to wait for the expert workers to answer while they start (`--expert-workers`).
 const PEER_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What the worker reports as its device in the cluster: the attention half computes on the CPU kernels.
+const DEVICE: &str = "cpu";
 
 /// Flags of `switchyard attention-worker`.
 #[derive(clap::Args)]
@@ -30,14 +38,39 @@ pub struct Args {
     /// Model directory (config.json, safetensors, tokenizer.json). Default: the built-in tiny model.
     #[arg(long, env = "SWITCHYARD_MODEL")]
     model: Option<PathBuf>,
-    /// Coordinator endpoint to get the placement from, e.g. `http://127.0.0.1:7000`.
+    /// The cluster store to register in and follow the coordinator's placement through: `etcd://HOST:PORT[,...]`,
+    /// or `http://HOST:PORT` for the store a coordinator serves.
     #[arg(
         long,
-        env = "SWITCHYARD_COORDINATOR",
+        env = "SWITCHYARD_STORE",
+        value_name = "URL",
         conflicts_with = "expert_workers",
         required_unless_present = "expert_workers"
     )]
-    coordinator: Option<String>,
+    store: Option<String>,
+    /// The cluster's name in the store.
+    #[arg(long, env = "SWITCHYARD_CLUSTER", default_value = "default", requires = "store")]
+    cluster: String,
+    /// Lease of the cluster membership, in milliseconds: the coordinator sees a dead worker leave within about this.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..), requires = "store")]
+    lease_ttl_ms: u64,
+    /// How often to publish the routed-token load the coordinator balances by, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..), requires = "store")]
+    load_report_ms: u64,
+    /// How long a step whose experts no reachable expert worker holds waits for the coordinator to re-place them,
+    /// in milliseconds (0 fails such a step at once). Store mode only: without a coordinator nothing re-places.
+    #[arg(long, default_value_t = 30_000, requires = "store")]
+    recovery_timeout_ms: u64,
+    /// How long to wait at start for the coordinator's first placement, in milliseconds.
+    #[arg(long, default_value_t = 300_000, requires = "store")]
+    placement_timeout_ms: u64,
+    /// The machine this worker runs on. Default: the hostname.
+    #[arg(long, env = "SWITCHYARD_NODE")]
+    node: Option<String>,
+    /// The endpoint clients reach this worker at, registered in the cluster. Default: `http://` and the bound
+    /// address (set it when listening on 0.0.0.0 or behind NAT).
+    #[arg(long, env = "SWITCHYARD_ADVERTISE", value_name = "URL")]
+    advertise: Option<String>,
     /// Without a coordinator: the expert workers, as `ID=URL` (or `URL`, taking the id the worker reports), comma
     /// separated. Each is asked which experts it holds.
     #[arg(long, env = "SWITCHYARD_EXPERT_WORKERS", value_delimiter = ',', value_name = "ID=URL,...")]
@@ -84,38 +117,76 @@ async fn serve_until_signal(args: Args) -> Result<()> {
     let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("aw-{}", addr.port()));
     let model_dir = crate::model_dir::resolve(args.model.as_deref())?;
 
-    let (config, mut model) = {
+    let store_mode = args.store.is_some();
+    let (config, mut model, fingerprint) = {
         let dir = model_dir.clone();
-        tokio::task::spawn_blocking(move || load_without_experts(&dir)).await.context("the loading task failed")??
+        tokio::task::spawn_blocking(move || load_without_experts(&dir, store_mode))
+            .await
+            .context("the loading task failed")??
     };
 
-    let placement = match (&args.coordinator, &args.expert_workers) {
-        (Some(coordinator), _) => fetch_placement(coordinator, PEER_PATIENCE)
-            .await
-            .with_context(|| format!("getting the placement from the coordinator at {coordinator}"))?,
+    let wire = WireFormat { dispatch: args.wire, combine: args.combine };
+    let transport = Arc::new(GrpcTransport::new(wire, worker_id.clone()));
+    let connect: ConnectWorker = {
+        let transport = Arc::clone(&transport);
+        Arc::new(move |worker: &ExpertWorkerRoute| {
+            transport.add_worker(worker.id.clone(), worker.endpoint.clone());
+        })
+    };
+    let (routing, link) = match (&args.store, &args.expert_workers) {
+        (Some(url), _) => {
+            let endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+            let options = ClusterOptions {
+                cluster: args.cluster.clone(),
+                worker_id: worker_id.clone(),
+                endpoint,
+                node: args.node.clone().unwrap_or_else(super::expert_worker::hostname),
+                device: DEVICE.into(),
+                checkpoint_hash: fingerprint.unwrap_or_default(),
+                lease_ttl: Duration::from_millis(args.lease_ttl_ms),
+                load_report: Duration::from_millis(args.load_report_ms),
+            };
+            let patience = Duration::from_millis(args.placement_timeout_ms);
+            let (routing, link) = tokio::select! {
+                joined = join_cluster(url, options, &config, patience) => joined.with_context(|| {
+                    format!("attention worker {worker_id} joining cluster {} in the store {url}", args.cluster)
+                })?,
+                () = crate::serving::shutdown_signal() => {
+                    tracing::info!(%worker_id, "stopped before the first placement");
+                    return Ok(());
+                }
+            };
+            (routing, Some(link))
+        }
         (None, Some(workers)) => {
             let workers = workers.iter().map(|w| parse_expert_worker(w)).collect::<Result<Vec<_>>>()?;
-            placement_from_expert_workers(&workers, PEER_PATIENCE)
+            let placement = placement_from_expert_workers(&workers, PEER_PATIENCE)
                 .await
-                .context("building the placement from the expert workers' status")?
+                .context("building the placement from the expert workers' status")?;
+            (RoutingTable::new(&placement, &config.text).context("checking the placement")?, None)
         }
-        (None, None) => bail!("give --coordinator or --expert-workers"),
+        (None, None) => bail!("give --store or --expert-workers"),
     };
-    let routing = Arc::new(RoutingTable::new(&placement, &config.text).context("checking the placement")?);
     tracing::info!(
         epoch = routing.epoch(),
         expert_workers = routing.workers().len(),
         "placement: {}",
         routing.workers().iter().map(|w| format!("{}={}", w.id, w.endpoint)).collect::<Vec<_>>().join(",")
     );
-
-    let wire = WireFormat { dispatch: args.wire, combine: args.combine };
-    let transport = GrpcTransport::new(wire, worker_id.clone());
     for worker in routing.workers() {
-        transport.add_worker(worker.id.clone(), worker.endpoint.clone());
+        connect(worker);
     }
-    let remote = RemoteExperts::new(routing, Arc::new(transport), tokio::runtime::Handle::current(), worker_id.clone());
-    model.set_routed_experts(Arc::new(remote));
+    let recovery_timeout =
+        if link.is_some() { Duration::from_millis(args.recovery_timeout_ms) } else { Duration::ZERO };
+    let remote = Arc::new(
+        RemoteExperts::new(Arc::new(routing), transport, tokio::runtime::Handle::current(), worker_id.clone())
+            .with_recovery_timeout(recovery_timeout),
+    );
+    model.set_routed_experts(remote.clone());
+    let link = link.map(|mut link| {
+        link.follow(remote, &config.text, connect);
+        link
+    });
 
     let options = EngineOptions {
         max_batch: args.max_batch,
@@ -131,16 +202,42 @@ async fn serve_until_signal(args: Args) -> Result<()> {
     let service = GenerationService::new(engine, tokenizer, worker_id.clone());
     crate::serving::announce(&listener)?;
     let server = tokio::spawn(serve(listener, service, crate::serving::shutdown_signal()));
-    server
-        .await
-        .context("the server task failed")?
-        .with_context(|| format!("attention worker {worker_id} on {addr}"))?;
+    let served = server.await.context("the server task failed")?;
+    // Left only once the server has drained: until then its requests route with the placement the coordinator
+    // counts on this worker having adopted.
+    if let Some(link) = link {
+        let patience = Duration::from_millis(args.lease_ttl_ms);
+        match tokio::time::timeout(patience, link.leave()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%worker_id, %error, "could not leave the cluster; the lease will lapse"),
+            Err(_) => tracing::warn!(%worker_id, "the store did not answer the leave; the lease will lapse"),
+        }
+    }
+    served.with_context(|| format!("attention worker {worker_id} on {addr}"))?;
     tracing::info!(%worker_id, "attention worker stopped");
     Ok(())
 }
 
-/// Loads the model's non-expert weights only, logging how much of the checkpoint that read.
-fn load_without_experts(dir: &Path) -> Result<(ModelConfig, Llama4Model)> {
+/// Connects to the store at `url`, registers the worker and waits up to `patience` for the coordinator's first
+/// placement, returning its routing table and the link (not following yet).
+async fn join_cluster(
+    url: &str,
+    options: ClusterOptions,
+    config: &ModelConfig,
+    patience: Duration,
+) -> Result<(RoutingTable, ClusterLink)> {
+    let store = switchyard_coordinator::store::connect(url).await.context("connecting to the cluster store")?;
+    let link = ClusterLink::join(store, options).await.context("registering in the cluster")?;
+    tracing::info!(lease = %link.lease(), "joined the cluster; waiting for the coordinator's placement");
+    let placement = link.wait_for_placement(patience).await?;
+    let routing = RoutingTable::from_placement(&placement, &config.text)
+        .with_context(|| format!("checking the coordinator's placement epoch {}", placement.epoch))?;
+    Ok((routing, link))
+}
+
+/// Loads the model's non-expert weights only, logging how much of the checkpoint that read, and (for a cluster
+/// member) fingerprints the checkpoint.
+fn load_without_experts(dir: &Path, fingerprint: bool) -> Result<(ModelConfig, Llama4Model, Option<String>)> {
     let config_path = dir.join("config.json");
     let config = ModelConfig::from_file(&config_path)
         .with_context(|| format!("reading the model config {}", config_path.display()))?;
@@ -155,7 +252,11 @@ fn load_without_experts(dir: &Path) -> Result<(ModelConfig, Llama4Model)> {
         checkpoint_bytes,
         "non-expert weights loaded"
     );
-    Ok((config, model))
+    let fingerprint = fingerprint
+        .then(|| checkpoint.fingerprint())
+        .transpose()
+        .with_context(|| format!("fingerprinting the checkpoint in {}", dir.display()))?;
+    Ok((config, model, fingerprint))
 }
 
 /// `ID=URL` or `URL` (the id is then the one the worker reports).

@@ -1,5 +1,6 @@
 //! `switchyard placement`: the expert placement, offline (`solve`: the coordinator's solver on a loads file) and live
-//! (`show`: what a coordinator serves).
+//! (`show`: what a coordinator serves or the cluster store holds; `rebalance`: ask the leading coordinator to
+//! re-place now).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use switchyard_coordinator::store::{self, ClusterStore, CoordinatorStatus, RebalanceRequest};
 use switchyard_coordinator::{Placement, PlacementProblem, Solution, Solver, SolverOptions, WorkerPlacement};
 use switchyard_proto::v1::coordinator_client::CoordinatorClient;
 use switchyard_proto::v1::GetPlacementRequest;
@@ -25,8 +27,10 @@ pub struct Args {
 enum Which {
     /// Place experts offline from routed-token counts, with the coordinator's solver.
     Solve(SolveArgs),
-    /// Print the placement a coordinator serves.
+    /// Print the placement a coordinator serves, or the cluster store's placement and coordinator status.
     Show(ShowArgs),
+    /// Ask the leading coordinator to re-place the experts now, and wait for the new placement epoch.
+    Rebalance(RebalanceArgs),
 }
 
 #[derive(clap::Args)]
@@ -59,12 +63,36 @@ struct SolveArgs {
 
 #[derive(clap::Args)]
 struct ShowArgs {
-    /// Coordinator endpoint, e.g. `http://127.0.0.1:7000`.
-    #[arg(long, env = "SWITCHYARD_COORDINATOR")]
-    coordinator: String,
-    /// Seconds to wait for the coordinator to answer.
+    /// Coordinator endpoint, e.g. `http://127.0.0.1:7000`: print the placement it serves.
+    #[arg(long, env = "SWITCHYARD_COORDINATOR", required_unless_present = "store", conflicts_with = "store")]
+    coordinator: Option<String>,
+    /// The cluster store (`etcd://HOST:PORT[,...]`, or `http://HOST:PORT` of a coordinator hosting it): print its
+    /// placement and the leading coordinator's status.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// The cluster's name in the store.
+    #[arg(long, default_value = "default", requires = "store")]
+    cluster: String,
+    /// Seconds to wait for the coordinator or the store to answer.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+}
+
+#[derive(clap::Args)]
+struct RebalanceArgs {
+    /// The cluster store (`etcd://HOST:PORT[,...]`, or `http://HOST:PORT` of a coordinator hosting it).
+    #[arg(long, value_name = "URL")]
+    store: String,
+    /// The cluster's name in the store.
+    #[arg(long, default_value = "default")]
+    cluster: String,
+    /// Loads to place for instead of the measured ones, as for `placement solve`: `{"loads": [[tokens per expert]
+    /// per MoE layer]}`, row `i` being the `i`-th MoE layer. Default: the loads the attention workers report.
+    #[arg(long)]
+    loads: Option<PathBuf>,
+    /// How long to wait for the new placement epoch, in milliseconds (0: only write the request).
+    #[arg(long, default_value_t = 30_000)]
+    wait_ms: u64,
 }
 
 /// Runs `placement`.
@@ -72,6 +100,7 @@ pub fn run(args: Args) -> Result<()> {
     match args.which {
         Which::Solve(args) => solve(args),
         Which::Show(args) => show(args),
+        Which::Rebalance(args) => rebalance(args),
     }
 }
 
@@ -230,7 +259,10 @@ fn summary(
 
 fn show(args: ShowArgs) -> Result<()> {
     let wait = Duration::try_from_secs_f64(args.timeout).context("--timeout must be a number of seconds")?;
-    let endpoint = args.coordinator.clone();
+    let Some(endpoint) = args.coordinator.clone() else {
+        let url = args.store.clone().unwrap_or_default();
+        return serving::runtime(1)?.block_on(show_store(&url, &args.cluster, wait));
+    };
     let served = serving::runtime(1)?.block_on(async move {
         tokio::time::timeout(wait, async {
             let mut client = CoordinatorClient::connect(endpoint.clone())
@@ -244,11 +276,119 @@ fn show(args: ShowArgs) -> Result<()> {
         })
         .await
         .with_context(|| {
-            format!("the coordinator at {} did not answer within {:.1} s", args.coordinator, args.timeout)
+            format!(
+                "the coordinator at {} did not answer within {:.1} s",
+                args.coordinator.unwrap_or_default(),
+                args.timeout
+            )
         })?
     })?;
     print!("{}", table(&Placement::from_proto(&served)));
     Ok(())
+}
+
+/// Opens cluster `cluster` of the store at `url`, waiting up to `wait` for the store to answer.
+async fn open_cluster(url: &str, cluster: &str, wait: Duration) -> Result<ClusterStore> {
+    let store =
+        store::connect_within(url, wait).await.with_context(|| format!("connecting to the cluster store {url}"))?;
+    ClusterStore::new(store, cluster).with_context(|| format!("opening cluster {cluster}"))
+}
+
+async fn show_store(url: &str, cluster: &str, wait: Duration) -> Result<()> {
+    let state = open_cluster(url, cluster, wait).await?;
+    let placement = state.placement().await.context("reading the placement")?;
+    let status = state.coordinator_status().await.context("reading the coordinator status")?;
+    match placement {
+        Some(stored) => print!("{}", table(&stored.placement)),
+        None => println!("cluster {cluster}: no placement yet"),
+    }
+    println!("{}", status_line(status.as_ref()));
+    Ok(())
+}
+
+/// `coordinator: leader c-0, serving, epoch 3` (and the problem, if any).
+fn status_line(status: Option<&CoordinatorStatus>) -> String {
+    match status {
+        None => "coordinator: no status yet (no coordinator has led this cluster)".to_string(),
+        Some(status) => {
+            let mut line = format!("coordinator: leader {}, {}, epoch {}", status.leader, status.state, status.epoch);
+            if let Some(problem) = &status.problem {
+                line.push_str(&format!(" ({problem})"));
+            }
+            line
+        }
+    }
+}
+
+fn rebalance(args: RebalanceArgs) -> Result<()> {
+    // A bad loads file fails before anything is written.
+    let rows = args.loads.as_deref().map(read_loads).transpose()?;
+    serving::runtime(1)?.block_on(async move {
+        let wait = Duration::from_millis(args.wait_ms);
+        let state = open_cluster(&args.store, &args.cluster, wait.max(Duration::from_secs(10))).await?;
+        let Some(current) = state.placement().await.context("reading the placement")? else {
+            let status = state.coordinator_status().await.context("reading the coordinator status")?;
+            bail!(
+                "cluster {} has no placement yet, so there is nothing to rebalance; {}",
+                args.cluster,
+                status_line(status.as_ref())
+            );
+        };
+        let before = current.placement.epoch;
+        let loads = rows.map(|rows| layer_loads(&current.placement, rows, args.loads.as_deref())).transpose()?;
+        let reason = match &args.loads {
+            Some(path) => format!("switchyard placement rebalance --loads {}", path.display()),
+            None => "switchyard placement rebalance".to_string(),
+        };
+        state.request_rebalance(&RebalanceRequest { loads, reason }).await.context("writing the rebalance request")?;
+        if wait.is_zero() {
+            println!("rebalance requested at epoch {before}");
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let request_pending = state.rebalance_request().await.context("reading the rebalance request")?.is_some();
+            let now = state.placement().await.context("reading the placement")?.map_or(0, |p| p.placement.epoch);
+            if now > before {
+                println!("placement epoch {now} (was {before})");
+                return Ok(());
+            }
+            if !request_pending {
+                // The coordinator deletes a request it handled after publishing: gone without a new epoch is a
+                // refusal.
+                let status = state.coordinator_status().await.context("reading the coordinator status")?;
+                bail!("the coordinator took the request but published no new epoch; {}", status_line(status.as_ref()));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let status = state.coordinator_status().await.context("reading the coordinator status")?;
+                bail!(
+                    "no new placement epoch within {:.1} s (still epoch {before}); the request stays in the store \
+                     for the next leading coordinator; {}",
+                    wait.as_secs_f64(),
+                    status_line(status.as_ref())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// The loads file's rows keyed by MoE layer: row `i` is the `i`-th MoE layer of `placement`.
+fn layer_loads(placement: &Placement, rows: Vec<Vec<f64>>, path: Option<&Path>) -> Result<BTreeMap<u32, Vec<f64>>> {
+    let file = path.map(|p| p.display().to_string()).unwrap_or_default();
+    let layers: std::collections::BTreeSet<u32> =
+        placement.workers.iter().flat_map(|w| w.experts.keys().copied()).collect();
+    let experts = placement.workers.iter().flat_map(|w| w.experts.values().flatten()).max().map_or(0, |&e| e + 1);
+    if rows.len() != layers.len() {
+        bail!("loads file {file}: {} layers, but the model has {} MoE layers", rows.len(), layers.len());
+    }
+    if rows[0].len() != experts as usize {
+        bail!("loads file {file}: {} experts per layer, but the model has {experts}", rows[0].len());
+    }
+    if let Some(load) = rows.iter().flatten().find(|l| !l.is_finite() || **l < 0.0) {
+        bail!("loads file {file}: load {load} is not a finite number >= 0");
+    }
+    Ok(layers.into_iter().zip(rows).collect())
 }
 
 /// One row per worker and group of layers holding the same experts; expert runs shown as ranges.

@@ -1,9 +1,11 @@
 //! `switchyard up`: a whole cluster on this machine, each role in its own process on loopback.
 //!
-//! Starts the expert workers (each told which experts to load by a static contiguous placement), then a coordinator
-//! serving that placement, then the attention workers, waits until every one reports SERVING on gRPC health, and
-//! prints the `ready` line with the client endpoint. Children are this same binary; they stop when `up` stops
-//! (SIGTERM, a grace period, then SIGKILL; and the kernel's parent-death signal if `up` itself is killed).
+//! Starts the coordinator (which hosts the cluster store in memory, unless `--store` names an etcd cluster), then the
+//! expert workers, which register in the store and are told by the coordinator which experts to load, waits for the
+//! coordinator's first placement epoch, then starts the attention workers, which follow the placement through the
+//! store. Once every process reports SERVING on gRPC health it prints the `ready` line with the client endpoint.
+//! Children are this same binary; they stop when `up` stops (SIGTERM, a grace period, then SIGKILL; and the kernel's
+//! parent-death signal if `up` itself is killed).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -13,8 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use switchyard_coordinator::{Placement, PlacementProblem, Solver};
-use switchyard_expert_worker::ExpertSpec;
+use switchyard_coordinator::store::{self, ClusterStore, StoredPlacement};
 use switchyard_model::config::ModelConfig;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -32,9 +33,13 @@ pub struct Args {
     /// Model directory. Default: the built-in tiny model.
     #[arg(long, env = "SWITCHYARD_MODEL")]
     model: Option<PathBuf>,
-    /// Expert worker processes; experts are split evenly among them.
+    /// Expert worker processes; the coordinator places the experts on them.
     #[arg(long, default_value_t = 2)]
     expert_workers: usize,
+    /// Memory each expert worker offers for expert weights: bytes, or with a K/M/G/KiB/MiB/GiB suffix. Default: enough
+    /// for every expert of the checkpoint.
+    #[arg(long, value_name = "BYTES")]
+    expert_memory: Option<String>,
     /// Attention worker processes.
     #[arg(long, default_value_t = 1)]
     attention_workers: usize,
@@ -53,10 +58,34 @@ pub struct Args {
     /// Combine encoding: f32 or bf16.
     #[arg(long, default_value = "f32")]
     combine: String,
-    /// Extra expert replicas per MoE layer beyond one of each expert, spread by the placement solver so that replicas
-    /// of an expert sit on different workers; attention workers re-send to a surviving replica when one dies.
+    /// Extra expert replicas per MoE layer beyond one of each expert, given to the hottest experts and spread so that
+    /// replicas of an expert sit on different workers; attention workers re-send to a surviving replica when one dies.
     #[arg(long, default_value_t = 0)]
     redundant_slots: usize,
+    /// The cluster store: `etcd://HOST:PORT[,HOST:PORT...]`. Default: the coordinator keeps it in memory (and serves
+    /// it to the workers), so the cluster lives as long as that one coordinator.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// Coordinator processes; one leads, the others take over when it dies. More than one needs `--store`.
+    #[arg(long, default_value_t = 1)]
+    coordinators: usize,
+    /// The cluster's name in the store.
+    #[arg(long, default_value = "default")]
+    cluster: String,
+    /// Rebalance when the most loaded expert worker carries this many times the mean load (coordinator default if
+    /// not given).
+    #[arg(long)]
+    rebalance_threshold: Option<f64>,
+    /// Least time between two load-driven rebalances, in milliseconds (coordinator default if not given).
+    #[arg(long)]
+    rebalance_interval_ms: Option<u64>,
+    /// How long an attention worker holds a step whose experts were lost, waiting for the coordinator to re-place
+    /// them, before it fails the requests in it (attention worker default if not given).
+    #[arg(long)]
+    recovery_timeout_ms: Option<u64>,
+    /// Lease of every member in the store, in milliseconds: a killed worker is noticed within two leases.
+    #[arg(long, default_value_t = 2000)]
+    lease_ttl_ms: u64,
     /// Micro-batches in flight per attention worker (2 = ping-pong).
     #[arg(long, default_value_t = 1)]
     micro_batches: usize,
@@ -227,16 +256,14 @@ impl Cluster {
         self.children.iter().zip(&self.alive).filter(|(c, &alive)| alive && c.role.starts_with("attention")).count()
     }
 
-    /// Stops the children in the reverse order of their start (attention workers, which hold client streams,
-    /// before the coordinator and the expert workers they dispatch to): SIGTERM, a grace period, then SIGKILL.
+    /// Stops the children: attention workers first (they hold client streams), then the expert workers they dispatch
+    /// to, then the coordinators (one of which may hold the store the others deregister from). Each group gets
+    /// SIGTERM, a grace period, then SIGKILL.
     async fn shutdown(&mut self) {
         self.report_exits();
-        let mut order: Vec<usize> = (0..self.children.len()).collect();
-        order.reverse();
-        // Attention workers first, then the rest: each group gets the grace period.
-        let (front, back): (Vec<usize>, Vec<usize>) =
-            order.into_iter().partition(|&i| self.children[i].role.starts_with("attention"));
-        for group in [front, back] {
+        for prefix in ["attention", "expert", "coordinator"] {
+            let group: Vec<usize> =
+                (0..self.children.len()).filter(|&i| self.children[i].role.starts_with(prefix)).collect();
             self.stop_group(&group).await;
         }
     }
@@ -276,119 +303,137 @@ pub fn run(args: Args) -> Result<()> {
     if args.attention_workers == 0 {
         bail!("--attention-workers must be at least 1");
     }
+    if args.expert_workers == 0 {
+        bail!("--expert-workers must be at least 1");
+    }
+    if args.coordinators == 0 {
+        bail!("--coordinators must be at least 1");
+    }
+    if args.coordinators > 1 && args.store.is_none() {
+        bail!(
+            "--coordinators {} needs --store etcd://...: without it the one coordinator holds the cluster state in \
+             memory, so no other could take over",
+            args.coordinators
+        );
+    }
     let dir = model_dir::resolve(args.model.as_deref())?;
     let config_path = dir.join("config.json");
     let config = ModelConfig::from_file(&config_path)
         .with_context(|| format!("reading the model config {}", config_path.display()))?;
-    let text = &config.text;
-    let moe_layers: Vec<u32> =
-        (0..text.num_hidden_layers).filter(|&l| text.is_moe_layer(l)).map(|l| l as u32).collect();
-    let experts = text.num_local_experts as u32;
-    let mut placement = if args.redundant_slots == 0 {
-        Placement::contiguous(&moe_layers, experts, args.expert_workers, 1).context("placing the experts")?
-    } else {
-        // No routing statistics yet: every expert weighs the same, so the redundant slots spread evenly.
-        let problem = PlacementProblem {
-            experts,
-            loads: moe_layers.iter().map(|&l| (l, vec![1.0; experts as usize])).collect(),
-            workers: PlacementProblem::uniform_workers(
-                args.expert_workers,
-                PlacementProblem::equal_slots(experts, args.redundant_slots, args.expert_workers),
-                1,
-            ),
-            redundant_slots: args.redundant_slots,
-        };
-        Solver::default().solve_from_scratch(&problem, 1).context("placing the experts")?.placement
-    };
-    let state_dir = tempfile_dir()?;
+    let experts = config.text.num_local_experts;
+    if args.expert_workers > experts {
+        bail!("--expert-workers {} for {experts} experts per layer: each worker needs at least one", args.expert_workers);
+    }
     let runtime = serving::runtime(2)?;
     runtime.block_on(async move {
         let mut cluster = Cluster::new();
-        let result = start_and_serve(&args, &dir, &mut placement, &state_dir, &mut cluster).await;
+        let result = start_and_serve(&args, &dir, &mut cluster).await;
         cluster.shutdown().await;
-        let _ = std::fs::remove_dir_all(&state_dir);
         result
     })
 }
 
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("switchyard-up-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
-async fn start_and_serve(
-    args: &Args,
-    dir: &std::path::Path,
-    placement: &mut Placement,
-    state_dir: &std::path::Path,
-    cluster: &mut Cluster,
-) -> Result<()> {
+async fn start_and_serve(args: &Args, dir: &std::path::Path, cluster: &mut Cluster) -> Result<()> {
     let timeout = Duration::from_secs(args.ready_timeout);
     let model = dir.to_string_lossy().into_owned();
-    for worker in &mut placement.workers {
-        let mut child_args = vec![
-            "expert-worker".to_string(),
+    let common = |role: &str| -> Vec<String> {
+        vec![
+            role.to_string(),
             "--model".into(),
             model.clone(),
-            "--experts".into(),
-            ExpertSpec::PerLayer(
-                worker.experts.iter().map(|(&l, e)| (l as usize, Some(e.iter().copied().collect()))).collect(),
-            )
-            .to_string(),
-            "--worker-id".into(),
-            worker.worker_id.clone(),
-            "--placement-epoch".into(),
-            placement.epoch.to_string(),
-        ];
+            "--cluster".into(),
+            args.cluster.clone(),
+            "--lease-ttl-ms".into(),
+            args.lease_ttl_ms.to_string(),
+        ]
+    };
+
+    let mut coordinator_args = common("coordinator");
+    coordinator_args.extend([
+        "--expert-workers".into(),
+        args.expert_workers.to_string(),
+        "--redundant-slots".into(),
+        args.redundant_slots.to_string(),
+    ]);
+    if let Some(threshold) = args.rebalance_threshold {
+        coordinator_args.extend(["--rebalance-threshold".into(), threshold.to_string()]);
+    }
+    if let Some(interval) = args.rebalance_interval_ms {
+        coordinator_args.extend(["--rebalance-interval-ms".into(), interval.to_string()]);
+    }
+    let mut coordinators = Vec::new();
+    let store_url = match &args.store {
+        Some(url) => {
+            for i in 0..args.coordinators {
+                let id = format!("c-{i}");
+                let mut child_args = coordinator_args.clone();
+                child_args.extend(["--store".into(), url.clone(), "--id".into(), id.clone()]);
+                coordinators.push(cluster.spawn(format!("coordinator {id}"), child_args, timeout).await?);
+            }
+            url.clone()
+        }
+        None => {
+            let endpoint = cluster.spawn("coordinator".into(), coordinator_args, timeout).await?;
+            coordinators.push(endpoint.clone());
+            endpoint
+        }
+    };
+
+    let mut expert_endpoints = Vec::new();
+    for i in 0..args.expert_workers {
+        let id = format!("ew-{i}");
+        let mut child_args = common("expert-worker");
+        child_args.extend(["--store".into(), store_url.clone(), "--worker-id".into(), id.clone()]);
+        if let Some(memory) = &args.expert_memory {
+            child_args.extend(["--memory-budget".into(), memory.clone()]);
+        }
         if args.fp8_activations {
             child_args.push("--fp8-activations".into());
         }
-        let role = format!("expert worker {}", worker.worker_id);
-        worker.endpoint = cluster.spawn(role, child_args, timeout).await?;
+        let endpoint = cluster.spawn(format!("expert worker {id}"), child_args, timeout).await?;
+        expert_endpoints.push(format!("{id}={endpoint}"));
     }
-    let placement_file = state_dir.join("placement.json");
-    placement.write(&placement_file)?;
-    let coordinator = cluster
-        .spawn(
-            "coordinator".into(),
-            vec!["coordinator".into(), "--placement".into(), placement_file.to_string_lossy().into_owned()],
-            timeout,
-        )
-        .await?;
+
+    let placement = wait_for_placement(cluster, &store_url, &args.cluster, timeout).await?;
+
     let mut attention_endpoints = Vec::new();
     for i in 0..args.attention_workers {
         let listen = match (i, args.listen) {
             (0, Some(addr)) => addr.to_string(),
             _ => "127.0.0.1:0".into(),
         };
-        let child_args = vec![
-            "attention-worker".to_string(),
-            "--model".into(),
-            model.clone(),
-            "--coordinator".into(),
-            coordinator.clone(),
+        let id = format!("aw-{i}");
+        let mut child_args = common("attention-worker");
+        child_args.extend([
+            "--store".into(),
+            store_url.clone(),
             "--listen".into(),
             listen,
             "--worker-id".into(),
-            format!("aw-{i}"),
+            id.clone(),
             "--wire".into(),
             args.wire.clone(),
             "--combine".into(),
             args.combine.clone(),
             "--micro-batches".into(),
             args.micro_batches.to_string(),
-        ];
-        attention_endpoints.push(cluster.spawn(format!("attention worker aw-{i}"), child_args, timeout).await?);
+        ]);
+        if let Some(recovery) = args.recovery_timeout_ms {
+            child_args.extend(["--recovery-timeout-ms".into(), recovery.to_string()]);
+        }
+        attention_endpoints.push(cluster.spawn(format!("attention worker {id}"), child_args, timeout).await?);
     }
     for index in 0..cluster.children.len() {
         cluster.wait_serving(index, timeout).await?;
     }
     let client = attention_endpoints[0].clone();
     println!(
-        "ready: client endpoint {client} (attention workers: {}; expert workers: {}; coordinator: {coordinator})",
+        "ready: client endpoint {client} (store {store_url}; placement epoch {}; attention workers: {}; expert \
+         workers: {}; coordinators: {})",
+        placement.placement.epoch,
         attention_endpoints.join(", "),
-        placement.workers.iter().map(|w| format!("{}={}", w.worker_id, w.endpoint)).collect::<Vec<_>>().join(", ")
+        expert_endpoints.join(", "),
+        coordinators.join(", "),
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -423,5 +468,47 @@ async fn start_and_serve(
                 eprintln!("the cluster keeps serving with the remaining processes");
             }
         }
+    }
+}
+
+/// Waits until the coordinator has published the first placement (the expert workers loaded their experts), failing
+/// at once when it reports the experts cannot be placed or a child dies meanwhile.
+async fn wait_for_placement(
+    cluster: &mut Cluster,
+    store_url: &str,
+    cluster_name: &str,
+    timeout: Duration,
+) -> Result<StoredPlacement> {
+    let store = store::connect(store_url).await.with_context(|| format!("connecting to the cluster store {store_url}"))?;
+    let state = ClusterStore::new(store, cluster_name).context("opening the cluster state")?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("no status yet");
+    loop {
+        if cluster.report_exits() > 0 {
+            bail!("a process of the cluster exited before the experts were placed (see above)");
+        }
+        match state.placement().await {
+            Ok(Some(placement)) => return Ok(placement),
+            Ok(None) => {}
+            Err(e) => last = format!("reading the placement: {e}"),
+        }
+        match state.coordinator_status().await {
+            Ok(Some(status)) if status.state == "unplaceable" => bail!(
+                "the coordinator cannot place the experts: {}",
+                status.problem.unwrap_or_else(|| "no reason given".into())
+            ),
+            Ok(Some(status)) => {
+                last = format!("coordinator {} is {}", status.leader, status.state);
+                if let Some(problem) = status.problem {
+                    last.push_str(&format!(": {problem}"));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => last = format!("reading the coordinator status: {e}"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("the coordinator published no placement within {} s (last: {last})", timeout.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! [`Store`] is what the coordinator, workers and `switchyard up` share: keys and values with revisions,
 //! compare-and-swap and small transactions (for placement epochs and checkpoint checks), leases (a key attached to a
-//! lease disappears when its holder stops refreshing it), watches on a prefix, and leader election. Two
-//! implementations: [`MemoryStore`] (one process, for `switchyard up` and tests) and [`EtcdStore`] (a real etcd
-//! cluster, reconnecting by itself). [`cluster`] lays the cluster's state out in keys; `crate::membership` and
+//! lease disappears when its holder stops refreshing it), watches on a prefix, and leader election. Three
+//! implementations: [`MemoryStore`] (one process, for `switchyard up` and tests), [`EtcdStore`] (a real etcd
+//! cluster, reconnecting by itself) and [`RemoteStore`] (a store that a coordinator serves over gRPC with
+//! [`StoreService`], usually its `MemoryStore`: how the processes of `switchyard up` share one). [`connect`] opens
+//! whichever a URL names. [`cluster`] lays the cluster's state out in keys; `crate::membership` and
 //! `crate::election` build on it.
 //!
 //! Revisions follow etcd: one counter for the whole store, bumped by every write; a key's `create_revision`,
@@ -13,9 +15,13 @@
 //! The trait is object-safe (futures are boxed) so callers hold an `Arc<dyn Store>` and never care which one it is.
 
 pub mod cluster;
+pub mod connect;
 pub mod etcd;
 pub mod etcd_server;
 pub mod memory;
+pub mod remote;
+pub mod service;
+mod wire;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,9 +35,12 @@ use tokio_stream::Stream;
 use crate::CoordinatorError;
 
 pub use cluster::{ClusterStore, CoordinatorStatus, LoadStats, PublishOutcome, RebalanceRequest, StoredPlacement};
+pub use connect::{connect, connect_within, CONNECT_PATIENCE};
 pub use etcd::{EtcdConfig, EtcdStore};
 pub use etcd_server::EtcdServer;
 pub use memory::MemoryStore;
+pub use remote::RemoteStore;
+pub use service::StoreService;
 
 /// A boxed, sendable future: what [`Store`] methods return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

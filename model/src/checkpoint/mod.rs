@@ -100,6 +100,9 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
+/// Bytes of each end of every tensor that [`Checkpoint::fingerprint`] hashes.
+const FINGERPRINT_SAMPLE: usize = 4096;
+
 /// The name a stored tensor is known by here, or `None` for the vision tower and projector, which are skipped.
 pub fn canonical_name(stored: &str) -> Option<&str> {
     if stored.starts_with("vision_model.") || stored.starts_with("multi_modal_projector.") {
@@ -210,10 +213,14 @@ impl Checkpoint {
         &self.file_paths
     }
 
-    /// A fingerprint of what this checkpoint serves: SHA-256 over `config.json` (when present) and, per
-    /// safetensors file in order, its name, length and header (every tensor's name, dtype, shape and offsets).
-    /// Workers of one cluster must agree on it. Reads only the headers, so it costs the same for 400 GB as for 4 MB;
-    /// it does not catch a tensor's bytes changed in place (the headers pin every tensor's size and position).
+    /// A fingerprint of what this checkpoint serves: SHA-256 over `config.json` (when present); per safetensors
+    /// file in order, its name, length and header (every tensor's name, dtype, shape and offsets); and a sample of
+    /// every tensor's data, its first and last 4 KiB. Workers of one cluster must agree on it.
+    ///
+    /// Hashing 400 GB would take minutes per worker start; the headers pin every tensor's size and position, and the
+    /// samples tell apart two checkpoints of the same layout (other weights, another fine-tune), at a few KiB read per
+    /// tensor. The samples are read from the mapping directly, not through the [`Ledger`]: they are not weights
+    /// loaded.
     pub fn fingerprint(&self) -> Result<String, ModelError> {
         use sha2::{Digest, Sha256};
         let mut hasher = Sha256::new();
@@ -234,6 +241,15 @@ impl Checkpoint {
             hasher.update(b"\0");
             hasher.update((file.mmap.len() as u64).to_le_bytes());
             hasher.update(header);
+        }
+        let mut tensors: Vec<&TensorInfo> = self.tensors.values().collect();
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        for tensor in tensors {
+            let bytes = &self.files[tensor.file_index].mmap[tensor.range.clone()];
+            let head = bytes.len().min(FINGERPRINT_SAMPLE);
+            hasher.update(tensor.name.as_bytes());
+            hasher.update(&bytes[..head]);
+            hasher.update(&bytes[bytes.len() - head..]);
         }
         Ok(format!("sha256:{:x}", hasher.finalize()))
     }
