@@ -27,7 +27,7 @@ pub mod service;
 pub use cluster::{ClusterLink, ClusterOptions, ConnectWorker, LOAD_ALPHA};
 pub use engine::{Engine, EngineOptions, GenerationEvent};
 pub use error::{AttentionWorkerError, DispatchError};
-pub use placement::{fetch_placement, placement_from_expert_workers, ExpertWorkerRoute, RoutingTable};
+pub use placement::{placement_from_expert_workers, ExpertWorkerRoute, RoutingTable};
 pub use remote::{micro_batch_pool, wait_until_unused, RemoteExperts, DEFAULT_DISPATCH_TIMEOUT};
 pub use request::{load_tokenizer, RequestLimits, ValidGenerateRequest};
 pub use service::{serve, GenerationService, MAX_MESSAGE_BYTES};

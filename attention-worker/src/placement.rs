@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use switchyard_model::config::TextConfig;
-use switchyard_proto::v1::coordinator_client::CoordinatorClient;
 use switchyard_proto::v1::expert_control_client::ExpertControlClient;
-use switchyard_proto::v1::{ExpertWorkerInfo, GetPlacementRequest, Placement, WorkerStatusRequest};
+use switchyard_proto::v1::{ExpertWorkerInfo, Placement, WorkerStatusRequest};
 
 use crate::AttentionWorkerError;
 
@@ -177,15 +176,6 @@ impl RoutingTable {
     fn replicas(&self, layer: usize, expert: u32) -> Option<&Replicas> {
         self.layers.get(layer)?.as_ref()?.get(expert as usize)
     }
-}
-
-/// Asks the coordinator at `endpoint` for the placement, retrying with backoff for up to `patience` while it starts.
-pub async fn fetch_placement(endpoint: &str, patience: Duration) -> Result<Placement, AttentionWorkerError> {
-    retry("the coordinator", endpoint, patience, || async {
-        let mut client = CoordinatorClient::connect(endpoint.to_string()).await.map_err(|e| e.to_string())?;
-        client.get_placement(GetPlacementRequest {}).await.map(|r| r.into_inner()).map_err(|s| s.to_string())
-    })
-    .await
 }
 
 /// Builds a placement without a coordinator, from what each expert worker (`(id, endpoint)`) reports it holds through

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use switchyard_coordinator::store::EtcdServer;
+use switchyard_coordinator::membership::Membership;
+use switchyard_coordinator::store::{self, ClusterStore, EtcdServer};
 use switchyard_tests::{
     assert_equivalent, binary, epoch_in, generate_through, make_tiny, placement_show, read_json, single_process,
     switchyard, Cluster, Traffic,
@@ -58,6 +59,8 @@ fn wait_for_placement(store: &str, limit: Duration, what: &str, done: impl Fn(&s
     }
 }
 
+/// Three rebalances while two attention workers generate: the first one the coordinator starts by itself from the
+/// routed-token counts the attention workers report, the next two asked for by an operator with other load profiles.
 #[test]
 fn three_rebalances_while_serving_fail_no_request_and_change_no_output() {
     let work = tempfile::tempdir().expect("tempdir");
@@ -66,12 +69,18 @@ fn three_rebalances_while_serving_fail_no_request_and_change_no_output() {
     let reference = single_process(&model, &work.path().join("single.json"), false, TRAFFIC_TOKENS);
     let cluster = Cluster::start(&[
         "--model", model.to_str().expect("utf-8"), "--expert-workers", "3", "--attention-workers", "2",
-        "--redundant-slots", "4", "--lease-ttl-ms", "1000",
+        "--redundant-slots", "4", "--lease-ttl-ms", "1000", "--rebalance-threshold", "1.05",
+        "--rebalance-interval-ms", "1500",
     ]);
     let first = epoch_in(&placement_show(&cluster.store)).expect("a first epoch");
     let traffic = Traffic::start(&cluster.attention_endpoints(), work.path(), TRAFFIC_TOKENS);
-    let mut epochs = vec![first];
-    for (i, hot) in [0, 5, 2].into_iter().enumerate() {
+    // The initial placement assumed equal loads; real routing is skewed, so the measured imbalance triggers one.
+    let shown = wait_for_placement(&cluster.store, Duration::from_secs(30), "a load-driven rebalance", |shown| {
+        epoch_in(shown).is_some_and(|e| e > first)
+    });
+    let mut epochs = vec![first, epoch_in(&shown).expect("an epoch")];
+    assert!(cluster.stderr().contains("trigger=measured imbalance"), "{}", cluster.stderr());
+    for (i, hot) in [5, 2].into_iter().enumerate() {
         // Let requests be mid-generation when the placement changes.
         std::thread::sleep(Duration::from_millis(700));
         let loads = work.path().join(format!("loads-{i}.json"));
@@ -214,6 +223,14 @@ fn every_component_reconnects_after_an_etcd_restart() {
     assert_equivalent("after the etcd restart", &reference, &read_json(&after));
     assert_all_equal(traffic.finish(), &reference);
     assert!(cluster.stderr().contains("experts unloaded"), "old replicas were never freed:\n{}", cluster.stderr());
+    // Every worker is (still, or again) a member.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let members = runtime.block_on(async {
+        let store = store::connect(&cluster.store).await.expect("the store after its restart");
+        Membership::new(ClusterStore::new(store, "default").expect("cluster")).members().await.expect("members")
+    });
+    let ids: Vec<&str> = members.iter().map(|m| m.worker_id.as_str()).collect();
+    assert_eq!(ids, ["aw-0", "ew-0", "ew-1"], "members after the etcd restart");
 }
 
 #[test]
