@@ -24,6 +24,8 @@ pub fn inverse_frequencies(config: &TextConfig) -> Vec<f32> {
                 .map(|inv_freq| {
                     let wavelen = 2.0 * std::f32::consts::PI / inv_freq;
                     let scaled = if wavelen > low_freq_wavelen { inv_freq / factor } else { inv_freq };
+                    // Written as transformers writes it (`~(w < high) * ~(w > low)`), so NaN behaves the same too.
+                    #[allow(clippy::neg_cmp_op_on_partial_ord)]
                     let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
                     if medium {
                         let smooth = (old_context / wavelen - low) / (high - low);

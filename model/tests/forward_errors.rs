@@ -8,7 +8,7 @@ use switchyard_model::{generate, GenerationRequest, Llama4Model, LoadOptions, Lo
 
 fn model() -> Llama4Model {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/maverick-f32");
-    let config = ModelConfig::from_file(&dir.join("config.json")).expect("config");
+    let config = ModelConfig::from_file(dir.join("config.json")).expect("config");
     let checkpoint = Checkpoint::open(&dir).expect("checkpoint");
     Llama4Model::load(&checkpoint, &config, &LoadOptions::default(), &mut |_, _| {}).expect("model")
 }

@@ -50,7 +50,7 @@ fn read_reference(dir: &Path) -> Reference {
 }
 
 fn load(dir: &Path, precision: ActivationPrecision) -> Llama4Model {
-    let config = ModelConfig::from_file(&dir.join("config.json")).expect("config parses");
+    let config = ModelConfig::from_file(dir.join("config.json")).expect("config parses");
     let checkpoint = Checkpoint::open(dir).expect("checkpoint opens");
     let options = LoadOptions { activation_precision: precision, ..LoadOptions::default() };
     Llama4Model::load(&checkpoint, &config, &options, &mut |_, _| {}).expect("model loads")

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use switchyard_tests::{assert_equivalent, binary, make_tiny, prompt_ids, read_json, single_process, switchyard, through, Cluster};
+use switchyard_tests::{
+    assert_equivalent, binary, make_tiny, prompt_ids, read_json, single_process, through, Cluster,
+};
 
 #[test]
 fn cluster_equals_single_process_for_every_shape_and_wire_format() {
