@@ -15,6 +15,7 @@ use bytes::Bytes;
 use switchyard_kernels::fp8::{dequantize_rows, quantize_rows};
 use switchyard_proto::v1::{ActivationDtype, Activations, DispatchRequest, DispatchResponse};
 
+use crate::wire::{ActivationsMessage, Chunks, RequestMessage, ResponseMessage};
 use crate::{ExpertBatch, TransportError, WireDtype, WireFormat};
 
 /// The largest activation block accepted, in values (`tokens * hidden`): 2^28, i.e. 1 GiB of f32 once decoded. A
@@ -23,6 +24,22 @@ pub const MAX_VALUES: usize = 1 << 28;
 
 /// Values per inner loop of the decoders: fixed-size blocks let the compiler unroll and vectorise.
 const BLOCK: usize = 64;
+
+/// At most this many values per call into the kernels' FP8 routines, which split larger calls over rayon's threads.
+/// The gRPC transport encodes and decodes pieces that are already pipelined with the network and the peer, so handing
+/// each to the thread pool costs more (wake-ups, idle threads spinning) than it gains: ~2 ms of CPU per 4096 x 5120
+/// round trip on a 2-core machine. (The kernels split at 2^18 values.)
+const SERIAL_VALUES: usize = 1 << 17;
+
+/// How a decoder writes its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stores {
+    /// Ordinary stores: the values stay in cache for whoever reads them next.
+    Cached,
+    /// Non-temporal stores where there are (f32 and bf16 on x86-64 with AVX2), bypassing the cache: for blocks much
+    /// larger than the cache, written once and read later, this saves reading each line in before overwriting it.
+    Streaming,
+}
 
 /// Bytes one value takes in `dtype` (scales not counted).
 pub fn bytes_per_value(dtype: WireDtype) -> usize {
@@ -65,56 +82,44 @@ fn invalid(what: &str, reason: String) -> TransportError {
 /// If `values.len() != tokens * hidden` or `tokens`/`hidden` exceed `u32`: the caller sizes both from one shape
 /// ([`ExpertBatch::check_shape`] checks a batch first).
 pub fn encode(values: &[f32], tokens: usize, hidden: usize, dtype: WireDtype) -> Activations {
-    encode_with(values, tokens, hidden, dtype, None)
-}
-
-/// [`encode`], writing the payload into a buffer from `recycler` (returned to it when the last `Bytes` referring to
-/// it is dropped) instead of a fresh allocation.
-pub(crate) fn encode_with(
-    values: &[f32],
-    tokens: usize,
-    hidden: usize,
-    dtype: WireDtype,
-    recycler: Option<&Arc<Recycler<u8>>>,
-) -> Activations {
     assert_eq!(values.len(), tokens * hidden, "encode: values length does not match [{tokens}, {hidden}]");
     let (tokens_u32, hidden_u32) = match (u32::try_from(tokens), u32::try_from(hidden)) {
         (Ok(t), Ok(h)) => (t, h),
         _ => panic!("encode: shape [{tokens}, {hidden}] exceeds u32"),
     };
-    let length = values.len() * bytes_per_value(dtype);
-    let mut data = match recycler {
-        Some(recycler) => recycler.take(length),
-        None => vec![0u8; length],
-    };
-    let token_scales = match dtype {
-        WireDtype::F32 => {
-            f32_to_bytes(values, &mut data);
-            Bytes::new()
-        }
-        WireDtype::Bf16 => {
-            bf16_to_bytes(values, &mut data);
-            Bytes::new()
-        }
-        WireDtype::Fp8E4m3 => {
-            // Rows of width 0 are never visited by `quantize_rows`; their scale must still be finite.
-            let mut scales = vec![1.0f32; tokens];
-            quantize_rows(values, hidden, &mut data, &mut scales);
-            let mut scale_bytes = vec![0u8; tokens * 4];
-            f32_to_bytes(&scales, &mut scale_bytes);
-            Bytes::from(scale_bytes)
-        }
-    };
-    let data = match recycler {
-        Some(recycler) => Bytes::from_owner(Recycled { data, home: recycler.clone() }),
-        None => Bytes::from(data),
+    let mut data = vec![0u8; values.len() * bytes_per_value(dtype)];
+    let mut scales = vec![1.0f32; if dtype == WireDtype::Fp8E4m3 { tokens } else { 0 }];
+    encode_values(values, hidden, dtype, &mut data, &mut scales);
+    let token_scales = if scales.is_empty() {
+        Bytes::new()
+    } else {
+        let mut scale_bytes = vec![0u8; tokens * 4];
+        f32_to_bytes(&scales, &mut scale_bytes);
+        Bytes::from(scale_bytes)
     };
     Activations {
         dtype: ActivationDtype::from(dtype) as i32,
         tokens: tokens_u32,
         hidden: hidden_u32,
-        data,
+        data: Bytes::from(data),
         token_scales,
+    }
+}
+
+/// Encodes rows of `hidden` values into `data` (`values.len() * bytes_per_value(dtype)` bytes); FP8 also writes one
+/// scale per row into `scales`, which holds one value per row, each 1 to start with (a row of width 0 keeps it).
+pub(crate) fn encode_values(values: &[f32], hidden: usize, dtype: WireDtype, data: &mut [u8], scales: &mut [f32]) {
+    match dtype {
+        WireDtype::F32 => f32_to_bytes(values, data),
+        WireDtype::Bf16 => bf16_to_bytes(values, data),
+        WireDtype::Fp8E4m3 if hidden > 0 => {
+            let rows = (SERIAL_VALUES / hidden).max(1);
+            let values = values.chunks(rows * hidden);
+            for ((values, data), scales) in values.zip(data.chunks_mut(rows * hidden)).zip(scales.chunks_mut(rows)) {
+                quantize_rows(values, hidden, data, scales);
+            }
+        }
+        WireDtype::Fp8E4m3 => {}
     }
 }
 
@@ -208,9 +213,16 @@ pub(crate) fn keep_payload_sized_allocations() {
 }
 
 /// A payload buffer that goes back to its recycler when `Bytes` drops it.
-struct Recycled {
+pub(crate) struct Recycled {
     data: Vec<u8>,
     home: Arc<Recycler<u8>>,
+}
+
+impl Recycled {
+    /// `data`, to be returned to `home` when dropped.
+    pub(crate) fn new(data: Vec<u8>, home: Arc<Recycler<u8>>) -> Self {
+        Recycled { data, home }
+    }
 }
 
 impl AsRef<[u8]> for Recycled {
@@ -227,26 +239,31 @@ impl Drop for Recycled {
 
 /// Decodes a block received from a peer into `tokens * hidden` f32 values, checking everything first.
 pub fn decode(activations: &Activations) -> Result<Vec<f32>, TransportError> {
-    decode_field(activations, "activations")
+    decode_field(&ActivationsMessage::from(activations), "activations")
 }
 
 /// [`decode`] into `out`, which must hold exactly `tokens * hidden` values (checked like the rest): what a receiver
 /// that already owns the destination (the attention worker's output block) calls, so no block is allocated.
 pub fn decode_into(activations: &Activations, out: &mut [f32]) -> Result<(), TransportError> {
-    decode_field_into(activations, "activations", out)
+    decode_field_into(&ActivationsMessage::from(activations), "activations", out, Stores::Cached)
 }
 
 /// [`decode`] with errors naming `field.data`, `field.tokens`, ...
-fn decode_field(activations: &Activations, field: &str) -> Result<Vec<f32>, TransportError> {
+fn decode_field(activations: &ActivationsMessage, field: &str) -> Result<Vec<f32>, TransportError> {
     // Everything is checked before the block is allocated: a corrupt header must not cost a gigabyte.
     let block = Checked::of(activations, field)?;
     let mut out = vec![0.0f32; block.tokens * block.hidden];
-    block.convert(activations, &mut out);
+    block.convert(&activations.data, &mut out, Stores::Cached);
     Ok(out)
 }
 
 /// [`decode_into`] with errors naming `field.*`.
-fn decode_field_into(activations: &Activations, field: &str, out: &mut [f32]) -> Result<(), TransportError> {
+fn decode_field_into(
+    activations: &ActivationsMessage,
+    field: &str,
+    out: &mut [f32],
+    stores: Stores,
+) -> Result<(), TransportError> {
     let block = Checked::of(activations, field)?;
     let values = block.tokens * block.hidden;
     if out.len() != values {
@@ -255,7 +272,7 @@ fn decode_field_into(activations: &Activations, field: &str, out: &mut [f32]) ->
             format!("[{}, {}] is {values} values, but {} were expected", block.tokens, block.hidden, out.len()),
         ));
     }
-    block.convert(activations, out);
+    block.convert(&activations.data, out, stores);
     Ok(())
 }
 
@@ -269,7 +286,7 @@ struct Checked {
 }
 
 impl Checked {
-    fn of(activations: &Activations, field: &str) -> Result<Checked, TransportError> {
+    fn of(activations: &ActivationsMessage, field: &str) -> Result<Checked, TransportError> {
         let dtype = wire_dtype(activations.dtype, &format!("{field}.dtype"))?;
         let tokens = activations.tokens as usize;
         let hidden = activations.hidden as usize;
@@ -284,12 +301,11 @@ impl Checked {
             return Err(invalid(&format!("{field}.hidden"), "must be positive".into()));
         }
         let values = values as usize;
-        let data = &activations.data;
         let expected = values * bytes_per_value(dtype);
-        if data.len() != expected {
+        if activations.data.len() != expected {
             return Err(invalid(
                 &format!("{field}.data"),
-                format!("{} bytes, but [{tokens}, {hidden}] {dtype} needs {expected}", data.len()),
+                format!("{} bytes, but [{tokens}, {hidden}] {dtype} needs {expected}", activations.data.len()),
             ));
         }
         let scale_bytes = &activations.token_scales;
@@ -307,20 +323,49 @@ impl Checked {
             ));
         }
         let mut scales = vec![0.0f32; tokens];
-        f32_from_bytes(scale_bytes, &mut scales);
+        scale_bytes.for_each_run(4, |first, bytes| f32_from_bytes(bytes, &mut scales[first..first + bytes.len() / 4]));
         if let Some((row, scale)) = scales.iter().enumerate().find(|(_, scale)| !scale.is_finite() || **scale < 0.0) {
             return Err(invalid(&what, format!("scale of token {row} is {scale}")));
         }
         Ok(Checked { dtype, tokens, hidden, scales })
     }
 
-    /// Decodes the checked `activations` into `out` (`tokens * hidden` values).
-    fn convert(&self, activations: &Activations, out: &mut [f32]) {
-        let data = &activations.data;
+    /// Decodes the checked block's `data` into `out` (`tokens * hidden` values), piece by piece where it arrived.
+    fn convert(&self, data: &Chunks, out: &mut [f32], stores: Stores) {
         match self.dtype {
-            WireDtype::F32 => f32_from_bytes(data, out),
-            WireDtype::Bf16 => bf16_from_bytes(data, out),
-            WireDtype::Fp8E4m3 => dequantize_rows(data, self.hidden, &self.scales, out),
+            WireDtype::F32 => data.for_each_run(4, |first, bytes| {
+                f32_from_bytes_with(bytes, &mut out[first..first + bytes.len() / 4], stores)
+            }),
+            WireDtype::Bf16 => data.for_each_run(2, |first, bytes| {
+                bf16_from_bytes_with(bytes, &mut out[first..first + bytes.len() / 2], stores)
+            }),
+            WireDtype::Fp8E4m3 => data.for_each_run(1, |first, codes| self.dequantize(first, codes, out)),
+        }
+    }
+
+    /// Decodes the FP8 `codes` of values `first..first + codes.len()`: whole rows together, a row cut by a piece
+    /// boundary in parts (each value is its code times its row's scale, so the parts decode as the row would).
+    fn dequantize(&self, first: usize, mut codes: &[u8], out: &mut [f32]) {
+        let hidden = self.hidden;
+        let mut at = first;
+        while !codes.is_empty() {
+            let (row, column) = (at / hidden, at % hidden);
+            let (n, width, rows) = if column == 0 && codes.len() >= hidden {
+                let rows = codes.len() / hidden;
+                (rows * hidden, hidden, rows)
+            } else {
+                let n = (hidden - column).min(codes.len());
+                (n, n, 1)
+            };
+            let per_call = (SERIAL_VALUES / width).max(1) * width;
+            let scales = self.scales[row..row + rows].chunks((per_call / width).max(1));
+            for ((codes, out), scales) in
+                codes[..n].chunks(per_call).zip(out[at..at + n].chunks_mut(per_call)).zip(scales)
+            {
+                dequantize_rows(codes, width, scales, out);
+            }
+            at += n;
+            codes = &codes[n..];
         }
     }
 }
@@ -372,11 +417,44 @@ fn bf16_to_bytes(values: &[f32], out: &mut [u8]) {
     bf16_to_bytes_portable(values, out)
 }
 
-/// [`bf16_to_bytes_portable`] compiled for AVX2: the same loop, eight lanes a step instead of SSE2's four.
+/// [`bf16_bits`] sixteen values at a time in AVX2 (written out: the compiler's vectorisation of the portable loop is
+/// ~1.6 times slower, and this runs on every combine payload), the ragged end by the portable loop.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn bf16_to_bytes_avx2(values: &[f32], out: &mut [u8]) {
-    bf16_to_bytes_portable(values, out)
+    use std::arch::x86_64::{
+        __m256i, _mm256_add_epi32, _mm256_and_si256, _mm256_blendv_epi8, _mm256_cmpgt_epi32, _mm256_loadu_si256,
+        _mm256_or_si256, _mm256_packus_epi32, _mm256_permute4x64_epi64, _mm256_set1_epi32, _mm256_srli_epi32,
+        _mm256_storeu_si256,
+    };
+    let n = values.len().min(out.len() / 2);
+    let whole = n / 16 * 16;
+    let one = _mm256_set1_epi32(1);
+    let bias = _mm256_set1_epi32(0x7FFF);
+    let magnitude = _mm256_set1_epi32(0x7FFF_FFFF);
+    let infinity = _mm256_set1_epi32(0x7F80_0000);
+    let quiet = _mm256_set1_epi32(0x0040_0000);
+    let mut i = 0;
+    // SAFETY: loads read 16 values below `whole <= values.len()`; stores write 32 bytes below `2 * whole <= out.len()`.
+    unsafe {
+        while i < whole {
+            let mut halves = [one; 2];
+            for (j, half) in halves.iter_mut().enumerate() {
+                let bits = _mm256_loadu_si256(values.as_ptr().add(i + 8 * j) as *const __m256i);
+                // As `bf16_bits`: round to nearest even, NaN quieted; the result is in the high 16 bits.
+                let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), one);
+                let rounded = _mm256_add_epi32(bits, _mm256_add_epi32(bias, lsb));
+                let nan = _mm256_cmpgt_epi32(_mm256_and_si256(bits, magnitude), infinity);
+                let chosen = _mm256_blendv_epi8(rounded, _mm256_or_si256(bits, quiet), nan);
+                *half = _mm256_srli_epi32::<16>(chosen);
+            }
+            // The pack interleaves 128-bit lanes (a0 b0 a1 b1); the permutation puts them back in order.
+            let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(halves[0], halves[1]));
+            _mm256_storeu_si256(out.as_mut_ptr().add(2 * i) as *mut __m256i, packed);
+            i += 16;
+        }
+    }
+    bf16_to_bytes_portable(&values[whole..n], &mut out[2 * whole..2 * n]);
 }
 
 #[inline(always)]
@@ -402,6 +480,68 @@ fn bf16_from_bytes(data: &[u8], out: &mut [f32]) {
         return unsafe { bf16_from_bytes_avx2(data, out) };
     }
     bf16_from_bytes_portable(data, out)
+}
+
+/// [`bf16_from_bytes`] or its non-temporal twin.
+fn bf16_from_bytes_with(data: &[u8], out: &mut [f32], stores: Stores) {
+    #[cfg(target_arch = "x86_64")]
+    if stores == Stores::Streaming && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, the only precondition.
+        return unsafe { streaming_avx2::<2>(data, out) };
+    }
+    bf16_from_bytes(data, out)
+}
+
+/// [`f32_from_bytes`] or its non-temporal twin.
+fn f32_from_bytes_with(data: &[u8], out: &mut [f32], stores: Stores) {
+    #[cfg(target_arch = "x86_64")]
+    if stores == Stores::Streaming && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, the only precondition.
+        return unsafe { streaming_avx2::<4>(data, out) };
+    }
+    f32_from_bytes(data, out)
+}
+
+/// Decodes little-endian bf16 (`WIDTH` 2) or f32 (`WIDTH` 4) values from `data` into `out` with non-temporal stores:
+/// bit for bit the cached loops, which it uses for the ends that are not whole aligned 32-byte lines' worth.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn streaming_avx2<const WIDTH: usize>(data: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::{
+        __m128i, __m256i, _mm256_cvtepu16_epi32, _mm256_loadu_si256, _mm256_slli_epi32, _mm256_stream_si256,
+        _mm_loadu_si128, _mm_sfence,
+    };
+    let cached = |data: &[u8], out: &mut [f32]| {
+        if WIDTH == 2 {
+            bf16_from_bytes_portable(data, out)
+        } else {
+            f32_from_bytes(data, out)
+        }
+    };
+    let n = out.len().min(data.len() / WIDTH);
+    // Streaming stores need 32-byte aligned addresses.
+    let head = out.as_ptr().align_offset(32).min(n);
+    let body = (n - head) / 8 * 8;
+    cached(&data[..head * WIDTH], &mut out[..head]);
+    let (source, destination) = (data[head * WIDTH..].as_ptr(), out[head..].as_mut_ptr());
+    // SAFETY: loads read `8 * WIDTH` bytes at offsets below `body * WIDTH` of a slice that holds more than
+    // `(n - head) * WIDTH` bytes; stores write 8 values at 32-byte aligned offsets below `body` of `out[head..]`.
+    unsafe {
+        let mut i = 0;
+        while i < body {
+            let values = if WIDTH == 2 {
+                let halves = _mm_loadu_si128(source.add(i * 2) as *const __m128i);
+                _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves))
+            } else {
+                _mm256_loadu_si256(source.add(i * 4) as *const __m256i)
+            };
+            _mm256_stream_si256(destination.add(i) as *mut __m256i, values);
+            i += 8;
+        }
+        // Orders the streaming stores before whatever this thread does next (handing the block to another thread).
+        _mm_sfence();
+    }
+    cached(&data[(head + body) * WIDTH..n * WIDTH], &mut out[head + body..n]);
 }
 
 /// [`bf16_from_bytes_portable`] compiled for AVX2.
@@ -455,26 +595,13 @@ pub fn round_trip(values: &[f32], hidden: usize, dtype: WireDtype) -> Vec<f32> {
 }
 
 /// Builds the request that carries `batch`, with inputs encoded as `wire.dispatch` and outputs asked for as
-/// `wire.combine`.
+/// `wire.combine`. (The gRPC transport writes the same bytes without building the message.)
 ///
 /// # Panics
 /// If the batch is inconsistent (see [`ExpertBatch::check_shape`], which transports call first).
 pub fn request_from_batch(request_id: u64, batch: &ExpertBatch, wire: WireFormat) -> DispatchRequest {
-    request_for_rows(request_id, batch, &batch.experts, &batch.inputs, wire, None)
-}
-
-/// The request that carries the rows `experts` / `inputs` (`experts.len()` rows of `batch.hidden`) with the ids of
-/// `batch` (whose own rows are not read), the payload written into a buffer from `recycler` if there is one.
-pub(crate) fn request_for_rows(
-    request_id: u64,
-    batch: &ExpertBatch,
-    experts: &[u32],
-    inputs: &[f32],
-    wire: WireFormat,
-    recycler: Option<&Arc<Recycler<u8>>>,
-) -> DispatchRequest {
-    let mut expert_ids = vec![0u8; experts.len() * 4];
-    for (bytes, expert) in expert_ids.chunks_exact_mut(4).zip(experts) {
+    let mut expert_ids = vec![0u8; batch.experts.len() * 4];
+    for (bytes, expert) in expert_ids.chunks_exact_mut(4).zip(&batch.experts) {
         bytes.copy_from_slice(&expert.to_le_bytes());
     }
     DispatchRequest {
@@ -485,7 +612,7 @@ pub(crate) fn request_for_rows(
         placement_epoch: batch.placement_epoch,
         attention_worker: batch.attention_worker.clone(),
         expert_ids: Bytes::from(expert_ids),
-        activations: Some(encode_with(inputs, experts.len(), batch.hidden, wire.dispatch, recycler)),
+        activations: Some(encode(&batch.inputs, batch.experts.len(), batch.hidden, wire.dispatch)),
         output_dtype: ActivationDtype::from(wire.combine) as i32,
     }
 }
@@ -493,17 +620,18 @@ pub(crate) fn request_for_rows(
 /// Decodes and checks a received request (shape, dtypes, `expert_ids` length). Whether its layer, experts and epoch
 /// are served is the [`crate::ExpertService::validate`]'s call.
 pub fn batch_from_request(request: &DispatchRequest) -> Result<ExpertBatch, TransportError> {
-    batch_from_request_with(request, None)
+    batch_from_message(&RequestMessage::from(request), None)
 }
 
-/// [`batch_from_request`], decoding into a buffer from `recycler` if there is one.
-pub(crate) fn batch_from_request_with(
-    request: &DispatchRequest,
+/// [`batch_from_request`] for a request as the gRPC server reads it, decoding into a buffer from `recycler` if there
+/// is one.
+pub(crate) fn batch_from_message(
+    request: &RequestMessage,
     recycler: Option<&Recycler<f32>>,
 ) -> Result<ExpertBatch, TransportError> {
     let activations = request.activations.as_ref().ok_or_else(|| invalid("activations", "missing".into()))?;
     // Checked before decoding: it is cheap and names the field even when the activations are also wrong.
-    output_dtype(request)?;
+    output_dtype_of(request.output_dtype)?;
     let tokens = activations.tokens as usize;
     if request.expert_ids.len() != tokens.saturating_mul(4) {
         return Err(invalid(
@@ -517,8 +645,12 @@ pub(crate) fn batch_from_request_with(
         Some(recycler) => recycler.take(values),
         None => vec![0.0f32; values],
     };
-    block.convert(activations, &mut inputs);
-    let experts = request.expert_ids.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    // Cached: the expert computes on the block next.
+    block.convert(&activations.data, &mut inputs, Stores::Cached);
+    let mut experts = Vec::with_capacity(tokens);
+    request.expert_ids.for_each_run(4, |_, bytes| {
+        experts.extend(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+    });
     Ok(ExpertBatch {
         step_id: request.step_id,
         micro_batch: request.micro_batch,
@@ -533,10 +665,15 @@ pub(crate) fn batch_from_request_with(
 
 /// The encoding a request wants its outputs in (`UNSPECIFIED` means F32).
 pub fn output_dtype(request: &DispatchRequest) -> Result<WireDtype, TransportError> {
-    if request.output_dtype == ActivationDtype::Unspecified as i32 {
+    output_dtype_of(request.output_dtype)
+}
+
+/// [`output_dtype`] of the field's value.
+pub(crate) fn output_dtype_of(value: i32) -> Result<WireDtype, TransportError> {
+    if value == ActivationDtype::Unspecified as i32 {
         return Ok(WireDtype::F32);
     }
-    wire_dtype(request.output_dtype, "output_dtype")
+    wire_dtype(value, "output_dtype")
 }
 
 /// What a response echoes of its request.
@@ -564,7 +701,8 @@ impl RequestIds {
     }
 }
 
-/// Builds the response carrying `outputs` (`tokens` rows of `hidden`) encoded as `dtype`.
+/// Builds the response carrying `outputs` (`tokens` rows of `hidden`) encoded as `dtype`. (The gRPC server writes the
+/// same bytes without building the message.)
 ///
 /// # Panics
 /// If `outputs.len() != tokens * hidden` (the server checks a service's outputs first).
@@ -575,24 +713,12 @@ pub fn response_from_outputs(
     hidden: usize,
     dtype: WireDtype,
 ) -> DispatchResponse {
-    response_from_outputs_with(ids, outputs, tokens, hidden, dtype, None)
-}
-
-/// [`response_from_outputs`], the payload written into a buffer from `recycler` if there is one.
-pub(crate) fn response_from_outputs_with(
-    ids: RequestIds,
-    outputs: &[f32],
-    tokens: usize,
-    hidden: usize,
-    dtype: WireDtype,
-    recycler: Option<&Arc<Recycler<u8>>>,
-) -> DispatchResponse {
     DispatchResponse {
         request_id: ids.request_id,
         step_id: ids.step_id,
         micro_batch: ids.micro_batch,
         layer: ids.layer,
-        outputs: Some(encode_with(outputs, tokens, hidden, dtype, recycler)),
+        outputs: Some(encode(outputs, tokens, hidden, dtype)),
     }
 }
 
@@ -602,7 +728,8 @@ pub fn outputs_from_response(
     tokens: usize,
     hidden: usize,
 ) -> Result<Vec<f32>, TransportError> {
-    let outputs = checked_outputs(response, tokens, hidden)?;
+    let response = ResponseMessage::from(response);
+    let outputs = checked_outputs(&response, tokens, hidden)?;
     decode_field(outputs, "outputs")
 }
 
@@ -614,12 +741,27 @@ pub fn outputs_from_response_into(
     hidden: usize,
     out: &mut [f32],
 ) -> Result<(), TransportError> {
+    outputs_from_message_into(&ResponseMessage::from(response), tokens, hidden, out, Stores::Cached)
+}
+
+/// [`outputs_from_response_into`] for a response as the gRPC client reads it, writing as `stores` says.
+pub(crate) fn outputs_from_message_into(
+    response: &ResponseMessage,
+    tokens: usize,
+    hidden: usize,
+    out: &mut [f32],
+    stores: Stores,
+) -> Result<(), TransportError> {
     let outputs = checked_outputs(response, tokens, hidden)?;
-    decode_field_into(outputs, "outputs", out)
+    decode_field_into(outputs, "outputs", out, stores)
 }
 
 /// The outputs of `response`, if they have the shape that was asked for.
-fn checked_outputs(response: &DispatchResponse, tokens: usize, hidden: usize) -> Result<&Activations, TransportError> {
+fn checked_outputs(
+    response: &ResponseMessage,
+    tokens: usize,
+    hidden: usize,
+) -> Result<&ActivationsMessage, TransportError> {
     let outputs = response.outputs.as_ref().ok_or_else(|| invalid("outputs", "missing".into()))?;
     if outputs.tokens as usize != tokens || outputs.hidden as usize != hidden {
         return Err(invalid(
@@ -632,12 +774,12 @@ fn checked_outputs(response: &DispatchResponse, tokens: usize, hidden: usize) ->
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use switchyard_kernels::fp8::fake_quantize_rows;
 
     /// Deterministic values over several orders of magnitude, with an awkward row width.
-    fn values(tokens: usize, hidden: usize) -> Vec<f32> {
+    pub(crate) fn values(tokens: usize, hidden: usize) -> Vec<f32> {
         let mut state = 0x9E37_79B9u32;
         (0..tokens * hidden)
             .map(|i| {
@@ -663,7 +805,8 @@ mod tests {
         }
     }
 
-    fn field_of(error: TransportError) -> String {
+    /// The field an `InvalidPayload` error names.
+    pub(crate) fn field_of(error: TransportError) -> String {
         match error {
             TransportError::InvalidPayload { what, .. } => what,
             other => panic!("expected InvalidPayload, got {other:?}"),
@@ -876,14 +1019,49 @@ mod tests {
         assert_eq!(field_of(outputs_from_response_into(&response, 4, 40, &mut out).unwrap_err()), "outputs.tokens");
     }
 
+    /// The one message of a gRPC frame, read back as the server reads it.
+    fn read_back(frame: Bytes) -> RequestMessage {
+        let mut reader = crate::wire::MessageReader::new(usize::MAX);
+        reader.push(frame);
+        crate::wire::read_request(&reader.next_message().unwrap().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn streaming_stores_decode_the_same_bits() {
+        let x = values(3, 1000);
+        for dtype in [WireDtype::F32, WireDtype::Bf16] {
+            let activations = ActivationsMessage::from(&encode(&x, 3, 1000, dtype));
+            let block = Checked::of(&activations, "activations").unwrap();
+            let mut cached = vec![0.0f32; 3000];
+            block.convert(&activations.data, &mut cached, Stores::Cached);
+            // Every alignment of the destination, and lengths that leave ragged ends.
+            for offset in 0..9 {
+                for len in [0, 1, 7, 8, 17, 64, 2999 - offset] {
+                    let mut out = vec![f32::NAN; offset + len + 3];
+                    let bytes = &activations.data.to_bytes()[offset * bytes_per_value(dtype)..];
+                    let run = &bytes[..len * bytes_per_value(dtype)];
+                    match dtype {
+                        WireDtype::F32 => f32_from_bytes_with(run, &mut out[offset..offset + len], Stores::Streaming),
+                        _ => bf16_from_bytes_with(run, &mut out[offset..offset + len], Stores::Streaming),
+                    }
+                    let got: Vec<u32> = out[offset..offset + len].iter().map(|v| v.to_bits()).collect();
+                    let want: Vec<u32> = cached[offset..offset + len].iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "{dtype}, offset {offset}, {len} values");
+                    assert!(out[..offset].iter().chain(&out[offset + len..]).all(|v| v.is_nan()), "wrote outside");
+                }
+            }
+        }
+    }
+
     #[test]
     fn requests_for_rows_carry_those_rows_only() {
         let b = batch(10, 24);
         let wire = WireFormat { dispatch: WireDtype::Fp8E4m3, combine: WireDtype::F32 };
         let whole = batch_from_request(&request_from_batch(1, &b, wire)).unwrap();
         let recycler = Recycler::new();
-        let part = request_for_rows(2, &b, &b.experts[3..7], &b.inputs[3 * 24..7 * 24], wire, Some(&recycler));
-        let part = batch_from_request_with(&part, Some(&Recycler::new())).unwrap();
+        let part =
+            crate::wire::encode_request(2, &b, &b.experts[3..7], &b.inputs[3 * 24..7 * 24], wire, Some(&recycler));
+        let part = batch_from_message(&read_back(part), Some(&Recycler::new())).unwrap();
         assert_eq!(part.experts, &b.experts[3..7]);
         // FP8 scales are per row, so a row encodes the same alone or in its batch.
         assert_eq!(part.inputs, &whole.inputs[3 * 24..7 * 24]);
@@ -892,18 +1070,20 @@ mod tests {
 
     #[test]
     fn recycled_buffers_come_back_and_stay_bounded() {
+        use crate::wire::encode_response;
         let recycler: Arc<Recycler<u8>> = Recycler::new();
         let x = values(64, 2048);
-        let plain = encode(&x, 64, 2048, WireDtype::Bf16);
-        let recycled = encode_with(&x, 64, 2048, WireDtype::Bf16, Some(&recycler));
+        let ids = RequestIds::default();
+        let plain = encode_response(ids, &x, 64, 2048, WireDtype::Bf16, None);
+        let recycled = encode_response(ids, &x, 64, 2048, WireDtype::Bf16, Some(&recycler));
         assert_eq!(plain, recycled);
-        let address = recycled.data.as_ptr();
+        let address = recycled.as_ptr();
         assert_eq!(recycler.lock().len(), 0);
         drop(recycled);
-        assert_eq!(recycler.lock().len(), 1, "dropping the payload returns its buffer");
-        let again = encode_with(&x, 64, 2048, WireDtype::Fp8E4m3, Some(&recycler));
-        assert_eq!(again.data.as_ptr(), address, "a smaller payload reuses the buffer");
-        assert_eq!(again, encode(&x, 64, 2048, WireDtype::Fp8E4m3));
+        assert_eq!(recycler.lock().len(), 1, "dropping the message returns its buffer");
+        let again = encode_response(ids, &x, 64, 2048, WireDtype::Fp8E4m3, Some(&recycler));
+        assert_eq!(again.as_ptr(), address, "a smaller message reuses the buffer");
+        assert_eq!(again, encode_response(ids, &x, 64, 2048, WireDtype::Fp8E4m3, None));
         drop(again);
         // Small buffers are not kept; large ones up to the bounds.
         recycler.put(vec![0u8; 100]);

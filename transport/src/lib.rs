@@ -4,7 +4,9 @@
 //! (f32, bf16, FP8 E4M3 with per-token scales; [`codec`]), the [`Transport`] trait that attention workers send through,
 //! and its implementations: [`in_process`] (direct calls, no serialisation: the embedded default and unit tests) and
 //! [`grpc`] (tonic bidirectional streams over any network; NCCL comes with the CUDA issue). The server half of the gRPC
-//! transport ([`grpc::DispatchServer`]) adapts any [`ExpertService`] so the wire format lives in this crate only.
+//! transport ([`grpc::DispatchServer`]) adapts any [`ExpertService`] so the wire format lives in this crate only. Both
+//! halves write and read the dispatch messages by hand (module `wire`: the `.proto` bytes, without prost's and tonic's
+//! copies of the payload).
 //! Errors are one [`TransportError`] with a single mapping to and from gRPC statuses; [`bench`](mod@bench) holds the
 //! raw TCP baseline and an echo service for `switchyard bench transport`.
 //!
@@ -16,6 +18,7 @@ pub mod codec;
 pub mod error;
 pub mod grpc;
 pub mod in_process;
+mod wire;
 
 use std::fmt;
 use std::future::Future;
@@ -105,6 +108,9 @@ impl ExpertBatch {
         let invalid = |what: &str, reason: String| TransportError::InvalidPayload { what: what.into(), reason };
         if self.hidden == 0 {
             return Err(invalid("hidden", "must be positive".into()));
+        }
+        if u32::try_from(self.hidden).is_err() {
+            return Err(invalid("hidden", format!("{} does not fit the wire's u32", self.hidden)));
         }
         match self.tokens().checked_mul(self.hidden) {
             Some(values) if values > codec::MAX_VALUES => Err(invalid(

@@ -236,6 +236,24 @@ async fn every_wire_format_matches_the_in_process_transport_bit_for_bit() {
     }
 }
 
+/// A dispatch too large for one request (split into pieces, outputs streamed into a block larger than the cache)
+/// still matches the in-process transport bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_dispatch_matches_the_in_process_transport() {
+    let service = ScaleService::new(Mode::Shuffle);
+    let server = TestServer::start(service.clone());
+    for (dispatch, combine) in [(WireDtype::Fp8E4m3, WireDtype::Bf16), (WireDtype::Bf16, WireDtype::F32)] {
+        let wire = WireFormat { dispatch, combine };
+        let in_process = InProcessTransport::new(wire);
+        in_process.add_worker("e0", service.clone());
+        // 4099 x 2052: 33 MiB of f32, in ~9 pieces of uneven row counts.
+        let b = batch(11, 4099, 2052);
+        let expected = in_process.dispatch("e0", b.clone()).await.unwrap();
+        let got = grpc(&server, wire).dispatch("e0", b).await.unwrap();
+        assert!(bits(&got) == bits(&expected), "{wire:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_dispatches_share_one_stream() {
     let server = TestServer::start(ScaleService::new(Mode::Shuffle));
@@ -275,6 +293,40 @@ async fn stream_status(endpoint: &str, request: DispatchRequest) -> tonic::Statu
 async fn unary_status(endpoint: &str, request: DispatchRequest) -> tonic::Status {
     let mut client = ExpertDispatchClient::connect(endpoint.to_owned()).await.unwrap();
     client.dispatch(request).await.unwrap_err()
+}
+
+/// The generated (prost) client reads the answers the server writes by hand, on both methods, and they are the
+/// in-process transport's numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_clients_get_the_same_answers() {
+    let service = ScaleService::new(Mode::Shuffle);
+    let server = TestServer::start(service.clone());
+    let wire = WireFormat { dispatch: WireDtype::Fp8E4m3, combine: WireDtype::Bf16 };
+    let in_process = InProcessTransport::new(wire);
+    in_process.add_worker("e0", service.clone());
+    let requests: Vec<_> = (0..5u32)
+        .map(|seed| codec::request_from_batch(seed as u64, &batch(seed, 3 + seed as usize, 40), wire))
+        .collect();
+    let mut client = ExpertDispatchClient::connect(server.endpoint()).await.unwrap();
+    let mut expected = Vec::new();
+    for (seed, request) in (0..5u32).zip(&requests) {
+        let b = batch(seed, 3 + seed as usize, 40);
+        expected.push(in_process.dispatch("e0", b).await.unwrap());
+        let response = client.dispatch(request.clone()).await.unwrap().into_inner();
+        assert_eq!(response.request_id, request.request_id);
+        let got = codec::outputs_from_response(&response, 3 + seed as usize, 40).unwrap();
+        assert_eq!(bits(&got), bits(&expected[seed as usize]), "unary {seed}");
+    }
+    let mut responses = client.dispatch_stream(tokio_stream::iter(requests.clone())).await.unwrap().into_inner();
+    let mut answered = 0;
+    while let Some(response) = responses.message().await.unwrap() {
+        let seed = response.request_id as usize;
+        assert_eq!((response.step_id, response.layer), (seed as u64, 1));
+        let got = codec::outputs_from_response(&response, 3 + seed, 40).unwrap();
+        assert_eq!(bits(&got), bits(&expected[seed]), "stream {seed}");
+        answered += 1;
+    }
+    assert_eq!(answered, requests.len(), "every request answered, then the stream ended with OK");
 }
 
 /// Makes a valid request malformed.

@@ -4,6 +4,9 @@
 //! The peer is a second `switchyard` process (`bench transport-peer`) serving the real gRPC dispatch server with an
 //! echo expert service, and a raw TCP echo. Each gRPC dispatch is timed whole, encoding and decoding included, because
 //! that is what an attention worker pays; the raw stream moves the same number of bytes with no encoding at all.
+//!
+//! Wall-clock ratios are noisy on a small shared machine, so each round also records the CPU time both processes spent
+//! on it (Linux: the scheduler's per-thread accounting), which says where the time goes and moves much less.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -25,6 +28,9 @@ pub struct Args {
     /// Tokens per dispatch.
     #[arg(long, value_delimiter = ',', default_value = "16,256,4096")]
     tokens: Vec<usize>,
+    /// Dispatch encodings to measure (the combine direction is always bf16).
+    #[arg(long, value_delimiter = ',', default_value = "fp8,bf16")]
+    wire: Vec<WireDtype>,
     /// Hidden size (Maverick: 5120).
     #[arg(long, default_value_t = 5120)]
     hidden: usize,
@@ -65,6 +71,93 @@ struct Row {
     raw_bytes_per_s: f64,
     grpc_p50_us: f64,
     raw_p50_us: f64,
+    grpc_cpu: Cpu,
+    raw_cpu: Cpu,
+}
+
+/// Mean CPU milliseconds per round trip of the two processes (NaN where the platform does not say).
+#[derive(Clone, Copy)]
+struct Cpu {
+    caller_ms: f64,
+    peer_ms: f64,
+}
+
+/// CPU time the threads of process `pid` have run so far, in nanoseconds, from the scheduler's accounting
+/// (`/proc/PID/task/*/schedstat`, Linux); `None` where that is not available.
+fn peer_cpu_ns(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0u64;
+    for task in tasks.flatten() {
+        // A thread may exit between listing and reading: it is skipped.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
+        total += stat.split_whitespace().next().and_then(|ns| ns.parse::<u64>().ok())?;
+    }
+    Some(total)
+}
+
+/// The CPU-time clock `clock` (this process, or the calling thread) in nanoseconds.
+#[cfg(unix)]
+fn cpu_clock_ns(clock: libc::clockid_t) -> Option<u64> {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `clock_gettime` only writes the `timespec` it is given.
+    let status = unsafe { libc::clock_gettime(clock, &mut now) };
+    (status == 0).then(|| now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64)
+}
+
+/// All threads of this process, nanoseconds of CPU.
+fn own_cpu_ns() -> Option<u64> {
+    #[cfg(unix)]
+    return cpu_clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID);
+    #[cfg(not(unix))]
+    None
+}
+
+/// The calling thread, nanoseconds of CPU.
+fn thread_cpu_ns() -> Option<u64> {
+    #[cfg(unix)]
+    return cpu_clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
+    #[cfg(not(unix))]
+    None
+}
+
+/// The CPU time both processes spend on a measurement's round trips. The clocks are read once before and once after
+/// the loop, not around each round (reading the peer's takes tens of microseconds, which would disturb the small
+/// rounds); what the calling thread spends outside the rounds (building inputs, freeing outputs) is taken off.
+struct CpuMeter {
+    peer: Option<u32>,
+    start: Option<(u64, u64)>,
+    outside_ns: u64,
+}
+
+impl CpuMeter {
+    fn start(peer: Option<u32>) -> Self {
+        let start = own_cpu_ns().zip(peer.and_then(peer_cpu_ns));
+        CpuMeter { peer, start, outside_ns: 0 }
+    }
+
+    /// Adds the calling thread's CPU time of `work` (building a round's inputs, freeing its outputs) to what is not
+    /// a round trip.
+    fn outside_round<T>(&mut self, work: impl FnOnce() -> T) -> T {
+        let before = thread_cpu_ns();
+        let built = work();
+        if let (Some(before), Some(after)) = (before, thread_cpu_ns()) {
+            self.outside_ns += after.saturating_sub(before);
+        }
+        built
+    }
+
+    /// Mean CPU per round trip since `start`, over `rounds` rounds.
+    fn per_round(&self, rounds: usize) -> Cpu {
+        let end = own_cpu_ns().zip(self.peer.and_then(peer_cpu_ns));
+        match (self.start, end) {
+            (Some((caller0, peer0)), Some((caller1, peer1))) if rounds > 0 => {
+                let ms = |ns: u64| ns as f64 / rounds as f64 / 1e6;
+                let caller = caller1.saturating_sub(caller0).saturating_sub(self.outside_ns);
+                Cpu { caller_ms: ms(caller), peer_ms: ms(peer1.saturating_sub(peer0)) }
+            }
+            _ => Cpu { caller_ms: f64::NAN, peer_ms: f64::NAN },
+        }
+    }
 }
 
 /// Runs `bench transport`.
@@ -78,11 +171,13 @@ pub fn run(args: Args) -> Result<()> {
             .kill_on_drop(true)
             .spawn()
             .context("starting the benchmark peer")?;
+        let peer_pid = peer.id();
         let stdout = peer.stdout.take().context("peer stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let (mut raw_addr, mut grpc_url) = (None, None);
         while raw_addr.is_none() || grpc_url.is_none() {
-            let Some(line) = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.context("peer start")??
+            let Some(line) =
+                tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.context("peer start")??
             else {
                 bail!("the benchmark peer exited before it was ready")
             };
@@ -98,7 +193,7 @@ pub fn run(args: Args) -> Result<()> {
 
         let budget = Duration::from_secs_f64(args.seconds.max(0.05));
         let mut rows = Vec::new();
-        for dtype in [WireDtype::Fp8E4m3, WireDtype::Bf16] {
+        for &dtype in &args.wire {
             // Outputs come back as bf16 in both cases: FP8 is for the dispatch direction.
             let wire = WireFormat { dispatch: dtype, combine: WireDtype::Bf16 };
             let transport = GrpcTransport::new(wire, "bench".into());
@@ -118,15 +213,15 @@ pub fn run(args: Args) -> Result<()> {
                     + if dtype == WireDtype::Fp8E4m3 { tokens * 4 } else { 0 };
                 let combine_bytes = tokens * args.hidden * bytes_per_value(WireDtype::Bf16);
                 let moved = dispatch_bytes + combine_bytes;
-                let grpc = time_loop(budget, || {
+                let (grpc, grpc_cpu) = time_loop(budget, peer_pid, || {
                     let future = transport.dispatch("peer", batch.clone());
-                    async move { future.await.map(|_| ()).map_err(anyhow::Error::from) }
+                    async move { future.await.map_err(anyhow::Error::from) }
                 })
                 .await?;
                 // The echo moves `moved` bytes in all: half out, half back.
                 let payload = vec![0x5Au8; moved / 2];
                 let raw_stream = tokio::sync::Mutex::new(&mut raw);
-                let raw_times = time_loop(budget, || async {
+                let (raw_times, raw_cpu) = time_loop(budget, peer_pid, || async {
                     let mut stream = raw_stream.lock().await;
                     raw_tcp_round_trip(&mut stream, &payload).await.map_err(anyhow::Error::from)
                 })
@@ -139,6 +234,8 @@ pub fn run(args: Args) -> Result<()> {
                     raw_bytes_per_s: moved as f64 / mean(&raw_times),
                     grpc_p50_us: median(&grpc) * 1e6,
                     raw_p50_us: median(&raw_times) * 1e6,
+                    grpc_cpu,
+                    raw_cpu,
                 });
             }
         }
@@ -149,26 +246,31 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Runs `operation` repeatedly for about `budget` after two warm-up runs; returns the seconds each returned future
-/// took to complete.
-async fn time_loop<F, Fut>(budget: Duration, mut operation: F) -> Result<Vec<f64>>
+/// took to complete and the CPU time per round trip of this process and the peer (`peer`, its process id).
+async fn time_loop<F, Fut, T>(budget: Duration, peer: Option<u32>, mut operation: F) -> Result<(Vec<f64>, Cpu)>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
+    Fut: std::future::Future<Output = Result<T>>,
 {
     for _ in 0..2 {
         operation().await?;
     }
+    let mut cpu = CpuMeter::start(peer);
     let start = Instant::now();
     let mut times = Vec::new();
     while start.elapsed() < budget || times.len() < 5 {
         // Calling `operation` builds its inputs (the gRPC side's copy of the batch, which `dispatch` consumes); only
-        // awaiting it is the round trip. The raw side's payload is built once, outside the clock, too.
-        let round_trip = operation();
+        // awaiting it is the round trip, which ends when the outputs are in the caller's hands. Freeing them is the
+        // caller's business as building the inputs is: both stay off the clock (an 84 MB block is unmapped on free,
+        // ~5 ms here, which the raw loop, reusing one buffer, never pays). The raw payload is built once, outside.
+        let round_trip = cpu.outside_round(&mut operation);
         let t = Instant::now();
-        round_trip.await?;
+        let outputs = round_trip.await?;
         times.push(t.elapsed().as_secs_f64());
+        cpu.outside_round(move || drop(outputs));
     }
-    Ok(times)
+    let cpu = cpu.per_round(times.len());
+    Ok((times, cpu))
 }
 
 fn mean(times: &[f64]) -> f64 {
@@ -181,15 +283,31 @@ fn median(times: &[f64]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// A number for JSON: NaN (not measured) becomes null.
+fn finite(value: f64) -> Option<f64> {
+    value.is_finite().then_some(value)
+}
+
 fn report(rows: &[Row], json: Option<&std::path::Path>) -> Result<()> {
     println!(
-        "{:<6} {:>7} {:>12} {:>11} {:>11} {:>7} {:>10} {:>10} {:>14}",
-        "wire", "tokens", "MB/round", "gRPC GB/s", "raw GB/s", "ratio", "gRPC p50", "raw p50", "p50 limit"
+        "{:<6} {:>7} {:>10} {:>10} {:>9} {:>6} {:>10} {:>10} {:>11} {:>15} {:>15}",
+        "wire",
+        "tokens",
+        "MB/round",
+        "gRPC GB/s",
+        "raw GB/s",
+        "ratio",
+        "gRPC p50",
+        "raw p50",
+        "p50 limit",
+        "gRPC cpu ms",
+        "raw cpu ms"
     );
+    let cpu = |c: Cpu| format!("{:.2}/{:.2}", c.caller_ms, c.peer_ms);
     for r in rows {
         let limit = 2.0 * r.raw_p50_us + 100.0;
         println!(
-            "{:<6} {:>7} {:>12.2} {:>11.2} {:>11.2} {:>7.2} {:>8.0}us {:>8.0}us {:>12.0}us",
+            "{:<6} {:>7} {:>10.2} {:>10.2} {:>9.2} {:>6.2} {:>8.0}us {:>8.0}us {:>9.0}us {:>15} {:>15}",
             r.dtype.to_string(),
             r.tokens,
             r.bytes_per_round_trip as f64 / 1e6,
@@ -198,10 +316,13 @@ fn report(rows: &[Row], json: Option<&std::path::Path>) -> Result<()> {
             r.grpc_bytes_per_s / r.raw_bytes_per_s,
             r.grpc_p50_us,
             r.raw_p50_us,
-            limit
+            limit,
+            cpu(r.grpc_cpu),
+            cpu(r.raw_cpu)
         );
     }
     println!("targets: gRPC >= 0.70 of raw TCP at 4096 tokens; p50 at 16 tokens <= 2 x raw p50 + 100 us");
+    println!("cpu ms: mean CPU time per round trip of the caller / the peer process, all threads");
     if let Some(path) = json {
         let rows: Vec<_> = rows
             .iter()
@@ -212,6 +333,8 @@ fn report(rows: &[Row], json: Option<&std::path::Path>) -> Result<()> {
                     "ratio": r.grpc_bytes_per_s / r.raw_bytes_per_s,
                     "grpc_p50_us": r.grpc_p50_us, "raw_p50_us": r.raw_p50_us,
                     "p50_limit_us": 2.0 * r.raw_p50_us + 100.0,
+                    "grpc_cpu_ms": {"caller": finite(r.grpc_cpu.caller_ms), "peer": finite(r.grpc_cpu.peer_ms)},
+                    "raw_cpu_ms": {"caller": finite(r.raw_cpu.caller_ms), "peer": finite(r.raw_cpu.peer_ms)},
                 })
             })
             .collect();
