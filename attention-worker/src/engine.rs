@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use switchyard_model::config::TextConfig;
 use switchyard_model::generate::Sampler;
+pub use switchyard_model::TokenLogprobs;
 use switchyard_model::{FinishReason, KvCache, Llama4Model, LogitsFor, ModelError, SequenceStep};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -58,6 +59,8 @@ pub enum GenerationEvent {
         index: u32,
         /// The `[vocab]` logits that chose it, when the request asked for logits.
         logits: Option<Vec<f32>>,
+        /// Its log-probability and the top-n, when the request asked for logprobs.
+        logprob: Option<TokenLogprobs>,
     },
     /// Generation ended.
     Finished {
@@ -201,7 +204,10 @@ struct Sequence {
     generated: u32,
     max_new_tokens: usize,
     ignore_eos: bool,
+    /// The request's own stop tokens, which end it even with `ignore_eos`.
+    stop_token_ids: Vec<u32>,
     return_logits: bool,
+    logprobs: Option<usize>,
     prefilled: bool,
     events: UnboundedSender<GenerationEvent>,
     done: bool,
@@ -218,7 +224,9 @@ impl Sequence {
             generated: 0,
             max_new_tokens: request.max_new_tokens,
             ignore_eos: request.ignore_eos,
+            stop_token_ids: request.stop_token_ids,
             return_logits: request.return_logits,
+            logprobs: request.logprobs,
             prefilled: false,
             events,
             done: false,
@@ -249,7 +257,8 @@ impl Sequence {
         self.done = true;
     }
 
-    /// Takes the logits of a successful step: samples the next token and tells the client.
+    /// Takes the logits of a successful step: samples the next token and tells the client. `stop_tokens` are the
+    /// model's end-of-sequence tokens.
     fn advance(&mut self, logits: Vec<f32>, vocab: usize, stop_tokens: &[u32]) {
         let last = logits[logits.len().saturating_sub(vocab)..].to_vec();
         if !self.prefilled {
@@ -263,14 +272,14 @@ impl Sequence {
                 return;
             }
         }
-        let token = self.sampler.sample(&last);
+        let (token, logprob) = self.sampler.sample_with_logprobs(&last, self.logprobs);
         let index = self.generated;
         self.generated += 1;
         let logits = self.return_logits.then_some(last);
-        if !self.send(GenerationEvent::Token { id: token, index, logits }) {
+        if !self.send(GenerationEvent::Token { id: token, index, logits, logprob }) {
             return;
         }
-        if !self.ignore_eos && stop_tokens.contains(&token) {
+        if (!self.ignore_eos && stop_tokens.contains(&token)) || self.stop_token_ids.contains(&token) {
             self.finish(FinishReason::Stop);
         } else if self.generated as usize >= self.max_new_tokens {
             self.finish(FinishReason::Length);

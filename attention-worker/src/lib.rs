@@ -19,10 +19,12 @@
 pub mod cluster;
 pub mod engine;
 pub mod error;
+pub mod http;
 pub mod placement;
 pub mod remote;
 pub mod request;
 pub mod service;
+pub mod text;
 
 pub use cluster::{ClusterLink, ClusterOptions, ConnectWorker, LOAD_ALPHA};
 pub use engine::{Engine, EngineOptions, GenerationEvent};
@@ -31,3 +33,4 @@ pub use placement::{placement_from_expert_workers, ExpertWorkerRoute, RoutingTab
 pub use remote::{micro_batch_pool, wait_until_unused, RemoteExperts, DEFAULT_DISPATCH_TIMEOUT};
 pub use request::{load_tokenizer, RequestLimits, ValidGenerateRequest};
 pub use service::{serve, GenerationService, MAX_MESSAGE_BYTES};
+pub use {http::{router as http_router, serve_http, HttpOptions}, text::{ChatTemplate, TextCodec}};

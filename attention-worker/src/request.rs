@@ -29,7 +29,7 @@ impl RequestLimits {
 }
 
 /// A generation request that passed validation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ValidGenerateRequest {
     /// For tracing: the client's, or one the server made up.
     pub request_id: String,
@@ -43,7 +43,21 @@ pub struct ValidGenerateRequest {
     pub ignore_eos: bool,
     /// Send prompt logits and the logits that chose each token.
     pub return_logits: bool,
+    /// Generation ends after any of these tokens (reason `Stop`, the token is sent), besides end-of-sequence tokens.
+    pub stop_token_ids: Vec<u32>,
+    /// Stop strings, matched on the decoded text: the first match ends generation (reason `Stop`) and the text is
+    /// cut where the match starts.
+    pub stop: Vec<String>,
+    /// Send the top-n log-probabilities with each generated token (n <= [`MAX_LOGPROBS`]); `Some(0)` sends only the
+    /// chosen token's.
+    pub logprobs: Option<usize>,
 }
+
+/// Most top log-probabilities a request may ask for per token (OpenAI's limit).
+pub const MAX_LOGPROBS: usize = 20;
+
+/// Most stop strings a request may give.
+pub const MAX_STOP_STRINGS: usize = 8;
 
 fn invalid(field: &str, reason: String) -> AttentionWorkerError {
     AttentionWorkerError::InvalidRequest { field: field.to_string(), reason }
@@ -76,6 +90,7 @@ impl ValidGenerateRequest {
             temperature: request.temperature,
             top_p: if request.top_p == 0.0 { 1.0 } else { request.top_p },
             top_k: (request.top_k != 0).then_some(request.top_k as usize),
+            min_p: request.min_p,
             seed: request.seed,
         };
         let request_id = if request.request_id.is_empty() { request_id() } else { request.request_id };
@@ -86,8 +101,14 @@ impl ValidGenerateRequest {
             sampling,
             ignore_eos: request.ignore_eos,
             return_logits: request.return_logits,
+            stop_token_ids: request.stop_token_ids,
+            stop: request.stop,
+            logprobs: (request.logprobs != 0).then_some(request.logprobs as usize),
         };
         valid.check(limits)?;
+        if !valid.stop.is_empty() && tokenizer.is_none() {
+            return Err(invalid("stop", "this server has no tokenizer.json to decode text: use stop_token_ids".into()));
+        }
         Ok(valid)
     }
 
@@ -120,11 +141,35 @@ impl ValidGenerateRequest {
                 ),
             ));
         }
+        if let Some(&bad) = self.stop_token_ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
+            return Err(invalid(
+                "stop_token_ids",
+                format!("token id {bad} is outside the vocabulary (vocab_size {})", limits.vocab_size),
+            ));
+        }
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return Err(invalid(
+                "stop",
+                format!("{} stop strings given, at most {MAX_STOP_STRINGS} are allowed", self.stop.len()),
+            ));
+        }
+        if let Some(i) = self.stop.iter().position(String::is_empty) {
+            return Err(invalid("stop", format!("stop string {i} is empty (it would match before any text)")));
+        }
+        if let Some(n) = self.logprobs.filter(|&n| n > MAX_LOGPROBS) {
+            return Err(invalid("logprobs", format!("{n} top log-probabilities asked for, at most {MAX_LOGPROBS}")));
+        }
         self.sampling.validate().map_err(|e| match e {
             switchyard_model::ModelError::InvalidInput { what, reason } => invalid(&what, reason),
             other => invalid("sampling", other.to_string()),
         })
     }
+}
+
+/// Byte offset in `text` where the earliest of `stop` starts, if any does: generation ends there and the text is cut
+/// at it.
+pub fn first_stop(text: &str, stop: &[String]) -> Option<usize> {
+    stop.iter().filter_map(|s| text.find(s.as_str())).min()
 }
 
 /// Loads `dir/tokenizer.json`; `Ok(None)` when the model has none (then only token-id prompts are served and no text

@@ -17,7 +17,7 @@ use switchyard_proto::v1::generate_response::Event;
 use switchyard_proto::v1::generation_server::{Generation, GenerationServer};
 use switchyard_proto::v1::{
     FinishReason as WireFinishReason, Finished, GenerateRequest, GenerateResponse, GeneratedToken, PromptInfo,
-    FILE_DESCRIPTOR_SET,
+    TopLogprob, FILE_DESCRIPTOR_SET,
 };
 use tokenizers::Tokenizer;
 use tokio::net::TcpListener;
@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::engine::{Engine, GenerationEvent};
-use crate::request::ValidGenerateRequest;
+use crate::request::{first_stop, ValidGenerateRequest};
 use crate::AttentionWorkerError;
 
 /// Largest gRPC message accepted or sent (a `[4096, 5120]` f32 block is 80 MiB; prompt logits can be larger still).
@@ -80,6 +80,7 @@ impl Generation for GenerationService {
         .inspect_err(|error| tracing::debug!(%error, "request refused"))?;
         let span = tracing::info_span!("generate", request_id = %valid.request_id);
         let prompt_ids = valid.prompt.clone();
+        let stop = valid.stop.clone();
         let events = span.in_scope(|| {
             tracing::debug!(prompt_tokens = prompt_ids.len(), max_new_tokens = valid.max_new_tokens, "submitting");
             self.engine.submit(valid).inspect_err(|error| tracing::info!(%error, "request refused"))
@@ -90,6 +91,8 @@ impl Generation for GenerationService {
             vocab_size: self.engine.limits().vocab_size as u32,
             generated: Vec::new(),
             tokenizer: self.tokenizer.clone(),
+            stop,
+            stopped: None,
             done: false,
             span,
         };
@@ -104,8 +107,44 @@ struct StreamState {
     vocab_size: u32,
     generated: Vec<u32>,
     tokenizer: Option<Arc<Tokenizer>>,
+    /// Stop strings, searched in the decoded text after every token.
+    stop: Vec<String>,
+    /// The `Finished` to send next: a stop string matched (the engine's sequence is already cancelled).
+    stopped: Option<Finished>,
     done: bool,
     span: tracing::Span,
+}
+
+impl StreamState {
+    /// Decodes the generated tokens (special tokens skipped, as in the final text).
+    fn decode(&self) -> Result<String, Status> {
+        match &self.tokenizer {
+            Some(tokenizer) => tokenizer
+                .decode(&self.generated, true)
+                .map_err(|e| Status::internal(format!("decoding the output: {e}"))),
+            None => Ok(String::new()),
+        }
+    }
+
+    /// After a token: when the text now holds a stop string, cancels the sequence and keeps the cut text's
+    /// `Finished` for the next response.
+    fn check_stop(&mut self) -> Result<(), Status> {
+        if self.stop.is_empty() {
+            return Ok(());
+        }
+        // The whole text each time: a byte-level token may complete a character, and with it a match, only later.
+        let mut text = self.decode()?;
+        if let Some(at) = first_stop(&text, &self.stop) {
+            text.truncate(at);
+            // Closing the receiver is how the engine learns the request is over: it drops the sequence's KV cache
+            // before its next step.
+            self.events.close();
+            let generated_tokens = self.generated.len() as u32;
+            tracing::info!(generated_tokens, "stop string matched");
+            self.stopped = Some(Finished { reason: WireFinishReason::Stop as i32, text, generated_tokens });
+        }
+        Ok(())
+    }
 }
 
 async fn next_response(mut state: StreamState) -> Option<(Result<GenerateResponse, Status>, StreamState)> {
@@ -113,6 +152,10 @@ async fn next_response(mut state: StreamState) -> Option<(Result<GenerateRespons
         return None;
     }
     let span = state.span.clone();
+    if let Some(finished) = state.stopped.take() {
+        state.done = true;
+        return Some((Ok(GenerateResponse { event: Some(Event::Finished(finished)) }), state));
+    }
     async move {
         let event = match state.events.recv().await {
             Some(event) => event,
@@ -127,18 +170,29 @@ async fn next_response(mut state: StreamState) -> Option<(Result<GenerateRespons
                 vocab_size: state.vocab_size,
                 prompt_logits: prompt_logits.map(|l| f32_le_bytes(&l)).unwrap_or_default(),
             }),
-            GenerationEvent::Token { id, index, logits } => {
+            GenerationEvent::Token { id, index, logits, logprob } => {
                 state.generated.push(id);
-                Event::Token(GeneratedToken { id, index, logits: logits.map(|l| f32_le_bytes(&l)).unwrap_or_default() })
+                if let Err(status) = state.check_stop() {
+                    state.done = true;
+                    return Some((Err(status), state));
+                }
+                let (logprob, top_logprobs) = match logprob {
+                    Some(l) => (l.logprob, l.top.into_iter().map(|(id, logprob)| TopLogprob { id, logprob }).collect()),
+                    None => (0.0, Vec::new()),
+                };
+                Event::Token(GeneratedToken {
+                    id,
+                    index,
+                    logits: logits.map(|l| f32_le_bytes(&l)).unwrap_or_default(),
+                    logprob,
+                    top_logprobs,
+                })
             }
             GenerationEvent::Finished { reason, generated_tokens } => {
                 state.done = true;
-                let text = match &state.tokenizer {
-                    Some(tokenizer) => match tokenizer.decode(&state.generated, true) {
-                        Ok(text) => text,
-                        Err(e) => return Some((Err(Status::internal(format!("decoding the output: {e}"))), state)),
-                    },
-                    None => String::new(),
+                let text = match state.decode() {
+                    Ok(text) => text,
+                    Err(status) => return Some((Err(status), state)),
                 };
                 tracing::info!(generated_tokens, ?reason, "finished");
                 let reason = match reason {

@@ -23,6 +23,7 @@ fn request(id: &str, prompt: Vec<u32>, max_new_tokens: usize, sampling: Sampling
         sampling,
         ignore_eos: true,
         return_logits: true,
+        ..Default::default()
     }
 }
 
@@ -41,7 +42,7 @@ async fn drain(mut events: UnboundedReceiver<GenerationEvent>) -> Outcome {
     while let Some(event) = events.recv().await {
         match event {
             GenerationEvent::Prefilled { prompt_logits } => outcome.prompt_logits = prompt_logits.unwrap_or_default(),
-            GenerationEvent::Token { id, index, logits } => {
+            GenerationEvent::Token { id, index, logits, .. } => {
                 assert_eq!(index as usize, outcome.tokens.len());
                 outcome.tokens.push(id);
                 outcome.logits.push(logits.unwrap_or_default());
@@ -60,7 +61,7 @@ fn sampling(i: u64) -> SamplingParams {
     if i % 2 == 0 {
         SamplingParams::default()
     } else {
-        SamplingParams { temperature: 0.8, top_p: 0.9, top_k: Some(40), seed: 100 + i }
+        SamplingParams { temperature: 0.8, top_p: 0.9, top_k: Some(40), seed: 100 + i, ..Default::default() }
     }
 }
 

@@ -196,3 +196,148 @@ async fn client_going_away_cancels_the_sequence() {
     assert!(server.engine.steps() < 3000);
     server.stop().await;
 }
+
+fn tokens_of(responses: &[GenerateResponse]) -> Vec<u32> {
+    responses.iter().filter_map(|r| if let Some(Event::Token(t)) = &r.event { Some(t.id) } else { None }).collect()
+}
+
+fn finished_of(responses: &[GenerateResponse]) -> &switchyard_proto::v1::Finished {
+    match responses.last().and_then(|r| r.event.as_ref()) {
+        Some(Event::Finished(finished)) => finished,
+        other => panic!("the stream ends with Finished, not {other:?}"),
+    }
+}
+
+async fn wait_until_idle(engine: &Engine) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.active() != 0 {
+        assert!(Instant::now() < deadline, "the engine still holds {} sequences", engine.active());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_sampling_is_the_same_alone_and_batched_with_others() {
+    let server = Server::start().await;
+    let mut client = server.client().await;
+    let seeded = |i: u64| GenerateRequest {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 50,
+        min_p: 0.05,
+        seed: 40 + i,
+        ..ids_request(prompt(30 + i, 6 + i as usize), 12)
+    };
+    let alone = tokens_of(&collect(&mut client, seeded(0)).await.unwrap());
+    let sampling = SamplingParams { temperature: 0.9, top_p: 0.95, top_k: Some(50), min_p: 0.05, seed: 40 };
+    assert_eq!(alone, solo(&fixture().reference, &prompt(30, 6), 12, sampling).tokens);
+    let batched = futures::future::join_all((0..6).map(|i| {
+        let mut client = client.clone();
+        async move { tokens_of(&collect(&mut client, seeded(i)).await.unwrap()) }
+    }))
+    .await;
+    assert_eq!(batched[0], alone, "batched with five others");
+    assert_ne!(batched[1], alone);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_come_with_each_token_most_likely_first() {
+    let server = Server::start().await;
+    let mut client = server.client().await;
+    let ids = prompt(8, 9);
+    let mut request = ids_request(ids.clone(), 5);
+    request.logprobs = 4;
+    let responses = collect(&mut client, request).await.unwrap();
+    let alone = solo(&fixture().reference, &ids, 5, SamplingParams::default());
+    let tokens: Vec<_> =
+        responses.iter().filter_map(|r| if let Some(Event::Token(t)) = &r.event { Some(t) } else { None }).collect();
+    assert_eq!(tokens.len(), 5);
+    for (i, token) in tokens.iter().enumerate() {
+        let expected = switchyard_model::generate::token_logprobs(&alone.decode_logits[i], alone.tokens[i], 4);
+        // Without return_logits the engine computes only the last position's logits: equal to a few ulps.
+        assert!((token.logprob - expected.logprob).abs() < 1e-5);
+        let top: Vec<(u32, f32)> = token.top_logprobs.iter().map(|t| (t.id, t.logprob)).collect();
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), expected.top.iter().map(|t| t.0).collect::<Vec<_>>());
+        assert!(top.iter().zip(&expected.top).all(|(a, b)| (a.1 - b.1).abs() < 1e-5), "{top:?} vs {:?}", expected.top);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0], (token.id, token.logprob));
+        assert!(token.logprob < 0.0 && top.windows(2).all(|w| w[0].1 >= w[1].1));
+    }
+    // Not asked for: none travel.
+    let responses = collect(&mut client, ids_request(ids, 2)).await.unwrap();
+    assert!(responses.iter().all(|r| match &r.event {
+        Some(Event::Token(t)) => t.top_logprobs.is_empty() && t.logprob == 0.0,
+        _ => true,
+    }));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_token_ids_and_stop_strings_end_the_sequence_with_reason_stop() {
+    let server = Server::start().await;
+    let mut client = server.client().await;
+    let tokenizer = load_tokenizer(fixture().dir.path()).unwrap().unwrap();
+    let ids = prompt(12, 8);
+    let full = collect(&mut client, ids_request(ids.clone(), 12)).await.unwrap();
+    let all = tokens_of(&full);
+    assert_eq!(finished_of(&full).reason, FinishReason::Length as i32);
+
+    // A stop token ends generation at its first occurrence (the token is sent), even with ignore_eos.
+    let stop_token = all[3];
+    let first = all.iter().position(|&t| t == stop_token).unwrap();
+    let mut request = ids_request(ids.clone(), 12);
+    request.stop_token_ids = vec![stop_token];
+    let responses = collect(&mut client, request).await.unwrap();
+    assert_eq!(tokens_of(&responses), all[..=first]);
+    assert_eq!(finished_of(&responses).reason, FinishReason::Stop as i32);
+    assert_eq!(finished_of(&responses).generated_tokens as usize, first + 1);
+
+    // A stop string: the text written by some early token. The text is cut where it first appears.
+    let text = &finished_of(&full).text;
+    let (stop, cut) = (1..all.len() - 1)
+        .find_map(|k| {
+            let before = tokenizer.decode(&all[..k], true).unwrap();
+            let after = tokenizer.decode(&all[..=k], true).unwrap();
+            let piece = after.strip_prefix(before.as_str())?.trim();
+            let at = text.find(piece)?;
+            // It must be complete before the last token, so that stopping shows.
+            (!piece.is_empty() && at + piece.len() <= after.len()).then(|| (piece.to_string(), at))
+        })
+        .expect("some token writes text");
+    let mut request = ids_request(ids.clone(), 12);
+    request.stop = vec!["never in this text \u{1}".into(), stop.clone()];
+    let responses = collect(&mut client, request).await.unwrap();
+    let finished = finished_of(&responses);
+    assert_eq!(finished.reason, FinishReason::Stop as i32);
+    assert_eq!(finished.text, text[..cut], "cut at {stop:?}");
+    assert!((finished.generated_tokens as usize) < all.len());
+    assert_eq!(tokens_of(&responses), all[..finished.generated_tokens as usize]);
+    // The engine dropped the sequence instead of generating the rest.
+    wait_until_idle(&server.engine).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_sampling_controls_are_invalid_arguments_naming_the_field() {
+    let server = Server::start().await;
+    let mut client = server.client().await;
+    let vocab = fixture().config.text.vocab_size as u32;
+    let base = || ids_request(vec![1, 2], 3);
+    let bad_id = (vocab + 3).to_string();
+    let cases: Vec<(GenerateRequest, Vec<&str>)> = vec![
+        (GenerateRequest { min_p: 1.5, ..base() }, vec!["min_p", "1.5"]),
+        (GenerateRequest { logprobs: 21, ..base() }, vec!["logprobs", "21", "20"]),
+        (GenerateRequest { stop: vec!["x".into(); 9], ..base() }, vec!["stop", "9", "8"]),
+        (GenerateRequest { stop: vec!["x".into(), String::new()], ..base() }, vec!["stop", "empty"]),
+        (GenerateRequest { stop_token_ids: vec![vocab + 3], ..base() }, vec!["stop_token_ids", &bad_id]),
+    ];
+    for (request, words) in cases {
+        let status = collect(&mut client, request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        for word in words {
+            assert!(status.message().contains(word), "{word} missing in {}", status.message());
+        }
+    }
+    server.stop().await;
+}

@@ -102,6 +102,7 @@ fn no_new_placement_fails_after_the_recovery_timeout() {
         sampling: SamplingParams::default(),
         stop_tokens: Vec::new(),
         keep_logits: false,
+        logprobs: None,
     };
     let error = micro_batch_pool(0, 2).unwrap().install(|| generate(&model, &request, &mut |_| {})).unwrap_err();
     assert!(error.retryable());

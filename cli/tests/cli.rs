@@ -30,8 +30,16 @@ fn make_tiny_then_generate_writes_the_documented_json() {
     let json_path = work.path().join("out.json");
     let out = switchyard(
         &[
-            "generate", "--model", model_arg, "--prompt", "Hello switchyard", "--max-new-tokens", "5",
-            "--ignore-eos", "--output-json", json_path.to_str().expect("utf-8"),
+            "generate",
+            "--model",
+            model_arg,
+            "--prompt",
+            "Hello switchyard",
+            "--max-new-tokens",
+            "5",
+            "--ignore-eos",
+            "--output-json",
+            json_path.to_str().expect("utf-8"),
         ],
         work.path(),
     );
@@ -52,8 +60,16 @@ fn make_tiny_then_generate_writes_the_documented_json() {
     let again = work.path().join("again.json");
     let out = switchyard(
         &[
-            "generate", "--model", model_arg, "--prompt", "Hello switchyard", "--max-new-tokens", "5",
-            "--ignore-eos", "--output-json", again.to_str().expect("utf-8"),
+            "generate",
+            "--model",
+            model_arg,
+            "--prompt",
+            "Hello switchyard",
+            "--max-new-tokens",
+            "5",
+            "--ignore-eos",
+            "--output-json",
+            again.to_str().expect("utf-8"),
         ],
         work.path(),
     );
@@ -66,11 +82,13 @@ fn make_tiny_then_generate_writes_the_documented_json() {
 #[test]
 fn generate_without_a_model_builds_the_builtin_one_once() {
     let cache = tempfile::tempdir().expect("tempdir");
-    let first = switchyard(&["generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--ignore-eos"], cache.path());
+    let first =
+        switchyard(&["generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--ignore-eos"], cache.path());
     assert!(first.status.success(), "{}", stderr(&first));
     let builtin = std::fs::read_dir(cache.path()).expect("cache dir").count();
     assert_eq!(builtin, 1, "exactly one built-in model directory, no staging leftovers");
-    let second = switchyard(&["generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--ignore-eos"], cache.path());
+    let second =
+        switchyard(&["generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--ignore-eos"], cache.path());
     assert!(second.status.success(), "{}", stderr(&second));
     assert_eq!(first.stdout, second.stdout);
 }
@@ -96,4 +114,42 @@ fn bad_input_gets_a_clear_error_not_a_panic() {
     let out = switchyard(&["generate", "--prompt-ids", "1", "--device", "tpu"], cache.path());
     assert!(!out.status.success());
     assert!(stderr(&out).contains("tpu"), "{}", stderr(&out));
+}
+
+#[test]
+fn generate_sampling_controls_logprobs_and_stop() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let json_of = |extra: &[&str]| {
+        let path = cache.path().join("out.json");
+        let mut args = vec!["generate", "--prompt", "Hello switchyard", "--max-new-tokens", "6", "--ignore-eos"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--output-json", path.to_str().expect("utf-8")]);
+        let out = switchyard(&args, cache.path());
+        assert!(out.status.success(), "generate {extra:?} failed: {}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&path).expect("json")).expect("json")
+    };
+    let plain = json_of(&[]);
+    assert!(plain.get("logprobs").is_none(), "logprobs only when asked for");
+    let with = json_of(&["--logprobs", "3", "--min-p", "0.1"]);
+    let logprobs = with["logprobs"].as_array().expect("logprobs");
+    assert_eq!(logprobs.len(), 6);
+    for (entry, token) in logprobs.iter().zip(with["greedy_tokens"].as_array().expect("tokens")) {
+        assert_eq!(&entry["id"], token);
+        assert_eq!(entry["top"].as_array().expect("top").len(), 3);
+        assert_eq!(entry["top"][0]["id"], *token, "greedy picks the most likely");
+    }
+    // A stop string taken from the text: the text is cut where it starts.
+    let text = plain["text"].as_str().expect("text");
+    let stop: String = text.chars().skip(text.chars().count() / 2).take(2).collect();
+    if !stop.trim().is_empty() {
+        let stopped = json_of(&["--stop", &stop]);
+        assert_eq!(stopped["finish_reason"], "stop");
+        assert_eq!(stopped["text"].as_str().expect("text"), &text[..text.find(stop.as_str()).expect("in text")]);
+    }
+    let out = switchyard(&["generate", "--prompt-ids", "1,2", "--min-p", "1.5"], cache.path());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("min_p"), "{}", stderr(&out));
+    let out = switchyard(&["generate", "--prompt-ids", "1,2", "--logprobs", "21"], cache.path());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("logprobs") && stderr(&out).contains("20"), "{}", stderr(&out));
 }

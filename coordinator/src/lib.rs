@@ -6,8 +6,9 @@
 //! - [`solver`]: placement with replication of hot experts into redundant slots, node-aware, moving as few expert
 //!   weights as it can relative to the current placement; [`traces`] makes synthetic skewed, drifting routing loads
 //!   to measure it.
-//! - [`store`]: the cluster state (members, placement epochs, load statistics) behind one `Store` trait with an etcd
-//!   and an in-memory implementation; [`membership`] (leases) and [`election`] (coordinator leader) build on it.
+//! - [`store`]: the cluster state (members, placement epochs, load statistics, adopted epochs) behind one `Store`
+//!   trait with etcd, in-memory and remote (served over gRPC by a coordinator) implementations; [`membership`]
+//!   (leases) and [`election`] (coordinator leader) build on it.
 //! - [`controller`]: the leader loop of `switchyard coordinator`: places the experts once enough expert workers
 //!   registered, rebalances them from measured loads or on request, re-places the experts of lost workers, and
 //!   drives expert workers through load / publish / adopt / unload so no router ever meets a missing expert.

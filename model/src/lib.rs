@@ -21,4 +21,6 @@ pub mod tiny;
 pub use error::ModelError;
 pub use experts::{ActivationPrecision, LocalExperts, RoutedExperts};
 pub use forward::{ExpertSelection, KvCache, Llama4Model, LoadOptions, LogitsFor, SequenceStep};
-pub use generate::{generate, FinishReason, Generation, GenerationRequest, SamplingParams};
+pub use generate::{
+    generate, generate_until, FinishReason, Generation, GenerationRequest, SamplingParams, TokenLogprobs,
+};

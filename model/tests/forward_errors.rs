@@ -44,6 +44,7 @@ fn empty_prompt_and_bad_sampling_are_refused() {
         sampling: SamplingParams::default(),
         stop_tokens: Vec::new(),
         keep_logits: false,
+        logprobs: None,
     };
     let err = generate(&model, &request, &mut |_| {}).expect_err("empty prompt");
     assert!(err.to_string().contains("prompt"), "{err}");
@@ -63,9 +64,10 @@ fn seeded_sampling_is_reproducible() {
     let request = GenerationRequest {
         prompt: vec![5, 6, 7, 8],
         max_new_tokens: 12,
-        sampling: SamplingParams { temperature: 1.0, top_p: 0.9, top_k: Some(50), seed: 7 },
+        sampling: SamplingParams { temperature: 1.0, top_p: 0.9, top_k: Some(50), seed: 7, ..Default::default() },
         stop_tokens: Vec::new(),
         keep_logits: false,
+        logprobs: None,
     };
     let a = generate(&model, &request, &mut |_| {}).expect("a");
     let b = generate(&model, &request, &mut |_| {}).expect("b");

@@ -79,6 +79,7 @@ fn check_fixture(name: &str) {
         sampling: SamplingParams::default(),
         stop_tokens: Vec::new(),
         keep_logits: true,
+        logprobs: None,
     };
     let generation = generate(&model, &request, &mut |_| {}).expect("generate");
     assert!(generation.tokens.len() >= 16);

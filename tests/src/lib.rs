@@ -59,6 +59,8 @@ pub struct Cluster {
     pub endpoint: String,
     /// The cluster store's URL from the `ready` line (the coordinator's, or the etcd cluster's).
     pub store: String,
+    /// The OpenAI-compatible HTTP endpoint from the `ready` line, when `up` was given `--http`.
+    pub http: Option<String>,
     lines: mpsc::Receiver<String>,
     stderr_path: PathBuf,
     _stderr_dir: tempfile::TempDir,
@@ -101,6 +103,7 @@ impl Cluster {
             members: Vec::new(),
             endpoint: String::new(),
             store: String::new(),
+            http: None,
             lines,
             stderr_path,
             _stderr_dir: stderr_dir,
@@ -119,6 +122,10 @@ impl Cluster {
                             .and_then(|(_, r)| r.split(';').next())
                             .unwrap_or_default()
                             .to_string();
+                        cluster.http = rest
+                            .split_once("; http ")
+                            .and_then(|(_, r)| r.split([';', ')']).next())
+                            .map(|url| url.trim().to_string());
                         return Ok(cluster);
                     }
                 }
@@ -323,4 +330,24 @@ pub fn placement_show(store: &str) -> String {
 pub fn epoch_in(text: &str) -> Option<u64> {
     let rest = &text[text.find("epoch ")? + "epoch ".len()..];
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// Sends one HTTP/1.1 request to `url` (`http://HOST:PORT`) and returns the status code and the body.
+pub fn http_request(url: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let host = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(host).unwrap_or_else(|e| panic!("connect {host}: {e}"));
+    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("read timeout");
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send the request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read the response");
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status line");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use switchyard_tests::{
-    assert_equivalent, binary, make_tiny, prompt_ids, read_json, single_process, through, Cluster,
+    assert_equivalent, binary, http_request, make_tiny, prompt_ids, read_json, single_process, through, Cluster,
 };
 
 #[test]
@@ -135,4 +135,30 @@ fn a_killed_expert_worker_with_replicas_loses_nothing() {
     assert!(cluster.stderr().contains("re-sending to other replicas"), "{}", cluster.stderr());
     let reference = read_json(&work.path().join("fault-free.json"));
     assert_equivalent("expert worker killed mid-generation", &reference, &read_json(&work.path().join("faulty.json")));
+}
+
+/// `up --http` serves the OpenAI-compatible API through the cluster: a completion and a chat completion of the built-in
+/// tiny model, and a clear 400 for a prompt over the context limit, after which it keeps serving.
+#[test]
+fn up_serves_the_openai_api_over_http() {
+    let cluster = Cluster::start(&["--expert-workers", "2", "--http", "127.0.0.1:0"]);
+    let http = cluster.http.clone().expect("the ready line names the HTTP endpoint");
+    let (status, models) = http_request(&http, "GET", "/v1/models", None);
+    assert_eq!(status, 200, "{models}");
+    let model: serde_json::Value = serde_json::from_str(&models).expect("models JSON");
+    let name = model["data"][0]["id"].as_str().expect("a model id").to_string();
+    let completion = serde_json::json!({"model": name, "prompt": "The switchyard", "max_tokens": 8, "temperature": 0});
+    let (status, body) = http_request(&http, "POST", "/v1/completions", Some(&completion.to_string()));
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("completion JSON");
+    assert_eq!(body["usage"]["completion_tokens"], 8, "{body}");
+    let chat = serde_json::json!({"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+    let (status, body) = http_request(&http, "POST", "/v1/chat/completions", Some(&chat.to_string()));
+    assert_eq!(status, 200, "{body}");
+    let too_long = serde_json::json!({"model": name, "prompt": vec![1u32; 100_000], "max_tokens": 1});
+    let (status, body) = http_request(&http, "POST", "/v1/completions", Some(&too_long.to_string()));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("context") || body.contains("max_position"), "{body}");
+    let (status, body) = http_request(&http, "POST", "/v1/completions", Some(&completion.to_string()));
+    assert_eq!(status, 200, "the server keeps serving: {body}");
 }

@@ -142,6 +142,7 @@ pub fn solo_with(
         sampling,
         stop_tokens: Vec::new(),
         keep_logits: true,
+        logprobs: None,
     };
     generate(model, &request, on_token).expect("generate")
 }

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use switchyard_attention_worker::{
-    load_tokenizer, placement_from_expert_workers, serve, ClusterLink, ClusterOptions, ConnectWorker, Engine,
-    EngineOptions, ExpertWorkerRoute, GenerationService, RemoteExperts, RoutingTable,
+    http_router, placement_from_expert_workers, serve, serve_http, ClusterLink, ClusterOptions, ConnectWorker, Engine,
+    EngineOptions, ExpertWorkerRoute, GenerationService, HttpOptions, RemoteExperts, RoutingTable, TextCodec,
 };
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::config::ModelConfig;
@@ -96,6 +96,13 @@ pub struct Args {
     /// Requests waiting for a slot at most; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "SWITCHYARD_MAX_WAITING", default_value_t = 256)]
     max_waiting: usize,
+    /// Also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health,
+    /// /metrics) on this address.
+    #[arg(long, env = "SWITCHYARD_HTTP", value_name = "ADDR")]
+    http: Option<SocketAddr>,
+    /// Bearer token the HTTP API's /v1 routes want (health and metrics stay open).
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true, requires = "http")]
+    api_key: Option<String>,
 }
 
 /// Runs the attention worker until SIGTERM or Ctrl-C.
@@ -113,6 +120,10 @@ pub fn run(args: Args) -> Result<()> {
 
 async fn serve_until_signal(args: Args) -> Result<()> {
     let listener = crate::serving::bind(args.listen).await.context("starting the attention worker")?;
+    let http_listener = match args.http {
+        Some(addr) => Some(crate::serving::bind(addr).await.context("starting the attention worker's HTTP API")?),
+        None => None,
+    };
     let addr = listener.local_addr().context("reading the bound address")?;
     let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("aw-{}", addr.port()));
     let model_dir = crate::model_dir::resolve(args.model.as_deref())?;
@@ -195,14 +206,30 @@ async fn serve_until_signal(args: Args) -> Result<()> {
         threads: 0,
     };
     let engine = Arc::new(Engine::start(Arc::new(model), options).context("starting the engine")?);
-    let tokenizer = load_tokenizer(&model_dir)?;
-    if tokenizer.is_none() {
+    let text = TextCodec::load(&model_dir)?;
+    if text.is_none() {
         tracing::warn!(model = %model_dir.display(), "no tokenizer.json: only token-id prompts are served");
     }
+    let tokenizer = text.as_ref().map(|t| t.tokenizer.clone());
+    let http = http_listener.map(|http_listener| {
+        let options = HttpOptions {
+            model_name: model_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            api_key: args.api_key.clone(),
+            worker_id: worker_id.clone(),
+        };
+        let router = http_router(engine.clone(), text, options);
+        if let Ok(addr) = http_listener.local_addr() {
+            tracing::info!(%worker_id, "OpenAI-compatible HTTP API on http://{addr}");
+        }
+        tokio::spawn(serve_http(http_listener, router, crate::serving::shutdown_signal()))
+    });
     let service = GenerationService::new(engine, tokenizer, worker_id.clone());
     crate::serving::announce(&listener)?;
     let server = tokio::spawn(serve(listener, service, crate::serving::shutdown_signal()));
     let served = server.await.context("the server task failed")?;
+    if let Some(http) = http {
+        http.await.context("the HTTP server task failed")?.context("the HTTP API")?;
+    }
     // Left only once the server has drained: until then its requests route with the placement the coordinator
     // counts on this worker having adopted.
     if let Some(link) = link {

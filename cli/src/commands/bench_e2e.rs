@@ -68,6 +68,7 @@ async fn local_rate(engine: &Engine, batch: usize, args: &Args, vocab: usize) ->
             sampling: SamplingParams::default(),
             ignore_eos: true,
             return_logits: false,
+            ..Default::default()
         };
         receivers.push(engine.submit(request).context("submitting to the local engine")?);
     }

@@ -4,13 +4,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use switchyard_attention_worker::request::{first_stop, RequestLimits, ValidGenerateRequest};
 use switchyard_kernels::device::{check_device, Device};
 use switchyard_model::{
-    generate, ActivationPrecision, ExpertSelection, FinishReason, GenerationRequest, LoadOptions, SamplingParams,
+    generate_until, ActivationPrecision, ExpertSelection, FinishReason, GenerationRequest, LoadOptions, SamplingParams,
+    TokenLogprobs,
 };
 use tokenizers::Tokenizer;
 
-use crate::commands::remote_generate::{self, RemoteRequest};
+use crate::commands::remote_generate::{self, RemoteOptions, RemoteRequest};
 use crate::model_dir;
 
 /// Flags of `generate`.
@@ -37,9 +39,22 @@ pub struct Args {
     /// Keep only the K most likely tokens.
     #[arg(long)]
     top_k: Option<usize>,
+    /// Min-p sampling in [0, 1]: drop tokens less likely than MIN_P times the most likely one; 0 is off.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A stop string (repeatable, at most 8): generation ends at its first occurrence in the text, which is cut there.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Comma-separated token ids that end generation (besides end-of-sequence tokens, even with --ignore-eos).
+    #[arg(long, value_delimiter = ',')]
+    stop_token_ids: Vec<u32>,
+    /// Report each generated token's log-probability and the N most likely tokens' in --output-json (N <= 20; 0 is
+    /// off).
+    #[arg(long)]
+    logprobs: Option<u32>,
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
@@ -90,37 +105,71 @@ pub fn run(args: Args) -> Result<()> {
         }
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-    let sampling = SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
-    let request = GenerationRequest {
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        min_p: args.min_p,
+        seed: args.seed,
+    };
+    // The server's validation, so both modes refuse the same requests with the same messages.
+    let valid = ValidGenerateRequest {
+        request_id: "generate".into(),
         prompt: prompt_ids.clone(),
         max_new_tokens: args.max_new_tokens,
         sampling,
-        stop_tokens: if args.ignore_eos { Vec::new() } else { config.text.eos_token_id.clone() },
-        keep_logits: args.output_json.is_some(),
+        ignore_eos: args.ignore_eos,
+        return_logits: args.output_json.is_some(),
+        stop_token_ids: args.stop_token_ids.clone(),
+        stop: args.stop.clone(),
+        logprobs: args.logprobs.filter(|&n| n > 0).map(|n| n as usize),
+    };
+    valid.check(&RequestLimits::of(&config.text)).context("invalid request")?;
+    if !valid.stop.is_empty() && tokenizer.is_none() {
+        bail!("--stop needs the model's tokenizer.json to decode text: use --stop-token-ids");
+    }
+    let mut stop_tokens = if args.ignore_eos { Vec::new() } else { config.text.eos_token_id.clone() };
+    stop_tokens.extend(&valid.stop_token_ids);
+    let request = GenerationRequest {
+        prompt: prompt_ids.clone(),
+        max_new_tokens: valid.max_new_tokens,
+        sampling: valid.sampling,
+        stop_tokens,
+        keep_logits: valid.return_logits,
+        logprobs: valid.logprobs,
     };
     let mut stdout = std::io::stdout().lock();
-    let streaming = tokenizer.is_some() && args.output_json.is_none();
+    // With stop strings the text is printed once it is cut, so a stop string is never half printed.
+    let streaming = tokenizer.is_some() && args.output_json.is_none() && args.stop.is_empty();
     let mut streamed = Vec::new();
     let mut printed = String::new();
-    let generation = generate(&model, &request, &mut |token| {
-        if !streaming {
-            return;
+    let generation = generate_until(&model, &request, &mut |token, _| {
+        if !streaming && args.stop.is_empty() {
+            return true;
         }
         // Decode the whole tail each time: byte-level BPE tokens can split a UTF-8 character.
         streamed.push(token);
-        if let Some(text) = tokenizer.as_ref().and_then(|t| t.decode(&streamed, true).ok()) {
+        let Some(text) = tokenizer.as_ref().and_then(|t| t.decode(&streamed, true).ok()) else { return true };
+        if first_stop(&text, &args.stop).is_some() {
+            return false;
+        }
+        if streaming {
             if let Some(new) = text.strip_prefix(printed.as_str()) {
                 let _ = write!(stdout, "{new}");
                 let _ = stdout.flush();
                 printed = text;
             }
         }
+        true
     })
     .context("generating")?;
-    let text = match &tokenizer {
+    let mut text = match &tokenizer {
         Some(t) => t.decode(&generation.tokens, true).map_err(|e| anyhow::anyhow!("decoding the output: {e}"))?,
         None => String::new(),
     };
+    if let Some(at) = first_stop(&text, &args.stop) {
+        text.truncate(at);
+    }
     if streaming {
         writeln!(stdout, "{}", text.strip_prefix(printed.as_str()).unwrap_or(""))?;
     } else if args.output_json.is_none() {
@@ -136,6 +185,7 @@ pub fn run(args: Args) -> Result<()> {
             prompt_logits: &generation.prompt_logits,
             decode_logits: &generation.decode_logits,
             tokens: &generation.tokens,
+            logprobs: valid.logprobs.is_some().then_some(generation.logprobs.as_slice()),
             text: &text,
             finish_reason: reason,
         };
@@ -151,13 +201,15 @@ struct Output<'a> {
     prompt_logits: &'a [Vec<f32>],
     decode_logits: &'a [Vec<f32>],
     tokens: &'a [u32],
+    /// Present when asked for: then the JSON has `logprobs`.
+    logprobs: Option<&'a [TokenLogprobs]>,
     text: &'a str,
     finish_reason: &'a str,
 }
 
 impl Output<'_> {
     fn write(&self, path: &Path) -> Result<()> {
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "prompt_ids": self.prompt_ids,
             "prompt_logits": self.prompt_logits,
             "decode_logits": self.decode_logits,
@@ -165,6 +217,19 @@ impl Output<'_> {
             "text": self.text,
             "finish_reason": self.finish_reason,
         });
+        if let Some(logprobs) = self.logprobs {
+            let entry = |id: u32, logprob: f32| serde_json::json!({ "id": id, "logprob": logprob });
+            json["logprobs"] = logprobs
+                .iter()
+                .zip(self.tokens)
+                .map(|(l, &id)| {
+                    let mut e = entry(id, l.logprob);
+                    e["top"] = l.top.iter().map(|&(id, lp)| entry(id, lp)).collect::<Vec<_>>().into();
+                    e
+                })
+                .collect::<Vec<_>>()
+                .into();
+        }
         let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         serde_json::to_writer(std::io::BufWriter::new(file), &json)
             .with_context(|| format!("writing {}", path.display()))
@@ -182,14 +247,21 @@ fn run_remote(endpoint: &str, args: Args) -> Result<()> {
         ignore_eos: args.ignore_eos,
         return_logits: args.output_json.is_some(),
     };
+    let options = RemoteOptions {
+        min_p: args.min_p,
+        stop_token_ids: args.stop_token_ids.clone(),
+        stop: args.stop.clone(),
+        logprobs: args.logprobs.unwrap_or(0),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
-    let generation = runtime.block_on(remote_generate::generate(endpoint, request, &mut |_| {}))?;
+    let generation = runtime.block_on(remote_generate::generate_with(endpoint, request, options, &mut |_| {}))?;
     if let Some(path) = &args.output_json {
         Output {
             prompt_ids: &generation.prompt_ids,
             prompt_logits: &generation.prompt_logits,
             decode_logits: &generation.decode_logits,
             tokens: &generation.tokens,
+            logprobs: args.logprobs.is_some_and(|n| n > 0).then_some(generation.logprobs.as_slice()),
             text: &generation.text,
             finish_reason: generation.finish_reason,
         }

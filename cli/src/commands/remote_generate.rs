@@ -2,6 +2,7 @@
 //! single-process mode.
 
 use anyhow::{bail, Context, Result};
+use switchyard_model::TokenLogprobs;
 use switchyard_proto::v1::generate_request::Prompt;
 use switchyard_proto::v1::generate_response::Event;
 use switchyard_proto::v1::generation_client::GenerationClient;
@@ -17,6 +18,8 @@ pub struct RemoteGeneration {
     pub decode_logits: Vec<Vec<f32>>,
     /// Generated token ids.
     pub tokens: Vec<u32>,
+    /// `logprobs[i]` belong to `tokens[i]`, when asked for.
+    pub logprobs: Vec<TokenLogprobs>,
     /// The decoded text.
     pub text: String,
     /// `length` or `stop`.
@@ -47,6 +50,19 @@ pub struct RemoteRequest {
     pub return_logits: bool,
 }
 
+/// The sampling controls beyond [`RemoteRequest`]'s (the defaults are off).
+#[derive(Debug, Clone, Default)]
+pub struct RemoteOptions {
+    /// Min-p threshold; 0 is off.
+    pub min_p: f32,
+    /// Tokens that end generation besides end-of-sequence.
+    pub stop_token_ids: Vec<u32>,
+    /// Stop strings, cut from the text by the server.
+    pub stop: Vec<String>,
+    /// Top-n log-probabilities per token; 0 asks for none.
+    pub logprobs: u32,
+}
+
 impl RemoteRequest {
     /// From ids or text.
     pub fn prompt_from(text: Option<String>, ids: Option<Vec<u32>>) -> Result<Prompt> {
@@ -59,7 +75,21 @@ impl RemoteRequest {
 }
 
 /// Runs one generation against `endpoint`, calling `on_token` as tokens stream in.
-pub async fn generate(endpoint: &str, request: RemoteRequest, on_token: &mut dyn FnMut(u32)) -> Result<RemoteGeneration> {
+pub async fn generate(
+    endpoint: &str,
+    request: RemoteRequest,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<RemoteGeneration> {
+    generate_with(endpoint, request, RemoteOptions::default(), on_token).await
+}
+
+/// [`generate`] with the [`RemoteOptions`] sampling controls.
+pub async fn generate_with(
+    endpoint: &str,
+    request: RemoteRequest,
+    options: RemoteOptions,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<RemoteGeneration> {
     let mut client = GenerationClient::connect(endpoint.to_string())
         .await
         .with_context(|| format!("connecting to {endpoint}"))?
@@ -74,6 +104,10 @@ pub async fn generate(endpoint: &str, request: RemoteRequest, on_token: &mut dyn
         seed: request.seed,
         ignore_eos: request.ignore_eos,
         return_logits: request.return_logits,
+        min_p: options.min_p,
+        stop_token_ids: options.stop_token_ids,
+        stop: options.stop,
+        logprobs: options.logprobs,
     };
     let mut stream = client
         .generate(message)
@@ -85,6 +119,7 @@ pub async fn generate(endpoint: &str, request: RemoteRequest, on_token: &mut dyn
         prompt_logits: Vec::new(),
         decode_logits: Vec::new(),
         tokens: Vec::new(),
+        logprobs: Vec::new(),
         text: String::new(),
         finish_reason: "length",
     };
@@ -100,11 +135,16 @@ pub async fn generate(endpoint: &str, request: RemoteRequest, on_token: &mut dyn
                 vocab = prompt.vocab_size as usize;
                 result.prompt_ids = prompt.prompt_ids;
                 if vocab > 0 {
-                    result.prompt_logits = floats(&prompt.prompt_logits).chunks_exact(vocab).map(<[f32]>::to_vec).collect();
+                    result.prompt_logits =
+                        floats(&prompt.prompt_logits).chunks_exact(vocab).map(<[f32]>::to_vec).collect();
                 }
             }
             Some(Event::Token(token)) => {
                 result.tokens.push(token.id);
+                if options.logprobs > 0 {
+                    let top = token.top_logprobs.iter().map(|t| (t.id, t.logprob)).collect();
+                    result.logprobs.push(TokenLogprobs { logprob: token.logprob, top });
+                }
                 if !token.logits.is_empty() {
                     let logits = floats(&token.logits);
                     if logits.len() != vocab {

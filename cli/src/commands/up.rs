@@ -95,6 +95,12 @@ pub struct Args {
     /// Seconds to wait for each process to become ready.
     #[arg(long, default_value_t = 120)]
     ready_timeout: u64,
+    /// Serve the OpenAI-compatible HTTP API from the first attention worker on this address (port 0 picks one).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<std::net::SocketAddr>,
+    /// Bearer token the HTTP API's /v1 routes want.
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true, requires = "http")]
+    api_key: Option<String>,
 }
 
 /// A started child process.
@@ -396,6 +402,15 @@ async fn start_and_serve(args: &Args, dir: &std::path::Path, cluster: &mut Clust
 
     let placement = wait_for_placement(cluster, &store_url, &args.cluster, timeout).await?;
 
+    // Port 0 is resolved here so that the ready line can name the port the worker serves HTTP on.
+    let http = match args.http {
+        Some(addr) if addr.port() == 0 => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.local_addr())
+                .with_context(|| format!("finding a free port for --http {addr}"))?,
+        ),
+        other => other,
+    };
     let mut attention_endpoints = Vec::new();
     for i in 0..args.attention_workers {
         let listen = match (i, args.listen) {
@@ -421,6 +436,12 @@ async fn start_and_serve(args: &Args, dir: &std::path::Path, cluster: &mut Clust
         if let Some(recovery) = args.recovery_timeout_ms {
             child_args.extend(["--recovery-timeout-ms".into(), recovery.to_string()]);
         }
+        if let (0, Some(http)) = (i, http) {
+            child_args.extend(["--http".into(), http.to_string()]);
+            if let Some(key) = &args.api_key {
+                child_args.extend(["--api-key".into(), key.clone()]);
+            }
+        }
         attention_endpoints.push(cluster.spawn(format!("attention worker {id}"), child_args, timeout).await?);
     }
     for index in 0..cluster.children.len() {
@@ -429,11 +450,12 @@ async fn start_and_serve(args: &Args, dir: &std::path::Path, cluster: &mut Clust
     let client = attention_endpoints[0].clone();
     println!(
         "ready: client endpoint {client} (store {store_url}; placement epoch {}; attention workers: {}; expert \
-         workers: {}; coordinators: {})",
+         workers: {}; coordinators: {}{})",
         placement.placement.epoch,
         attention_endpoints.join(", "),
         expert_endpoints.join(", "),
         coordinators.join(", "),
+        http.map(|addr| format!("; http http://{addr}")).unwrap_or_default(),
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
