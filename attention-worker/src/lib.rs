@@ -1,6 +1,7 @@
 //! Attention worker of Switchyard.
 //!
-//! Owns the serving front (the `switchyard.v1.Generation` gRPC service), the scheduler ([`Engine`]: one thread that
+//! Owns the serving front (the `switchyard.v1.Generation` gRPC service and the OpenAI-compatible HTTP API in [`http`],
+//! with the tokenizer and chat template in [`text`]), the scheduler ([`Engine`]: one thread that
 //! batches every active sequence into model steps), and the attention/dense/router/shared-expert half of each MoE
 //! step, whose routed experts it dispatches to expert workers through a [`switchyard_transport::Transport`]
 //! ([`RemoteExperts`], routed by a [`RoutingTable`] built from the coordinator's placement). In a cluster with a
@@ -11,7 +12,7 @@
 //! It must not hold routed experts' weights (the model is loaded with `ExpertSelection::None`), and must not know how
 //! activations are encoded on the wire (the transport crate owns that).
 //!
-//! Paged KV, chunked prefill, preemption and the OpenAI-compatible HTTP front come with the serving issue.
+//! Paged KV, chunked prefill and preemption come with the rest of the serving issue.
 //!
 //! # Feature flags
 //! None.
