@@ -1,5 +1,5 @@
-//! What every serving subcommand shares: binding, the `listening on` line the launcher reads, and shutdown on
-//! SIGTERM or Ctrl-C.
+//! What every serving subcommand shares: binding, the `listening on` line the launcher reads, shutdown on SIGTERM or
+//! Ctrl-C, and the node name a worker registers with.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -52,4 +52,15 @@ pub fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
+}
+
+/// This machine's name: `/proc/sys/kernel/hostname`, else `$HOSTNAME`, else `local`.
+pub fn hostname() -> String {
+    let from_proc = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    let from_env = || std::env::var("HOSTNAME").ok();
+    from_proc
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .or_else(|| from_env().map(|name| name.trim().to_string()).filter(|name| !name.is_empty()))
+        .unwrap_or_else(|| "local".to_string())
 }

@@ -151,7 +151,7 @@ async fn serve_until_signal(args: Args) -> Result<()> {
                 cluster: args.cluster.clone(),
                 worker_id: worker_id.clone(),
                 endpoint,
-                node: args.node.clone().unwrap_or_else(super::expert_worker::hostname),
+                node: args.node.clone().unwrap_or_else(crate::serving::hostname),
                 device: DEVICE.into(),
                 checkpoint_hash: fingerprint.unwrap_or_default(),
                 lease_ttl: Duration::from_millis(args.lease_ttl_ms),

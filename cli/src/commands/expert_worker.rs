@@ -150,7 +150,7 @@ async fn register(args: &Args, url: &str, worker: &ExpertWorker, addr: SocketAdd
         None => all_experts_bytes(worker.checkpoint(), worker.text_config())
             .context("sizing the default memory budget (every routed expert of the checkpoint)")?,
     };
-    let node = args.node.clone().unwrap_or_else(hostname);
+    let node = args.node.clone().unwrap_or_else(serving::hostname);
     let store = switchyard_coordinator::store::connect(url)
         .await
         .with_context(|| format!("connecting to the cluster store {url}"))?;
@@ -192,17 +192,6 @@ async fn finish(
     server.await.context("the server task failed")?.with_context(|| format!("expert worker {worker_id} on {addr}"))?;
     tracing::info!(%worker_id, "expert worker stopped");
     Ok(())
-}
-
-/// This machine's name: `/proc/sys/kernel/hostname`, else `$HOSTNAME`, else `local`.
-pub fn hostname() -> String {
-    let from_proc = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
-    let from_env = || std::env::var("HOSTNAME").ok();
-    from_proc
-        .map(|name| name.trim().to_string())
-        .filter(|name| !name.is_empty())
-        .or_else(|| from_env().map(|name| name.trim().to_string()).filter(|name| !name.is_empty()))
-        .unwrap_or_else(|| "local".to_string())
 }
 
 /// Parses a byte count: plain bytes (`68719476736`), or a number (fractions allowed) with a suffix, case-insensitive:

@@ -254,8 +254,13 @@ impl Cluster {
             Ok(status) => status.to_string(),
             Err(e) => format!("unknown status ({e})"),
         };
-        eprintln!("error: the {} (pid {}, {}) exited: {status}; its last stderr lines:\n{}", child.role, child.pid,
-            child.endpoint, child.tail());
+        eprintln!(
+            "error: the {} (pid {}, {}) exited: {status}; its last stderr lines:\n{}",
+            child.role,
+            child.pid,
+            child.endpoint,
+            child.tail()
+        );
     }
 
     fn attention_workers_alive(&self) -> usize {
@@ -328,7 +333,10 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("reading the model config {}", config_path.display()))?;
     let experts = config.text.num_local_experts;
     if args.expert_workers > experts {
-        bail!("--expert-workers {} for {experts} experts per layer: each worker needs at least one", args.expert_workers);
+        bail!(
+            "--expert-workers {} for {experts} experts per layer: each worker needs at least one",
+            args.expert_workers
+        );
     }
     let runtime = serving::runtime(2)?;
     runtime.block_on(async move {
@@ -501,7 +509,8 @@ async fn wait_for_placement(
     cluster_name: &str,
     timeout: Duration,
 ) -> Result<StoredPlacement> {
-    let store = store::connect(store_url).await.with_context(|| format!("connecting to the cluster store {store_url}"))?;
+    let store =
+        store::connect(store_url).await.with_context(|| format!("connecting to the cluster store {store_url}"))?;
     let state = ClusterStore::new(store, cluster_name).context("opening the cluster state")?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::from("no status yet");
