@@ -1,22 +1,27 @@
-//! The generation engine: one scheduler thread that owns every active sequence and batches them into model steps.
+//! The generation engine: one scheduler thread that owns every sequence and batches them into model steps.
 //!
-//! Requests arrive through a bounded channel (the waiting queue). Each iteration the scheduler drops sequences whose
-//! client went away, admits waiting requests up to `max_batch` (their prompts are prefilled in the same step as the
-//! other sequences' decode tokens), runs one `forward_batch` over all active sequences (or, with two micro-batches,
-//! one per half, concurrently, so one half's attention overlaps the other's expert dispatch), samples each sequence
-//! with its own seeded sampler and sends it its events. A failed step fails the sequences in it, not the engine.
-//!
-//! Paged KV, chunked prefill and preemption come with the serving issue and extend this loop.
+//! Requests arrive through a channel and wait in a bounded queue (beyond `max_waiting` they are refused with
+//! `Overloaded`, a resource-exhausted error). Every iteration the scheduler drops sequences whose client went away,
+//! then plans one step within a token budget (`max_batch_tokens`): every running sequence gets its next token
+//! (decode) or the next chunk of its prompt (chunked prefill, so a long prompt never stalls the others' decoding),
+//! and waiting requests are admitted in arrival order while the KV blocks for their whole prompt are free. Each
+//! scheduled sequence reserves the KV blocks of its step before it runs; when the pool is exhausted the newest running
+//! sequence is preempted: its blocks are freed and it goes back to the queue, to be recomputed from its tokens later
+//! (its sampler keeps its state, so the output is the same as without preemption). The step runs as one
+//! `forward_batch` (or, with two micro-batches, one per half concurrently, so one half's attention overlaps the other's
+//! expert dispatch); each sequence whose prompt is done samples with its own seeded sampler and gets its events. A
+//! failed step fails the sequences in it, not the engine.
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 
 use switchyard_model::config::TextConfig;
 use switchyard_model::generate::Sampler;
 pub use switchyard_model::TokenLogprobs;
-use switchyard_model::{FinishReason, KvCache, Llama4Model, LogitsFor, ModelError, SequenceStep};
+use switchyard_model::{FinishReason, KvBlockPool, KvCache, Llama4Model, LogitsFor, ModelError, SequenceStep};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::remote::micro_batch_pool;
@@ -28,9 +33,17 @@ use crate::AttentionWorkerError;
 pub struct EngineOptions {
     /// Sequences in flight at most (prefilling or decoding).
     pub max_batch: usize,
-    /// Requests waiting for a slot at most; beyond it requests are refused (`ResourceExhausted`).
+    /// Requests waiting for admission at most (preempted sequences included); beyond it requests are refused
+    /// (`Overloaded`).
     pub max_waiting: usize,
-    /// 1, or 2 for ping-pong: the active sequences are split into two micro-batches whose steps run concurrently.
+    /// Tokens one step computes at most: one per decoding sequence, the rest for prompt chunks. At least `max_batch`.
+    pub max_batch_tokens: usize,
+    /// Positions per KV block.
+    pub kv_block_size: usize,
+    /// KV blocks in the pool (one block holds `kv_block_size` positions of one layer); `None` sizes the pool for
+    /// `max_batch` sequences at the model's full context, so nothing is ever preempted (memory is taken on use).
+    pub kv_blocks: Option<usize>,
+    /// 1, or 2 for ping-pong: the scheduled sequences are split into two micro-batches whose steps run concurrently.
     pub micro_batches: usize,
     /// Threads of each micro-batch's compute pool; 0 means one per available core.
     pub threads: usize,
@@ -38,7 +51,15 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { max_batch: 64, max_waiting: 256, micro_batches: 1, threads: 0 }
+        Self {
+            max_batch: 64,
+            max_waiting: 256,
+            max_batch_tokens: 512,
+            kv_block_size: switchyard_model::kv::DEFAULT_BLOCK_SIZE,
+            kv_blocks: None,
+            micro_batches: 1,
+            threads: 0,
+        }
     }
 }
 
@@ -80,6 +101,7 @@ struct Shared {
     waiting: AtomicUsize,
     steps: AtomicU64,
     failed_steps: AtomicU64,
+    preemptions: AtomicU64,
 }
 
 /// A request handed to the scheduler.
@@ -88,10 +110,12 @@ struct Admission {
     events: UnboundedSender<GenerationEvent>,
 }
 
-/// Handle to the scheduler thread. Dropping it stops admission; the thread finishes the active sequences and exits.
+/// Handle to the scheduler thread. Dropping it stops admission; the thread finishes the sequences it has and exits.
 pub struct Engine {
-    requests: SyncSender<Admission>,
+    requests: Sender<Admission>,
     shared: Arc<Shared>,
+    pool: Arc<KvBlockPool>,
+    config: TextConfig,
     limits: RequestLimits,
     options: EngineOptions,
 }
@@ -103,9 +127,35 @@ impl Engine {
         if options.max_batch == 0 {
             return Err(bad("max_batch", "must be at least 1".into()));
         }
+        if options.max_batch_tokens < options.max_batch {
+            return Err(bad(
+                "max_batch_tokens",
+                format!(
+                    "{} is below max_batch {}: every decoding sequence needs a token of each step",
+                    options.max_batch_tokens, options.max_batch
+                ),
+            ));
+        }
         if !(1..=2).contains(&options.micro_batches) {
             return Err(bad("micro_batches", format!("{} is not 1 or 2", options.micro_batches)));
         }
+        let config = model.config().clone();
+        let full_sequence = KvCache::blocks_for_sequence(
+            &config,
+            options.kv_block_size,
+            config.max_position_embeddings,
+            options.max_batch_tokens,
+        );
+        let kv_blocks = options.kv_blocks.unwrap_or_else(|| full_sequence.saturating_mul(options.max_batch));
+        let one_step = KvCache::blocks_for_sequence(&config, options.kv_block_size, 1, 1);
+        if kv_blocks < one_step {
+            return Err(bad(
+                "kv_blocks",
+                format!("{kv_blocks} KV blocks cannot hold even one token ({one_step} blocks, one per layer)"),
+            ));
+        }
+        let pool = KvBlockPool::new(&config, options.kv_block_size, kv_blocks)
+            .map_err(|e| bad("kv_block_size", e.to_string()))?;
         let threads = if options.threads == 0 {
             std::thread::available_parallelism().map(usize::from).unwrap_or(1)
         } else {
@@ -113,54 +163,80 @@ impl Engine {
         };
         let pools =
             (0..options.micro_batches).map(|mb| micro_batch_pool(mb as u32, threads)).collect::<Result<Vec<_>, _>>()?;
-        // A zero-capacity sync channel would make every submit wait for the scheduler: keep at least one slot.
-        let (requests, receiver) = mpsc::sync_channel(options.max_waiting.max(1));
+        let (requests, receiver) = mpsc::channel();
         let shared = Arc::new(Shared::default());
-        let config = model.config().clone();
         let limits = RequestLimits::of(&config);
         let scheduler = Scheduler {
             stop_tokens: config.eos_token_id.clone(),
             vocab: config.vocab_size,
-            config,
+            config: config.clone(),
             model,
             pools,
             shared: shared.clone(),
+            pool: pool.clone(),
             max_batch: options.max_batch,
+            max_batch_tokens: options.max_batch_tokens,
+            next_arrival: 0,
         };
         std::thread::Builder::new().name("sy-scheduler".into()).spawn(move || scheduler.run(receiver)).map_err(
             |e| AttentionWorkerError::Startup { what: "the scheduler thread".into(), reason: e.to_string() },
         )?;
-        Ok(Self { requests, shared, limits, options })
+        Ok(Self { requests, shared, pool, config, limits, options })
     }
 
     /// Queues `request`; its events arrive on the returned receiver. Dropping the receiver cancels the request (its
-    /// sequence and KV cache are dropped before the next step). Fails with `Overloaded` when the waiting queue is full.
+    /// sequence and KV blocks are dropped before the next step). Fails with `Overloaded` when the waiting queue is
+    /// full, and with `InvalidRequest` when the request could never fit this engine's KV cache.
     pub fn submit(
         &self,
         request: ValidGenerateRequest,
     ) -> Result<UnboundedReceiver<GenerationEvent>, AttentionWorkerError> {
         request.check(&self.limits)?;
-        let (events, receiver) = unbounded_channel();
-        // Counted before sending so the scheduler's decrement can never come first.
-        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
-        match self.requests.try_send(Admission { request, events }) {
-            Ok(()) => Ok(receiver),
-            Err(refused) => {
-                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                Err(match refused {
-                    TrySendError::Full(_) => AttentionWorkerError::Overloaded {
-                        reason: format!(
-                            "{} requests are waiting (max_waiting {}) behind {} active sequences (max_batch {})",
-                            self.waiting(),
-                            self.options.max_waiting,
-                            self.active(),
-                            self.options.max_batch
-                        ),
-                    },
-                    TrySendError::Disconnected(_) => AttentionWorkerError::EngineStopped,
-                })
-            }
+        let tokens = request.prompt.len() + request.max_new_tokens;
+        let needed = KvCache::blocks_for_sequence(
+            &self.config,
+            self.options.kv_block_size,
+            tokens,
+            self.options.max_batch_tokens,
+        );
+        if needed > self.pool.capacity() {
+            return Err(AttentionWorkerError::InvalidRequest {
+                field: "max_new_tokens".into(),
+                reason: format!(
+                    "prompt of {} tokens + max_new_tokens {} = {tokens} tokens need {needed} KV blocks, more than the \
+                     {} this worker's KV cache holds",
+                    request.prompt.len(),
+                    request.max_new_tokens,
+                    self.pool.capacity()
+                ),
+            });
         }
+        let max_waiting = self.options.max_waiting;
+        // Counted before sending so the scheduler's decrement can never come first.
+        if self
+            .shared
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max_waiting).then_some(n + 1))
+            .is_err()
+        {
+            return Err(AttentionWorkerError::Overloaded {
+                reason: format!(
+                    "{} requests are waiting (max_waiting {max_waiting}) behind {} active sequences (max_batch {}), \
+                     {} of {} KV blocks in use",
+                    self.waiting(),
+                    self.active(),
+                    self.options.max_batch,
+                    self.kv_blocks_used(),
+                    self.kv_blocks_total()
+                ),
+            });
+        }
+        let (events, receiver) = unbounded_channel();
+        if self.requests.send(Admission { request, events }).is_err() {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(AttentionWorkerError::EngineStopped);
+        }
+        Ok(receiver)
     }
 
     /// Sequences in flight.
@@ -168,7 +244,7 @@ impl Engine {
         self.shared.active.load(Ordering::SeqCst)
     }
 
-    /// Requests queued and not yet admitted.
+    /// Requests queued and not yet admitted (preempted sequences included).
     pub fn waiting(&self) -> usize {
         self.shared.waiting.load(Ordering::SeqCst)
     }
@@ -183,6 +259,21 @@ impl Engine {
         self.shared.failed_steps.load(Ordering::Relaxed)
     }
 
+    /// KV-cache blocks held by sequences now.
+    pub fn kv_blocks_used(&self) -> usize {
+        self.pool.in_use()
+    }
+
+    /// KV-cache blocks the engine may use in all.
+    pub fn kv_blocks_total(&self) -> usize {
+        self.pool.capacity()
+    }
+
+    /// Sequences preempted (their KV freed, to be recomputed) so far because KV blocks ran out.
+    pub fn preemptions(&self) -> u64 {
+        self.shared.preemptions.load(Ordering::Relaxed)
+    }
+
     /// The limits requests are checked against.
     pub fn limits(&self) -> &RequestLimits {
         &self.limits
@@ -194,11 +285,13 @@ impl Engine {
     }
 }
 
-/// One active sequence.
+/// One sequence, waiting or running.
 struct Sequence {
     request_id: String,
-    /// Tokens of the next step: the prompt, then the last sampled token.
-    pending: Vec<u32>,
+    /// Admission order: older sequences are scheduled first and preempted last.
+    arrival: u64,
+    /// Every token known: the prompt, then the generated tokens. Those past `cache.len()` are computed next.
+    tokens: Vec<u32>,
     cache: KvCache,
     sampler: Sampler,
     generated: u32,
@@ -208,18 +301,24 @@ struct Sequence {
     stop_token_ids: Vec<u32>,
     return_logits: bool,
     logprobs: Option<usize>,
+    /// The whole prompt went through the model once (its `Prefilled` event was sent).
     prefilled: bool,
+    /// Prompt logits gathered over the prefill chunks, when the request asked for them.
+    prompt_logits: Vec<f32>,
+    /// Tokens the step being planned computes for this sequence (0: not in it).
+    scheduled: usize,
     events: UnboundedSender<GenerationEvent>,
     done: bool,
 }
 
 impl Sequence {
-    fn new(admission: Admission, config: &TextConfig) -> Self {
+    fn new(admission: Admission, arrival: u64, pool: &Arc<KvBlockPool>, config: &TextConfig) -> Self {
         let Admission { request, events } = admission;
         Self {
             request_id: request.request_id,
-            pending: request.prompt,
-            cache: KvCache::new(config),
+            arrival,
+            tokens: request.prompt,
+            cache: KvCache::in_pool(config, pool.clone()),
             sampler: Sampler::new(request.sampling),
             generated: 0,
             max_new_tokens: request.max_new_tokens,
@@ -228,16 +327,35 @@ impl Sequence {
             return_logits: request.return_logits,
             logprobs: request.logprobs,
             prefilled: false,
+            prompt_logits: Vec::new(),
+            scheduled: 0,
             events,
             done: false,
         }
     }
 
+    /// Tokens not yet in the KV cache.
+    fn remaining(&self) -> usize {
+        self.tokens.len() - self.cache.len()
+    }
+
     fn logits_for(&self) -> LogitsFor {
         if !self.prefilled && self.return_logits {
             LogitsFor::All
-        } else {
+        } else if self.scheduled == self.remaining() {
             LogitsFor::Last
+        } else {
+            LogitsFor::None
+        }
+    }
+
+    /// Frees the KV cache; the sequence will be recomputed from its tokens. Prompt logits gathered so far are
+    /// dropped with it: a prompt not yet done gathers them again.
+    fn preempt(&mut self) {
+        self.cache.clear();
+        self.scheduled = 0;
+        if !self.prefilled {
+            self.prompt_logits.clear();
         }
     }
 
@@ -257,13 +375,20 @@ impl Sequence {
         self.done = true;
     }
 
-    /// Takes the logits of a successful step: samples the next token and tells the client. `stop_tokens` are the
-    /// model's end-of-sequence tokens.
+    /// Takes the logits of a successful step: once every known token is in the cache, samples the next token and
+    /// tells the client. `stop_tokens` are the model's end-of-sequence tokens.
     fn advance(&mut self, logits: Vec<f32>, vocab: usize, stop_tokens: &[u32]) {
+        self.scheduled = 0;
+        if !self.prefilled && self.return_logits {
+            self.prompt_logits.extend_from_slice(&logits);
+        }
+        if self.remaining() > 0 {
+            return;
+        }
         let last = logits[logits.len().saturating_sub(vocab)..].to_vec();
         if !self.prefilled {
             self.prefilled = true;
-            let prompt_logits = self.return_logits.then_some(logits);
+            let prompt_logits = self.return_logits.then(|| std::mem::take(&mut self.prompt_logits));
             if !self.send(GenerationEvent::Prefilled { prompt_logits }) {
                 return;
             }
@@ -284,8 +409,7 @@ impl Sequence {
         } else if self.generated as usize >= self.max_new_tokens {
             self.finish(FinishReason::Length);
         } else {
-            self.pending.clear();
-            self.pending.push(token);
+            self.tokens.push(token);
         }
     }
 
@@ -304,25 +428,33 @@ struct Scheduler {
     /// One compute pool per micro-batch.
     pools: Vec<rayon::ThreadPool>,
     shared: Arc<Shared>,
+    pool: Arc<KvBlockPool>,
     max_batch: usize,
+    max_batch_tokens: usize,
+    next_arrival: u64,
 }
 
 impl Scheduler {
-    fn run(self, requests: Receiver<Admission>) {
-        let mut active: Vec<Sequence> = Vec::new();
+    fn run(mut self, requests: Receiver<Admission>) {
+        // Running sequences in arrival order, and the queue of those waiting for admission, also in arrival order.
+        let mut running: Vec<Sequence> = Vec::new();
+        let mut waiting: VecDeque<Sequence> = VecDeque::new();
         let mut open = true;
         loop {
-            active.retain(|s| {
+            let gone = |s: &Sequence| {
                 let gone = s.events.is_closed();
                 if gone {
                     tracing::debug!(request_id = %s.request_id, "client went away; dropping the sequence");
                 }
                 !gone
-            });
-            // Published before the admission loop may block on an empty queue.
-            self.shared.active.store(active.len(), Ordering::SeqCst);
-            while open && active.len() < self.max_batch {
-                let next = if active.is_empty() {
+            };
+            running.retain(gone);
+            let before = waiting.len();
+            waiting.retain(gone);
+            self.shared.waiting.fetch_sub(before - waiting.len(), Ordering::SeqCst);
+            self.shared.active.store(running.len(), Ordering::SeqCst);
+            while open {
+                let next = if running.is_empty() && waiting.is_empty() {
                     // Nothing to compute: sleep until a request arrives (or the engine is dropped).
                     requests.recv().map_err(|_| TryRecvError::Disconnected)
                 } else {
@@ -330,44 +462,129 @@ impl Scheduler {
                 };
                 match next {
                     Ok(admission) => {
-                        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
                         if admission.events.is_closed() {
+                            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
                             continue;
                         }
-                        tracing::debug!(
-                            request_id = %admission.request.request_id,
-                            prompt_tokens = admission.request.prompt.len(),
-                            "admitted"
-                        );
-                        active.push(Sequence::new(admission, &self.config));
+                        let arrival = self.next_arrival;
+                        self.next_arrival += 1;
+                        waiting.push_back(Sequence::new(admission, arrival, &self.pool, &self.config));
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            self.shared.active.store(active.len(), Ordering::SeqCst);
-            if active.is_empty() {
+            if running.is_empty() && waiting.is_empty() {
                 if open {
                     continue;
                 }
                 return;
             }
-            self.step(&mut active);
-            active.retain(|s| !s.done);
-            self.shared.active.store(active.len(), Ordering::SeqCst);
+            self.plan(&mut running, &mut waiting);
+            self.shared.active.store(running.len(), Ordering::SeqCst);
+            let mut scheduled: Vec<&mut Sequence> = running.iter_mut().filter(|s| s.scheduled > 0).collect();
+            if scheduled.is_empty() {
+                continue;
+            }
+            self.step(&mut scheduled);
+            running.retain(|s| !s.done);
+            self.shared.active.store(running.len(), Ordering::SeqCst);
         }
     }
 
-    /// Runs one step over `active` and advances (or fails) every sequence in it.
-    fn step(&self, active: &mut [Sequence]) {
+    /// Chooses this step's work: running sequences first (decodes and prompt chunks, preempting the newest when KV
+    /// blocks run out), then waiting sequences in arrival order while slots, tokens and blocks last.
+    fn plan(&self, running: &mut Vec<Sequence>, waiting: &mut VecDeque<Sequence>) {
+        let mut budget = self.max_batch_tokens;
+        let mut i = 0;
+        while i < running.len() {
+            let want = running[i].remaining().min(budget);
+            if want == 0 {
+                i += 1;
+                continue;
+            }
+            match running[i].cache.reserve(want) {
+                Ok(()) => {
+                    running[i].scheduled = want;
+                    budget -= want;
+                    i += 1;
+                }
+                Err(ModelError::KvCacheFull { .. }) => {
+                    // The newest running sequence gives its blocks back (possibly this one, when it is the newest).
+                    let Some(victim) = running.pop() else { break };
+                    self.preempt(victim, waiting);
+                }
+                Err(error) => {
+                    running[i].fail(&Arc::new(AttentionWorkerError::Model(error)));
+                    running.remove(i);
+                }
+            }
+        }
+        while budget > 0 && running.len() < self.max_batch {
+            let Some(next) = waiting.front_mut() else { break };
+            // A sequence is admitted only when its whole prompt fits in the free blocks: admitting one whose prefill
+            // would run the pool dry only to preempt it again wastes the work.
+            let prompt_blocks = KvCache::blocks_for_sequence(
+                &self.config,
+                self.pool.block_size(),
+                next.remaining(),
+                self.max_batch_tokens,
+            );
+            if prompt_blocks > self.pool.available() && !running.is_empty() {
+                break;
+            }
+            let want = next.remaining().min(budget);
+            if let Err(error) = next.cache.reserve(want) {
+                if running.is_empty() {
+                    // Nothing else holds blocks: this sequence cannot run at all.
+                    if let Some(mut lost) = waiting.pop_front() {
+                        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                        lost.fail(&Arc::new(AttentionWorkerError::Model(error)));
+                    }
+                    continue;
+                }
+                break;
+            }
+            next.scheduled = want;
+            budget -= want;
+            if let Some(admitted) = waiting.pop_front() {
+                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                tracing::debug!(
+                    request_id = %admitted.request_id,
+                    tokens = admitted.tokens.len(),
+                    recompute = admitted.generated > 0,
+                    "admitted"
+                );
+                running.push(admitted);
+            }
+        }
+    }
+
+    /// Frees `victim`'s KV blocks and puts it back in the queue at its arrival position.
+    fn preempt(&self, mut victim: Sequence, waiting: &mut VecDeque<Sequence>) {
+        tracing::info!(
+            request_id = %victim.request_id,
+            tokens = victim.tokens.len(),
+            kv_blocks_free = self.pool.available(),
+            "KV cache full: preempting the newest sequence, to be recomputed"
+        );
+        victim.preempt();
+        self.shared.preemptions.fetch_add(1, Ordering::Relaxed);
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        let at = waiting.partition_point(|s| s.arrival < victim.arrival);
+        waiting.insert(at, victim);
+    }
+
+    /// Runs one step over `scheduled` and advances (or fails) every sequence in it.
+    fn step(&self, scheduled: &mut [&mut Sequence]) {
         self.shared.steps.fetch_add(1, Ordering::Relaxed);
-        let lanes = if self.pools.len() == 2 && active.len() >= 2 { 2 } else { 1 };
+        let lanes = if self.pools.len() == 2 && scheduled.len() >= 2 { 2 } else { 1 };
         if lanes == 1 {
-            let result = self.forward(&self.pools[0], active);
-            self.apply(active, result);
+            let result = self.forward(&self.pools[0], scheduled);
+            self.apply(scheduled, result);
             return;
         }
-        let (first, second) = active.split_at_mut(active.len().div_ceil(2));
+        let (first, second) = scheduled.split_at_mut(scheduled.len().div_ceil(2));
         let (first_result, second_result) = std::thread::scope(|scope| {
             let second_lane = std::thread::Builder::new()
                 .name("sy-mb1".into())
@@ -383,17 +600,18 @@ impl Scheduler {
         self.apply(second, second_result);
     }
 
-    /// One `forward_batch` over `sequences` on `pool`.
+    /// One `forward_batch` over the scheduled tokens of `sequences` on `pool`.
     fn forward(
         &self,
         pool: &rayon::ThreadPool,
-        sequences: &mut [Sequence],
+        sequences: &mut [&mut Sequence],
     ) -> Result<Vec<Vec<f32>>, AttentionWorkerError> {
         let mut steps: Vec<SequenceStep<'_>> = sequences
             .iter_mut()
             .map(|s| {
                 let logits = s.logits_for();
-                SequenceStep { tokens: &s.pending, cache: &mut s.cache, logits }
+                let from = s.cache.len();
+                SequenceStep { tokens: &s.tokens[from..from + s.scheduled], cache: &mut s.cache, logits }
             })
             .collect();
         let model = &self.model;
@@ -407,7 +625,7 @@ impl Scheduler {
         }
     }
 
-    fn apply(&self, sequences: &mut [Sequence], result: Result<Vec<Vec<f32>>, AttentionWorkerError>) {
+    fn apply(&self, sequences: &mut [&mut Sequence], result: Result<Vec<Vec<f32>>, AttentionWorkerError>) {
         match result {
             Ok(logits) => {
                 for (sequence, logits) in sequences.iter_mut().zip(logits) {

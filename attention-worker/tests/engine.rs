@@ -1,5 +1,6 @@
-//! The engine: continuous batching equals solo runs, cancellation frees sequences, a lost expert worker fails the
-//! requests of its step and not the engine, admission is bounded.
+//! The engine: continuous batching equals solo runs, chunked prefill and preemption by recompute change no output,
+//! cancellation frees sequences, a lost expert worker fails the requests of its step and not the engine, admission is
+//! bounded by slots, queue length and KV blocks.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{cluster, cluster_with, expert_workers, fixture, in_process, max_diff, prompt, solo};
 use switchyard_attention_worker::{AttentionWorkerError, Engine, EngineOptions, GenerationEvent, ValidGenerateRequest};
-use switchyard_model::{FinishReason, SamplingParams};
+use switchyard_model::{FinishReason, KvCache, SamplingParams};
 use switchyard_transport::{BoxFuture, ExpertBatch, Transport, TransportError, WireFormat};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -228,4 +229,104 @@ async fn admission_is_bounded_and_checked() {
     assert!(bad.to_string().contains(&format!("token id {}", vocab + 3)), "{bad}");
     drop(kept);
     wait_until("the cancelled sequences are gone", || engine.active() == 0 && engine.waiting() == 0).await;
+}
+
+/// Checks every outcome against the request's solo run: same tokens, prompt and decode logits within 1e-5.
+fn assert_solo(requests: &[ValidGenerateRequest], outcomes: &[Outcome], what: &str) {
+    for (r, outcome) in requests.iter().zip(outcomes) {
+        assert!(outcome.failed.is_none(), "{what} {}: {:?}", r.request_id, outcome.failed);
+        assert_eq!(outcome.finished, Some(FinishReason::Length), "{what} {}", r.request_id);
+        let alone = solo(&fixture().reference, &r.prompt, r.max_new_tokens, r.sampling.clone());
+        assert_eq!(outcome.tokens, alone.tokens, "{what} {}", r.request_id);
+        let prompt_alone: Vec<f32> = alone.prompt_logits.concat();
+        let diff = max_diff(&outcome.prompt_logits, &prompt_alone);
+        assert!(diff <= 1e-5, "{what} {} prompt logits differ by {diff}", r.request_id);
+        for (got, want) in outcome.logits.iter().zip(&alone.decode_logits) {
+            assert!(max_diff(got, want) <= 1e-5, "{what} {} decode logits: {}", r.request_id, max_diff(got, want));
+        }
+    }
+}
+
+/// Prompts are prefilled in chunks of at most `max_batch_tokens` mixed with other sequences' decoding, across the
+/// tiny model's 32-token attention chunks; the six prompts fit the KV pool at admission but their generations grow
+/// past it (it holds about two and a half whole sequences), so the newest are preempted and recomputed. Every output still equals its solo run, and every block is back in the pool at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_prefill_and_preemption_equal_solo_runs() {
+    let config = &fixture().config.text;
+    let cluster = cluster(&["0-3", "4-7"], tokio::runtime::Handle::current());
+    let (block_size, step_tokens) = (4, 8);
+    let longest = 50 + 40;
+    let kv_blocks = KvCache::blocks_for_sequence(config, block_size, longest, step_tokens) * 5 / 2;
+    let options = EngineOptions {
+        max_batch: 6,
+        max_batch_tokens: step_tokens,
+        kv_block_size: block_size,
+        kv_blocks: Some(kv_blocks),
+        threads: 2,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::start(cluster.model.clone(), options).unwrap();
+    let requests: Vec<ValidGenerateRequest> =
+        (0..6u64).map(|i| request(&format!("r{i}"), prompt(20 + i, 10 + 8 * i as usize), 40, sampling(i))).collect();
+    let receivers: Vec<_> = requests.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
+    let outcomes = futures::future::join_all(receivers.into_iter().map(drain)).await;
+    assert_solo(&requests, &outcomes, "chunked prefill with preemption");
+    assert!(engine.preemptions() > 0, "a pool of {kv_blocks} blocks preempted nothing");
+    wait_until("every block is back", || engine.active() == 0 && engine.kv_blocks_used() == 0).await;
+    assert_eq!(engine.kv_blocks_total(), kv_blocks);
+}
+
+/// When the KV blocks for a prompt are not free, the request waits in the queue instead of failing; beyond the queue
+/// requests are refused with ResourceExhausted naming the KV use; once blocks come back the waiting requests run, and
+/// a long prompt prefilled in 512-token chunks equals its solo run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_wait_for_kv_blocks_and_are_refused_beyond_the_queue() {
+    let config = &fixture().config.text;
+    let cluster = cluster(&["all"], tokio::runtime::Handle::current());
+    let (block_size, step_tokens) = (4, 512);
+    let kv_blocks = KvCache::blocks_for_sequence(config, block_size, 16 + 3000, step_tokens);
+    let options = EngineOptions {
+        max_waiting: 2,
+        max_batch_tokens: step_tokens,
+        kv_block_size: block_size,
+        kv_blocks: Some(kv_blocks),
+        threads: 2,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::start(cluster.model.clone(), options).unwrap();
+    let mut hog = engine.submit(request("hog", prompt(30, 16), 3000, SamplingParams::default())).unwrap();
+    while !matches!(hog.recv().await, Some(GenerationEvent::Token { .. })) {}
+    // Its prompt needs more blocks than the hog leaves free, so it waits; so does a small one behind it (FIFO).
+    let long = request("long", prompt(31, 3001), 2, SamplingParams::default());
+    let small = request("small", prompt(32, 5), 3, SamplingParams::default());
+    let waiting: Vec<_> = [&long, &small].iter().map(|r| engine.submit((*r).clone()).unwrap()).collect();
+    wait_until("both wait", || engine.waiting() == 2).await;
+    assert_eq!(engine.active(), 1);
+    let refused = engine.submit(request("refused", prompt(33, 5), 3, SamplingParams::default())).unwrap_err();
+    assert_eq!(refused.to_status().code(), tonic::Code::ResourceExhausted, "{refused}");
+    assert!(refused.to_string().contains("KV blocks in use"), "{refused}");
+
+    drop(hog);
+    let outcomes = futures::future::join_all(waiting.into_iter().map(drain)).await;
+    assert_solo(&[long, small], &outcomes, "after waiting for KV blocks");
+    wait_until("every block is back", || engine.active() == 0 && engine.kv_blocks_used() == 0).await;
+}
+
+/// A request that could not fit the KV cache even alone is refused at once, naming the blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_larger_than_the_kv_cache_is_refused() {
+    let config = &fixture().config.text;
+    let cluster = cluster(&["all"], tokio::runtime::Handle::current());
+    let kv_blocks = KvCache::blocks_for_sequence(config, 16, 100, 512);
+    let options = EngineOptions { kv_blocks: Some(kv_blocks), threads: 2, ..EngineOptions::default() };
+    let engine = Engine::start(cluster.model.clone(), options).unwrap();
+    let error = engine.submit(request("big", prompt(40, 90), 200, SamplingParams::default())).unwrap_err();
+    assert_eq!(error.to_status().code(), tonic::Code::InvalidArgument, "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("290 tokens") && message.contains(&format!("{kv_blocks} this worker's KV cache")),
+        "{message}"
+    );
+    let fits = drain(engine.submit(request("fits", prompt(41, 90), 10, SamplingParams::default())).unwrap()).await;
+    assert!(fits.failed.is_none(), "{:?}", fits.failed);
 }

@@ -118,7 +118,7 @@ fn batched_steps_equal_single_sequences() {
     let cluster = cluster(&["0-3", "4-7"], runtime.handle().clone());
     let pool = forward_pool();
     let prompts: Vec<Vec<u32>> = (0..3).map(|i| prompt(20 + i, 5 + 7 * i as usize)).collect();
-    let mut caches: Vec<_> = prompts.iter().map(|_| cluster.model.new_cache()).collect();
+    let mut caches: Vec<_> = prompts.iter().map(|_| cluster.model.new_cache().expect("KV cache")).collect();
     let mut steps: Vec<SequenceStep<'_>> = prompts
         .iter()
         .zip(caches.iter_mut())
@@ -126,7 +126,7 @@ fn batched_steps_equal_single_sequences() {
         .collect();
     let batched = pool.install(|| cluster.model.forward_batch(&mut steps)).unwrap();
     for (p, logits) in prompts.iter().zip(&batched) {
-        let mut cache = fixture.reference.new_cache();
+        let mut cache = fixture.reference.new_cache().expect("KV cache");
         let alone = fixture.reference.forward(p, &mut cache, LogitsFor::All).unwrap();
         // Other sequences' rows join the experts' groups, which may change the matmul's blocking, not a row's sums.
         assert!(max_diff(&alone, logits) <= 1e-5, "max diff {}", max_diff(&alone, logits));

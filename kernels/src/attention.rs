@@ -30,10 +30,7 @@ impl AttentionMask {
             AttentionMask::Causal => 0,
             AttentionMask::Chunked { chunk } => position / chunk * chunk,
         };
-        (
-            first.max(key_start),
-            position.saturating_add(1).min(key_end),
-        )
+        (first.max(key_start), position.saturating_add(1).min(key_end))
     }
 }
 
@@ -48,13 +45,6 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// Sizes derived from the arguments once they have been checked.
-struct Checked {
-    t_q: usize,
-    t_k: usize,
-    group: usize,
-}
-
 #[allow(clippy::too_many_arguments)]
 fn check(
     op: &'static str,
@@ -67,12 +57,8 @@ fn check(
     mask: AttentionMask,
     out: &[f32],
     lse: Option<&[f32]>,
-) -> Result<Checked, KernelError> {
-    let AttentionShape {
-        q_heads,
-        kv_heads,
-        head_dim,
-    } = shape;
+) -> Result<usize, KernelError> {
+    let AttentionShape { q_heads, kv_heads, head_dim } = shape;
     if q_heads == 0 || kv_heads == 0 || head_dim == 0 {
         return Err(KernelError::invalid(op, format!("empty shape {shape:?}")));
     }
@@ -99,34 +85,19 @@ fn check(
     if k.len() % kv_row != 0 {
         return Err(KernelError::shape(
             op,
-            format!(
-                "k has {} values, not a multiple of kv_heads * head_dim = {kv_row}",
-                k.len()
-            ),
+            format!("k has {} values, not a multiple of kv_heads * head_dim = {kv_row}", k.len()),
         ));
     }
     check_len(op, "v", v.len(), k.len(), "k.len()")?;
     let t_k = k.len() / kv_row;
     if key_start.checked_add(t_k).is_none() {
-        return Err(KernelError::invalid(
-            op,
-            format!("key_start {key_start} + {t_k} keys overflows"),
-        ));
+        return Err(KernelError::invalid(op, format!("key_start {key_start} + {t_k} keys overflows")));
     }
     if let Some(lse) = lse {
-        check_len(
-            op,
-            "lse",
-            lse.len(),
-            t_q * q_heads,
-            format_args!("t_q * q_heads = {t_q} * {q_heads}"),
-        )?;
+        check_len(op, "lse", lse.len(), t_q * q_heads, format_args!("t_q * q_heads = {t_q} * {q_heads}"))?;
     }
-    Ok(Checked {
-        t_q,
-        t_k,
-        group: q_heads / kv_heads,
-    })
+    // The number of keys held.
+    Ok(t_k)
 }
 
 /// Grouped-query attention.
@@ -152,19 +123,7 @@ pub fn attention(
     out: &mut [f32],
     lse: Option<&mut [f32]>,
 ) -> Result<(), KernelError> {
-    attention_with(
-        Isa::detect(),
-        q,
-        q_positions,
-        k,
-        v,
-        key_start,
-        shape,
-        mask,
-        scale,
-        out,
-        lse,
-    )
+    attention_with(Isa::detect(), q, q_positions, k, v, key_start, shape, mask, scale, out, lse)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -181,62 +140,182 @@ pub(crate) fn attention_with(
     out: &mut [f32],
     lse: Option<&mut [f32]>,
 ) -> Result<(), KernelError> {
-    let sizes = check(
-        "attention",
-        q,
-        q_positions,
-        k,
-        v,
-        key_start,
-        shape,
-        mask,
-        out,
-        lse.as_deref(),
-    )?;
-    let AttentionShape {
-        q_heads,
-        kv_heads,
-        head_dim,
-    } = shape;
-    let key_end = key_start + sizes.t_k;
+    let t_k = check("attention", q, q_positions, k, v, key_start, shape, mask, out, lse.as_deref())?;
+    let keys = ContiguousKv { k, v, key_start, kv_heads: shape.kv_heads, head_dim: shape.head_dim };
+    attend(isa, q, q_positions, &keys, (key_start, key_start + t_k), shape, mask, scale, out, lse);
+    Ok(())
+}
+
+/// Where the keys and values of one attention call live: one row of `head_dim` values per (position, kv head).
+trait KeyValueRows: Sync {
+    fn key(&self, position: usize, kv_head: usize) -> &[f32];
+    fn value(&self, position: usize, kv_head: usize) -> &[f32];
+}
+
+/// Keys and values as two `[t_k, kv_heads, head_dim]` arrays starting at `key_start`.
+struct ContiguousKv<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    key_start: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl KeyValueRows for ContiguousKv<'_> {
+    fn key(&self, position: usize, kv_head: usize) -> &[f32] {
+        let at = ((position - self.key_start) * self.kv_heads + kv_head) * self.head_dim;
+        &self.k[at..at + self.head_dim]
+    }
+
+    fn value(&self, position: usize, kv_head: usize) -> &[f32] {
+        let at = ((position - self.key_start) * self.kv_heads + kv_head) * self.head_dim;
+        &self.v[at..at + self.head_dim]
+    }
+}
+
+/// Keys and values held in fixed-size blocks of a paged KV cache, for one layer of one sequence.
+///
+/// Block `i` of `blocks` holds absolute positions `(first_block + i) * block_size ..` and is laid out
+/// `[2, block_size, kv_heads, head_dim]`: the block's keys, then its values. Positions `key_start()..len` are valid.
+#[derive(Debug)]
+pub struct PagedKv<'a, B> {
+    /// The sequence's blocks for this layer, in position order (its block table, resolved).
+    pub blocks: &'a [B],
+    /// Absolute index of `blocks[0]` (earlier blocks were released: chunked layers drop past chunks).
+    pub first_block: usize,
+    /// Positions per block.
+    pub block_size: usize,
+    /// One past the last valid position.
+    pub len: usize,
+}
+
+impl<B: AsRef<[f32]>> PagedKv<'_, B> {
+    /// The first position held.
+    pub fn key_start(&self) -> usize {
+        self.first_block * self.block_size
+    }
+}
+
+/// [`PagedKv`] with the head layout resolved.
+struct PagedRows<'a, B> {
+    paged: PagedKv<'a, B>,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl<B: AsRef<[f32]> + Sync> PagedRows<'_, B> {
+    fn row(&self, position: usize, kv_head: usize, values: bool) -> &[f32] {
+        let block_size = self.paged.block_size;
+        let block = &self.paged.blocks[position / block_size - self.paged.first_block];
+        let half = if values { block_size } else { 0 };
+        let at = ((half + position % block_size) * self.kv_heads + kv_head) * self.head_dim;
+        &block.as_ref()[at..at + self.head_dim]
+    }
+}
+
+impl<B: AsRef<[f32]> + Sync> KeyValueRows for PagedRows<'_, B> {
+    fn key(&self, position: usize, kv_head: usize) -> &[f32] {
+        self.row(position, kv_head, false)
+    }
+
+    fn value(&self, position: usize, kv_head: usize) -> &[f32] {
+        self.row(position, kv_head, true)
+    }
+}
+
+/// [`attention`] over the keys and values of a paged KV cache: the same arithmetic, in the same order, so a paged
+/// call returns bit-for-bit what the contiguous call over the same keys returns.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention<B: AsRef<[f32]> + Sync>(
+    q: &[f32],
+    q_positions: &[usize],
+    keys: PagedKv<'_, B>,
+    shape: AttentionShape,
+    mask: AttentionMask,
+    scale: f32,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) -> Result<(), KernelError> {
+    const OP: &str = "paged_attention";
+    if keys.block_size == 0 {
+        return Err(KernelError::invalid(OP, "block_size is 0"));
+    }
+    let kv_row = product(OP, shape.kv_heads, shape.head_dim)?;
+    let block_floats = product(OP, 2 * keys.block_size, kv_row)?;
+    if let Some((i, block)) = keys.blocks.iter().enumerate().find(|(_, b)| b.as_ref().len() != block_floats) {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "block {i} has {} values, not 2 * block_size * kv_heads * head_dim = {block_floats}",
+                block.as_ref().len()
+            ),
+        ));
+    }
+    let key_start = keys.key_start();
+    let held_end = (keys.first_block + keys.blocks.len()) * keys.block_size;
+    if keys.len < key_start || keys.len > held_end {
+        return Err(KernelError::invalid(
+            OP,
+            format!("len {} is outside the positions {key_start}..{held_end} the blocks hold", keys.len),
+        ));
+    }
+    // The contiguous checks on an empty key array cover q, positions, out, lse and the shape.
+    check(OP, q, q_positions, &[], &[], key_start, shape, mask, out, lse.as_deref())?;
+    let key_end = keys.len;
+    let rows = PagedRows { paged: keys, kv_heads: shape.kv_heads, head_dim: shape.head_dim };
+    attend(Isa::detect(), q, q_positions, &rows, (key_start, key_end), shape, mask, scale, out, lse);
+    Ok(())
+}
+
+/// The kernel behind [`attention`] and [`paged_attention`], on checked arguments; `held` is the range of positions
+/// `keys` holds.
+#[allow(clippy::too_many_arguments)]
+fn attend<K: KeyValueRows>(
+    isa: Isa,
+    q: &[f32],
+    q_positions: &[usize],
+    keys: &K,
+    held: (usize, usize),
+    shape: AttentionShape,
+    mask: AttentionMask,
+    scale: f32,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) {
+    let AttentionShape { q_heads, kv_heads, head_dim } = shape;
+    let group = q_heads / kv_heads;
     let mut own_lse;
     let lse = match lse {
         Some(lse) => lse,
         None => {
-            own_lse = vec![0.0f32; sizes.t_q * q_heads];
+            own_lse = vec![0.0f32; q_positions.len() * q_heads];
             &mut own_lse[..]
         }
     };
-    out.par_chunks_mut(head_dim)
-        .zip(lse.par_iter_mut())
-        .enumerate()
-        .for_each_init(Vec::new, |scores, (row, (dst, lse))| {
+    out.par_chunks_mut(head_dim).zip(lse.par_iter_mut()).enumerate().for_each_init(
+        Vec::new,
+        |scores, (row, (dst, lse))| {
             let (i, h) = (row / q_heads, row % q_heads);
-            let kv_head = h / sizes.group;
-            let (lo, hi) = mask.visible(q_positions[i], key_start, key_end);
+            let kv_head = h / group;
+            let (lo, hi) = mask.visible(q_positions[i], held.0, held.1);
             if lo >= hi {
                 dst.fill(0.0);
                 *lse = f32::NEG_INFINITY;
                 return;
             }
             let query = &q[row * head_dim..(row + 1) * head_dim];
-            let key_row = |pos: usize| ((pos - key_start) * kv_heads + kv_head) * head_dim;
             scores.clear();
-            scores.extend((lo..hi).map(|pos| {
-                let at = key_row(pos);
-                simd::dot(isa, query, &k[at..at + head_dim]) * scale
-            }));
+            scores.extend((lo..hi).map(|pos| simd::dot(isa, query, keys.key(pos, kv_head)) * scale));
             let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             let total = simd::exp_shifted_sum(isa, scores, max);
             dst.fill(0.0);
             for (pos, &weight) in (lo..hi).zip(scores.iter()) {
-                let at = key_row(pos);
-                simd::axpy(isa, weight, &v[at..at + head_dim], dst);
+                simd::axpy(isa, weight, keys.value(pos, kv_head), dst);
             }
             simd::scale_in_place(isa, dst, 1.0 / total);
             *lse = max + total.ln();
-        });
-    Ok(())
+        },
+    );
 }
 
 /// Scalar reference for [`attention`]: every key scored, the mask applied as `-inf`, softmax in f64.
@@ -253,23 +332,8 @@ pub fn attention_reference(
     out: &mut [f32],
     mut lse: Option<&mut [f32]>,
 ) -> Result<(), KernelError> {
-    let sizes = check(
-        "attention_reference",
-        q,
-        q_positions,
-        k,
-        v,
-        key_start,
-        shape,
-        mask,
-        out,
-        lse.as_deref(),
-    )?;
-    let AttentionShape {
-        q_heads,
-        kv_heads,
-        head_dim,
-    } = shape;
+    let t_k = check("attention_reference", q, q_positions, k, v, key_start, shape, mask, out, lse.as_deref())?;
+    let AttentionShape { q_heads, kv_heads, head_dim } = shape;
     let visible = |p: usize, j: usize| match mask {
         AttentionMask::Causal => j <= p,
         AttentionMask::Chunked { chunk } => j <= p && j / chunk == p / chunk,
@@ -278,15 +342,13 @@ pub fn attention_reference(
         for h in 0..q_heads {
             let g = h / (q_heads / kv_heads);
             let qo = (i * q_heads + h) * head_dim;
-            let scores: Vec<f64> = (0..sizes.t_k)
+            let scores: Vec<f64> = (0..t_k)
                 .map(|j| {
                     if !visible(p, key_start + j) {
                         return f64::NEG_INFINITY;
                     }
                     let ko = (j * kv_heads + g) * head_dim;
-                    let d: f64 = (0..head_dim)
-                        .map(|c| q[qo + c] as f64 * k[ko + c] as f64)
-                        .sum();
+                    let d: f64 = (0..head_dim).map(|c| q[qo + c] as f64 * k[ko + c] as f64).sum();
                     d * scale as f64
                 })
                 .collect();
@@ -301,9 +363,7 @@ pub fn attention_reference(
             let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
             let total: f64 = weights.iter().sum();
             for c in 0..head_dim {
-                let acc: f64 = (0..sizes.t_k)
-                    .map(|j| weights[j] * v[(j * kv_heads + g) * head_dim + c] as f64)
-                    .sum();
+                let acc: f64 = (0..t_k).map(|j| weights[j] * v[(j * kv_heads + g) * head_dim + c] as f64).sum();
                 out[qo + c] = (acc / total) as f32;
             }
             if let Some(lse) = lse.as_deref_mut() {
@@ -339,60 +399,37 @@ pub fn merge_partials(
     if out.len() % head_dim != 0 {
         return Err(KernelError::shape(
             OP,
-            format!(
-                "out has {} values, not a multiple of head_dim = {head_dim}",
-                out.len()
-            ),
+            format!("out has {} values, not a multiple of head_dim = {head_dim}", out.len()),
         ));
     }
     let rows = out.len() / head_dim;
     for (p, part) in parts.iter().enumerate() {
-        check_len(
-            OP,
-            format_args!("part {p} out"),
-            part.out.len(),
-            out.len(),
-            "out.len()",
-        )?;
-        check_len(
-            OP,
-            format_args!("part {p} lse"),
-            part.lse.len(),
-            rows,
-            "out.len() / head_dim",
-        )?;
+        check_len(OP, format_args!("part {p} out"), part.out.len(), out.len(), "out.len()")?;
+        check_len(OP, format_args!("part {p} lse"), part.lse.len(), rows, "out.len() / head_dim")?;
     }
     if let Some(lse) = lse.as_deref() {
         check_len(OP, "lse", lse.len(), rows, "out.len() / head_dim")?;
     }
     let isa = Isa::detect();
     let mut merged_lse = vec![0.0f32; rows];
-    out.par_chunks_mut(head_dim)
-        .zip(merged_lse.par_iter_mut())
-        .enumerate()
-        .for_each(|(r, (dst, row_lse))| {
-            let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.lse[r]));
-            dst.fill(0.0);
-            if max == f32::NEG_INFINITY {
-                *row_lse = f32::NEG_INFINITY;
-                return;
+    out.par_chunks_mut(head_dim).zip(merged_lse.par_iter_mut()).enumerate().for_each(|(r, (dst, row_lse))| {
+        let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.lse[r]));
+        dst.fill(0.0);
+        if max == f32::NEG_INFINITY {
+            *row_lse = f32::NEG_INFINITY;
+            return;
+        }
+        let mut total = 0.0f32;
+        for part in parts {
+            let weight = (part.lse[r] - max).exp();
+            if weight > 0.0 {
+                simd::axpy(isa, weight, &part.out[r * head_dim..(r + 1) * head_dim], dst);
+                total += weight;
             }
-            let mut total = 0.0f32;
-            for part in parts {
-                let weight = (part.lse[r] - max).exp();
-                if weight > 0.0 {
-                    simd::axpy(
-                        isa,
-                        weight,
-                        &part.out[r * head_dim..(r + 1) * head_dim],
-                        dst,
-                    );
-                    total += weight;
-                }
-            }
-            simd::scale_in_place(isa, dst, 1.0 / total);
-            *row_lse = max + total.ln();
-        });
+        }
+        simd::scale_in_place(isa, dst, 1.0 / total);
+        *row_lse = max + total.ln();
+    });
     if let Some(lse) = lse {
         lse.copy_from_slice(&merged_lse);
     }
@@ -413,29 +450,12 @@ mod tests {
         shape: AttentionShape,
     }
 
-    fn case(
-        seed: u64,
-        positions: Vec<usize>,
-        key_start: usize,
-        t_k: usize,
-        shape: AttentionShape,
-    ) -> Case {
+    fn case(seed: u64, positions: Vec<usize>, key_start: usize, t_k: usize, shape: AttentionShape) -> Case {
         let mut r = rng(seed);
-        let q = uniform(
-            &mut r,
-            positions.len() * shape.q_heads * shape.head_dim,
-            1.0,
-        );
+        let q = uniform(&mut r, positions.len() * shape.q_heads * shape.head_dim, 1.0);
         let k = uniform(&mut r, t_k * shape.kv_heads * shape.head_dim, 1.0);
         let v = uniform(&mut r, t_k * shape.kv_heads * shape.head_dim, 1.0);
-        Case {
-            q,
-            positions,
-            k,
-            v,
-            key_start,
-            shape,
-        }
+        Case { q, positions, k, v, key_start, shape }
     }
 
     fn run(isa: Isa, c: &Case, mask: AttentionMask, scale: f32) -> (Vec<f32>, Vec<f32>) {
@@ -482,19 +502,12 @@ mod tests {
             if w == f32::NEG_INFINITY {
                 assert_eq!(g, w, "{what}: lse[{i}]");
             } else {
-                assert!(
-                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "{what}: lse[{i}] = {g}, want {w}"
-                );
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{what}: lse[{i}] = {g}, want {w}");
             }
         }
     }
 
-    const GQA: AttentionShape = AttentionShape {
-        q_heads: 6,
-        kv_heads: 2,
-        head_dim: 19,
-    };
+    const GQA: AttentionShape = AttentionShape { q_heads: 6, kv_heads: 2, head_dim: 19 };
 
     #[test]
     fn matches_reference_causal_and_chunked_with_gqa() {
@@ -503,24 +516,12 @@ mod tests {
         // Decode-like: a few queries past the keys, plus one before them that sees nothing.
         let decode = case(12, vec![2, 40, 41, 57], 10, 31, GQA);
         // Wide heads (Llama 4 sizes, fewer heads) and a single kv head.
-        let wide = case(
-            13,
-            vec![0, 1, 7, 8, 63],
-            0,
-            64,
-            AttentionShape {
-                q_heads: 5,
-                kv_heads: 1,
-                head_dim: 128,
-            },
-        );
+        let wide = case(13, vec![0, 1, 7, 8, 63], 0, 64, AttentionShape { q_heads: 5, kv_heads: 1, head_dim: 128 });
         for isa in Isa::available() {
             for (name, c) in [("prefill", &prefill), ("decode", &decode), ("wide", &wide)] {
-                for mask in [
-                    AttentionMask::Causal,
-                    AttentionMask::Chunked { chunk: 8 },
-                    AttentionMask::Chunked { chunk: 3 },
-                ] {
+                for mask in
+                    [AttentionMask::Causal, AttentionMask::Chunked { chunk: 8 }, AttentionMask::Chunked { chunk: 3 }]
+                {
                     let scale = 1.0 / (c.shape.head_dim as f32).sqrt();
                     let (out, lse) = run(isa, c, mask, scale);
                     let (want_out, want_lse) = reference(c, mask, scale);
@@ -532,6 +533,71 @@ mod tests {
         }
     }
 
+    /// Splits a case's contiguous keys into blocks of `block_size` positions aligned to absolute positions; the
+    /// positions of the first block before `key_start` and of the last block past the keys are filled with NaN,
+    /// which must never be read.
+    fn into_blocks(c: &Case, block_size: usize) -> (Vec<Vec<f32>>, usize) {
+        let row = c.shape.kv_heads * c.shape.head_dim;
+        let t_k = c.k.len() / row;
+        let first_block = c.key_start / block_size;
+        let end_block = (c.key_start + t_k).div_ceil(block_size);
+        let blocks = (first_block..end_block)
+            .map(|b| {
+                let mut block = vec![f32::NAN; 2 * block_size * row];
+                for slot in 0..block_size {
+                    let position = b * block_size + slot;
+                    if position < c.key_start || position >= c.key_start + t_k {
+                        continue;
+                    }
+                    let from = (position - c.key_start) * row;
+                    block[slot * row..(slot + 1) * row].copy_from_slice(&c.k[from..from + row]);
+                    let values = (block_size + slot) * row;
+                    block[values..values + row].copy_from_slice(&c.v[from..from + row]);
+                }
+                block
+            })
+            .collect();
+        (blocks, first_block)
+    }
+
+    #[test]
+    fn paged_equals_contiguous_bit_for_bit() {
+        // The cache's first block starts at position 8 (earlier blocks released); the last is partly filled.
+        let c = case(21, vec![10, 11, 12, 29, 40, 41], 8, 34, GQA);
+        for block_size in [1, 2, 4, 8] {
+            let (blocks, first_block) = into_blocks(&c, block_size);
+            for mask in [AttentionMask::Causal, AttentionMask::Chunked { chunk: 8 }] {
+                let (want_out, want_lse) = run(Isa::detect(), &c, mask, 0.25);
+                let mut out = vec![f32::NAN; c.q.len()];
+                let mut lse = vec![f32::NAN; want_lse.len()];
+                let keys = PagedKv { blocks: &blocks, first_block, block_size, len: 42 };
+                paged_attention(&c.q, &c.positions, keys, c.shape, mask, 0.25, &mut out, Some(&mut lse))
+                    .expect("paged attention");
+                assert_eq!(out, want_out, "block_size {block_size} {mask:?}");
+                assert_eq!(lse, want_lse, "block_size {block_size} {mask:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn paged_refuses_blocks_of_the_wrong_size_and_a_len_past_them() {
+        let c = case(22, vec![3], 0, 8, GQA);
+        let (mut blocks, _) = into_blocks(&c, 4);
+        let mut out = vec![0.0; c.q.len()];
+        fn keys(blocks: &[Vec<f32>], len: usize) -> PagedKv<'_, Vec<f32>> {
+            PagedKv { blocks, first_block: 0, block_size: 4, len }
+        }
+        let err =
+            paged_attention(&c.q, &c.positions, keys(&blocks, 9), GQA, AttentionMask::Causal, 1.0, &mut out, None)
+                .expect_err("len past the blocks");
+        assert!(err.to_string().contains("outside the positions 0..8"), "{err}");
+        blocks[1].pop();
+        let err =
+            paged_attention(&c.q, &c.positions, keys(&blocks, 8), GQA, AttentionMask::Causal, 1.0, &mut out, None)
+                .expect_err("short block");
+        assert!(err.to_string().contains("block 1 has"), "{err}");
+    }
+
     #[test]
     fn invisible_queries_get_zeros_and_negative_infinity() {
         // Keys 16..24; chunk 8: a query at 30 sees keys 24.. (none held), one at 3 sees nothing either.
@@ -540,14 +606,8 @@ mod tests {
         let row = GQA.q_heads * GQA.head_dim;
         assert!(out[..row].iter().all(|&v| v == 0.0));
         assert!(out[2 * row..].iter().all(|&v| v == 0.0));
-        assert!(
-            out[row..2 * row].iter().all(|v| v.is_finite())
-                && out[row..2 * row].iter().any(|&v| v != 0.0)
-        );
-        assert!(lse[..6]
-            .iter()
-            .chain(&lse[12..])
-            .all(|&l| l == f32::NEG_INFINITY));
+        assert!(out[row..2 * row].iter().all(|v| v.is_finite()) && out[row..2 * row].iter().any(|&v| v != 0.0));
+        assert!(lse[..6].iter().chain(&lse[12..]).all(|&l| l == f32::NEG_INFINITY));
         assert!(lse[6..12].iter().all(|l| l.is_finite()));
     }
 
@@ -574,22 +634,12 @@ mod tests {
                 parts.push(run(Isa::detect(), &half, mask, 0.25));
             }
             // The query at 9 sees no key of the upper half: its lse there is -inf and the merge must ignore it.
-            assert!(parts[1].1[..shape.q_heads]
-                .iter()
-                .all(|&l| l == f32::NEG_INFINITY));
-            let partials: Vec<PartialAttention<'_>> = parts
-                .iter()
-                .map(|(out, lse)| PartialAttention { out, lse })
-                .collect();
+            assert!(parts[1].1[..shape.q_heads].iter().all(|&l| l == f32::NEG_INFINITY));
+            let partials: Vec<PartialAttention<'_>> =
+                parts.iter().map(|(out, lse)| PartialAttention { out, lse }).collect();
             let mut merged = vec![f32::NAN; whole.len()];
             let mut merged_lse = vec![f32::NAN; whole_lse.len()];
-            merge_partials(
-                &partials,
-                shape.head_dim,
-                &mut merged,
-                Some(&mut merged_lse),
-            )
-            .expect("merge");
+            merge_partials(&partials, shape.head_dim, &mut merged, Some(&mut merged_lse)).expect("merge");
             assert_close(&merged, &whole, 2e-6, 1e-5, &format!("{mask:?} merged out"));
             assert_lse_eq(&merged_lse, &whole_lse, &format!("{mask:?} merged lse"));
             // Merging is order-independent and a lone part merges to itself.
@@ -613,60 +663,19 @@ mod tests {
     fn refuses_bad_shapes() {
         let c = case(16, vec![0, 1], 0, 2, GQA);
         let mut out = vec![0.0f32; c.q.len()];
-        let call = |shape: AttentionShape,
-                    mask: AttentionMask,
-                    k: &[f32],
-                    out: &mut [f32],
-                    lse: Option<&mut [f32]>| {
+        let call = |shape: AttentionShape, mask: AttentionMask, k: &[f32], out: &mut [f32], lse: Option<&mut [f32]>| {
             attention(&c.q, &c.positions, k, &c.v, 0, shape, mask, 1.0, out, lse)
         };
-        let bad_heads = AttentionShape {
-            q_heads: 6,
-            kv_heads: 4,
-            head_dim: 19,
-        };
+        let bad_heads = AttentionShape { q_heads: 6, kv_heads: 4, head_dim: 19 };
         assert!(matches!(
             call(bad_heads, AttentionMask::Causal, &c.k, &mut out, None),
             Err(KernelError::InvalidArgument { .. })
         ));
-        assert!(call(
-            GQA,
-            AttentionMask::Chunked { chunk: 0 },
-            &c.k,
-            &mut out,
-            None
-        )
-        .is_err());
-        let err = call(GQA, AttentionMask::Causal, &c.k[1..], &mut out, None)
-            .expect_err("k not whole rows");
-        assert!(
-            matches!(
-                err,
-                KernelError::Shape {
-                    op: "attention",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(call(GQA, AttentionMask::Chunked { chunk: 0 }, &c.k, &mut out, None).is_err());
+        let err = call(GQA, AttentionMask::Causal, &c.k[1..], &mut out, None).expect_err("k not whole rows");
+        assert!(matches!(err, KernelError::Shape { op: "attention", .. }), "{err}");
         assert!(call(GQA, AttentionMask::Causal, &c.k, &mut out[1..], None).is_err());
-        assert!(call(
-            GQA,
-            AttentionMask::Causal,
-            &c.k,
-            &mut out,
-            Some(&mut [0.0; 3])
-        )
-        .is_err());
-        assert!(merge_partials(
-            &[PartialAttention {
-                out: &[0.0; 4],
-                lse: &[0.0; 3]
-            }],
-            2,
-            &mut [0.0; 4],
-            None
-        )
-        .is_err());
+        assert!(call(GQA, AttentionMask::Causal, &c.k, &mut out, Some(&mut [0.0; 3])).is_err());
+        assert!(merge_partials(&[PartialAttention { out: &[0.0; 4], lse: &[0.0; 3] }], 2, &mut [0.0; 4], None).is_err());
     }
 }

@@ -142,6 +142,17 @@ pub enum ModelError {
         reason: String,
     },
 
+    /// The KV block pool cannot hand out the blocks a step needs.
+    #[error("the KV cache is full: the step needs {needed} more blocks, {available} of {capacity} are free")]
+    KvCacheFull {
+        /// Blocks the step needs.
+        needed: usize,
+        /// Blocks free in the pool.
+        available: usize,
+        /// Blocks in the pool.
+        capacity: usize,
+    },
+
     /// The tokenizer could not be loaded or used.
     #[error("tokenizer {}: {reason}", path.display())]
     Tokenizer {
@@ -165,8 +176,8 @@ pub enum ModelError {
 }
 
 impl ModelError {
-    /// Whether repeating the same operation may succeed. None of today's errors is: a file, a config or an input
-    /// does not fix itself. The match is exhaustive on purpose, so a new variant has to decide.
+    /// Whether repeating the same operation may succeed: a file, a config or an input does not fix itself, a full
+    /// KV cache or a lost expert worker may. The match is exhaustive on purpose, so a new variant has to decide.
     pub fn retryable(&self) -> bool {
         match self {
             ModelError::Io { .. }
@@ -183,6 +194,8 @@ impl ModelError {
             | ModelError::Kernel(_)
             | ModelError::InvalidInput { .. }
             | ModelError::Tokenizer { .. } => false,
+            // Blocks come back as other sequences finish or are preempted.
+            ModelError::KvCacheFull { .. } => true,
             ModelError::RoutedExperts { retryable, .. } => *retryable,
         }
     }

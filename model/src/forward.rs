@@ -4,14 +4,14 @@
 //! SwiGLU MLP or an MoE block (top-1 sigmoid router whose score scales the expert input, plus a shared expert). RoPE
 //! layers rotate q/k with interleaved pairs and attend within fixed absolute chunks; NoPE layers attend globally and
 //! scale q by the temperature factor. Sequences are processed as a batch: projections and experts run once over the
-//! tokens of all sequences, attention per sequence against its own [`KvCache`].
+//! tokens of all sequences, attention per sequence against its own paged [`KvCache`].
 
 use std::sync::Arc;
 
 use rayon::prelude::*;
 use switchyard_kernels::{
     activation::silu_mul,
-    attention::{attention, AttentionMask, AttentionShape},
+    attention::{paged_attention, AttentionMask, AttentionShape},
     norm::{rms_norm, rms_norm_unweighted_in_place},
     rope::rope_interleaved_in_place,
     router::top1,
@@ -20,6 +20,7 @@ use switchyard_kernels::{
 use crate::checkpoint::Checkpoint;
 use crate::config::{ModelConfig, TextConfig};
 use crate::experts::{ActivationPrecision, LocalExperts, RoutedExperts};
+use crate::kv::KvCache;
 use crate::linear::LinearWeight;
 use crate::rope::{inverse_frequencies, temperature_factor};
 use crate::ModelError;
@@ -108,45 +109,8 @@ pub enum LogitsFor {
     All,
     /// Only the step's last token (decode).
     Last,
-}
-
-/// The keys and values one layer keeps for one sequence.
-#[derive(Debug, Clone, Default)]
-struct LayerKv {
-    /// Absolute position of the first key held.
-    start: usize,
-    keys: Vec<f32>,
-    values: Vec<f32>,
-}
-
-/// The KV cache of one sequence. Chunked-attention layers keep only the current chunk's keys (no query can see an
-/// earlier chunk); global layers keep every key.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    layers: Vec<LayerKv>,
-    len: usize,
-}
-
-impl KvCache {
-    /// An empty cache for `config`.
-    pub fn new(config: &TextConfig) -> Self {
-        Self { layers: vec![LayerKv::default(); config.num_hidden_layers], len: 0 }
-    }
-
-    /// Tokens processed so far (the next token's absolute position).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether no token has been processed.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Floats held across all layers (keys and values).
-    pub fn floats_held(&self) -> usize {
-        self.layers.iter().map(|l| l.keys.len() + l.values.len()).sum()
-    }
+    /// None: a prefill chunk that is not the prompt's last (its sequence gets an empty vector).
+    None,
 }
 
 /// One sequence's part of a batched step: its new tokens and its cache.
@@ -271,8 +235,9 @@ impl Llama4Model {
         self.routed = routed;
     }
 
-    /// A fresh KV cache for one sequence.
-    pub fn new_cache(&self) -> KvCache {
+    /// A fresh KV cache for one sequence, with a pool of its own that never runs out (offline use and tests; the
+    /// serving engine shares one bounded pool between its sequences).
+    pub fn new_cache(&self) -> Result<KvCache, ModelError> {
         KvCache::new(&self.config)
     }
 
@@ -283,7 +248,8 @@ impl Llama4Model {
     }
 
     /// Runs one step for a batch of sequences. Returns, per sequence, logits `[positions, vocab]` where positions are
-    /// all its new tokens or only the last one. On error no cache has advanced.
+    /// all its new tokens or only the last one. Each cache must hold (or be able to take from its pool) the blocks for
+    /// its new tokens: [`KvCache::reserve`]. On error no cache has advanced, and the step can be retried.
     pub fn forward_batch(&self, batch: &mut [SequenceStep<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.config;
         let hidden = cfg.hidden_size;
@@ -298,13 +264,16 @@ impl Llama4Model {
                 x.extend_from_slice(&self.embed_tokens[row..row + hidden]);
             }
         }
-        // Each sequence's KV is updated into a copy that replaces the cache only once the whole step succeeded, so a
-        // failed step (e.g. a lost expert worker) leaves every sequence where it was and can be retried.
-        let mut caches: Vec<KvCache> = batch.iter().map(|s| s.cache.clone()).collect();
+        for step in batch.iter_mut() {
+            step.cache.reserve(step.tokens.len())?;
+        }
+        // New keys go into blocks past each cache's length; the length moves (and chunked layers release blocks) only
+        // once the whole step succeeded, so a failed step (e.g. a lost expert worker) leaves every sequence where it
+        // was and can be retried over the same blocks.
         let mut normed = vec![0.0; x.len()];
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps as f32, &mut normed)?;
-            let attended = self.attention_block(l, layer, &normed, batch, &mut caches)?;
+            let attended = self.attention_block(l, layer, &normed, batch)?;
             for (xi, ai) in x.iter_mut().zip(&attended) {
                 *xi += ai;
             }
@@ -314,8 +283,8 @@ impl Llama4Model {
                 *xi += fi;
             }
         }
-        for (cache, step) in caches.iter_mut().zip(batch.iter()) {
-            cache.len += step.tokens.len();
+        for step in batch.iter_mut() {
+            step.cache.advance(step.tokens.len());
         }
         // Final norm and lm_head only on the rows whose logits are wanted.
         let mut wanted = Vec::new();
@@ -325,6 +294,7 @@ impl Llama4Model {
             match step.logits {
                 LogitsFor::All => wanted.extend(offset..offset + n),
                 LogitsFor::Last => wanted.push(offset + n - 1),
+                LogitsFor::None => {}
             }
             offset += n;
         }
@@ -332,20 +302,24 @@ impl Llama4Model {
         for &r in &wanted {
             rows.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
         }
-        let mut final_normed = vec![0.0; rows.len()];
-        rms_norm(&rows, &self.norm, cfg.rms_norm_eps as f32, &mut final_normed)?;
-        let logits = self.lm_head.apply(&final_normed, wanted.len())?;
+        let logits = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            let mut final_normed = vec![0.0; rows.len()];
+            rms_norm(&rows, &self.norm, cfg.rms_norm_eps as f32, &mut final_normed)?;
+            self.lm_head.apply(&final_normed, wanted.len())?
+        };
         let vocab = cfg.vocab_size;
         let mut result = Vec::with_capacity(batch.len());
         let mut row = 0;
-        for (step, cache) in batch.iter_mut().zip(caches) {
+        for step in batch.iter() {
             let n = match step.logits {
                 LogitsFor::All => step.tokens.len(),
                 LogitsFor::Last => 1,
+                LogitsFor::None => 0,
             };
             result.push(logits[row * vocab..(row + n) * vocab].to_vec());
             row += n;
-            *step.cache = cache;
         }
         Ok(result)
     }
@@ -376,14 +350,10 @@ impl Llama4Model {
                 ),
             });
         }
-        if step.cache.layers.len() != cfg.num_hidden_layers {
+        if step.cache.layers() != cfg.num_hidden_layers {
             return Err(ModelError::InvalidInput {
                 what: "KV cache".into(),
-                reason: format!(
-                    "cache has {} layers, the model {}",
-                    step.cache.layers.len(),
-                    cfg.num_hidden_layers
-                ),
+                reason: format!("cache has {} layers, the model {}", step.cache.layers(), cfg.num_hidden_layers),
             });
         }
         Ok(())
@@ -394,8 +364,7 @@ impl Llama4Model {
         l: usize,
         layer: &DecoderLayer,
         normed: &[f32],
-        batch: &[SequenceStep<'_>],
-        caches: &mut [KvCache],
+        batch: &mut [SequenceStep<'_>],
     ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.config;
         let tokens = normed.len() / cfg.hidden_size;
@@ -413,8 +382,8 @@ impl Llama4Model {
         let scale = 1.0 / (hd as f32).sqrt();
 
         let mut positions = Vec::with_capacity(tokens);
-        for (step, cache) in batch.iter().zip(caches.iter()) {
-            positions.extend(cache.len..cache.len + step.tokens.len());
+        for step in batch.iter() {
+            positions.extend(step.cache.len()..step.cache.len() + step.tokens.len());
         }
         if uses_rope {
             rope_interleaved_in_place(&mut q, &positions, qh, hd, &self.inv_freq)?;
@@ -434,52 +403,45 @@ impl Llama4Model {
         let q_dim = qh * hd;
         let kv_dim = kvh * hd;
         let mut attended = vec![0.0; tokens * q_dim];
-        // Split the batch's rows per sequence, then attend each sequence against its own cache in parallel.
+        // Split the batch's rows per sequence, then write and attend each sequence's own blocks in parallel.
         let mut work = Vec::with_capacity(batch.len());
         let mut rest_out = &mut attended[..];
         let mut offset = 0;
-        for (step, cache) in batch.iter().zip(caches.iter_mut()) {
+        for step in batch.iter_mut() {
             let n = step.tokens.len();
             let (out, rest) = rest_out.split_at_mut(n * q_dim);
             rest_out = rest;
-            work.push((cache, out, offset..offset + n));
+            work.push((&mut *step.cache, out, offset..offset + n));
             offset += n;
         }
         work.into_par_iter().try_for_each(|(cache, out, rows)| -> Result<(), ModelError> {
-            let (offset, n) = (rows.start, rows.len());
-            let kv = &mut cache.layers[l];
-            kv.keys.extend_from_slice(&k[offset * kv_dim..(offset + n) * kv_dim]);
-            kv.values.extend_from_slice(&v[offset * kv_dim..(offset + n) * kv_dim]);
-            let held = kv.keys.len() / kv_dim;
-            attention(
-                &q[offset * q_dim..(offset + n) * q_dim],
+            for (row, &position) in rows.clone().zip(&positions[rows.clone()]) {
+                let kv = row * kv_dim..(row + 1) * kv_dim;
+                cache.write(l, position, &k[kv.clone()], &v[kv])?;
+            }
+            let end = positions[rows.end - 1] + 1;
+            paged_attention(
+                &q[rows.start * q_dim..rows.end * q_dim],
                 &positions[rows],
-                &kv.keys,
-                &kv.values,
-                kv.start,
+                cache.paged(l, end),
                 shape,
                 mask,
                 scale,
                 out,
                 None,
             )?;
-            if let AttentionMask::Chunked { chunk } = mask {
-                // Later queries sit at positions >= the last one, so nothing before its chunk is needed again.
-                let last = kv.start + held - 1;
-                let keep_from = (last / chunk) * chunk;
-                if keep_from > kv.start {
-                    let drop = (keep_from - kv.start) * kv_dim;
-                    kv.keys.drain(..drop);
-                    kv.values.drain(..drop);
-                    kv.start = keep_from;
-                }
-            }
             Ok(())
         })?;
         layer.attention.o.apply(&attended, tokens)
     }
 
-    fn feed_forward(&self, l: usize, layer: &DecoderLayer, normed: &[f32], tokens: usize) -> Result<Vec<f32>, ModelError> {
+    fn feed_forward(
+        &self,
+        l: usize,
+        layer: &DecoderLayer,
+        normed: &[f32],
+        tokens: usize,
+    ) -> Result<Vec<f32>, ModelError> {
         match &layer.feed_forward {
             FeedForward::Dense(mlp) => mlp.forward(normed, tokens),
             FeedForward::Moe { router, shared } => {

@@ -231,7 +231,7 @@ pub fn generate_until(
         return Err(ModelError::InvalidInput { what: "prompt".into(), reason: "the prompt has no tokens".into() });
     }
     let vocab = model.config().vocab_size;
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache()?;
     let mut sampler = Sampler::new(request.sampling.clone());
     let mode = if request.keep_logits { LogitsFor::All } else { LogitsFor::Last };
     let logits = model.forward(&request.prompt, &mut cache, mode)?;

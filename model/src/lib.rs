@@ -14,13 +14,15 @@ pub mod error;
 pub mod experts;
 pub mod forward;
 pub mod generate;
+pub mod kv;
 pub mod linear;
 pub mod rope;
 pub mod tiny;
 
 pub use error::ModelError;
 pub use experts::{ActivationPrecision, LocalExperts, RoutedExperts};
-pub use forward::{ExpertSelection, KvCache, Llama4Model, LoadOptions, LogitsFor, SequenceStep};
+pub use forward::{ExpertSelection, Llama4Model, LoadOptions, LogitsFor, SequenceStep};
+pub use kv::{KvBlockPool, KvCache};
 pub use generate::{
     generate, generate_until, FinishReason, Generation, GenerationRequest, SamplingParams, TokenLogprobs,
 };

@@ -17,7 +17,7 @@ fn model() -> Llama4Model {
 fn token_outside_vocabulary_is_refused() {
     let model = model();
     let vocab = model.config().vocab_size as u32;
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().expect("KV cache");
     let err = model.forward(&[1, vocab + 5], &mut cache, LogitsFor::Last).expect_err("out of range");
     assert!(matches!(err, ModelError::InvalidInput { .. }), "{err:?}");
     let message = err.to_string();
@@ -30,7 +30,7 @@ fn context_over_the_limit_is_refused_with_both_numbers() {
     let model = model();
     let limit = model.config().max_position_embeddings;
     let tokens = vec![1u32; limit + 1];
-    let err = model.forward(&tokens, &mut model.new_cache(), LogitsFor::Last).expect_err("too long");
+    let err = model.forward(&tokens, &mut model.new_cache().expect("KV cache"), LogitsFor::Last).expect_err("too long");
     let message = err.to_string();
     assert!(message.contains(&(limit + 1).to_string()) && message.contains(&limit.to_string()), "{message}");
 }

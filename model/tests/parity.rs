@@ -67,7 +67,7 @@ fn check_fixture(name: &str) {
     let model = load(&dir, ActivationPrecision::F32);
     let vocab = model.config().vocab_size;
 
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().expect("KV cache");
     let prompt_logits = model.forward(&reference.prompt_ids, &mut cache, LogitsFor::All).expect("prefill");
     let prompt_diff = max_abs_diff(&prompt_logits, &reference.prompt_logits);
     println!("{name}: prompt logits max |diff| = {prompt_diff:e}");
@@ -117,10 +117,10 @@ fn cached_decode_equals_full_recompute() {
     let mut sequence = reference.prompt_ids.clone();
     sequence.extend_from_slice(&reference.greedy_tokens);
 
-    let mut full_cache = model.new_cache();
+    let mut full_cache = model.new_cache().expect("KV cache");
     let full = model.forward(&sequence, &mut full_cache, LogitsFor::All).expect("full forward");
 
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().expect("KV cache");
     let prompt_len = reference.prompt_ids.len();
     model.forward(&sequence[..prompt_len], &mut cache, LogitsFor::Last).expect("prefill");
     for (i, &token) in sequence[prompt_len..].iter().enumerate() {
@@ -145,9 +145,9 @@ fn batched_sequences_equal_solo_runs() {
     let model = load(&dir, ActivationPrecision::F32);
     let a = &reference.prompt_ids[..];
     let b = &reference.greedy_tokens[..];
-    let solo_a = model.forward(a, &mut model.new_cache(), LogitsFor::All).expect("solo a");
-    let solo_b = model.forward(b, &mut model.new_cache(), LogitsFor::All).expect("solo b");
-    let (mut cache_a, mut cache_b) = (model.new_cache(), model.new_cache());
+    let solo_a = model.forward(a, &mut model.new_cache().expect("KV cache"), LogitsFor::All).expect("solo a");
+    let solo_b = model.forward(b, &mut model.new_cache().expect("KV cache"), LogitsFor::All).expect("solo b");
+    let (mut cache_a, mut cache_b) = (model.new_cache().expect("KV cache"), model.new_cache().expect("KV cache"));
     let batched = model
         .forward_batch(&mut [
             switchyard_model::SequenceStep { tokens: a, cache: &mut cache_a, logits: LogitsFor::All },
@@ -164,7 +164,7 @@ fn fp8_activation_quantisation_stays_close() {
     let dir = golden("maverick-fp8");
     let reference = read_reference(&dir);
     let model = load(&dir, ActivationPrecision::Fp8PerToken);
-    let logits = model.forward(&reference.prompt_ids, &mut model.new_cache(), LogitsFor::All).expect("prefill");
+    let logits = model.forward(&reference.prompt_ids, &mut model.new_cache().expect("KV cache"), LogitsFor::All).expect("prefill");
     let diff = max_abs_diff(&logits, &reference.prompt_logits);
     let scale = reference.prompt_logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     println!("fp8 activations: max |diff| = {diff:e} (logit scale {scale})");

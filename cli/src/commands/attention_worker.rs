@@ -22,7 +22,7 @@ use switchyard_attention_worker::{
 };
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::config::ModelConfig;
-use switchyard_model::{ExpertSelection, Llama4Model, LoadOptions};
+use switchyard_model::{ExpertSelection, KvBlockPool, Llama4Model, LoadOptions};
 use switchyard_transport::grpc::GrpcTransport;
 use switchyard_transport::{WireDtype, WireFormat};
 
@@ -93,9 +93,22 @@ pub struct Args {
     /// Sequences generated at once at most.
     #[arg(long, env = "SWITCHYARD_MAX_BATCH", default_value_t = 64)]
     max_batch: usize,
-    /// Requests waiting for a slot at most; more are refused with RESOURCE_EXHAUSTED.
+    /// Requests waiting for a slot or for KV blocks at most; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "SWITCHYARD_MAX_WAITING", default_value_t = 256)]
     max_waiting: usize,
+    /// Tokens one step computes at most: one per decoding sequence, the rest for chunks of prompts (chunked prefill
+    /// keeps a long prompt from stalling the others' decoding). At least --max-batch.
+    #[arg(long, env = "SWITCHYARD_MAX_BATCH_TOKENS", default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Positions per block of the paged KV cache.
+    #[arg(long, env = "SWITCHYARD_KV_BLOCK_SIZE", default_value_t = switchyard_model::kv::DEFAULT_BLOCK_SIZE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    kv_block_size: usize,
+    /// Memory of the paged KV cache: bytes, or with a K/M/G/T or KiB/MiB/GiB/TiB suffix. When sequences need more,
+    /// new requests wait and the newest running sequence is preempted (recomputed later). Default: room for
+    /// --max-batch sequences at the model's full context, taken as it is used.
+    #[arg(long, env = "SWITCHYARD_KV_MEMORY", value_name = "BYTES", value_parser = crate::commands::expert_worker::parse_byte_size)]
+    kv_memory: Option<u64>,
     /// Also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health,
     /// /metrics) on this address.
     #[arg(long, env = "SWITCHYARD_HTTP", value_name = "ADDR")]
@@ -199,9 +212,13 @@ async fn serve_until_signal(args: Args) -> Result<()> {
         link
     });
 
+    let kv_blocks = args.kv_memory.map(|bytes| KvBlockPool::blocks_in_bytes(&config.text, args.kv_block_size, bytes));
     let options = EngineOptions {
         max_batch: args.max_batch,
         max_waiting: args.max_waiting,
+        max_batch_tokens: args.max_batch_tokens,
+        kv_block_size: args.kv_block_size,
+        kv_blocks,
         micro_batches: usize::from(args.micro_batches),
         threads: 0,
     };

@@ -89,6 +89,13 @@ pub struct Args {
     /// Micro-batches in flight per attention worker (2 = ping-pong).
     #[arg(long, default_value_t = 1)]
     micro_batches: usize,
+    /// Memory of each attention worker's paged KV cache (bytes, or with a K/M/G or KiB/MiB/GiB suffix). Default: room
+    /// for every sequence slot at the model's full context, taken as it is used.
+    #[arg(long, value_name = "BYTES")]
+    kv_memory: Option<String>,
+    /// Tokens one step of an attention worker computes at most (decodes plus chunks of prompts).
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
     /// Expert workers quantise activations to FP8 per token.
     #[arg(long)]
     fp8_activations: bool,
@@ -441,6 +448,12 @@ async fn start_and_serve(args: &Args, dir: &std::path::Path, cluster: &mut Clust
             "--micro-batches".into(),
             args.micro_batches.to_string(),
         ]);
+        if let Some(memory) = &args.kv_memory {
+            child_args.extend(["--kv-memory".into(), memory.clone()]);
+        }
+        if let Some(tokens) = args.max_batch_tokens {
+            child_args.extend(["--max-batch-tokens".into(), tokens.to_string()]);
+        }
         if let Some(recovery) = args.recovery_timeout_ms {
             child_args.extend(["--recovery-timeout-ms".into(), recovery.to_string()]);
         }

@@ -1,0 +1,385 @@
+//! The paged KV cache: fixed-size blocks from a bounded pool, and each sequence's block tables.
+//!
+//! A block holds the keys and values of `block_size` consecutive positions of one layer (`[2, block_size, kv_heads,
+//! head_dim]`), so every block has the same size and one pool serves every layer. A sequence's cache keeps, per layer,
+//! the blocks covering the positions that layer can still attend to: all of them on global (NoPE) layers, only the
+//! current chunk's on chunked-attention layers, whose earlier blocks go back to the pool as soon as the sequence moves
+//! into a new chunk. The scheduler reserves the blocks a step needs before it runs ([`KvCache::reserve`]), so a step
+//! never runs out of memory half-way, and sequences that cannot get blocks wait or are preempted instead of failing.
+//!
+//! Blocks are owned by the table that holds them (moved out of the pool and back), which lets the sequences of a
+//! batch write their own blocks in parallel without sharing anything mutable.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::config::TextConfig;
+use crate::ModelError;
+
+/// Positions per block when nothing else is configured.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// One block of one layer: `[2, block_size, kv_heads, head_dim]` floats, keys then values.
+#[derive(Debug)]
+pub struct KvBlock {
+    data: Box<[f32]>,
+}
+
+impl KvBlock {
+    /// The block's floats.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+impl AsRef<[f32]> for KvBlock {
+    fn as_ref(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    /// Blocks allocated earlier and given back, reused before allocating new ones.
+    free: Vec<KvBlock>,
+    /// Blocks held by caches now.
+    in_use: usize,
+}
+
+/// A bounded pool of KV blocks shared by the sequences of one engine.
+///
+/// Memory is allocated on first use and kept for reuse, so a large budget costs nothing until sequences fill it.
+#[derive(Debug)]
+pub struct KvBlockPool {
+    block_size: usize,
+    block_floats: usize,
+    /// Blocks the pool may hand out at once; `usize::MAX` for an unbounded pool.
+    capacity: usize,
+    state: Mutex<PoolState>,
+}
+
+impl KvBlockPool {
+    /// A pool of at most `capacity` blocks of `block_size` positions for the layers of `config`.
+    pub fn new(config: &TextConfig, block_size: usize, capacity: usize) -> Result<Arc<Self>, ModelError> {
+        if block_size == 0 {
+            return Err(ModelError::InvalidInput {
+                what: "KV block size".into(),
+                reason: "must be at least 1 position".into(),
+            });
+        }
+        let block_floats =
+            2usize.checked_mul(block_size).and_then(|n| n.checked_mul(config.kv_dim())).ok_or_else(|| {
+                ModelError::InvalidInput {
+                    what: "KV block size".into(),
+                    reason: format!("{block_size} positions x {} values overflows", config.kv_dim()),
+                }
+            })?;
+        Ok(Arc::new(Self { block_size, block_floats, capacity, state: Mutex::new(PoolState::default()) }))
+    }
+
+    /// A pool that never runs out (single-sequence use, tests, offline generation).
+    pub fn unbounded(config: &TextConfig) -> Result<Arc<Self>, ModelError> {
+        Self::new(config, DEFAULT_BLOCK_SIZE, usize::MAX)
+    }
+
+    /// The most blocks of `block_size` positions that fit in `bytes` of f32 KV for `config`.
+    pub fn blocks_in_bytes(config: &TextConfig, block_size: usize, bytes: u64) -> usize {
+        let block_bytes = (2 * block_size * config.kv_dim() * std::mem::size_of::<f32>()) as u64;
+        usize::try_from(bytes / block_bytes.max(1)).unwrap_or(usize::MAX)
+    }
+
+    /// Positions per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Floats per block.
+    pub fn block_floats(&self) -> usize {
+        self.block_floats
+    }
+
+    /// Blocks the pool may hand out at once (`usize::MAX` when unbounded).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Blocks held by caches now.
+    pub fn in_use(&self) -> usize {
+        self.state().in_use
+    }
+
+    /// Blocks that can still be handed out.
+    pub fn available(&self) -> usize {
+        self.capacity.saturating_sub(self.in_use())
+    }
+
+    fn state(&self) -> MutexGuard<'_, PoolState> {
+        // The state is two plain counters and a free list, consistent after every statement: a panic elsewhere while
+        // it was held leaves nothing half-done, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes `count` blocks, all or none.
+    fn take(&self, count: usize) -> Result<Vec<KvBlock>, ModelError> {
+        let mut state = self.state();
+        let available = self.capacity.saturating_sub(state.in_use);
+        if count > available {
+            return Err(ModelError::KvCacheFull { needed: count, available, capacity: self.capacity });
+        }
+        state.in_use += count;
+        let reused = state.free.len().saturating_sub(count);
+        let mut blocks = state.free.split_off(reused);
+        drop(state);
+        blocks.resize_with(count, || KvBlock { data: vec![0.0; self.block_floats].into_boxed_slice() });
+        Ok(blocks)
+    }
+
+    fn give_back(&self, blocks: impl IntoIterator<Item = KvBlock>) {
+        let mut state = self.state();
+        for block in blocks {
+            state.in_use = state.in_use.saturating_sub(1);
+            state.free.push(block);
+        }
+    }
+}
+
+/// The blocks one layer of one sequence holds: its block table.
+#[derive(Debug, Default)]
+struct LayerBlocks {
+    /// Absolute index of `blocks[0]`: the block holding positions `first * block_size ..`.
+    first: usize,
+    blocks: Vec<KvBlock>,
+}
+
+impl LayerBlocks {
+    /// One past the last block held.
+    fn end(&self) -> usize {
+        self.first + self.blocks.len()
+    }
+}
+
+/// The KV cache of one sequence: a block table per layer over a shared [`KvBlockPool`]. Its blocks go back to the
+/// pool when it is dropped or [`cleared`](KvCache::clear).
+#[derive(Debug)]
+pub struct KvCache {
+    pool: Arc<KvBlockPool>,
+    layers: Vec<LayerBlocks>,
+    /// The attention chunk of each layer, `None` for global layers.
+    chunks: Vec<Option<usize>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `config` whose blocks come from `pool`.
+    pub fn in_pool(config: &TextConfig, pool: Arc<KvBlockPool>) -> Self {
+        let chunks = (0..config.num_hidden_layers)
+            .map(|l| config.is_chunked_attention(l).then(|| config.attention_chunk_size.unwrap_or(usize::MAX)))
+            .collect();
+        Self { pool, layers: (0..config.num_hidden_layers).map(|_| LayerBlocks::default()).collect(), chunks, len: 0 }
+    }
+
+    /// An empty cache for `config` with a pool of its own that never runs out.
+    pub fn new(config: &TextConfig) -> Result<Self, ModelError> {
+        Ok(Self::in_pool(config, KvBlockPool::unbounded(config)?))
+    }
+
+    /// Tokens processed so far (the next token's absolute position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token has been processed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Layers the cache was made for.
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Blocks held across all layers.
+    pub fn blocks_held(&self) -> usize {
+        self.layers.iter().map(|l| l.blocks.len()).sum()
+    }
+
+    /// Floats held across all layers (keys and values, whole blocks).
+    pub fn floats_held(&self) -> usize {
+        self.blocks_held() * self.pool.block_floats()
+    }
+
+    /// The pool the cache draws from.
+    pub fn pool(&self) -> &Arc<KvBlockPool> {
+        &self.pool
+    }
+
+    /// The absolute block range layer `l` must hold for a step over positions `len .. len + tokens`: from the block
+    /// of the first position any of those queries sees to the block of the last position.
+    fn needed_range(&self, l: usize, tokens: usize) -> (usize, usize) {
+        let block_size = self.pool.block_size;
+        let end = (self.len + tokens).div_ceil(block_size);
+        let first_visible = match self.chunks[l] {
+            Some(chunk) => self.len / chunk * chunk,
+            None => 0,
+        };
+        (first_visible / block_size, end)
+    }
+
+    /// Blocks a step of `tokens` more positions would take from the pool.
+    pub fn blocks_needed(&self, tokens: usize) -> usize {
+        (0..self.layers.len())
+            .map(|l| {
+                let (first, end) = self.needed_range(l, tokens);
+                let layer = &self.layers[l];
+                let held_end = if layer.blocks.is_empty() { first } else { layer.end() };
+                end.saturating_sub(held_end.max(first))
+            })
+            .sum()
+    }
+
+    /// Blocks a sequence of `tokens` positions holds at most at once, computed in steps of at most `step_tokens`:
+    /// what admitting it can cost. Chunked layers hold the current chunk plus, during a step that crosses into the
+    /// next chunk, that step's positions.
+    pub fn blocks_for_sequence(config: &TextConfig, block_size: usize, tokens: usize, step_tokens: usize) -> usize {
+        let block_size = block_size.max(1);
+        let every = tokens.div_ceil(block_size);
+        (0..config.num_hidden_layers)
+            .map(|l| match config.is_chunked_attention(l).then_some(config.attention_chunk_size).flatten() {
+                // A span that does not start on a block boundary can straddle one more block.
+                Some(chunk) => every.min(chunk.saturating_add(step_tokens).div_ceil(block_size) + 1),
+                None => every,
+            })
+            .sum()
+    }
+
+    /// Makes sure the cache holds blocks for `tokens` more positions, taking them from the pool all at once or not
+    /// at all (then it fails with [`ModelError::KvCacheFull`] and nothing changed).
+    pub fn reserve(&mut self, tokens: usize) -> Result<(), ModelError> {
+        let needed = self.blocks_needed(tokens);
+        if needed == 0 {
+            return Ok(());
+        }
+        let mut fresh = self.pool.take(needed)?.into_iter();
+        for l in 0..self.layers.len() {
+            let (first, end) = self.needed_range(l, tokens);
+            let layer = &mut self.layers[l];
+            if layer.blocks.is_empty() {
+                layer.first = first;
+            }
+            while layer.end() < end {
+                match fresh.next() {
+                    Some(block) => layer.blocks.push(block),
+                    None => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that a step wrote `tokens` more positions, and gives back the blocks no later query can see (those
+    /// before the current chunk on chunked layers). Called only once the whole step succeeded, so a failed step can
+    /// be retried over the same blocks.
+    pub fn advance(&mut self, tokens: usize) {
+        self.len += tokens;
+        let block_size = self.pool.block_size;
+        let mut released = Vec::new();
+        for (layer, chunk) in self.layers.iter_mut().zip(&self.chunks) {
+            let Some(chunk) = chunk else { continue };
+            let keep_from = self.len / chunk * chunk / block_size;
+            let drop = keep_from.saturating_sub(layer.first).min(layer.blocks.len());
+            if drop > 0 {
+                released.extend(layer.blocks.drain(..drop));
+                layer.first += drop;
+            }
+        }
+        self.pool.give_back(released);
+    }
+
+    /// Gives every block back and forgets every position: the sequence will be recomputed from its tokens.
+    pub fn clear(&mut self) {
+        let released: Vec<KvBlock> = self.layers.iter_mut().flat_map(|l| l.blocks.drain(..)).collect();
+        self.pool.give_back(released);
+        for layer in &mut self.layers {
+            layer.first = 0;
+        }
+        self.len = 0;
+    }
+
+    /// Writes the key and value rows (`kv_dim` floats each) of absolute `position` into layer `l`'s block. The
+    /// position must have been reserved.
+    pub(crate) fn write(&mut self, l: usize, position: usize, key: &[f32], value: &[f32]) -> Result<(), ModelError> {
+        let block_size = self.pool.block_size;
+        let layer = &mut self.layers[l];
+        let block = (position / block_size).checked_sub(layer.first).and_then(|i| layer.blocks.get_mut(i)).ok_or_else(
+            || ModelError::InvalidInput {
+                what: "KV cache".into(),
+                reason: format!("position {position} of layer {l} has no reserved block"),
+            },
+        )?;
+        let row = key.len();
+        let offset = position % block_size;
+        block.data[offset * row..(offset + 1) * row].copy_from_slice(key);
+        block.data[(block_size + offset) * row..(block_size + offset + 1) * row].copy_from_slice(value);
+        Ok(())
+    }
+
+    /// Layer `l`'s blocks as the attention kernel reads them, valid up to `end` (exclusive).
+    pub(crate) fn paged(&self, l: usize, end: usize) -> switchyard_kernels::attention::PagedKv<'_, KvBlock> {
+        let layer = &self.layers[l];
+        switchyard_kernels::attention::PagedKv {
+            blocks: &layer.blocks,
+            first_block: layer.first,
+            block_size: self.pool.block_size,
+            len: end,
+        }
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiny::{preset_text_config, Preset};
+
+    fn config() -> TextConfig {
+        let mut text = preset_text_config(Preset::Tiny);
+        text["attention_chunk_size"] = 8.into();
+        let json = serde_json::json!({ "model_type": "llama4", "text_config": text }).to_string();
+        crate::config::ModelConfig::from_json_str(&json, "tiny config.json").expect("tiny config").text
+    }
+
+    #[test]
+    fn chunked_layers_give_blocks_back_and_global_layers_keep_them() {
+        let config = config();
+        let pool = KvBlockPool::new(&config, 4, 1000).expect("pool");
+        let mut cache = KvCache::in_pool(&config, pool.clone());
+        let (global, chunked) =
+            (0..config.num_hidden_layers).partition::<Vec<_>, _>(|&l| !config.is_chunked_attention(l));
+        assert!(!global.is_empty() && !chunked.is_empty(), "the tiny preset has both kinds of layers");
+        for _ in 0..5 {
+            cache.reserve(4).expect("reserve");
+            cache.advance(4);
+        }
+        // 20 positions: global layers hold 5 blocks, chunked layers the blocks of chunk 16..24, one block.
+        assert_eq!(cache.blocks_held(), global.len() * 5 + chunked.len());
+        assert_eq!(pool.in_use(), cache.blocks_held());
+        assert!(cache.blocks_held() <= KvCache::blocks_for_sequence(&config, 4, 20, 4));
+        drop(cache);
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn reserve_is_all_or_nothing() {
+        let config = config();
+        let pool = KvBlockPool::new(&config, 4, 3).expect("pool");
+        let mut cache = KvCache::in_pool(&config, pool.clone());
+        let err = cache.reserve(1).expect_err("one block per layer is more than 3");
+        assert!(matches!(err, ModelError::KvCacheFull { available: 3, .. }), "{err}");
+        assert_eq!(pool.in_use(), 0);
+        assert_eq!(cache.blocks_held(), 0);
+    }
+}
