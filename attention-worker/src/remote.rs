@@ -3,20 +3,25 @@
 //! One call is one MoE layer step of one micro-batch: its rows are grouped by the expert worker chosen for their
 //! expert, every group is dispatched at once, and the outputs are scattered back to row order. The forward pass calls
 //! it from a rayon thread while the shared expert runs beside it, so the network wait overlaps that compute.
+//!
+//! Besides its own counters (read by the cluster link), it records the dispatch metrics of `/metrics` (routed tokens
+//! per expert, dispatch bytes and latency; see [`crate::http::metrics`]) as it dispatches, once the process has a
+//! metrics recorder.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use switchyard_model::{ModelError, RoutedExperts};
-use switchyard_transport::{ExpertBatch, Transport, TransportError};
+use switchyard_transport::{codec, ExpertBatch, Transport, TransportError, WireDtype, WireFormat};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::error::DispatchError;
+use crate::http::metrics::DispatchMetrics;
 use crate::placement::RoutingTable;
 use crate::AttentionWorkerError;
 
@@ -69,6 +74,10 @@ pub struct RemoteExperts {
     /// Tokens routed to each expert since start, `[layer * experts_per_layer + expert]` (dense layers stay 0).
     expert_tokens: Vec<AtomicU64>,
     experts_per_layer: usize,
+    /// The transport's wire format, which the dispatch byte metrics count in.
+    wire: WireFormat,
+    /// Set at the first step after the process's metrics recorder is installed.
+    metrics: OnceLock<Arc<DispatchMetrics>>,
 }
 
 impl RemoteExperts {
@@ -92,7 +101,16 @@ impl RemoteExperts {
             next_step: AtomicU64::new(0),
             expert_tokens,
             experts_per_layer,
+            wire: WireFormat::default(),
+            metrics: OnceLock::new(),
         }
+    }
+
+    /// Tells the wire format `transport` encodes with ([`WireFormat::default`] unless told), so that the dispatch
+    /// byte metrics count the bytes it sends and receives. Only metrics depend on it: the transport owns the encoding.
+    pub fn with_wire(mut self, wire: WireFormat) -> Self {
+        self.wire = wire;
+        self
     }
 
     /// Replaces the dispatch timeout ([`DEFAULT_DISPATCH_TIMEOUT`]).
@@ -149,6 +167,15 @@ impl RemoteExperts {
         self.next_step.load(Ordering::Relaxed)
     }
 
+    /// The dispatch metrics' handles; `None` while the process has no metrics recorder (then nothing is recorded).
+    fn metrics(&self) -> Option<&Arc<DispatchMetrics>> {
+        if let Some(metrics) = self.metrics.get() {
+            return Some(metrics);
+        }
+        let metrics = DispatchMetrics::registered(self.experts_per_layer)?;
+        Some(self.metrics.get_or_init(|| Arc::new(metrics)))
+    }
+
     /// Sends `rows` of one layer step to `worker`, resolving to their outputs in row order.
     #[allow(clippy::too_many_arguments)]
     fn dispatch_group(
@@ -179,9 +206,14 @@ impl RemoteExperts {
         };
         let id = routing.workers()[worker].id.clone();
         let expected = rows.len() * hidden;
+        let bytes = (wire_bytes(expected, self.wire.dispatch), wire_bytes(expected, self.wire.combine));
+        let metrics = self.metrics().cloned();
         let dispatch = self.transport.dispatch(&id, batch);
         let timeout = self.timeout;
         async move {
+            // From the first poll: the groups' futures are all made before any is polled, and a transport encodes
+            // when polled.
+            let started = Instant::now();
             let fail = |source: TransportError| DispatchError {
                 worker: id.clone(),
                 layer,
@@ -209,6 +241,9 @@ impl RemoteExperts {
                         expected / hidden
                     ),
                 }));
+            }
+            if let Some(metrics) = metrics {
+                metrics.dispatched(&id, bytes.0, bytes.1, started.elapsed());
             }
             Ok(outputs)
         }
@@ -260,6 +295,12 @@ impl RemoteExperts {
             }
         }
     }
+}
+
+/// Bytes `values` activations take on the wire in `dtype`, as the dispatch metrics count them: FP8's per-row scales
+/// and message headers are left out (a few bytes per row of thousands of values).
+fn wire_bytes(values: usize, dtype: WireDtype) -> u64 {
+    (values * codec::bytes_per_value(dtype)) as u64
 }
 
 /// Whether a newer placement can fix a dispatch that failed with `error` although its worker was reached: the
@@ -385,6 +426,9 @@ impl RoutedExperts for RemoteExperts {
             if let Some(counter) = self.expert_tokens.get(layer * self.experts_per_layer + expert as usize) {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        if let Some(metrics) = self.metrics() {
+            metrics.routed(experts);
         }
         Ok(outputs)
     }

@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::engine::{Engine, GenerationEvent};
-use crate::request::{first_stop, ValidGenerateRequest};
+use crate::request::{GeneratedText, ValidGenerateRequest};
 use crate::AttentionWorkerError;
 
 /// Largest gRPC message accepted or sent (a `[4096, 5120]` f32 block is 80 MiB; prompt logits can be larger still).
@@ -80,7 +80,7 @@ impl Generation for GenerationService {
         .inspect_err(|error| tracing::debug!(%error, "request refused"))?;
         let span = tracing::info_span!("generate", request_id = %valid.request_id);
         let prompt_ids = valid.prompt.clone();
-        let stop = valid.stop.clone();
+        let text = GeneratedText::new(valid.stop.clone());
         let events = span.in_scope(|| {
             tracing::debug!(prompt_tokens = prompt_ids.len(), max_new_tokens = valid.max_new_tokens, "submitting");
             self.engine.submit(valid).inspect_err(|error| tracing::info!(%error, "request refused"))
@@ -91,7 +91,8 @@ impl Generation for GenerationService {
             vocab_size: self.engine.limits().vocab_size as u32,
             generated: Vec::new(),
             tokenizer: self.tokenizer.clone(),
-            stop,
+            text,
+            text_so_far: String::new(),
             stopped: None,
             done: false,
             span,
@@ -107,8 +108,10 @@ struct StreamState {
     vocab_size: u32,
     generated: Vec<u32>,
     tokenizer: Option<Arc<Tokenizer>>,
-    /// Stop strings, searched in the decoded text after every token.
-    stop: Vec<String>,
+    /// The generated text, decoded and searched for stop strings as tokens arrive (only when there are any).
+    text: GeneratedText,
+    /// The text `text` handed out so far: the `Finished` text when a stop string cuts it.
+    text_so_far: String,
     /// The `Finished` to send next: a stop string matched (the engine's sequence is already cancelled).
     stopped: Option<Finished>,
     done: bool,
@@ -127,15 +130,18 @@ impl StreamState {
     }
 
     /// After a token: when the text now holds a stop string, cancels the sequence and keeps the cut text's
-    /// `Finished` for the next response.
+    /// `Finished` for the next response. Only the text the token added is decoded and searched ([`GeneratedText`]).
     fn check_stop(&mut self) -> Result<(), Status> {
-        if self.stop.is_empty() {
+        let Some(tokenizer) = self.tokenizer.as_ref().filter(|_| self.text.has_stop_strings()) else {
             return Ok(());
-        }
-        // The whole text each time: a byte-level token may complete a character, and with it a match, only later.
-        let mut text = self.decode()?;
-        if let Some(at) = first_stop(&text, &self.stop) {
-            text.truncate(at);
+        };
+        let delta = self
+            .text
+            .push(&self.generated, |ids| tokenizer.decode(ids, true))
+            .map_err(|e| Status::internal(format!("decoding the output: {e}")))?;
+        self.text_so_far.push_str(&delta.text);
+        if delta.stopped {
+            let text = std::mem::take(&mut self.text_so_far);
             // Closing the receiver is how the engine learns the request is over: it drops the sequence's KV cache
             // before its next step.
             self.events.close();

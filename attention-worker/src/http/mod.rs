@@ -4,7 +4,7 @@
 //! format, ending with `data: [DONE]`, when `stream` is true), `GET /v1/models`, `GET /health`, `GET /metrics`
 //! (Prometheus text). With an API key the `/v1` routes want `Authorization: Bearer <key>`; health and metrics stay
 //! open. Requests become a `GenerateRequest` and go through the same validation as gRPC requests
-//! ([`ValidGenerateRequest::from_proto`]); errors are OpenAI's JSON error body with the status that
+//! ([`crate::request::ValidGenerateRequest::from_proto`]); errors are OpenAI's JSON error body with the status that
 //! [`ApiError::from_engine`] gives. A client that disconnects drops its response stream, which drops the engine's
 //! receiver and so cancels its sequence.
 

@@ -9,7 +9,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::error::ApiError;
 use super::metrics;
 use crate::engine::{GenerationEvent, TokenLogprobs};
-use crate::request::first_stop;
+use crate::request::{GeneratedText, TextDelta};
 use crate::text::TextCodec;
 use crate::AttentionWorkerError;
 
@@ -39,10 +39,9 @@ pub(crate) struct Output {
     /// `None` once the request ended (or was cut by a stop string, which cancels the rest of it).
     events: Option<UnboundedReceiver<GenerationEvent>>,
     text: Option<Arc<TextCodec>>,
-    stop: Vec<String>,
     generated: Vec<u32>,
-    /// Bytes of the decoded text already handed out.
-    sent: usize,
+    /// The text handed out so far, decoded and searched for stop strings as tokens arrive.
+    stream: GeneratedText,
     /// A finish reason to hand out after the text that went before it.
     finish: Option<&'static str>,
     done: bool,
@@ -64,9 +63,8 @@ impl Output {
         Self {
             events: Some(events),
             text,
-            stop,
             generated: Vec::new(),
-            sent: 0,
+            stream: GeneratedText::new(stop),
             finish: None,
             done: false,
             arrived,
@@ -101,8 +99,8 @@ impl Output {
                         FinishReason::Length => "length",
                         FinishReason::Stop => "stop",
                     };
-                    let rest = self.decoded().get(self.sent..).unwrap_or_default().to_string();
-                    let rest = self.cut_at_stop(rest).0;
+                    // The engine's reason stands: a stop string in the rest would have matched at its token.
+                    let rest = self.advance(true).text;
                     if rest.is_empty() {
                         return self.end(Piece::Finished { reason });
                     }
@@ -124,26 +122,17 @@ impl Output {
         Some(piece)
     }
 
-    /// The generated text so far (empty without a tokenizer).
-    fn decoded(&self) -> String {
-        match &self.text {
-            Some(text) => text.decode(&self.generated).unwrap_or_else(|error| {
-                tracing::warn!(%error, "decoding the output");
-                String::new()
-            }),
-            None => String::new(),
-        }
-    }
-
-    /// `text` up to the first stop string in it, and whether there was one.
-    fn cut_at_stop(&self, mut text: String) -> (String, bool) {
-        match first_stop(&text, &self.stop) {
-            Some(at) => {
-                text.truncate(at);
-                (text, true)
-            }
-            None => (text, false),
-        }
+    /// The text the generated tokens added since the last call (the rest of it when `last`); empty without a
+    /// tokenizer.
+    fn advance(&mut self, last: bool) -> TextDelta {
+        let Some(text) = &self.text else { return TextDelta::default() };
+        let decode = |ids: &[u32]| text.decode(ids);
+        let delta =
+            if last { self.stream.finish(&self.generated, decode) } else { self.stream.push(&self.generated, decode) };
+        delta.unwrap_or_else(|error| {
+            tracing::warn!(%error, "decoding the output");
+            TextDelta::default()
+        })
     }
 
     fn token(&mut self, id: u32, logprob: Option<TokenLogprobs>) -> Piece {
@@ -152,38 +141,13 @@ impl Output {
         self.last_token = Some(now);
         self.generated.push(id);
         let logprobs = logprob.map(|l| vec![self.token_logprob(id, &l)]).unwrap_or_default();
-        let full = self.decoded();
-        // An incomplete UTF-8 sequence decodes as U+FFFD until its last byte arrives: hold it back.
-        let Some(new) = full.get(self.sent..).filter(|new| !new.ends_with('\u{FFFD}')) else {
-            return Piece::Text { text: String::new(), logprobs };
-        };
-        // A stop string may start in text already sent only if it was held back, so searching the new text with
-        // what was held is enough: nothing held back was sent.
-        let (new, stopped) = self.cut_at_stop(new.to_string());
+        // Incomplete characters and possible starts of a stop string are held back (see `GeneratedText`).
+        let TextDelta { text, stopped } = self.advance(false);
         if stopped {
-            self.sent += new.len();
             self.events = None;
             self.finish = Some("stop");
-            return Piece::Text { text: new, logprobs };
         }
-        let held = self.held_back(&new);
-        let text = new[..new.len() - held].to_string();
-        self.sent += text.len();
         Piece::Text { text, logprobs }
-    }
-
-    /// Bytes at the end of `text` that may be the start of a stop string.
-    fn held_back(&self, text: &str) -> usize {
-        let mut longest = 0;
-        for stop in &self.stop {
-            for (at, _) in text.char_indices() {
-                let tail = &text[at..];
-                if tail.len() > longest && tail.len() < stop.len() && stop.starts_with(tail) {
-                    longest = tail.len();
-                }
-            }
-        }
-        longest
     }
 
     fn token_logprob(&self, id: u32, logprobs: &TokenLogprobs) -> TokenLogprob {

@@ -204,7 +204,8 @@ async fn serve_until_signal(args: Args) -> Result<()> {
         if link.is_some() { Duration::from_millis(args.recovery_timeout_ms) } else { Duration::ZERO };
     let remote = Arc::new(
         RemoteExperts::new(Arc::new(routing), transport, tokio::runtime::Handle::current(), worker_id.clone())
-            .with_recovery_timeout(recovery_timeout),
+            .with_recovery_timeout(recovery_timeout)
+            .with_wire(wire),
     );
     model.set_routed_experts(remote.clone());
     let link = link.map(|mut link| {
