@@ -11,6 +11,10 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 start=$(date +%s)
 echo "== build (workspace, all targets)"
 cargo build --workspace --all-targets --locked
+echo "== python: a venv with the openai client (tests/tests/openai_client.rs drives the server with it)"
+SWITCHYARD_TEST_PYTHON="$(bash scripts/python-client.sh)"
+export SWITCHYARD_TEST_PYTHON
+echo "$SWITCHYARD_TEST_PYTHON"
 echo "== test"
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.txt
 echo "== build with --features cuda (cudarc loads CUDA at run time; none is needed to compile)"
