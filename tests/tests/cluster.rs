@@ -24,9 +24,8 @@ fn cluster_equals_single_process_for_every_shape_and_wire_format() {
             for attention_workers in [1, 2] {
                 let ew = expert_workers.to_string();
                 let aw = attention_workers.to_string();
-                let mut args = vec![
-                    "--model", model_arg, "--expert-workers", &ew, "--attention-workers", &aw, "--wire", wire,
-                ];
+                let mut args =
+                    vec!["--model", model_arg, "--expert-workers", &ew, "--attention-workers", &aw, "--wire", wire];
                 if fp8 {
                     args.push("--fp8-activations");
                 }
@@ -50,16 +49,25 @@ fn ping_pong_micro_batches_keep_the_output() {
     let model = work.path().join("model");
     make_tiny(&model, 6);
     let reference = single_process(&model, &work.path().join("single.json"), false, 8);
-    let cluster = Cluster::start(&[
-        "--model", model.to_str().expect("utf-8"), "--expert-workers", "2", "--micro-batches", "2",
-    ]);
+    let cluster =
+        Cluster::start(&["--model", model.to_str().expect("utf-8"), "--expert-workers", "2", "--micro-batches", "2"]);
     let ids = prompt_ids();
     let clients: Vec<_> = (0..2)
         .map(|i| {
             let out = work.path().join(format!("pp-{i}.json"));
             let child = Command::new(binary())
-                .args(["generate", "--endpoint", &cluster.endpoint, "--prompt-ids", &ids, "--max-new-tokens", "8",
-                    "--ignore-eos", "--output-json", out.to_str().expect("utf-8")])
+                .args([
+                    "generate",
+                    "--endpoint",
+                    &cluster.endpoint,
+                    "--prompt-ids",
+                    &ids,
+                    "--max-new-tokens",
+                    "8",
+                    "--ignore-eos",
+                    "--output-json",
+                    out.to_str().expect("utf-8"),
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -80,8 +88,17 @@ fn up_with_a_prompt_generates_and_stops_every_child() {
     let model = work.path().join("model");
     make_tiny(&model, 2);
     let output = Command::new(binary())
-        .args(["up", "--model", model.to_str().expect("utf-8"), "--expert-workers", "2", "--prompt", "Hello",
-            "--max-new-tokens", "4"])
+        .args([
+            "up",
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--expert-workers",
+            "2",
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "4",
+        ])
         .output()
         .expect("up runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -107,14 +124,23 @@ fn a_killed_expert_worker_with_replicas_loses_nothing() {
     let work = tempfile::tempdir().expect("tempdir");
     let model = work.path().join("model");
     make_tiny(&model, 4);
-    let cluster = Cluster::start(&[
-        "--model", model.to_str().expect("utf-8"), "--expert-workers", "2", "--redundant-slots", "8",
-    ]);
+    let cluster =
+        Cluster::start(&["--model", model.to_str().expect("utf-8"), "--expert-workers", "2", "--redundant-slots", "8"]);
     let ids = prompt_ids();
     let run = |out: &Path| {
         Command::new(binary())
-            .args(["generate", "--endpoint", &cluster.endpoint, "--prompt-ids", &ids, "--max-new-tokens", "600",
-                "--ignore-eos", "--output-json", out.to_str().expect("utf-8")])
+            .args([
+                "generate",
+                "--endpoint",
+                &cluster.endpoint,
+                "--prompt-ids",
+                &ids,
+                "--max-new-tokens",
+                "600",
+                "--ignore-eos",
+                "--output-json",
+                out.to_str().expect("utf-8"),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -161,4 +187,39 @@ fn up_serves_the_openai_api_over_http() {
     assert!(body.contains("context") || body.contains("max_position"), "{body}");
     let (status, body) = http_request(&http, "POST", "/v1/completions", Some(&completion.to_string()));
     assert_eq!(status, 200, "the server keeps serving: {body}");
+}
+
+/// SIGTERM (what Kubernetes sends) stops an attention worker only after its in-flight generations finish: a long
+/// generation started before the signal completes in full, and the worker then exits cleanly.
+#[test]
+fn sigterm_drains_in_flight_generations() {
+    let cluster = Cluster::start(&["--expert-workers", "1", "--http", "127.0.0.1:0"]);
+    let http = cluster.http.clone().expect("the ready line names the HTTP endpoint");
+    let endpoint = cluster.endpoint.clone();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("long.json");
+    let tokens = 3000;
+    let generation = {
+        let out = out.clone();
+        std::thread::spawn(move || switchyard_tests::generate_through(&endpoint, &out, tokens))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, metrics) = http_request(&http, "GET", "/metrics", None);
+        if metrics.lines().any(|l| l.starts_with("switchyard_active_sequences ") && !l.ends_with(" 0")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the generation never became active:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cluster.signal("aw-0", libc::SIGTERM);
+    let output = generation.join().expect("the generation thread");
+    assert!(output.status.success(), "the in-flight generation failed: {}", String::from_utf8_lossy(&output.stderr));
+    let generated = read_json(&out)["greedy_tokens"].as_array().map(Vec::len).unwrap_or_default();
+    assert_eq!(generated, tokens as usize, "every token of the in-flight generation arrived");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.is_alive("aw-0") {
+        assert!(Instant::now() < deadline, "the attention worker did not exit after draining");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
