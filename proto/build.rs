@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["control.proto", "coordinator.proto", "dispatch.proto", "generate.proto", "store.proto"]
+    let files = ["context.proto", "control.proto", "coordinator.proto", "dispatch.proto", "generate.proto", "store.proto"]
         .map(|f| format!("switchyard/v1/{f}"));
     for file in &files {
         println!("cargo:rerun-if-changed={file}");

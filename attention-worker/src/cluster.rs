@@ -61,6 +61,9 @@ pub struct ClusterOptions {
     pub lease_ttl: Duration,
     /// How often it publishes its routed-token load.
     pub load_report: Duration,
+    /// Bytes of its KV cache, registered as its memory budget: other attention workers size the context shards they
+    /// ask it to hold by it.
+    pub kv_memory_bytes: u64,
 }
 
 /// Connects an expert worker that a new placement names in the transport the worker dispatches through (for gRPC:
@@ -109,7 +112,7 @@ impl ClusterLink {
             endpoint: options.endpoint.clone(),
             node: options.node.clone(),
             device: options.device.clone(),
-            memory_budget_bytes: 0,
+            memory_budget_bytes: options.kv_memory_bytes,
             checkpoint_hash: options.checkpoint_hash.clone(),
         };
         let membership = Membership::new(cluster.clone());

@@ -24,6 +24,7 @@ pub use switchyard_model::TokenLogprobs;
 use switchyard_model::{FinishReason, KvBlockPool, KvCache, Llama4Model, LogitsFor, ModelError, SequenceStep};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::context::ContextGroups;
 use crate::remote::micro_batch_pool;
 use crate::request::{RequestLimits, ValidGenerateRequest};
 use crate::AttentionWorkerError;
@@ -47,6 +48,22 @@ pub struct EngineOptions {
     pub micro_batches: usize,
     /// Threads of each micro-batch's compute pool; 0 means one per available core.
     pub threads: usize,
+}
+
+impl EngineOptions {
+    /// KV blocks the engine's pool holds for `config`: `kv_blocks`, or room for `max_batch` sequences at the model's
+    /// full context.
+    pub fn kv_blocks_for(&self, config: &TextConfig) -> usize {
+        self.kv_blocks.unwrap_or_else(|| {
+            KvCache::blocks_for_sequence(
+                config,
+                self.kv_block_size,
+                config.max_position_embeddings,
+                self.max_batch_tokens,
+            )
+            .saturating_mul(self.max_batch)
+        })
+    }
 }
 
 impl Default for EngineOptions {
@@ -118,11 +135,23 @@ pub struct Engine {
     config: TextConfig,
     limits: RequestLimits,
     options: EngineOptions,
+    /// Whether sequences too long for the pool are spread over context-parallel groups.
+    context_parallel: bool,
 }
 
 impl Engine {
     /// Starts the scheduler thread for `model` (whose routed experts are already installed).
     pub fn start(model: Arc<Llama4Model>, options: EngineOptions) -> Result<Self, AttentionWorkerError> {
+        Self::start_with_context(model, options, None)
+    }
+
+    /// [`Engine::start`], spreading sequences too long for this engine's KV cache over the context-parallel groups
+    /// `context` gives (without it they are refused).
+    pub fn start_with_context(
+        model: Arc<Llama4Model>,
+        options: EngineOptions,
+        context: Option<Arc<dyn ContextGroups>>,
+    ) -> Result<Self, AttentionWorkerError> {
         let bad = |option: &str, reason: String| AttentionWorkerError::InvalidOption { option: option.into(), reason };
         if options.max_batch == 0 {
             return Err(bad("max_batch", "must be at least 1".into()));
@@ -140,13 +169,7 @@ impl Engine {
             return Err(bad("micro_batches", format!("{} is not 1 or 2", options.micro_batches)));
         }
         let config = model.config().clone();
-        let full_sequence = KvCache::blocks_for_sequence(
-            &config,
-            options.kv_block_size,
-            config.max_position_embeddings,
-            options.max_batch_tokens,
-        );
-        let kv_blocks = options.kv_blocks.unwrap_or_else(|| full_sequence.saturating_mul(options.max_batch));
+        let kv_blocks = options.kv_blocks_for(&config);
         let one_step = KvCache::blocks_for_sequence(&config, options.kv_block_size, 1, 1);
         if kv_blocks < one_step {
             return Err(bad(
@@ -177,11 +200,12 @@ impl Engine {
             max_batch: options.max_batch,
             max_batch_tokens: options.max_batch_tokens,
             next_arrival: 0,
+            context: context.clone(),
         };
         std::thread::Builder::new().name("sy-scheduler".into()).spawn(move || scheduler.run(receiver)).map_err(
             |e| AttentionWorkerError::Startup { what: "the scheduler thread".into(), reason: e.to_string() },
         )?;
-        Ok(Self { requests, shared, pool, config, limits, options })
+        Ok(Self { requests, shared, pool, config, limits, options, context_parallel: context.is_some() })
     }
 
     /// Queues `request`; its events arrive on the returned receiver. Dropping the receiver cancels the request (its
@@ -199,7 +223,7 @@ impl Engine {
             tokens,
             self.options.max_batch_tokens,
         );
-        if needed > self.pool.capacity() {
+        if needed > self.pool.capacity() && !self.context_parallel {
             return Err(AttentionWorkerError::InvalidRequest {
                 field: "max_new_tokens".into(),
                 reason: format!(
@@ -269,6 +293,11 @@ impl Engine {
         self.pool.capacity()
     }
 
+    /// The engine's KV block pool (context shards this worker holds for others draw from it too).
+    pub fn kv_pool(&self) -> &Arc<KvBlockPool> {
+        &self.pool
+    }
+
     /// Sequences preempted (their KV freed, to be recomputed) so far because KV blocks ran out.
     pub fn preemptions(&self) -> u64 {
         self.shared.preemptions.load(Ordering::Relaxed)
@@ -307,13 +336,26 @@ struct Sequence {
     prompt_logits: Vec<f32>,
     /// Tokens the step being planned computes for this sequence (0: not in it).
     scheduled: usize,
+    /// Positions it may reach (prompt plus tokens to generate).
+    max_tokens: usize,
+    /// It does not fit this engine's KV pool: it needs a context-parallel group before it runs.
+    needs_context: bool,
     events: UnboundedSender<GenerationEvent>,
     done: bool,
 }
 
 impl Sequence {
-    fn new(admission: Admission, arrival: u64, pool: &Arc<KvBlockPool>, config: &TextConfig) -> Self {
+    fn new(
+        admission: Admission,
+        arrival: u64,
+        pool: &Arc<KvBlockPool>,
+        config: &TextConfig,
+        step_tokens: usize,
+    ) -> Self {
         let Admission { request, events } = admission;
+        let max_tokens = request.prompt.len() + request.max_new_tokens;
+        let needs_context =
+            KvCache::blocks_for_sequence(config, pool.block_size(), max_tokens, step_tokens) > pool.capacity();
         Self {
             request_id: request.request_id,
             arrival,
@@ -329,6 +371,8 @@ impl Sequence {
             prefilled: false,
             prompt_logits: Vec::new(),
             scheduled: 0,
+            max_tokens,
+            needs_context,
             events,
             done: false,
         }
@@ -432,6 +476,7 @@ struct Scheduler {
     max_batch: usize,
     max_batch_tokens: usize,
     next_arrival: u64,
+    context: Option<Arc<dyn ContextGroups>>,
 }
 
 impl Scheduler {
@@ -468,7 +513,13 @@ impl Scheduler {
                         }
                         let arrival = self.next_arrival;
                         self.next_arrival += 1;
-                        waiting.push_back(Sequence::new(admission, arrival, &self.pool, &self.config));
+                        waiting.push_back(Sequence::new(
+                            admission,
+                            arrival,
+                            &self.pool,
+                            &self.config,
+                            self.max_batch_tokens,
+                        ));
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => open = false,
@@ -524,12 +575,30 @@ impl Scheduler {
             let Some(next) = waiting.front_mut() else { break };
             // A sequence is admitted only when its whole prompt fits in the free blocks: admitting one whose prefill
             // would run the pool dry only to preempt it again wastes the work.
-            let prompt_blocks = KvCache::blocks_for_sequence(
-                &self.config,
-                self.pool.block_size(),
-                next.remaining(),
-                self.max_batch_tokens,
-            );
+            if next.needs_context && next.cache.context().is_none() {
+                match self.join_group(next) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(error) => {
+                        if let Some(mut lost) = waiting.pop_front() {
+                            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                            lost.fail(&Arc::new(error));
+                        }
+                        continue;
+                    }
+                }
+            }
+            let prompt_blocks = if next.needs_context {
+                // Its global layers' KV beyond this worker's range lives on the group's members.
+                0
+            } else {
+                KvCache::blocks_for_sequence(
+                    &self.config,
+                    self.pool.block_size(),
+                    next.remaining(),
+                    self.max_batch_tokens,
+                )
+            };
             if prompt_blocks > self.pool.available() && !running.is_empty() {
                 break;
             }
@@ -558,6 +627,30 @@ impl Scheduler {
                 running.push(admitted);
             }
         }
+    }
+
+    /// Gets `sequence` a context-parallel group, with as much of its global layers' KV here as the free blocks allow
+    /// after room for its chunked layers. `Ok(false)` when no block is free for it now (it waits).
+    fn join_group(&self, sequence: &mut Sequence) -> Result<bool, AttentionWorkerError> {
+        let context = self.context.as_ref().ok_or_else(|| AttentionWorkerError::InvalidRequest {
+            field: "max_new_tokens".into(),
+            reason: format!("{} tokens do not fit this worker's KV cache", sequence.max_tokens),
+        })?;
+        let block_size = self.pool.block_size();
+        let global_layers =
+            (0..self.config.num_hidden_layers).filter(|&l| !self.config.is_chunked_attention(l)).count().max(1);
+        let every_global = sequence.max_tokens.div_ceil(block_size) * global_layers;
+        let all = KvCache::blocks_for_sequence(&self.config, block_size, sequence.max_tokens, self.max_batch_tokens);
+        // The chunked layers' blocks stay here whatever the group; the global layers take what is left.
+        let chunked_only = all.saturating_sub(every_global);
+        let spare = self.pool.available().saturating_sub(chunked_only);
+        if spare < global_layers && self.pool.in_use() > 0 {
+            return Ok(false);
+        }
+        let local_tokens = spare / global_layers * block_size;
+        let shards = context.assign(sequence.arrival, sequence.max_tokens, local_tokens)?;
+        sequence.cache.set_context(shards).map_err(AttentionWorkerError::Model)?;
+        Ok(true)
     }
 
     /// Frees `victim`'s KV blocks and puts it back in the queue at its arrival position.

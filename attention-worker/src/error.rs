@@ -213,6 +213,8 @@ impl AttentionWorkerError {
             AttentionWorkerError::Dispatch(e) => e.source.to_status().code(),
             AttentionWorkerError::Transport(e) => return e.to_status(),
             AttentionWorkerError::Model(ModelError::InvalidInput { .. }) => Code::InvalidArgument,
+            AttentionWorkerError::Model(ModelError::ContextMember { .. }) => Code::Unavailable,
+            AttentionWorkerError::Model(ModelError::KvCacheFull { .. }) => Code::ResourceExhausted,
             AttentionWorkerError::Model(_) => Code::Internal,
             AttentionWorkerError::InvalidRequest { .. } => Code::InvalidArgument,
             AttentionWorkerError::Overloaded { .. } => Code::ResourceExhausted,
@@ -221,6 +223,7 @@ impl AttentionWorkerError {
             | AttentionWorkerError::NoPlacement { .. } => Code::Unavailable,
             AttentionWorkerError::Store(CoordinatorError::StoreUnavailable { .. }) => Code::Unavailable,
             AttentionWorkerError::Store(CoordinatorError::CheckpointMismatch { .. }) => Code::FailedPrecondition,
+            AttentionWorkerError::Store(CoordinatorError::ContextTooLong { .. }) => Code::InvalidArgument,
             AttentionWorkerError::Store(_) => Code::Internal,
             AttentionWorkerError::Placement { .. } | AttentionWorkerError::UncoveredExperts { .. } => {
                 Code::FailedPrecondition

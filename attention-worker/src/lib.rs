@@ -12,12 +12,15 @@
 //! It must not hold routed experts' weights (the model is loaded with `ExpertSelection::None`), and must not know how
 //! activations are encoded on the wire (the transport crate owns that).
 //!
-//! Paged KV, chunked prefill and preemption come with the rest of the serving issue.
+//! The engine keeps each sequence's KV in a paged cache with chunked prefill and preemption by recompute; a sequence
+//! too long for this worker's KV is spread over a context-parallel group of attention workers ([`context`]), and this
+//! worker holds shards of other workers' long sequences in turn.
 //!
 //! # Feature flags
 //! None.
 
 pub mod cluster;
+pub mod context;
 pub mod engine;
 pub mod error;
 pub mod http;
@@ -28,6 +31,7 @@ pub mod service;
 pub mod text;
 
 pub use cluster::{ClusterLink, ClusterOptions, ConnectWorker, LOAD_ALPHA};
+pub use context::{ContextGroups, RemoteContext, ShardHost, StoreContextGroups};
 pub use engine::{Engine, EngineOptions, GenerationEvent};
 pub use error::{AttentionWorkerError, DispatchError};
 pub use placement::{placement_from_expert_workers, ExpertWorkerRoute, RoutingTable};

@@ -26,6 +26,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use switchyard_transport::context::ContextServer;
+
+use crate::context::ShardHost;
 use crate::engine::{Engine, GenerationEvent};
 use crate::request::{GeneratedText, ValidGenerateRequest};
 use crate::AttentionWorkerError;
@@ -234,10 +237,12 @@ pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(5), Duration::f
 
 /// Serves `generation` on `listener` until `shutdown` resolves, with `grpc.health.v1` (SERVING from the start: the
 /// engine is ready when this is called; NOT_SERVING once shutdown starts), reflection, and [`MAX_MESSAGE_BYTES`]
-/// message limits. In-flight streams finish before it returns.
+/// message limits; with `shards`, also `switchyard.v1.ContextShard` (this worker holds ranges of other workers'
+/// long sequences). In-flight streams finish before it returns.
 pub async fn serve(
     listener: TcpListener,
     generation: GenerationService,
+    shards: Option<Arc<ShardHost>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AttentionWorkerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -262,6 +267,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(generation)
+        .add_optional_service(shards.map(|host| ContextServer::new(host).into_service()))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

@@ -117,6 +117,7 @@ fn checkpoint_hash() -> String {
 
 fn options(load_report: Duration) -> ClusterOptions {
     ClusterOptions {
+        kv_memory_bytes: 0,
         cluster: CLUSTER.into(),
         worker_id: AW.into(),
         endpoint: "http://127.0.0.1:1".into(),

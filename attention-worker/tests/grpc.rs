@@ -44,7 +44,7 @@ impl Server {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            serve(listener, service, async move {
+            serve(listener, service, None, async move {
                 let _ = stopped.await;
             })
             .await

@@ -71,7 +71,7 @@ fn generation_over_grpc_and_a_killed_expert_worker() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, service, async move {
+        let server = tokio::spawn(serve(listener, service, None, async move {
             let _ = stopped.await;
         }));
         let mut client = GenerationClient::connect(endpoint).await.unwrap();

@@ -110,6 +110,19 @@ pub enum CoordinatorError {
         /// The hash recorded for the cluster.
         cluster_hash: String,
     },
+    /// A sequence's KV does not fit the attention workers' room even spread over all of them.
+    #[error(
+        "a context of {tokens} positions does not fit the cluster's KV: its {workers} attention workers have room \
+         for {cluster_tokens} positions of global-layer KV"
+    )]
+    ContextTooLong {
+        /// Positions the sequence needs.
+        tokens: usize,
+        /// Positions the attention workers can hold together.
+        cluster_tokens: usize,
+        /// Attention workers counted.
+        workers: usize,
+    },
 }
 
 impl CoordinatorError {
@@ -123,6 +136,7 @@ impl CoordinatorError {
             | CoordinatorError::StoreRequest { .. }
             | CoordinatorError::LeaseNotFound { .. }
             | CoordinatorError::WatchLost { .. }
+            | CoordinatorError::ContextTooLong { .. }
             | CoordinatorError::CorruptRecord { .. }
             | CoordinatorError::InvalidName { .. }
             | CoordinatorError::LocalEtcd { .. }

@@ -13,9 +13,13 @@
 //!   registered, rebalances them from measured loads or on request, re-places the experts of lost workers, and
 //!   drives expert workers through load / publish / adopt / unload so no router ever meets a missing expert.
 //!
+//! - [`context`]: context-parallel groups, the attention workers that share the global-layer KV of a sequence too long
+//!   for one of them, and their token ranges, recorded in the store.
+//!
 //! It must not depend on model math (`switchyard-model`) or kernels: it sees a model only as its MoE layer indices and
 //! expert count.
 
+pub mod context;
 pub mod controller;
 pub mod election;
 pub mod error;

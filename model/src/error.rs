@@ -142,6 +142,20 @@ pub enum ModelError {
         reason: String,
     },
 
+    /// A member of a context-parallel group (an attention worker holding part of the sequence's KV) failed a step.
+    #[error("context-parallel member {member} failed global layer {layer}: {source}")]
+    ContextMember {
+        /// The member's worker id.
+        member: String,
+        /// The decoder layer.
+        layer: usize,
+        /// Whether repeating the step may succeed.
+        retryable: bool,
+        /// What failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// The KV block pool cannot hand out the blocks a step needs.
     #[error("the KV cache is full: the step needs {needed} more blocks, {available} of {capacity} are free")]
     KvCacheFull {
@@ -196,7 +210,7 @@ impl ModelError {
             | ModelError::Tokenizer { .. } => false,
             // Blocks come back as other sequences finish or are preempted.
             ModelError::KvCacheFull { .. } => true,
-            ModelError::RoutedExperts { retryable, .. } => *retryable,
+            ModelError::RoutedExperts { retryable, .. } | ModelError::ContextMember { retryable, .. } => *retryable,
         }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use switchyard_kernels::{
     activation::silu_mul,
-    attention::{paged_attention, AttentionMask, AttentionShape},
+    attention::{merge_partials, paged_attention, AttentionMask, AttentionShape, PartialAttention},
     norm::{rms_norm, rms_norm_unweighted_in_place},
     rope::rope_interleaved_in_place,
     router::top1,
@@ -19,6 +19,7 @@ use switchyard_kernels::{
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{ModelConfig, TextConfig};
+use crate::context::PartialOutput;
 use crate::experts::{ActivationPrecision, LocalExperts, RoutedExperts};
 use crate::kv::KvCache;
 use crate::linear::LinearWeight;
@@ -414,22 +415,38 @@ impl Llama4Model {
             work.push((&mut *step.cache, out, offset..offset + n));
             offset += n;
         }
+        let global = !cfg.is_chunked_attention(l);
         work.into_par_iter().try_for_each(|(cache, out, rows)| -> Result<(), ModelError> {
             for (row, &position) in rows.clone().zip(&positions[rows.clone()]) {
-                let kv = row * kv_dim..(row + 1) * kv_dim;
-                cache.write(l, position, &k[kv.clone()], &v[kv])?;
+                if cache.holds(l, position) {
+                    let kv = row * kv_dim..(row + 1) * kv_dim;
+                    cache.write(l, position, &k[kv.clone()], &v[kv])?;
+                }
             }
             let end = positions[rows.end - 1] + 1;
+            let (q_rows, kv_rows) = (rows.start * q_dim..rows.end * q_dim, rows.start * kv_dim..rows.end * kv_dim);
+            let shards = cache.context().filter(|_| global).cloned();
+            let Some(shards) = shards else {
+                paged_attention(&q[q_rows], &positions[rows], cache.paged(l, end), shape, mask, scale, out, None)?;
+                return Ok(());
+            };
+            // A context-parallel sequence: this worker's range and every member's, merged exactly by log-sum-exp.
+            let mut local = PartialOutput { out: vec![0.0; out.len()], lse: vec![0.0; rows.len() * qh] };
+            let (step_positions, queries) = (&positions[rows.clone()], &q[q_rows]);
             paged_attention(
-                &q[rows.start * q_dim..rows.end * q_dim],
-                &positions[rows],
+                queries,
+                step_positions,
                 cache.paged(l, end),
                 shape,
                 mask,
                 scale,
-                out,
-                None,
+                &mut local.out,
+                Some(&mut local.lse),
             )?;
+            let remote = shards.attend(l, step_positions, queries, &k[kv_rows.clone()], &v[kv_rows])?;
+            let parts: Vec<PartialAttention<'_>> =
+                std::iter::once(&local).chain(&remote).map(|p| PartialAttention { out: &p.out, lse: &p.lse }).collect();
+            merge_partials(&parts, hd, out, None)?;
             Ok(())
         })?;
         layer.attention.o.apply(&attended, tokens)

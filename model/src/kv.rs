@@ -13,6 +13,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::TextConfig;
+use crate::context::ContextShards;
 use crate::ModelError;
 
 /// Positions per block when nothing else is configured.
@@ -159,13 +160,36 @@ impl LayerBlocks {
 
 /// The KV cache of one sequence: a block table per layer over a shared [`KvBlockPool`]. Its blocks go back to the
 /// pool when it is dropped or [`cleared`](KvCache::clear).
-#[derive(Debug)]
+///
+/// A sequence too long for one attention worker is spread over a context-parallel group: its owner keeps the chunked
+/// layers and the global layers' first positions here, and [`ContextShards`] hold the global layers' later ranges on
+/// the other members. A member keeps its range of one such sequence in a *shard* cache (global layers only).
 pub struct KvCache {
     pool: Arc<KvBlockPool>,
     layers: Vec<LayerBlocks>,
     /// The attention chunk of each layer, `None` for global layers.
     chunks: Vec<Option<usize>>,
     len: usize,
+    /// Global layers hold positions `global_start .. global_end` here (`0 .. usize::MAX` but in a context-parallel
+    /// group).
+    global_start: usize,
+    global_end: usize,
+    /// A member's shard: chunked layers hold nothing.
+    shard: bool,
+    /// Where the global layers' positions from `global_end` on live, for the owner of a context-parallel sequence.
+    context: Option<Arc<dyn ContextShards>>,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("len", &self.len)
+            .field("blocks_held", &self.blocks_held())
+            .field("global_range", &(self.global_start..self.global_end))
+            .field("shard", &self.shard)
+            .field("context_parallel", &self.context.is_some())
+            .finish()
+    }
 }
 
 impl KvCache {
@@ -174,7 +198,74 @@ impl KvCache {
         let chunks = (0..config.num_hidden_layers)
             .map(|l| config.is_chunked_attention(l).then(|| config.attention_chunk_size.unwrap_or(usize::MAX)))
             .collect();
-        Self { pool, layers: (0..config.num_hidden_layers).map(|_| LayerBlocks::default()).collect(), chunks, len: 0 }
+        Self {
+            pool,
+            layers: (0..config.num_hidden_layers).map(|_| LayerBlocks::default()).collect(),
+            chunks,
+            len: 0,
+            global_start: 0,
+            global_end: usize::MAX,
+            shard: false,
+            context: None,
+        }
+    }
+
+    /// A member's shard of a context-parallel sequence: the global layers' keys and values of positions `start ..
+    /// end` (`start` on a block boundary), nothing of the chunked layers.
+    pub fn shard(config: &TextConfig, pool: Arc<KvBlockPool>, start: usize, end: usize) -> Result<Self, ModelError> {
+        if start % pool.block_size != 0 || end <= start {
+            return Err(ModelError::InvalidInput {
+                what: "context shard range".into(),
+                reason: format!(
+                    "{start}..{end} must be non-empty and start on a KV block boundary ({} positions)",
+                    pool.block_size
+                ),
+            });
+        }
+        let mut cache = Self::in_pool(config, pool);
+        cache.global_start = start;
+        cache.global_end = end;
+        cache.shard = true;
+        cache.len = start;
+        Ok(cache)
+    }
+
+    /// Makes this (empty) cache the owner's part of a context-parallel sequence: global layers keep positions below
+    /// `shards.local_end()` here, `shards` hold the rest.
+    pub fn set_context(&mut self, shards: Arc<dyn ContextShards>) -> Result<(), ModelError> {
+        let local_end = shards.local_end();
+        if !self.is_empty() || local_end % self.pool.block_size != 0 {
+            return Err(ModelError::InvalidInput {
+                what: "context-parallel group".into(),
+                reason: format!(
+                    "the owner's range must end on a KV block boundary ({} positions; it ends at {local_end}) and be \
+                     set before the first step",
+                    self.pool.block_size
+                ),
+            });
+        }
+        self.global_end = local_end;
+        self.context = Some(shards);
+        Ok(())
+    }
+
+    /// The members holding the global layers' later positions, for the owner of a context-parallel sequence.
+    pub fn context(&self) -> Option<&Arc<dyn ContextShards>> {
+        self.context.as_ref()
+    }
+
+    /// The positions the global layers hold here.
+    pub fn global_range(&self) -> std::ops::Range<usize> {
+        self.global_start..self.global_end
+    }
+
+    /// Whether layer `l` holds position `position` here (false for a global position another member holds, or for a
+    /// chunked layer of a shard).
+    pub(crate) fn holds(&self, l: usize, position: usize) -> bool {
+        match self.chunks[l] {
+            Some(_) => !self.shard,
+            None => (self.global_start..self.global_end).contains(&position),
+        }
     }
 
     /// An empty cache for `config` with a pool of its own that never runs out.
@@ -216,12 +307,15 @@ impl KvCache {
     /// of the first position any of those queries sees to the block of the last position.
     fn needed_range(&self, l: usize, tokens: usize) -> (usize, usize) {
         let block_size = self.pool.block_size;
-        let end = (self.len + tokens).div_ceil(block_size);
-        let first_visible = match self.chunks[l] {
-            Some(chunk) => self.len / chunk * chunk,
-            None => 0,
-        };
-        (first_visible / block_size, end)
+        match self.chunks[l] {
+            Some(_) if self.shard => (0, 0),
+            Some(chunk) => (self.len / chunk * chunk / block_size, (self.len + tokens).div_ceil(block_size)),
+            None => {
+                let end = (self.len + tokens).min(self.global_end).div_ceil(block_size);
+                let first = self.global_start / block_size;
+                (first, end.max(first))
+            }
+        }
     }
 
     /// Blocks a step of `tokens` more positions would take from the pool.
@@ -301,7 +395,7 @@ impl KvCache {
         for layer in &mut self.layers {
             layer.first = 0;
         }
-        self.len = 0;
+        self.len = if self.shard { self.global_start } else { 0 };
     }
 
     /// Writes the key and value rows (`kv_dim` floats each) of absolute `position` into layer `l`'s block. The
@@ -322,14 +416,21 @@ impl KvCache {
         Ok(())
     }
 
-    /// Layer `l`'s blocks as the attention kernel reads them, valid up to `end` (exclusive).
+    /// Layer `l`'s blocks as the attention kernel reads them, valid up to `end` (exclusive; clipped to the positions
+    /// held here).
     pub(crate) fn paged(&self, l: usize, end: usize) -> switchyard_kernels::attention::PagedKv<'_, KvBlock> {
         let layer = &self.layers[l];
+        let block_size = self.pool.block_size;
+        let first = if layer.blocks.is_empty() { self.global_start / block_size } else { layer.first };
+        let end = match self.chunks[l] {
+            Some(_) => end,
+            None => end.min(self.global_end),
+        };
         switchyard_kernels::attention::PagedKv {
             blocks: &layer.blocks,
-            first_block: layer.first,
-            block_size: self.pool.block_size,
-            len: end,
+            first_block: first,
+            block_size,
+            len: end.max(first * block_size),
         }
     }
 }

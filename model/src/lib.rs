@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod context;
 pub mod error;
 pub mod experts;
 pub mod forward;

@@ -10,12 +10,12 @@ use std::borrow::Borrow;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 
-/// Why a dispatch failed.
+/// Why a dispatch (or a context-parallel attention call) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransportError {
     /// The peer could not be reached, its stream broke, or it died before answering. Retryable: an expert step is
     /// pure, so it can be re-sent (to a replica).
-    #[error("expert worker {peer} unavailable: {reason}")]
+    #[error("peer {peer} unavailable: {reason}")]
     Unavailable {
         /// The worker id (or endpoint) that was not reached.
         peer: String,
@@ -39,7 +39,7 @@ pub enum TransportError {
         current: u64,
     },
     /// The peer answered with an error that has no more specific variant.
-    #[error("expert worker {peer} rejected the request ({code:?}): {message}")]
+    #[error("peer {peer} rejected the request ({code:?}): {message}")]
     Rejected {
         /// The worker id that answered.
         peer: String,

@@ -32,7 +32,9 @@ use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use http_body::{Body as _, Frame};
+use switchyard_proto::v1::context_shard_client::ContextShardClient;
 use switchyard_proto::v1::expert_dispatch_server::SERVICE_NAME;
+use switchyard_proto::v1::ReleaseShardRequest;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tonic::body::Body;
@@ -40,11 +42,12 @@ use tonic::codegen::http::{self, header, HeaderMap, HeaderValue};
 use tonic::codegen::Service;
 use tonic::metadata::{MetadataValue, GRPC_CONTENT_TYPE};
 use tonic::server::NamedService;
-use tonic::transport::{Endpoint, Server};
+use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Status};
 use tracing::Instrument;
 
 use crate::codec::{self, Recycler, Stores};
+use crate::context::{PartialAttentionRequest, PartialAttentionResponse};
 use crate::error::error_chain;
 use crate::wire::{self, Chunks, MessageReader, RequestMessage, ResponseMessage};
 use crate::{BoxFuture, ExpertBatch, ExpertService, Transport, TransportError, WireFormat};
@@ -113,6 +116,8 @@ pub struct GrpcTransport {
     recycler: Arc<Recycler<u8>>,
     /// Size of the pieces a large dispatch is split into, in values.
     split_values: usize,
+    /// Attention workers reachable as members of context-parallel groups, by worker id.
+    context_members: RwLock<HashMap<String, Result<ContextShardClient<Channel>, String>>>,
 }
 
 impl GrpcTransport {
@@ -128,6 +133,28 @@ impl GrpcTransport {
             peers: RwLock::new(HashMap::new()),
             recycler: Recycler::new(),
             split_values: SPLIT_VALUES,
+            context_members: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Registers (or replaces) the attention worker `id` at `endpoint` as a possible member of context-parallel
+    /// groups. Connects on first use.
+    pub fn add_context_member(&self, id: impl Into<String>, endpoint: String) -> &Self {
+        let client = peer_endpoint(endpoint).map(|e| {
+            ContextShardClient::new(e.connect_lazy())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        });
+        self.context_members.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(id.into(), client);
+        self
+    }
+
+    fn context_member(&self, id: &str) -> Result<ContextShardClient<Channel>, TransportError> {
+        let unavailable = |reason: String| TransportError::Unavailable { peer: id.to_string(), reason };
+        match self.context_members.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(id) {
+            Some(Ok(client)) => Ok(client.clone()),
+            Some(Err(reason)) => Err(unavailable(reason.clone())),
+            None => Err(unavailable("not a known attention worker of this cluster".into())),
         }
     }
 
@@ -183,6 +210,31 @@ fn split_rows(tokens: usize, hidden: usize, split_values: usize) -> Vec<std::ops
 }
 
 impl Transport for GrpcTransport {
+    /// One unary call per member and layer: the queries of a decode step are a few KiB, a prefill chunk's a few MiB,
+    /// so the dispatch stream's buffer reuse would buy little here.
+    fn attend(
+        &self,
+        member: &str,
+        request: PartialAttentionRequest,
+    ) -> BoxFuture<'static, Result<PartialAttentionResponse, TransportError>> {
+        let client = self.context_member(member);
+        let (member, timeout) = (member.to_string(), self.request_timeout);
+        Box::pin(async move {
+            let mut client = client?;
+            unary(member, timeout, client.attend(request)).await
+        })
+    }
+
+    fn release_shard(&self, member: &str, sequence_id: &str) -> BoxFuture<'static, Result<u64, TransportError>> {
+        let client = self.context_member(member);
+        let request = ReleaseShardRequest { sequence_id: sequence_id.to_string() };
+        let (member, timeout) = (member.to_string(), self.request_timeout);
+        Box::pin(async move {
+            let mut client = client?;
+            unary(member, timeout, client.release_shard(request)).await.map(|r| r.blocks_released)
+        })
+    }
+
     /// Sends `batch` and resolves to its outputs. A large batch is split by rows into several requests (see
     /// [`SPLIT_VALUES`]) sent back to back on the stream: encoding the next piece, the transfer, the expert worker's
     /// work and decoding the answers overlap, and the pieces' buffers are reused. The outputs are decoded in place
@@ -303,6 +355,37 @@ impl Drop for PendingGuard {
 }
 
 /// One expert worker as seen by the client.
+/// The tonic endpoint of a peer at `endpoint` (`http://IP:PORT`; `IP:PORT` as printed without a scheme is accepted
+/// too), with the transport's connection settings.
+fn peer_endpoint(endpoint: String) -> Result<Endpoint, String> {
+    let endpoint = if endpoint.contains("://") { endpoint } else { format!("http://{endpoint}") };
+    Endpoint::from_shared(endpoint.clone())
+        .map(|e| {
+            e.connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME)
+        })
+        .map_err(|e| format!("invalid endpoint {endpoint:?}: {}", error_chain(&e)))
+}
+
+/// Awaits a unary call to `peer` for at most `timeout`, mapping its status to the transport's error.
+async fn unary<T>(
+    peer: String,
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, TransportError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(TransportError::from_status(peer, status)),
+        Err(_) => Err(TransportError::Unavailable { peer, reason: format!("no answer within {timeout:?}") }),
+    }
+}
+
 struct Peer {
     id: String,
     endpoint: Result<Endpoint, String>,
@@ -311,20 +394,7 @@ struct Peer {
 
 impl Peer {
     fn new(id: String, endpoint: String) -> Self {
-        // `IP:PORT` as printed without a scheme is accepted too.
-        let endpoint = if endpoint.contains("://") { endpoint } else { format!("http://{endpoint}") };
-        let endpoint = Endpoint::from_shared(endpoint.clone())
-            .map(|e| {
-                e.connect_timeout(CONNECT_TIMEOUT)
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                    .keep_alive_while_idle(true)
-                    .initial_stream_window_size(STREAM_WINDOW)
-                    .initial_connection_window_size(CONNECTION_WINDOW)
-                    .max_frame_size(MAX_FRAME)
-            })
-            .map_err(|e| format!("invalid endpoint {endpoint:?}: {}", error_chain(&e)));
+        let endpoint = peer_endpoint(endpoint);
         if let Err(reason) = &endpoint {
             tracing::warn!(expert_worker = %id, "{reason}");
         }

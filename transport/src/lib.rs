@@ -10,11 +10,15 @@
 //! Errors are one [`TransportError`] with a single mapping to and from gRPC statuses; [`bench`](mod@bench) holds the
 //! raw TCP baseline and an echo service for `switchyard bench transport`.
 //!
+//! The same trait carries context-parallel attention between attention workers ([`context`]): one global layer's
+//! queries out, the member's partial attention back.
+//!
 //! It must not know about models, checkpoints or requests: expert workers implement [`ExpertService`], attention
-//! workers call [`Transport`].
+//! workers call [`Transport`] and serve [`context::ContextService`].
 
 pub mod bench;
 pub mod codec;
+pub mod context;
 pub mod error;
 pub mod grpc;
 pub mod in_process;
@@ -149,4 +153,28 @@ pub trait Transport: Send + Sync + 'static {
     /// `[tokens, hidden]` in row order. Fails with [`TransportError::Unavailable`] when the worker cannot be reached
     /// or dies before answering (retryable: a step is pure, so it can be re-sent to a replica).
     fn dispatch(&self, worker: &str, batch: ExpertBatch) -> BoxFuture<'static, Result<Vec<f32>, TransportError>>;
+
+    /// Sends one global layer of a context-parallel step to `member` (an attention worker of the sequence's group)
+    /// and resolves to its partial attention. Transports that do not reach attention workers refuse it.
+    fn attend(
+        &self,
+        member: &str,
+        request: context::PartialAttentionRequest,
+    ) -> BoxFuture<'static, Result<context::PartialAttentionResponse, TransportError>> {
+        let _ = request;
+        Box::pin(std::future::ready(Err(no_context_members(member))))
+    }
+
+    /// Asks `member` to drop its shard of `sequence_id`; resolves to the KV blocks it gave back.
+    fn release_shard(&self, member: &str, sequence_id: &str) -> BoxFuture<'static, Result<u64, TransportError>> {
+        let _ = sequence_id;
+        Box::pin(std::future::ready(Err(no_context_members(member))))
+    }
+}
+
+fn no_context_members(member: &str) -> TransportError {
+    TransportError::Unavailable {
+        peer: member.to_string(),
+        reason: "this transport does not reach attention workers (context parallelism needs the gRPC transport)".into(),
+    }
 }

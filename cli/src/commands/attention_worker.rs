@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use switchyard_attention_worker::{
-    http_router, placement_from_expert_workers, serve, serve_http, ClusterLink, ClusterOptions, ConnectWorker, Engine,
-    EngineOptions, ExpertWorkerRoute, GenerationService, HttpOptions, RemoteExperts, RoutingTable, TextCodec,
+    http_router, placement_from_expert_workers, serve, serve_http, ClusterLink, ClusterOptions, ConnectWorker,
+    ContextGroups, Engine, EngineOptions, ExpertWorkerRoute, GenerationService, HttpOptions, RemoteExperts,
+    RoutingTable, ShardHost, StoreContextGroups, TextCodec,
 };
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::config::ModelConfig;
@@ -157,22 +158,35 @@ async fn serve_until_signal(args: Args) -> Result<()> {
             transport.add_worker(worker.id.clone(), worker.endpoint.clone());
         })
     };
+    let kv_blocks = args.kv_memory.map(|bytes| KvBlockPool::blocks_in_bytes(&config.text, args.kv_block_size, bytes));
+    let options = EngineOptions {
+        max_batch: args.max_batch,
+        max_waiting: args.max_waiting,
+        max_batch_tokens: args.max_batch_tokens,
+        kv_block_size: args.kv_block_size,
+        kv_blocks,
+        micro_batches: usize::from(args.micro_batches),
+        threads: 0,
+    };
+    let block_bytes = (2 * args.kv_block_size * config.text.kv_dim() * std::mem::size_of::<f32>()) as u64;
+    let kv_memory_bytes = options.kv_blocks_for(&config.text) as u64 * block_bytes;
+    let endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     let (routing, link) = match (&args.store, &args.expert_workers) {
         (Some(url), _) => {
-            let endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
-            let options = ClusterOptions {
+            let cluster_options = ClusterOptions {
                 cluster: args.cluster.clone(),
                 worker_id: worker_id.clone(),
-                endpoint,
+                endpoint: endpoint.clone(),
                 node: args.node.clone().unwrap_or_else(crate::serving::hostname),
                 device: DEVICE.into(),
                 checkpoint_hash: fingerprint.unwrap_or_default(),
                 lease_ttl: Duration::from_millis(args.lease_ttl_ms),
                 load_report: Duration::from_millis(args.load_report_ms),
+                kv_memory_bytes,
             };
             let patience = Duration::from_millis(args.placement_timeout_ms);
             let (routing, link) = tokio::select! {
-                joined = join_cluster(url, options, &config, patience) => joined.with_context(|| {
+                joined = join_cluster(url, cluster_options, &config, patience) => joined.with_context(|| {
                     format!("attention worker {worker_id} joining cluster {} in the store {url}", args.cluster)
                 })?,
                 () = crate::serving::shutdown_signal() => {
@@ -203,7 +217,7 @@ async fn serve_until_signal(args: Args) -> Result<()> {
     let recovery_timeout =
         if link.is_some() { Duration::from_millis(args.recovery_timeout_ms) } else { Duration::ZERO };
     let remote = Arc::new(
-        RemoteExperts::new(Arc::new(routing), transport, tokio::runtime::Handle::current(), worker_id.clone())
+        RemoteExperts::new(Arc::new(routing), transport.clone(), tokio::runtime::Handle::current(), worker_id.clone())
             .with_recovery_timeout(recovery_timeout)
             .with_wire(wire),
     );
@@ -213,17 +227,22 @@ async fn serve_until_signal(args: Args) -> Result<()> {
         link
     });
 
-    let kv_blocks = args.kv_memory.map(|bytes| KvBlockPool::blocks_in_bytes(&config.text, args.kv_block_size, bytes));
-    let options = EngineOptions {
-        max_batch: args.max_batch,
-        max_waiting: args.max_waiting,
-        max_batch_tokens: args.max_batch_tokens,
-        kv_block_size: args.kv_block_size,
-        kv_blocks,
-        micro_batches: usize::from(args.micro_batches),
-        threads: 0,
-    };
-    let engine = Arc::new(Engine::start(Arc::new(model), options).context("starting the engine")?);
+    // Sequences too long for this worker's KV are spread over the cluster's attention workers (with a store).
+    let context_groups = link.as_ref().map(|link| {
+        Arc::new(StoreContextGroups::new(
+            link.cluster().clone(),
+            link.lease(),
+            worker_id.clone(),
+            endpoint.clone(),
+            config.text.clone(),
+            args.kv_block_size,
+            transport.clone(),
+            tokio::runtime::Handle::current(),
+        )) as Arc<dyn ContextGroups>
+    });
+    let engine =
+        Arc::new(Engine::start_with_context(Arc::new(model), options, context_groups).context("starting the engine")?);
+    let shards = link.is_some().then(|| Arc::new(ShardHost::new(config.text.clone(), engine.kv_pool().clone())));
     let text = TextCodec::load(&model_dir)?;
     if text.is_none() {
         tracing::warn!(model = %model_dir.display(), "no tokenizer.json: only token-id prompts are served");
@@ -243,7 +262,7 @@ async fn serve_until_signal(args: Args) -> Result<()> {
     });
     let service = GenerationService::new(engine, tokenizer, worker_id.clone());
     crate::serving::announce(&listener)?;
-    let server = tokio::spawn(serve(listener, service, crate::serving::shutdown_signal()));
+    let server = tokio::spawn(serve(listener, service, shards, crate::serving::shutdown_signal()));
     let served = server.await.context("the server task failed")?;
     if let Some(http) = http {
         http.await.context("the HTTP server task failed")?.context("the HTTP API")?;

@@ -1,0 +1,139 @@
+//! Context parallelism at the model level: a sequence whose global layers' KV is spread over an owner and two shards
+//! (each computing partial attention over its range, merged by log-sum-exp) gives the logits and greedy tokens of the
+//! unsharded run, prefilled in chunks and decoded.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use switchyard_model::checkpoint::Checkpoint;
+use switchyard_model::config::ModelConfig;
+use switchyard_model::context::{attend_shard, ContextShards, PartialOutput};
+use switchyard_model::{KvBlockPool, KvCache, Llama4Model, LoadOptions, LogitsFor, ModelError};
+
+fn model() -> Llama4Model {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/maverick-f32");
+    let config = ModelConfig::from_file(dir.join("config.json")).expect("config");
+    let checkpoint = Checkpoint::open(&dir).expect("checkpoint");
+    Llama4Model::load(&checkpoint, &config, &LoadOptions::default(), &mut |_, _| {}).expect("model")
+}
+
+/// Members in this process: each a shard cache behind a lock, called in turn.
+struct InProcessShards {
+    config: switchyard_model::config::TextConfig,
+    local_end: usize,
+    members: Vec<Mutex<KvCache>>,
+}
+
+impl ContextShards for InProcessShards {
+    fn local_end(&self) -> usize {
+        self.local_end
+    }
+
+    fn attend(
+        &self,
+        layer: usize,
+        positions: &[usize],
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+    ) -> Result<Vec<PartialOutput>, ModelError> {
+        self.members
+            .iter()
+            .map(|member| {
+                let mut shard = member.lock().expect("shard lock");
+                let range = shard.global_range();
+                let kv_dim = self.config.kv_dim();
+                let held: Vec<usize> = (0..positions.len()).filter(|&t| range.contains(&positions[t])).collect();
+                let kv_positions: Vec<usize> = held.iter().map(|&t| positions[t]).collect();
+                let rows = |all: &[f32]| -> Vec<f32> {
+                    held.iter().flat_map(|&t| all[t * kv_dim..(t + 1) * kv_dim].iter().copied()).collect()
+                };
+                let (keys, values) = (rows(keys), rows(values));
+                attend_shard(&self.config, &mut shard, layer, positions, queries, &kv_positions, &keys, &values)
+            })
+            .collect()
+    }
+}
+
+fn prompt(len: usize, vocab: usize) -> Vec<u32> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn sharded_global_layers_give_the_unsharded_logits_and_tokens() {
+    let model = model();
+    let config = model.config().clone();
+    let vocab = config.vocab_size;
+    let tokens = prompt(2000, vocab);
+
+    let mut reference_cache = model.new_cache().expect("cache");
+    let reference = model.forward(&tokens, &mut reference_cache, LogitsFor::All).expect("unsharded prefill");
+    let mut reference_tokens = vec![argmax(&reference[reference.len() - vocab..])];
+    for _ in 0..7 {
+        let last = *reference_tokens.last().expect("a token");
+        let logits = model.forward(&[last], &mut reference_cache, LogitsFor::Last).expect("unsharded decode");
+        reference_tokens.push(argmax(&logits));
+    }
+
+    let block_size = 16;
+    let pool = KvBlockPool::new(&config, block_size, usize::MAX).expect("pool");
+    let shard = |start, end| Mutex::new(KvCache::shard(&config, pool.clone(), start, end).expect("shard"));
+    let shards = Arc::new(InProcessShards {
+        config: config.clone(),
+        local_end: 640,
+        members: vec![shard(640, 1280), shard(1280, usize::MAX)],
+    });
+    let mut cache = KvCache::in_pool(&config, pool.clone());
+    cache.set_context(shards.clone()).expect("context");
+    let mut logits = Vec::new();
+    for chunk in tokens.chunks(300) {
+        logits.extend(model.forward(chunk, &mut cache, LogitsFor::All).expect("sharded prefill chunk"));
+    }
+    let diff = max_diff(&logits, &reference);
+    assert!(diff <= 1e-4, "prompt logits differ by {diff}");
+    let mut sharded_tokens = vec![argmax(&logits[logits.len() - vocab..])];
+    for _ in 0..7 {
+        let last = *sharded_tokens.last().expect("a token");
+        let step = model.forward(&[last], &mut cache, LogitsFor::Last).expect("sharded decode");
+        sharded_tokens.push(argmax(&step));
+    }
+    assert_eq!(sharded_tokens, reference_tokens);
+
+    // Each member holds only its range of the global layer; the owner the first range and the current chunk.
+    let global_layers = (0..config.num_hidden_layers).filter(|&l| !config.is_chunked_attention(l)).count();
+    assert_eq!(global_layers, 1);
+    let first = shards.members[0].lock().expect("lock").blocks_held();
+    let last = shards.members[1].lock().expect("lock").blocks_held();
+    assert_eq!(first, (1280 - 640) / block_size);
+    assert_eq!(last, (2007 - 1280usize).div_ceil(block_size));
+    assert!(cache.blocks_held() < reference_cache.blocks_held(), "the owner holds less than the whole sequence");
+}
+
+#[test]
+fn a_shard_refuses_a_range_off_the_block_grid_and_a_chunked_layer() {
+    let model = model();
+    let config = model.config().clone();
+    let pool = KvBlockPool::new(&config, 16, 64).expect("pool");
+    let error = KvCache::shard(&config, pool.clone(), 10, 100).expect_err("off the grid");
+    assert!(error.to_string().contains("KV block boundary"), "{error}");
+    let mut shard = KvCache::shard(&config, pool, 16, 100).expect("shard");
+    let chunked = (0..config.num_hidden_layers).find(|&l| config.is_chunked_attention(l)).expect("a chunked layer");
+    let error = attend_shard(&config, &mut shard, chunked, &[16], &vec![0.0; config.q_dim()], &[], &[], &[])
+        .expect_err("chunked layer");
+    assert!(error.to_string().contains("not a global attention layer"), "{error}");
+}
