@@ -22,6 +22,9 @@ enum Which {
     Transport(crate::commands::bench_transport::Args),
     /// Decode tokens/s of one process against `switchyard up` with expert workers, same run.
     E2e(crate::commands::bench_e2e::Args),
+    /// Open-loop Poisson load against `switchyard up`: throughput, TTFT and TPOT percentiles per request rate, and
+    /// the rate where TPOT p99 passes twice its unloaded value.
+    Serve(crate::commands::bench_serve::Args),
     /// The placement solver on drifting Zipf routing traces: balance, and weights moved per rebalance.
     Placement(crate::commands::bench_placement::Args),
     /// The peer process of `bench transport` (started by it).
@@ -49,6 +52,7 @@ pub fn run(args: Args) -> Result<()> {
         Which::Transport(args) => crate::commands::bench_transport::run(args),
         Which::E2e(args) => crate::commands::bench_e2e::run(args),
         Which::Placement(args) => crate::commands::bench_placement::run(args),
+        Which::Serve(args) => crate::commands::bench_serve::run(args),
         Which::TransportPeer => crate::commands::bench_transport::run_peer(),
     }
 }

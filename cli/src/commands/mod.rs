@@ -4,6 +4,7 @@ pub mod attention_worker;
 pub mod bench;
 pub mod bench_placement;
 pub mod bench_e2e;
+pub mod bench_serve;
 pub mod bench_transport;
 pub mod coordinator;
 pub mod expert_worker;
