@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use switchyard_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use switchyard_proto::v1::{self, GetPlacementRequest};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::store::{ClusterStore, Store, StoreService};
@@ -65,5 +64,10 @@ pub async fn serve(
             router
         }
     };
-    router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await
+    router
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await
 }

@@ -9,7 +9,6 @@ use switchyard_proto::v1::expert_control_server::ExpertControlServer;
 use switchyard_transport::grpc::{server_builder, DispatchServer};
 use switchyard_transport::ExpertService;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::control::ControlService;
@@ -68,7 +67,10 @@ where
         .add_service(reflection)
         .add_service(dispatch)
         .add_service(control)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            signal,
+        );
     let grace = async move {
         match started_rx.await {
             Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,

@@ -83,11 +83,12 @@ const REQUEST_ID: &str = "switchyard-request-id";
 const DISPATCH_STREAM_PATH: &str = "/switchyard.v1.ExpertDispatch/DispatchStream";
 const DISPATCH_PATH: &str = "/switchyard.v1.ExpertDispatch/Dispatch";
 
-/// A tonic server builder with the settings the dispatch stream wants (windows, frame size, keepalive, no Nagle).
+/// A tonic server builder with the settings the dispatch stream wants (windows, frame size, keepalive). Serve it on
+/// `TcpIncoming::from(listener).with_nodelay(Some(true))`: tonic applies `Server::tcp_nodelay` only to listeners it
+/// binds itself, and Nagle's algorithm would hold small answers back by up to 40 ms.
 /// Expert workers add [`DispatchServer::into_service`] (and health, reflection) to it.
 pub fn server_builder() -> Server {
     Server::builder()
-        .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
@@ -1123,7 +1124,7 @@ mod tests {
         let serving = tokio::spawn(
             server_builder()
                 .add_service(server.into_service())
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
         );
         for (dispatch, combine) in [(WireDtype::Fp8E4m3, WireDtype::Bf16), (WireDtype::F32, WireDtype::F32)] {
             let wire = WireFormat { dispatch, combine };

@@ -55,7 +55,7 @@ pub fn run_peer() -> Result<()> {
         server_builder()
             .add_service(server.into_service())
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 serving::shutdown_signal(),
             )
             .await
