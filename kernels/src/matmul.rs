@@ -77,14 +77,7 @@ fn check_f32_shapes(
 /// `out[m, n] = x[m, k] · weight[n, k]^T` (weight in `nn.Linear` layout `[out_features, in_features]`).
 ///
 /// Runs the `gemm` crate, on all rayon threads once the product is large enough to pay for them.
-pub fn matmul_f32(
-    x: &[f32],
-    m: usize,
-    weight: &[f32],
-    n: usize,
-    k: usize,
-    out: &mut [f32],
-) -> Result<(), KernelError> {
+pub fn matmul_f32(x: &[f32], m: usize, weight: &[f32], n: usize, k: usize, out: &mut [f32]) -> Result<(), KernelError> {
     const OP: &str = "matmul_f32";
     check_f32_shapes(OP, x, m, weight, n, k, out)?;
     if m == 0 || n == 0 {
@@ -92,6 +85,10 @@ pub fn matmul_f32(
     }
     if k == 0 {
         out.fill(0.0);
+        return Ok(());
+    }
+    if m <= FEW_ROWS {
+        few_rows_f32(Isa::detect(), x, m, weight, n, k, out);
         return Ok(());
     }
     // SAFETY: the three buffers were checked above to hold exactly m*k, n*k and m*n values; the strides describe
@@ -121,6 +118,34 @@ pub fn matmul_f32(
         );
     }
     Ok(())
+}
+
+/// Rows of `x` up to which [`matmul_f32`] streams the weight once and takes every row's dot product with each weight
+/// row, instead of calling `gemm`: decode steps have a few tokens, and `gemm` packs the whole weight for them (on the
+/// 2-core machine a 2-row product took ~3x a 1-row one, so a batch of 2 decoded slower than a batch of 1).
+const FEW_ROWS: usize = 8;
+
+/// `out = x · weightᵀ` for at most [`FEW_ROWS`] rows of `x`: parallel over weight rows, each read once while it is in
+/// L1 for the dot products of every row of `x`. The per-row arithmetic does not depend on `m`, so a token's result
+/// is the same alone or in a small batch.
+fn few_rows_f32(isa: Isa, x: &[f32], m: usize, weight: &[f32], n: usize, k: usize, out: &mut [f32]) {
+    // out[i, j] is written as transposed[j, i] so every task owns a contiguous block.
+    let mut transposed = vec![0.0f32; n * m];
+    let rows_per_task = (GEMM_PARALLEL_MIN_MACS / (k * m).max(1)).clamp(1, n);
+    transposed.par_chunks_mut(m).zip(weight.par_chunks(k)).with_min_len(rows_per_task).for_each(|(dst, w)| {
+        for (i, d) in dst.iter_mut().enumerate() {
+            *d = simd::dot(isa, &x[i * k..(i + 1) * k], w);
+        }
+    });
+    if m == 1 {
+        out.copy_from_slice(&transposed);
+        return;
+    }
+    for (j, row) in transposed.chunks_exact(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
 }
 
 /// Scalar reference for [`matmul_f32`]: three loops, f64 accumulation.
@@ -174,18 +199,8 @@ impl std::fmt::Debug for Fp8Weight<'_> {
 
 impl<'a> Fp8Weight<'a> {
     /// A weight whose buffers are checked against `rows` and `cols`.
-    pub fn new(
-        codes: &'a [u8],
-        scales: &'a [f32],
-        rows: usize,
-        cols: usize,
-    ) -> Result<Self, KernelError> {
-        let weight = Fp8Weight {
-            codes,
-            scales,
-            rows,
-            cols,
-        };
+    pub fn new(codes: &'a [u8], scales: &'a [f32], rows: usize, cols: usize) -> Result<Self, KernelError> {
+        let weight = Fp8Weight { codes, scales, rows, cols };
         weight.check("Fp8Weight::new")?;
         Ok(weight)
     }
@@ -207,29 +222,11 @@ impl<'a> Fp8Weight<'a> {
     }
 }
 
-fn check_fp8(
-    op: &'static str,
-    x: &[f32],
-    m: usize,
-    weight: &Fp8Weight<'_>,
-    out: &[f32],
-) -> Result<(), KernelError> {
+fn check_fp8(op: &'static str, x: &[f32], m: usize, weight: &Fp8Weight<'_>, out: &[f32]) -> Result<(), KernelError> {
     weight.check(op)?;
     let (rows, cols) = (weight.rows, weight.cols);
-    check_len(
-        op,
-        "x",
-        x.len(),
-        product(op, m, cols)?,
-        format_args!("m * cols = {m} * {cols}"),
-    )?;
-    check_len(
-        op,
-        "out",
-        out.len(),
-        product(op, m, rows)?,
-        format_args!("m * rows = {m} * {rows}"),
-    )
+    check_len(op, "x", x.len(), product(op, m, cols)?, format_args!("m * cols = {m} * {cols}"))?;
+    check_len(op, "out", out.len(), product(op, m, rows)?, format_args!("m * rows = {m} * {rows}"))
 }
 
 /// `out[m, rows] = x[m, cols] · (dequantised W)^T`, i.e. `out[i, o] = scales[o] * sum_c x[i, c] * e4m3(codes[o,c])`.
@@ -237,12 +234,7 @@ fn check_fp8(
 /// The weight is dequantised inside the kernel, a row or a panel of rows at a time (see the module docs for the two
 /// strategies). Multi-threaded with rayon. The NaN codes (0x7F, 0xFF) are not propagated by the AVX2 path; real
 /// checkpoints hold none.
-pub fn matmul_fp8(
-    x: &[f32],
-    m: usize,
-    weight: Fp8Weight<'_>,
-    out: &mut [f32],
-) -> Result<(), KernelError> {
+pub fn matmul_fp8(x: &[f32], m: usize, weight: Fp8Weight<'_>, out: &mut [f32]) -> Result<(), KernelError> {
     matmul_fp8_with(Isa::detect(), Fp8Plan::default(), x, m, weight, out)
 }
 
@@ -294,14 +286,7 @@ impl SharedOut {
 /// The columns are cut into blocks sized so that one block of four tokens' activations stays in L1 while every row
 /// of the task is multiplied against it (four tokens of 5120 values would otherwise be re-read from L2 for each row,
 /// which caps the rate below the memory bandwidth). Each code is still read exactly once.
-fn fp8_streaming(
-    isa: Isa,
-    plan: Fp8Plan,
-    x: &[f32],
-    m: usize,
-    weight: Fp8Weight<'_>,
-    out: &mut [f32],
-) {
+fn fp8_streaming(isa: Isa, plan: Fp8Plan, x: &[f32], m: usize, weight: Fp8Weight<'_>, out: &mut [f32]) {
     let (rows, cols) = (weight.rows, weight.cols);
     let rows_per_task = (plan.stream_task_bytes / cols).clamp(1, rows);
     let tokens_per_pass = m.min(4);
@@ -309,76 +294,51 @@ fn fp8_streaming(
     let block = (plan.x_block_bytes / (4 * tokens_per_pass) / 32 * 32).max(32);
     let dst = SharedOut(out.as_mut_ptr());
     let tasks = rows.div_ceil(rows_per_task);
-    (0..tasks)
-        .into_par_iter()
-        .for_each_init(Vec::new, |sums, task| {
-            let first = task * rows_per_task;
-            let count = rows_per_task.min(rows - first);
-            // sums[r * m + t]: the dot product of row first + r with token t so far.
-            sums.clear();
-            sums.resize(count * m, 0.0f32);
-            let mut start = 0;
-            while start < cols {
-                let end = (start + block).min(cols);
-                let token = |t: usize| &x[t * cols + start..t * cols + end];
-                for (r, row_sums) in sums.chunks_exact_mut(m).enumerate() {
-                    let codes = &weight.row(first + r)[start..end];
-                    let mut t = 0;
-                    while t < m {
-                        let step = (m - t).min(4);
-                        let part = &mut row_sums[t..t + step];
-                        let add = |s: &[f32], part: &mut [f32]| {
-                            part.iter_mut().zip(s).for_each(|(p, v)| *p += v)
-                        };
-                        match step {
-                            1 => add(&simd::fp8_dot_tokens(isa, codes, [token(t)]), part),
-                            2 => add(
-                                &simd::fp8_dot_tokens(isa, codes, [token(t), token(t + 1)]),
-                                part,
-                            ),
-                            3 => add(
-                                &simd::fp8_dot_tokens(
-                                    isa,
-                                    codes,
-                                    [token(t), token(t + 1), token(t + 2)],
-                                ),
-                                part,
-                            ),
-                            _ => add(
-                                &simd::fp8_dot_tokens(
-                                    isa,
-                                    codes,
-                                    [token(t), token(t + 1), token(t + 2), token(t + 3)],
-                                ),
-                                part,
-                            ),
-                        }
-                        t += step;
+    (0..tasks).into_par_iter().for_each_init(Vec::new, |sums, task| {
+        let first = task * rows_per_task;
+        let count = rows_per_task.min(rows - first);
+        // sums[r * m + t]: the dot product of row first + r with token t so far.
+        sums.clear();
+        sums.resize(count * m, 0.0f32);
+        let mut start = 0;
+        while start < cols {
+            let end = (start + block).min(cols);
+            let token = |t: usize| &x[t * cols + start..t * cols + end];
+            for (r, row_sums) in sums.chunks_exact_mut(m).enumerate() {
+                let codes = &weight.row(first + r)[start..end];
+                let mut t = 0;
+                while t < m {
+                    let step = (m - t).min(4);
+                    let part = &mut row_sums[t..t + step];
+                    let add = |s: &[f32], part: &mut [f32]| part.iter_mut().zip(s).for_each(|(p, v)| *p += v);
+                    match step {
+                        1 => add(&simd::fp8_dot_tokens(isa, codes, [token(t)]), part),
+                        2 => add(&simd::fp8_dot_tokens(isa, codes, [token(t), token(t + 1)]), part),
+                        3 => add(&simd::fp8_dot_tokens(isa, codes, [token(t), token(t + 1), token(t + 2)]), part),
+                        _ => add(
+                            &simd::fp8_dot_tokens(isa, codes, [token(t), token(t + 1), token(t + 2), token(t + 3)]),
+                            part,
+                        ),
                     }
-                }
-                start = end;
-            }
-            for (r, row_sums) in sums.chunks_exact(m).enumerate() {
-                let o = first + r;
-                let scale = weight.scales[o];
-                for (t, &v) in row_sums.iter().enumerate() {
-                    // SAFETY: t < m and o < rows, so the index is inside out (m * rows values), and column o belongs to
-                    // this task's rows only.
-                    unsafe { dst.write(t * rows + o, v * scale) };
+                    t += step;
                 }
             }
-        });
+            start = end;
+        }
+        for (r, row_sums) in sums.chunks_exact(m).enumerate() {
+            let o = first + r;
+            let scale = weight.scales[o];
+            for (t, &v) in row_sums.iter().enumerate() {
+                // SAFETY: t < m and o < rows, so the index is inside out (m * rows values), and column o belongs to
+                // this task's rows only.
+                unsafe { dst.write(t * rows + o, v * scale) };
+            }
+        }
+    });
 }
 
 /// Many tokens: dequantise a panel of weight rows (scaled) into f32, multiply it with `gemm`, next panel.
-fn fp8_panels(
-    isa: Isa,
-    plan: Fp8Plan,
-    x: &[f32],
-    m: usize,
-    weight: Fp8Weight<'_>,
-    out: &mut [f32],
-) {
+fn fp8_panels(isa: Isa, plan: Fp8Plan, x: &[f32], m: usize, weight: Fp8Weight<'_>, out: &mut [f32]) {
     let (rows, cols) = (weight.rows, weight.cols);
     // Whole multiples of 16 rows keep gemm's column blocks full.
     let panel_rows = ((plan.panel_values / cols) / 16 * 16).max(16).min(rows);
@@ -423,20 +383,14 @@ fn fp8_panels(
 }
 
 /// Scalar reference for [`matmul_fp8`]: the table decode and f64 accumulation, `scales[o]` applied at the end.
-pub fn matmul_fp8_reference(
-    x: &[f32],
-    m: usize,
-    weight: Fp8Weight<'_>,
-    out: &mut [f32],
-) -> Result<(), KernelError> {
+pub fn matmul_fp8_reference(x: &[f32], m: usize, weight: Fp8Weight<'_>, out: &mut [f32]) -> Result<(), KernelError> {
     check_fp8("matmul_fp8_reference", x, m, &weight, out)?;
     let (rows, cols) = (weight.rows, weight.cols);
     for i in 0..m {
         for o in 0..rows {
             let mut acc = 0.0f64;
             for c in 0..cols {
-                acc += x[i * cols + c] as f64
-                    * E4M3_TO_F32[weight.codes[o * cols + c] as usize] as f64;
+                acc += x[i * cols + c] as f64 * E4M3_TO_F32[weight.codes[o * cols + c] as usize] as f64;
             }
             out[i * rows + o] = (acc * weight.scales[o] as f64) as f32;
         }
@@ -457,9 +411,7 @@ mod tests {
             for o in 0..weight.rows {
                 let magnitude: f32 = (0..weight.cols)
                     .map(|c| {
-                        (x[i * weight.cols + c]
-                            * crate::fp8::e4m3_to_f32(weight.codes[o * weight.cols + c]))
-                        .abs()
+                        (x[i * weight.cols + c] * crate::fp8::e4m3_to_f32(weight.codes[o * weight.cols + c])).abs()
                     })
                     .sum::<f32>()
                     * weight.scales[o].abs();
@@ -492,31 +444,13 @@ mod tests {
             let weight = Fp8Weight::new(&codes, &scales, n, k).expect("weight");
             for isa in Isa::available() {
                 // Both strategies at every m, with tiny panels and tasks so that several of each run.
-                let small = Fp8Plan {
-                    panel_min_tokens: usize::MAX,
-                    panel_values: 1,
-                    stream_task_bytes: 64,
-                    x_block_bytes: 1,
-                };
-                let panels = Fp8Plan {
-                    panel_min_tokens: 0,
-                    panel_values: 40 * k,
-                    ..small
-                };
-                for (name, plan) in [
-                    ("default", Fp8Plan::default()),
-                    ("streaming", small),
-                    ("panels", panels),
-                ] {
+                let small =
+                    Fp8Plan { panel_min_tokens: usize::MAX, panel_values: 1, stream_task_bytes: 64, x_block_bytes: 1 };
+                let panels = Fp8Plan { panel_min_tokens: 0, panel_values: 40 * k, ..small };
+                for (name, plan) in [("default", Fp8Plan::default()), ("streaming", small), ("panels", panels)] {
                     let mut out = vec![f32::NAN; m * n];
                     matmul_fp8_with(isa, plan, &x, m, weight, &mut out).expect("matmul_fp8");
-                    assert_fp8_close(
-                        &out,
-                        &x,
-                        m,
-                        weight,
-                        &format!("{isa:?} {name} m={m} n={n} k={k}"),
-                    );
+                    assert_fp8_close(&out, &x, m, weight, &format!("{isa:?} {name} m={m} n={n} k={k}"));
                 }
             }
             let mut out = vec![f32::NAN; m * n];
@@ -531,49 +465,21 @@ mod tests {
     fn fp8_checks_shapes() {
         let codes = vec![0u8; 12];
         let scales = vec![1.0f32; 3];
-        let weight = Fp8Weight {
-            codes: &codes,
-            scales: &scales,
-            rows: 3,
-            cols: 4,
-        };
+        let weight = Fp8Weight { codes: &codes, scales: &scales, rows: 3, cols: 4 };
         let x = vec![0.0f32; 8];
         let mut out = vec![0.0f32; 6];
         assert!(matmul_fp8(&x, 2, weight, &mut out).is_ok());
         let err = matmul_fp8(&x, 3, weight, &mut out).expect_err("x too short");
-        assert!(
-            matches!(
-                err,
-                KernelError::Shape {
-                    op: "matmul_fp8",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, KernelError::Shape { op: "matmul_fp8", .. }), "{err}");
         assert!(err.to_string().contains("m * cols = 3 * 4 = 12"), "{err}");
         let err = matmul_fp8(&x, 2, weight, &mut out[..5]).expect_err("out too short");
         assert!(err.to_string().contains("out has 5 values"), "{err}");
         assert!(Fp8Weight::new(&codes, &scales[..2], 3, 4).is_err());
-        assert_eq!(
-            format!("{weight:?}"),
-            "Fp8Weight { rows: 3, cols: 4, codes: [12 bytes], scales: [3 values] }"
-        );
+        assert_eq!(format!("{weight:?}"), "Fp8Weight { rows: 3, cols: 4, codes: [12 bytes], scales: [3 values] }");
         assert!(Fp8Weight::new(&codes[..11], &scales, 3, 4).is_err());
         // Zero-sized dimensions are valid and produce zeros or nothing.
         let mut out = vec![1.0f32; 6];
-        matmul_fp8(
-            &[],
-            2,
-            Fp8Weight {
-                codes: &[],
-                scales: &scales,
-                rows: 3,
-                cols: 0,
-            },
-            &mut out,
-        )
-        .expect("k = 0");
+        matmul_fp8(&[], 2, Fp8Weight { codes: &[], scales: &scales, rows: 3, cols: 0 }, &mut out).expect("k = 0");
         assert!(out.iter().all(|&v| v == 0.0));
     }
 
@@ -581,34 +487,16 @@ mod tests {
     fn f32_matches_reference() {
         let mut r = rng(2);
         // The last shape is large enough for gemm's threaded path.
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (1, 9, 17),
-            (3, 7, 5),
-            (17, 33, 65),
-            (65, 129, 65),
-        ] {
+        for &(m, n, k) in &[(1, 1, 1), (1, 9, 17), (3, 7, 5), (17, 33, 65), (65, 129, 65)] {
             let x = uniform(&mut r, m * k, 1.0);
             let w = uniform(&mut r, n * k, 1.0);
             let mut got = vec![f32::NAN; m * n];
             let mut want = vec![0.0f32; m * n];
             matmul_f32(&x, m, &w, n, k, &mut got).expect("matmul_f32");
             matmul_f32_reference(&x, m, &w, n, k, &mut want).expect("reference");
-            assert_close(
-                &got,
-                &want,
-                1e-5 * k as f32,
-                1e-5,
-                &format!("matmul_f32 {m}x{n}x{k}"),
-            );
+            assert_close(&got, &want, 1e-5 * k as f32, 1e-5, &format!("matmul_f32 {m}x{n}x{k}"));
         }
         let err = matmul_f32(&[0.0; 5], 2, &[0.0; 6], 3, 2, &mut [0.0; 6]).expect_err("bad x");
-        assert!(matches!(
-            err,
-            KernelError::Shape {
-                op: "matmul_f32",
-                ..
-            }
-        ));
+        assert!(matches!(err, KernelError::Shape { op: "matmul_f32", .. }));
     }
 }
