@@ -7,7 +7,6 @@
 //! request has its first token (prefill done) to the moment the last one has its last.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,6 @@ use switchyard_model::tiny::Preset;
 use switchyard_model::{ExpertSelection, LoadOptions, SamplingParams};
 use switchyard_proto::v1::generate_request::Prompt;
 use switchyard_proto::v1::TokenIds;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::commands::remote_generate::{self, RemoteRequest};
 use crate::{model_dir, serving};
@@ -154,43 +152,17 @@ pub fn run(args: Args) -> Result<()> {
     drop(engine);
 
     // The cluster: `switchyard up` with expert worker processes.
-    let exe = std::env::current_exe().context("locating the switchyard binary")?;
     let cluster = runtime.block_on(async {
-        let mut up = tokio::process::Command::new(exe)
-            .args(["up", "--model", &dir.to_string_lossy(), "--expert-workers", &args.expert_workers.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting switchyard up")?;
-        let stdout = up.stdout.take().context("up stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let endpoint = loop {
-            let line = tokio::time::timeout(Duration::from_secs(300), lines.next_line())
-                .await
-                .context("waiting for the cluster to be ready")??;
-            match line {
-                Some(line) => {
-                    if let Some(rest) = line.strip_prefix("ready: client endpoint ") {
-                        break rest.split_whitespace().next().unwrap_or_default().to_string();
-                    }
-                }
-                None => bail!("switchyard up exited before it was ready"),
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        cluster_rate(&endpoint, max_batch, &args, vocab).await?;
+        let up_args = ["--model".to_string(), dir.to_string_lossy().into_owned(), "--expert-workers".into(),
+            args.expert_workers.to_string()];
+        let up = crate::commands::bench_serve::Cluster::start(&up_args, Duration::from_secs(300)).await?;
+        // Warm-up at the largest batch, then one measurement per batch size.
+        cluster_rate(&up.endpoint, max_batch, &args, vocab).await?;
         let mut rates = Vec::new();
         for &batch in &args.batch {
-            rates.push(cluster_rate(&endpoint, batch, &args, vocab).await?);
+            rates.push(cluster_rate(&up.endpoint, batch, &args, vocab).await?);
         }
-        if let Some(pid) = up.id() {
-            // SAFETY: SIGTERM to the child we started; `up` stops its own children on it.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            }
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), up.wait()).await;
+        up.stop().await;
         Ok::<_, anyhow::Error>(rates)
     })?;
 
