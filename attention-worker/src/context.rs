@@ -52,33 +52,25 @@ pub fn global_tokens_in(config: &TextConfig, block_size: usize, bytes: u64) -> u
 /// [`ContextGroups`] from the cluster store: the other attention workers' registered KV budgets, less the ranges
 /// recorded groups already gave them, are their room.
 pub struct StoreContextGroups {
-    cluster: ClusterStore,
-    lease: LeaseId,
-    worker_id: String,
-    endpoint: String,
-    config: TextConfig,
-    block_size: usize,
-    transport: Arc<GrpcTransport>,
-    runtime: Handle,
+    /// The cluster's state in the store.
+    pub cluster: ClusterStore,
+    /// This worker's membership lease: groups are recorded under it.
+    pub lease: LeaseId,
+    /// This worker (the owner of the sequences it asks groups for).
+    pub worker_id: String,
+    /// Where members reach it.
+    pub endpoint: String,
+    /// The model's text config.
+    pub config: TextConfig,
+    /// Positions per KV block (ranges start on block boundaries).
+    pub block_size: usize,
+    /// The transport the members are reached through (they are added to it).
+    pub transport: Arc<GrpcTransport>,
+    /// The runtime store calls run on (the scheduler thread blocks on it).
+    pub runtime: Handle,
 }
 
 impl StoreContextGroups {
-    /// Groups for the attention worker `worker_id` (reachable at `endpoint`, registered under `lease` in `cluster`),
-    /// whose members are reached through `transport` on `runtime`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        cluster: ClusterStore,
-        lease: LeaseId,
-        worker_id: String,
-        endpoint: String,
-        config: TextConfig,
-        block_size: usize,
-        transport: Arc<GrpcTransport>,
-        runtime: Handle,
-    ) -> Self {
-        Self { cluster, lease, worker_id, endpoint, config, block_size, transport, runtime }
-    }
-
     async fn plan(
         &self,
         sequence_id: &str,

@@ -229,16 +229,16 @@ async fn serve_until_signal(args: Args) -> Result<()> {
 
     // Sequences too long for this worker's KV are spread over the cluster's attention workers (with a store).
     let context_groups = link.as_ref().map(|link| {
-        Arc::new(StoreContextGroups::new(
-            link.cluster().clone(),
-            link.lease(),
-            worker_id.clone(),
-            endpoint.clone(),
-            config.text.clone(),
-            args.kv_block_size,
-            transport.clone(),
-            tokio::runtime::Handle::current(),
-        )) as Arc<dyn ContextGroups>
+        Arc::new(StoreContextGroups {
+            cluster: link.cluster().clone(),
+            lease: link.lease(),
+            worker_id: worker_id.clone(),
+            endpoint: endpoint.clone(),
+            config: config.text.clone(),
+            block_size: args.kv_block_size,
+            transport: transport.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }) as Arc<dyn ContextGroups>
     });
     let engine =
         Arc::new(Engine::start_with_context(Arc::new(model), options, context_groups).context("starting the engine")?);
