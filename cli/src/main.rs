@@ -43,6 +43,11 @@ enum Command {
     Bench(commands::bench::Args),
     /// Expert placement: solve offline, show the live one, or ask the coordinator to rebalance.
     Placement(commands::placement::Args),
+    /// Size a cluster: attention and expert workers, memory per component, predicted throughput and latencies.
+    Plan(commands::plan::Args),
+    /// Simulate a cluster of up to thousands of GPUs: skewed, drifting expert load, failures, rebalancing; compare
+    /// placement policies.
+    Simulate(commands::simulate::Args),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +62,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Placement(args) => commands::placement::run(args),
+        Command::Plan(args) => commands::plan::run(args),
+        Command::Simulate(args) => commands::simulate::run(args),
         Command::Coordinator(args) => commands::coordinator::run(args),
         Command::Up(args) => commands::up::run(args),
         Command::ExpertWorker(args) => commands::expert_worker::run(args),

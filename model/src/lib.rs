@@ -17,6 +17,7 @@ pub mod forward;
 pub mod generate;
 pub mod kv;
 pub mod linear;
+pub mod memory;
 pub mod rope;
 pub mod tiny;
 

@@ -27,6 +27,8 @@ enum Which {
     Serve(crate::commands::bench_serve::Args),
     /// The placement solver on drifting Zipf routing traces: balance, and weights moved per rebalance.
     Placement(crate::commands::bench_placement::Args),
+    /// Decode latency per token and prefill throughput against context length on 1, 2 and 4 context-parallel members.
+    Context(crate::commands::bench_context::Args),
     /// The peer process of `bench transport` (started by it).
     #[command(hide = true)]
     TransportPeer,
@@ -53,6 +55,7 @@ pub fn run(args: Args) -> Result<()> {
         Which::E2e(args) => crate::commands::bench_e2e::run(args),
         Which::Placement(args) => crate::commands::bench_placement::run(args),
         Which::Serve(args) => crate::commands::bench_serve::run(args),
+        Which::Context(args) => crate::commands::bench_context::run(args),
         Which::TransportPeer => crate::commands::bench_transport::run_peer(),
     }
 }

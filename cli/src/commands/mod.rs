@@ -2,6 +2,7 @@
 
 pub mod attention_worker;
 pub mod bench;
+pub mod bench_context;
 pub mod bench_placement;
 pub mod bench_e2e;
 pub mod bench_serve;
@@ -11,5 +12,7 @@ pub mod expert_worker;
 pub mod generate;
 pub mod make_tiny;
 pub mod placement;
+pub mod plan;
 pub mod remote_generate;
+pub mod simulate;
 pub mod up;
