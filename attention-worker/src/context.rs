@@ -21,6 +21,7 @@ use switchyard_coordinator::store::cluster::ClusterStore;
 use switchyard_coordinator::store::LeaseId;
 use switchyard_model::config::TextConfig;
 use switchyard_model::context::{attend_shard, ContextShards, PartialOutput};
+use switchyard_model::memory::{KvBytes, Precision};
 use switchyard_model::{KvBlockPool, KvCache, ModelError};
 use switchyard_transport::context::{check_request, ContextService, PartialAttentionRequest, PartialAttentionResponse};
 use switchyard_transport::grpc::GrpcTransport;
@@ -45,7 +46,7 @@ pub trait ContextGroups: Send + Sync {
 
 /// Global-layer positions a KV budget of `bytes` holds, in whole blocks of `block_size` positions.
 pub fn global_tokens_in(config: &TextConfig, block_size: usize, bytes: u64) -> usize {
-    let global_layers = (0..config.num_hidden_layers).filter(|&l| !config.is_chunked_attention(l)).count().max(1);
+    let global_layers = KvBytes::of(config, Precision::F32).global_layers.max(1) as usize;
     KvBlockPool::blocks_in_bytes(config, block_size, bytes) / global_layers * block_size
 }
 

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use switchyard_model::config::TextConfig;
 use switchyard_model::generate::Sampler;
+use switchyard_model::memory::{KvBytes, Precision};
 pub use switchyard_model::TokenLogprobs;
 use switchyard_model::{FinishReason, KvBlockPool, KvCache, Llama4Model, LogitsFor, ModelError, SequenceStep};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -637,8 +638,7 @@ impl Scheduler {
             reason: format!("{} tokens do not fit this worker's KV cache", sequence.max_tokens),
         })?;
         let block_size = self.pool.block_size();
-        let global_layers =
-            (0..self.config.num_hidden_layers).filter(|&l| !self.config.is_chunked_attention(l)).count().max(1);
+        let global_layers = KvBytes::of(&self.config, Precision::F32).global_layers.max(1) as usize;
         let every_global = sequence.max_tokens.div_ceil(block_size) * global_layers;
         let all = KvCache::blocks_for_sequence(&self.config, block_size, sequence.max_tokens, self.max_batch_tokens);
         // The chunked layers' blocks stay here whatever the group; the global layers take what is left.

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::TextConfig;
 use crate::context::ContextShards;
+use crate::memory;
 use crate::ModelError;
 
 /// Positions per block when nothing else is configured.
@@ -84,8 +85,13 @@ impl KvBlockPool {
 
     /// The most blocks of `block_size` positions that fit in `bytes` of f32 KV for `config`.
     pub fn blocks_in_bytes(config: &TextConfig, block_size: usize, bytes: u64) -> usize {
-        let block_bytes = (2 * block_size * config.kv_dim() * std::mem::size_of::<f32>()) as u64;
-        usize::try_from(bytes / block_bytes.max(1)).unwrap_or(usize::MAX)
+        usize::try_from(bytes / Self::block_bytes(config, block_size).max(1)).unwrap_or(usize::MAX)
+    }
+
+    /// Bytes of one block of `block_size` positions for `config` (the KV is held in f32 on the CPU), from the one
+    /// place memory is accounted ([`crate::memory`]).
+    pub fn block_bytes(config: &TextConfig, block_size: usize) -> u64 {
+        block_size as u64 * memory::kv_bytes_per_token_per_layer(config, memory::Precision::F32)
     }
 
     /// Positions per block.

@@ -168,8 +168,8 @@ async fn serve_until_signal(args: Args) -> Result<()> {
         micro_batches: usize::from(args.micro_batches),
         threads: 0,
     };
-    let block_bytes = (2 * args.kv_block_size * config.text.kv_dim() * std::mem::size_of::<f32>()) as u64;
-    let kv_memory_bytes = options.kv_blocks_for(&config.text) as u64 * block_bytes;
+    let kv_memory_bytes =
+        options.kv_blocks_for(&config.text) as u64 * KvBlockPool::block_bytes(&config.text, args.kv_block_size);
     let endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     let (routing, link) = match (&args.store, &args.expert_workers) {
         (Some(url), _) => {
