@@ -138,6 +138,13 @@ fn metrics_show_kv_routed_tokens_and_dispatches_and_stop_strings_cut_the_text() 
         with_stop["stream"] = json!(true);
         assert_eq!(streamed(&complete(with_stop).await), (expected, "stop".to_string()), "stop {stop_string:?}");
 
+        // A request cut by a stop string is dropped by the engine at its next step boundary, after the answer went
+        // out: scrape only once no step runs, so the counters read here and in /metrics are final.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while engine.active() > 0 || engine.waiting() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the engine never went idle");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         let response = client.get(format!("{base}/metrics")).send().await.unwrap();
         assert_eq!(response.status().as_u16(), 200);
         let metrics = response.text().await.unwrap();
