@@ -126,8 +126,14 @@ pub fn plan(model: &ModelSpec, hardware: &HardwareProfile, request: PlanRequest)
     })
 }
 
+/// Bytes for people: GiB, or MiB below one GiB (small models, short sequences).
 fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / GIB)
+    let gib = bytes as f64 / GIB;
+    if gib >= 1.0 || bytes == 0 {
+        format!("{gib:.2} GiB")
+    } else {
+        format!("{:.2} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
 }
 
 impl Plan {

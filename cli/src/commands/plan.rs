@@ -156,29 +156,39 @@ pub fn run(args: Args) -> Result<()> {
         let settings = VllmSettings { tensor_parallel: tp, ..VllmSettings::default() };
         vllm::max_context(&model, &hardware, &settings)
     });
-    match args.format {
+    let mut out = match args.format {
         Format::Table => {
-            print!("{}", plan.to_table());
+            let mut table = plan.to_table();
             if let (Some(tp), Some(r)) = (args.vllm_tp, &reference) {
-                println!("\nvLLM-style TP{tp} reference (docs/planner.md): {}", r.describe());
+                table.push_str(&format!("\nvLLM-style TP{tp} reference (docs/planner.md): {}\n", r.describe()));
             }
+            table
         }
         Format::Json => {
             let mut json = serde_json::to_value(&plan).context("serialising the plan")?;
             if let (Some(reference), Some(obj)) = (reference, json.as_object_mut()) {
                 obj.insert("vllm_reference".into(), serde_json::to_value(reference).context("serialising")?);
             }
-            println!("{}", serde_json::to_string_pretty(&json).context("serialising the plan")?);
+            serde_json::to_string_pretty(&json).context("serialising the plan")? + "\n"
         }
-    }
+    };
     if let Some(path) = &args.emit_values {
         std::fs::write(path, switchyard_planner::values::render(&plan))
             .with_context(|| format!("writing the Helm values to {}", path.display()))?;
         if args.format == Format::Table {
-            println!("\nHelm values written to {}", path.display());
+            out.push_str(&format!("\nHelm values written to {}\n", path.display()));
         }
     }
-    Ok(())
+    emit(&out)
+}
+
+/// Writes `text` to stdout; a reader that went away (`| head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to stdout"),
+    }
 }
 
 fn check(
@@ -194,16 +204,18 @@ fn check(
     let planner = Planner::new(model, hardware, request)?;
     let rows = switchyard_planner::check_against(&planner, &json)
         .map_err(|reason| anyhow::anyhow!("--check-against {}: {reason}", path.display()))?;
+    let mut out = String::new();
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&rows).context("serialising")?),
+        Format::Json => out = serde_json::to_string_pretty(&rows).context("serialising")? + "\n",
         Format::Table => {
-            println!(
-                "{:>6} {:>15} {:>17} {:>16} {:>8}",
+            out += &format!(
+                "{:>6} {:>15} {:>17} {:>16} {:>8}   predicted step ms: AW GEMMs, attention, experts, dispatch/combine, \
+                 overhead\n",
                 "batch", "expert workers", "predicted tok/s", "measured tok/s", "error"
             );
             for r in &rows {
                 let s = &r.step;
-                println!(
+                out += &format!(
                     "{:>6} {:>15} {:>17.1} {:>16.1} {:>7.1}%   {:.1}: {:.1}, {:.1}, {:.1}, {:.1}, {:.1}",
                     r.batch,
                     r.expert_workers,
@@ -217,8 +229,9 @@ fn check(
                     s.communication_s * 1e3,
                     s.overhead_s * 1e3
                 );
+                out.push('\n');
             }
         }
     }
-    Ok(())
+    emit(&out)
 }
