@@ -3,8 +3,16 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["context.proto", "control.proto", "coordinator.proto", "dispatch.proto", "generate.proto", "store.proto"]
-        .map(|f| format!("switchyard/v1/{f}"));
+    let files = [
+        "communicator.proto",
+        "context.proto",
+        "control.proto",
+        "coordinator.proto",
+        "dispatch.proto",
+        "generate.proto",
+        "store.proto",
+    ]
+    .map(|f| format!("switchyard/v1/{f}"));
     for file in &files {
         println!("cargo:rerun-if-changed={file}");
     }

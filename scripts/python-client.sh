@@ -8,12 +8,13 @@
 # Environment: SWITCHYARD_OPENAI_VENV (where the venv lives; default under $XDG_CACHE_HOME or ~/.cache),
 # PYTHON (the interpreter that makes the venv; default python3, which needs 3.10 or newer).
 set -euo pipefail
+# shellcheck source=scripts/lib/python.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/python.sh"
 
 # The client version the test is written against; bump it here (the venv's path carries it, so a bump makes a fresh
 # venv instead of upgrading one in place).
 openai_version=3.57.0
-cache="${XDG_CACHE_HOME:-$HOME/.cache}/switchyard"
-venv="${SWITCHYARD_OPENAI_VENV:-$cache/venv-openai-$openai_version}"
+venv="${SWITCHYARD_OPENAI_VENV:-$switchyard_cache/venv-openai-$openai_version}"
 python="$venv/bin/python"
 
 ready() {
@@ -29,43 +30,15 @@ if ready; then
   exit 0
 fi
 
-mkdir -p "$(dirname "$venv")"
-# One installer at a time: a second caller waits, then finds the venv ready.
-if command -v flock >/dev/null 2>&1; then
-  exec 9>"$venv.lock"
-  flock 9
-  if ready; then
-    echo "$python"
-    exit 0
-  fi
+take_install_lock "$venv.lock"
+if ready; then
+  echo "$python"
+  exit 0
 fi
 
-base="${PYTHON:-python3}"
-if ! command -v "$base" >/dev/null 2>&1; then
-  echo "error: $base not found: the OpenAI client test needs Python 3.10+ with venv and pip" \
-    "(Debian: apt-get install python3 python3-venv)" >&2
-  exit 1
-fi
-if ! "$base" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
-  echo "error: $base is $("$base" --version 2>&1); the openai client $openai_version needs Python 3.10 or newer" >&2
-  exit 1
-fi
-
+require_python 10 "the OpenAI client test"
 echo "making $venv with openai==$openai_version" >&2
-rm -rf "$venv"
-if ! "$base" -m venv "$venv" >&2; then
-  rm -rf "$venv"
-  # Debian's python3 leaves venv's pip bootstrap (ensurepip) to a separate package.
-  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "installing python3-venv" >&2
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
-    "$base" -m venv "$venv" >&2
-  else
-    echo "error: '$base -m venv' failed: install Python's venv module (Debian: apt-get install python3-venv)" >&2
-    exit 1
-  fi
-fi
+make_venv "$venv"
 if ! "$python" -m pip install --quiet --disable-pip-version-check "openai==$openai_version" >&2; then
   rm -rf "$venv"
   echo "error: could not install openai==$openai_version from PyPI into $venv (is PyPI reachable?)" >&2

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: what CI runs (.ci/run) and what the README tells everyone to run.
-# Installs what it needs, builds once, runs every test, and checks that the CUDA backend compiles (no GPU needed:
-# GPU tests skip with a printed reason where there is none).
+# Installs what it needs, builds once, runs every test, builds the CUDA backend and runs its tests (no GPU needed:
+# NVRTC from PyPI compiles the kernels; GPU tests skip with a printed reason where there is none).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -19,4 +19,12 @@ echo "== test"
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.txt
 echo "== build with --features cuda (cudarc loads CUDA at run time; none is needed to compile)"
 cargo build --features cuda --locked
+echo "== CUDA tests: NVRTC (from PyPI wheels) compiles every kernel here; the GPU tests skip with a printed reason"
+eval "$(bash scripts/nvrtc-tools.sh)"
+{
+  cargo test --locked --features cuda -p switchyard-kernels --test cuda_nvrtc --test cuda_kernels -- --nocapture
+  cargo test --locked --features cuda -p switchyard-model --lib gpu_experts -- --nocapture
+  cargo test --locked --features cuda -p switchyard-expert-worker --test gpu -- --nocapture
+  cargo test --locked --features cuda -p switchyard-transport --test collective -- --nocapture
+} 2>&1 | tee target/test-output-cuda.txt
 echo "== done in $(( $(date +%s) - start )) s"

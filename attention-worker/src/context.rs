@@ -20,7 +20,7 @@ use switchyard_coordinator::membership::{MemberRole, Membership};
 use switchyard_coordinator::store::cluster::ClusterStore;
 use switchyard_coordinator::store::LeaseId;
 use switchyard_model::config::TextConfig;
-use switchyard_model::context::{attend_shard, ContextShards, PartialOutput};
+use switchyard_model::context::{attend_shard, ContextShards, PartialOutput, PendingPartials};
 use switchyard_model::memory::{KvBytes, Precision};
 use switchyard_model::{KvBlockPool, KvCache, ModelError};
 use switchyard_transport::context::{check_request, ContextService, PartialAttentionRequest, PartialAttentionResponse};
@@ -171,53 +171,78 @@ impl ContextShards for RemoteContext {
         keys: &[f32],
         values: &[f32],
     ) -> Result<Vec<PartialOutput>, ModelError> {
+        self.start_attend(layer, positions, queries, keys, values).wait()
+    }
+
+    /// Sends every member its request at once on the runtime and returns; the answers are checked in `wait`.
+    fn start_attend(
+        &self,
+        layer: usize,
+        positions: &[usize],
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+    ) -> PendingPartials {
         let kv_dim = self.config.kv_dim();
         let last = positions.iter().copied().max().unwrap_or(0);
         // Members whose range starts past every query would only answer "nothing visible".
-        let members: Vec<_> = self.group.ranges[1..].iter().filter(|r| r.start <= last).collect();
-        let calls = members.iter().map(|range| {
-            let held: Vec<usize> =
-                (0..positions.len()).filter(|&t| (range.start..range.end).contains(&positions[t])).collect();
-            let rows = |all: &[f32]| -> Vec<f32> {
-                held.iter().flat_map(|&t| all[t * kv_dim..(t + 1) * kv_dim].iter().copied()).collect()
-            };
-            let request = PartialAttentionRequest {
-                sequence_id: self.group.sequence_id.clone(),
-                owner: self.group.owner.clone(),
-                range_start: range.start as u64,
-                range_end: range.end as u64,
-                layer: layer as u32,
-                query_positions: positions.iter().map(|&p| p as u64).collect(),
-                queries: queries.to_vec(),
-                kv_positions: held.iter().map(|&t| positions[t] as u64).collect(),
-                keys: rows(keys),
-                values: rows(values),
-            };
-            self.transport.attend(&range.worker_id, request)
-        });
-        let answers = self.runtime.block_on(join_all(calls));
-        let member_error = |member: &str, retryable: bool, source: Box<dyn std::error::Error + Send + Sync>| {
-            ModelError::ContextMember { member: member.to_string(), layer, retryable, source }
-        };
-        members
+        let members: Vec<String> =
+            self.group.ranges[1..].iter().filter(|r| r.start <= last).map(|r| r.worker_id.clone()).collect();
+        let calls: Vec<_> = self.group.ranges[1..]
             .iter()
-            .zip(answers)
-            .map(|(range, answer)| {
-                let answer = answer.map_err(|e| member_error(&range.worker_id, e.retryable(), Box::new(e)))?;
-                let expected = (queries.len(), positions.len() * self.config.num_attention_heads);
-                if (answer.out.len(), answer.lse.len()) != expected {
-                    let reason = format!(
-                        "answered {} outputs and {} log-sum-exps, expected {} and {}",
-                        answer.out.len(),
-                        answer.lse.len(),
-                        expected.0,
-                        expected.1
-                    );
-                    return Err(member_error(&range.worker_id, false, reason.into()));
-                }
-                Ok(PartialOutput { out: answer.out, lse: answer.lse })
+            .filter(|r| r.start <= last)
+            .map(|range| {
+                let held: Vec<usize> =
+                    (0..positions.len()).filter(|&t| (range.start..range.end).contains(&positions[t])).collect();
+                let rows = |all: &[f32]| -> Vec<f32> {
+                    held.iter().flat_map(|&t| all[t * kv_dim..(t + 1) * kv_dim].iter().copied()).collect()
+                };
+                let request = PartialAttentionRequest {
+                    sequence_id: self.group.sequence_id.clone(),
+                    owner: self.group.owner.clone(),
+                    range_start: range.start as u64,
+                    range_end: range.end as u64,
+                    layer: layer as u32,
+                    query_positions: positions.iter().map(|&p| p as u64).collect(),
+                    queries: queries.to_vec(),
+                    kv_positions: held.iter().map(|&t| positions[t] as u64).collect(),
+                    keys: rows(keys),
+                    values: rows(values),
+                };
+                self.transport.attend(&range.worker_id, request)
             })
-            .collect()
+            .collect();
+        // Spawned, so the requests go out while the caller computes its own partial.
+        let answers = self.runtime.spawn(join_all(calls));
+        let runtime = self.runtime.clone();
+        let expected = (queries.len(), positions.len() * self.config.num_attention_heads);
+        PendingPartials::new(move || {
+            let member_error = |member: &str, retryable: bool, source: Box<dyn std::error::Error + Send + Sync>| {
+                ModelError::ContextMember { member: member.to_string(), layer, retryable, source }
+            };
+            let answers = runtime.block_on(answers).map_err(|join| {
+                let member = members.first().map_or("?", String::as_str);
+                member_error(member, false, format!("the requests' task failed: {join}").into())
+            })?;
+            members
+                .iter()
+                .zip(answers)
+                .map(|(member, answer)| {
+                    let answer = answer.map_err(|e| member_error(member, e.retryable(), Box::new(e)))?;
+                    if (answer.out.len(), answer.lse.len()) != expected {
+                        let reason = format!(
+                            "answered {} outputs and {} log-sum-exps, expected {} and {}",
+                            answer.out.len(),
+                            answer.lse.len(),
+                            expected.0,
+                            expected.1
+                        );
+                        return Err(member_error(member, false, reason.into()));
+                    }
+                    Ok(PartialOutput { out: answer.out, lse: answer.lse })
+                })
+                .collect()
+        })
     }
 }
 
@@ -267,26 +292,50 @@ impl ShardHost {
 
     fn shard(&self, request: &PartialAttentionRequest) -> Result<Arc<Mutex<KvCache>>, TransportError> {
         let (start, end) = (request.range_start as usize, request.range_end as usize);
+        self.shard_for(&request.sequence_id, &request.owner, start, end)
+    }
+
+    /// The shard of `sequence_id` for positions `start .. end`, made (empty) if this worker holds none yet.
+    fn shard_for(
+        &self,
+        sequence_id: &str,
+        owner: &str,
+        start: usize,
+        end: usize,
+    ) -> Result<Arc<Mutex<KvCache>>, TransportError> {
         let mut shards = self.lock();
-        if let Some(shard) = shards.get(&request.sequence_id) {
+        if let Some(shard) = shards.get(sequence_id) {
             let range = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).global_range();
             if range != (start..end) {
                 return Err(TransportError::InvalidPayload {
                     what: "range".into(),
-                    reason: format!(
-                        "sequence {} is held here for positions {range:?}, not {start}..{end}",
-                        request.sequence_id
-                    ),
+                    reason: format!("sequence {sequence_id} is held here for positions {range:?}, not {start}..{end}"),
                 });
             }
             return Ok(shard.clone());
         }
         let cache = KvCache::shard(&self.config, self.pool.clone(), start, end)
             .map_err(|e| TransportError::InvalidPayload { what: "range".into(), reason: e.to_string() })?;
-        tracing::info!(sequence_id = %request.sequence_id, owner = %request.owner, start, end, "holding a context shard");
+        tracing::info!(sequence_id, owner, start, end, "holding a context shard");
         let shard = Arc::new(Mutex::new(cache));
-        shards.insert(request.sequence_id.clone(), shard.clone());
+        shards.insert(sequence_id.to_string(), shard.clone());
         Ok(shard)
+    }
+
+    /// Runs `prepare` on this worker's shard of `sequence_id` (positions `start .. end`, made empty if not held yet)
+    /// outside any request: benchmarks fill a long context's shard with
+    /// [`KvCache::append_synthetic`](switchyard_model::KvCache::append_synthetic) instead of hours of prefill.
+    pub fn prepare_shard<R>(
+        &self,
+        sequence_id: &str,
+        owner: &str,
+        start: usize,
+        end: usize,
+        prepare: impl FnOnce(&mut KvCache) -> Result<R, ModelError>,
+    ) -> Result<R, AttentionWorkerError> {
+        let shard = self.shard_for(sequence_id, owner, start, end)?;
+        let mut cache = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(prepare(&mut cache)?)
     }
 }
 

@@ -4,6 +4,11 @@
 //! expert, every group is dispatched at once, and the outputs are scattered back to row order. The forward pass calls
 //! it from a rayon thread while the shared expert runs beside it, so the network wait overlaps that compute.
 //!
+//! Over a point-to-point transport (gRPC, in-process) each group is its own [`Transport::dispatch`], with its own
+//! deadline and latency, and a group whose worker fails is re-sent to another replica or waits for a new placement.
+//! Over a collective transport ([`Transport::lockstep`]) the step is one [`Transport::dispatch_step`], made
+//! exactly once per layer step by every attention rank, rows or not, and never re-sent.
+//!
 //! Besides its own counters (read by the cluster link), it records the dispatch metrics of `/metrics` (routed tokens
 //! per expert, dispatch bytes and latency; see [`crate::http::metrics`]) as it dispatches, once the process has a
 //! metrics recorder.
@@ -78,6 +83,13 @@ pub struct RemoteExperts {
     wire: WireFormat,
     /// Set at the first step after the process's metrics recorder is installed.
     metrics: OnceLock<Arc<DispatchMetrics>>,
+    /// Whether the transport's steps are exchanges every rank of a communicator makes together
+    /// ([`Transport::lockstep`]). Each layer step is then exactly one [`Transport::dispatch_step`], also when this
+    /// micro-batch routes no row (or cannot route one: the step is made empty, then fails), and a failed step fails
+    /// at once: re-sending to another replica or after a new placement would be an exchange the other ranks do not
+    /// make, and a communicator that failed stays failed. The transport's own step deadline bounds a step; the
+    /// dispatch timeout is not applied, because abandoning a step would not stop its exchange.
+    lockstep: bool,
 }
 
 impl RemoteExperts {
@@ -89,6 +101,7 @@ impl RemoteExperts {
         attention_worker: impl Into<String>,
     ) -> Self {
         let experts_per_layer = routing.experts_per_layer();
+        let lockstep = transport.lockstep();
         let expert_tokens = (0..routing.num_layers() * experts_per_layer).map(|_| AtomicU64::new(0)).collect();
         Self {
             routing: watch::Sender::new(routing),
@@ -103,6 +116,7 @@ impl RemoteExperts {
             experts_per_layer,
             wire: WireFormat::default(),
             metrics: OnceLock::new(),
+            lockstep,
         }
     }
 
@@ -176,37 +190,45 @@ impl RemoteExperts {
         Some(self.metrics.get_or_init(|| Arc::new(metrics)))
     }
 
+    /// The batch of `rows` of one layer step (`step`: layer, step id, the step's inputs, experts and row width).
+    fn batch(&self, routing: &RoutingTable, rows: &[usize], step: &LayerStep<'_>) -> ExpertBatch {
+        let hidden = step.hidden;
+        let mut inputs = Vec::with_capacity(rows.len() * hidden);
+        for &row in rows {
+            inputs.extend_from_slice(&step.inputs[row * hidden..(row + 1) * hidden]);
+        }
+        ExpertBatch {
+            step_id: step.step_id,
+            micro_batch: MICRO_BATCH.with(Cell::get),
+            layer: step.layer as u32,
+            placement_epoch: routing.epoch(),
+            attention_worker: self.attention_worker.clone(),
+            experts: rows.iter().map(|&r| step.experts[r]).collect(),
+            inputs,
+            hidden,
+        }
+    }
+
+    /// The dispatch bytes of `rows` rows as the metrics count them: (sent, received).
+    fn group_bytes(&self, rows: usize, hidden: usize) -> (u64, u64) {
+        let values = rows * hidden;
+        (wire_bytes(values, self.wire.dispatch), wire_bytes(values, self.wire.combine))
+    }
+
     /// Sends `rows` of one layer step to `worker`, resolving to their outputs in row order.
-    #[allow(clippy::too_many_arguments)]
     fn dispatch_group(
         &self,
         routing: &RoutingTable,
         worker: usize,
         rows: &[usize],
-        layer: usize,
-        step_id: u64,
-        inputs: &[f32],
-        experts: &[u32],
-        hidden: usize,
+        step: &LayerStep<'_>,
     ) -> impl std::future::Future<Output = Result<Vec<f32>, DispatchError>> + Send + 'static {
+        let (layer, step_id, hidden) = (step.layer, step.step_id, step.hidden);
         let micro_batch = MICRO_BATCH.with(Cell::get);
-        let mut batch_inputs = Vec::with_capacity(rows.len() * hidden);
-        for &row in rows {
-            batch_inputs.extend_from_slice(&inputs[row * hidden..(row + 1) * hidden]);
-        }
-        let batch = ExpertBatch {
-            step_id,
-            micro_batch,
-            layer: layer as u32,
-            placement_epoch: routing.epoch(),
-            attention_worker: self.attention_worker.clone(),
-            experts: rows.iter().map(|&r| experts[r]).collect(),
-            inputs: batch_inputs,
-            hidden,
-        };
+        let batch = self.batch(routing, rows, step);
         let id = routing.workers()[worker].id.clone();
         let expected = rows.len() * hidden;
-        let bytes = (wire_bytes(expected, self.wire.dispatch), wire_bytes(expected, self.wire.combine));
+        let bytes = self.group_bytes(rows.len(), hidden);
         let metrics = self.metrics().cloned();
         let dispatch = self.transport.dispatch(&id, batch);
         let timeout = self.timeout;
@@ -232,16 +254,7 @@ impl RemoteExperts {
                     }))
                 }
             };
-            if outputs.len() != expected {
-                return Err(fail(TransportError::InvalidPayload {
-                    what: "expert outputs".into(),
-                    reason: format!(
-                        "{} values for {} tokens of hidden size {hidden}",
-                        outputs.len(),
-                        expected / hidden
-                    ),
-                }));
-            }
+            check_outputs(&outputs, expected, hidden).map_err(fail)?;
             if let Some(metrics) = metrics {
                 metrics.dispatched(&id, bytes.0, bytes.1, started.elapsed());
             }
@@ -297,6 +310,26 @@ impl RemoteExperts {
     }
 }
 
+/// One MoE layer step of one micro-batch, as the forward pass hands it over.
+struct LayerStep<'a> {
+    layer: usize,
+    step_id: u64,
+    inputs: &'a [f32],
+    experts: &'a [u32],
+    hidden: usize,
+}
+
+/// Checks that a worker answered `expected` values (`hidden` per row).
+fn check_outputs(outputs: &[f32], expected: usize, hidden: usize) -> Result<(), TransportError> {
+    if outputs.len() == expected {
+        return Ok(());
+    }
+    Err(TransportError::InvalidPayload {
+        what: "expert outputs".into(),
+        reason: format!("{} values for {} tokens of hidden size {hidden}", outputs.len(), expected / hidden.max(1)),
+    })
+}
+
 /// Bytes `values` activations take on the wire in `dtype`, as the dispatch metrics count them: FP8's per-row scales
 /// and message headers are left out (a few bytes per row of thousands of values).
 fn wire_bytes(values: usize, dtype: WireDtype) -> u64 {
@@ -324,14 +357,131 @@ pub async fn wait_until_unused(old: Arc<RoutingTable>) -> Duration {
     started.elapsed()
 }
 
+impl RemoteExperts {
+    /// Counts the step's routed tokens once its outputs are in.
+    fn count_routed(&self, layer: usize, experts: &[u32]) {
+        for &expert in experts {
+            if let Some(counter) = self.expert_tokens.get(layer * self.experts_per_layer + expert as usize) {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(metrics) = self.metrics() {
+            metrics.routed(experts);
+        }
+    }
+
+    /// One layer step over a collective transport (see [`Transport::lockstep`]): every row's expert goes to
+    /// the first worker of the table holding it, the whole step is one [`Transport::dispatch_step`] (made even when
+    /// there is nothing to send, or nothing that can be sent), and any failure fails the step.
+    fn compute_in_lockstep(
+        &self,
+        layer: usize,
+        inputs: &[f32],
+        experts: &[u32],
+        hidden: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        let routing = self.routing();
+        let step_id = self.next_step.fetch_add(1, Ordering::Relaxed);
+        let micro_batch = MICRO_BATCH.with(Cell::get);
+        let span = tracing::debug_span!("dispatch_step", layer, step_id, micro_batch, tokens = experts.len());
+        let _entered = span.enter();
+        let step = LayerStep { layer, step_id, inputs, experts, hidden };
+        let (groups, refused) = match check_step_inputs(inputs, experts, hidden) {
+            Ok(()) => match lockstep_groups(&routing, layer, experts) {
+                Ok(groups) => (groups, None),
+                Err(expert) => (BTreeMap::new(), Some(unheld_expert(&routing, layer, expert))),
+            },
+            Err(error) => (BTreeMap::new(), Some(error)),
+        };
+        let batches: Vec<(String, ExpertBatch)> = groups
+            .iter()
+            .map(|(&worker, rows)| (routing.workers()[worker].id.clone(), self.batch(&routing, rows, &step)))
+            .collect();
+        let started = Instant::now();
+        let answers = self.runtime.block_on(self.transport.dispatch_step(batches));
+        let took = started.elapsed();
+        if let Some(error) = refused {
+            return Err(error);
+        }
+        if answers.len() != groups.len() {
+            let error = TransportError::Compute {
+                reason: format!("the transport answered {} of the step's {} batches", answers.len(), groups.len()),
+            };
+            let worker = routing.workers().first().map(|w| w.id.clone()).unwrap_or_default();
+            return Err(DispatchError { worker, layer, step_id, micro_batch, source: error, recovery_waited: None }
+                .into_model_error());
+        }
+        let metrics = self.metrics().cloned();
+        let mut outputs = vec![0.0; inputs.len()];
+        for (answer, (worker, rows)) in answers.into_iter().zip(groups) {
+            let id = &routing.workers()[worker].id;
+            let fail = |source: TransportError| {
+                DispatchError { worker: id.clone(), layer, step_id, micro_batch, source, recovery_waited: None }
+                    .into_model_error()
+            };
+            let computed = answer.map_err(fail)?;
+            check_outputs(&computed, rows.len() * hidden, hidden).map_err(fail)?;
+            for (i, &row) in rows.iter().enumerate() {
+                outputs[row * hidden..(row + 1) * hidden].copy_from_slice(&computed[i * hidden..(i + 1) * hidden]);
+            }
+            if let Some(metrics) = &metrics {
+                // One exchange carries every group: each worker's latency is the step's.
+                let (sent, received) = self.group_bytes(rows.len(), hidden);
+                metrics.dispatched(id, sent, received, took);
+            }
+        }
+        self.count_routed(layer, experts);
+        Ok(outputs)
+    }
+}
+
+/// Checks the one shape a layer step relies on: `experts.len()` rows of `hidden` values.
+fn check_step_inputs(inputs: &[f32], experts: &[u32], hidden: usize) -> Result<(), ModelError> {
+    if inputs.len() == experts.len() * hidden {
+        return Ok(());
+    }
+    Err(ModelError::InvalidInput {
+        what: "routed expert inputs".into(),
+        reason: format!("{} values for {} tokens of hidden size {hidden}", inputs.len(), experts.len()),
+    })
+}
+
+/// The rows of a lockstep step by worker (the first worker of `routing` holding each row's expert), or the first
+/// expert no worker holds.
+fn lockstep_groups(routing: &RoutingTable, layer: usize, experts: &[u32]) -> Result<BTreeMap<usize, Vec<usize>>, u32> {
+    let mut chosen: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (row, &expert) in experts.iter().enumerate() {
+        let worker = match chosen.get(&expert) {
+            Some(&worker) => worker,
+            None => {
+                let worker = routing.choose_index_excluding(layer, expert, &[]).ok_or(expert)?;
+                chosen.insert(expert, worker);
+                worker
+            }
+        };
+        groups.entry(worker).or_default().push(row);
+    }
+    Ok(groups)
+}
+
+/// The error of a step with an expert that no worker of `routing` holds.
+fn unheld_expert(routing: &RoutingTable, layer: usize, expert: u32) -> ModelError {
+    ModelError::InvalidInput {
+        what: "routed expert".into(),
+        reason: format!(
+            "expert {expert} of layer {layer} is held by no expert worker in placement epoch {}",
+            routing.epoch()
+        ),
+    }
+}
+
 impl RoutedExperts for RemoteExperts {
     fn compute(&self, layer: usize, inputs: &[f32], experts: &[u32], hidden: usize) -> Result<Vec<f32>, ModelError> {
-        if inputs.len() != experts.len() * hidden {
-            return Err(ModelError::InvalidInput {
-                what: "routed expert inputs".into(),
-                reason: format!("{} values for {} tokens of hidden size {hidden}", inputs.len(), experts.len()),
-            });
+        if self.lockstep {
+            return self.compute_in_lockstep(layer, inputs, experts, hidden);
         }
+        check_step_inputs(inputs, experts, hidden)?;
         if experts.is_empty() {
             return Ok(Vec::new());
         }
@@ -340,6 +490,7 @@ impl RoutedExperts for RemoteExperts {
         let micro_batch = MICRO_BATCH.with(Cell::get);
         let span = tracing::debug_span!("dispatch", layer, step_id, micro_batch, tokens = experts.len());
         let _entered = span.enter();
+        let step = LayerStep { layer, step_id, inputs, experts, hidden };
 
         let mut outputs = vec![0.0; inputs.len()];
         let mut remaining: Vec<usize> = (0..experts.len()).collect();
@@ -373,24 +524,14 @@ impl RoutedExperts for RemoteExperts {
             if let Some(expert) = stranded {
                 // Every replica of `expert` failed in this step: only a new placement can complete it.
                 let Some(failure) = last_failure.take() else {
-                    return Err(ModelError::InvalidInput {
-                        what: "routed expert".into(),
-                        reason: format!(
-                            "expert {expert} of layer {layer} is held by no expert worker in placement epoch {}",
-                            routing.epoch()
-                        ),
-                    });
+                    return Err(unheld_expert(&routing, layer, expert));
                 };
                 routing = self.await_newer_routing(&routing, failure, layer, step_id)?;
                 failed.clear();
                 continue;
             }
-            let pending: Vec<_> = groups
-                .iter()
-                .map(|(&worker, rows)| {
-                    self.dispatch_group(&routing, worker, rows, layer, step_id, inputs, experts, hidden)
-                })
-                .collect();
+            let pending: Vec<_> =
+                groups.iter().map(|(&worker, rows)| self.dispatch_group(&routing, worker, rows, &step)).collect();
             remaining.clear();
             let mut outdated: Option<DispatchError> = None;
             for (answer, (worker, rows)) in self.runtime.block_on(join_all(pending)).into_iter().zip(groups) {
@@ -422,14 +563,7 @@ impl RoutedExperts for RemoteExperts {
                 last_failure = None;
             }
         }
-        for &expert in experts {
-            if let Some(counter) = self.expert_tokens.get(layer * self.experts_per_layer + expert as usize) {
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        if let Some(metrics) = self.metrics() {
-            metrics.routed(experts);
-        }
+        self.count_routed(layer, experts);
         Ok(outputs)
     }
 }

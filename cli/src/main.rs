@@ -5,6 +5,7 @@
 
 mod commands;
 mod model_dir;
+mod report_format;
 mod serving;
 
 use std::process::ExitCode;

@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::config::ModelConfig;
 use switchyard_model::tiny::{write_checkpoint, Preset, TinySpec};
-use switchyard_model::{Llama4Model, LoadOptions};
+use switchyard_model::{Device, GpuExperts, Llama4Model, LoadOptions};
 
 /// Seed of the built-in models; changing it (or the generator) needs new cache names below.
 const BUILTIN_SEED: u64 = 0;
@@ -99,4 +99,21 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<(ModelConfig, Llama4Mod
     bar.finish_and_clear();
     tracing::info!(bytes_read = checkpoint.ledger().bytes_read(), "model loaded");
     Ok((config, model))
+}
+
+/// Every routed expert of the checkpoint in `dir` copied to the GPU `device`, to compute a model's MoE layers there
+/// (FP8 checkpoints only; the error names what is missing on a machine without the GPU).
+pub fn gpu_experts(dir: &Path, config: &ModelConfig, device: Device) -> Result<GpuExperts> {
+    let checkpoint = Checkpoint::open(dir).with_context(|| format!("opening the checkpoint in {}", dir.display()))?;
+    let text = &config.text;
+    let mut gpu = GpuExperts::new(device).with_context(|| format!("opening {device} for the routed experts"))?;
+    for layer in (0..text.num_hidden_layers).filter(|&layer| text.is_moe_layer(layer)) {
+        let experts = (0..text.num_local_experts)
+            .map(|expert| checkpoint.expert(layer, expert, text).map(|weights| (expert as u32, weights)))
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("reading the experts of layer {layer}"))?;
+        gpu.insert_layer(layer, experts.iter().map(|(expert, weights)| (*expert, weights)))
+            .with_context(|| format!("copying the experts of layer {layer} to {device}"))?;
+    }
+    Ok(gpu)
 }

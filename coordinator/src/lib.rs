@@ -13,12 +13,15 @@
 //!   registered, rebalances them from measured loads or on request, re-places the experts of lost workers, and
 //!   drives expert workers through load / publish / adopt / unload so no router ever meets a missing expert.
 //!
+//! - [`communicator`]: the bootstrap of collective (NCCL) communicators: rank 0 publishes a communicator's unique id
+//!   through the coordinator (`switchyard.v1.Communicator`), the other ranks wait for it.
 //! - [`context`]: context-parallel groups, the attention workers that share the global-layer KV of a sequence too long
 //!   for one of them, and their token ranges, recorded in the store.
 //!
 //! It must not depend on model math (`switchyard-model`) or kernels: it sees a model only as its MoE layer indices and
 //! expert count.
 
+pub mod communicator;
 pub mod context;
 pub mod controller;
 pub mod election;

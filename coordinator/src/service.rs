@@ -1,4 +1,5 @@
-//! The coordinator's gRPC endpoint: `switchyard.v1.Coordinator` (where experts live, read from the store) and, when
+//! The coordinator's gRPC endpoint: `switchyard.v1.Coordinator` (where experts live, read from the store),
+//! `switchyard.v1.Communicator` (collective communicators' ids, [`crate::communicator`]) and, when
 //! the coordinator hosts the cluster store in memory, `switchyard.v1.Store` for the workers.
 
 use std::future::Future;
@@ -8,6 +9,7 @@ use switchyard_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use switchyard_proto::v1::{self, GetPlacementRequest};
 use tonic::{Request, Response, Status};
 
+use crate::communicator::CommunicatorService;
 use crate::store::{ClusterStore, Store, StoreService};
 
 /// Answers `GetPlacement` with the cluster's current placement in the store.
@@ -52,9 +54,11 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
         .build_v1();
+    let communicators = CommunicatorService::new(service.cluster.clone());
     let mut builder = tonic::transport::Server::builder();
     let router = builder
         .add_service(health_service)
+        .add_service(communicators.into_server())
         .add_service(CoordinatorServer::new(service))
         .add_optional_service(hosted_store.map(|store| StoreService::new(store).into_server()));
     let router = match reflection {

@@ -62,6 +62,24 @@ pub enum WorkerError {
         /// What is wrong, naming the layer or expert.
         reason: String,
     },
+    /// The device the experts were to compute on could not be opened.
+    #[error("opening {device} for the experts")]
+    OpenDevice {
+        /// The device asked for, e.g. `cuda:0`.
+        device: String,
+        /// Why (the kernels' error names what is missing: the `cuda` feature, the driver, the GPU).
+        #[source]
+        source: Box<ModelError>,
+    },
+    /// A layer's experts could not be copied to the GPU.
+    #[error("copying the experts of layer {layer} to the GPU")]
+    Device {
+        /// Decoder layer index.
+        layer: usize,
+        /// Why (the kernels' error names what is missing: the `cuda` feature, the driver, the GPU).
+        #[source]
+        source: Box<ModelError>,
+    },
     /// Reading one expert's weights failed.
     #[error("loading expert {expert} of layer {layer}")]
     LoadExpert {

@@ -14,7 +14,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-use switchyard_model::RoutedExperts;
 use switchyard_transport::{ExpertBatch, TransportError};
 use tokio::sync::oneshot;
 

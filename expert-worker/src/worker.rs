@@ -10,7 +10,9 @@ use std::thread::JoinHandle;
 use rayon::prelude::*;
 use switchyard_model::checkpoint::{Checkpoint, ExpertWeights};
 use switchyard_model::config::{ModelConfig, TextConfig};
-use switchyard_model::{ActivationPrecision, LocalExperts};
+use switchyard_model::gpu_experts::UploadedLayer;
+pub use switchyard_model::Device;
+use switchyard_model::{ActivationPrecision, GpuExperts, LocalExperts, RoutedExperts};
 use switchyard_transport::{BoxFuture, ExpertBatch, ExpertService, TransportError};
 use tokio::sync::oneshot;
 
@@ -28,8 +30,11 @@ pub struct WorkerOptions {
     /// The placement epoch dispatches must carry at start: the epoch window starts as `[placement_epoch,
     /// placement_epoch]` and moves with [`ExpertWorker::load_experts`] and [`ExpertWorker::unload_experts`].
     pub placement_epoch: u64,
-    /// How activations meet FP8 expert weights.
+    /// How activations meet FP8 expert weights. On a GPU, activations are always quantised per token to FP8.
     pub activation_precision: ActivationPrecision,
+    /// Where the experts compute: the CPU kernels, or a CUDA GPU holding every held expert's FP8 weights (the
+    /// checkpoint must be FP8).
+    pub device: Device,
 }
 
 /// What the executor has done since start.
@@ -51,11 +56,14 @@ pub(crate) struct Counters {
 }
 
 /// The experts held, by layer: one [`LocalExperts`] per MoE layer (it groups rows by expert and runs one matmul per
-/// expert), and the ids for validation without touching the weights.
+/// expert), and the ids for validation without touching the weights. On a GPU worker every held layer also has a
+/// device copy, which is what computes; the host side stays the record of what is held (its FP8 codes are the
+/// checkpoint's mapping, so keeping it costs no memory of its own).
 #[derive(Default)]
 pub(crate) struct Held {
     layers: BTreeMap<usize, LocalExperts>,
     ids: ExpertsByLayer,
+    gpu: Option<GpuExperts>,
 }
 
 impl Held {
@@ -65,9 +73,13 @@ impl Held {
         experts.iter().copied().find(|e| !held.is_some_and(|h| h.contains(e)))
     }
 
-    /// The experts of `layer`, if any is held.
-    pub fn layer(&self, layer: usize) -> Option<&LocalExperts> {
-        self.layers.get(&layer)
+    /// What computes the experts of `layer`, if any is held.
+    pub fn layer(&self, layer: usize) -> Option<&dyn RoutedExperts> {
+        let host = self.layers.get(&layer)?;
+        Some(match &self.gpu {
+            Some(gpu) => gpu,
+            None => host,
+        })
     }
 
     fn insert(&mut self, precision: ActivationPrecision, layer: usize, expert: u32, weights: ExpertWeights) {
@@ -75,9 +87,42 @@ impl Held {
         self.ids.entry(layer).or_default().insert(expert);
     }
 
+    /// The host weights of `layer`'s experts, what its device copy is made from.
+    fn weights(&self, layer: usize) -> Vec<(u32, &ExpertWeights)> {
+        self.layers.get(&layer).map(|host| host.weights(layer).collect()).unwrap_or_default()
+    }
+
+    fn install(&mut self, uploads: GpuUploads) {
+        if let Some(gpu) = &mut self.gpu {
+            for (layer, uploaded) in uploads {
+                gpu.install_layer(layer, uploaded);
+            }
+        }
+    }
+
     fn weight_bytes(&self) -> u64 {
         self.layers.values().map(|experts| experts.weight_bytes() as u64).sum()
     }
+}
+
+/// Device copies of whole layers, ready to install.
+type GpuUploads = Vec<(usize, UploadedLayer)>;
+
+/// Copies each layer's experts to the GPU without touching what computes now: callers upload outside the write lock
+/// (computing goes on meanwhile), then install.
+fn upload_layers<'a>(
+    gpu: &GpuExperts,
+    layers: impl IntoIterator<Item = (usize, Vec<(u32, &'a ExpertWeights)>)>,
+) -> Result<GpuUploads, WorkerError> {
+    layers
+        .into_iter()
+        .map(|(layer, experts)| {
+            let uploaded = gpu
+                .upload_layer(layer, experts)
+                .map_err(|source| WorkerError::Device { layer, source: Box::new(source) })?;
+            Ok((layer, uploaded))
+        })
+        .collect()
 }
 
 /// State shared by the worker's callers and its compute thread.
@@ -136,9 +181,23 @@ impl ExpertWorker {
         let checkpoint = Checkpoint::open(model_dir)
             .map_err(|source| WorkerError::Checkpoint { dir: model_dir.to_path_buf(), source: Box::new(source) })?;
         let loaded = read_experts(&checkpoint, &text, &wanted)?;
+        // A GPU computes with per-token FP8 activations whatever was asked: say so instead of pretending.
+        let precision = match options.device {
+            Device::Cpu => options.activation_precision,
+            Device::Cuda(_) => ActivationPrecision::Fp8PerToken,
+        };
         let mut held = Held::default();
         for (layer, expert, weights) in loaded {
-            held.insert(options.activation_precision, layer, expert, weights);
+            held.insert(precision, layer, expert, weights);
+        }
+        if let Device::Cuda(_) = options.device {
+            let gpu = GpuExperts::new(options.device).map_err(|source| WorkerError::OpenDevice {
+                device: options.device.to_string(),
+                source: Box::new(source),
+            })?;
+            let uploads = upload_layers(&gpu, held.layers.keys().map(|&layer| (layer, held.weights(layer))))?;
+            held.gpu = Some(gpu);
+            held.install(uploads);
         }
         let shared = Arc::new(Shared {
             worker_id: options.worker_id.clone(),
@@ -157,7 +216,7 @@ impl ExpertWorker {
         let worker = ExpertWorker {
             shared,
             text,
-            precision: options.activation_precision,
+            precision,
             min_epoch: AtomicU64::new(options.placement_epoch),
             max_epoch: AtomicU64::new(options.placement_epoch),
             checkpoint,
@@ -172,7 +231,8 @@ impl ExpertWorker {
             experts = wanted.values().map(BTreeSet::len).sum::<usize>(),
             checkpoint_bytes_read = worker.checkpoint.ledger().bytes_read(),
             expert_bytes = worker.expert_bytes(),
-            precision = ?options.activation_precision,
+            ?precision,
+            device = %options.device,
             "experts loaded"
         );
         Ok(worker)
@@ -288,11 +348,26 @@ impl ExpertWorker {
         let before = self.checkpoint.ledger().bytes_read();
         let loaded = read_experts(&self.checkpoint, &self.text, &missing)?;
         let count = loaded.len();
+        // On a GPU each changed layer is copied whole (what it holds plus what arrives) while computing goes on.
+        let uploads = {
+            let held = self.shared.read_held();
+            match &held.gpu {
+                None => GpuUploads::new(),
+                Some(gpu) => {
+                    let mut layers: BTreeMap<usize, Vec<(u32, &ExpertWeights)>> = BTreeMap::new();
+                    for (layer, expert, weights) in &loaded {
+                        layers.entry(*layer).or_insert_with(|| held.weights(*layer)).push((*expert, weights));
+                    }
+                    upload_layers(gpu, layers)?
+                }
+            }
+        };
         {
             let mut held = self.shared.held.write().unwrap_or_else(PoisonError::into_inner);
             for (layer, expert, weights) in loaded {
                 held.insert(self.precision, layer, expert, weights);
             }
+            held.install(uploads);
         }
         let bytes_read = self.checkpoint.ledger().bytes_read() - before;
         self.max_epoch.fetch_max(placement_epoch, Ordering::AcqRel);
@@ -347,11 +422,18 @@ impl ExpertWorker {
         for (layer, expert, weights) in read_experts(&self.checkpoint, &self.text, &kept)? {
             rebuilt.entry(layer).or_default().insert(self.precision, layer, expert, weights);
         }
+        let uploads = match &self.shared.read_held().gpu {
+            None => GpuUploads::new(),
+            Some(gpu) => upload_layers(gpu, rebuilt.iter().map(|(&layer, held)| (layer, held.weights(layer))))?,
+        };
         {
             let mut held = self.shared.held.write().unwrap_or_else(PoisonError::into_inner);
             for layer in kept.keys() {
                 held.layers.remove(layer);
                 held.ids.remove(layer);
+                if let Some(gpu) = &mut held.gpu {
+                    gpu.remove_layer(*layer);
+                }
                 if let Some(mut layer_held) = rebuilt.remove(layer) {
                     if let Some(experts) = layer_held.layers.remove(layer) {
                         held.layers.insert(*layer, experts);
@@ -361,6 +443,7 @@ impl ExpertWorker {
                     }
                 }
             }
+            held.install(uploads);
         }
         let after = self.expert_bytes();
         let freed = before.saturating_sub(after);

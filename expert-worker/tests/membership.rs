@@ -25,6 +25,7 @@ fn worker(dir: &Path, worker_id: &str) -> ExpertWorker {
         experts: ExpertSpec::none(),
         placement_epoch: 0,
         activation_precision: ActivationPrecision::F32,
+        device: switchyard_model::Device::Cpu,
     };
     ExpertWorker::load(dir, options).unwrap()
 }

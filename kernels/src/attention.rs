@@ -109,7 +109,9 @@ fn check(
 /// natural log-sum-exp of the scaled, masked scores, so that partial attentions over disjoint key ranges can be
 /// merged exactly with [`merge_partials`]. A query that sees no key gets zeros and `lse = -inf`.
 ///
-/// Multi-threaded over (query, head).
+/// Multi-threaded over (KV head, tile of query positions, segment of keys): the query heads sharing a KV head and
+/// a tile of query positions are scored together against blocks of keys, so each key and value is read once per
+/// tile, not once per (query, head).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
@@ -267,8 +269,32 @@ pub fn paged_attention<B: AsRef<[f32]> + Sync>(
     Ok(())
 }
 
+/// Query positions scored together in one task: with the query heads of one KV head, the rows that share every key
+/// and value read (prefill; a decode step has one position).
+const QUERY_TILE: usize = 16;
+/// Keys scored at once: a block's keys and values (64 KiB for 128-value heads) stay in cache while every row of a
+/// tile uses them, so each is read from memory once per tile instead of once per (query, head).
+const KEY_BLOCK: usize = 64;
+/// A step of one query tile (decode) splits its keys into segments of this many positions, computed in parallel and
+/// merged like partial attentions: otherwise a decode step would have only `kv_heads` tasks for any context length.
+const KEY_SEGMENT: usize = 4096;
+
+/// The running softmax of one task's rows (a tile's positions times one KV head's query heads) over one segment of
+/// keys: per row the running maximum score, the sum of `exp(score - max)`, and the value sum weighted by it.
+struct RowsState {
+    max: Vec<f32>,
+    total: Vec<f32>,
+    /// `[rows, head_dim]`.
+    acc: Vec<f32>,
+}
+
 /// The kernel behind [`attention`] and [`paged_attention`], on checked arguments; `held` is the range of positions
 /// `keys` holds.
+///
+/// Work is split into tasks of (KV head, tile of [`QUERY_TILE`] query positions, segment of keys); a task runs an
+/// online softmax over blocks of [`KEY_BLOCK`] keys for all its rows, and the segments of a row are merged at the
+/// end. The split depends only on the shapes and `held`, never on the storage or the thread count, so the contiguous
+/// and the paged calls over the same keys do the same arithmetic in the same order.
 #[allow(clippy::too_many_arguments)]
 fn attend<K: KeyValueRows>(
     isa: Isa,
@@ -284,38 +310,306 @@ fn attend<K: KeyValueRows>(
 ) {
     let AttentionShape { q_heads, kv_heads, head_dim } = shape;
     let group = q_heads / kv_heads;
+    let t_q = q_positions.len();
+    let tiles = t_q.div_ceil(QUERY_TILE);
+    let segment = if tiles == 1 { KEY_SEGMENT } else { usize::MAX };
+    let segments = if segment == usize::MAX { 1 } else { (held.1 - held.0).div_ceil(segment).max(1) };
+    let tasks: Vec<(usize, usize, usize)> =
+        (0..kv_heads).flat_map(|g| (0..tiles).flat_map(move |t| (0..segments).map(move |s| (g, t, s)))).collect();
+    let states: Vec<RowsState> = tasks
+        .par_iter()
+        .map_init(Vec::new, |scores, &(kv_head, tile, s)| {
+            let queries = tile * QUERY_TILE..((tile + 1) * QUERY_TILE).min(t_q);
+            let seg_lo = held.0.saturating_add(s.saturating_mul(segment));
+            let seg = (seg_lo, seg_lo.saturating_add(segment).min(held.1));
+            attend_rows(isa, q, q_positions, queries, keys, seg, kv_head, shape, mask, scale, scores)
+        })
+        .collect();
     let mut own_lse;
     let lse = match lse {
         Some(lse) => lse,
         None => {
-            own_lse = vec![0.0f32; q_positions.len() * q_heads];
+            own_lse = vec![0.0f32; t_q * q_heads];
             &mut own_lse[..]
         }
     };
-    out.par_chunks_mut(head_dim).zip(lse.par_iter_mut()).enumerate().for_each_init(
-        Vec::new,
-        |scores, (row, (dst, lse))| {
-            let (i, h) = (row / q_heads, row % q_heads);
-            let kv_head = h / group;
-            let (lo, hi) = mask.visible(q_positions[i], held.0, held.1);
-            if lo >= hi {
+    // Merge each task group's segments into its rows of `out` (positions x this KV head's query heads).
+    for (first, parts) in states.chunks(segments).enumerate() {
+        let (kv_head, tile) = (tasks[first * segments].0, tasks[first * segments].1);
+        for (r, i) in (tile * QUERY_TILE..((tile + 1) * QUERY_TILE).min(t_q)).enumerate() {
+            for j in 0..group {
+                let (row, h) = (r * group + j, kv_head * group + j);
+                let at = i * q_heads + h;
+                let dst = &mut out[at * head_dim..(at + 1) * head_dim];
+                let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.max[row]));
                 dst.fill(0.0);
-                *lse = f32::NEG_INFINITY;
-                return;
+                if max == f32::NEG_INFINITY {
+                    lse[at] = f32::NEG_INFINITY;
+                    continue;
+                }
+                let mut total = 0.0f32;
+                for part in parts.iter().filter(|p| p.max[row] > f32::NEG_INFINITY) {
+                    let weight = (part.max[row] - max).exp();
+                    simd::axpy(isa, weight, &part.acc[row * head_dim..(row + 1) * head_dim], dst);
+                    total += weight * part.total[row];
+                }
+                simd::scale_in_place(isa, dst, 1.0 / total);
+                lse[at] = max + total.ln();
             }
-            let query = &q[row * head_dim..(row + 1) * head_dim];
-            scores.clear();
-            scores.extend((lo..hi).map(|pos| simd::dot(isa, query, keys.key(pos, kv_head)) * scale));
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let total = simd::exp_shifted_sum(isa, scores, max);
-            dst.fill(0.0);
-            for (pos, &weight) in (lo..hi).zip(scores.iter()) {
-                simd::axpy(isa, weight, keys.value(pos, kv_head), dst);
+        }
+    }
+}
+
+/// One task of [`attend`]: the rows of query positions `queries` (indices into `q_positions`) and the query heads of
+/// `kv_head`, over the keys of `seg`, block by block. Row `r * group + j` is position `queries.start + r`, head
+/// `kv_head * group + j`.
+#[allow(clippy::too_many_arguments)]
+fn attend_rows<K: KeyValueRows>(
+    isa: Isa,
+    q: &[f32],
+    q_positions: &[usize],
+    queries: std::ops::Range<usize>,
+    keys: &K,
+    seg: (usize, usize),
+    kv_head: usize,
+    shape: AttentionShape,
+    mask: AttentionMask,
+    scale: f32,
+    scores: &mut Vec<f32>,
+) -> RowsState {
+    let AttentionShape { q_heads, kv_heads, head_dim } = shape;
+    let group = q_heads / kv_heads;
+    let rows = queries.len() * group;
+    let mut state =
+        RowsState { max: vec![f32::NEG_INFINITY; rows], total: vec![0.0; rows], acc: vec![0.0; rows * head_dim] };
+    // The keys each of the tile's queries sees within this segment, and their union.
+    let visible: Vec<(usize, usize)> = queries.clone().map(|i| mask.visible(q_positions[i], seg.0, seg.1)).collect();
+    let lo = visible.iter().filter(|(a, b)| a < b).map(|v| v.0).min();
+    let hi = visible.iter().filter(|(a, b)| a < b).map(|v| v.1).max();
+    let (Some(lo), Some(hi)) = (lo, hi) else { return state };
+    let mut key_rows: Vec<&[f32]> = Vec::with_capacity(KEY_BLOCK);
+    let mut value_rows: Vec<&[f32]> = Vec::with_capacity(KEY_BLOCK);
+    let mut block = lo;
+    while block < hi {
+        let block_end = (block + KEY_BLOCK).min(hi);
+        key_rows.clear();
+        value_rows.clear();
+        key_rows.extend((block..block_end).map(|pos| keys.key(pos, kv_head)));
+        value_rows.extend((block..block_end).map(|pos| keys.value(pos, kv_head)));
+        for (r, &(a, b)) in visible.iter().enumerate() {
+            let (a, b) = (a.max(block), b.min(block_end));
+            if a >= b {
+                continue;
             }
-            simd::scale_in_place(isa, dst, 1.0 / total);
-            *lse = max + total.ln();
-        },
-    );
+            let i = queries.start + r;
+            let (k_rows, v_rows) = (&key_rows[a - block..b - block], &value_rows[a - block..b - block]);
+            // The query heads of this position that share `kv_head`, up to four at a time.
+            let mut j = 0;
+            while j < group {
+                let n = (group - j).min(4);
+                let first_head = kv_head * group + j;
+                let query_rows = &q[(i * q_heads + first_head) * head_dim..(i * q_heads + first_head + n) * head_dim];
+                let row = r * group + j;
+                let part = RowsPart {
+                    max: &mut state.max[row..row + n],
+                    total: &mut state.total[row..row + n],
+                    acc: &mut state.acc[row * head_dim..(row + n) * head_dim],
+                };
+                match n {
+                    4 => block_rows::<4>(isa, query_rows, k_rows, v_rows, scale, part, scores),
+                    3 => block_rows::<3>(isa, query_rows, k_rows, v_rows, scale, part, scores),
+                    2 => block_rows::<2>(isa, query_rows, k_rows, v_rows, scale, part, scores),
+                    _ => block_rows::<1>(isa, query_rows, k_rows, v_rows, scale, part, scores),
+                }
+                j += n;
+            }
+        }
+        block = block_end;
+    }
+    state
+}
+
+/// `R` consecutive rows of a [`RowsState`].
+struct RowsPart<'a> {
+    max: &'a mut [f32],
+    total: &'a mut [f32],
+    acc: &'a mut [f32],
+}
+
+/// The online-softmax update of `R` query rows (`[R, head_dim]`, heads sharing one KV head) by one block of keys
+/// they all see: each key and value row is loaded once for the `R` rows.
+fn block_rows<const R: usize>(
+    isa: Isa,
+    query_rows: &[f32],
+    key_rows: &[&[f32]],
+    value_rows: &[&[f32]],
+    scale: f32,
+    part: RowsPart<'_>,
+    scores: &mut Vec<f32>,
+) {
+    let head_dim = query_rows.len() / R;
+    let n = key_rows.len();
+    scores.clear();
+    scores.resize(R * n, 0.0);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only constructed after the CPU reported AVX2 and FMA (see `simd`); every row has
+        // `head_dim` values and `scores` has `R * n`.
+        Isa::Avx2 => unsafe { avx2_rows::scores::<R>(query_rows, head_dim, key_rows, scale, scores) },
+        Isa::Portable => {
+            for (t, key) in key_rows.iter().enumerate() {
+                for r in 0..R {
+                    scores[r * n + t] = simd::dot(isa, &query_rows[r * head_dim..(r + 1) * head_dim], key) * scale;
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        let row_scores = &mut scores[r * n..(r + 1) * n];
+        let block_max = row_scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        if block_max > part.max[r] {
+            if part.max[r] > f32::NEG_INFINITY {
+                let rescale = (part.max[r] - block_max).exp();
+                simd::scale_in_place(isa, &mut part.acc[r * head_dim..(r + 1) * head_dim], rescale);
+                part.total[r] *= rescale;
+            }
+            part.max[r] = block_max;
+        }
+        part.total[r] += simd::exp_shifted_sum(isa, row_scores, part.max[r]);
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above; `acc` has `R * head_dim` values and every value row `head_dim`.
+        Isa::Avx2 => unsafe { avx2_rows::accumulate::<R>(scores, value_rows, head_dim, part.acc) },
+        Isa::Portable => {
+            for r in 0..R {
+                let acc = &mut part.acc[r * head_dim..(r + 1) * head_dim];
+                for (t, value) in value_rows.iter().enumerate() {
+                    simd::axpy(isa, scores[r * n + t], value, acc);
+                }
+            }
+        }
+    }
+}
+
+/// The two inner products of [`block_rows`] for AVX2 + FMA, register-blocked: `R` query rows against two keys at a
+/// time, and `R` rows of 16 output values against every value row, so each loaded key or value feeds `R` (or `2R`)
+/// independent multiply-add chains.
+#[cfg(target_arch = "x86_64")]
+mod avx2_rows {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// `scores[r * n + t] = dot(query row r, key_rows[t]) * scale`, `n = key_rows.len()`.
+    ///
+    /// Safety: AVX2 and FMA present; `query_rows` has `R * head_dim` values, every key row at least `head_dim`,
+    /// `scores` `R * n`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores<const R: usize>(
+        query_rows: &[f32],
+        head_dim: usize,
+        key_rows: &[&[f32]],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let n = key_rows.len();
+        let main = head_dim / 8 * 8;
+        let q = query_rows.as_ptr();
+        let dot_tail = |r: usize, key: &[f32]| -> f32 {
+            (main..head_dim).fold(0.0f32, |d, c| query_rows[r * head_dim + c].mul_add(key[c], d))
+        };
+        let mut t = 0;
+        while t + 2 <= n {
+            let (k0, k1) = (key_rows[t].as_ptr(), key_rows[t + 1].as_ptr());
+            let mut a0 = [_mm256_setzero_ps(); R];
+            let mut a1 = [_mm256_setzero_ps(); R];
+            let mut c = 0;
+            while c < main {
+                // SAFETY: c + 8 <= head_dim for every row read.
+                let (x0, x1) = unsafe { (_mm256_loadu_ps(k0.add(c)), _mm256_loadu_ps(k1.add(c))) };
+                for r in 0..R {
+                    let qr = unsafe { _mm256_loadu_ps(q.add(r * head_dim + c)) };
+                    a0[r] = _mm256_fmadd_ps(qr, x0, a0[r]);
+                    a1[r] = _mm256_fmadd_ps(qr, x1, a1[r]);
+                }
+                c += 8;
+            }
+            for r in 0..R {
+                scores[r * n + t] = (hsum(a0[r]) + dot_tail(r, key_rows[t])) * scale;
+                scores[r * n + t + 1] = (hsum(a1[r]) + dot_tail(r, key_rows[t + 1])) * scale;
+            }
+            t += 2;
+        }
+        if t < n {
+            let k0 = key_rows[t].as_ptr();
+            let mut a0 = [_mm256_setzero_ps(); R];
+            let mut c = 0;
+            while c < main {
+                // SAFETY: as above.
+                let x0 = unsafe { _mm256_loadu_ps(k0.add(c)) };
+                for (r, acc) in a0.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(q.add(r * head_dim + c)) }, x0, *acc);
+                }
+                c += 8;
+            }
+            for (r, acc) in a0.iter().enumerate() {
+                scores[r * n + t] = (hsum(*acc) + dot_tail(r, key_rows[t])) * scale;
+            }
+        }
+    }
+
+    /// `acc[r] += sum_t weights[r * n + t] * value_rows[t]` for the `R` rows of `acc` (`[R, head_dim]`).
+    ///
+    /// Safety: AVX2 and FMA present; `weights` has `R * n` values, every value row at least `head_dim`, `acc`
+    /// `R * head_dim`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn accumulate<const R: usize>(
+        weights: &[f32],
+        value_rows: &[&[f32]],
+        head_dim: usize,
+        acc: &mut [f32],
+    ) {
+        let n = value_rows.len();
+        let out = acc.as_mut_ptr();
+        let mut c = 0;
+        while c + 16 <= head_dim {
+            // SAFETY: c + 16 <= head_dim for every row touched.
+            let mut lo: [__m256; R] = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(out.add(r * head_dim + c)) });
+            let mut hi: [__m256; R] =
+                std::array::from_fn(|r| unsafe { _mm256_loadu_ps(out.add(r * head_dim + c + 8)) });
+            for (t, value) in value_rows.iter().enumerate() {
+                let v = value.as_ptr();
+                let (v0, v1) = unsafe { (_mm256_loadu_ps(v.add(c)), _mm256_loadu_ps(v.add(c + 8))) };
+                for r in 0..R {
+                    let w = _mm256_set1_ps(weights[r * n + t]);
+                    lo[r] = _mm256_fmadd_ps(w, v0, lo[r]);
+                    hi[r] = _mm256_fmadd_ps(w, v1, hi[r]);
+                }
+            }
+            for r in 0..R {
+                unsafe {
+                    _mm256_storeu_ps(out.add(r * head_dim + c), lo[r]);
+                    _mm256_storeu_ps(out.add(r * head_dim + c + 8), hi[r]);
+                }
+            }
+            c += 16;
+        }
+        for c in c..head_dim {
+            for r in 0..R {
+                let mut sum = acc[r * head_dim + c];
+                for (t, value) in value_rows.iter().enumerate() {
+                    sum = weights[r * n + t].mul_add(value[c], sum);
+                }
+                acc[r * head_dim + c] = sum;
+            }
+        }
+    }
 }
 
 /// Scalar reference for [`attention`]: every key scored, the mask applied as `-inf`, softmax in f64.

@@ -31,7 +31,9 @@ pub enum KernelError {
     #[error("this build has no CUDA support: rebuild with `--features cuda`")]
     NotCompiledWithCuda,
     /// The `cuda` feature is on, but a CUDA library could not be loaded on this machine.
-    #[error("CUDA is unavailable: library {library} was not found (no NVIDIA driver or CUDA toolkit on the loader path)")]
+    #[error(
+        "CUDA is unavailable: library {library} was not found (no NVIDIA driver or CUDA toolkit on the loader path)"
+    )]
     CudaUnavailable {
         /// The missing library, e.g. `"libcuda (driver)"`.
         library: String,
@@ -43,6 +45,22 @@ pub enum KernelError {
         ordinal: usize,
         /// How many GPUs the driver reports.
         count: usize,
+    },
+    /// NVRTC refused a CUDA source of `kernels/cuda/`.
+    #[error("NVRTC could not compile {file} for {arch}: {log}")]
+    CudaCompile {
+        /// The source file, e.g. `"experts.cu"`.
+        file: &'static str,
+        /// The virtual architecture compiled for, e.g. `"compute_90"`.
+        arch: String,
+        /// NVRTC's log (or the failing step).
+        log: String,
+    },
+    /// No directory with the CUDA headers the kernels include (`cuda_fp8.h`) was found.
+    #[error("CUDA headers (cuda_fp8.h) not found; searched: {searched}. Set SWITCHYARD_CUDA_INCLUDE or CUDA_HOME, or run scripts/nvrtc-tools.sh")]
+    CudaIncludeNotFound {
+        /// The directories looked in, comma-separated.
+        searched: String,
     },
     /// A CUDA call failed.
     #[error("CUDA {op} failed: {message}")]
@@ -56,17 +74,11 @@ pub enum KernelError {
 
 impl KernelError {
     pub(crate) fn shape(op: &'static str, what: impl Into<String>) -> Self {
-        KernelError::Shape {
-            op,
-            what: what.into(),
-        }
+        KernelError::Shape { op, what: what.into() }
     }
 
     pub(crate) fn invalid(op: &'static str, what: impl Into<String>) -> Self {
-        KernelError::InvalidArgument {
-            op,
-            what: what.into(),
-        }
+        KernelError::InvalidArgument { op, what: what.into() }
     }
 }
 
@@ -82,15 +94,11 @@ pub(crate) fn check_len(
     if len == expected {
         Ok(())
     } else {
-        Err(KernelError::shape(
-            op,
-            format!("{name} has {len} values, expected {formula} = {expected}"),
-        ))
+        Err(KernelError::shape(op, format!("{name} has {len} values, expected {formula} = {expected}")))
     }
 }
 
 /// `a * b`, or a shape error when the product does not fit a `usize` (only absurd dimensions get there).
 pub(crate) fn product(op: &'static str, a: usize, b: usize) -> Result<usize, KernelError> {
-    a.checked_mul(b)
-        .ok_or_else(|| KernelError::shape(op, format!("{a} x {b} overflows usize")))
+    a.checked_mul(b).ok_or_else(|| KernelError::shape(op, format!("{a} x {b} overflows usize")))
 }

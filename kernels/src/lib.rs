@@ -15,9 +15,12 @@
 //! tested against the references on random inputs of awkward sizes.
 //!
 //! # Feature flags
-//! - `cuda` (off by default): compiles the CUDA backend in [`device`] on top of `cudarc`. CUDA libraries are loaded
-//!   at run time, so the feature builds on machines without CUDA; there, [`device::check_device`] answers
-//!   [`KernelError::CudaUnavailable`]. Without the feature it answers [`KernelError::NotCompiledWithCuda`].
+//! - `cuda` (off by default): compiles the CUDA backend in [`device`] on top of `cudarc`: the kernels of
+//!   `kernels/cuda/` (compiled with NVRTC at start-up), cuBLASLt's FP8 GEMM, the routed-expert layer on the GPU
+//!   ([`device::GpuExpertLayer`]) and the GPU benchmark. CUDA libraries are loaded at run time, so the feature builds
+//!   on machines without CUDA; there, [`device::check_device`] and [`device::CudaDevice::new`] answer
+//!   [`KernelError::CudaUnavailable`]. Without the feature they answer [`KernelError::NotCompiledWithCuda`].
+//!   `docs/cuda.md` has the design and the tolerances.
 
 pub mod activation;
 pub mod attention;

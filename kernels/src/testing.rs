@@ -30,10 +30,6 @@ pub(crate) fn assert_close(got: &[f32], want: &[f32], atol: f32, rtol: f32, what
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let ok = (g - w).abs() <= atol + rtol * w.abs() || (g == w);
-        assert!(
-            ok,
-            "{what}: element {i}: got {g}, want {w} (diff {})",
-            (g - w).abs()
-        );
+        assert!(ok, "{what}: element {i}: got {g}, want {w} (diff {})", (g - w).abs());
     }
 }

@@ -41,6 +41,43 @@ pub trait ContextShards: Send + Sync {
         keys: &[f32],
         values: &[f32],
     ) -> Result<Vec<PartialOutput>, ModelError>;
+
+    /// [`attend`](ContextShards::attend), started now and finished by the returned [`PendingPartials`], so that the
+    /// owner computes its own partial while the members compute theirs. The default computes everything before it
+    /// returns (no overlap); implementations that reach members over a network send the requests and return.
+    fn start_attend(
+        &self,
+        layer: usize,
+        positions: &[usize],
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+    ) -> PendingPartials {
+        let answers = self.attend(layer, positions, queries, keys, values);
+        PendingPartials::new(move || answers)
+    }
+}
+
+/// The members' answers to a step of one global layer, in flight: [`wait`](PendingPartials::wait) blocks until every
+/// member answered (or one failed), in the order of [`ContextShards::attend`].
+pub struct PendingPartials(Box<dyn FnOnce() -> Result<Vec<PartialOutput>, ModelError> + Send>);
+
+impl PendingPartials {
+    /// Answers that `wait` produces (blocking in it as long as they take).
+    pub fn new(wait: impl FnOnce() -> Result<Vec<PartialOutput>, ModelError> + Send + 'static) -> Self {
+        Self(Box::new(wait))
+    }
+
+    /// Blocks until every member answered.
+    pub fn wait(self) -> Result<Vec<PartialOutput>, ModelError> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for PendingPartials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingPartials")
+    }
 }
 
 /// What a member computes for one global layer of a step of a sequence whose positions `shard.global_range()` it

@@ -20,6 +20,17 @@ pub trait RoutedExperts: Send + Sync {
     fn compute(&self, layer: usize, inputs: &[f32], experts: &[u32], hidden: usize) -> Result<Vec<f32>, ModelError>;
 }
 
+/// Checks the one shape every [`RoutedExperts::compute`] relies on: `experts.len()` rows of `hidden` values.
+pub(crate) fn check_routed_inputs(inputs: &[f32], experts: &[u32], hidden: usize) -> Result<(), ModelError> {
+    if inputs.len() != experts.len() * hidden {
+        return Err(ModelError::InvalidInput {
+            what: "routed expert inputs".into(),
+            reason: format!("{} values for {} tokens of hidden size {hidden}", inputs.len(), experts.len()),
+        });
+    }
+    Ok(())
+}
+
 /// How expert activations are fed to FP8 expert weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ActivationPrecision {
@@ -89,6 +100,11 @@ impl LocalExperts {
         self.layers.get(&layer).into_iter().flat_map(|experts| experts.keys().copied())
     }
 
+    /// The experts held for `layer` with their weights, in id order (what a device copy is made from).
+    pub fn weights(&self, layer: usize) -> impl Iterator<Item = (u32, &ExpertWeights)> + '_ {
+        self.layers.get(&layer).into_iter().flat_map(|experts| experts.iter().map(|(id, w)| (*id, w)))
+    }
+
     /// Bytes of expert weights held.
     pub fn weight_bytes(&self) -> usize {
         self.layers
@@ -106,12 +122,7 @@ impl LocalExperts {
 
 impl RoutedExperts for LocalExperts {
     fn compute(&self, layer: usize, inputs: &[f32], experts: &[u32], hidden: usize) -> Result<Vec<f32>, ModelError> {
-        if inputs.len() != experts.len() * hidden {
-            return Err(ModelError::InvalidInput {
-                what: "routed expert inputs".into(),
-                reason: format!("{} values for {} tokens of hidden size {hidden}", inputs.len(), experts.len()),
-            });
-        }
+        check_routed_inputs(inputs, experts, hidden)?;
         let held = self.layers.get(&layer);
         let mut outputs = vec![0.0; inputs.len()];
         // Group tokens by expert so each expert runs one GEMM over all of its tokens (what makes FP8 weight

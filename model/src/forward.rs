@@ -431,9 +431,11 @@ impl Llama4Model {
                 return Ok(());
             };
             // A context-parallel sequence: this worker's range and every member's, merged exactly by log-sum-exp.
-            let mut local = PartialOutput { out: vec![0.0; out.len()], lse: vec![0.0; rows.len() * qh] };
+            // The members' requests leave first, so their round trip and computation overlap this worker's own.
             let (step_positions, queries) = (&positions[rows.clone()], &q[q_rows]);
-            paged_attention(
+            let pending = shards.start_attend(l, step_positions, queries, &k[kv_rows.clone()], &v[kv_rows]);
+            let mut local = PartialOutput { out: vec![0.0; out.len()], lse: vec![0.0; rows.len() * qh] };
+            let computed = paged_attention(
                 queries,
                 step_positions,
                 cache.paged(l, end),
@@ -442,8 +444,11 @@ impl Llama4Model {
                 scale,
                 &mut local.out,
                 Some(&mut local.lse),
-            )?;
-            let remote = shards.attend(l, step_positions, queries, &k[kv_rows.clone()], &v[kv_rows])?;
+            );
+            // Wait for the members even when the local part failed, so no answer arrives for a step already gone.
+            let remote = pending.wait();
+            computed?;
+            let remote = remote?;
             let parts: Vec<PartialAttention<'_>> =
                 std::iter::once(&local).chain(&remote).map(|p| PartialAttention { out: &p.out, lse: &p.lse }).collect();
             merge_partials(&parts, hd, out, None)?;

@@ -404,6 +404,69 @@ impl KvCache {
         self.len = if self.shard { self.global_start } else { 0 };
     }
 
+    /// Appends `tokens` positions without running the model: `fill(layer, position, key, value)` writes the key and
+    /// value rows (`kv_dim` floats each) of every position a layer holds here afterwards (chunked layers only the
+    /// current chunk's, a shard's global layers only its range). For benchmarks that need a long context's KV without
+    /// hours of prefill; the cache then reads as if a prefill had written those rows.
+    pub fn append_synthetic(
+        &mut self,
+        tokens: usize,
+        mut fill: impl FnMut(usize, usize, &mut [f32], &mut [f32]),
+    ) -> Result<(), ModelError> {
+        let end = self.len + tokens;
+        let kv_floats = self.pool.block_floats / 2 / self.pool.block_size;
+        let (mut key, mut value) = (vec![0.0f32; kv_floats], vec![0.0f32; kv_floats]);
+        // In steps of at most one chunk, so chunked layers hold at most two chunks' blocks at once.
+        let step = self.chunks.iter().flatten().copied().min().unwrap_or(usize::MAX).clamp(1, 1 << 16);
+        while self.len < end {
+            let n = step.min(end - self.len);
+            self.reserve(n)?;
+            for l in 0..self.layers.len() {
+                let first = match self.chunks[l] {
+                    Some(chunk) => self.len.max(end / chunk * chunk),
+                    None => self.len,
+                };
+                for position in first..self.len + n {
+                    if self.holds(l, position) {
+                        fill(l, position, &mut key, &mut value);
+                        self.write(l, position, &key, &value)?;
+                    }
+                }
+            }
+            self.advance(n);
+        }
+        Ok(())
+    }
+
+    /// Root mean square of the keys and of the values each layer holds here (`None` for a layer holding nothing):
+    /// the scale a synthetic fill ([`KvCache::append_synthetic`]) should have to look like this model's KV.
+    pub fn layer_rms(&self) -> Vec<Option<(f32, f32)>> {
+        let block_size = self.pool.block_size;
+        let row = self.pool.block_floats / 2 / block_size;
+        (0..self.layers.len())
+            .map(|l| {
+                let paged = self.paged(l, self.len);
+                let (mut keys, mut values, mut count) = (0.0f64, 0.0f64, 0usize);
+                // A chunked layer's blocks may still hold positions of the previous chunk, no longer read.
+                let first = match self.chunks[l] {
+                    Some(chunk) => paged.key_start().max(self.len / chunk * chunk),
+                    None => paged.key_start(),
+                };
+                for position in first..paged.len {
+                    let Some(block) = paged.blocks.get(position / block_size - paged.first_block) else { continue };
+                    let slot = position % block_size;
+                    let sum = |at: usize| {
+                        block.data[at * row..(at + 1) * row].iter().map(|&v| (v as f64).powi(2)).sum::<f64>()
+                    };
+                    keys += sum(slot);
+                    values += sum(block_size + slot);
+                    count += row;
+                }
+                (count > 0).then(|| ((keys / count as f64).sqrt() as f32, (values / count as f64).sqrt() as f32))
+            })
+            .collect()
+    }
+
     /// Writes the key and value rows (`kv_dim` floats each) of absolute `position` into layer `l`'s block. The
     /// position must have been reserved.
     pub(crate) fn write(&mut self, l: usize, position: usize, key: &[f32], value: &[f32]) -> Result<(), ModelError> {

@@ -15,6 +15,7 @@ pub mod error;
 pub mod experts;
 pub mod forward;
 pub mod generate;
+pub mod gpu_experts;
 pub mod kv;
 pub mod linear;
 pub mod memory;
@@ -24,7 +25,10 @@ pub mod tiny;
 pub use error::ModelError;
 pub use experts::{ActivationPrecision, LocalExperts, RoutedExperts};
 pub use forward::{ExpertSelection, Llama4Model, LoadOptions, LogitsFor, SequenceStep};
-pub use kv::{KvBlockPool, KvCache};
 pub use generate::{
     generate, generate_until, FinishReason, Generation, GenerationRequest, SamplingParams, TokenLogprobs,
 };
+pub use gpu_experts::GpuExperts;
+pub use kv::{KvBlockPool, KvCache};
+/// Where compute runs (`cpu` or `cuda:N`): the kernels' device choice, which [`GpuExperts::new`] takes.
+pub use switchyard_kernels::device::Device;

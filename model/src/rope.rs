@@ -9,8 +9,7 @@ use crate::config::{RopeScaling, TextConfig};
 pub fn inverse_frequencies(config: &TextConfig) -> Vec<f32> {
     let dim = config.head_dim;
     let theta = config.rope_theta as f32;
-    let base: Vec<f32> =
-        (0..dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / dim as f32)).collect();
+    let base: Vec<f32> = (0..dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / dim as f32)).collect();
     match &config.rope_scaling {
         None => base,
         Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {

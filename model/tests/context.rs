@@ -137,3 +137,55 @@ fn a_shard_refuses_a_range_off_the_block_grid_and_a_chunked_layer() {
         .expect_err("chunked layer");
     assert!(error.to_string().contains("not a global attention layer"), "{error}");
 }
+
+/// Keys and values of (layer, position) that do not depend on who writes them.
+fn synthetic(layer: usize, position: usize, key: &mut [f32], value: &mut [f32]) {
+    for (i, (k, v)) in key.iter_mut().zip(value.iter_mut()).enumerate() {
+        let x = (layer * 7919 + position * 104_729 + i * 31) as f32;
+        *k = (x * 0.001).sin();
+        *v = (x * 0.0007).cos();
+    }
+}
+
+#[test]
+fn a_synthetic_fill_split_over_owner_and_shards_equals_the_unsharded_fill() {
+    let model = model();
+    let config = model.config().clone();
+    let tokens = prompt(40, config.vocab_size);
+    let filled = 1004;
+
+    let mut reference_cache = model.new_cache().expect("cache");
+    reference_cache.append_synthetic(filled, synthetic).expect("unsharded fill");
+    assert_eq!(reference_cache.len(), filled);
+    let scales = reference_cache.layer_rms();
+    assert!(scales.iter().all(|s| s.is_some_and(|(k, v)| k > 0.1 && v > 0.1)), "{scales:?}");
+    let mut reference = model.forward(&tokens[..32], &mut reference_cache, LogitsFor::All).expect("tail");
+    for &token in &tokens[32..] {
+        reference.extend(model.forward(&[token], &mut reference_cache, LogitsFor::Last).expect("decode"));
+    }
+
+    let block_size = 16;
+    let pool = KvBlockPool::new(&config, block_size, usize::MAX).expect("pool");
+    let mut members = Vec::new();
+    for (start, end) in [(320, 640), (640, usize::MAX)] {
+        let mut shard = KvCache::shard(&config, pool.clone(), start, end).expect("shard");
+        shard.append_synthetic(filled.min(end) - start, synthetic).expect("shard fill");
+        members.push(Mutex::new(shard));
+    }
+    let shards = Arc::new(InProcessShards { config: config.clone(), local_end: 320, members });
+    let mut cache = KvCache::in_pool(&config, pool.clone());
+    cache.set_context(shards.clone()).expect("context");
+    cache.append_synthetic(filled, synthetic).expect("owner fill");
+    // The owner: its range of the global layer and the chunked layers' current chunk only.
+    let chunk = config.attention_chunk_size.expect("a chunked model");
+    let chunked_layers = (0..config.num_hidden_layers).filter(|&l| config.is_chunked_attention(l)).count();
+    let current = filled.div_ceil(block_size) - filled / chunk * chunk / block_size;
+    assert_eq!(cache.blocks_held(), 320 / block_size + chunked_layers * current);
+    assert_eq!(shards.members[0].lock().expect("lock").blocks_held(), 320 / block_size);
+    let mut logits = model.forward(&tokens[..32], &mut cache, LogitsFor::All).expect("sharded tail");
+    for &token in &tokens[32..] {
+        logits.extend(model.forward(&[token], &mut cache, LogitsFor::Last).expect("sharded decode"));
+    }
+    let diff = max_diff(&logits, &reference);
+    assert!(diff <= 1e-4, "logits differ by {diff}");
+}

@@ -58,6 +58,19 @@ pub enum PlanError {
         reason: String,
     },
 
+    /// The plot could not be drawn or written (the message names the file).
+    #[error(transparent)]
+    Plot(#[from] switchyard_simulator::SimError),
+
+    /// The model or hardware cannot drive the simulator.
+    #[error("cannot simulate {what}: {reason}")]
+    Simulation {
+        /// The model or profile at fault.
+        what: String,
+        /// Why, naming what would be accepted.
+        reason: String,
+    },
+
     /// A file could not be written.
     #[error("writing {}", path.display())]
     Write {

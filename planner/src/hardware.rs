@@ -127,6 +127,7 @@ impl HardwareProfile {
     }
 
     /// Dense GEMM FLOP/s at `tokens` rows.
+    #[inline]
     pub fn dense_rate(&self, tokens: f64) -> f64 {
         match &self.dense_curve {
             Some(curve) => curve.at(tokens),
@@ -135,6 +136,7 @@ impl HardwareProfile {
     }
 
     /// FP8-weight GEMM FLOP/s at `tokens` rows.
+    #[inline]
     pub fn fp8_rate(&self, tokens: f64) -> f64 {
         match &self.fp8_curve {
             Some(curve) => curve.at(tokens),

@@ -7,7 +7,8 @@
 //!   their rates with what `switchyard bench` measured.
 //! - [`step`]: the step-time model from FLOPs and bytes over rates; [`search`] the shapes, loads and SLOs.
 //! - [`vllm`]: the tensor-parallel reference the memory model is checked against.
-//! - [`values`]: the plan as Helm values.
+//! - [`values`]: the plan as Helm values; [`plot`]: throughput and cost against expert workers as an SVG.
+//! - [`sim_costs`]: the step model as the cluster simulator's step costs (`switchyard simulate --costs planner`).
 //!
 //! The crate computes; it prints nothing. `docs/planner.md` has the equations and the measurements.
 
@@ -15,7 +16,9 @@ pub mod calibrate;
 pub mod error;
 pub mod hardware;
 pub mod model;
+pub mod plot;
 pub mod search;
+pub mod sim_costs;
 pub mod step;
 pub mod values;
 pub mod vllm;
@@ -28,7 +31,10 @@ use switchyard_model::memory::{Precision, WeightBytes};
 pub use error::PlanError;
 pub use hardware::HardwareProfile;
 pub use model::ModelSpec;
-pub use search::{Evaluation, PlanRequest, Planner, SearchResult, Target};
+pub use search::{
+    Evaluation, ExpertWorkerOption, PlanRequest, Planner, Prediction, SearchResult, Shortfall, Target, Unmet,
+};
+pub use sim_costs::PlannerCosts;
 pub use step::{Shape, StepLoad, StepModel, StepTime};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -260,12 +266,62 @@ impl Plan {
                 );
             }
         }
+        self.write_by_expert_workers(o);
         let _ = writeln!(o);
         let _ = writeln!(o, "sources:");
         for source in &self.hardware.sources {
             let _ = writeln!(o, "  - {source}");
         }
         out
+    }
+}
+
+impl Plan {
+    /// The table of [`SearchResult::by_expert_workers`]: the numbers `--plot` draws.
+    fn write_by_expert_workers(&self, o: &mut String) {
+        let device = if self.hardware.shared_host { "process" } else { "GPU" };
+        let cost = format!("{device}-h/Mtok");
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "by expert {device}s (the best shape of each count the search considered, what --plot draws; capacity: the \
+             same shape at the largest batch its KV, --max-batch and the TPOT SLO allow):"
+        );
+        let _ = writeln!(
+            o,
+            "  {:>6} {:>5} {:>5} {:>9} {:>3} {:>13} {:>13} {:>8} {:>14} {:>13}",
+            "expert", "attn", "total", "redundant", "mb", "output tok/s", cost, "TPOT ms", "capacity tok/s", cost
+        );
+        let number = |v: Option<f64>, decimals: usize| v.map_or("-".to_string(), |v| format!("{v:.decimals$}"));
+        for option in &self.result.by_expert_workers {
+            let shape = option.shape.filter(|_| option.predicted.is_some());
+            let count = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
+            let (predicted, capacity) = (option.predicted.as_ref(), option.capacity.as_ref());
+            let mut line = format!(
+                "  {:>6} {:>5} {:>5} {:>9} {:>3} {:>13} {:>13} {:>8} {:>14} {:>13}",
+                option.expert_workers,
+                count(shape.map(|s| s.attention_workers)),
+                count(predicted.map(|p| p.devices)),
+                count(shape.map(|s| s.redundant_slots)),
+                count(shape.map(|s| s.micro_batches)),
+                number(predicted.map(|p| p.output_tokens_per_s), 1),
+                number(predicted.map(|p| p.device_hours_per_million_output_tokens), 4),
+                number(predicted.map(|p| p.tpot_s * 1e3), 2),
+                number(capacity.map(|p| p.output_tokens_per_s), 1),
+                number(capacity.map(|p| p.device_hours_per_million_output_tokens), 4),
+            );
+            match (option.chosen, &option.unmet) {
+                (true, _) => line += "  chosen",
+                (_, Some(Unmet { shortfall: Shortfall::DoesNotFit, reason })) => {
+                    line += &format!("  does not fit: {reason}")
+                }
+                (_, Some(Unmet { shortfall: Shortfall::MissesTarget, reason })) => {
+                    line += &format!("  misses: {reason}")
+                }
+                (false, None) => {}
+            }
+            let _ = writeln!(o, "{line}");
+        }
     }
 }
 

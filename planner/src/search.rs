@@ -199,6 +199,16 @@ impl WorkerMemory {
     }
 }
 
+/// Why a shape, or every shape with some number of expert workers, does not meet the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shortfall {
+    /// Weights, activations, the KV cache or one sequence of the requested context do not fit the devices' memory.
+    DoesNotFit,
+    /// It fits, but does not carry the load (a rate or a concurrency) within the SLOs.
+    MissesTarget,
+}
+
 /// A shape evaluated against the request.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Evaluation {
@@ -210,6 +220,8 @@ pub struct Evaluation {
     pub feasible: bool,
     /// The constraint it fails.
     pub reason: Option<String>,
+    /// What kind of constraint that is.
+    pub shortfall: Option<Shortfall>,
     /// Sequences decoding per attention worker per step.
     pub decode_batch: f64,
     /// Prompt tokens prefilled per attention worker per step.
@@ -236,6 +248,124 @@ pub struct Evaluation {
     pub context_parallel: u32,
     /// Memory of one attention worker and one expert worker.
     pub memory: Vec<WorkerMemory>,
+}
+
+impl Evaluation {
+    /// Device-hours per million output tokens (GPU-hours on GPUs, process-hours on a shared host): the devices over
+    /// the output tokens they produce in an hour. `None` when the shape produces none.
+    pub fn device_hours_per_million_output_tokens(&self) -> Option<f64> {
+        (self.output_tokens_per_s > 0.0).then(|| self.devices as f64 * 1e6 / (3600.0 * self.output_tokens_per_s))
+    }
+}
+
+/// What the step model predicts for a shape under a load.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Prediction {
+    /// Devices of the shape, attention and expert workers.
+    pub devices: u32,
+    /// Output tokens per second of the whole cluster.
+    pub output_tokens_per_s: f64,
+    /// Device-hours per million output tokens ([`Evaluation::device_hours_per_million_output_tokens`]).
+    pub device_hours_per_million_output_tokens: f64,
+    /// Time per output token, seconds.
+    pub tpot_s: f64,
+    /// Time to first token, seconds.
+    pub ttft_s: f64,
+}
+
+impl Prediction {
+    /// The prediction of `e`, when it predicted any output.
+    fn of(e: &Evaluation) -> Option<Self> {
+        Some(Prediction {
+            devices: e.devices,
+            device_hours_per_million_output_tokens: e.device_hours_per_million_output_tokens()?,
+            output_tokens_per_s: e.output_tokens_per_s,
+            tpot_s: e.tpot_s,
+            ttft_s: e.ttft_s,
+        })
+    }
+}
+
+/// Why no shape with some number of expert workers meets the request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Unmet {
+    /// The kind of constraint.
+    pub shortfall: Shortfall,
+    /// The constraint in words, with the numbers.
+    pub reason: String,
+}
+
+/// The best the search found for one number of expert workers: what `switchyard plan` lists by expert workers and
+/// what `--plot` draws.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExpertWorkerOption {
+    /// Expert workers (GPUs, or processes on a shared host).
+    pub expert_workers: u32,
+    /// Whether this count holds the chosen plan.
+    pub chosen: bool,
+    /// `None` when some shape with this many expert workers meets the request; else why none does.
+    pub unmet: Option<Unmet>,
+    /// The best shape meeting the request (the search's own order: fewest devices, then TPOT or throughput); when
+    /// none does, the closest miss evaluated, if any.
+    pub shape: Option<Shape>,
+    /// That shape under the request's load (for a miss: where it failed, if a step was predicted).
+    pub predicted: Option<Prediction>,
+    /// The same shape at its capacity: the largest decode batch its KV cache, `--max-batch` and the TPOT SLO allow
+    /// (`predicted` again without a load). With a rate or a concurrency, every shape meeting the load outputs the
+    /// load; this is what the shape could give.
+    pub capacity: Option<Prediction>,
+}
+
+impl ExpertWorkerOption {
+    /// `expert_workers` with the evaluation of its best shape (or of its closest miss) and of that shape at its
+    /// capacity, and why it does not meet the request if it does not.
+    fn new(
+        expert_workers: u32,
+        evaluation: Option<&Evaluation>,
+        capacity: Option<&Evaluation>,
+        unmet: Option<Unmet>,
+    ) -> Self {
+        ExpertWorkerOption {
+            expert_workers,
+            chosen: false,
+            unmet,
+            shape: evaluation.map(|e| e.shape),
+            predicted: evaluation.and_then(Prediction::of),
+            capacity: capacity.filter(|e| e.feasible).and_then(Prediction::of),
+        }
+    }
+
+    /// The kind of constraint no shape with this many expert workers meets (`None`: one meets the request).
+    pub fn shortfall(&self) -> Option<Shortfall> {
+        self.unmet.as_ref().map(|u| u.shortfall)
+    }
+}
+
+/// Why no count of attention workers makes a shape meet the request, and the closest evaluation if one was made.
+struct Miss {
+    reason: String,
+    shortfall: Shortfall,
+    /// Boxed: a miss travels in `Err` through the attention-worker search.
+    evaluation: Option<Box<Evaluation>>,
+}
+
+impl Miss {
+    fn of(e: Evaluation) -> Self {
+        Miss {
+            reason: e.reason.clone().unwrap_or_default(),
+            shortfall: e.shortfall.unwrap_or(Shortfall::MissesTarget),
+            evaluation: Some(Box::new(e)),
+        }
+    }
+
+    /// A shape that cannot exist: its expert replicas do not fit the expert workers.
+    fn unfit(reason: String) -> Self {
+        Miss { reason, shortfall: Shortfall::DoesNotFit, evaluation: None }
+    }
+
+    fn bare(reason: String) -> Self {
+        Miss { reason, shortfall: Shortfall::MissesTarget, evaluation: None }
+    }
 }
 
 /// The planner for one model, one hardware profile and one request.
@@ -286,6 +416,26 @@ impl<'a> Planner<'a> {
     /// The request as given.
     pub fn request(&self) -> &PlanRequest {
         &self.request
+    }
+
+    /// The model planned for.
+    pub fn model(&self) -> &'a ModelSpec {
+        self.model
+    }
+
+    /// The hardware planned on.
+    pub fn hardware(&self) -> &'a HardwareProfile {
+        self.hardware
+    }
+
+    /// The step-time model every evaluation uses.
+    pub fn step_model(&self) -> &StepModel<'a> {
+        &self.steps
+    }
+
+    /// The encodings of expert inputs and outputs on the wire: `(dispatch, combine)`.
+    pub fn wire(&self) -> (Precision, Precision) {
+        (self.dispatch, self.combine)
     }
 
     /// The KV footprint in use.
@@ -524,6 +674,7 @@ impl<'a> Planner<'a> {
             devices: shape.attention_workers + shape.expert_workers,
             feasible: true,
             reason: None,
+            shortfall: None,
             decode_batch: 0.0,
             prefill_tokens_per_step: 0.0,
             step: StepTime::default(),
@@ -538,14 +689,17 @@ impl<'a> Planner<'a> {
             context_parallel,
             memory,
         };
-        let fail = |mut e: Evaluation, reason: String| {
+        let fail_as = |shortfall: Shortfall, mut e: Evaluation, reason: String| {
             e.feasible = false;
             e.reason = Some(reason);
+            e.shortfall = Some(shortfall);
             e
         };
+        let does_not_fit = |e, reason| fail_as(Shortfall::DoesNotFit, e, reason);
+        let fail = |e, reason| fail_as(Shortfall::MissesTarget, e, reason);
         if kv_budget <= 0 {
             let aw = &e.memory[0];
-            return fail(
+            return does_not_fit(
                 e.clone(),
                 format!(
                     "an attention worker's weights, activations and workspace need {:.1} GiB of its {:.1} GiB usable",
@@ -562,14 +716,14 @@ impl<'a> Planner<'a> {
                 kv_budget_bytes as f64 / GIB,
                 shape.attention_workers
             );
-            return fail(e, reason);
+            return does_not_fit(e, reason);
         }
         // The most sequences an attention worker decodes: its slots and KV for sequences of input + output tokens
         // (a sequence of the full `context` is the feasibility check above; it may span a context-parallel group).
         let kv_limit = kv_sequences as f64;
         let batch_limit = (self.max_batch as f64).min(kv_limit);
         if batch_limit <= 0.0 {
-            return fail(e, "the KV cache holds no whole sequence".into());
+            return does_not_fit(e, "the KV cache holds no whole sequence".into());
         }
         let step_at = |b: f64, p: f64| self.steps.step(&shape, &self.load(b, p));
         let (b, p, step) = match target {
@@ -704,18 +858,25 @@ impl<'a> Planner<'a> {
         expert_workers: u32,
         redundant: u32,
         micro_batches: u32,
-    ) -> Result<Evaluation, String> {
+    ) -> Result<Evaluation, Miss> {
         let limit = self.request.max_devices.saturating_sub(expert_workers);
-        let try_aw = |aw: u32| -> Result<Evaluation, String> {
-            let shape = self.shape(aw, expert_workers, redundant, micro_batches)?;
+        let try_aw = |aw: u32| -> Result<Evaluation, Miss> {
+            // More attention workers send more tokens per layer, so the expert workers' activations grow and fewer
+            // replicas fit: a shape can stop fitting on the way up.
+            let shape = self.shape(aw, expert_workers, redundant, micro_batches).map_err(|reason| {
+                Miss::unfit(if aw > 1 { format!("with {aw} attention workers, {reason}") } else { reason })
+            })?;
             Ok(self.evaluate(shape))
         };
+        let feasible = |e: Evaluation| if e.feasible { Ok(e) } else { Err(Miss::of(e)) };
         if let Some(aw) = self.request.pins.attention_workers {
-            let e = try_aw(aw)?;
-            return if e.feasible { Ok(e) } else { Err(e.reason.unwrap_or_default()) };
+            return feasible(try_aw(aw)?);
         }
         if limit == 0 {
-            return Err(format!("--max-devices {} leaves no device for an attention worker", self.request.max_devices));
+            return Err(Miss::bare(format!(
+                "--max-devices {} leaves no device for an attention worker",
+                self.request.max_devices
+            )));
         }
         let first = try_aw(1)?;
         if first.feasible {
@@ -725,20 +886,21 @@ impl<'a> Planner<'a> {
             // Without a load only a context-parallel group can need more than one attention worker.
             let cp = first.context_parallel;
             if cp <= 1 {
-                return Err(first.reason.unwrap_or_default());
+                return Err(Miss::of(first));
             }
             if cp > limit {
-                return Err(format!(
+                let reason = format!(
                     "{} (--max-devices {} leaves room for {limit} attention workers)",
-                    first.reason.unwrap_or_default(),
+                    first.reason.clone().unwrap_or_default(),
                     self.request.max_devices
-                ));
+                );
+                return Err(Miss { reason, ..Miss::of(first) });
             }
-            let e = try_aw(cp)?;
-            return if e.feasible { Ok(e) } else { Err(e.reason.unwrap_or_default()) };
+            return feasible(try_aw(cp)?);
         }
         // Doubling, then bisection between the last failing and the first feasible count.
-        let (mut bad, mut last_reason) = (1u32, first.reason.clone().unwrap_or_default());
+        let mut bad = 1u32;
+        let mut last_miss = first;
         let mut good: Option<(u32, Evaluation)> = None;
         let mut aw = 2u32;
         while aw <= limit {
@@ -747,11 +909,11 @@ impl<'a> Planner<'a> {
                 good = Some((aw, e));
                 break;
             }
-            last_reason = e.reason.clone().unwrap_or_default();
+            last_miss = e;
             bad = aw;
             aw = if aw == limit { limit + 1 } else { (aw * 2).min(limit) };
         }
-        let Some((mut good_aw, mut good_e)) = good else { return Err(last_reason) };
+        let Some((mut good_aw, mut good_e)) = good else { return Err(Miss::of(last_miss)) };
         while good_aw - bad > 1 {
             let mid = bad + (good_aw - bad) / 2;
             let e = try_aw(mid)?;
@@ -765,7 +927,38 @@ impl<'a> Planner<'a> {
         Ok(good_e)
     }
 
-    /// Searches the shapes and returns the chosen one with the best alternatives.
+    /// The search's order of shapes meeting the request: fewest devices, then the lowest TPOT (with a load) or the
+    /// highest throughput (without).
+    fn order(&self, a: &Evaluation, b: &Evaluation) -> std::cmp::Ordering {
+        a.devices.cmp(&b.devices).then_with(|| match self.request.target {
+            Target::Capacity => b.output_tokens_per_s.total_cmp(&a.output_tokens_per_s),
+            _ => a.tpot_s.total_cmp(&b.tpot_s),
+        })
+    }
+
+    /// The expert-worker counts the search considers: from the fewest that hold every expert once (`min_ew`) the
+    /// next three counts, then 8, 16, 24, 32, 48, 64, ... up to twice the experts; and, to show where memory runs
+    /// out, the counts of the same ladder (and 1, 2, 4 and `min_ew - 1`) below `min_ew`, which cannot hold them.
+    fn expert_worker_candidates(&self, min_ew: u32) -> Vec<u32> {
+        if let Some(n) = self.request.pins.expert_workers {
+            return vec![n];
+        }
+        let experts = self.model.config.num_local_experts as u32;
+        let mut v: Vec<u32> = (min_ew..min_ew + 4).collect();
+        v.extend([1, 2, 4, min_ew.saturating_sub(1)]);
+        let mut n = 8;
+        while n <= 2 * experts {
+            v.push(n);
+            n += if n < 32 { 8 } else { 16 };
+        }
+        v.retain(|&n| n >= 1 && n < self.request.max_devices);
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Searches the shapes and returns the chosen one with the best alternatives and the best shape of every
+    /// expert-worker count considered.
     pub fn search(&self) -> Result<SearchResult, PlanError> {
         let pins = self.request.pins;
         let experts = self.model.config.num_local_experts as u32;
@@ -782,29 +975,15 @@ impl<'a> Planner<'a> {
                     self.usable() as f64 / GIB
                 ),
             })?;
-        let ew_candidates: Vec<u32> = match pins.expert_workers {
-            Some(n) => vec![n],
-            None => {
-                let mut v: Vec<u32> = (min_ew..min_ew + 4).collect();
-                let mut n = 8;
-                while n <= 2 * experts {
-                    v.push(n);
-                    n += if n < 32 { 8 } else { 16 };
-                }
-                v.retain(|&n| n >= min_ew && n < max_devices);
-                v.sort_unstable();
-                v.dedup();
-                v
-            }
-        };
         let mb_candidates: Vec<u32> = match pins.micro_batches {
             Some(m) => vec![m],
             None if self.hardware.shared_host => vec![1],
             None => vec![1, 2],
         };
         let mut best: Vec<Evaluation> = Vec::new();
+        let mut by_expert_workers = Vec::new();
         let mut last_failure: Option<String> = None;
-        for &ew in &ew_candidates {
+        for ew in self.expert_worker_candidates(min_ew) {
             let redundant: Vec<u32> = match pins.redundant_slots {
                 Some(r) => vec![r],
                 None => {
@@ -816,30 +995,72 @@ impl<'a> Planner<'a> {
                     r
                 }
             };
+            let (mut met, mut misses) = (Vec::new(), Vec::new());
             for &r in &redundant {
                 for &mb in &mb_candidates {
                     match self.fewest_attention_workers(ew, r, mb) {
-                        Ok(e) => best.push(e),
-                        Err(reason) => last_failure = Some(reason),
+                        Ok(e) => met.push(e),
+                        Err(miss) => {
+                            last_failure = Some(miss.reason.clone());
+                            misses.push(miss);
+                        }
                     }
                 }
             }
+            by_expert_workers.push(match met.iter().min_by(|a, b| self.order(a, b)) {
+                Some(e) => ExpertWorkerOption::new(ew, Some(e), Some(&self.capacity_of(e)), None),
+                None => self.closest_miss(ew, misses),
+            });
+            best.extend(met);
         }
         if best.is_empty() {
             return Err(PlanError::Infeasible {
                 reason: last_failure.unwrap_or_else(|| "no shape was within the search limits".into()),
             });
         }
-        best.sort_by(|a, b| {
-            a.devices.cmp(&b.devices).then_with(|| match self.request.target {
-                Target::Capacity => b.output_tokens_per_s.total_cmp(&a.output_tokens_per_s),
-                _ => a.tpot_s.total_cmp(&b.tpot_s),
-            })
-        });
+        best.sort_by(|a, b| self.order(a, b));
         let chosen = best.remove(0);
+        for option in &mut by_expert_workers {
+            option.chosen = option.unmet.is_none() && option.expert_workers == chosen.shape.expert_workers;
+        }
         let max_rate = self.max_rate(chosen.shape);
         best.truncate(4);
-        Ok(SearchResult { chosen, max_rate_requests_per_s: max_rate, alternatives: best })
+        Ok(SearchResult { chosen, max_rate_requests_per_s: max_rate, alternatives: best, by_expert_workers })
+    }
+
+    /// `e`'s shape evaluated at its capacity (`e` itself when the request gives no load).
+    fn capacity_of(&self, e: &Evaluation) -> Evaluation {
+        match self.request.target {
+            Target::Capacity => e.clone(),
+            _ => self.evaluate_for(e.shape, Target::Capacity),
+        }
+    }
+
+    /// What to show for an expert-worker count none of whose shapes meets the request: a miss of the load or SLOs
+    /// over one of memory (it says more about the count), one with a predicted step over one without, then the
+    /// search's own order (fewest devices, then TPOT or throughput), the first tried among equals.
+    fn closest_miss(&self, expert_workers: u32, misses: Vec<Miss>) -> ExpertWorkerOption {
+        fn predicted(m: &Miss) -> Option<&Evaluation> {
+            m.evaluation.as_deref().filter(|e| e.output_tokens_per_s > 0.0)
+        }
+        let rank = |m: &Miss| (m.shortfall == Shortfall::MissesTarget, predicted(m).is_some());
+        let closest = misses.into_iter().min_by(|a, b| {
+            rank(b).cmp(&rank(a)).then_with(|| match (predicted(a), predicted(b)) {
+                (Some(x), Some(y)) => self.order(x, y),
+                _ => std::cmp::Ordering::Equal,
+            })
+        });
+        match closest {
+            Some(m) => {
+                let capacity = m.evaluation.as_deref().map(|e| self.capacity_of(e));
+                let unmet = Unmet { shortfall: m.shortfall, reason: m.reason };
+                ExpertWorkerOption::new(expert_workers, m.evaluation.as_deref(), capacity.as_ref(), Some(unmet))
+            }
+            None => {
+                let unmet = Unmet { shortfall: Shortfall::DoesNotFit, reason: "no shape to evaluate".into() };
+                ExpertWorkerOption::new(expert_workers, None, None, Some(unmet))
+            }
+        }
     }
 }
 
@@ -852,4 +1073,7 @@ pub struct SearchResult {
     pub max_rate_requests_per_s: f64,
     /// The next best shapes that also meet the request.
     pub alternatives: Vec<Evaluation>,
+    /// The best shape of every expert-worker count the search considered, ascending, including the counts none of
+    /// whose shapes meets the request: the series `switchyard plan --plot` draws.
+    pub by_expert_workers: Vec<ExpertWorkerOption>,
 }

@@ -112,6 +112,9 @@ pub struct StepModel<'a> {
     router: Matrices,
     lm_head: Matrices,
     expert: Matrices,
+    /// Layers that cost the same on the attention worker (MoE or dense, chunked or global attention): one
+    /// representative layer of each kind and how many there are.
+    layer_kinds: Vec<(usize, f64)>,
 }
 
 fn per(total: u64, count: usize) -> f64 {
@@ -131,6 +134,14 @@ impl<'a> StepModel<'a> {
         let layers = c.num_hidden_layers;
         let moe = c.num_moe_layers();
         let lm_bytes = if c.tie_word_embeddings { w.embeddings } else { w.lm_head };
+        let mut layer_kinds: Vec<(usize, f64)> = Vec::new();
+        let kind = |layer: usize| (c.is_moe_layer(layer), c.is_chunked_attention(layer));
+        for layer in 0..layers {
+            match layer_kinds.iter_mut().find(|(first, _)| kind(*first) == kind(layer)) {
+                Some((_, count)) => *count += 1.0,
+                None => layer_kinds.push((layer, 1.0)),
+            }
+        }
         StepModel {
             model,
             hardware,
@@ -144,6 +155,7 @@ impl<'a> StepModel<'a> {
             router: Matrices { bytes: per(w.routers, moe), params: h * c.num_local_experts as f64 },
             lm_head: Matrices { bytes: lm_bytes as f64, params: h * c.vocab_size as f64 },
             expert: Matrices { bytes: w.routed_expert_per_layer as f64, params: model.expert_params() as f64 },
+            layer_kinds,
         }
     }
 
@@ -153,6 +165,7 @@ impl<'a> StepModel<'a> {
     }
 
     /// One GEMM over `tokens` rows: weight streaming or FLOPs, whichever is slower.
+    #[inline]
     fn gemm(&self, matrices: Matrices, tokens: f64, fp8: bool) -> f64 {
         if tokens <= 0.0 || matrices.params <= 0.0 {
             return 0.0;
@@ -190,6 +203,22 @@ impl<'a> StepModel<'a> {
         hw.attention_launch_s + decode + prefill_flops / hw.attention_flops
     }
 
+    /// Seconds one expert GPU spends on one MoE layer: `tokens` routed tokens over `active` local experts that
+    /// received any (both may be fractional: expectations). Each active expert streams its weights or computes its
+    /// share of the tokens, whichever is slower, on the FP8 curve and the grouped streaming rate. This is the cost
+    /// the simulator asks for every expert GPU (`PlannerCosts`), and the one the search uses for the busiest expert
+    /// worker.
+    #[inline] // The simulator calls it for every expert GPU and MoE layer at every expert tick.
+    pub fn expert_layer_s(&self, tokens: f64, active: f64) -> f64 {
+        if tokens <= 0.0 {
+            return 0.0;
+        }
+        // An active expert has at least one token, so there are no more of them than tokens (nor than one when the
+        // tokens are a fraction); a caller reporting none while tokens arrive gets one expert's worth.
+        let active = if active > 0.0 { active.min(tokens.max(1.0)) } else { tokens.min(1.0) };
+        active * self.gemm(self.expert, tokens / active, true)
+    }
+
     /// Seconds the busiest expert worker spends on one MoE layer when `tokens` routed tokens reach the expert side
     /// (all attention workers together); on a shared host, all expert workers together.
     fn experts(&self, shape: &Shape, tokens: f64) -> f64 {
@@ -202,7 +231,7 @@ impl<'a> StepModel<'a> {
         // token arrives), each with its share of the tokens.
         let experts_of = |load: f64, slots: f64| {
             let touched = (slots * (1.0 - (-load / slots).exp())).max(load.min(1.0));
-            touched * self.gemm(self.expert, load / touched, true)
+            self.expert_layer_s(load, touched)
         };
         if self.hardware.shared_host {
             // The workers' work adds up on the shared cores: every replica of every worker, all the tokens.
@@ -235,6 +264,52 @@ impl<'a> StepModel<'a> {
         2.0 * link.latency_s + aw_bytes.max(ew_bytes) / link.bytes_per_s
     }
 
+    /// The attention worker's own work on one layer for a (micro-)batch of `m` tokens: `(front, overlappable,
+    /// attention)`, where `front` (projections, attention, then the router or the dense MLP) precedes the MoE path,
+    /// `overlappable` (the shared expert) runs while the routed tokens are away, and `attention` is the part of
+    /// `front` that is attention itself.
+    fn attention_worker_layer(&self, layer: usize, m: f64, load: &StepLoad) -> (f64, f64, f64) {
+        let projections = self.gemm(self.attention, m, false);
+        let attention = self.attention_core(layer, load);
+        if self.model.config.is_moe_layer(layer) {
+            (
+                projections + attention + self.gemm(self.router, m, false),
+                self.gemm(self.shared_expert, m, false),
+                attention,
+            )
+        } else {
+            (projections + attention + self.gemm(self.dense_mlp, m, false), 0.0, attention)
+        }
+    }
+
+    /// The lm_head over the sampled tokens and the per-step overheads of one attention worker.
+    fn sampling_and_overhead(&self, decode_sequences: f64) -> (f64, f64) {
+        let lm_head = self.gemm(self.lm_head, decode_sequences, false);
+        let overhead = self.hardware.step_overhead_s + self.hardware.per_sequence_overhead_s * decode_sequences;
+        (lm_head, overhead)
+    }
+
+    /// The attention worker's side of one step under `load` on its own device, every layer, no routed experts and no
+    /// overlap: `dense_gemm_s` (projections, dense MLPs, routers, shared experts, lm_head), `attention_s` and
+    /// `overhead_s`, with `total_s` their sum. This is what the simulator's `StepCosts::attention_us` asks for; the
+    /// simulator adds the expert side per MoE layer itself.
+    pub fn attention_worker_step(&self, load: &StepLoad) -> StepTime {
+        let m = load.decode_sequences + load.prefill_tokens;
+        let mut t = StepTime::default();
+        // One layer of each kind times their count: the simulator asks this at every step of every attention
+        // worker, millions of times in a large run.
+        for &(layer, count) in &self.layer_kinds {
+            let (front, overlappable, attention) = self.attention_worker_layer(layer, m, load);
+            t.attention_s += count * attention;
+            t.dense_gemm_s += count * (front - attention + overlappable);
+        }
+        let (lm_head, overhead) = self.sampling_and_overhead(load.decode_sequences);
+        t.dense_gemm_s += lm_head;
+        t.overhead_s = overhead;
+        t.total_s = t.dense_gemm_s + t.attention_s + t.overhead_s;
+        t
+    }
+
     /// The time of one step of every attention worker under `load`.
     pub fn step(&self, shape: &Shape, load: &StepLoad) -> StepTime {
         let config = &self.model.config;
@@ -250,20 +325,13 @@ impl<'a> StepModel<'a> {
         let mut t = StepTime::default();
         let mut total = 0.0;
         for layer in 0..config.num_hidden_layers {
-            let projections = self.gemm(self.attention, m, false);
-            let attention = self.attention_core(layer, &half);
-            let (front, overlappable, moe_path, experts, comm) = if config.is_moe_layer(layer) {
+            let (front, overlappable, attention) = self.attention_worker_layer(layer, m, &half);
+            let (moe_path, experts, comm) = if config.is_moe_layer(layer) {
                 let experts = self.experts(shape, routed_all);
                 let comm = self.communication(shape, m);
-                (
-                    projections + attention + self.gemm(self.router, m, false),
-                    self.gemm(self.shared_expert, m, false),
-                    experts + comm,
-                    experts,
-                    comm,
-                )
+                (experts + comm, experts, comm)
             } else {
-                (projections + attention + self.gemm(self.dense_mlp, m, false), 0.0, 0.0, 0.0, 0.0)
+                (0.0, 0.0, 0.0)
             };
             // Parts as one micro-batch sees them, summed over the micro-batches of the step.
             t.attention_s += mb * attention;
@@ -279,11 +347,10 @@ impl<'a> StepModel<'a> {
                 front + overlappable.max(moe_path)
             };
         }
-        let sampled = load.decode_sequences;
-        let lm_head =
-            self.gemm(self.lm_head, sampled, false) * if shared_host { shape.attention_workers as f64 } else { 1.0 };
+        let (lm_head, overhead) = self.sampling_and_overhead(load.decode_sequences);
+        let lm_head = lm_head * if shared_host { shape.attention_workers as f64 } else { 1.0 };
         t.dense_gemm_s += lm_head;
-        t.overhead_s = self.hardware.step_overhead_s + self.hardware.per_sequence_overhead_s * load.decode_sequences;
+        t.overhead_s = overhead;
         t.total_s = total + lm_head + t.overhead_s;
         t
     }

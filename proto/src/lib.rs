@@ -2,8 +2,9 @@
 //!
 //! Owns every `.proto` file (`proto/switchyard/v1/`) and the code generated from them: dispatch/combine between
 //! attention and expert workers, expert-worker control, the coordinator's placement API, the cluster store a coordinator serves
-//! (`switchyard.v1.Store`), the client Generate API, and context-parallel attention between attention workers
-//! (`switchyard.v1.ContextShard`).
+//! (`switchyard.v1.Store`), the client Generate API, context-parallel attention between attention workers
+//! (`switchyard.v1.ContextShard`), and the bootstrap of collective communicators through the coordinator
+//! (`switchyard.v1.Communicator`).
 //! Nothing else in the workspace defines a wire format. It must not depend on model math or on any worker.
 //!
 //! Byte fields are generated as `bytes::Bytes`, so activation payloads are not copied by decoding.

@@ -1,8 +1,10 @@
 //! What a step costs: the only thing the simulator asks about the hardware and the model.
 //!
-//! [`StepCosts`] is the seam for a first-principles model (the capacity planner's) or a calibrated one;
-//! [`AnchorCosts::h100_maverick`] is a roofline built from the H100 anchors in `docs/performance.md` (shared docs)
-//! and Llama 4 Maverick's shapes, good enough to rank placements and show where time goes.
+//! [`StepCosts`] is the seam for a first-principles model or a calibrated one: the capacity planner's step model
+//! implements it (`switchyard_planner::PlannerCosts`, the default of `switchyard simulate`; this crate does not
+//! depend on the planner). [`AnchorCosts::h100_maverick`] is a roofline built from the H100 anchors in
+//! `docs/performance.md` (shared docs) and Llama 4 Maverick's shapes (`--costs anchor`), good enough to rank
+//! placements and show where time goes.
 
 use serde::Serialize;
 

@@ -917,39 +917,52 @@ async fn serve_request(serving: Arc<Serving>, request: RequestMessage) -> Result
         attention_worker = %request.attention_worker,
         expert_worker = %serving.worker_id,
     );
-    async move {
-        let output_dtype = codec::output_dtype_of(request.output_dtype)?;
-        let batch = codec::batch_from_message(&request, Some(&serving.blocks))?;
-        // The received bytes are no longer needed while the experts compute.
-        drop(request);
-        serving.service.validate(&batch)?;
-        let (tokens, hidden) = (batch.tokens(), batch.hidden);
-        let bound = wire::message_size_bound(tokens * hidden, tokens, output_dtype, 0);
-        if bound > MAX_MESSAGE_BYTES {
-            return Err(TransportError::InvalidPayload {
-                what: "output_dtype".into(),
-                reason: format!(
-                    "[{tokens}, {hidden}] outputs as {output_dtype} take up to {bound} bytes, more than the message \
-                     limit {MAX_MESSAGE_BYTES}"
-                ),
-            });
-        }
-        let outputs = serving.service.compute(batch).await?;
-        if outputs.len() != tokens * hidden {
-            return Err(TransportError::Compute {
-                reason: format!("the expert service returned {} values for [{tokens}, {hidden}]", outputs.len()),
-            });
-        }
-        let response = wire::encode_response(ids, &outputs, tokens, hidden, output_dtype, Some(&serving.payloads));
-        serving.blocks.put(outputs);
-        Ok(response)
+    compute_request(&serving.service, request, Some(&serving.blocks), Some(&serving.payloads))
+        .instrument(span.clone())
+        .await
+        .map_err(|error| {
+            span.in_scope(|| tracing::warn!("dispatch refused: {error}"));
+            (ids.request_id, error)
+        })
+}
+
+/// Decodes `request`, validates and computes it with `service`, and encodes the response: what every server of the
+/// dispatch messages does (this transport's server, and an expert rank of a collective). `blocks` recycles the decoded
+/// inputs and the outputs, `payloads` the response buffers, where the caller keeps such pools.
+pub(crate) async fn compute_request(
+    service: &Arc<dyn ExpertService>,
+    request: RequestMessage,
+    blocks: Option<&Arc<Recycler<f32>>>,
+    payloads: Option<&Arc<Recycler<u8>>>,
+) -> Result<Bytes, TransportError> {
+    let ids = request.ids();
+    let output_dtype = codec::output_dtype_of(request.output_dtype)?;
+    let batch = codec::batch_from_message(&request, blocks.map(|b| b.as_ref()))?;
+    // The received bytes are no longer needed while the experts compute.
+    drop(request);
+    service.validate(&batch)?;
+    let (tokens, hidden) = (batch.tokens(), batch.hidden);
+    let bound = wire::message_size_bound(tokens * hidden, tokens, output_dtype, 0);
+    if bound > MAX_MESSAGE_BYTES {
+        return Err(TransportError::InvalidPayload {
+            what: "output_dtype".into(),
+            reason: format!(
+                "[{tokens}, {hidden}] outputs as {output_dtype} take up to {bound} bytes, more than the message limit \
+                 {MAX_MESSAGE_BYTES}"
+            ),
+        });
     }
-    .instrument(span.clone())
-    .await
-    .map_err(|error| {
-        span.in_scope(|| tracing::warn!("dispatch refused: {error}"));
-        (ids.request_id, error)
-    })
+    let outputs = service.compute(batch).await?;
+    if outputs.len() != tokens * hidden {
+        return Err(TransportError::Compute {
+            reason: format!("the expert service returned {} values for [{tokens}, {hidden}]", outputs.len()),
+        });
+    }
+    let response = wire::encode_response(ids, &outputs, tokens, hidden, output_dtype, payloads);
+    if let Some(blocks) = blocks {
+        blocks.put(outputs);
+    }
+    Ok(response)
 }
 
 /// The status that ends a stream because of `error` in request `request_id`.

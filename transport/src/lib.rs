@@ -3,7 +3,9 @@
 //! Owns how routed token activations travel: the [`ExpertBatch`] that one dispatch carries, the wire encodings
 //! (f32, bf16, FP8 E4M3 with per-token scales; [`codec`]), the [`Transport`] trait that attention workers send through,
 //! and its implementations: [`in_process`] (direct calls, no serialisation: the embedded default and unit tests) and
-//! [`grpc`] (tonic bidirectional streams over any network; NCCL comes with the CUDA issue). The server half of the gRPC
+//! [`grpc`] (tonic bidirectional streams over any network), and [`collective`] (every rank of a communicator in
+//! lockstep, dispatch and combine as two all-to-all exchanges: NCCL between GPUs, or an in-process loopback). The
+//! server half of the gRPC
 //! transport ([`grpc::DispatchServer`]) adapts any [`ExpertService`] so the wire format lives in this crate only. Both
 //! halves write and read the dispatch messages by hand (module `wire`: the `.proto` bytes, without prost's and tonic's
 //! copies of the payload).
@@ -18,6 +20,7 @@
 
 pub mod bench;
 pub mod codec;
+pub mod collective;
 pub mod context;
 pub mod error;
 pub mod grpc;
@@ -153,6 +156,25 @@ pub trait Transport: Send + Sync + 'static {
     /// `[tokens, hidden]` in row order. Fails with [`TransportError::Unavailable`] when the worker cannot be reached
     /// or dies before answering (retryable: a step is pure, so it can be re-sent to a replica).
     fn dispatch(&self, worker: &str, batch: ExpertBatch) -> BoxFuture<'static, Result<Vec<f32>, TransportError>>;
+
+    /// Dispatches one MoE layer step: each `(worker, batch)` of `batches` (every expert worker this step sends to)
+    /// and resolves to each batch's outputs, in the order of `batches`. The default sends each with
+    /// [`Transport::dispatch`], concurrently. A collective transport makes the whole step one dispatch exchange and
+    /// one combine exchange, which every rank of its communicator must make together: callers on such a transport
+    /// call this once per MoE layer step, with an empty `batches` when they have nothing to send.
+    fn dispatch_step(
+        &self,
+        batches: Vec<(String, ExpertBatch)>,
+    ) -> BoxFuture<'static, Vec<Result<Vec<f32>, TransportError>>> {
+        let pending: Vec<_> = batches.into_iter().map(|(worker, batch)| self.dispatch(&worker, batch)).collect();
+        Box::pin(futures::future::join_all(pending))
+    }
+
+    /// Whether steps are exchanges every rank of a communicator makes together (a collective transport): callers
+    /// then make exactly one [`Transport::dispatch_step`] per MoE layer step and never re-send a failed one.
+    fn lockstep(&self) -> bool {
+        false
+    }
 
     /// Sends one global layer of a context-parallel step to `member` (an attention worker of the sequence's group)
     /// and resolves to its partial attention. Transports that do not reach attention workers refuse it.

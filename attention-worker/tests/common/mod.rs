@@ -66,6 +66,7 @@ pub fn expert_workers(specs: &[&str]) -> Vec<Arc<ExpertWorker>> {
                 experts: spec.parse().expect("expert spec"),
                 placement_epoch: 7,
                 activation_precision: ActivationPrecision::F32,
+                device: switchyard_model::Device::Cpu,
             };
             Arc::new(ExpertWorker::load(fixture.dir.path(), options).expect("load expert worker"))
         })

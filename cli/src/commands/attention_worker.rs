@@ -9,6 +9,11 @@
 //! error), waits for the coordinator's first placement, then follows the placement the coordinator publishes, reports
 //! the routed load, and lets a step whose expert worker was lost wait up to `--recovery-timeout-ms` for the
 //! re-placement. With `--expert-workers` instead, the placement is what those workers hold, fixed for the process.
+//!
+//! With `--dispatch-transport nccl` (a `cuda` build, with `--store`) its routed tokens travel through an NCCL
+//! communicator of every attention and expert worker ([`CollectiveArgs`]): once in the cluster, it joins the
+//! communicator through the coordinator and makes each MoE layer step one dispatch and one combine exchange, in
+//! lockstep with the other ranks; it leaves the communicator after its server drained.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,8 +29,11 @@ use switchyard_attention_worker::{
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::config::ModelConfig;
 use switchyard_model::{ExpertSelection, KvBlockPool, Llama4Model, LoadOptions};
+use switchyard_transport::collective::{CollectiveTransport, RankRole};
 use switchyard_transport::grpc::GrpcTransport;
-use switchyard_transport::{WireDtype, WireFormat};
+use switchyard_transport::{Transport, WireDtype, WireFormat};
+
+use crate::commands::expert_worker::{CollectiveArgs, CommunicatorPlan};
 
 /// How long to wait for the expert workers to answer while they start (`--expert-workers`).
 const PEER_PATIENCE: Duration = Duration::from_secs(10);
@@ -117,6 +125,8 @@ pub struct Args {
     /// Bearer token the HTTP API's /v1 routes want (health and metrics stay open).
     #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true, requires = "http")]
     api_key: Option<String>,
+    #[command(flatten)]
+    collective: CollectiveArgs,
 }
 
 /// Runs the attention worker until SIGTERM or Ctrl-C.
@@ -133,13 +143,17 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 async fn serve_until_signal(args: Args) -> Result<()> {
+    let plan = args.collective.plan(RankRole::Attention, args.worker_id.as_deref(), args.store.as_deref())?;
     let listener = crate::serving::bind(args.listen).await.context("starting the attention worker")?;
     let http_listener = match args.http {
         Some(addr) => Some(crate::serving::bind(addr).await.context("starting the attention worker's HTTP API")?),
         None => None,
     };
     let addr = listener.local_addr().context("reading the bound address")?;
-    let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("aw-{}", addr.port()));
+    let worker_id = match &plan {
+        Some(plan) => plan.worker_id.clone(),
+        None => args.worker_id.clone().unwrap_or_else(|| format!("aw-{}", addr.port())),
+    };
     let model_dir = crate::model_dir::resolve(args.model.as_deref())?;
 
     let store_mode = args.store.is_some();
@@ -216,8 +230,17 @@ async fn serve_until_signal(args: Args) -> Result<()> {
     }
     let recovery_timeout =
         if link.is_some() { Duration::from_millis(args.recovery_timeout_ms) } else { Duration::ZERO };
+    // Context parallelism between attention workers stays on gRPC; only the routed experts move to the communicator.
+    let collective = match (&plan, &link) {
+        (Some(plan), Some(link)) => Some(join_communicator(plan, link.lease(), wire, &routing).await?),
+        _ => None,
+    };
+    let dispatch: Arc<dyn Transport> = match &collective {
+        Some(collective) => collective.clone(),
+        None => transport.clone(),
+    };
     let remote = Arc::new(
-        RemoteExperts::new(Arc::new(routing), transport.clone(), tokio::runtime::Handle::current(), worker_id.clone())
+        RemoteExperts::new(Arc::new(routing), dispatch, tokio::runtime::Handle::current(), worker_id.clone())
             .with_recovery_timeout(recovery_timeout)
             .with_wire(wire),
     );
@@ -267,6 +290,14 @@ async fn serve_until_signal(args: Args) -> Result<()> {
     if let Some(http) = http {
         http.await.context("the HTTP server task failed")?.context("the HTTP API")?;
     }
+    if let (Some(collective), Some(plan)) = (&collective, &plan) {
+        // Every attention rank leaves in the same exchange, so this waits for the others to stop too.
+        match tokio::time::timeout(plan.step_timeout, collective.leave()).await {
+            Ok(Ok(())) => tracing::info!(%worker_id, "left the NCCL communicator"),
+            Ok(Err(error)) => tracing::warn!(%worker_id, %error, "leaving the NCCL communicator failed"),
+            Err(_) => tracing::warn!(%worker_id, "the other ranks did not leave the NCCL communicator in time"),
+        }
+    }
     // Left only once the server has drained: until then its requests route with the placement the coordinator
     // counts on this worker having adopted.
     if let Some(link) = link {
@@ -280,6 +311,32 @@ async fn serve_until_signal(args: Args) -> Result<()> {
     served.with_context(|| format!("attention worker {worker_id} on {addr}"))?;
     tracing::info!(%worker_id, "attention worker stopped");
     Ok(())
+}
+
+/// Joins the NCCL communicator of `plan` (under the cluster `lease`) and makes this worker's attention rank of it,
+/// after checking that every expert worker `routing` dispatches to is an expert rank of the communicator.
+async fn join_communicator(
+    plan: &CommunicatorPlan,
+    lease: switchyard_coordinator::store::LeaseId,
+    wire: WireFormat,
+    routing: &RoutingTable,
+) -> Result<Arc<CollectiveTransport>> {
+    for worker in routing.workers() {
+        let rank = plan.layout.rank_of(&worker.id);
+        if rank.and_then(|rank| plan.layout.role(rank)) != Some(RankRole::Expert) {
+            bail!(
+                "expert worker {} of placement epoch {} is not an expert rank of --rank-layout: every expert worker \
+                 of an NCCL deployment must be in the communicator",
+                worker.id,
+                routing.epoch()
+            );
+        }
+    }
+    let collective = plan.join(lease).await?;
+    let transport = CollectiveTransport::new(collective, plan.layout.clone(), wire)
+        .context("making the attention rank of the communicator")?
+        .with_step_timeout(plan.step_timeout);
+    Ok(Arc::new(transport))
 }
 
 /// Connects to the store at `url`, registers the worker and waits up to `patience` for the coordinator's first

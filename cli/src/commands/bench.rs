@@ -29,6 +29,8 @@ enum Which {
     Placement(crate::commands::bench_placement::Args),
     /// Decode latency per token and prefill throughput against context length on 1, 2 and 4 context-parallel members.
     Context(crate::commands::bench_context::Args),
+    /// FP8 expert GEMM on a CUDA GPU (Maverick shapes) against cuBLASLt and a device-to-device copy of the same run.
+    Gpu(crate::commands::bench_gpu::Args),
     /// The peer process of `bench transport` (started by it).
     #[command(hide = true)]
     TransportPeer,
@@ -56,6 +58,7 @@ pub fn run(args: Args) -> Result<()> {
         Which::Placement(args) => crate::commands::bench_placement::run(args),
         Which::Serve(args) => crate::commands::bench_serve::run(args),
         Which::Context(args) => crate::commands::bench_context::run(args),
+        Which::Gpu(args) => crate::commands::bench_gpu::run(args),
         Which::TransportPeer => crate::commands::bench_transport::run_peer(),
     }
 }

@@ -7,11 +7,22 @@
 //! worker uses. The group splits the context into M equal ranges on KV-block boundaries (the coordinator's
 //! `assign_group` with equal rooms), the owner first. One member is the plain cache.
 //!
-//! A context of C positions is C - N prompt tokens prefilled in chunks, then N tokens decoded one step each (fixed
-//! token ids, not sampled, so that every group size computes the same thing and the logits can be compared). Every
-//! figure is a ratio to a row of the same run: to the same context on one member (the scaling), and to the shortest
-//! context on the same members (the growth). For the shortest context the groups' logits must equal the one-member
-//! logits within [`LOGIT_TOLERANCE`], or the bench fails: a broken group must not produce a table.
+//! A context of C positions ends with N tokens decoded one step each (fixed token ids, not sampled, so that every
+//! group size computes the same thing and the logits can be compared), after C - N prompt positions. The last `tail`
+//! prompt tokens are always really prefilled (the prefill rate at that depth: the marginal cost of a prefill step
+//! there). The positions before them are filled one of two ways:
+//! - `prefill`: a real prefill in chunks (the true end-to-end prefill rate), for the short contexts of
+//!   `--real-prefill`: a 256K-token real prefill would take a day on a 2-core machine;
+//! - `synthetic`: [`KvCache::append_synthetic`] writes seeded random keys and values, at the scale (per layer, RMS of
+//!   keys and of values) of the real KV of the warm-up prefill, on the owner's chunked layers and on every member's
+//!   range of the global layers by position, so that the group holds exactly what one member holds. The time of a
+//!   step does not depend on the values of the keys, so decode and the tail's prefill cost what they would after a
+//!   real prefill; a context measured both ways shows it.
+//!
+//! Every figure is a ratio to a row of the same run: to the same context and fill on one member (the scaling), and
+//! to the shortest context on the same members and fill (the growth). At every context each group's logits (the
+//! tail's last and every decode step's) must equal the one-member logits of the same fill within [`LOGIT_TOLERANCE`],
+//! or the bench fails: a broken group must not produce a table.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,6 +57,12 @@ const STOP_PATIENCE: Duration = Duration::from_secs(10);
 /// The owner's worker id in the group.
 const OWNER: &str = "owner";
 
+/// Prompt tokens of the warm-up, whose KV gives the synthetic fill its scale.
+const WARM_UP_PROMPT: usize = 512;
+
+/// (context, fill, members): a row of the table.
+type RunKey = (usize, Fill, usize);
+
 /// Flags of `bench context`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -53,21 +70,84 @@ pub struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Context lengths: positions a sequence reaches, prompt and decoded tokens together (at most the model's
-    /// max_position_embeddings, 262144 for `small`).
-    #[arg(long, value_delimiter = ',', default_value = "4096,8192")]
+    /// max_position_embeddings, 262144 for `small`). Each is measured with a synthetic fill before its tail.
+    #[arg(long, value_delimiter = ',', default_value = "4096,16384,65536,262144")]
     contexts: Vec<usize>,
+    /// Context lengths also measured with a real prefill of the whole prompt (the end-to-end prefill rate, and the
+    /// check that a synthetic fill costs decode and the tail what a real prefill does); the flag alone for none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "4096")]
+    real_prefill: Vec<usize>,
+    /// Prompt tokens really prefilled at the end of every context, after the fill: the prefill rate at that depth.
+    /// Default: one prefill step (`--prefill-chunk`).
+    #[arg(long)]
+    tail: Option<usize>,
     /// Context-parallel group sizes; 1 (the plain cache) is the reference of every row and must be included.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     members: Vec<usize>,
     /// Tokens decoded one step each at the end of every context.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
-    /// Prompt tokens per prefill step.
+    /// Prompt tokens per prefill step (the real prefill, and the tail if longer).
     #[arg(long, default_value_t = 2048)]
     prefill_chunk: usize,
     /// Also write the results as JSON.
     #[arg(long)]
     output_json: Option<PathBuf>,
+}
+
+/// Prompt tokens prefilled after the fill (`--tail`, one prefill step by default).
+fn tail(args: &Args) -> usize {
+    args.tail.unwrap_or(args.prefill_chunk)
+}
+
+/// How the positions before a context's tail were filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// A real prefill in chunks.
+    Prefill,
+    /// Seeded random keys and values of the model's scale ([`KvCache::append_synthetic`]).
+    Synthetic,
+}
+
+impl Fill {
+    fn name(self) -> &'static str {
+        match self {
+            Fill::Prefill => "prefill",
+            Fill::Synthetic => "synthetic",
+        }
+    }
+}
+
+/// Per layer, the RMS of the keys and of the values a synthetic fill writes.
+type KvScales = Vec<(f32, f32)>;
+
+/// Seed of the synthetic keys and values (the same for every group: they must hold the same KV).
+const FILL_SEED: u64 = 0x5eed_c0de_2026_1127;
+
+/// The synthetic key and value rows of `position` in `layer`: uniform values of RMS `scales[layer]`, a function of
+/// (layer, position) only.
+fn synthetic_rows(scales: &KvScales, layer: usize, position: usize, key: &mut [f32], value: &mut [f32]) {
+    let mut state = FILL_SEED ^ ((layer as u64) << 48) ^ position as u64;
+    let mut next = || {
+        // splitmix64
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let (key_rms, value_rms) = scales.get(layer).copied().unwrap_or((1.0, 1.0));
+    // Uniform on [-a, a) has RMS a / sqrt(3).
+    let unit = |bits: u64| (bits >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+    for (row, rms) in [(key, key_rms), (value, value_rms)] {
+        let a = rms * 3f32.sqrt();
+        for pair in row.chunks_mut(2) {
+            let bits = next();
+            for (slot, v) in pair.iter_mut().zip([bits, bits << 24]) {
+                *slot = unit(v) * a;
+            }
+        }
+    }
 }
 
 /// One prefill step's time.
@@ -77,25 +157,38 @@ struct Chunk {
     seconds: f64,
 }
 
-/// What one (context, members) run measured.
+/// What one (context, fill, members) run measured.
 struct Run {
     context: usize,
     members: usize,
+    fill: Fill,
     ranges: Vec<(usize, usize)>,
     prompt_tokens: usize,
+    /// Positions filled before the tail: prefilled (`chunks` before the tail's) or written synthetically.
+    filled: usize,
+    fill_seconds: f64,
+    /// Every prefill step, the tail's last.
     chunks: Vec<Chunk>,
+    tail_tokens: usize,
     decode_ms: Vec<f64>,
-    /// The last prefill step's logits, then every decode step's.
+    /// The tail's last step's logits, then every decode step's.
     logits: Vec<f32>,
 }
 
 impl Run {
-    fn prefill_seconds(&self) -> f64 {
-        self.chunks.iter().map(|c| c.seconds).sum()
+    fn tail_seconds(&self) -> f64 {
+        self.chunks.iter().filter(|c| c.start >= self.filled).map(|c| c.seconds).sum()
     }
 
-    fn prefill_rate(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill_seconds().max(1e-9)
+    /// Prompt tokens per second of the whole real prefill; `None` after a synthetic fill.
+    fn prefill_rate(&self) -> Option<f64> {
+        let seconds: f64 = self.chunks.iter().map(|c| c.seconds).sum();
+        (self.fill == Fill::Prefill).then(|| self.prompt_tokens as f64 / seconds.max(1e-9))
+    }
+
+    /// Tokens per second of the tail's prefill, at the context's depth.
+    fn tail_rate(&self) -> f64 {
+        self.tail_tokens as f64 / self.tail_seconds().max(1e-9)
     }
 
     fn decode_p50(&self) -> f64 {
@@ -115,6 +208,8 @@ struct Members {
     group: ContextGroup,
     transport: Arc<GrpcTransport>,
     servers: Vec<MemberServer>,
+    /// The shard hosts, in the order of `group.ranges[1..]`.
+    hosts: Vec<Arc<ShardHost>>,
 }
 
 impl Members {
@@ -126,11 +221,13 @@ impl Members {
             Arc::new(GrpcTransport::new(WireFormat::default(), OWNER.into()).with_request_timeout(MEMBER_TIMEOUT));
         let mut rooms = Vec::with_capacity(members - 1);
         let mut servers = Vec::with_capacity(members - 1);
+        let mut hosts = Vec::with_capacity(members - 1);
         for member in 1..members {
             let listener = runtime.block_on(serving::bind(([127, 0, 0, 1], 0).into()))?;
             let addr = listener.local_addr().context("reading a member's address")?;
-            let host: Arc<dyn ContextService> =
-                Arc::new(ShardHost::new(config.clone(), KvBlockPool::unbounded(config)?));
+            let shard_host = Arc::new(ShardHost::new(config.clone(), KvBlockPool::unbounded(config)?));
+            hosts.push(shard_host.clone());
+            let host: Arc<dyn ContextService> = shard_host;
             let (stop, stopped) = oneshot::channel::<()>();
             let serve =
                 server_builder().add_service(ContextServer::new(host).into_service()).serve_with_incoming_shutdown(
@@ -161,7 +258,26 @@ impl Members {
         for range in &group.ranges[1..] {
             transport.add_context_member(range.worker_id.clone(), range.endpoint.clone());
         }
-        Ok(Self { group, transport, servers })
+        ensure!(
+            group.ranges[1..].iter().zip(1..).all(|(r, m)| r.worker_id == format!("member-{m}")),
+            "the group's members are not in the order they were started"
+        );
+        Ok(Self { group, transport, servers, hosts })
+    }
+
+    /// Fills every member's range of the global layers with synthetic keys and values up to position `end`.
+    fn fill(&self, end: usize, scales: &KvScales) -> Result<()> {
+        for (range, host) in self.group.ranges[1..].iter().zip(&self.hosts) {
+            if range.start >= end {
+                continue;
+            }
+            let tokens = end.min(range.end) - range.start;
+            host.prepare_shard(&self.group.sequence_id, OWNER, range.start, range.end, |shard| {
+                shard.append_synthetic(tokens, |l, p, k, v| synthetic_rows(scales, l, p, k, v))
+            })
+            .with_context(|| format!("filling {}'s range {}..{}", range.worker_id, range.start, range.end))?;
+        }
+        Ok(())
     }
 
     /// The owner's view of the group, to give its cache.
@@ -172,7 +288,8 @@ impl Members {
 
     /// Releases the members' shards and stops their servers, so their KV pools are freed before the next run.
     fn stop(self, runtime: &Runtime) {
-        let Self { group, transport, servers } = self;
+        let Self { group, transport, servers, hosts } = self;
+        drop(hosts);
         runtime.block_on(async {
             for range in &group.ranges[1..] {
                 if let Err(error) = transport.release_shard(&range.worker_id, &group.sequence_id).await {
@@ -223,18 +340,23 @@ fn sequence_tokens(len: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Prefills `context - decode_tokens` positions in chunks and decodes the rest one step each, on `members` members.
+/// Fills the positions before the tail (`fill`), prefills the tail in steps and decodes the rest one step each, on
+/// `members` members.
+#[allow(clippy::too_many_arguments)]
 fn measure(
     model: &Llama4Model,
     runtime: &Runtime,
     forward_pool: &ForwardPool<'_>,
     context: usize,
     members: usize,
+    fill: Fill,
+    scales: &KvScales,
     args: &Args,
 ) -> Result<Run> {
     let config = model.config();
     let tokens = sequence_tokens(context, config.vocab_size);
     let (prompt, decode) = tokens.split_at(context - args.decode_tokens);
+    let filled = prompt.len() - tail(args).min(prompt.len());
     let group = (members > 1).then(|| Members::start(runtime, config, context, members)).transpose()?;
     let mut cache = KvCache::in_pool(config, KvBlockPool::unbounded(config)?);
     let ranges = match &group {
@@ -248,15 +370,35 @@ fn measure(
     let mut run = Run {
         context,
         members,
+        fill,
         ranges,
         prompt_tokens: prompt.len(),
+        filled,
+        fill_seconds: 0.0,
         chunks: Vec::new(),
+        tail_tokens: prompt.len() - filled,
         decode_ms: Vec::new(),
         logits: Vec::new(),
     };
-    let chunk_count = prompt.len().div_ceil(args.prefill_chunk);
-    for (i, chunk) in prompt.chunks(args.prefill_chunk).enumerate() {
-        let last = i + 1 == chunk_count;
+    let began = Instant::now();
+    if fill == Fill::Synthetic {
+        cache
+            .append_synthetic(filled, |l, p, k, v| synthetic_rows(scales, l, p, k, v))
+            .with_context(|| what("the owner's synthetic fill"))?;
+        if let Some(group) = &group {
+            group.fill(filled, scales)?;
+        }
+        run.fill_seconds = began.elapsed().as_secs_f64();
+    }
+    let (head, tail) = prompt.split_at(filled);
+    let steps: Vec<(&[u32], bool)> = match fill {
+        Fill::Prefill => head.chunks(args.prefill_chunk).map(|c| (c, false)).collect(),
+        Fill::Synthetic => Vec::new(),
+    };
+    let tail_steps = tail.chunks(args.prefill_chunk).count();
+    let steps =
+        steps.into_iter().chain(tail.chunks(args.prefill_chunk).enumerate().map(|(i, c)| (c, i + 1 == tail_steps)));
+    for (chunk, last) in steps {
         let start = cache.len();
         let began = Instant::now();
         let logits = forward_pool
@@ -266,6 +408,9 @@ fn measure(
         if last {
             run.logits.extend(logits);
         }
+    }
+    if fill == Fill::Prefill {
+        run.fill_seconds = run.chunks.iter().filter(|c| c.start < filled).map(|c| c.seconds).sum();
     }
     for &token in decode {
         let position = cache.len();
@@ -287,16 +432,22 @@ fn measure(
 fn check_args(args: &Args, config: &TextConfig) -> Result<()> {
     ensure!(args.decode_tokens >= 1, "--decode-tokens must be at least 1");
     ensure!(args.prefill_chunk >= 1, "--prefill-chunk must be at least 1");
+    ensure!(
+        tail(args) >= 1,
+        "--tail must be at least 1: the tail's prefill gives the logits every group is checked on"
+    );
     ensure!(!args.contexts.is_empty(), "--contexts lists no context length");
     ensure!(args.members.contains(&1), "--members must include 1: every row is compared with the one-member run");
     if let Some(&zero) = args.members.iter().find(|&&m| m == 0) {
         bail!("--members {zero}: a group has at least one member");
     }
-    for &context in &args.contexts {
+    for &context in args.contexts.iter().chain(&args.real_prefill) {
         ensure!(
-            context > args.decode_tokens,
-            "context {context} leaves no prompt before its {} decoded tokens (--decode-tokens)",
-            args.decode_tokens
+            context >= args.decode_tokens + tail(args),
+            "context {context} is shorter than its {} decoded tokens (--decode-tokens) and the {}-token prefilled tail \
+             (--tail) together",
+            args.decode_tokens,
+            tail(args)
         );
         ensure!(
             context <= config.max_position_embeddings,
@@ -313,7 +464,7 @@ fn check_args(args: &Args, config: &TextConfig) -> Result<()> {
             );
         }
     }
-    let longest = args.contexts.iter().copied().max().unwrap_or(0) as u64;
+    let longest = args.contexts.iter().chain(&args.real_prefill).copied().max().unwrap_or(0) as u64;
     let kv = KvBytes::of(config, Precision::F32).sequence(longest);
     // The CPU runtime holds dense weights in f32 and streams FP8 expert codes.
     let weights =
@@ -338,10 +489,10 @@ pub fn run(mut args: Args) -> Result<()> {
         Some(dir) => dir.clone(),
         None => model_dir::builtin(Preset::Small)?,
     };
-    args.contexts.sort_unstable();
-    args.contexts.dedup();
-    args.members.sort_unstable();
-    args.members.dedup();
+    for list in [&mut args.contexts, &mut args.real_prefill, &mut args.members] {
+        list.sort_unstable();
+        list.dedup();
+    }
     let (config, model) = model_dir::load(&dir, &LoadOptions { experts: ExpertSelection::All, ..Default::default() })?;
     let config = config.text;
     check_args(&args, &config)?;
@@ -353,39 +504,54 @@ pub fn run(mut args: Args) -> Result<()> {
     let install = |step: &mut (dyn FnMut() + Send)| pool.install(step);
     let forward_pool = ForwardPool(&install);
 
-    // Warm-up: the first steps fault in the weights and fill caches.
+    // Warm-up: the first steps fault in the weights and fill caches; its KV gives the synthetic fill its scale.
     let mut warm = KvCache::in_pool(&config, KvBlockPool::unbounded(&config)?);
-    let warm_tokens = sequence_tokens(258, config.vocab_size);
-    forward_pool.forward(&model, &warm_tokens[..256], &mut warm, LogitsFor::Last).context("warming up")?;
-    for &token in &warm_tokens[256..] {
+    let warm_tokens = sequence_tokens(WARM_UP_PROMPT + 2, config.vocab_size);
+    forward_pool.forward(&model, &warm_tokens[..WARM_UP_PROMPT], &mut warm, LogitsFor::Last).context("warming up")?;
+    for &token in &warm_tokens[WARM_UP_PROMPT..] {
         forward_pool.forward(&model, &[token], &mut warm, LogitsFor::Last).context("warming up")?;
     }
+    let scales: KvScales = warm.layer_rms().into_iter().map(|s| s.unwrap_or((1.0, 1.0))).collect();
     drop(warm);
 
     let started = Instant::now();
     let mut runs: Vec<Run> = Vec::new();
-    // The correctness guard, at the shortest context (first, so a broken group stops the bench before the long runs).
-    let mut diffs = Vec::new();
-    for &context in &args.contexts {
-        for &members in &args.members {
-            let mut run = measure(&model, &runtime, &forward_pool, context, members, &args)?;
-            if context == args.contexts[0] {
-                if let Some(reference) = runs.iter().find(|r| r.context == context && r.members == 1) {
-                    diffs.push((members, check_logits(&run, reference)?));
-                }
-            } else {
-                run.logits = Vec::new();
-            }
+    let mut diffs: Vec<(RunKey, Option<f32>)> = Vec::new();
+    // Shortest first, so that a broken group stops the bench before the long runs.
+    // A context measured both ways runs them back to back for each group size, so that both see the same load.
+    let mut contexts: Vec<usize> = args.contexts.iter().chain(&args.real_prefill).copied().collect();
+    contexts.sort_unstable();
+    contexts.dedup();
+    for context in contexts {
+        let fills: Vec<Fill> = [(Fill::Prefill, &args.real_prefill), (Fill::Synthetic, &args.contexts)]
+            .into_iter()
+            .filter(|(_, list)| list.contains(&context))
+            .map(|(fill, _)| fill)
+            .collect();
+        for (members, fill) in args.members.iter().flat_map(|&m| fills.iter().map(move |&f| (m, f))) {
+            let mut run = measure(&model, &runtime, &forward_pool, context, members, fill, &scales, &args)?;
+            let diff = match runs.iter().find(|r| r.context == context && r.fill == fill && r.members == 1) {
+                Some(reference) if members > 1 => Some(check_logits(&run, reference)?),
+                _ => None,
+            };
             eprintln!(
-                "context {context} on {members} member(s): prefill {:.1} tok/s, decode p50 {:.1} ms ({:.0} s so far)",
-                run.prefill_rate(),
+                "context {context} ({}) on {members} member(s): fill {:.1} s, tail {:.1} tok/s, decode p50 {:.1} ms{} \
+                 ({:.0} s so far)",
+                fill.name(),
+                run.fill_seconds,
+                run.tail_rate(),
                 run.decode_p50(),
+                diff.map(|d| format!(", logits within {d:e} of 1 member")).unwrap_or_default(),
                 started.elapsed().as_secs_f64()
             );
+            diffs.push(((context, fill, members), diff));
+            if members > 1 {
+                run.logits = Vec::new();
+            }
             runs.push(run);
         }
     }
-    report(&args, &dir, &config, &runs, &diffs, started.elapsed())
+    report(&args, &dir, &config, &runs, &diffs, &scales, started.elapsed())
 }
 
 /// Largest |difference| between two logit vectors of the same length.
@@ -406,9 +572,10 @@ fn check_logits(run: &Run, reference: &Run) -> Result<f32> {
     let diff = max_abs_diff(&run.logits, &reference.logits);
     ensure!(
         diff <= LOGIT_TOLERANCE,
-        "at context {}, {} members' logits differ from one member's by {diff:e} (allowed {LOGIT_TOLERANCE:e}): the \
-         group is broken",
+        "at context {} ({}), {} members' logits differ from one member's by {diff:e} (allowed {LOGIT_TOLERANCE:e}): \
+         the group is broken",
         run.context,
+        run.fill.name(),
         run.members
     );
     Ok(diff)
@@ -420,55 +587,76 @@ fn report(
     dir: &std::path::Path,
     config: &TextConfig,
     runs: &[Run],
-    diffs: &[(usize, f32)],
+    diffs: &[(RunKey, Option<f32>)],
+    scales: &KvScales,
     elapsed: Duration,
 ) -> Result<()> {
-    let shortest = args.contexts.first().copied().unwrap_or(0);
-    let find = |context: usize, members: usize| runs.iter().find(|r| r.context == context && r.members == members);
-
+    let find = |context: usize, fill: Fill, members: usize| {
+        runs.iter().find(|r| r.context == context && r.fill == fill && r.members == members)
+    };
+    let shortest = |fill: Fill| runs.iter().filter(|r| r.fill == fill).map(|r| r.context).min().unwrap_or(0);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let kv = KvBytes::of(config, Precision::F32);
     println!(
-        "model {} ; {} of {} layers global: f32 KV grows {:.1} KiB per position ; prefill steps of {} tokens ; {} \
-         decoded tokens per context ; {} cores shared by the owner and every member ; {:.0} s",
+        "model {} ; {} of {} layers global: f32 KV grows {:.1} KiB per position ; prefill steps of {} tokens, the last \
+         {} prompt tokens of every context prefilled after the fill ; {} decoded tokens per context ; {threads} cores \
+         shared by the owner and every member ; {:.0} s",
         dir.display(),
         kv.global_layers,
         kv.global_layers + kv.chunked_layers,
         kv.per_token_global() as f64 / 1024.0,
         args.prefill_chunk,
+        tail(args),
         args.decode_tokens,
-        std::thread::available_parallelism().map_or(2, |n| n.get()),
         elapsed.as_secs_f64()
     );
-    let growth = format!("x {shortest}");
     println!(
-        "{:>8} {:>8} {:>14} {:>10} {:>11} {:>11} {:>10} {:>10}",
-        "context", "members", "prefill tok/s", "speedup", "decode p50", "decode p90", "x 1 member", growth
+        "{:>8} {:>7} {:>9} {:>9} {:>9} {:>7} {:>10} {:>10} {:>7} {:>9} {:>10}",
+        "context",
+        "members",
+        "fill",
+        "prefill",
+        "tail",
+        "speedup",
+        "decode p50",
+        "decode p90",
+        "x 1 mem",
+        "x short",
+        "logit diff"
     );
     let mut rows = Vec::new();
     for run in runs {
-        let one = find(run.context, 1).context("a one-member run is missing")?;
-        let base = find(shortest, run.members).context("a shortest-context run is missing")?;
-        let prefill_scaling = run.prefill_rate() / one.prefill_rate();
+        let one = find(run.context, run.fill, 1).context("a one-member run is missing")?;
+        let base = find(shortest(run.fill), run.fill, run.members).context("a shortest-context run is missing")?;
+        let tail_scaling = run.tail_rate() / one.tail_rate();
         let decode_scaling = run.decode_p50() / one.decode_p50();
         let decode_growth = run.decode_p50() / base.decode_p50();
+        let diff = diffs.iter().find(|(key, _)| *key == (run.context, run.fill, run.members)).and_then(|(_, d)| *d);
         println!(
-            "{:>8} {:>8} {:>14.1} {:>10.2} {:>8.1} ms {:>8.1} ms {:>10.2} {:>10.2}",
+            "{:>8} {:>7} {:>9} {:>9} {:>9.1} {:>7.2} {:>7.1} ms {:>7.1} ms {:>7.2} {:>9.2} {:>10}",
             run.context,
             run.members,
-            run.prefill_rate(),
-            prefill_scaling,
+            run.fill.name(),
+            run.prefill_rate().map_or("-".into(), |r| format!("{r:.1}")),
+            run.tail_rate(),
+            tail_scaling,
             run.decode_p50(),
             run.decode_p90(),
             decode_scaling,
-            decode_growth
+            decode_growth,
+            diff.map_or("-".into(), |d| format!("{d:.1e}"))
         );
-        let diff = diffs.iter().find(|(m, _)| *m == run.members && run.context == shortest).map(|&(_, d)| d);
         rows.push(serde_json::json!({
             "context": run.context,
             "members": run.members,
+            "fill": run.fill.name(),
             "ranges": run.ranges,
             "prompt_tokens": run.prompt_tokens,
-            "prefill_seconds": run.prefill_seconds(),
+            "filled_positions": run.filled,
+            "fill_seconds": run.fill_seconds,
+            "tail_tokens": run.tail_tokens,
+            "tail_seconds": run.tail_seconds(),
+            "tail_tokens_per_s": run.tail_rate(),
             "prefill_tokens_per_s": run.prefill_rate(),
             "prefill_steps": run.chunks.iter().map(|c| serde_json::json!({
                 "start": c.start, "tokens": c.tokens, "seconds": c.seconds,
@@ -476,22 +664,35 @@ fn report(
             "decode_ms": run.decode_ms,
             "decode_p50_ms": run.decode_p50(),
             "decode_p90_ms": run.decode_p90(),
-            "prefill_rate_vs_one_member": prefill_scaling,
+            "tail_rate_vs_one_member": tail_scaling,
             "decode_p50_vs_one_member": decode_scaling,
             "decode_p50_vs_shortest_context": decode_growth,
             "max_abs_logit_diff_vs_one_member": diff,
         }));
     }
     println!(
-        "(speedup: prefill tok/s over the one-member rate of the same context (> 1 faster); x 1 member: decode p50 \
-         over the one-member p50 of the same context (< 1 faster); {growth}: decode p50 over the same members' p50 at \
-         context {shortest})"
+        "(prefill: tok/s of a real prefill of the whole prompt; tail: tok/s of the last {} prompt tokens' prefill at \
+         that depth; speedup: tail tok/s over one member's (> 1 faster); x 1 mem: decode p50 over one member's (< 1 \
+         faster); x short: decode p50 over the same members' and fill's at the shortest context; logit diff: largest \
+         |difference| from one member's logits, allowed {LOGIT_TOLERANCE:e})",
+        tail(args)
     );
-    for (members, diff) in diffs {
-        println!(
-            "logits at context {shortest}: {members} members differ from 1 by at most {diff:e} (allowed \
-             {LOGIT_TOLERANCE:e})"
-        );
+    let mut both_ways = Vec::new();
+    for real in runs.iter().filter(|r| r.fill == Fill::Prefill) {
+        if let Some(synthetic) = find(real.context, Fill::Synthetic, real.members) {
+            let (decode, tail) = (synthetic.decode_p50() / real.decode_p50(), synthetic.tail_rate() / real.tail_rate());
+            println!(
+                "context {} on {} member(s): after a synthetic fill, decode p50 x {decode:.2} and tail tok/s x {tail:.2} \
+                 of the values after a real prefill",
+                real.context, real.members
+            );
+            both_ways.push(serde_json::json!({
+                "context": real.context,
+                "members": real.members,
+                "synthetic_over_real_decode_p50": decode,
+                "synthetic_over_real_tail_rate": tail,
+            }));
+        }
     }
     if let Some(path) = &args.output_json {
         let json = serde_json::json!({
@@ -499,11 +700,14 @@ fn report(
             "model": dir.display().to_string(),
             "decode_tokens": args.decode_tokens,
             "prefill_chunk": args.prefill_chunk,
+            "tail": tail(args),
             "kv_block_size": DEFAULT_BLOCK_SIZE,
             "kv_bytes_per_position_global_layers": kv.per_token_global(),
-            "threads": std::thread::available_parallelism().map_or(2, |n| n.get()),
+            "synthetic_kv_rms_per_layer": scales,
+            "threads": threads,
             "seconds": elapsed.as_secs_f64(),
             "rows": rows,
+            "synthetic_against_real": both_ways,
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;

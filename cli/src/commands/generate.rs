@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use switchyard_attention_worker::request::{first_stop, RequestLimits, ValidGenerateRequest};
@@ -61,7 +62,7 @@ pub struct Args {
     /// Quantise expert activations to FP8 per token (as the FP8 checkpoint's config describes) instead of keeping f32.
     #[arg(long)]
     fp8_activations: bool,
-    /// Where compute runs: `cpu` or `cuda:N`.
+    /// Where the routed experts compute: `cpu` or `cuda:N` (FP8 checkpoints; activations then go to FP8 per token).
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
     device: Device,
     /// Write prompt ids, prompt and decode logits, generated tokens and text as JSON.
@@ -79,19 +80,25 @@ pub fn run(args: Args) -> Result<()> {
         return run_remote(&endpoint, args);
     }
     check_device(&args.device).with_context(|| format!("device {}", args.device))?;
-    if args.device != Device::Cpu {
-        bail!("device {}: the GPU forward pass is not available yet; use --device cpu", args.device);
-    }
     let dir = model_dir::resolve(args.model.as_deref())?;
     let options = LoadOptions {
         experts: ExpertSelection::All,
-        activation_precision: if args.fp8_activations {
+        // The GPU experts quantise activations per token to FP8; the CPU layers around them agree.
+        activation_precision: if args.fp8_activations || args.device != Device::Cpu {
             ActivationPrecision::Fp8PerToken
         } else {
             ActivationPrecision::F32
         },
     };
-    let (config, model) = model_dir::load(&dir, &options)?;
+    let (config, mut model) = model_dir::load(&dir, &options)?;
+    if args.device != Device::Cpu {
+        model.set_routed_experts(Arc::new(model_dir::gpu_experts(&dir, &config, args.device)?));
+        eprintln!(
+            "routed experts on {}; attention, dense layers and the shared expert stay on the CPU (their GPU path is \
+             not built yet)",
+            args.device
+        );
+    }
     let tokenizer = load_tokenizer(&dir, args.prompt.is_some())?;
     let prompt_ids = match (&args.prompt, args.prompt_ids) {
         (_, Some(ids)) => ids,

@@ -9,12 +9,7 @@ use switchyard_planner::search::Pins;
 use switchyard_planner::vllm::{self, VllmSettings};
 use switchyard_planner::{HardwareProfile, ModelSpec, PlanRequest, Planner, Target};
 
-/// Output format.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Format {
-    Table,
-    Json,
-}
+use crate::report_format::{emit, ReportFormat};
 
 /// Flags of `plan`.
 #[derive(clap::Args)]
@@ -48,13 +43,18 @@ pub struct Args {
     slo_tpot: Option<f64>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
-    format: Format,
+    format: ReportFormat,
     /// Replace the profile's rates with `switchyard bench kernels|transport --output-json` results (repeatable).
     #[arg(long, value_name = "FILE")]
     calibrate: Vec<PathBuf>,
     /// Write the plan as a values file for the Helm chart (docs/helm-values.md).
     #[arg(long, value_name = "FILE")]
     emit_values: Option<PathBuf>,
+    /// Draw the predicted output tokens/s and GPU-hours per million output tokens of the best shape for every count
+    /// of expert workers the search considered (the chosen plan, and the counts that miss the SLOs or do not fit,
+    /// marked) into this SVG file.
+    #[arg(long, value_name = "FILE.svg", conflicts_with = "check_against")]
+    plot: Option<PathBuf>,
     /// Instead of planning, predict the decode tokens/s of every row of a `switchyard bench e2e --output-json`
     /// file (its cluster shape, pure decode) and compare with the measured.
     #[arg(long, value_name = "FILE")]
@@ -147,6 +147,10 @@ pub fn run(args: Args) -> Result<()> {
         max_devices: args.max_devices,
     };
 
+    if let Some(path) = &args.plot {
+        // Before planning: a typo in the path should not cost a search.
+        switchyard_simulator::plot::check_svg_path(path).context("--plot")?;
+    }
     if let Some(path) = &args.check_against {
         return check(&model, &hardware, request, path, args.format);
     }
@@ -157,14 +161,14 @@ pub fn run(args: Args) -> Result<()> {
         vllm::max_context(&model, &hardware, &settings)
     });
     let mut out = match args.format {
-        Format::Table => {
+        ReportFormat::Table => {
             let mut table = plan.to_table();
             if let (Some(tp), Some(r)) = (args.vllm_tp, &reference) {
                 table.push_str(&format!("\nvLLM-style TP{tp} reference (docs/planner.md): {}\n", r.describe()));
             }
             table
         }
-        Format::Json => {
+        ReportFormat::Json => {
             let mut json = serde_json::to_value(&plan).context("serialising the plan")?;
             if let (Some(reference), Some(obj)) = (reference, json.as_object_mut()) {
                 obj.insert("vllm_reference".into(), serde_json::to_value(reference).context("serialising")?);
@@ -175,20 +179,17 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.emit_values {
         std::fs::write(path, switchyard_planner::values::render(&plan))
             .with_context(|| format!("writing the Helm values to {}", path.display()))?;
-        if args.format == Format::Table {
+        if args.format == ReportFormat::Table {
             out.push_str(&format!("\nHelm values written to {}\n", path.display()));
         }
     }
-    emit(&out)
-}
-
-/// Writes `text` to stdout; a reader that went away (`| head`) is not an error.
-fn emit(text: &str) -> Result<()> {
-    use std::io::Write as _;
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("writing to stdout"),
+    if let Some(path) = &args.plot {
+        switchyard_planner::plot::write_svg(path, &plan).context("--plot")?;
+        if args.format == ReportFormat::Table {
+            out.push_str(&format!("\nplot written to {}\n", path.display()));
+        }
     }
+    emit(&out)
 }
 
 fn check(
@@ -196,7 +197,7 @@ fn check(
     hardware: &HardwareProfile,
     request: PlanRequest,
     path: &PathBuf,
-    format: Format,
+    format: ReportFormat,
 ) -> Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let json: serde_json::Value =
@@ -206,8 +207,8 @@ fn check(
         .map_err(|reason| anyhow::anyhow!("--check-against {}: {reason}", path.display()))?;
     let mut out = String::new();
     match format {
-        Format::Json => out = serde_json::to_string_pretty(&rows).context("serialising")? + "\n",
-        Format::Table => {
+        ReportFormat::Json => out = serde_json::to_string_pretty(&rows).context("serialising")? + "\n",
+        ReportFormat::Table => {
             out += &format!(
                 "{:>6} {:>15} {:>17} {:>16} {:>8}   predicted step ms: AW GEMMs, attention, experts, dispatch/combine, \
                  overhead\n",

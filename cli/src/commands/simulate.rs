@@ -1,23 +1,30 @@
 //! `switchyard simulate`: a discrete-event simulation of a cluster far larger than one machine (thousands of GPUs),
 //! with skewed and drifting expert load, GPU failures and rebalancing by the coordinator's real solver, run once per
-//! placement policy on the same workload and printed side by side. Step costs come from a roofline of the H100
-//! anchors in docs/performance.md (`switchyard_simulator::AnchorCosts`); the model is in docs/simulator.md.
+//! placement policy on the same workload and printed side by side. Step costs come from the capacity planner's step
+//! model for `--model` on `--gpu` (`switchyard_planner::PlannerCosts`, the default) or from a fixed roofline of the
+//! H100 anchors in docs/performance.md (`--costs anchor`, `switchyard_simulator::AnchorCosts`); the model is in
+//! docs/simulator.md.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use switchyard_planner::{HardwareProfile, ModelSpec, PlanRequest, Planner, PlannerCosts};
 use switchyard_simulator::{
-    plot, simulate_policies, AnchorCosts, Failure, Latency, Lengths, Policy, Reason, Report, SimConfig,
+    plot, simulate_policies, AnchorCosts, Failure, Latency, Lengths, Policy, Reason, Report, SimConfig, StepCosts,
 };
 
-/// Output format of `simulate`.
+use crate::report_format::{emit, ReportFormat};
+
+/// Where step costs come from.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Format {
-    /// Policies side by side, for people.
-    Table,
-    /// The configuration, the cost model and every report (time series included).
-    Json,
+enum CostModel {
+    /// The capacity planner's step model (`switchyard plan`) for --model on --gpu.
+    Planner,
+    /// A roofline of the H100 anchors for Llama 4 Maverick (fixed; ignores --model and --gpu).
+    Anchor,
 }
 
 /// Flags of `simulate`.
@@ -39,12 +46,22 @@ pub struct Args {
     /// else 32.
     #[arg(long)]
     redundant_slots: Option<usize>,
-    /// Routed experts per MoE layer.
-    #[arg(long, default_value_t = 128)]
-    experts: u32,
-    /// MoE layers.
-    #[arg(long, default_value_t = 24)]
-    moe_layers: usize,
+    /// Step costs: the capacity planner's step model for --model on --gpu, or the fixed H100 Maverick anchors.
+    #[arg(long, value_enum, default_value = "planner")]
+    costs: CostModel,
+    /// The model whose step costs the planner computes (a `switchyard plan --model` name or directory; default
+    /// maverick-fp8). Its experts and MoE layers are the simulation's.
+    #[arg(long)]
+    model: Option<String>,
+    /// The hardware profile whose step costs the planner computes (`switchyard plan --gpu`; default h100-80g).
+    #[arg(long)]
+    gpu: Option<String>,
+    /// Routed experts per MoE layer. Default: the model's (128 with --costs anchor).
+    #[arg(long)]
+    experts: Option<u32>,
+    /// MoE layers. Default: the model's (24 with --costs anchor).
+    #[arg(long)]
+    moe_layers: Option<usize>,
     /// Token budget of one attention worker's step.
     #[arg(long, default_value_t = 2048)]
     max_batch_tokens: u32,
@@ -117,9 +134,10 @@ pub struct Args {
     /// Seed of every random draw.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Table)]
-    format: Format,
+    /// Output format: the policies side by side, or the configuration, the cost model and every report (time
+    /// series included) as JSON.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    format: ReportFormat,
     /// Also draw throughput, imbalance and the expert/GPU load heatmaps over time into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
@@ -148,8 +166,28 @@ fn policies(names: &[String]) -> Result<Vec<Policy>> {
     Ok(policies)
 }
 
-fn config(args: &Args) -> Result<SimConfig> {
-    let experts = args.experts as usize;
+/// The routing shape the simulation uses: `(experts, moe_layers)`, the model's with the planner's costs.
+fn routing_shape(args: &Args, model: Option<&ModelSpec>) -> Result<(u32, usize)> {
+    let Some(model) = model else {
+        return Ok((args.experts.unwrap_or(128), args.moe_layers.unwrap_or(24)));
+    };
+    let (experts, layers) = (model.config.num_local_experts as u32, model.config.num_moe_layers());
+    for (flag, given, of_model) in
+        [("--experts", args.experts.map(|e| e as usize), experts as usize), ("--moe-layers", args.moe_layers, layers)]
+    {
+        if let Some(given) = given.filter(|&g| g != of_model) {
+            bail!(
+                "{flag} {given} contradicts --model {} ({of_model}); leave it out, or use --costs anchor for a \
+                 routing shape of your own",
+                model.name
+            );
+        }
+    }
+    Ok((experts, layers))
+}
+
+fn config(args: &Args, (expert_count, moe_layers): (u32, usize)) -> Result<SimConfig> {
+    let experts = expert_count as usize;
     let gpus = args.expert_gpus.max(1);
     let most_redundant = experts * gpus.saturating_sub(1);
     let (slots, redundant) = match (args.experts_per_gpu, args.redundant_slots) {
@@ -167,8 +205,8 @@ fn config(args: &Args) -> Result<SimConfig> {
         gpus_per_node: args.gpus_per_node,
         slots_per_gpu: slots,
         redundant_slots: redundant,
-        experts: args.experts,
-        moe_layers: args.moe_layers,
+        experts: expert_count,
+        moe_layers,
         max_batch_tokens: args.max_batch_tokens,
         max_seqs: args.max_seqs,
         kv_tokens: args.kv_tokens,
@@ -202,35 +240,77 @@ fn config(args: &Args) -> Result<SimConfig> {
 /// Runs `simulate`.
 pub fn run(args: Args) -> Result<()> {
     let policies = policies(&args.policy)?;
-    let config = config(&args)?;
     if let Some(path) = &args.plot {
-        if path.extension().and_then(|e| e.to_str()) != Some("svg") {
-            bail!("--plot {}: only SVG is written; name the file .svg", path.display());
+        // Before simulating: a typo in the path should not cost a run.
+        plot::check_svg_path(path).context("--plot")?;
+    }
+    match args.costs {
+        CostModel::Anchor => {
+            if args.model.is_some() || args.gpu.is_some() {
+                bail!("--model and --gpu choose the planner's step costs; --costs anchor is Maverick on H100, fixed");
+            }
+            let config = config(&args, routing_shape(&args, None)?)?;
+            let costs = AnchorCosts::h100_maverick();
+            let described = "H100 anchor roofline for Llama 4 Maverick (--costs anchor)".to_string();
+            run_with(&args, &config, &policies, &costs, &costs, &described)
+        }
+        CostModel::Planner => {
+            let name = args.model.as_deref().unwrap_or("maverick-fp8");
+            let model = ModelSpec::resolve(name).with_context(|| format!("--model {name}"))?;
+            let gpu = args.gpu.as_deref().unwrap_or("h100-80g");
+            let hardware = HardwareProfile::named(gpu).with_context(|| format!("--gpu {gpu}"))?;
+            let config = config(&args, routing_shape(&args, Some(&model))?)?;
+            let planner = Planner::new(&model, &hardware, PlanRequest::default())?;
+            let devices = u32::try_from(config.attention_workers + config.expert_gpus).unwrap_or(u32::MAX);
+            let costs = PlannerCosts::new(&planner, devices).context("--costs planner")?;
+            let summary = costs.summary();
+            let described = format!(
+                "the planner's step model for {} on {} (KV {}, dispatch {}, combine {}; link {:.0} GB/s + {:.0} us)",
+                summary.model,
+                summary.hardware,
+                summary.kv_dtype,
+                summary.dispatch,
+                summary.combine,
+                summary.link.bytes_per_s / 1e9,
+                summary.link.latency_s * 1e6
+            );
+            run_with(&args, &config, &policies, &costs, summary, &described)
         }
     }
-    let costs = AnchorCosts::h100_maverick();
+}
+
+/// Simulates every policy with `costs` and prints the reports; `described` names the costs for people, `summary`
+/// for the JSON.
+fn run_with<C: StepCosts>(
+    args: &Args,
+    config: &SimConfig,
+    policies: &[Policy],
+    costs: &C,
+    summary: &impl Serialize,
+    described: &str,
+) -> Result<()> {
     let started = Instant::now();
-    let reports = simulate_policies(&config, &policies, &costs).context("simulation failed")?;
+    let reports = simulate_policies(config, policies, costs).context("simulation failed")?;
     let wall_s = started.elapsed().as_secs_f64();
-    match args.format {
-        Format::Table => print_table(&config, &reports, wall_s),
-        Format::Json => {
+    let mut out = match args.format {
+        ReportFormat::Table => table(config, &reports, wall_s, described),
+        ReportFormat::Json => {
             let json = serde_json::json!({
                 "config": config,
-                "costs": costs,
+                "costs": summary,
                 "wall_s": wall_s,
                 "runs": reports,
             });
-            println!("{}", serde_json::to_string_pretty(&json)?);
+            serde_json::to_string_pretty(&json)? + "\n"
         }
-    }
+    };
     if let Some(path) = &args.plot {
-        plot::write_svg(path, &reports, config.plot_layer)?;
-        if args.format == Format::Table {
-            println!("plot: {}", path.display());
+        plot::write_svg(path, &reports, config.plot_layer).context("--plot")?;
+        if args.format == ReportFormat::Table {
+            out += &format!("plot: {}\n", path.display());
         }
     }
-    Ok(())
+    emit(&out)
 }
 
 fn ms(value: Option<f64>) -> String {
@@ -244,8 +324,12 @@ fn pair(latency: &Latency) -> String {
 /// One row of the side-by-side table: a policy's report to its cell.
 type Cell = fn(&Report) -> String;
 
-fn print_table(config: &SimConfig, reports: &[Report], wall_s: f64) {
-    println!(
+/// The policies side by side, for people. (`write!` into a String cannot fail.)
+fn table(config: &SimConfig, reports: &[Report], wall_s: f64, costs: &str) -> String {
+    let mut out = String::new();
+    let o = &mut out;
+    let _ = writeln!(
+        o,
         "simulated {} s: {} attention workers + {} expert GPUs ({} expert slots per GPU, {} redundant replicas per layer), {} \
          experts x {} MoE layers",
         config.duration_s,
@@ -256,7 +340,8 @@ fn print_table(config: &SimConfig, reports: &[Report], wall_s: f64) {
         config.experts,
         config.moe_layers
     );
-    println!(
+    let _ = writeln!(
+        o,
         "workload: {} req/s, input {}, output {}; zipf {}, {} popularity swaps per layer every {} s; seed {}",
         config.rate,
         config.input_len,
@@ -266,6 +351,7 @@ fn print_table(config: &SimConfig, reports: &[Report], wall_s: f64) {
         config.drift_interval_s,
         config.seed
     );
+    let _ = writeln!(o, "step costs: {costs}");
     let rows: Vec<(&str, Cell)> = vec![
         ("output tokens/s", |r| format!("{:.0}", r.output_tokens_per_s)),
         ("prompt + output tokens/s", |r| format!("{:.0}", r.total_tokens_per_s)),
@@ -287,17 +373,17 @@ fn print_table(config: &SimConfig, reports: &[Report], wall_s: f64) {
         ("expert weights moved GB", |r| format!("{:.1}", r.moved_gb())),
     ];
     let width = 20;
-    print!("{:<34}", "");
+    let _ = write!(o, "{:<34}", "");
     for report in reports {
-        print!("{:>width$}", report.policy.name());
+        let _ = write!(o, "{:>width$}", report.policy.name());
     }
-    println!();
+    let _ = writeln!(o);
     for (name, cell) in &rows {
-        print!("{name:<34}");
+        let _ = write!(o, "{name:<34}");
         for report in reports {
-            print!("{:>width$}", cell(report));
+            let _ = write!(o, "{:>width$}", cell(report));
         }
-        println!();
+        let _ = writeln!(o);
     }
     for report in reports {
         for failure in &report.failures {
@@ -306,14 +392,16 @@ fn print_table(config: &SimConfig, reports: &[Report], wall_s: f64) {
                 None if failure.lost_experts == 0 => "nothing lost".into(),
                 None => "never covered again".into(),
             };
-            println!(
+            let _ = writeln!(
+                o,
                 "{}: {:.1} s {}: {} (layer, expert) pairs without a replica, {recovered}, {} requests failed",
                 report.policy, failure.at_s, failure.what, failure.lost_experts, failure.failed_requests
             );
         }
         for note in &report.notes {
-            println!("{}: {note}", report.policy);
+            let _ = writeln!(o, "{}: {note}", report.policy);
         }
     }
-    println!("simulated in {wall_s:.2} s of wall time");
+    let _ = writeln!(o, "simulated in {wall_s:.2} s of wall time");
+    out
 }

@@ -99,6 +99,9 @@ pub struct Args {
     /// Expert workers quantise activations to FP8 per token.
     #[arg(long)]
     fp8_activations: bool,
+    /// Where the expert workers compute: `cpu`, or `cuda:N` for every one of them (FP8 checkpoints).
+    #[arg(long, default_value = "cpu")]
+    expert_device: switchyard_model::Device,
     /// Seconds to wait for each process to become ready.
     #[arg(long, default_value_t = 120)]
     ready_timeout: u64,
@@ -327,6 +330,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.coordinators == 0 {
         bail!("--coordinators must be at least 1");
     }
+    // Before any process starts: a GPU that cannot be used is one clear error, not one per expert worker.
+    switchyard_kernels::device::check_device(&args.expert_device)
+        .with_context(|| format!("--expert-device {}", args.expert_device))?;
     if args.coordinators > 1 && args.store.is_none() {
         bail!(
             "--coordinators {} needs --store etcd://...: without it the one coordinator holds the cluster state in \
@@ -411,6 +417,7 @@ async fn start_and_serve(args: &Args, dir: &std::path::Path, cluster: &mut Clust
         if args.fp8_activations {
             child_args.push("--fp8-activations".into());
         }
+        child_args.extend(["--device".into(), args.expert_device.to_string()]);
         let endpoint = cluster.spawn(format!("expert worker {id}"), child_args, timeout).await?;
         expert_endpoints.push(format!("{id}={endpoint}"));
     }

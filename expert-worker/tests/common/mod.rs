@@ -35,6 +35,7 @@ pub fn worker_with(dir: &Path, spec: &str, epoch: u64, precision: ActivationPrec
         experts: spec.parse::<ExpertSpec>().expect("spec"),
         placement_epoch: epoch,
         activation_precision: precision,
+        device: switchyard_model::Device::Cpu,
     };
     ExpertWorker::load(dir, options).expect("loading the worker")
 }

@@ -3,6 +3,8 @@
 //! The CUDA backend is a seam in the candle style: `cuda.rs` holds the code that talks to `cudarc` and is compiled
 //! only with the `cuda` feature; `no_cuda.rs` is its stand-in, which answers [`KernelError::NotCompiledWithCuda`].
 //! This file is the only place that chooses between them, so `#[cfg(feature = "cuda")]` appears nowhere else.
+//! `sources.rs` (the embedded `kernels/cuda/*.cu`, header discovery, the PTX cache key), `plan.rs` (the host side of
+//! the expert path) and `gpu_bench.rs` (the GPU benchmark's data) need no CUDA and are compiled in every build.
 
 use std::fmt;
 use std::str::FromStr;
@@ -17,6 +19,18 @@ use cuda as backend;
 mod no_cuda;
 #[cfg(not(feature = "cuda"))]
 use no_cuda as backend;
+
+pub mod gpu_bench;
+pub mod plan;
+pub mod sources;
+
+/// Arguments of the paged decode attention kernel (`cuda` feature only).
+#[cfg(feature = "cuda")]
+pub use backend::PagedDecode;
+/// The backend's API. With the `cuda` feature these are the real types (and [`CudaDevice`] has more methods: the
+/// typed kernel wrappers on device buffers, used by `tests/cuda_kernels.rs`); without it, uninhabited stand-ins
+/// whose constructors answer [`KernelError::NotCompiledWithCuda`], so callers compile either way without a `cfg`.
+pub use backend::{bench_expert_gemm, compile_cuda_source, CudaDevice, GpuExpertLayer};
 
 /// Where compute runs. Parsed from `"cpu"` or `"cuda:N"` (`"cuda"` alone means `cuda:0`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,9 +54,7 @@ impl FromStr for Device {
     type Err = KernelError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let bad = || KernelError::BadDevice {
-            input: input.to_owned(),
-        };
+        let bad = || KernelError::BadDevice { input: input.to_owned() };
         let lower = input.trim().to_ascii_lowercase();
         match lower.as_str() {
             "cpu" => Ok(Device::Cpu),
@@ -76,16 +88,12 @@ pub struct DeviceInfo {
 /// on the ordinal ([`KernelError::NoSuchGpu`] if there is no such GPU).
 pub fn check_device(device: &Device) -> Result<DeviceInfo, KernelError> {
     match *device {
-        Device::Cpu => Ok(DeviceInfo {
-            device: Device::Cpu,
-            name: format!("cpu ({})", crate::bench_support::simd_path()),
-        }),
+        Device::Cpu => {
+            Ok(DeviceInfo { device: Device::Cpu, name: format!("cpu ({})", crate::bench_support::simd_path()) })
+        }
         Device::Cuda(ordinal) => {
             let name = backend::check_cuda(ordinal)?;
-            Ok(DeviceInfo {
-                device: *device,
-                name,
-            })
+            Ok(DeviceInfo { device: *device, name })
         }
     }
 }
@@ -113,24 +121,11 @@ mod tests {
 
     #[test]
     fn refuses_garbage_naming_the_string() {
-        for input in [
-            "tpu",
-            "",
-            "cuda:",
-            "cuda:x",
-            "cuda:+1",
-            "cuda:-1",
-            "cuda0",
-            "gpu:0",
-            "cuda:99999999999999999999999",
-        ] {
+        for input in
+            ["tpu", "", "cuda:", "cuda:x", "cuda:+1", "cuda:-1", "cuda0", "gpu:0", "cuda:99999999999999999999999"]
+        {
             let err = input.parse::<Device>().expect_err(input);
-            assert_eq!(
-                err,
-                KernelError::BadDevice {
-                    input: input.to_owned()
-                }
-            );
+            assert_eq!(err, KernelError::BadDevice { input: input.to_owned() });
             assert!(err.to_string().contains(&format!("{input:?}")), "{err}");
         }
     }

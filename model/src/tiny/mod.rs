@@ -224,10 +224,7 @@ pub fn write_checkpoint(
     spec: &TinySpec,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<WrittenCheckpoint, ModelError> {
-    fs::create_dir_all(dir).map_err(|source| ModelError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
     let dims = Dims::of(spec.preset);
 
     // The tokenizer first: it is cheap, and a vocabulary that does not match the config must stop us before the
@@ -238,33 +235,17 @@ pub fn write_checkpoint(
     files.push(write_json(dir, "config.json", &config_json(spec))?);
     files.push(write_json(dir, "generation_config.json", &generation_config_json())?);
     files.push(write_file(dir, "tokenizer.json", tokenizer_json.as_bytes())?);
-    files.push(write_json(
-        dir,
-        "tokenizer_config.json",
-        &tokenizer::tokenizer_config(dims.max_positions),
-    )?);
-    files.push(write_json(
-        dir,
-        "special_tokens_map.json",
-        &tokenizer::special_tokens_map(),
-    )?);
+    files.push(write_json(dir, "tokenizer_config.json", &tokenizer::tokenizer_config(dims.max_positions))?);
+    files.push(write_json(dir, "special_tokens_map.json", &tokenizer::special_tokens_map())?);
 
     let mut total_bytes = 0;
     for file in &files {
-        let meta = fs::metadata(file).map_err(|source| ModelError::Io {
-            path: file.clone(),
-            source,
-        })?;
+        let meta = fs::metadata(file).map_err(|source| ModelError::Io { path: file.clone(), source })?;
         total_bytes += meta.len();
     }
     let total = weights::total_tensor_bytes(spec, &dims);
     progress(total, total);
-    Ok(WrittenCheckpoint {
-        dir: dir.to_path_buf(),
-        files,
-        total_bytes,
-        vocab_size: dims.vocab,
-    })
+    Ok(WrittenCheckpoint { dir: dir.to_path_buf(), files, total_bytes, vocab_size: dims.vocab })
 }
 
 /// The f32 values behind a tensor of `spec`'s checkpoint, before rounding to BF16 or FP8, in the stored layout.
@@ -364,10 +345,8 @@ fn generation_config_json() -> Value {
 
 fn write_json(dir: &Path, name: &str, value: &Value) -> Result<PathBuf, ModelError> {
     let path = dir.join(name);
-    let mut text = serde_json::to_string_pretty(value).map_err(|e| ModelError::InvalidInput {
-        what: name.to_string(),
-        reason: format!("cannot serialise: {e}"),
-    })?;
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(|e| ModelError::InvalidInput { what: name.to_string(), reason: format!("cannot serialise: {e}") })?;
     text.push('\n');
     write_file(dir, name, text.as_bytes())?;
     Ok(path)
@@ -375,9 +354,6 @@ fn write_json(dir: &Path, name: &str, value: &Value) -> Result<PathBuf, ModelErr
 
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, ModelError> {
     let path = dir.join(name);
-    fs::write(&path, bytes).map_err(|source| ModelError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    fs::write(&path, bytes).map_err(|source| ModelError::Io { path: path.clone(), source })?;
     Ok(path)
 }

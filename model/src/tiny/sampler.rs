@@ -40,11 +40,7 @@ fn box_muller(bits: u64) -> (f32, f32) {
     let a = ((((bits >> 40) & 0x3F_FFFF) as i32) as f32 + 0.5) * (FRAC_PI_2 / 4_194_304.0);
     let (sin_a, cos_a) = sin_cos_quarter(a);
     // Rotate (cos a, sin a) by quadrant * 90 degrees.
-    let (x, y) = if quadrant & 1 == 1 {
-        (sin_a, cos_a)
-    } else {
-        (cos_a, sin_a)
-    };
+    let (x, y) = if quadrant & 1 == 1 { (sin_a, cos_a) } else { (cos_a, sin_a) };
     let cos = if (quadrant + 1) & 2 != 0 { -x } else { x };
     let sin = if quadrant & 2 != 0 { -y } else { y };
     (radius * cos, radius * sin)
@@ -109,11 +105,7 @@ mod tests {
     fn ln_and_sin_cos_match_std() {
         for x in [6e-8f32, 1e-6, 0.001, 0.1, 0.5, 0.707, 0.7072, 0.9, 0.999_999, 1.0] {
             let expected = (x as f64).ln();
-            assert!(
-                (ln(x) as f64 - expected).abs() <= 2e-7 * expected.abs().max(1.0),
-                "ln({x}) = {}",
-                ln(x)
-            );
+            assert!((ln(x) as f64 - expected).abs() <= 2e-7 * expected.abs().max(1.0), "ln({x}) = {}", ln(x));
         }
         for i in 0..=100 {
             let a = i as f32 / 100.0 * std::f32::consts::FRAC_PI_2;
@@ -131,14 +123,8 @@ mod tests {
         for quadrant in 0..4u64 {
             let (z0, z1) = box_muller(quadrant << 62 | radius_bits);
             let angle = (quadrant as f64 + 0.5 / 4_194_304.0) * std::f64::consts::FRAC_PI_2;
-            assert!(
-                (z0 as f64 - radius * angle.cos()).abs() < 1e-6,
-                "quadrant {quadrant}: {z0}"
-            );
-            assert!(
-                (z1 as f64 - radius * angle.sin()).abs() < 1e-6,
-                "quadrant {quadrant}: {z1}"
-            );
+            assert!((z0 as f64 - radius * angle.cos()).abs() < 1e-6, "quadrant {quadrant}: {z0}");
+            assert!((z1 as f64 - radius * angle.sin()).abs() < 1e-6, "quadrant {quadrant}: {z1}");
         }
     }
 

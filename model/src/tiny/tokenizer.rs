@@ -148,23 +148,14 @@ type BpeTokenizer = TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, P
 
 /// Trains the BPE and returns the `tokenizer.json` text. `path` only names the file in errors.
 pub(super) fn build_tokenizer_json(path: &Path) -> Result<String, ModelError> {
-    let fail = |reason: String| ModelError::Tokenizer {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let fail = |reason: String| ModelError::Tokenizer { path: path.to_path_buf(), reason };
 
-    let split = Split::new(
-        SplitPattern::Regex(O200K_PATTERN.to_string()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map_err(|e| fail(format!("split regex: {e}")))?;
+    let split = Split::new(SplitPattern::Regex(O200K_PATTERN.to_string()), SplitDelimiterBehavior::Isolated, false)
+        .map_err(|e| fail(format!("split regex: {e}")))?;
     // Llama 4 splits with the regex first, so ByteLevel only maps bytes to symbols and must not split again.
     let byte_level = ByteLevel::new(false, true, false);
-    let pre_tokenizer = PreTokenizerSequence::new(vec![
-        PreTokenizerWrapper::Split(split),
-        PreTokenizerWrapper::ByteLevel(byte_level),
-    ]);
+    let pre_tokenizer =
+        PreTokenizerSequence::new(vec![PreTokenizerWrapper::Split(split), PreTokenizerWrapper::ByteLevel(byte_level)]);
 
     let mut tokenizer = BpeTokenizer::new(BPE::default());
     tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(pre_tokenizer)));
@@ -178,27 +169,18 @@ pub(super) fn build_tokenizer_json(path: &Path) -> Result<String, ModelError> {
         .show_progress(false)
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    tokenizer
-        .train(&mut trainer, CORPUS.lines())
-        .map_err(|e| fail(format!("training: {e}")))?;
+    tokenizer.train(&mut trainer, CORPUS.lines()).map_err(|e| fail(format!("training: {e}")))?;
     let trained = tokenizer.get_model().get_vocab_size();
     if trained != BPE_VOCAB {
-        return Err(fail(format!(
-            "training gave {trained} BPE tokens, expected {BPE_VOCAB}: the corpus is too small"
-        )));
+        return Err(fail(format!("training gave {trained} BPE tokens, expected {BPE_VOCAB}: the corpus is too small")));
     }
 
     let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
-    tokenizer
-        .add_special_tokens(specials)
-        .map_err(|e| fail(format!("adding special tokens: {e}")))?;
+    tokenizer.add_special_tokens(specials).map_err(|e| fail(format!("adding special tokens: {e}")))?;
     for token in SPECIAL_TOKENS {
         let id = tokenizer.token_to_id(token);
         if id != Some(token_id(token)) {
-            return Err(fail(format!(
-                "special token {token} got id {id:?}, expected {}",
-                token_id(token)
-            )));
+            return Err(fail(format!("special token {token} got id {id:?}, expected {}", token_id(token))));
         }
     }
 

@@ -103,10 +103,7 @@ struct Scratch {
 type Sink<'a> = dyn FnMut(usize, usize, &[u8]) -> io::Result<()> + 'a;
 
 fn expert_name(layer: usize, expert: usize, proj: Proj) -> String {
-    format!(
-        "{PREFIX}model.layers.{layer}.feed_forward.experts.{expert}.{}.weight",
-        proj.name()
-    )
+    format!("{PREFIX}model.layers.{layer}.feed_forward.experts.{expert}.{}.weight", proj.name())
 }
 
 /// `[out, in]` of an expert projection (nn.Linear layout).
@@ -123,13 +120,7 @@ fn fan_in_std(fan_in: usize) -> f32 {
 
 impl Job {
     fn stored(&self, d: &Dims) -> Vec<Stored> {
-        let one = |dtype, shape: Vec<usize>| {
-            vec![Stored {
-                name: self.name.clone(),
-                dtype,
-                shape,
-            }]
-        };
+        let one = |dtype, shape: Vec<usize>| vec![Stored { name: self.name.clone(), dtype, shape }];
         match self.recipe {
             Recipe::Norm { len } => one(Dtype::BF16, vec![len]),
             Recipe::Gaussian { rows, cols, .. } => one(Dtype::BF16, vec![rows, cols]),
@@ -138,16 +129,8 @@ impl Job {
             Recipe::Fp8Expert { proj, .. } => {
                 let [out, input] = expert_shape(d, proj);
                 vec![
-                    Stored {
-                        name: self.name.clone(),
-                        dtype: Dtype::F8_E4M3,
-                        shape: vec![out, input],
-                    },
-                    Stored {
-                        name: format!("{}_scale", self.name),
-                        dtype: Dtype::F32,
-                        shape: vec![out, 1],
-                    },
+                    Stored { name: self.name.clone(), dtype: Dtype::F8_E4M3, shape: vec![out, input] },
+                    Stored { name: format!("{}_scale", self.name), dtype: Dtype::F32, shape: vec![out, 1] },
                 ]
             }
         }
@@ -212,20 +195,11 @@ impl Job {
                     all.extend_from_slice(&block);
                 }
                 out.clear();
-                out.extend(
-                    all.chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                );
+                out.extend(all.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
             }
             Recipe::Fp8Expert { layer, expert, proj } => {
                 let [out_features, input] = expert_shape(d, proj);
-                gaussian_into(
-                    seed,
-                    &expert_name(layer, expert, proj),
-                    out_features * input,
-                    fan_in_std(input),
-                    out,
-                );
+                gaussian_into(seed, &expert_name(layer, expert, proj), out_features * input, fan_in_std(input), out);
             }
         }
     }
@@ -234,28 +208,12 @@ impl Job {
 /// Every job of a checkpoint, in checkpoint order (embedding, layers, final norm, lm_head).
 fn jobs(d: &Dims, fp8: bool) -> Vec<Job> {
     let mut jobs = Vec::new();
-    let mut push = |name: String, recipe| {
-        jobs.push(Job {
-            name: format!("{PREFIX}{name}"),
-            recipe,
-        })
-    };
-    let linear = |out: usize, input: usize| Recipe::Gaussian {
-        rows: out,
-        cols: input,
-        std: fan_in_std(input),
-    };
+    let mut push = |name: String, recipe| jobs.push(Job { name: format!("{PREFIX}{name}"), recipe });
+    let linear = |out: usize, input: usize| Recipe::Gaussian { rows: out, cols: input, std: fan_in_std(input) };
     let (q_dim, kv_dim) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
 
     // An embedding row is what a one-hot input selects: fan-in 1, so rows of unit variance keep activations O(1).
-    push(
-        "model.embed_tokens.weight".into(),
-        Recipe::Gaussian {
-            rows: d.vocab,
-            cols: d.hidden,
-            std: 1.0,
-        },
-    );
+    push("model.embed_tokens.weight".into(), Recipe::Gaussian { rows: d.vocab, cols: d.hidden, std: 1.0 });
     for layer in 0..d.layers {
         let base = format!("model.layers.{layer}");
         push(format!("{base}.input_layernorm.weight"), Recipe::Norm { len: d.hidden });
@@ -263,26 +221,14 @@ fn jobs(d: &Dims, fp8: bool) -> Vec<Job> {
         push(format!("{base}.self_attn.k_proj.weight"), linear(kv_dim, d.hidden));
         push(format!("{base}.self_attn.v_proj.weight"), linear(kv_dim, d.hidden));
         push(format!("{base}.self_attn.o_proj.weight"), linear(d.hidden, q_dim));
-        push(
-            format!("{base}.post_attention_layernorm.weight"),
-            Recipe::Norm { len: d.hidden },
-        );
+        push(format!("{base}.post_attention_layernorm.weight"), Recipe::Norm { len: d.hidden });
         let ffn = format!("{base}.feed_forward");
         if d.is_moe(layer) {
             // Random router rows of equal scale spread tokens over all experts.
             push(format!("{ffn}.router.weight"), linear(d.experts, d.hidden));
-            push(
-                format!("{ffn}.shared_expert.gate_proj.weight"),
-                linear(d.intermediate, d.hidden),
-            );
-            push(
-                format!("{ffn}.shared_expert.up_proj.weight"),
-                linear(d.intermediate, d.hidden),
-            );
-            push(
-                format!("{ffn}.shared_expert.down_proj.weight"),
-                linear(d.hidden, d.intermediate),
-            );
+            push(format!("{ffn}.shared_expert.gate_proj.weight"), linear(d.intermediate, d.hidden));
+            push(format!("{ffn}.shared_expert.up_proj.weight"), linear(d.intermediate, d.hidden));
+            push(format!("{ffn}.shared_expert.down_proj.weight"), linear(d.hidden, d.intermediate));
             if fp8 {
                 for expert in 0..d.experts {
                     for proj in Proj::ALL {
@@ -377,20 +323,12 @@ pub(super) fn write_shards(
 /// bytes of each piece from this thread. The file appears under its name only once complete.
 fn write_shard(path: &Path, jobs: &[&Job], seed: u64, d: &Dims, report: &mut dyn FnMut(u64)) -> Result<(), ModelError> {
     let partial = path.with_extension("safetensors.partial");
-    let io_error = |source| ModelError::Io {
-        path: partial.clone(),
-        source,
-    };
+    let io_error = |source| ModelError::Io { path: partial.clone(), source };
 
     // safetensors' own order (descending dtype alignment, then name) keeps every tensor aligned to its element.
     let mut entries: Vec<(usize, usize, Stored)> = Vec::new();
     for (job, j) in jobs.iter().enumerate() {
-        entries.extend(
-            j.stored(d)
-                .into_iter()
-                .enumerate()
-                .map(|(output, stored)| (job, output, stored)),
-        );
+        entries.extend(j.stored(d).into_iter().enumerate().map(|(output, stored)| (job, output, stored)));
     }
     entries.sort_by(|a, b| b.2.dtype.cmp(&a.2.dtype).then_with(|| a.2.name.cmp(&b.2.name)));
     let mut infos = Vec::with_capacity(entries.len());
@@ -399,19 +337,13 @@ fn write_shard(path: &Path, jobs: &[&Job], seed: u64, d: &Dims, report: &mut dyn
     for (job, output, stored) in &entries {
         let bytes = stored.bytes() as usize;
         tensor_offsets[*job][*output] = offset;
-        let info = TensorInfo {
-            dtype: stored.dtype,
-            shape: stored.shape.clone(),
-            data_offsets: (offset, offset + bytes),
-        };
+        let info =
+            TensorInfo { dtype: stored.dtype, shape: stored.shape.clone(), data_offsets: (offset, offset + bytes) };
         infos.push((stored.name.clone(), info));
         offset += bytes;
     }
     let format = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let header_error = |reason: String| ModelError::BadHeader {
-        file: partial.clone(),
-        reason,
-    };
+    let header_error = |reason: String| ModelError::BadHeader { file: partial.clone(), reason };
     let metadata = Metadata::new(Some(format), infos).map_err(|e| header_error(e.to_string()))?;
     let mut header = serde_json::to_vec(&metadata).map_err(|e| header_error(e.to_string()))?;
     header.resize(header.len().next_multiple_of(8), b' ');
@@ -423,11 +355,8 @@ fn write_shard(path: &Path, jobs: &[&Job], seed: u64, d: &Dims, report: &mut dyn
     file.set_len((data_start + offset) as u64).map_err(io_error)?;
     let file = Mutex::new(file);
 
-    let units: Vec<(usize, usize)> = jobs
-        .iter()
-        .enumerate()
-        .flat_map(|(job, j)| (0..j.parts(d)).map(move |part| (job, part)))
-        .collect();
+    let units: Vec<(usize, usize)> =
+        jobs.iter().enumerate().flat_map(|(job, j)| (0..j.parts(d)).map(move |part| (job, part))).collect();
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let write_piece = |job: usize, output: usize, at: usize, bytes: &[u8]| -> io::Result<()> {
@@ -476,10 +405,7 @@ fn write_shard(path: &Path, jobs: &[&Job], seed: u64, d: &Dims, report: &mut dyn
         let _ = fs::remove_file(&partial);
         return Err(io_error(e));
     }
-    fs::rename(&partial, path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::rename(&partial, path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
 }
 
 /// How f32 values become stored bytes (little-endian).
@@ -554,13 +480,7 @@ fn gate_up_block(
     out.clear();
     out.resize(hidden * 2 * inter * encoding.size(), 0);
     for (proj, column) in [(Proj::Gate, 0), (Proj::Up, inter)] {
-        gaussian_into(
-            seed,
-            &expert_name(layer, expert, proj),
-            inter * hidden,
-            fan_in_std(hidden),
-            master,
-        );
+        gaussian_into(seed, &expert_name(layer, expert, proj), inter * hidden, fan_in_std(hidden), master);
         put_transposed(master, inter, hidden, encoding, out, 2 * inter, column);
     }
 }
@@ -578,13 +498,7 @@ fn down_block(
     let (hidden, inter) = (d.hidden, d.intermediate);
     out.clear();
     out.resize(inter * hidden * encoding.size(), 0);
-    gaussian_into(
-        seed,
-        &expert_name(layer, expert, Proj::Down),
-        hidden * inter,
-        fan_in_std(inter),
-        master,
-    );
+    gaussian_into(seed, &expert_name(layer, expert, Proj::Down), hidden * inter, fan_in_std(inter), master);
     put_transposed(master, hidden, inter, encoding, out, hidden, 0);
 }
 
@@ -654,12 +568,8 @@ mod tests {
         let (fp8_jobs, bf16_jobs) = (jobs(&d, true), jobs(&d, false));
         let layer_1 = |j: &&Job| j.name.contains("layers.1.");
         let fused = |j: &&Job| j.name.ends_with("gate_up_proj") || j.name.ends_with("experts.down_proj");
-        let picked: Vec<&Job> = fp8_jobs
-            .iter()
-            .filter(layer_1)
-            .take(12)
-            .chain(bf16_jobs.iter().filter(layer_1).filter(fused))
-            .collect();
+        let picked: Vec<&Job> =
+            fp8_jobs.iter().filter(layer_1).take(12).chain(bf16_jobs.iter().filter(layer_1).filter(fused)).collect();
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("shard.safetensors");
         write_shard(&path, &picked, 3, &d, &mut |_| {}).expect("write shard");

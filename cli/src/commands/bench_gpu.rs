@@ -1,0 +1,138 @@
+//! `switchyard bench gpu`: the FP8 expert GEMM on a CUDA GPU for Maverick's shapes (gate_up K=5120 N=16384, down
+//! K=8192 N=5120) at 16, 128, 2048 and 8192 tokens, for one expert and for 16 local experts under Zipf routing.
+//!
+//! Each figure stands next to its peers measured in the same run (performance.md's method): cuBLASLt's FP8 GEMM
+//! alone on the same problem, and a device-to-device copy (the bandwidth ceiling of weight streaming); and next to
+//! the H100 anchors of performance.md (cuBLASLt through PyTorch). The measurement is
+//! `switchyard_kernels::device::bench_expert_gemm` (CUDA events after warm-up, medians, weights rotated over more
+//! than L2 holds); this command prints the table and writes the JSON. Built without the `cuda` feature it says so.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use switchyard_kernels::device::gpu_bench::{GemmBenchConfig, GemmBenchReport, DOWN, GATE_UP};
+use switchyard_kernels::device::{bench_expert_gemm, Device};
+
+/// The issue's targets: our path against cuBLASLt at >= 2048 tokens, and weight streaming at <= 128 tokens.
+const TARGET_OF_CUBLASLT: f64 = 0.95;
+const TARGET_STREAMING_TB_PER_S: f64 = 2.4;
+
+/// Flags of `bench gpu`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The GPU.
+    #[arg(long, default_value = "cuda:0")]
+    device: Device,
+    /// Token counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "16,128,2048,8192")]
+    tokens: Vec<usize>,
+    /// Local experts of the grouped runs.
+    #[arg(long, default_value_t = 16)]
+    experts: usize,
+    /// Zipf exponent of the routing skew.
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+    /// Timed repetitions per case (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    iterations: usize,
+    /// Untimed repetitions first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    output_json: Option<PathBuf>,
+}
+
+/// Runs `bench gpu`.
+pub fn run(args: Args) -> Result<()> {
+    let Device::Cuda(ordinal) = args.device else {
+        anyhow::bail!("bench gpu needs a CUDA device (cuda:N), got {}", args.device);
+    };
+    let config = GemmBenchConfig {
+        shapes: vec![GATE_UP, DOWN],
+        tokens: args.tokens,
+        experts: args.experts,
+        zipf: args.zipf,
+        iterations: args.iterations,
+        warmup: args.warmup,
+        ..GemmBenchConfig::default()
+    };
+    let report = bench_expert_gemm(ordinal, &config).with_context(|| format!("bench gpu on {}", args.device))?;
+    print_table(&report);
+    if let Some(path) = args.output_json {
+        std::fs::write(&path, serde_json::to_string_pretty(&to_json(&report, &config))?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn print_table(report: &GemmBenchReport) {
+    println!("device: {}", report.device);
+    println!("device-to-device copy (read + write, the streaming ceiling): {:.2} TB/s", report.copy_tb_per_s);
+    println!(
+        "{:<8} {:<11} {:>6} {:>7} {:>8} {:>10} {:>12} {:>8} {:>10} {:>9} {:>10} {:>9}",
+        "shape",
+        "case",
+        "tokens",
+        "experts",
+        "max/exp",
+        "ours us",
+        "cuBLASLt us",
+        "of cuBL",
+        "weight TB/s",
+        "of copy",
+        "anchor us",
+        "TFLOP/s"
+    );
+    for row in &report.rows {
+        println!(
+            "{:<8} {:<11} {:>6} {:>7} {:>8} {:>10.1} {:>12.1} {:>8.2} {:>10.2} {:>9.2} {:>10} {:>9.1}",
+            row.shape,
+            row.case,
+            row.tokens,
+            row.experts,
+            row.max_tokens_per_expert,
+            row.ours_us,
+            row.cublaslt_us,
+            row.cublaslt_us / row.ours_us,
+            row.weight_tb_per_s,
+            row.weight_tb_per_s / report.copy_tb_per_s,
+            row.anchor_us.map(|a| format!("{a:.0}")).unwrap_or_else(|| "-".into()),
+            row.tflops
+        );
+    }
+    println!(
+        "targets (issue 6): ours >= {TARGET_OF_CUBLASLT} of cuBLASLt (\"of cuBL\") at >= 2048 tokens; weight streaming \
+         >= {TARGET_STREAMING_TB_PER_S} TB/s at <= 128 tokens (the anchor: 1.83 TB/s for one expert)"
+    );
+}
+
+fn to_json(report: &GemmBenchReport, config: &GemmBenchConfig) -> serde_json::Value {
+    let rows: Vec<serde_json::Value> = report
+        .rows
+        .iter()
+        .map(|row| {
+            serde_json::json!({
+                "shape": row.shape, "case": row.case, "tokens": row.tokens, "experts": row.experts,
+                "max_tokens_per_expert": row.max_tokens_per_expert,
+                "ours_us": row.ours_us, "cublaslt_us": row.cublaslt_us,
+                "ratio_to_cublaslt": row.cublaslt_us / row.ours_us,
+                "weight_tb_per_s": row.weight_tb_per_s,
+                "ratio_to_copy": row.weight_tb_per_s / report.copy_tb_per_s,
+                "tflops": row.tflops, "anchor_us": row.anchor_us,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "benchmark": "gpu",
+        "device": report.device,
+        "copy_tb_per_s": report.copy_tb_per_s,
+        "experts": config.experts,
+        "zipf": config.zipf,
+        "iterations": config.iterations,
+        "warmup": config.warmup,
+        "targets": {"ratio_to_cublaslt_from_2048_tokens": TARGET_OF_CUBLASLT,
+                    "weight_tb_per_s_up_to_128_tokens": TARGET_STREAMING_TB_PER_S},
+        "rows": rows,
+    })
+}

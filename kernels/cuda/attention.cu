@@ -1,0 +1,201 @@
+// The attention worker's kernels on the GPU, f32 throughout, the layouts of the CPU kernels:
+//   rms_norm              Llama RMSNorm per row (weight optional: Llama 4's weightless qk-norm)
+//   rope_interleaved      interleaved (GPT-J) rotary embedding in place, as switchyard_kernels::rope
+//   paged_decode_attention  one query per sequence over a paged KV cache, as switchyard_kernels::attention
+//                         ::paged_attention: block i of a sequence holds positions (first_block + i) * block_size ..,
+//                         laid out [2, block_size, kv_heads, head_dim] (keys, then values); causal or chunked mask
+// Compiled with NVRTC at start-up (kernels/src/device/cuda/compile.rs).
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float local) {
+    __shared__ float warp_sum[32];
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        local += __shfl_xor_sync(0xffffffff, local, offset);
+    }
+    int warp = threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (lane == 0) {
+        warp_sum[warp] = local;
+    }
+    __syncthreads();
+    int warps = blockDim.x / 32;
+    float result = lane < warps ? warp_sum[lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        result += __shfl_xor_sync(0xffffffff, result, offset);
+    }
+    __syncthreads();
+    return result;
+}
+
+// One block per row: out = x * (1 / sqrt(mean(x^2) + eps)) * weight (weight null: no weight).
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ weight, int rows, int dim,
+                                    float eps, float* __restrict__ out) {
+    int row = blockIdx.x;
+    if (row >= rows) {
+        return;
+    }
+    const float* src = x + (size_t)row * dim;
+    float local = 0.0f;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        local = fmaf(src[c], src[c], local);
+    }
+    float inverse = 1.0f / sqrtf(block_sum(local) / (float)dim + eps);
+    float* dst = out + (size_t)row * dim;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        float v = src[c] * inverse;
+        dst[c] = weight ? v * weight[c] : v;
+    }
+}
+
+// x: [tokens, heads, head_dim]; the pair (x[2i], x[2i+1]) of each head rotated by angle = (float)positions[t] *
+// inv_freq[i] (product, cos and sin in f32, as the CPU). Grid: tokens; block threads over (head, pair).
+extern "C" __global__ void rope_interleaved(float* __restrict__ x, const unsigned int* __restrict__ positions,
+                                            int tokens, int heads, int head_dim,
+                                            const float* __restrict__ inv_freq) {
+    int t = blockIdx.x;
+    if (t >= tokens) {
+        return;
+    }
+    int half = head_dim / 2;
+    float position = (float)positions[t];
+    float* row = x + (size_t)t * heads * head_dim;
+    for (int p = threadIdx.x; p < heads * half; p += blockDim.x) {
+        int h = p / half;
+        int i = p % half;
+        float angle = position * inv_freq[i];
+        float s, c;
+        sincosf(angle, &s, &c);
+        float* pair = row + h * head_dim + 2 * i;
+        float a = pair[0];
+        float b = pair[1];
+        pair[0] = a * c - b * s;
+        pair[1] = a * s + b * c;
+    }
+}
+
+// No CUDA header is included here, so no INFINITY macro.
+#define NEG_INF __int_as_float(0xff800000)
+#define MAX_HEAD_DIM 256
+#define ATTENTION_WARPS 4
+
+// Decode attention: one block (ATTENTION_WARPS warps) per (sequence, query head). The warps take keys in turn and
+// keep an online softmax (running max, sum and weighted values; lane l holds dims l, l + 32, ...), then merge.
+//   q:           [seqs, q_heads, head_dim]
+//   pool:        the KV block pool, block b at pool + b * 2 * block_size * kv_heads * head_dim
+//   block_table: [seqs, max_blocks] block ids of each sequence, entry i holding block first_block[s] + i
+//   first_block: [seqs]; seq_len: [seqs] one past the last valid position; positions: [seqs] the query's position
+//   chunk:       0 for the causal mask, else the chunked mask's block length
+//   out:         [seqs, q_heads, head_dim]; lse: [seqs, q_heads] natural log-sum-exp of the scaled scores (-inf and
+//                zeros when no key is visible), so partial results merge as on the CPU
+// head_dim must be a multiple of 32 and at most MAX_HEAD_DIM (the caller checks).
+extern "C" __global__ void paged_decode_attention(const float* __restrict__ q, const float* __restrict__ pool,
+                                                  const unsigned int* __restrict__ block_table,
+                                                  const unsigned int* __restrict__ first_block,
+                                                  const unsigned int* __restrict__ seq_len,
+                                                  const unsigned int* __restrict__ positions, int q_heads,
+                                                  int kv_heads, int head_dim, int block_size, int max_blocks,
+                                                  unsigned int chunk, float scale, float* __restrict__ out,
+                                                  float* __restrict__ lse) {
+    __shared__ float warp_max[ATTENTION_WARPS];
+    __shared__ float warp_total[ATTENTION_WARPS];
+    __shared__ float warp_acc[ATTENTION_WARPS][MAX_HEAD_DIM];
+    int seq = blockIdx.x;
+    int head = blockIdx.y;
+    int warp = threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    int per_lane = head_dim / 32;
+    int kv_head = head / (q_heads / kv_heads);
+    unsigned int position = positions[seq];
+    unsigned int key_start = first_block[seq] * (unsigned int)block_size;
+    unsigned int first_visible = chunk == 0 ? 0u : position / chunk * chunk;
+    unsigned int lo = max(first_visible, key_start);
+    unsigned int hi = min(position + 1, seq_len[seq]);
+
+    const float* query = q + ((size_t)seq * q_heads + head) * head_dim;
+    float qv[MAX_HEAD_DIM / 32];
+    float acc[MAX_HEAD_DIM / 32];
+#pragma unroll
+    for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
+        qv[i] = i < per_lane ? query[lane + 32 * i] : 0.0f;
+        acc[i] = 0.0f;
+    }
+    float running_max = NEG_INF;
+    float total = 0.0f;
+    size_t row = (size_t)kv_heads * head_dim;
+    for (unsigned int pos = lo + warp; pos < hi; pos += ATTENTION_WARPS) {
+        unsigned int index = pos / block_size - first_block[seq];
+        unsigned int block = block_table[(size_t)seq * max_blocks + index];
+        const float* base = pool + (size_t)block * 2 * block_size * row;
+        const float* key = base + (size_t)(pos % block_size) * row + (size_t)kv_head * head_dim;
+        const float* value = key + (size_t)block_size * row;
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
+            if (i < per_lane) {
+                dot = fmaf(qv[i], key[lane + 32 * i], dot);
+            }
+        }
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            dot += __shfl_xor_sync(0xffffffff, dot, offset);
+        }
+        float score = dot * scale;
+        float new_max = fmaxf(running_max, score);
+        float correction = expf(running_max - new_max);
+        float weight = expf(score - new_max);
+        total = total * correction + weight;
+#pragma unroll
+        for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
+            if (i < per_lane) {
+                acc[i] = acc[i] * correction + weight * value[lane + 32 * i];
+            }
+        }
+        running_max = new_max;
+    }
+    if (lane == 0) {
+        warp_max[warp] = running_max;
+        warp_total[warp] = total;
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
+        if (i < per_lane) {
+            warp_acc[warp][lane + 32 * i] = acc[i];
+        }
+    }
+    __syncthreads();
+    if (warp != 0) {
+        return;
+    }
+    float block_max = NEG_INF;
+    for (int w = 0; w < ATTENTION_WARPS; ++w) {
+        block_max = fmaxf(block_max, warp_max[w]);
+    }
+    float* dst = out + ((size_t)seq * q_heads + head) * head_dim;
+    if (block_max == NEG_INF) {
+        for (int i = 0; i < per_lane; ++i) {
+            dst[lane + 32 * i] = 0.0f;
+        }
+        if (lane == 0) {
+            lse[(size_t)seq * q_heads + head] = NEG_INF;
+        }
+        return;
+    }
+    float sum = 0.0f;
+    float factor[ATTENTION_WARPS];
+#pragma unroll
+    for (int w = 0; w < ATTENTION_WARPS; ++w) {
+        // A warp that saw no key has max -inf and total 0: its factor is 0.
+        factor[w] = warp_max[w] == NEG_INF ? 0.0f : expf(warp_max[w] - block_max);
+        sum += warp_total[w] * factor[w];
+    }
+    for (int i = 0; i < per_lane; ++i) {
+        float value = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATTENTION_WARPS; ++w) {
+            value += warp_acc[w][lane + 32 * i] * factor[w];
+        }
+        dst[lane + 32 * i] = value / sum;
+    }
+    if (lane == 0) {
+        lse[(size_t)seq * q_heads + head] = block_max + logf(sum);
+    }
+}

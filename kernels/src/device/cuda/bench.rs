@@ -1,0 +1,210 @@
+//! The FP8 expert GEMM benchmark behind `switchyard bench gpu` (performance.md's method): CUDA events around each
+//! call after warm-up, the median of the repetitions, weights rotated over all experts (16 Maverick experts are 1.3
+//! GB for gate_up, far beyond the 50 MB L2), and the peers measured in the same run: cuBLASLt alone on the same
+//! problem and a device-to-device copy (the bandwidth ceiling).
+
+use std::sync::Arc;
+
+use cudarc::driver::{sys::CUevent_flags, CudaSlice};
+
+use super::{driver, CudaDevice};
+use crate::device::gpu_bench::{
+    anchor_us, splitmix64, zipf_routing, GemmBenchConfig, GemmBenchReport, GemmBenchRow, GemmShape,
+};
+use crate::device::plan::ExpertPlan;
+use crate::error::KernelError;
+
+/// Bytes of the copy measurement (1 GiB: far beyond L2).
+const COPY_BYTES: usize = 1 << 30;
+
+/// Median of the event-timed `run` (microseconds) after `warmup` untimed calls. `run(i)` gets the repetition index,
+/// to rotate inputs.
+fn median_us(
+    device: &CudaDevice,
+    warmup: usize,
+    iterations: usize,
+    mut run: impl FnMut(usize) -> Result<(), KernelError>,
+) -> Result<f64, KernelError> {
+    for i in 0..warmup {
+        run(i)?;
+    }
+    let context = device.context();
+    let mut times = Vec::with_capacity(iterations);
+    for i in 0..iterations.max(1) {
+        let start = context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("event"))?;
+        let end = context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("event"))?;
+        start.record(device.stream()).map_err(driver("event record"))?;
+        run(warmup + i)?;
+        end.record(device.stream()).map_err(driver("event record"))?;
+        let ms = start.elapsed_ms(&end).map_err(driver("event elapsed"))?;
+        times.push(f64::from(ms) * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Random E4M3 codes without the NaN codes (0x7F, 0xFF), deterministic in `seed`.
+fn random_codes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    let mut codes = Vec::with_capacity(len + 8);
+    while codes.len() < len {
+        codes.extend(splitmix64(&mut state).to_le_bytes().map(|b| if b & 0x7F == 0x7F { b ^ 1 } else { b }));
+    }
+    codes.truncate(len);
+    codes
+}
+
+/// Random scales in [0.5, 1.5) / 256, deterministic in `seed`.
+fn random_scales(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..len).map(|_| (0.5 + (splitmix64(&mut state) >> 40) as f32 / (1u64 << 24) as f32) / 256.0).collect()
+}
+
+struct ShapeBuffers {
+    weights: CudaSlice<u8>,
+    w_scale: CudaSlice<f32>,
+    a: CudaSlice<u8>,
+    a_scale: CudaSlice<f32>,
+    out: CudaSlice<f32>,
+}
+
+fn shape_buffers(
+    device: &CudaDevice,
+    shape: &GemmShape,
+    experts: usize,
+    max_tokens: usize,
+    seed: u64,
+) -> Result<ShapeBuffers, KernelError> {
+    let (n, k) = (shape.n, shape.k);
+    let mut weights = device.zeros::<u8>(experts * n * k)?;
+    for e in 0..experts {
+        let codes = random_codes(n * k, seed ^ ((e as u64 + 1) * 0x1000_0001));
+        device
+            .stream()
+            .memcpy_htod(&codes, &mut weights.slice_mut(e * n * k..(e + 1) * n * k))
+            .map_err(driver("weight upload"))?;
+    }
+    Ok(ShapeBuffers {
+        weights,
+        w_scale: device.upload(&random_scales(experts * n, seed ^ 0xABCD))?,
+        a: device.upload(&random_codes(max_tokens * k, seed ^ 0x5151))?,
+        a_scale: device.upload(&random_scales(max_tokens, seed ^ 0x7777))?,
+        out: device.zeros::<f32>(max_tokens * n)?,
+    })
+}
+
+/// Times one case: our path for `plan` (rotating the weights over the `experts` given by `weight_of(i)`), and
+/// cuBLASLt alone for the same expert token counts.
+fn measure(
+    device: &CudaDevice,
+    config: &GemmBenchConfig,
+    shape: &GemmShape,
+    buffers: &mut ShapeBuffers,
+    plan: &ExpertPlan,
+    rotate: usize,
+) -> Result<(f64, f64), KernelError> {
+    let (n, k) = (shape.n, shape.k);
+    let experts = plan.offsets.len() - 1;
+    let slots = plan.slot_row.len();
+    let offsets = device.upload(&plan.offsets)?;
+    let ours = median_us(device, config.warmup, config.iterations, |i| {
+        // A one-expert plan reads expert (i mod rotate)'s weights: the view starts there.
+        let first = (i % rotate) * n * k;
+        let w = buffers.weights.slice(first..first + experts * n * k);
+        let w_scale = buffers.w_scale.slice((i % rotate) * n..(i % rotate) * n + experts * n);
+        device.fp8_grouped_gemm(
+            plan,
+            &offsets.as_view(),
+            &buffers.a.slice(..slots * k),
+            &buffers.a_scale.slice(..slots),
+            &w,
+            &w_scale,
+            n,
+            k,
+            &mut buffers.out.slice_mut(..slots * n),
+        )
+    })?;
+    let cublaslt = median_us(device, config.warmup, config.iterations, |i| {
+        for e in 0..experts {
+            let (first, tokens) = (plan.offsets[e] as usize, plan.tokens(e));
+            if tokens == 0 {
+                continue;
+            }
+            let expert = (e + i % rotate) % (rotate.max(experts));
+            let w = buffers.weights.slice(expert * n * k..(expert + 1) * n * k);
+            device.fp8_gemm_cublaslt(
+                &buffers.a.slice(first * k..(first + tokens) * k),
+                &w,
+                tokens,
+                n,
+                k,
+                &mut buffers.out.slice_mut(first * n..(first + tokens) * n),
+            )?;
+        }
+        Ok(())
+    })?;
+    Ok((ours, cublaslt))
+}
+
+/// Runs the benchmark on GPU `ordinal`.
+pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<GemmBenchReport, KernelError> {
+    const OP: &str = "bench gpu";
+    if config.experts == 0 || config.tokens.is_empty() || config.shapes.is_empty() {
+        return Err(KernelError::invalid(OP, "needs at least one expert, token count and shape"));
+    }
+    let device: Arc<CudaDevice> = CudaDevice::new(ordinal)?;
+    let copy_tb_per_s = {
+        let source = device.zeros::<u8>(COPY_BYTES)?;
+        let mut target = device.zeros::<u8>(COPY_BYTES)?;
+        let us = median_us(&device, config.warmup, config.iterations, |_| {
+            device.stream().memcpy_dtod(&source, &mut target).map_err(driver("device-to-device copy"))
+        })?;
+        2.0 * COPY_BYTES as f64 / (us * 1e-6) / 1e12
+    };
+    let max_tokens = config.tokens.iter().copied().max().unwrap_or(1);
+    let mut rows = Vec::new();
+    for shape in &config.shapes {
+        let mut buffers = shape_buffers(&device, shape, config.experts, max_tokens, config.seed)?;
+        let (n, k) = (shape.n, shape.k);
+        for &tokens in &config.tokens {
+            // One expert: all tokens to expert 0 of a one-expert plan, its weights rotated over the layer's experts.
+            let one = ExpertPlan::new(&vec![0; tokens], 1)?;
+            let (ours, cublaslt) = measure(&device, config, shape, &mut buffers, &one, config.experts)?;
+            rows.push(row(shape, "one expert", tokens, 1, tokens, ours, cublaslt, n * k));
+            // Grouped: Zipf-routed over all experts.
+            let routed = zipf_routing(tokens, config.experts, config.zipf, config.seed ^ tokens as u64);
+            let plan = ExpertPlan::new(&routed, config.experts)?;
+            let busy = (0..config.experts).filter(|&e| plan.tokens(e) > 0).count();
+            let max_per_expert = (0..config.experts).map(|e| plan.tokens(e)).max().unwrap_or(0);
+            let (ours, cublaslt) = measure(&device, config, shape, &mut buffers, &plan, 1)?;
+            rows.push(row(shape, "grouped", tokens, busy, max_per_expert, ours, cublaslt, busy * n * k));
+        }
+    }
+    Ok(GemmBenchReport { device: format!("{} (cuda:{ordinal})", device.name()), copy_tb_per_s, rows })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn row(
+    shape: &GemmShape,
+    case: &'static str,
+    tokens: usize,
+    experts: usize,
+    max_tokens_per_expert: usize,
+    ours_us: f64,
+    cublaslt_us: f64,
+    weight_bytes: usize,
+) -> GemmBenchRow {
+    let seconds = ours_us * 1e-6;
+    GemmBenchRow {
+        shape: shape.name,
+        case,
+        tokens,
+        experts,
+        max_tokens_per_expert,
+        ours_us,
+        cublaslt_us,
+        weight_tb_per_s: weight_bytes as f64 / seconds / 1e12,
+        tflops: 2.0 * tokens as f64 * shape.k as f64 * shape.n as f64 / seconds / 1e12,
+        anchor_us: anchor_us(shape, case, tokens),
+    }
+}

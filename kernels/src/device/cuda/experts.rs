@@ -1,0 +1,194 @@
+//! The routed experts of one MoE layer on the GPU: FP8 weights resident on the device, and one call computing a
+//! step (quantise -> permute -> gate_up -> SwiGLU -> down -> unpermute).
+//!
+//! The plan (counting sort by expert) is made on the host: the routed expert ids arrive from the host anyway, and the
+//! host must know each expert's token count to choose, per expert, the streaming kernel (few tokens: bound by reading
+//! the weights) or cuBLASLt (many tokens: bound by tensor-core FLOPs) and to size the cuBLASLt calls. The device
+//! kernel `permute_plan` computes the same plan for callers whose ids are already on the device.
+
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+
+use super::kernels::MMA_MAX_TOKENS;
+use super::{driver, CudaDevice};
+use crate::device::plan::{ExpertDims, ExpertPlan, Fp8Expert, SMALL_M_MAX_TOKENS};
+use crate::error::{check_len, product, KernelError};
+
+/// Whether `SWITCHYARD_SMALL_GEMM=simt` forces the CUDA-core streaming kernel instead of the tensor-core one (to
+/// compare them, or to rule the MMA kernel out). Read once.
+fn simt_forced() -> bool {
+    static SIMT: OnceLock<bool> = OnceLock::new();
+    *SIMT.get_or_init(|| std::env::var("SWITCHYARD_SMALL_GEMM").is_ok_and(|v| v.trim().eq_ignore_ascii_case("simt")))
+}
+
+impl CudaDevice {
+    /// The grouped FP8 GEMM of one projection for all experts of a plan: experts with `1..=SMALL_M_MAX_TOKENS` tokens
+    /// in one launch of the streaming kernel (tensor cores when `n % 16 == 0` and `k % 64 == 0`, else CUDA cores),
+    /// each larger expert through cuBLASLt (row-wise scales fused where cuBLASLt supports them, else the scale
+    /// epilogue). `a`: `[slots, k]` codes in plan order, `a_scale`: `[slots]`; `offsets`: the plan's offsets on the
+    /// device; `w`: `[experts, n, k]`, `w_scale`: `[experts, n]`; `out`: `[slots, n]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_grouped_gemm(
+        &self,
+        plan: &ExpertPlan,
+        offsets: &CudaView<'_, u32>,
+        a: &CudaView<'_, u8>,
+        a_scale: &CudaView<'_, f32>,
+        w: &CudaView<'_, u8>,
+        w_scale: &CudaView<'_, f32>,
+        n: usize,
+        k: usize,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda fp8_grouped_gemm";
+        check_len(OP, "offsets", offsets.len(), plan.offsets.len(), "plan.offsets.len()")?;
+        check_len(OP, "a_scale", a_scale.len(), plan.slot_row.len(), "slots")?;
+        if plan.has_small_experts() {
+            if n % 16 == 0 && k % 64 == 0 && SMALL_M_MAX_TOKENS <= MMA_MAX_TOKENS && !simt_forced() {
+                self.fp8_grouped_gemm_mma(a, a_scale, offsets, w, w_scale, n, k, SMALL_M_MAX_TOKENS, out)?;
+            } else {
+                self.fp8_grouped_gemm_small(a, a_scale, offsets, w, w_scale, n, k, SMALL_M_MAX_TOKENS, out)?;
+            }
+        }
+        let weight = product(OP, n, k)?;
+        for (expert, first, tokens) in plan.large_experts() {
+            let a_part = a.slice(first * k..(first + tokens) * k);
+            let w_part = w.slice(expert * weight..(expert + 1) * weight);
+            let mut out_part = out.slice_mut(first * n..(first + tokens) * n);
+            let a_scale_part = a_scale.slice(first..first + tokens);
+            let w_scale_part = w_scale.slice(expert * n..(expert + 1) * n);
+            self.fp8_gemm_cublaslt_scaled(&a_part, &a_scale_part, &w_part, &w_scale_part, tokens, n, k, &mut out_part)?;
+        }
+        Ok(())
+    }
+}
+
+/// The routed experts of one layer resident on a GPU: gate and up fused into one `[2 * intermediate, hidden]`
+/// weight per expert (gate rows first), so a step runs one gate_up GEMM; FP8 codes and their per-row scales stay FP8
+/// on the device.
+pub struct GpuExpertLayer {
+    device: Arc<CudaDevice>,
+    dims: ExpertDims,
+    experts: usize,
+    gate_up: CudaSlice<u8>,
+    gate_up_scales: CudaSlice<f32>,
+    down: CudaSlice<u8>,
+    down_scales: CudaSlice<f32>,
+}
+
+impl std::fmt::Debug for GpuExpertLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuExpertLayer({} experts, {:?}, {:?})", self.experts, self.dims, self.device)
+    }
+}
+
+impl GpuExpertLayer {
+    /// Uploads `experts` (local index `i` is `experts[i]`). All must share FP8 shapes whose sizes are multiples of
+    /// 16 (see [`ExpertDims::of`]).
+    pub fn upload(device: &Arc<CudaDevice>, experts: &[Fp8Expert<'_>]) -> Result<Self, KernelError> {
+        let dims = ExpertDims::of(experts)?;
+        let (hidden, inter) = (dims.hidden, dims.intermediate);
+        let count = experts.len();
+        let stream = device.stream();
+        let alloc = |len: usize| -> Result<CudaSlice<u8>, KernelError> { device.zeros::<u8>(len) };
+        let mut gate_up = alloc(count * 2 * inter * hidden)?;
+        let mut down = alloc(count * hidden * inter)?;
+        let mut gate_up_scales = Vec::with_capacity(count * 2 * inter);
+        let mut down_scales = Vec::with_capacity(count * hidden);
+        let per_gate = inter * hidden;
+        for (e, expert) in experts.iter().enumerate() {
+            let base = e * 2 * per_gate;
+            stream
+                .memcpy_htod(expert.gate.codes, &mut gate_up.slice_mut(base..base + per_gate))
+                .map_err(driver("expert weight upload"))?;
+            stream
+                .memcpy_htod(expert.up.codes, &mut gate_up.slice_mut(base + per_gate..base + 2 * per_gate))
+                .map_err(driver("expert weight upload"))?;
+            stream
+                .memcpy_htod(expert.down.codes, &mut down.slice_mut(e * per_gate..(e + 1) * per_gate))
+                .map_err(driver("expert weight upload"))?;
+            gate_up_scales.extend_from_slice(expert.gate.scales);
+            gate_up_scales.extend_from_slice(expert.up.scales);
+            down_scales.extend_from_slice(expert.down.scales);
+        }
+        let gate_up_scales = device.upload(&gate_up_scales)?;
+        let down_scales = device.upload(&down_scales)?;
+        device.synchronize()?;
+        Ok(GpuExpertLayer { device: device.clone(), dims, experts: count, gate_up, gate_up_scales, down, down_scales })
+    }
+
+    /// Experts held.
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+
+    /// The layer's dimensions.
+    pub fn dims(&self) -> ExpertDims {
+        self.dims
+    }
+
+    /// Bytes of weights and scales on the device.
+    pub fn weight_bytes(&self) -> usize {
+        self.gate_up.len() + self.down.len() + 4 * (self.gate_up_scales.len() + self.down_scales.len())
+    }
+
+    /// Computes one step: `inputs` holds `routed.len()` rows of `hidden` values (already scaled by the router),
+    /// row `i` going to local expert `routed[i]`; returns the expert outputs in row order. The same arithmetic as the
+    /// CPU's `ExpertWeights::forward` with per-token FP8 activations: quantise, gate_up, SwiGLU, re-quantise, down.
+    pub fn forward(&self, inputs: &[f32], routed: &[u32]) -> Result<Vec<f32>, KernelError> {
+        const OP: &str = "gpu experts forward";
+        let (hidden, inter) = (self.dims.hidden, self.dims.intermediate);
+        let rows = routed.len();
+        check_len(
+            OP,
+            "inputs",
+            inputs.len(),
+            product(OP, rows, hidden)?,
+            format_args!("rows * hidden = {rows} * {hidden}"),
+        )?;
+        let plan = ExpertPlan::new(routed, self.experts)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let device = &self.device;
+        let x = device.upload(inputs)?;
+        let slot_row = device.upload(&plan.slot_row)?;
+        let offsets = device.upload(&plan.offsets)?;
+        let mut permuted = device.zeros::<f32>(rows * hidden)?;
+        device.gather_rows(&x.as_view(), &slot_row.as_view(), hidden, &mut permuted.as_view_mut())?;
+        let mut a = device.zeros::<u8>(rows * hidden)?;
+        let mut a_scale = device.zeros::<f32>(rows)?;
+        device.quantize_rows(&permuted.as_view(), rows, hidden, &mut a.as_view_mut(), &mut a_scale.as_view_mut())?;
+        let mut gate_up = device.zeros::<f32>(rows * 2 * inter)?;
+        device.fp8_grouped_gemm(
+            &plan,
+            &offsets.as_view(),
+            &a.as_view(),
+            &a_scale.as_view(),
+            &self.gate_up.as_view(),
+            &self.gate_up_scales.as_view(),
+            2 * inter,
+            hidden,
+            &mut gate_up.as_view_mut(),
+        )?;
+        let mut h = device.zeros::<u8>(rows * inter)?;
+        let mut h_scale = device.zeros::<f32>(rows)?;
+        device.silu_mul_quantize(&gate_up.as_view(), rows, inter, &mut h.as_view_mut(), &mut h_scale.as_view_mut())?;
+        let mut y = device.zeros::<f32>(rows * hidden)?;
+        device.fp8_grouped_gemm(
+            &plan,
+            &offsets.as_view(),
+            &h.as_view(),
+            &h_scale.as_view(),
+            &self.down.as_view(),
+            &self.down_scales.as_view(),
+            hidden,
+            inter,
+            &mut y.as_view_mut(),
+        )?;
+        // `permuted` is free again: the outputs in row order go there.
+        device.scatter_rows(&y.as_view(), &slot_row.as_view(), hidden, &mut permuted.as_view_mut())?;
+        device.download(&permuted)
+    }
+}

@@ -1,0 +1,495 @@
+//! Typed wrappers of the kernels in `kernels/cuda/`: each checks the buffer lengths against the dimensions given
+//! (a [`KernelError::Shape`] naming the buffer, never an out-of-bounds access on the GPU) and launches on the
+//! device's stream. Buffers are cudarc views, so callers can pass parts of larger buffers.
+
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::{driver, CudaDevice};
+use crate::device::sources::{ATTENTION_CU, EXPERTS_CU};
+use crate::error::{check_len, product, KernelError};
+
+/// Threads per block of the row kernels (a multiple of 32, at most 1024).
+const ROW_THREADS: u32 = 256;
+/// Warps per block of `fp8_grouped_gemm_small` (its `WARPS_PER_BLOCK`).
+const GEMM_WARPS: usize = 8;
+/// Weight rows one warp streams in `fp8_grouped_gemm_small`.
+const GEMM_ROWS_PER_WARP: usize = 2;
+/// Warps per block of `fp8_grouped_gemm_mma` (its `MMA_WARPS`), 16 weight rows each.
+const MMA_WARPS: usize = 4;
+/// Most tokens per expert `fp8_grouped_gemm_mma` takes (its `MMA_MAX_TOKENS`: 8 tiles of 8).
+pub const MMA_MAX_TOKENS: usize = 64;
+/// The largest head dimension `paged_decode_attention` takes (its `MAX_HEAD_DIM`).
+const MAX_HEAD_DIM: usize = 256;
+/// Threads of one `paged_decode_attention` block (its `ATTENTION_WARPS` warps).
+const ATTENTION_THREADS: u32 = 4 * 32;
+
+/// `value` as the `int` a kernel takes.
+fn int(op: &'static str, name: &str, value: usize) -> Result<i32, KernelError> {
+    i32::try_from(value)
+        .map_err(|_| KernelError::invalid(op, format!("{name} = {value} exceeds the kernels' i32 range")))
+}
+
+/// Grid size as u32.
+fn blocks(op: &'static str, count: usize) -> Result<u32, KernelError> {
+    u32::try_from(count.max(1)).map_err(|_| KernelError::invalid(op, format!("{count} blocks exceed the grid limit")))
+}
+
+/// The shape checks of the grouped GEMMs; returns the number of experts. `k_multiple`: what `k` must divide by.
+#[allow(clippy::too_many_arguments)]
+fn check_grouped(
+    op: &'static str,
+    a: &CudaView<'_, u8>,
+    a_scale: &CudaView<'_, f32>,
+    offsets: &CudaView<'_, u32>,
+    w: &CudaView<'_, u8>,
+    w_scale: &CudaView<'_, f32>,
+    n: usize,
+    k: usize,
+    k_multiple: usize,
+    out: &CudaViewMut<'_, f32>,
+) -> Result<usize, KernelError> {
+    if k == 0 || k % k_multiple != 0 || n == 0 {
+        return Err(KernelError::invalid(
+            op,
+            format!("k = {k} must be a positive multiple of {k_multiple} and n = {n} positive"),
+        ));
+    }
+    let experts = offsets
+        .len()
+        .checked_sub(1)
+        .filter(|&e| e > 0)
+        .ok_or_else(|| KernelError::invalid(op, "offsets must hold experts + 1 >= 2 values"))?;
+    let slots = a_scale.len();
+    check_len(op, "a", a.len(), product(op, slots, k)?, format_args!("slots * k = {slots} * {k}"))?;
+    let weight_values = product(op, product(op, experts, n)?, k)?;
+    check_len(op, "w", w.len(), weight_values, format_args!("experts * n * k = {experts} * {n} * {k}"))?;
+    check_len(op, "w_scale", w_scale.len(), experts * n, format_args!("experts * n = {experts} * {n}"))?;
+    check_len(op, "out", out.len(), product(op, slots, n)?, format_args!("slots * n = {slots} * {n}"))?;
+    Ok(experts)
+}
+
+/// The arguments of [`CudaDevice::paged_decode_attention`] besides the buffers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PagedDecode {
+    /// Sequences (one query each).
+    pub seqs: usize,
+    /// Query heads.
+    pub q_heads: usize,
+    /// Key/value heads; must divide `q_heads`.
+    pub kv_heads: usize,
+    /// Values per head: a multiple of 32, at most 256.
+    pub head_dim: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// Columns of the block table (blocks per sequence at most).
+    pub max_blocks: usize,
+    /// Blocks in the pool.
+    pub pool_blocks: usize,
+    /// 0 for the causal mask, else the chunked mask's chunk length.
+    pub chunk: u32,
+    /// Score scale (1 / sqrt(head_dim) usually).
+    pub scale: f32,
+}
+
+impl CudaDevice {
+    /// Per-row dynamic FP8 quantisation of `x` (`rows` x `cols`): bit for bit `fp8::quantize_rows`.
+    pub fn quantize_rows(
+        &self,
+        x: &CudaView<'_, f32>,
+        rows: usize,
+        cols: usize,
+        q: &mut CudaViewMut<'_, u8>,
+        scales: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda quantize_rows";
+        let values = product(OP, rows, cols)?;
+        check_len(OP, "x", x.len(), values, format_args!("rows * cols = {rows} * {cols}"))?;
+        check_len(OP, "q", q.len(), values, "x.len()")?;
+        check_len(OP, "scales", scales.len(), rows, "rows")?;
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let f = self.function(&EXPERTS_CU, "quantize_rows_e4m3")?;
+        let (rows_i, cols_i) = (int(OP, "rows", rows)?, int(OP, "cols", cols)?);
+        let cfg =
+            LaunchConfig { grid_dim: (blocks(OP, rows)?, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(&rows_i).arg(&cols_i).arg(q).arg(scales);
+        // SAFETY: the arguments match the kernel's signature and the lengths were checked above.
+        unsafe { launch.launch(cfg) }.map_err(driver("launch quantize_rows_e4m3"))?;
+        Ok(())
+    }
+
+    /// The stable counting sort of `rows` routed rows by expert on the device (see `plan::ExpertPlan`, which it
+    /// matches): `offsets` gets `experts + 1` values, `slot_row` one per row. Expert ids must be `< experts`; the
+    /// device cannot report a bad one, so callers check ids on the host (as `ExpertPlan::new` does).
+    pub fn permute_plan(
+        &self,
+        routed: &CudaView<'_, u32>,
+        experts: usize,
+        offsets: &mut CudaViewMut<'_, u32>,
+        slot_row: &mut CudaViewMut<'_, u32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda permute_plan";
+        let rows = routed.len();
+        check_len(OP, "offsets", offsets.len(), experts + 1, "experts + 1")?;
+        check_len(OP, "slot_row", slot_row.len(), rows, "routed.len()")?;
+        if experts == 0 || experts > 4096 {
+            return Err(KernelError::invalid(OP, format!("experts = {experts} must be in 1..=4096")));
+        }
+        let f = self.function(&EXPERTS_CU, "permute_plan")?;
+        let (rows_i, experts_i) = (int(OP, "rows", rows)?, int(OP, "experts", experts)?);
+        let threads = 256u32;
+        let shared = (2 * experts + threads as usize) * 4;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared as u32 };
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(routed).arg(&rows_i).arg(&experts_i).arg(offsets).arg(slot_row);
+        // SAFETY: signature matched; lengths checked; 2 * 4096 + 256 ints fit the default 48 KB of shared memory.
+        unsafe { launch.launch(cfg) }.map_err(driver("launch permute_plan"))?;
+        Ok(())
+    }
+
+    fn move_rows(
+        &self,
+        kernel: &'static str,
+        src: &CudaView<'_, f32>,
+        slot_row: &CudaView<'_, u32>,
+        cols: usize,
+        dst: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda gather/scatter rows";
+        let slots = slot_row.len();
+        let values = product(OP, slots, cols)?;
+        check_len(OP, "source", src.len(), values, format_args!("slots * cols = {slots} * {cols}"))?;
+        check_len(OP, "destination", dst.len(), values, format_args!("slots * cols = {slots} * {cols}"))?;
+        if slots == 0 || cols == 0 {
+            return Ok(());
+        }
+        let f = self.function(&EXPERTS_CU, kernel)?;
+        let (slots_i, cols_i) = (int(OP, "slots", slots)?, int(OP, "cols", cols)?);
+        let column_blocks = cols.div_ceil(ROW_THREADS as usize).min(8);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, slots)?, column_blocks as u32, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(src).arg(slot_row).arg(&slots_i).arg(&cols_i).arg(dst);
+        // SAFETY: signature matched; lengths checked. Slot indices must be rows < slots (a permutation), which the
+        // plan guarantees.
+        unsafe { launch.launch(cfg) }.map_err(driver("launch gather/scatter rows"))?;
+        Ok(())
+    }
+
+    /// `out[slot] = x[slot_row[slot]]` for rows of `cols` values (`slot_row` a permutation of `0..slots`).
+    pub fn gather_rows(
+        &self,
+        x: &CudaView<'_, f32>,
+        slot_row: &CudaView<'_, u32>,
+        cols: usize,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        self.move_rows("gather_rows", x, slot_row, cols, out)
+    }
+
+    /// The inverse of [`CudaDevice::gather_rows`]: `out[slot_row[slot]] = y[slot]`.
+    pub fn scatter_rows(
+        &self,
+        y: &CudaView<'_, f32>,
+        slot_row: &CudaView<'_, u32>,
+        cols: usize,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        self.move_rows("scatter_rows", y, slot_row, cols, out)
+    }
+
+    /// SwiGLU on the fused gate_up output (`rows` x `2 * inter`: gate then up) and per-row FP8 re-quantisation:
+    /// `q`, `scales` as [`CudaDevice::quantize_rows`] of `silu(gate) * up`.
+    pub fn silu_mul_quantize(
+        &self,
+        gate_up: &CudaView<'_, f32>,
+        rows: usize,
+        inter: usize,
+        q: &mut CudaViewMut<'_, u8>,
+        scales: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda silu_mul_quantize";
+        let values = product(OP, rows, inter)?;
+        check_len(OP, "gate_up", gate_up.len(), 2 * values, format_args!("rows * 2 * inter = {rows} * 2 * {inter}"))?;
+        check_len(OP, "q", q.len(), values, format_args!("rows * inter = {rows} * {inter}"))?;
+        check_len(OP, "scales", scales.len(), rows, "rows")?;
+        // The row of activations is staged in shared memory: 8192 floats for Maverick, within the 48 KB default.
+        if inter > 12 * 1024 {
+            return Err(KernelError::invalid(OP, format!("inter = {inter} exceeds the 12288 the kernel stages")));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.function(&EXPERTS_CU, "silu_mul_quantize_e4m3")?;
+        let (rows_i, inter_i) = (int(OP, "rows", rows)?, int(OP, "inter", inter)?);
+        let no_activations: u64 = 0;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, rows)?, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: (inter * 4) as u32,
+        };
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(gate_up).arg(&rows_i).arg(&inter_i).arg(q).arg(scales).arg(&no_activations);
+        // SAFETY: signature matched (the last pointer null: no f32 copy wanted); lengths checked.
+        unsafe { launch.launch(cfg) }.map_err(driver("launch silu_mul_quantize_e4m3"))?;
+        Ok(())
+    }
+
+    /// The grouped weight-streaming FP8 GEMM for every expert with `1..=max_tokens` tokens, on the CUDA cores:
+    /// `out[slot, o] = w_scale[e, o] * a_scale[slot] * sum_c e4m3(a[slot, c]) * e4m3(w[e, o, c])`. `offsets` (on the
+    /// device) has `experts + 1` values; `w` holds `experts` weights `[n, k]`; `k` must be a multiple of 16. Rows of
+    /// experts with more tokens are left untouched (cuBLASLt computes them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_grouped_gemm_small(
+        &self,
+        a: &CudaView<'_, u8>,
+        a_scale: &CudaView<'_, f32>,
+        offsets: &CudaView<'_, u32>,
+        w: &CudaView<'_, u8>,
+        w_scale: &CudaView<'_, f32>,
+        n: usize,
+        k: usize,
+        max_tokens: usize,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda fp8_grouped_gemm_small";
+        let experts = check_grouped(OP, a, a_scale, offsets, w, w_scale, n, k, 16, out)?;
+        let f = self.function(&EXPERTS_CU, "fp8_grouped_gemm_small")?;
+        let (n_i, k_i) = (int(OP, "n", n)?, int(OP, "k", k)?);
+        let max_i = int(OP, "max_tokens", max_tokens)?;
+        let rows_per_warp = GEMM_ROWS_PER_WARP as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, n.div_ceil(GEMM_WARPS * GEMM_ROWS_PER_WARP))?, blocks(OP, experts)?, 1),
+            block_dim: ((GEMM_WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(a).arg(a_scale).arg(offsets).arg(w).arg(w_scale).arg(&n_i).arg(&k_i).arg(&max_i);
+        launch.arg(&rows_per_warp).arg(out);
+        // SAFETY: signature matched; lengths checked; the offsets must be non-decreasing and end at most at `slots`
+        // (ExpertPlan's are).
+        unsafe { launch.launch(cfg) }.map_err(driver("launch fp8_grouped_gemm_small"))?;
+        Ok(())
+    }
+
+    /// [`CudaDevice::fp8_grouped_gemm_small`] on the tensor cores (mma.sync m16n8k32 E4M3, f32 accumulation): the same
+    /// contract, with `n` a multiple of 16, `k` of 64 and `max_tokens` at most [`MMA_MAX_TOKENS`] (one pass over
+    /// the weights). Needs sm_89 or later.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fp8_grouped_gemm_mma(
+        &self,
+        a: &CudaView<'_, u8>,
+        a_scale: &CudaView<'_, f32>,
+        offsets: &CudaView<'_, u32>,
+        w: &CudaView<'_, u8>,
+        w_scale: &CudaView<'_, f32>,
+        n: usize,
+        k: usize,
+        max_tokens: usize,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda fp8_grouped_gemm_mma";
+        if n % 16 != 0 || max_tokens > MMA_MAX_TOKENS {
+            return Err(KernelError::invalid(
+                OP,
+                format!("n = {n} must be a multiple of 16 and max_tokens = {max_tokens} at most {MMA_MAX_TOKENS}"),
+            ));
+        }
+        let experts = check_grouped(OP, a, a_scale, offsets, w, w_scale, n, k, 64, out)?;
+        let f = self.function(&EXPERTS_CU, "fp8_grouped_gemm_mma")?;
+        let (n_i, k_i) = (int(OP, "n", n)?, int(OP, "k", k)?);
+        let max_i = int(OP, "max_tokens", max_tokens)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, n.div_ceil(16 * MMA_WARPS))?, blocks(OP, experts)?, 1),
+            block_dim: ((MMA_WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(a).arg(a_scale).arg(offsets).arg(w).arg(w_scale).arg(&n_i).arg(&k_i).arg(&max_i).arg(out);
+        // SAFETY: signature matched; lengths and divisibility checked; offsets as for the CUDA-core kernel.
+        unsafe { launch.launch(cfg) }.map_err(driver("launch fp8_grouped_gemm_mma"))?;
+        Ok(())
+    }
+
+    /// The epilogue after a unit-scale FP8 GEMM: `out[i, j] *= a_scale[i] * w_scale[j]` over `m` x `n`.
+    pub fn scale_rows_cols(
+        &self,
+        out: &mut CudaViewMut<'_, f32>,
+        a_scale: &CudaView<'_, f32>,
+        w_scale: &CudaView<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda scale_rows_cols";
+        let (m, n) = (a_scale.len(), w_scale.len());
+        check_len(OP, "out", out.len(), product(OP, m, n)?, format_args!("m * n = {m} * {n}"))?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let f = self.function(&EXPERTS_CU, "scale_rows_cols")?;
+        let (m_i, n_i) = (int(OP, "m", m)?, int(OP, "n", n)?);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, (m * n).div_ceil(4 * ROW_THREADS as usize).min(65_535))?, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(a_scale).arg(w_scale).arg(&m_i).arg(&n_i);
+        // SAFETY: signature matched; lengths checked.
+        unsafe { launch.launch(cfg) }.map_err(driver("launch scale_rows_cols"))?;
+        Ok(())
+    }
+
+    /// RMS norm per row of `dim` values: `out = x / sqrt(mean(x^2) + eps) * weight` (`weight` `None`: unweighted).
+    pub fn rms_norm(
+        &self,
+        x: &CudaView<'_, f32>,
+        weight: Option<&CudaView<'_, f32>>,
+        dim: usize,
+        eps: f32,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda rms_norm";
+        if dim == 0 || x.len() % dim != 0 {
+            return Err(KernelError::shape(OP, format!("x has {} values, not a multiple of dim = {dim}", x.len())));
+        }
+        if let Some(weight) = weight {
+            check_len(OP, "weight", weight.len(), dim, "dim")?;
+        }
+        check_len(OP, "out", out.len(), x.len(), "x.len()")?;
+        let rows = x.len() / dim;
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.function(&ATTENTION_CU, "rms_norm")?;
+        let (rows_i, dim_i) = (int(OP, "rows", rows)?, int(OP, "dim", dim)?);
+        let null: u64 = 0;
+        let cfg =
+            LaunchConfig { grid_dim: (blocks(OP, rows)?, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x);
+        match weight {
+            Some(weight) => launch.arg(weight),
+            None => launch.arg(&null),
+        };
+        launch.arg(&rows_i).arg(&dim_i).arg(&eps).arg(out);
+        // SAFETY: signature matched (a null weight means unweighted); lengths checked.
+        unsafe { launch.launch(cfg) }.map_err(driver("launch rms_norm"))?;
+        Ok(())
+    }
+
+    /// Interleaved RoPE in place on `x` (`[positions.len(), heads, head_dim]`), as `rope::rope_interleaved_in_place`.
+    pub fn rope_interleaved(
+        &self,
+        x: &mut CudaViewMut<'_, f32>,
+        positions: &CudaView<'_, u32>,
+        heads: usize,
+        head_dim: usize,
+        inv_freq: &CudaView<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda rope_interleaved";
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(KernelError::invalid(OP, format!("head_dim must be even and positive, got {head_dim}")));
+        }
+        check_len(OP, "inv_freq", inv_freq.len(), head_dim / 2, "head_dim / 2")?;
+        let tokens = positions.len();
+        let values = product(OP, product(OP, tokens, heads)?, head_dim)?;
+        check_len(
+            OP,
+            "x",
+            x.len(),
+            values,
+            format_args!("tokens * heads * head_dim = {tokens} * {heads} * {head_dim}"),
+        )?;
+        if values == 0 {
+            return Ok(());
+        }
+        let f = self.function(&ATTENTION_CU, "rope_interleaved")?;
+        let (tokens_i, heads_i, dim_i) =
+            (int(OP, "tokens", tokens)?, int(OP, "heads", heads)?, int(OP, "head_dim", head_dim)?);
+        let cfg =
+            LaunchConfig { grid_dim: (blocks(OP, tokens)?, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(positions).arg(&tokens_i).arg(&heads_i).arg(&dim_i).arg(inv_freq);
+        // SAFETY: signature matched; lengths checked.
+        unsafe { launch.launch(cfg) }.map_err(driver("launch rope_interleaved"))?;
+        Ok(())
+    }
+
+    /// Decode attention of one query per sequence over a paged KV cache (`attention::paged_attention`'s layout and
+    /// arithmetic, online softmax). `pool`: `pool_blocks` blocks of `[2, block_size, kv_heads, head_dim]`;
+    /// `block_table`: `[seqs, max_blocks]`; `first_block`, `seq_len`, `positions`: one per sequence; `out`:
+    /// `[seqs, q_heads, head_dim]`; `lse`: `[seqs, q_heads]`. Block ids and the visible ranges are checked on the host
+    /// by the caller that owns the block table (the kernel trusts them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_decode_attention(
+        &self,
+        shape: &PagedDecode,
+        q: &CudaView<'_, f32>,
+        pool: &CudaView<'_, f32>,
+        block_table: &CudaView<'_, u32>,
+        first_block: &CudaView<'_, u32>,
+        seq_len: &CudaView<'_, u32>,
+        positions: &CudaView<'_, u32>,
+        out: &mut CudaViewMut<'_, f32>,
+        lse: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda paged_decode_attention";
+        let s = shape;
+        if s.q_heads == 0 || s.kv_heads == 0 || s.q_heads % s.kv_heads != 0 {
+            return Err(KernelError::invalid(
+                OP,
+                format!("q_heads = {} must be a positive multiple of kv_heads = {}", s.q_heads, s.kv_heads),
+            ));
+        }
+        if s.head_dim == 0 || s.head_dim % 32 != 0 || s.head_dim > MAX_HEAD_DIM {
+            return Err(KernelError::invalid(
+                OP,
+                format!("head_dim = {} must be a multiple of 32 up to {MAX_HEAD_DIM}", s.head_dim),
+            ));
+        }
+        if s.block_size == 0 {
+            return Err(KernelError::invalid(OP, "block_size is 0"));
+        }
+        let q_values = product(OP, product(OP, s.seqs, s.q_heads)?, s.head_dim)?;
+        check_len(OP, "q", q.len(), q_values, "seqs * q_heads * head_dim")?;
+        check_len(OP, "out", out.len(), q_values, "q.len()")?;
+        check_len(OP, "lse", lse.len(), s.seqs * s.q_heads, "seqs * q_heads")?;
+        let block_values = product(OP, product(OP, 2 * s.block_size, s.kv_heads)?, s.head_dim)?;
+        check_len(
+            OP,
+            "pool",
+            pool.len(),
+            product(OP, s.pool_blocks, block_values)?,
+            "pool_blocks * 2 * block_size * kv_heads * head_dim",
+        )?;
+        check_len(OP, "block_table", block_table.len(), product(OP, s.seqs, s.max_blocks)?, "seqs * max_blocks")?;
+        for (name, buffer) in [("first_block", first_block), ("seq_len", seq_len), ("positions", positions)] {
+            check_len(OP, name, buffer.len(), s.seqs, "seqs")?;
+        }
+        if s.seqs == 0 {
+            return Ok(());
+        }
+        let f = self.function(&ATTENTION_CU, "paged_decode_attention")?;
+        let q_heads = int(OP, "q_heads", s.q_heads)?;
+        let kv_heads = int(OP, "kv_heads", s.kv_heads)?;
+        let head_dim = int(OP, "head_dim", s.head_dim)?;
+        let block_size = int(OP, "block_size", s.block_size)?;
+        let max_blocks = int(OP, "max_blocks", s.max_blocks)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, s.seqs)?, blocks(OP, s.q_heads)?, 1),
+            block_dim: (ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(q).arg(pool).arg(block_table).arg(first_block).arg(seq_len).arg(positions);
+        launch.arg(&q_heads).arg(&kv_heads).arg(&head_dim).arg(&block_size).arg(&max_blocks);
+        launch.arg(&s.chunk).arg(&s.scale).arg(out).arg(lse);
+        // SAFETY: signature matched; lengths checked; block ids and ranges are the caller's (documented above).
+        unsafe { launch.launch(cfg) }.map_err(driver("launch paged_decode_attention"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,153 @@
+//! What `switchyard bench gpu` asks of the CUDA backend and what it gets back: plain data, so the CLI formats it
+//! without knowing CUDA. The measurement itself is `device::bench_expert_gemm` (CUDA events after warm-up, medians,
+//! weights rotated over more than L2 holds).
+
+/// One GEMM shape of a Maverick expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmShape {
+    /// `"gate_up"` or `"down"`.
+    pub name: &'static str,
+    /// Input features (the reduction).
+    pub k: usize,
+    /// Output features.
+    pub n: usize,
+}
+
+/// Maverick's fused gate_up projection of one expert: K = 5120, N = 2 * 8192.
+pub const GATE_UP: GemmShape = GemmShape { name: "gate_up", k: 5120, n: 16384 };
+/// Maverick's down projection of one expert: K = 8192, N = 5120.
+pub const DOWN: GemmShape = GemmShape { name: "down", k: 8192, n: 5120 };
+
+/// What to measure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmBenchConfig {
+    /// The shapes (default: [`GATE_UP`], [`DOWN`]).
+    pub shapes: Vec<GemmShape>,
+    /// Token counts (default: 16, 128, 2048, 8192).
+    pub tokens: Vec<usize>,
+    /// Local experts of the grouped runs (default 16).
+    pub experts: usize,
+    /// Zipf exponent of the routing skew (default 1.0: expert `i` gets weight `1 / (i + 1)`).
+    pub zipf: f64,
+    /// Timed repetitions per case; the median is reported (default 20).
+    pub iterations: usize,
+    /// Untimed repetitions first (default 3).
+    pub warmup: usize,
+    /// Seed of the routing and the random weights.
+    pub seed: u64,
+}
+
+impl Default for GemmBenchConfig {
+    fn default() -> Self {
+        GemmBenchConfig {
+            shapes: vec![GATE_UP, DOWN],
+            tokens: vec![16, 128, 2048, 8192],
+            experts: 16,
+            zipf: 1.0,
+            iterations: 20,
+            warmup: 3,
+            seed: 6,
+        }
+    }
+}
+
+/// One measured case.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmBenchRow {
+    /// The shape's name.
+    pub shape: &'static str,
+    /// `"one expert"` or `"grouped"`.
+    pub case: &'static str,
+    /// Tokens in the step (for grouped: over all experts).
+    pub tokens: usize,
+    /// Experts computed.
+    pub experts: usize,
+    /// Tokens of the busiest expert (the routing's skew).
+    pub max_tokens_per_expert: usize,
+    /// Median of our path (the streaming kernel and/or cuBLASLt + epilogue as the plan chooses), microseconds.
+    pub ours_us: f64,
+    /// Median of cuBLASLt FP8 alone on the same problem (unit scales, no epilogue, one call per expert), us.
+    pub cublaslt_us: f64,
+    /// Weight bytes read per call / our time, TB/s.
+    pub weight_tb_per_s: f64,
+    /// 2 * tokens * k * n / our time, TFLOP/s.
+    pub tflops: f64,
+    /// The H100 anchor of performance.md for this case (cuBLASLt through PyTorch), if it has one, us.
+    pub anchor_us: Option<f64>,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmBenchReport {
+    /// The GPU's name and ordinal.
+    pub device: String,
+    /// Device-to-device copy bandwidth measured in the same run (read + write), TB/s: the streaming ceiling.
+    pub copy_tb_per_s: f64,
+    /// The cases.
+    pub rows: Vec<GemmBenchRow>,
+}
+
+/// The anchor of performance.md (H100, cuBLASLt FP8 rowwise through PyTorch 2.11) for a case, microseconds.
+pub fn anchor_us(shape: &GemmShape, case: &str, tokens: usize) -> Option<f64> {
+    match (shape.name, case, tokens) {
+        ("gate_up", "one expert", 16..=128) => Some(45.5),
+        ("gate_up", "one expert", 2048) => Some(289.0),
+        ("gate_up", "one expert", 8192) => Some(1174.0),
+        ("down", "one expert", 16..=128) => Some(34.0),
+        ("down", "one expert", 2048) => Some(142.0),
+        ("gate_up", "grouped", 128) => Some(534.0),
+        ("gate_up", "grouped", 8192) => Some(1756.0),
+        _ => None,
+    }
+}
+
+/// Zipf-skewed routing of `tokens` rows over `experts` experts, deterministic in `seed`: expert `i` is drawn with
+/// probability proportional to `1 / (i + 1)^s`. Returns the expert of each row.
+pub fn zipf_routing(tokens: usize, experts: usize, s: f64, seed: u64) -> Vec<u32> {
+    let weights: Vec<f64> = (0..experts).map(|i| 1.0 / ((i + 1) as f64).powf(s)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut cumulative = Vec::with_capacity(experts);
+    let mut running = 0.0;
+    for w in &weights {
+        running += w / total;
+        cumulative.push(running);
+    }
+    let mut state = seed;
+    (0..tokens)
+        .map(|_| {
+            let u = (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
+            cumulative.iter().position(|&c| u < c).unwrap_or(experts.saturating_sub(1)) as u32
+        })
+        .collect()
+}
+
+/// SplitMix64: a small, well-mixed deterministic generator (no `rand` in this crate's dependencies).
+pub(crate) fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_routing_is_skewed_and_deterministic() {
+        let routed = zipf_routing(10_000, 16, 1.0, 1);
+        assert_eq!(routed, zipf_routing(10_000, 16, 1.0, 1));
+        let mut counts = [0usize; 16];
+        routed.iter().for_each(|&e| counts[e as usize] += 1);
+        // Expert 0 has weight 1 / H(16) ~ 0.296 of the rows, expert 15 ~ 0.0185.
+        assert!(counts[0] > 2_500 && counts[0] < 3_400, "{counts:?}");
+        assert!(counts[15] > 100 && counts[15] < 300, "{counts:?}");
+    }
+
+    #[test]
+    fn anchors_cover_the_issue_cases() {
+        assert_eq!(anchor_us(&GATE_UP, "one expert", 2048), Some(289.0));
+        assert_eq!(anchor_us(&DOWN, "grouped", 16), None);
+    }
+}

@@ -1,0 +1,189 @@
+//! Host-side facts of the GPU expert path that need no GPU: the FP8 weights of one expert as handed to the device,
+//! the counting sort of routed rows by expert (the plan the device executes), and the choice between the small-m
+//! streaming kernel and cuBLASLt.
+
+use crate::error::KernelError;
+use crate::matmul::Fp8Weight;
+
+/// Experts with at most this many tokens in a step run in the grouped weight-streaming kernel; above it, cuBLASLt's
+/// FP8 GEMM (tensor cores) wins. The anchors in performance.md put the crossover between 128 tokens (one expert
+/// still reads its weights in ~45 us, the streaming regime) and 2048 (compute-bound); 64 is a first guess, to be
+/// tuned with `switchyard bench gpu` on an H100.
+pub const SMALL_M_MAX_TOKENS: usize = 64;
+
+/// One expert's FP8 weights in nn.Linear layout, borrowed from the host (the model's checkpoint mmap).
+#[derive(Debug, Clone, Copy)]
+pub struct Fp8Expert<'a> {
+    /// Gate projection `[intermediate, hidden]`.
+    pub gate: Fp8Weight<'a>,
+    /// Up projection `[intermediate, hidden]`.
+    pub up: Fp8Weight<'a>,
+    /// Down projection `[hidden, intermediate]`.
+    pub down: Fp8Weight<'a>,
+}
+
+/// The dimensions shared by all experts of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertDims {
+    /// Model hidden size (gate/up input, down output).
+    pub hidden: usize,
+    /// Expert intermediate size (gate/up output, down input).
+    pub intermediate: usize,
+}
+
+impl ExpertDims {
+    /// Checks that every expert has the same, consistent FP8 shapes, that the scales and codes have the lengths the
+    /// shapes say, and that both sizes are multiples of 16 (the kernels load 16 codes at a time; cuBLASLt FP8 needs
+    /// 16-aligned leading dimensions). Maverick's 5120 and 8192 are.
+    pub fn of(experts: &[Fp8Expert<'_>]) -> Result<Self, KernelError> {
+        const OP: &str = "gpu expert upload";
+        let first = experts.first().ok_or_else(|| KernelError::invalid(OP, "no experts"))?;
+        let dims = ExpertDims { hidden: first.gate.cols, intermediate: first.gate.rows };
+        if dims.hidden == 0 || dims.intermediate == 0 || dims.hidden % 16 != 0 || dims.intermediate % 16 != 0 {
+            return Err(KernelError::invalid(
+                OP,
+                format!(
+                    "hidden = {} and intermediate = {} must be positive multiples of 16",
+                    dims.hidden, dims.intermediate
+                ),
+            ));
+        }
+        for (index, expert) in experts.iter().enumerate() {
+            for (name, weight, rows, cols) in [
+                ("gate", &expert.gate, dims.intermediate, dims.hidden),
+                ("up", &expert.up, dims.intermediate, dims.hidden),
+                ("down", &expert.down, dims.hidden, dims.intermediate),
+            ] {
+                if weight.rows != rows || weight.cols != cols {
+                    return Err(KernelError::shape(
+                        OP,
+                        format!("expert {index} {name} is {}x{}, expected {rows}x{cols}", weight.rows, weight.cols),
+                    ));
+                }
+                if weight.codes.len() != rows * cols || weight.scales.len() != rows {
+                    return Err(KernelError::shape(
+                        OP,
+                        format!(
+                            "expert {index} {name} has {} codes and {} scales, expected {} and {rows}",
+                            weight.codes.len(),
+                            weight.scales.len(),
+                            rows * cols
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(dims)
+    }
+}
+
+/// The rows of one MoE step sorted by expert (a stable counting sort): what the device gathers, computes per expert
+/// and scatters back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertPlan {
+    /// `offsets[e]..offsets[e + 1]` are the slots of expert `e`; `offsets.len() == experts + 1`.
+    pub offsets: Vec<u32>,
+    /// `slot_row[slot]` is the input row computed in `slot`; rows of one expert keep their input order.
+    pub slot_row: Vec<u32>,
+}
+
+impl ExpertPlan {
+    /// Sorts `routed` (the local expert index of each row) for a layer of `experts` experts.
+    pub fn new(routed: &[u32], experts: usize) -> Result<Self, KernelError> {
+        const OP: &str = "expert plan";
+        if u32::try_from(routed.len()).is_err() {
+            return Err(KernelError::invalid(OP, format!("{} rows do not fit u32 slots", routed.len())));
+        }
+        let mut counts = vec![0u32; experts];
+        for (row, &expert) in routed.iter().enumerate() {
+            let count = counts.get_mut(expert as usize).ok_or_else(|| {
+                KernelError::invalid(
+                    OP,
+                    format!("row {row} is routed to expert {expert}, but the layer holds {experts}"),
+                )
+            })?;
+            *count += 1;
+        }
+        let mut offsets = Vec::with_capacity(experts + 1);
+        let mut running = 0u32;
+        offsets.push(0);
+        for &count in &counts {
+            running += count;
+            offsets.push(running);
+        }
+        let mut cursor = offsets.clone();
+        let mut slot_row = vec![0u32; routed.len()];
+        for (row, &expert) in routed.iter().enumerate() {
+            let slot = &mut cursor[expert as usize];
+            slot_row[*slot as usize] = row as u32;
+            *slot += 1;
+        }
+        Ok(ExpertPlan { offsets, slot_row })
+    }
+
+    /// Tokens of expert `e`.
+    pub fn tokens(&self, expert: usize) -> usize {
+        (self.offsets[expert + 1] - self.offsets[expert]) as usize
+    }
+
+    /// The experts computed by cuBLASLt (more than [`SMALL_M_MAX_TOKENS`] tokens), with their first slot and token
+    /// count; the others with tokens go to the streaming kernel.
+    pub fn large_experts(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        (0..self.offsets.len() - 1)
+            .map(|e| (e, self.offsets[e] as usize, self.tokens(e)))
+            .filter(|&(_, _, tokens)| tokens > SMALL_M_MAX_TOKENS)
+    }
+
+    /// Whether any expert goes to the streaming kernel.
+    pub fn has_small_experts(&self) -> bool {
+        (0..self.offsets.len() - 1).any(|e| (1..=SMALL_M_MAX_TOKENS).contains(&self.tokens(e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_is_a_stable_counting_sort() {
+        let plan = ExpertPlan::new(&[2, 0, 2, 1, 0, 2], 4).expect("plan");
+        assert_eq!(plan.offsets, vec![0, 2, 3, 6, 6]);
+        assert_eq!(plan.slot_row, vec![1, 4, 3, 0, 2, 5]);
+        assert_eq!(plan.tokens(3), 0);
+        assert!(plan.has_small_experts());
+        assert_eq!(plan.large_experts().count(), 0);
+    }
+
+    #[test]
+    fn plan_refuses_an_expert_out_of_range() {
+        let err = ExpertPlan::new(&[0, 5], 4).expect_err("out of range");
+        assert!(err.to_string().contains("expert 5"), "{err}");
+    }
+
+    #[test]
+    fn expert_dims_check_shapes_lengths_and_alignment() {
+        let (codes, scales) = (vec![0u8; 32 * 16], vec![1.0f32; 32]);
+        let weight =
+            |rows: usize, cols: usize| Fp8Weight { codes: &codes[..rows * cols], scales: &scales[..rows], rows, cols };
+        let good = Fp8Expert { gate: weight(32, 16), up: weight(32, 16), down: weight(16, 32) };
+        assert_eq!(ExpertDims::of(&[good, good]), Ok(ExpertDims { hidden: 16, intermediate: 32 }));
+        assert!(ExpertDims::of(&[]).is_err());
+        let swapped = Fp8Expert { down: weight(32, 16), ..good };
+        let err = ExpertDims::of(&[good, swapped]).expect_err("down is 32x16");
+        assert!(err.to_string().contains("expert 1 down is 32x16, expected 16x32"), "{err}");
+        let short = Fp8Expert { up: Fp8Weight { scales: &scales[..3], ..weight(32, 16) }, ..good };
+        let err = ExpertDims::of(&[short]).expect_err("3 scales");
+        assert!(err.to_string().contains("expert 0 up has 512 codes and 3 scales"), "{err}");
+        let odd = Fp8Expert { gate: weight(24, 16), up: weight(24, 16), down: weight(16, 24) };
+        assert!(ExpertDims::of(&[odd]).expect_err("24").to_string().contains("multiples of 16"));
+    }
+
+    #[test]
+    fn large_experts_cross_the_threshold() {
+        let mut routed = vec![1u32; SMALL_M_MAX_TOKENS + 1];
+        routed.push(0);
+        let plan = ExpertPlan::new(&routed, 2).expect("plan");
+        assert_eq!(plan.large_experts().collect::<Vec<_>>(), vec![(1, 1, SMALL_M_MAX_TOKENS + 1)]);
+        assert!(plan.has_small_experts());
+    }
+}

@@ -1,0 +1,552 @@
+//! Every CUDA kernel, and the whole routed-expert layer, against the CPU kernels on random fresh inputs (never zeros).
+//! Each test opens GPU 0 and, where there is none (no driver, no GPU, no CUDA headers), prints why and passes: these
+//! run for real on the GPU machine (`scripts/gpu-check.sh`).
+//!
+//! Tolerances (docs/cuda.md has the reasoning at length):
+//! - FP8 quantisation, the permutation, gather/scatter: exact (the same integer rounding, the same IEEE divisions).
+//! - FP8 GEMMs: every product of two E4M3 values is exact in f32 (4-bit by 4-bit significands), so only the order of
+//!   the f32 additions differs from the CPU's f64 reference. Recursive f32 summation of k terms errs by at most
+//!   `gamma_k = k * u / (1 - k * u)` (u = 2^-24) times `sum |a_c * w_c|`; the CUDA-core streaming kernel is held to
+//!   `(k + 4) * u` of that sum (the 4 for the two scale multiplications). FP8 tensor cores (cuBLASLt, the mma.sync
+//!   streaming kernel) accumulate blocks of the k-sum with fewer bits before adding them in f32 (about 2^-14 relative
+//!   per block on Hopper), so their allowance is `2^-12` of the same sum.
+//! - SwiGLU: `expf` on the GPU and the CPU's exp differ by ulps, so re-quantised codes may differ by one step where a
+//!   value sits on a rounding boundary: each decoded value within one E4M3 step (1/8 relative) and at most 0.1% of
+//!   codes differing.
+//! - The expert layer: its f32 outputs differ from the CPU path by the GEMM allowances above and by one-step flips of
+//!   the re-quantised SwiGLU output wherever a value sits near a rounding boundary. With tensor-core accumulation
+//!   (relative ~2^-14 per MMA) a few tenths of a percent of the codes can flip, each by one E4M3 step (1/16 to 1/8),
+//!   which moves an output by about sqrt(0.004) / 12 ~ 5e-3 relative: relative RMS error at most 2e-2, and each
+//!   output within 1/8 of `sum_c |h_c * w_c|` (the bound if every code flipped).
+//! - RMS norm: f32 sum of squares against the f64 reference: `(dim + 8) * u` relative.
+//! - RoPE: GPU `sincosf` and the CPU's f32 sin/cos are within 2 ulps each: `16 * u * (|a| + |b|)` per element.
+//! - Paged attention: f32 online softmax against the CPU's f32 two-pass: `1e-4` of the largest |value| (n * u for
+//!   up to 1000 keys is 6e-5), and `1e-4 * (1 + |lse|)` for the log-sum-exp.
+
+use std::sync::Arc;
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use switchyard_kernels::activation::silu_mul;
+use switchyard_kernels::attention::{paged_attention, AttentionMask, AttentionShape, PagedKv};
+use switchyard_kernels::device::plan::{ExpertPlan, Fp8Expert, SMALL_M_MAX_TOKENS};
+use switchyard_kernels::device::{CudaDevice, GpuExpertLayer, PagedDecode};
+use switchyard_kernels::fp8::{dequantize_rows, fake_quantize_rows, quantize_rows};
+use switchyard_kernels::matmul::{matmul_fp8, matmul_fp8_reference, Fp8Weight};
+use switchyard_kernels::norm::rms_norm_reference;
+use switchyard_kernels::rope::rope_interleaved_in_place;
+use switchyard_kernels::KernelError;
+
+// The unit tests' seeded data helpers, shared rather than copied (the module is private to the crate's own tests).
+#[allow(dead_code)]
+#[path = "../src/testing.rs"]
+mod testing;
+use testing::{fp8_codes, rng, uniform};
+
+const U: f64 = 1.0 / 16_777_216.0; // 2^-24, the f32 unit roundoff
+
+/// GPU 0, or `None` after printing why it cannot be used here.
+fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
+    match CudaDevice::new(0) {
+        Ok(device) => Some(device),
+        Err(
+            reason @ (KernelError::CudaUnavailable { .. }
+            | KernelError::NoSuchGpu { .. }
+            | KernelError::CudaIncludeNotFound { .. }),
+        ) => {
+            println!("SKIPPED {test}: no usable GPU: {reason}");
+            None
+        }
+        Err(other) => panic!("{test}: opening GPU 0 failed: {other}"),
+    }
+}
+
+fn positive_scales(rng: &mut ChaCha8Rng, len: usize, around: f32) -> Vec<f32> {
+    (0..len).map(|_| around * rng.random_range(0.5f32..1.5)).collect()
+}
+
+/// `sum_c |x[i, c]| * |w[o, c]| * scale[o]` for every output: the magnitude the summation error is relative to.
+fn magnitude(x: &[f32], m: usize, weight: &Fp8Weight<'_>) -> Vec<f32> {
+    let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+    let abs_codes: Vec<u8> = weight.codes.iter().map(|c| c & 0x7F).collect();
+    let mut out = vec![0.0; m * weight.rows];
+    let abs_weight = Fp8Weight { codes: &abs_codes, ..*weight };
+    matmul_fp8_reference(&abs_x, m, abs_weight, &mut out).expect("magnitude");
+    out
+}
+
+#[track_caller]
+fn assert_within(got: &[f32], want: &[f32], bound: impl Fn(usize) -> f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let error = (f64::from(g) - f64::from(w)).abs();
+        assert!(error <= bound(i), "{what}: element {i}: got {g}, want {w}, error {error:e} > bound {:e}", bound(i));
+    }
+}
+
+#[test]
+fn quantize_rows_matches_the_cpu_bit_for_bit() {
+    let Some(device) = gpu("quantize_rows") else { return };
+    let mut r = rng(1);
+    for (rows, cols) in [(37, 5120), (3, 1000), (1, 8192)] {
+        let mut x = uniform(&mut r, rows * cols, 3.0);
+        // Awkward rows: all zeros (scale 1), one NaN (left out of amax, coded 0x7F), one huge value.
+        x[..cols].fill(0.0);
+        if rows > 2 {
+            x[cols + 5] = f32::NAN;
+            x[2 * cols + 7] = 1.0e30;
+        }
+        let (mut want_q, mut want_s) = (vec![0u8; rows * cols], vec![0f32; rows]);
+        quantize_rows(&x, cols, &mut want_q, &mut want_s);
+        let x_dev = device.upload(&x).expect("upload");
+        let mut q = device.zeros::<u8>(rows * cols).expect("alloc");
+        let mut s = device.zeros::<f32>(rows).expect("alloc");
+        device
+            .quantize_rows(&x_dev.as_view(), rows, cols, &mut q.as_view_mut(), &mut s.as_view_mut())
+            .expect("quantize");
+        assert_eq!(device.download(&s).expect("scales"), want_s, "scales {rows}x{cols}");
+        let got_q = device.download(&q).expect("codes");
+        let first_difference = got_q.iter().zip(&want_q).position(|(g, w)| g != w);
+        assert_eq!(first_difference, None, "codes {rows}x{cols}: first difference");
+    }
+}
+
+#[test]
+fn permute_plan_gather_and_scatter_match_the_host_plan() {
+    let Some(device) = gpu("permute_plan") else { return };
+    let mut r = rng(2);
+    let (rows, experts, cols) = (1000, 16, 96);
+    let routed: Vec<u32> = (0..rows).map(|_| r.random_range(0..experts as u32)).collect();
+    let plan = ExpertPlan::new(&routed, experts).expect("plan");
+    let routed_dev = device.upload(&routed).expect("upload");
+    let mut offsets = device.zeros::<u32>(experts + 1).expect("alloc");
+    let mut slot_row = device.zeros::<u32>(rows).expect("alloc");
+    device
+        .permute_plan(&routed_dev.as_view(), experts, &mut offsets.as_view_mut(), &mut slot_row.as_view_mut())
+        .expect("permute_plan");
+    assert_eq!(device.download(&offsets).expect("offsets"), plan.offsets);
+    assert_eq!(device.download(&slot_row).expect("slot_row"), plan.slot_row);
+
+    let x = uniform(&mut r, rows * cols, 1.0);
+    let x_dev = device.upload(&x).expect("upload");
+    let mut gathered = device.zeros::<f32>(rows * cols).expect("alloc");
+    device.gather_rows(&x_dev.as_view(), &slot_row.as_view(), cols, &mut gathered.as_view_mut()).expect("gather");
+    let got = device.download(&gathered).expect("download");
+    for (slot, &row) in plan.slot_row.iter().enumerate() {
+        let row = row as usize;
+        assert_eq!(got[slot * cols..(slot + 1) * cols], x[row * cols..(row + 1) * cols], "slot {slot}");
+    }
+    let mut back = device.zeros::<f32>(rows * cols).expect("alloc");
+    device.scatter_rows(&gathered.as_view(), &slot_row.as_view(), cols, &mut back.as_view_mut()).expect("scatter");
+    assert_eq!(device.download(&back).expect("download"), x);
+}
+
+#[test]
+fn silu_mul_quantize_matches_the_cpu_within_one_fp8_step() {
+    let Some(device) = gpu("silu_mul_quantize") else { return };
+    let mut r = rng(3);
+    let (rows, inter) = (19, 8192);
+    let gate_up = uniform(&mut r, rows * 2 * inter, 6.0);
+    let mut activated = vec![0.0; rows * inter];
+    for row in 0..rows {
+        let base = row * 2 * inter;
+        silu_mul(
+            &gate_up[base..base + inter],
+            &gate_up[base + inter..base + 2 * inter],
+            &mut activated[row * inter..(row + 1) * inter],
+        )
+        .expect("silu_mul");
+    }
+    let (mut want_q, mut want_s) = (vec![0u8; rows * inter], vec![0f32; rows]);
+    quantize_rows(&activated, inter, &mut want_q, &mut want_s);
+    let input = device.upload(&gate_up).expect("upload");
+    let mut q = device.zeros::<u8>(rows * inter).expect("alloc");
+    let mut s = device.zeros::<f32>(rows).expect("alloc");
+    device
+        .silu_mul_quantize(&input.as_view(), rows, inter, &mut q.as_view_mut(), &mut s.as_view_mut())
+        .expect("swiglu");
+    let (got_q, got_s) = (device.download(&q).expect("codes"), device.download(&s).expect("scales"));
+    assert_within(&got_s, &want_s, |i| 4.0 * U * f64::from(want_s[i]), "scales");
+    let (mut got, mut want) = (vec![0.0; rows * inter], vec![0.0; rows * inter]);
+    dequantize_rows(&got_q, inter, &got_s, &mut got);
+    dequantize_rows(&want_q, inter, &want_s, &mut want);
+    assert_within(&got, &want, |i| f64::from(want[i].abs()) / 8.0 + 1e-3 * f64::from(want_s[i / inter]), "values");
+    let differing = got_q.iter().zip(&want_q).filter(|(g, w)| g != w).count();
+    assert!(differing * 1000 <= got_q.len(), "{differing} of {} codes differ", got_q.len());
+}
+
+/// The grouped GEMM (streaming kernel for small experts, cuBLASLt + epilogue for the large one) against the CPU's
+/// f64 reference, one expert per group of tokens.
+#[test]
+fn fp8_grouped_gemm_matches_the_cpu_reference() {
+    let Some(device) = gpu("fp8_grouped_gemm") else { return };
+    let mut r = rng(4);
+    let (experts, n, k) = (4, 272, 1024);
+    // Expert 0: above the streaming threshold (cuBLASLt); 1: none; 2: one token; 3: a full pass and a bit.
+    let counts = [SMALL_M_MAX_TOKENS + 9, 0, 1, 21];
+    let mut routed: Vec<u32> = counts.iter().enumerate().flat_map(|(e, &c)| std::iter::repeat_n(e as u32, c)).collect();
+    // Shuffle so the plan's permutation is not the identity.
+    for i in (1..routed.len()).rev() {
+        routed.swap(i, r.random_range(0..=i));
+    }
+    let plan = ExpertPlan::new(&routed, experts).expect("plan");
+    let slots = routed.len();
+    let codes = fp8_codes(&mut r, experts * n * k);
+    let w_scale = positive_scales(&mut r, experts * n, 1.0 / 448.0);
+    let a_codes = fp8_codes(&mut r, slots * k);
+    let a_scale = positive_scales(&mut r, slots, 1.0 / 448.0);
+
+    let offsets = device.upload(&plan.offsets).expect("upload");
+    let (a_dev, a_scale_dev) = (device.upload(&a_codes).expect("upload"), device.upload(&a_scale).expect("upload"));
+    let (w_dev, w_scale_dev) = (device.upload(&codes).expect("upload"), device.upload(&w_scale).expect("upload"));
+    let mut out = device.zeros::<f32>(slots * n).expect("alloc");
+    device
+        .fp8_grouped_gemm(
+            &plan,
+            &offsets.as_view(),
+            &a_dev.as_view(),
+            &a_scale_dev.as_view(),
+            &w_dev.as_view(),
+            &w_scale_dev.as_view(),
+            n,
+            k,
+            &mut out.as_view_mut(),
+        )
+        .expect("grouped gemm");
+    let got = device.download(&out).expect("download");
+    // Which way cuBLASLt took the row-wise scales on this machine (fused outer-vector scales or the epilogue).
+    let (first, tokens) = (plan.offsets[0] as usize, plan.tokens(0));
+    let mut probe = device.zeros::<f32>(tokens * n).expect("alloc");
+    let fused = device
+        .fp8_gemm_cublaslt_scaled(
+            &a_dev.slice(first * k..(first + tokens) * k),
+            &a_scale_dev.slice(first..first + tokens),
+            &w_dev.slice(..n * k),
+            &w_scale_dev.slice(..n),
+            tokens,
+            n,
+            k,
+            &mut probe.as_view_mut(),
+        )
+        .expect("scaled cuBLASLt");
+    println!("cuBLASLt row-wise scales: {}", if fused { "fused (outer-vector scale mode)" } else { "epilogue kernel" });
+    assert_eq!(
+        device.download(&probe).expect("download"),
+        got[first * n..(first + tokens) * n],
+        "same call, same bits"
+    );
+
+    // The two streaming kernels on their own (the grouped call used one of them for the small experts).
+    let run_small = |mma: bool| -> Vec<f32> {
+        let mut out = device.zeros::<f32>(slots * n).expect("alloc");
+        let args = (&a_dev.as_view(), &a_scale_dev.as_view(), &offsets.as_view(), &w_dev.as_view());
+        if mma {
+            device.fp8_grouped_gemm_mma(
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                &w_scale_dev.as_view(),
+                n,
+                k,
+                64,
+                &mut out.as_view_mut(),
+            )
+        } else {
+            device.fp8_grouped_gemm_small(
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                &w_scale_dev.as_view(),
+                n,
+                k,
+                64,
+                &mut out.as_view_mut(),
+            )
+        }
+        .expect("streaming kernel");
+        device.download(&out).expect("download")
+    };
+    let (simt, mma) = (run_small(false), run_small(true));
+
+    let mut a = vec![0.0; slots * k];
+    dequantize_rows(&a_codes, k, &a_scale, &mut a);
+    // f32 accumulation on the CUDA cores: (k + 4) u of sum |a w|. Tensor cores (cuBLASLt, mma.sync) accumulate FP8
+    // products with fewer bits before promoting to f32: 2^-12 of the same sum.
+    let simt_allowance = (k as f64 + 4.0) * U;
+    let tensor_allowance = 1.0 / 4096.0;
+    for e in 0..experts {
+        let (first, tokens) = (plan.offsets[e] as usize, plan.tokens(e));
+        if tokens == 0 {
+            continue;
+        }
+        let weight = Fp8Weight {
+            codes: &codes[e * n * k..(e + 1) * n * k],
+            scales: &w_scale[e * n..(e + 1) * n],
+            rows: n,
+            cols: k,
+        };
+        let x = &a[first * k..(first + tokens) * k];
+        let mut want = vec![0.0; tokens * n];
+        matmul_fp8_reference(x, tokens, weight, &mut want).expect("reference");
+        let size = magnitude(x, tokens, &weight);
+        let rows = first * n..(first + tokens) * n;
+        let check = |got: &[f32], allowance: f64, what: &str| {
+            assert_within(
+                got,
+                &want,
+                |i| allowance * f64::from(size[i]) + f64::from(f32::MIN_POSITIVE),
+                &format!("expert {e} ({tokens} tokens, {what})"),
+            )
+        };
+        let path = if tokens > SMALL_M_MAX_TOKENS { "cuBLASLt" } else { "grouped streaming" };
+        check(&got[rows.clone()], tensor_allowance, path);
+        if tokens <= SMALL_M_MAX_TOKENS {
+            check(&simt[rows.clone()], simt_allowance, "CUDA-core streaming kernel");
+            check(&mma[rows.clone()], tensor_allowance, "tensor-core streaming kernel");
+        } else {
+            // Experts above the threshold are left to cuBLASLt: the streaming kernels must not touch their rows.
+            assert!(simt[rows.clone()].iter().chain(&mma[rows]).all(|&v| v == 0.0), "expert {e} rows written");
+        }
+    }
+}
+
+/// The whole routed-expert layer on the GPU against the CPU path with per-token FP8 activations (what
+/// `ExpertWeights::forward` does with `ActivationPrecision::Fp8PerToken`).
+#[test]
+fn expert_layer_matches_the_cpu_fp8_path() {
+    let Some(device) = gpu("expert_layer") else { return };
+    let mut r = rng(5);
+    let (experts, hidden, inter) = (5, 512, 768);
+    struct Owned {
+        codes: [Vec<u8>; 3],
+        scales: [Vec<f32>; 3],
+    }
+    let owned: Vec<Owned> = (0..experts)
+        .map(|_| Owned {
+            codes: [
+                fp8_codes(&mut r, inter * hidden),
+                fp8_codes(&mut r, inter * hidden),
+                fp8_codes(&mut r, hidden * inter),
+            ],
+            scales: [
+                positive_scales(&mut r, inter, 0.02 / 448.0),
+                positive_scales(&mut r, inter, 0.02 / 448.0),
+                positive_scales(&mut r, hidden, 0.02 / 448.0),
+            ],
+        })
+        .collect();
+    let weights: Vec<Fp8Expert<'_>> = owned
+        .iter()
+        .map(|o| Fp8Expert {
+            gate: Fp8Weight { codes: &o.codes[0], scales: &o.scales[0], rows: inter, cols: hidden },
+            up: Fp8Weight { codes: &o.codes[1], scales: &o.scales[1], rows: inter, cols: hidden },
+            down: Fp8Weight { codes: &o.codes[2], scales: &o.scales[2], rows: hidden, cols: inter },
+        })
+        .collect();
+    let layer = GpuExpertLayer::upload(&device, &weights).expect("upload");
+    assert_eq!(layer.experts(), experts);
+    // Expert 1 gets more tokens than the streaming threshold; expert 4 none.
+    let mut routed: Vec<u32> = std::iter::repeat_n(1, SMALL_M_MAX_TOKENS + 3).collect();
+    routed.extend((0..40).map(|_| [0u32, 2, 3][r.random_range(0..3)]));
+    for i in (1..routed.len()).rev() {
+        routed.swap(i, r.random_range(0..=i));
+    }
+    let rows = routed.len();
+    let inputs = uniform(&mut r, rows * hidden, 2.0);
+    let got = layer.forward(&inputs, &routed).expect("gpu forward");
+
+    let mut want = vec![0.0; rows * hidden];
+    let mut bound = vec![0.0; rows * hidden];
+    for (row, &expert) in routed.iter().enumerate() {
+        let w = &weights[expert as usize];
+        let mut x = inputs[row * hidden..(row + 1) * hidden].to_vec();
+        fake_quantize_rows(&mut x, hidden);
+        let (mut gate, mut up) = (vec![0.0; inter], vec![0.0; inter]);
+        matmul_fp8(&x, 1, w.gate, &mut gate).expect("gate");
+        matmul_fp8(&x, 1, w.up, &mut up).expect("up");
+        let mut h = vec![0.0; inter];
+        silu_mul(&gate, &up, &mut h).expect("silu");
+        fake_quantize_rows(&mut h, inter);
+        matmul_fp8(&h, 1, w.down, &mut want[row * hidden..(row + 1) * hidden]).expect("down");
+        bound[row * hidden..(row + 1) * hidden].copy_from_slice(&magnitude(&h, 1, &w.down));
+    }
+    assert_within(&got, &want, |i| f64::from(bound[i]) / 8.0 + 1e-30, "expert layer (worst case)");
+    let (mut error, mut norm) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(&want) {
+        error += (f64::from(g) - f64::from(w)).powi(2);
+        norm += f64::from(w).powi(2);
+    }
+    let relative_rms = (error / norm).sqrt();
+    println!("expert layer: relative RMS error {relative_rms:e} over {rows} rows");
+    assert!(relative_rms <= 2e-2, "relative RMS error {relative_rms:e}");
+}
+
+#[test]
+fn rms_norm_matches_the_reference() {
+    let Some(device) = gpu("rms_norm") else { return };
+    let mut r = rng(6);
+    let (rows, dim) = (7, 5120);
+    let x = uniform(&mut r, rows * dim, 4.0);
+    let weight = uniform(&mut r, dim, 2.0);
+    let mut want = vec![0.0; rows * dim];
+    rms_norm_reference(&x, &weight, 1e-5, &mut want).expect("reference");
+    let (x_dev, w_dev) = (device.upload(&x).expect("upload"), device.upload(&weight).expect("upload"));
+    let mut out = device.zeros::<f32>(rows * dim).expect("alloc");
+    device.rms_norm(&x_dev.as_view(), Some(&w_dev.as_view()), dim, 1e-5, &mut out.as_view_mut()).expect("rms_norm");
+    let got = device.download(&out).expect("download");
+    assert_within(&got, &want, |i| (dim as f64 + 8.0) * U * f64::from(want[i].abs()), "rms_norm");
+}
+
+#[test]
+fn rope_matches_the_cpu() {
+    let Some(device) = gpu("rope") else { return };
+    let mut r = rng(7);
+    let (heads, head_dim) = (8, 128);
+    let positions: Vec<usize> = vec![0, 1, 17, 8191, 8192, 131_071, 1_000_000];
+    let inv_freq: Vec<f32> = (0..head_dim / 2).map(|i| 500_000f32.powf(-(2.0 * i as f32) / head_dim as f32)).collect();
+    let x = uniform(&mut r, positions.len() * heads * head_dim, 3.0);
+    let mut want = x.clone();
+    rope_interleaved_in_place(&mut want, &positions, heads, head_dim, &inv_freq).expect("cpu rope");
+    let mut x_dev = device.upload(&x).expect("upload");
+    let positions_u32: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+    let (p_dev, f_dev) = (device.upload(&positions_u32).expect("upload"), device.upload(&inv_freq).expect("upload"));
+    device
+        .rope_interleaved(&mut x_dev.as_view_mut(), &p_dev.as_view(), heads, head_dim, &f_dev.as_view())
+        .expect("rope");
+    let got = device.download(&x_dev).expect("download");
+    assert_within(&got, &want, |i| 16.0 * U * f64::from(x[i & !1].abs() + x[i | 1].abs()), "rope");
+}
+
+#[test]
+fn paged_decode_attention_matches_the_cpu() {
+    let Some(device) = gpu("paged_decode_attention") else { return };
+    let mut r = rng(8);
+    let (q_heads, kv_heads, head_dim, block_size) = (8, 2, 128, 16);
+    let block_values = 2 * block_size * kv_heads * head_dim;
+    let pool_blocks = 40;
+    let pool = uniform(&mut r, pool_blocks * block_values, 1.0);
+    // (first_block, len, position, chunk): a fresh sequence, a long one, one that released its first blocks, a chunked
+    // layer whose query starts a new chunk.
+    let sequences = [(0usize, 5usize, 4usize, 0u32), (0, 300, 299, 0), (3, 150, 149, 0), (0, 97, 96, 64)];
+    let max_blocks = 20;
+    let mut table = vec![0u32; sequences.len() * max_blocks];
+    let mut used: Vec<u32> = (0..pool_blocks as u32).collect();
+    for i in (1..used.len()).rev() {
+        used.swap(i, r.random_range(0..=i));
+    }
+    let mut next = 0;
+    for (s, &(first, len, _, _)) in sequences.iter().enumerate() {
+        for i in 0..len.div_ceil(block_size) - first {
+            table[s * max_blocks + i] = used[next % pool_blocks];
+            next += 1;
+        }
+    }
+    let q = uniform(&mut r, sequences.len() * q_heads * head_dim, 1.0);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    for chunk in [0u32, 64] {
+        let relevant: Vec<usize> = (0..sequences.len()).filter(|&s| sequences[s].3 == chunk || chunk == 0).collect();
+        let mut want = vec![0.0; sequences.len() * q_heads * head_dim];
+        let mut want_lse = vec![0.0; sequences.len() * q_heads];
+        for &s in &relevant {
+            let (first, len, position, _) = sequences[s];
+            let blocks: Vec<&[f32]> = (0..len.div_ceil(block_size) - first)
+                .map(|i| {
+                    let b = table[s * max_blocks + i] as usize;
+                    &pool[b * block_values..(b + 1) * block_values]
+                })
+                .collect();
+            let mask =
+                if chunk == 0 { AttentionMask::Causal } else { AttentionMask::Chunked { chunk: chunk as usize } };
+            let rows = s * q_heads * head_dim..(s + 1) * q_heads * head_dim;
+            paged_attention(
+                &q[rows.clone()],
+                &[position],
+                PagedKv { blocks: &blocks, first_block: first, block_size, len },
+                AttentionShape { q_heads, kv_heads, head_dim },
+                mask,
+                scale,
+                &mut want[rows],
+                Some(&mut want_lse[s * q_heads..(s + 1) * q_heads]),
+            )
+            .expect("cpu paged attention");
+        }
+        let shape = PagedDecode {
+            seqs: sequences.len(),
+            q_heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            max_blocks,
+            pool_blocks,
+            chunk,
+            scale,
+        };
+        let column = |f: fn(&(usize, usize, usize, u32)) -> usize| -> Vec<u32> {
+            sequences.iter().map(|s| f(s) as u32).collect()
+        };
+        let upload = |v: &[u32]| device.upload(v).expect("upload");
+        let (first_dev, len_dev, pos_dev) =
+            (upload(&column(|s| s.0)), upload(&column(|s| s.1)), upload(&column(|s| s.2)));
+        let (q_dev, pool_dev, table_dev) =
+            (device.upload(&q).expect("upload"), device.upload(&pool).expect("upload"), upload(&table));
+        let mut out = device.zeros::<f32>(q.len()).expect("alloc");
+        let mut lse = device.zeros::<f32>(sequences.len() * q_heads).expect("alloc");
+        device
+            .paged_decode_attention(
+                &shape,
+                &q_dev.as_view(),
+                &pool_dev.as_view(),
+                &table_dev.as_view(),
+                &first_dev.as_view(),
+                &len_dev.as_view(),
+                &pos_dev.as_view(),
+                &mut out.as_view_mut(),
+                &mut lse.as_view_mut(),
+            )
+            .expect("gpu paged attention");
+        let (got, got_lse) = (device.download(&out).expect("download"), device.download(&lse).expect("download"));
+        for &s in &relevant {
+            let rows = s * q_heads * head_dim..(s + 1) * q_heads * head_dim;
+            assert_within(&got[rows.clone()], &want[rows], |_| 1e-4, &format!("chunk {chunk} sequence {s} out"));
+            let heads = s * q_heads..(s + 1) * q_heads;
+            let want_lse_s = &want_lse[heads.clone()];
+            assert_within(&got_lse[heads], want_lse_s, |i| 1e-4 * (1.0 + f64::from(want_lse_s[i].abs())), "lse");
+        }
+    }
+}
+
+#[test]
+fn shape_errors_name_the_buffer_instead_of_launching() {
+    let Some(device) = gpu("shape errors") else { return };
+    let x = device.upload(&[1.0f32; 10]).expect("upload");
+    let mut q = device.zeros::<u8>(12).expect("alloc");
+    let mut s = device.zeros::<f32>(3).expect("alloc");
+    let err = device
+        .quantize_rows(&x.as_view(), 3, 4, &mut q.as_view_mut(), &mut s.as_view_mut())
+        .expect_err("10 values are not 3 x 4");
+    assert!(matches!(err, KernelError::Shape { .. }) && err.to_string().contains("x has 10 values"), "{err}");
+    let odd = [Fp8Expert {
+        gate: Fp8Weight { codes: &[0; 8 * 24], scales: &[1.0; 8], rows: 8, cols: 24 },
+        up: Fp8Weight { codes: &[0; 8 * 24], scales: &[1.0; 8], rows: 8, cols: 24 },
+        down: Fp8Weight { codes: &[0; 24 * 8], scales: &[1.0; 24], rows: 24, cols: 8 },
+    }];
+    let err = GpuExpertLayer::upload(&device, &odd).expect_err("24 is not a multiple of 16");
+    assert!(err.to_string().contains("multiples of 16"), "{err}");
+}
+
+/// Where the machine has no GPU, opening one must answer an error naming what is missing, never panic.
+#[test]
+fn opening_a_gpu_reports_instead_of_panicking() {
+    match CudaDevice::new(0) {
+        Ok(device) => println!("GPU 0: {} ({})", device.name(), device.arch()),
+        Err(
+            reason @ (KernelError::CudaUnavailable { .. }
+            | KernelError::NoSuchGpu { .. }
+            | KernelError::CudaIncludeNotFound { .. }),
+        ) => println!("no GPU here: {reason}"),
+        Err(other) => panic!("unexpected error: {other}"),
+    }
+    assert!(matches!(CudaDevice::new(4096), Err(KernelError::CudaUnavailable { .. } | KernelError::NoSuchGpu { .. })));
+}

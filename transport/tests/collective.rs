@@ -1,0 +1,368 @@
+//! The MoE step over a collective: 2 attention ranks and 2 expert ranks (threads of this process, joined by
+//! `LoopbackCollective`) give exactly the outputs of the in-process and gRPC transports for the same batches, in every
+//! wire format; per-request errors stay per request; an expert rank that dies or hangs mid-step fails every rank with
+//! an error naming it. And one NCCL rank on a GPU exchanges with itself (skipped, saying why, without one).
+//!
+//! The loopback stands in for NCCL only in moving the bytes: the two-phase exchange, the frames, the codec and the
+//! expert loop are the code the NCCL ranks run.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchyard_transport::collective::{
+    serve_expert_rank, Collective, CollectiveTransport, ExpertRankSummary, LoopbackCollective, RankLayout,
+};
+use switchyard_transport::grpc::{server_builder, DispatchServer, GrpcTransport};
+use switchyard_transport::in_process::InProcessTransport;
+use switchyard_transport::{BoxFuture, ExpertBatch, ExpertService, Transport, TransportError, WireDtype, WireFormat};
+use tokio::task::JoinHandle;
+
+const EPOCH: u64 = 9;
+const EXPERTS: u32 = 8;
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What an expert service does besides computing.
+#[derive(Clone, Copy, PartialEq)]
+enum Behaviour {
+    Compute,
+    /// Panics inside the computation, as a crashing process would stop mid-step.
+    Die,
+    /// Never finishes the computation until `release` is notified.
+    Hang,
+}
+
+/// Expert `e` maps `v` to `v * (1 + e / 2) - e / 4`. Serves layers 0..3 at placement epoch [`EPOCH`].
+struct AffineExperts {
+    behaviour: Behaviour,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl AffineExperts {
+    fn new(behaviour: Behaviour) -> Arc<Self> {
+        Arc::new(AffineExperts { behaviour, release: Arc::new(tokio::sync::Notify::new()) })
+    }
+}
+
+fn affine(batch: &ExpertBatch) -> Vec<f32> {
+    let mut out = Vec::with_capacity(batch.inputs.len());
+    for (row, &expert) in batch.inputs.chunks_exact(batch.hidden).zip(&batch.experts) {
+        let (scale, shift) = (1.0 + expert as f32 * 0.5, expert as f32 * 0.25);
+        out.extend(row.iter().map(|v| v * scale - shift));
+    }
+    out
+}
+
+impl ExpertService for AffineExperts {
+    fn validate(&self, batch: &ExpertBatch) -> Result<(), TransportError> {
+        if batch.layer >= 3 {
+            return Err(TransportError::UnknownLayer { layer: batch.layer });
+        }
+        if batch.placement_epoch != EPOCH {
+            return Err(TransportError::StaleEpoch { sent: batch.placement_epoch, current: EPOCH });
+        }
+        match batch.experts.iter().find(|&&e| e >= EXPERTS) {
+            Some(&expert) => Err(TransportError::ExpertNotHeld { layer: batch.layer, expert }),
+            None => Ok(()),
+        }
+    }
+
+    fn compute(&self, batch: ExpertBatch) -> BoxFuture<'static, Result<Vec<f32>, TransportError>> {
+        let (behaviour, release) = (self.behaviour, self.release.clone());
+        Box::pin(async move {
+            match behaviour {
+                Behaviour::Compute => {}
+                Behaviour::Die => panic!("expert rank dies mid-step (test)"),
+                Behaviour::Hang => release.notified().await,
+            }
+            Ok(affine(&batch))
+        })
+    }
+}
+
+/// Deterministic activations over a few orders of magnitude.
+fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi((i % 4) as i32 - 1)
+        })
+        .collect()
+}
+
+fn batch(attention: usize, step: u64, worker: usize, tokens: usize, hidden: usize) -> ExpertBatch {
+    let seed = step * 100 + attention as u64 * 10 + worker as u64;
+    ExpertBatch {
+        step_id: step,
+        micro_batch: 0,
+        layer: (step % 3) as u32,
+        placement_epoch: EPOCH,
+        attention_worker: format!("a{attention}"),
+        experts: (0..tokens as u32).map(|t| (t * 3 + seed as u32) % EXPERTS).collect(),
+        inputs: values(seed, tokens * hidden),
+        hidden,
+    }
+}
+
+/// The batches attention rank `attention` sends in `step`: to both expert workers, to one, or to none.
+fn step_batches(attention: usize, step: u64) -> Vec<(String, ExpertBatch)> {
+    let hidden = [64, 160, 5][step as usize % 3];
+    match (step + attention as u64) % 4 {
+        0 => vec![],
+        1 => vec![("e1".to_string(), batch(attention, step, 1, 7, hidden))],
+        _ => vec![
+            ("e0".to_string(), batch(attention, step, 0, 1 + step as usize * 5, hidden)),
+            ("e1".to_string(), batch(attention, step, 1, 3, hidden)),
+        ],
+    }
+}
+
+fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+fn layout() -> RankLayout {
+    RankLayout::attention_first(&["a0", "a1"], &["e0", "e1"]).unwrap()
+}
+
+/// The four ranks: two attention transports and the two expert loops (tasks) serving `services`.
+fn ranks(
+    wire: WireFormat,
+    services: [Arc<dyn ExpertService>; 2],
+    step_timeout: Duration,
+) -> (Vec<CollectiveTransport>, Vec<JoinHandle<Result<ExpertRankSummary, TransportError>>>) {
+    let mut collectives: Vec<Arc<dyn Collective>> =
+        LoopbackCollective::group(4).into_iter().map(|c| Arc::new(c) as Arc<dyn Collective>).collect();
+    let expert_ranks: Vec<_> = collectives.split_off(2);
+    let experts = expert_ranks
+        .into_iter()
+        .zip(services)
+        .map(|(collective, service)| tokio::spawn(serve_expert_rank(collective, layout(), service, step_timeout)))
+        .collect();
+    let attention = collectives
+        .into_iter()
+        .map(|c| CollectiveTransport::new(c, layout(), wire).unwrap().with_step_timeout(step_timeout))
+        .collect();
+    (attention, experts)
+}
+
+/// An expert worker served over gRPC on a loopback port, for the comparison.
+async fn grpc_server(service: Arc<dyn ExpertService>, id: &str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let router = server_builder().add_service(DispatchServer::new(service, id.to_string()).into_service());
+    tokio::spawn(router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+    format!("http://{address}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_attention_and_two_expert_ranks_match_the_in_process_and_grpc_transports() {
+    let service = AffineExperts::new(Behaviour::Compute);
+    let endpoints = [grpc_server(service.clone(), "e0").await, grpc_server(service.clone(), "e1").await];
+    let formats = [
+        (WireDtype::F32, WireDtype::F32),
+        (WireDtype::Bf16, WireDtype::Bf16),
+        (WireDtype::Fp8E4m3, WireDtype::Bf16),
+        (WireDtype::Fp8E4m3, WireDtype::F32),
+    ];
+    for (dispatch, combine) in formats {
+        let wire = WireFormat { dispatch, combine };
+        let in_process = InProcessTransport::new(wire);
+        let grpc = GrpcTransport::new(wire, "a0".into());
+        for (worker, endpoint) in ["e0", "e1"].iter().zip(&endpoints) {
+            in_process.add_worker(*worker, service.clone());
+            grpc.add_worker(*worker, endpoint.clone());
+        }
+        let (attention, experts) = ranks(wire, [service.clone(), service.clone()], STEP_TIMEOUT);
+        let attention = Arc::new(attention);
+        const STEPS: u64 = 6;
+        for step in 0..STEPS {
+            // Both attention ranks step at once, as their lockstep requires.
+            let pending: Vec<_> = (0..2).map(|a| attention[a].dispatch_step(step_batches(a, step))).collect::<Vec<_>>();
+            let answers = futures::future::join_all(pending).await;
+            for (a, answer) in answers.iter().enumerate() {
+                let batches = step_batches(a, step);
+                assert_eq!(answer.len(), batches.len());
+                for ((worker, b), got) in batches.into_iter().zip(answer) {
+                    let got = got.as_ref().unwrap_or_else(|e| panic!("{wire:?} step {step} rank a{a} {worker}: {e}"));
+                    let expected = in_process.dispatch(&worker, b.clone()).await.unwrap();
+                    let over_grpc = grpc.dispatch(&worker, b.clone()).await.unwrap();
+                    assert_eq!(bits(got), bits(&expected), "{wire:?} step {step} a{a} -> {worker}");
+                    assert_eq!(bits(got), bits(&over_grpc), "{wire:?} step {step} a{a} -> {worker}");
+                    if wire == WireFormat::default() {
+                        assert_eq!(bits(got), bits(&affine(&b)));
+                    }
+                }
+            }
+        }
+        let left = futures::future::join_all(attention.iter().map(|t| t.leave())).await;
+        assert!(left.iter().all(Result::is_ok), "{left:?}");
+        for expert in experts {
+            let summary = expert.await.unwrap().unwrap();
+            assert_eq!(summary.steps, STEPS);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_request_fails_alone_and_the_rest_of_the_step_completes() {
+    let service = AffineExperts::new(Behaviour::Compute);
+    let (attention, experts) = ranks(WireFormat::default(), [service.clone(), service.clone()], STEP_TIMEOUT);
+    let stale = ExpertBatch { placement_epoch: EPOCH - 1, ..batch(0, 1, 0, 4, 16) };
+    let unheld = ExpertBatch { experts: vec![1, EXPERTS + 3], ..batch(0, 1, 1, 2, 16) };
+    let good = batch(0, 1, 1, 5, 16);
+    let misshapen = ExpertBatch { hidden: 15, ..batch(0, 1, 0, 2, 16) };
+    let first = attention[0].dispatch_step(vec![
+        ("e0".into(), stale),
+        ("e1".into(), unheld),
+        ("e1".into(), good.clone()),
+        ("e9".into(), good.clone()),
+        ("e0".into(), misshapen),
+    ]);
+    let second = attention[1].dispatch_step(vec![]);
+    let (first, second) = tokio::join!(first, second);
+    assert!(second.is_empty());
+    assert_eq!(first[0], Err(TransportError::StaleEpoch { sent: EPOCH - 1, current: EPOCH }));
+    assert_eq!(first[1], Err(TransportError::ExpertNotHeld { layer: 1, expert: EXPERTS + 3 }));
+    assert_eq!(bits(first[2].as_ref().unwrap()), bits(&affine(&good)));
+    assert!(matches!(&first[3], Err(TransportError::Unavailable { peer, .. }) if peer == "e9"), "{:?}", first[3]);
+    assert!(matches!(&first[4], Err(TransportError::InvalidPayload { .. })), "{:?}", first[4]);
+    // The communicator is still in step: a lone dispatch is a step of one batch, for both attention ranks.
+    let (lone, empty) = tokio::join!(attention[0].dispatch("e0", good.clone()), attention[1].dispatch_step(vec![]));
+    assert_eq!(bits(&lone.unwrap()), bits(&affine(&good)));
+    assert!(empty.is_empty());
+    let left = futures::future::join_all(attention.iter().map(|t| t.leave())).await;
+    assert!(left.iter().all(Result::is_ok), "{left:?}");
+    for expert in experts {
+        assert_eq!(expert.await.unwrap().unwrap(), ExpertRankSummary { steps: 2, requests: 2 });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_steps_of_one_rank_take_turns() {
+    let service = AffineExperts::new(Behaviour::Compute);
+    let (attention, experts) = ranks(WireFormat::default(), [service.clone(), service.clone()], STEP_TIMEOUT);
+    // Two micro-batches per attention rank at once, for four steps.
+    let mut pending = Vec::new();
+    for step in 0..4u64 {
+        for (a, rank) in attention.iter().enumerate() {
+            let batches = step_batches(a, step);
+            let expected: Vec<Vec<u32>> = batches.iter().map(|(_, b)| bits(&affine(b))).collect();
+            let answer = rank.dispatch_step(batches);
+            pending.push(async move { (answer.await, expected) });
+        }
+    }
+    for (answer, expected) in futures::future::join_all(pending).await {
+        let got: Vec<Vec<u32>> = answer.into_iter().map(|r| bits(&r.unwrap())).collect();
+        assert_eq!(got, expected);
+    }
+    let left = futures::future::join_all(attention.iter().map(|t| t.leave())).await;
+    assert!(left.iter().all(Result::is_ok), "{left:?}");
+    for expert in experts {
+        assert_eq!(expert.await.unwrap().unwrap().steps, 4);
+    }
+}
+
+/// The error of every batch of every attention rank, and of both expert loops, must name expert worker e1 (rank 3).
+async fn assert_every_rank_blames_e1(
+    attention: &[CollectiveTransport],
+    experts: Vec<JoinHandle<Result<ExpertRankSummary, TransportError>>>,
+    dying: bool,
+) {
+    let started = Instant::now();
+    let steps: Vec<_> = (0..2).map(|a| attention[a].dispatch_step(step_batches(a, 2))).collect();
+    let answers = futures::future::join_all(steps).await;
+    assert!(started.elapsed() < STEP_TIMEOUT + Duration::from_secs(3), "took {:?}", started.elapsed());
+    for (a, answer) in answers.iter().enumerate() {
+        assert!(!answer.is_empty());
+        for result in answer {
+            let error = result.as_ref().expect_err("the step cannot complete");
+            assert!(
+                matches!(error, TransportError::Unavailable { peer, .. } if peer.contains("e1")),
+                "attention rank a{a}: {error}"
+            );
+        }
+    }
+    for (e, expert) in experts.into_iter().enumerate() {
+        match expert.await {
+            Ok(Err(error)) => assert!(error.to_string().contains("e1"), "expert rank e{e}: {error}"),
+            // The dying rank's task ends in its panic.
+            Err(join) if dying && e == 1 => assert!(join.is_panic()),
+            other => panic!("expert rank e{e} should fail, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expert_rank_that_dies_mid_step_fails_every_rank_naming_it() {
+    let (attention, experts) = ranks(
+        WireFormat { dispatch: WireDtype::Fp8E4m3, combine: WireDtype::Bf16 },
+        [AffineExperts::new(Behaviour::Compute), AffineExperts::new(Behaviour::Die)],
+        STEP_TIMEOUT,
+    );
+    assert_every_rank_blames_e1(&attention, experts, true).await;
+    // The communicator is done for: the next step fails at once, with the same cause.
+    let again = attention[0].dispatch_step(step_batches(0, 3)).await;
+    assert!(again.iter().all(|r| matches!(r, Err(TransportError::Unavailable { peer, .. }) if peer.contains("e1"))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expert_rank_that_hangs_mid_step_times_out_every_rank_naming_it() {
+    let hanging = AffineExperts::new(Behaviour::Hang);
+    let release = hanging.release.clone();
+    let (attention, experts) =
+        ranks(WireFormat::default(), [AffineExperts::new(Behaviour::Compute), hanging], Duration::from_millis(800));
+    let check = assert_every_rank_blames_e1(&attention, experts, false);
+    // The hung computation finishes only once the others have given up; then its rank learns it was left behind.
+    let (_, ()) = tokio::join!(
+        async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            release.notify_waiters();
+        },
+        check
+    );
+}
+
+/// One NCCL rank on GPU 0 exchanges with itself through NCCL: payloads of several sizes, the sizes phase, an
+/// encoded FP8 block. Needs a GPU, libcuda and libnccl; without them it prints why and passes.
+#[cfg(feature = "cuda")]
+#[test]
+fn one_nccl_rank_exchanges_with_itself() {
+    use bytes::Bytes;
+    use prost::Message;
+    use switchyard_transport::codec;
+    use switchyard_transport::collective::{CollectiveError, NcclCollective};
+
+    let id = match NcclCollective::unique_id() {
+        Ok(id) => id,
+        Err(skip @ CollectiveError::Unavailable { .. }) => {
+            println!("SKIPPED: no NCCL rank can run here: {skip}");
+            return;
+        }
+        Err(other) => panic!("ncclGetUniqueId: {other}"),
+    };
+    let rank = match NcclCollective::new(&id, 0, 1, 0, Duration::from_secs(60)) {
+        Ok(rank) => rank,
+        Err(skip @ CollectiveError::Unavailable { .. }) => {
+            println!("SKIPPED: no NCCL rank can run here: {skip}");
+            return;
+        }
+        Err(other) => panic!("joining a one-rank NCCL communicator: {other}"),
+    };
+    assert_eq!((rank.rank(), rank.world_size()), (0, 1));
+    let inputs = values(7, 33 * 160);
+    let block = codec::encode(&inputs, 33, 160, WireDtype::Fp8E4m3).encode_to_vec();
+    for payload in
+        [Bytes::from(block.clone()), Bytes::new(), Bytes::from(vec![0xA5u8; 3 << 20]), Bytes::from_static(b"x")]
+    {
+        let received = rank.exchange(vec![payload.clone()], Some(Duration::from_secs(30))).unwrap();
+        assert_eq!(received, vec![payload]);
+    }
+    let received = rank.exchange(vec![Bytes::from(block)], Some(Duration::from_secs(30))).unwrap();
+    let decoded = codec::decode(&switchyard_proto::v1::Activations::decode(received[0].clone()).unwrap()).unwrap();
+    assert_eq!(bits(&decoded), bits(&codec::round_trip(&inputs, 160, WireDtype::Fp8E4m3)));
+}
