@@ -15,10 +15,10 @@
 #   3. the GPU kernel tests (tests/cuda_kernels.rs): every kernel and the whole expert layer against the CPU kernels;
 #      3b the GEMM and layer tests again on the fallbacks: cuBLASLt's row-wise scales through the epilogue kernel, and
 #      the CUDA-core streaming kernel instead of the tensor-core one
-#   4. the CPU parity fixture with FP8 experts on the GPU path (model's gpu_experts tests)
+#   4. the CPU parity fixture with FP8 experts on the GPU path (model/tests/gpu_experts.rs)
 #   5. `switchyard bench gpu --output-json $OUT/bench-gpu.json`: the FP8 expert GEMM table with cuBLASLt and the
 #      device-to-device copy measured in the same run
-#   4b. the expert worker on the GPU (expert-worker/tests/gpu.rs): batches against the CPU worker, load and unload
+#   4b. the expert worker on the GPU (expert-worker/tests/gpu_worker.rs): batches against the CPU worker, load and unload
 #   6. the same at 16 and 128 tokens with the CUDA-core streaming kernel (SWITCHYARD_SMALL_GEMM=simt)
 #   7. NCCL with one rank (transport/tests/collective.rs): the communicator, one grouped exchange
 # and writes $OUT/summary.txt (one line per step: ok or FAILED, with its time; a test that SKIPPED for want of a GPU
@@ -36,11 +36,8 @@ prepare() {
   mkdir -p "$bundle/bin"
   # The test binaries' paths come from cargo's JSON messages (their names carry a hash).
   local tests
-  tests="$(cargo test -p switchyard-kernels --features cuda --test cuda_kernels --test cuda_nvrtc --no-run \
-    --message-format=json 2>/dev/null; cargo test -p switchyard-model --features cuda --lib --no-run \
-    --message-format=json 2>/dev/null; cargo test -p switchyard-expert-worker --features cuda --test gpu --no-run \
-    --message-format=json 2>/dev/null; cargo test -p switchyard-transport --features cuda --test collective \
-    --no-run --message-format=json 2>/dev/null)"
+  tests="$(cargo test --workspace --features cuda --test cuda_kernels --test cuda_nvrtc --test gpu_experts \
+    --test gpu_worker --test collective --no-run --message-format=json 2>/dev/null)"
   local path name
   while IFS=$'\t' read -r name path; do
     [ -n "$path" ] || continue
@@ -58,16 +55,12 @@ for line in sys.stdin:
         name = target["name"] + ("-lib" if target["kind"] == ["lib"] else "")
         print(name + "\t" + m["executable"])
 ')
-  cargo build -p switchyard-cli --features cuda
+  cargo build --workspace --features cuda --bins
   cp target/debug/switchyard "$bundle/bin/switchyard"
   strip "$bundle/bin/switchyard"
-  for needed in cuda_kernels cuda_nvrtc gpu collective switchyard; do
+  for needed in cuda_kernels cuda_nvrtc gpu_experts gpu_worker collective switchyard; do
     [ -x "$bundle/bin/$needed" ] || { echo "gpu-check prepare: $needed was not built" >&2; exit 1; }
   done
-  if ! ls "$bundle/bin/" | grep -q -- '-lib$'; then
-    echo "gpu-check prepare: the model's lib test was not built" >&2
-    exit 1
-  fi
   du -sh "$bundle/bin"/* >&2
   echo "ready: on the GPU machine run, from the repository root with target/gpu-check carried:"
   echo "  bash scripts/gpu-check.sh run"
@@ -111,11 +104,9 @@ run_checks() {
   # The same with cuBLASLt's row-wise scales forced through the epilogue kernel (the fallback path).
   step 3b-kernels-fallbacks 60 env SWITCHYARD_CUBLASLT_FUSED_SCALES=0 SWITCHYARD_SMALL_GEMM=simt \
     "$bin/cuda_kernels" --nocapture --test-threads 1 grouped_gemm expert_layer
-  local model_tests
-  model_tests="$(ls "$bin"/*-lib | head -n 1)"
-  step 4-fp8-fixture-on-gpu 30 "$model_tests" gpu_experts --nocapture --test-threads 1
+  step 4-fp8-fixture-on-gpu 30 "$bin/gpu_experts" --nocapture --test-threads 1
   # The expert worker with --device cuda:0: batches against the CPU worker, loads and unloads re-uploading layers.
-  step 4b-expert-worker-on-gpu 30 "$bin/gpu" --nocapture --test-threads 1
+  step 4b-expert-worker-on-gpu 30 "$bin/gpu_worker" --nocapture --test-threads 1
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
   step 5-bench-gpu 120 "$bin/switchyard" bench gpu --output-json "$out/bench-gpu.json" ${BENCH_ARGS:-}
   # The CUDA-core streaming kernel at the token counts it serves, for comparison with the tensor-core one.

@@ -21,10 +21,8 @@ echo "== build with --features cuda (cudarc loads CUDA at run time; none is need
 cargo build --features cuda --locked
 echo "== CUDA tests: NVRTC (from PyPI wheels) compiles every kernel here; the GPU tests skip with a printed reason"
 eval "$(bash scripts/nvrtc-tools.sh)"
-{
-  cargo test --locked --features cuda -p switchyard-kernels --test cuda_nvrtc --test cuda_kernels -- --nocapture
-  cargo test --locked --features cuda -p switchyard-model --lib gpu_experts -- --nocapture
-  cargo test --locked --features cuda -p switchyard-expert-worker --test gpu -- --nocapture
-  cargo test --locked --features cuda -p switchyard-transport --test collective -- --nocapture
-} 2>&1 | tee target/test-output-cuda.txt
+# One invocation over the whole workspace, as the test run above: the dependencies' features unify the same way, so
+# only the crates that take the `cuda` feature compile again (per-package invocations rebuilt dependencies each time).
+cargo test --workspace --features cuda --locked --test cuda_nvrtc --test cuda_kernels --test gpu_experts \
+  --test gpu_worker --test collective -- --nocapture 2>&1 | tee target/test-output-cuda.txt
 echo "== done in $(( $(date +%s) - start )) s"

@@ -20,6 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use switchyard_model::experts::check_routed_inputs;
 use switchyard_model::{ModelError, RoutedExperts};
 use switchyard_transport::{codec, ExpertBatch, Transport, TransportError, WireDtype, WireFormat};
 use tokio::runtime::Handle;
@@ -386,7 +387,7 @@ impl RemoteExperts {
         let span = tracing::debug_span!("dispatch_step", layer, step_id, micro_batch, tokens = experts.len());
         let _entered = span.enter();
         let step = LayerStep { layer, step_id, inputs, experts, hidden };
-        let (groups, refused) = match check_step_inputs(inputs, experts, hidden) {
+        let (groups, refused) = match check_routed_inputs(inputs, experts, hidden) {
             Ok(()) => match lockstep_groups(&routing, layer, experts) {
                 Ok(groups) => (groups, None),
                 Err(expert) => (BTreeMap::new(), Some(unheld_expert(&routing, layer, expert))),
@@ -435,17 +436,6 @@ impl RemoteExperts {
     }
 }
 
-/// Checks the one shape a layer step relies on: `experts.len()` rows of `hidden` values.
-fn check_step_inputs(inputs: &[f32], experts: &[u32], hidden: usize) -> Result<(), ModelError> {
-    if inputs.len() == experts.len() * hidden {
-        return Ok(());
-    }
-    Err(ModelError::InvalidInput {
-        what: "routed expert inputs".into(),
-        reason: format!("{} values for {} tokens of hidden size {hidden}", inputs.len(), experts.len()),
-    })
-}
-
 /// The rows of a lockstep step by worker (the first worker of `routing` holding each row's expert), or the first
 /// expert no worker holds.
 fn lockstep_groups(routing: &RoutingTable, layer: usize, experts: &[u32]) -> Result<BTreeMap<usize, Vec<usize>>, u32> {
@@ -481,7 +471,7 @@ impl RoutedExperts for RemoteExperts {
         if self.lockstep {
             return self.compute_in_lockstep(layer, inputs, experts, hidden);
         }
-        check_step_inputs(inputs, experts, hidden)?;
+        check_routed_inputs(inputs, experts, hidden)?;
         if experts.is_empty() {
             return Ok(Vec::new());
         }

@@ -3,6 +3,7 @@
 //! Owns command-line parsing, logging set-up and turning library errors into messages for people (`anyhow` with
 //! context). The work itself lives in the library crates; each subcommand is a thin layer over them.
 
+mod collective;
 mod commands;
 mod model_dir;
 mod report_format;

@@ -21,7 +21,7 @@ pub trait RoutedExperts: Send + Sync {
 }
 
 /// Checks the one shape every [`RoutedExperts::compute`] relies on: `experts.len()` rows of `hidden` values.
-pub(crate) fn check_routed_inputs(inputs: &[f32], experts: &[u32], hidden: usize) -> Result<(), ModelError> {
+pub fn check_routed_inputs(inputs: &[f32], experts: &[u32], hidden: usize) -> Result<(), ModelError> {
     if inputs.len() != experts.len() * hidden {
         return Err(ModelError::InvalidInput {
             what: "routed expert inputs".into(),

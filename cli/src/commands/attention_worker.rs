@@ -33,7 +33,7 @@ use switchyard_transport::collective::{CollectiveTransport, RankRole};
 use switchyard_transport::grpc::GrpcTransport;
 use switchyard_transport::{Transport, WireDtype, WireFormat};
 
-use crate::commands::expert_worker::{CollectiveArgs, CommunicatorPlan};
+use crate::collective::{CollectiveArgs, CommunicatorPlan};
 
 /// How long to wait for the expert workers to answer while they start (`--expert-workers`).
 const PEER_PATIENCE: Duration = Duration::from_secs(10);

@@ -153,8 +153,12 @@ pub fn run(args: Args) -> Result<()> {
 
     // The cluster: `switchyard up` with expert worker processes.
     let cluster = runtime.block_on(async {
-        let up_args = ["--model".to_string(), dir.to_string_lossy().into_owned(), "--expert-workers".into(),
-            args.expert_workers.to_string()];
+        let up_args = [
+            "--model".to_string(),
+            dir.to_string_lossy().into_owned(),
+            "--expert-workers".into(),
+            args.expert_workers.to_string(),
+        ];
         let up = crate::commands::bench_serve::Cluster::start(&up_args, Duration::from_secs(300)).await?;
         // Warm-up at the largest batch, then one measurement per batch size.
         cluster_rate(&up.endpoint, max_batch, &args, vocab).await?;
@@ -166,8 +170,12 @@ pub fn run(args: Args) -> Result<()> {
         Ok::<_, anyhow::Error>(rates)
     })?;
 
-    println!("model {} ; {} tokens per request ; cluster: 1 attention worker, {} expert workers", dir.display(),
-        args.tokens, args.expert_workers);
+    println!(
+        "model {} ; {} tokens per request ; cluster: 1 attention worker, {} expert workers",
+        dir.display(),
+        args.tokens,
+        args.expert_workers
+    );
     println!("{:>6} {:>18} {:>18} {:>10}", "batch", "1 process tok/s", "cluster tok/s", "cost");
     let mut rows = Vec::new();
     for ((&batch, &single), &distributed) in args.batch.iter().zip(&local).zip(&cluster) {
@@ -184,7 +192,8 @@ pub fn run(args: Args) -> Result<()> {
             "benchmark": "e2e", "model": dir.display().to_string(), "tokens": args.tokens,
             "expert_workers": args.expert_workers, "rows": rows,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -3,9 +3,9 @@
 pub mod attention_worker;
 pub mod bench;
 pub mod bench_context;
-pub mod bench_placement;
 pub mod bench_e2e;
 pub mod bench_gpu;
+pub mod bench_placement;
 pub mod bench_serve;
 pub mod bench_transport;
 pub mod coordinator;
