@@ -19,6 +19,10 @@
 #   5. `switchyard bench gpu --output-json $OUT/bench-gpu.json`: the FP8 expert GEMM table with cuBLASLt and the
 #      device-to-device copy measured in the same run
 #   4b. the expert worker on the GPU (expert-worker/tests/gpu_worker.rs): batches against the CPU worker, load and unload
+#   4c. the whole model on the GPU (model/tests/gpu_forward.rs): GpuModel against the CPU forward pass on the golden
+#      fixtures (f32 and bf16 dense weights, prefill, decode, batches, FP8 experts on the GPU, errors)
+#   4d. the attention worker's engine serving GpuModel (attention-worker/tests/engine.rs): its outputs against solo
+#      CPU runs, with batching, chunked prefill and two micro-batches
 #   6. the same at 16 and 128 tokens with the CUDA-core streaming kernel (SWITCHYARD_SMALL_GEMM=simt)
 #   7. NCCL with one rank (transport/tests/collective.rs): the communicator, one grouped exchange
 # and writes $OUT/summary.txt (one line per step: ok or FAILED, with its time; a test that SKIPPED for want of a GPU
@@ -37,7 +41,7 @@ prepare() {
   # The test binaries' paths come from cargo's JSON messages (their names carry a hash).
   local tests
   tests="$(cargo test --workspace --features cuda --test cuda_kernels --test cuda_nvrtc --test gpu_experts \
-    --test gpu_worker --test collective --no-run --message-format=json 2>/dev/null)"
+    --test gpu_forward --test gpu_worker --test collective --test engine --no-run --message-format=json 2>/dev/null)"
   local path name
   while IFS=$'\t' read -r name path; do
     [ -n "$path" ] || continue
@@ -52,13 +56,16 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         target = m["target"]
-        name = target["name"] + ("-lib" if target["kind"] == ["lib"] else "")
+        # Named by crate folder too: two crates have a tests/collective.rs.
+        crate = target["src_path"].split("/tests/")[0].split("/src/")[0].rstrip("/").split("/")[-1]
+        name = crate + "-" + target["name"] + ("-lib" if target["kind"] == ["lib"] else "")
         print(name + "\t" + m["executable"])
 ')
   cargo build --workspace --features cuda --bins
   cp target/debug/switchyard "$bundle/bin/switchyard"
   strip "$bundle/bin/switchyard"
-  for needed in cuda_kernels cuda_nvrtc gpu_experts gpu_worker collective switchyard; do
+  for needed in kernels-cuda_kernels kernels-cuda_nvrtc model-gpu_experts model-gpu_forward expert-worker-gpu_worker \
+    transport-collective attention-worker-engine switchyard; do
     [ -x "$bundle/bin/$needed" ] || { echo "gpu-check prepare: $needed was not built" >&2; exit 1; }
   done
   du -sh "$bundle/bin"/* >&2
@@ -94,26 +101,35 @@ run_checks() {
       status="FAILED (tests SKIPPED: $(grep -o 'SKIPPED.*' "$out/$name.log" | head -n 1))"
       failed=1
     fi
+    # A filter that matches no test is a broken step, not a passed one.
+    if [ "$status" = ok ] && grep -q '^running 0 tests' "$out/$name.log" && ! grep -q '^running [1-9]' "$out/$name.log"; then
+      status="FAILED (no test ran)"
+      failed=1
+    fi
     echo "$name: $status in $(($(date +%s) - start)) s" | tee -a "$summary"
   }
   local bin="$bundle/bin"
   step 1-environment 20 bash -c 'nvidia-smi && echo && { ls -d /usr/local/cuda*/targets/x86_64-linux/include 2>&1;
     ldconfig -p | grep -E "libcuda|libnvrtc|libcublas|libnccl"; true; }'
-  step 2-nvrtc 60 "$bin/cuda_nvrtc" --nocapture --test-threads 1
-  step 3-kernels 90 "$bin/cuda_kernels" --nocapture --test-threads 1
+  step 2-nvrtc 60 "$bin/kernels-cuda_nvrtc" --nocapture --test-threads 1
+  step 3-kernels 90 "$bin/kernels-cuda_kernels" --nocapture --test-threads 1
   # The same with cuBLASLt's row-wise scales forced through the epilogue kernel (the fallback path).
   step 3b-kernels-fallbacks 60 env SWITCHYARD_CUBLASLT_FUSED_SCALES=0 SWITCHYARD_SMALL_GEMM=simt \
-    "$bin/cuda_kernels" --nocapture --test-threads 1 grouped_gemm expert_layer
-  step 4-fp8-fixture-on-gpu 30 "$bin/gpu_experts" --nocapture --test-threads 1
+    "$bin/kernels-cuda_kernels" --nocapture --test-threads 1 grouped_gemm expert_layer
+  step 4-fp8-fixture-on-gpu 30 "$bin/model-gpu_experts" --nocapture --test-threads 1
   # The expert worker with --device cuda:0: batches against the CPU worker, loads and unloads re-uploading layers.
-  step 4b-expert-worker-on-gpu 30 "$bin/gpu_worker" --nocapture --test-threads 1
+  step 4b-expert-worker-on-gpu 30 "$bin/expert-worker-gpu_worker" --nocapture --test-threads 1
+  # The whole forward pass on the GPU against the CPU's, on the tiny golden fixtures (seconds: small limit).
+  step 4c-whole-model-on-gpu 30 "$bin/model-gpu_forward" --nocapture --test-threads 1
+  # The attention worker's engine serving the GPU model (batching, chunked prefill, two micro-batches).
+  step 4d-engine-on-gpu 30 "$bin/attention-worker-engine" engine_on_the_gpu --nocapture --test-threads 1
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
   step 5-bench-gpu 120 "$bin/switchyard" bench gpu --output-json "$out/bench-gpu.json" ${BENCH_ARGS:-}
   # The CUDA-core streaming kernel at the token counts it serves, for comparison with the tensor-core one.
   step 6-bench-gpu-simt 40 env SWITCHYARD_SMALL_GEMM=simt "$bin/switchyard" bench gpu --tokens 16,128 \
     --output-json "$out/bench-gpu-simt.json"
   # NCCL with one rank (one GPU): bootstrap, a grouped send/recv exchange, abort on a deadline.
-  step 7-nccl-one-rank 40 "$bin/collective" one_nccl_rank --nocapture --test-threads 1
+  step 7-nccl-one-rank 40 "$bin/transport-collective" one_nccl_rank --nocapture --test-threads 1
   echo "results in $out" | tee -a "$summary"
   return "$failed"
 }

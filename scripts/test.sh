@@ -23,6 +23,6 @@ echo "== CUDA tests: NVRTC (from PyPI wheels) compiles every kernel here; the GP
 eval "$(bash scripts/nvrtc-tools.sh)"
 # One invocation over the whole workspace, as the test run above: the dependencies' features unify the same way, so
 # only the crates that take the `cuda` feature compile again (per-package invocations rebuilt dependencies each time).
-cargo test --workspace --features cuda --locked --test cuda_nvrtc --test cuda_kernels --test gpu_experts \
-  --test gpu_worker --test collective -- --nocapture 2>&1 | tee target/test-output-cuda.txt
+cargo test --workspace --features cuda --locked --test cuda_nvrtc --test cuda_kernels --test gpu_experts --test gpu_forward \
+  --test gpu_worker --test collective --test engine -- --nocapture 2>&1 | tee target/test-output-cuda.txt
 echo "== done in $(( $(date +%s) - start )) s"

@@ -11,18 +11,29 @@
 //! `forward_batch` (or, with two micro-batches, one per half concurrently, so one half's attention overlaps the other's
 //! expert dispatch); each sequence whose prompt is done samples with its own seeded sampler and gets its events. A
 //! failed step fails the sequences in it, not the engine.
+//!
+//! **Lockstep** ([`EngineOptions::lockstep`], for routed experts behind a collective transport such as NCCL): every
+//! attention rank of a communicator must make the same sequence of MoE layer steps, whatever its traffic. The
+//! scheduler then runs on ticks: each tick plans as above and runs exactly one forward pass per micro-batch, with no
+//! tokens when a micro-batch has nothing (a forward pass of no tokens still makes one step per MoE layer), so every
+//! tick is `micro_batches` x MoE layers steps on every rank. Busy, ticks follow each other at once; idle, at most one
+//! per [`LockstepOptions::idle_interval`] (a rank that waits between ticks only makes the others wait in their next
+//! exchange). The ranks end together: [`Engine::drain`] stops admission, lets this rank's sequences finish while
+//! ticking, then ticks empty until every attention rank agreed on the last tick ([`LockstepLeave`]), and leaves.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use switchyard_model::config::TextConfig;
 use switchyard_model::generate::Sampler;
 use switchyard_model::memory::{KvBytes, Precision};
 pub use switchyard_model::TokenLogprobs;
-use switchyard_model::{FinishReason, KvBlockPool, KvCache, Llama4Model, LogitsFor, ModelError, SequenceStep};
+use switchyard_model::{FinishReason, ForwardPass, KvBlockPool, KvCache, LogitsFor, ModelError, SequenceStep};
+use switchyard_transport::TransportError;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::context::ContextGroups;
@@ -49,9 +60,57 @@ pub struct EngineOptions {
     pub micro_batches: usize,
     /// Threads of each micro-batch's compute pool; 0 means one per available core.
     pub threads: usize,
+    /// Set when the routed experts are behind a lockstep transport ([`switchyard_transport::Transport::lockstep`]):
+    /// the scheduler runs on ticks of one forward pass per micro-batch, empty or not (see the module docs). Every
+    /// attention rank of the communicator must run with the same `micro_batches`.
+    pub lockstep: Option<LockstepOptions>,
+}
+
+/// How a lockstep engine ticks (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockstepOptions {
+    /// The shortest time from one tick's start to the next while the engine has nothing to compute: an idle cluster
+    /// keeps stepping together, at this rate, without spinning. Bounds the extra wait of a request that arrives at
+    /// an idle cluster. Must be positive and well below the transport's step deadline.
+    pub idle_interval: Duration,
+}
+
+impl Default for LockstepOptions {
+    fn default() -> Self {
+        Self { idle_interval: DEFAULT_IDLE_INTERVAL }
+    }
+}
+
+/// [`LockstepOptions::idle_interval`] by default: 20 empty ticks a second.
+pub const DEFAULT_IDLE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How the attention ranks of lockstep engines end their steps together. Every tick is the same number of steps on
+/// every rank (with the same `micro_batches`), so a tick count names the same exchange on every rank: the ranks agree
+/// on the count after which all of them stop, then each leaves the communicator in one last exchange, the same one
+/// everywhere ([`switchyard_transport::collective::CollectiveTransport::leave`]). A deployment agrees through the
+/// exchanges themselves ([`crate::CollectiveLeave`]).
+pub trait LockstepLeave: Send + Sync {
+    /// Asked at every tick boundary once this rank has drained (it admits nothing more and has no sequence left),
+    /// with the ticks it has made and the MoE layer steps each tick makes ([`EngineOptions::steps_per_tick`]): the
+    /// tick count every attention rank stops at, once every rank asked. The answer must be the same on every rank and
+    /// not below any rank's count when that rank first hears it. `None` while some rank still serves: this rank ticks
+    /// on, empty, so that the others are not left waiting. An error when the ranks can no longer agree (their
+    /// communicator failed): the engine ends with it, without leaving.
+    fn last_tick(&self, ticks: u64, steps_per_tick: u64) -> Result<Option<u64>, TransportError>;
+
+    /// The exchange that ends this rank's steps, made once it has made the last tick (blocking).
+    fn leave(&self) -> Result<(), TransportError>;
 }
 
 impl EngineOptions {
+    /// MoE layer steps (exchanges of a lockstep transport's dispatch and combine) one lockstep tick makes with the
+    /// model of `config`: one forward pass per micro-batch, one step per MoE layer each. Every attention rank of a
+    /// communicator must make the same number (see
+    /// [`switchyard_transport::collective::CollectiveTransport::set_steps_per_tick`]).
+    pub fn steps_per_tick(&self, config: &TextConfig) -> u64 {
+        (self.micro_batches * config.num_moe_layers()) as u64
+    }
+
     /// KV blocks the engine's pool holds for `config`: `kv_blocks`, or room for `max_batch` sequences at the model's
     /// full context.
     pub fn kv_blocks_for(&self, config: &TextConfig) -> usize {
@@ -77,6 +136,7 @@ impl Default for EngineOptions {
             kv_blocks: None,
             micro_batches: 1,
             threads: 0,
+            lockstep: None,
         }
     }
 }
@@ -120,6 +180,9 @@ struct Shared {
     steps: AtomicU64,
     failed_steps: AtomicU64,
     preemptions: AtomicU64,
+    ticks: AtomicU64,
+    /// A drain began: admission is closed.
+    draining: AtomicBool,
 }
 
 /// A request handed to the scheduler.
@@ -128,9 +191,20 @@ struct Admission {
     events: UnboundedSender<GenerationEvent>,
 }
 
+/// What the engine handle tells its scheduler thread.
+enum Command {
+    Admit(Admission),
+    /// Stop admitting; end once every sequence is done (lockstep: once the ranks left together with `leave`), then
+    /// say how it went on `done`.
+    Drain {
+        leave: Option<Arc<dyn LockstepLeave>>,
+        done: Sender<Result<(), AttentionWorkerError>>,
+    },
+}
+
 /// Handle to the scheduler thread. Dropping it stops admission; the thread finishes the sequences it has and exits.
 pub struct Engine {
-    requests: Sender<Admission>,
+    requests: Sender<Command>,
     shared: Arc<Shared>,
     pool: Arc<KvBlockPool>,
     config: TextConfig,
@@ -141,15 +215,16 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the scheduler thread for `model` (whose routed experts are already installed).
-    pub fn start(model: Arc<Llama4Model>, options: EngineOptions) -> Result<Self, AttentionWorkerError> {
+    /// Starts the scheduler thread for `model` (whose routed experts are already installed): a `Llama4Model` on the
+    /// CPU or a `GpuModel`, whose KV pool the engine then uses ([`ForwardPass::kv_pool`]).
+    pub fn start(model: Arc<dyn ForwardPass>, options: EngineOptions) -> Result<Self, AttentionWorkerError> {
         Self::start_with_context(model, options, None)
     }
 
     /// [`Engine::start`], spreading sequences too long for this engine's KV cache over the context-parallel groups
     /// `context` gives (without it they are refused).
     pub fn start_with_context(
-        model: Arc<Llama4Model>,
+        model: Arc<dyn ForwardPass>,
         options: EngineOptions,
         context: Option<Arc<dyn ContextGroups>>,
     ) -> Result<Self, AttentionWorkerError> {
@@ -169,6 +244,12 @@ impl Engine {
         if !(1..=2).contains(&options.micro_batches) {
             return Err(bad("micro_batches", format!("{} is not 1 or 2", options.micro_batches)));
         }
+        if options.lockstep.as_ref().is_some_and(|l| l.idle_interval.is_zero()) {
+            return Err(bad(
+                "lockstep.idle_interval",
+                "must be positive: an idle engine would tick without pause".into(),
+            ));
+        }
         let config = model.config().clone();
         let kv_blocks = options.kv_blocks_for(&config);
         let one_step = KvCache::blocks_for_sequence(&config, options.kv_block_size, 1, 1);
@@ -178,8 +259,7 @@ impl Engine {
                 format!("{kv_blocks} KV blocks cannot hold even one token ({one_step} blocks, one per layer)"),
             ));
         }
-        let pool = KvBlockPool::new(&config, options.kv_block_size, kv_blocks)
-            .map_err(|e| bad("kv_block_size", e.to_string()))?;
+        let pool = model.kv_pool(options.kv_block_size, kv_blocks).map_err(|e| bad("kv_blocks", e.to_string()))?;
         let threads = if options.threads == 0 {
             std::thread::available_parallelism().map(usize::from).unwrap_or(1)
         } else {
@@ -202,6 +282,8 @@ impl Engine {
             max_batch_tokens: options.max_batch_tokens,
             next_arrival: 0,
             context: context.clone(),
+            lockstep: options.lockstep.clone(),
+            steps_per_tick: options.steps_per_tick(&config),
         };
         std::thread::Builder::new().name("sy-scheduler".into()).spawn(move || scheduler.run(receiver)).map_err(
             |e| AttentionWorkerError::Startup { what: "the scheduler thread".into(), reason: e.to_string() },
@@ -236,6 +318,9 @@ impl Engine {
                 ),
             });
         }
+        if self.shared.draining.load(Ordering::SeqCst) {
+            return Err(AttentionWorkerError::EngineStopped);
+        }
         let max_waiting = self.options.max_waiting;
         // Counted before sending so the scheduler's decrement can never come first.
         if self
@@ -257,7 +342,7 @@ impl Engine {
             });
         }
         let (events, receiver) = unbounded_channel();
-        if self.requests.send(Admission { request, events }).is_err() {
+        if self.requests.send(Command::Admit(Admission { request, events })).is_err() {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(AttentionWorkerError::EngineStopped);
         }
@@ -277,6 +362,25 @@ impl Engine {
     /// Model steps run so far (a ping-pong step of two micro-batches counts once).
     pub fn steps(&self) -> u64 {
         self.shared.steps.load(Ordering::Relaxed)
+    }
+
+    /// Lockstep ticks made so far, empty ones included (0 for an engine not in lockstep).
+    pub fn ticks(&self) -> u64 {
+        self.shared.ticks.load(Ordering::SeqCst)
+    }
+
+    /// Stops admission (later requests fail with `EngineStopped`), lets every admitted sequence finish, and waits for
+    /// the scheduler thread to end (blocking: call it outside async tasks). A lockstep engine ticks on, empty, until
+    /// `leave` says where every attention rank stops, then leaves the communicator with it: the result is the
+    /// leave's. Without `leave` a lockstep engine just stops stepping, which fails the other ranks' next step.
+    pub fn drain(&self, leave: Option<Arc<dyn LockstepLeave>>) -> Result<(), AttentionWorkerError> {
+        let (done, finished) = mpsc::channel();
+        self.shared.draining.store(true, Ordering::SeqCst);
+        if self.requests.send(Command::Drain { leave, done }).is_err() {
+            return Err(AttentionWorkerError::EngineStopped);
+        }
+        // A scheduler that ended without answering (a panic) drops the sender.
+        finished.recv().unwrap_or(Err(AttentionWorkerError::EngineStopped))
     }
 
     /// Steps that failed so far.
@@ -466,7 +570,7 @@ impl Sequence {
 
 /// The scheduler thread's state.
 struct Scheduler {
-    model: Arc<Llama4Model>,
+    model: Arc<dyn ForwardPass>,
     config: TextConfig,
     vocab: usize,
     stop_tokens: Vec<u32>,
@@ -478,15 +582,27 @@ struct Scheduler {
     max_batch_tokens: usize,
     next_arrival: u64,
     context: Option<Arc<dyn ContextGroups>>,
+    lockstep: Option<LockstepOptions>,
+    /// MoE layer steps per lockstep tick.
+    steps_per_tick: u64,
 }
 
 impl Scheduler {
-    fn run(mut self, requests: Receiver<Admission>) {
+    fn run(mut self, commands: Receiver<Command>) {
         // Running sequences in arrival order, and the queue of those waiting for admission, also in arrival order.
         let mut running: Vec<Sequence> = Vec::new();
         let mut waiting: VecDeque<Sequence> = VecDeque::new();
         let mut open = true;
-        loop {
+        let mut drains: Vec<Sender<Result<(), AttentionWorkerError>>> = Vec::new();
+        let mut leave: Option<Arc<dyn LockstepLeave>> = None;
+        // Lockstep: when the next empty tick is due, whether the last tick failed (said once, not every tick), and
+        // whether any did. (An empty tick on a failed communicator does not fail: it had no request to fail.)
+        let mut next_tick = Instant::now();
+        let mut failing = false;
+        let mut failed_before = false;
+        // The tick count every attention rank stops at, once agreed.
+        let mut agreed: Option<u64> = None;
+        let result = loop {
             let gone = |s: &Sequence| {
                 let gone = s.events.is_closed();
                 if gone {
@@ -499,17 +615,36 @@ impl Scheduler {
             waiting.retain(gone);
             self.shared.waiting.fetch_sub(before - waiting.len(), Ordering::SeqCst);
             self.shared.active.store(running.len(), Ordering::SeqCst);
-            while open {
-                let next = if running.is_empty() && waiting.is_empty() {
+            loop {
+                let idle = running.is_empty() && waiting.is_empty();
+                let next = match &self.lockstep {
+                    _ if !idle => commands.try_recv(),
+                    None if !open => commands.try_recv(),
                     // Nothing to compute: sleep until a request arrives (or the engine is dropped).
-                    requests.recv().map_err(|_| TryRecvError::Disconnected)
-                } else {
-                    requests.try_recv()
+                    None => commands.recv().map_err(|_| TryRecvError::Disconnected),
+                    // ... or until the next empty tick is due.
+                    // ... or until the next empty tick is due (also while draining: late requests are refused).
+                    Some(_) => {
+                        let wait = next_tick.saturating_duration_since(Instant::now());
+                        match commands.recv_timeout(wait) {
+                            Ok(command) => Ok(command),
+                            Err(mpsc::RecvTimeoutError::Timeout) => Err(TryRecvError::Empty),
+                            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                                // No handle left to wake this one: wait out the tick's pace all the same.
+                                std::thread::sleep(wait);
+                                Err(TryRecvError::Disconnected)
+                            }
+                        }
+                    }
                 };
                 match next {
-                    Ok(admission) => {
-                        if admission.events.is_closed() {
+                    Ok(Command::Admit(admission)) => {
+                        if admission.events.is_closed() || !open {
                             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                            // Refused after a drain began; a closed receiver needs no telling.
+                            let _ = admission
+                                .events
+                                .send(GenerationEvent::Failed(Arc::new(AttentionWorkerError::EngineStopped)));
                             continue;
                         }
                         let arrival = self.next_arrival;
@@ -522,25 +657,112 @@ impl Scheduler {
                             self.max_batch_tokens,
                         ));
                     }
+                    Ok(Command::Drain { leave: how, done }) => {
+                        tracing::info!(
+                            running = running.len(),
+                            waiting = waiting.len(),
+                            "draining: admitting nothing more, finishing the sequences"
+                        );
+                        open = false;
+                        leave = leave.or(how);
+                        drains.push(done);
+                    }
                     Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => open = false,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
                 }
             }
-            if running.is_empty() && waiting.is_empty() {
-                if open {
+            let idle = running.is_empty() && waiting.is_empty();
+            let Some(lockstep) = self.lockstep.clone() else {
+                if idle {
+                    if open {
+                        continue;
+                    }
+                    break Ok(());
+                }
+                self.plan(&mut running, &mut waiting);
+                self.shared.active.store(running.len(), Ordering::SeqCst);
+                let mut scheduled: Vec<&mut Sequence> = running.iter_mut().filter(|s| s.scheduled > 0).collect();
+                if scheduled.is_empty() {
                     continue;
                 }
-                return;
+                let lanes = if self.pools.len() == 2 && scheduled.len() >= 2 { 2 } else { 1 };
+                // A failed step already failed its sequences (and said so); the engine goes on.
+                let _ = self.step(&mut scheduled, lanes);
+                running.retain(|s| !s.done);
+                self.shared.active.store(running.len(), Ordering::SeqCst);
+                continue;
+            };
+            if idle && !open {
+                let ticks = self.shared.ticks.load(Ordering::SeqCst);
+                let Some(leave) = &leave else {
+                    tracing::warn!(ticks, "lockstep engine stopped without leaving: the other ranks' next step fails");
+                    break Ok(());
+                };
+                agreed = match leave.last_tick(ticks, self.steps_per_tick) {
+                    Ok(agreed) => agreed,
+                    Err(error) => break Err(failed_before_leaving(ticks, &error.to_string())),
+                };
+                match agreed {
+                    Some(last) if last == ticks => {
+                        tracing::info!(ticks, "every attention rank drained; leaving the communicator");
+                        break leave
+                            .leave()
+                            .map_err(|error| after_agreement(last, ticks, &error.to_string(), failed_before));
+                    }
+                    Some(last) if last < ticks => {
+                        break Err(AttentionWorkerError::Transport(TransportError::Unavailable {
+                            peer: "the other attention ranks".into(),
+                            reason: format!(
+                                "the ranks agreed to stop after tick {last}, but this rank has made {ticks} ticks: \
+                                 they do not make the same steps per tick (is --micro-batches the same on every \
+                                 rank?)"
+                            ),
+                        }));
+                    }
+                    _ => {}
+                }
             }
-            self.plan(&mut running, &mut waiting);
-            self.shared.active.store(running.len(), Ordering::SeqCst);
-            let mut scheduled: Vec<&mut Sequence> = running.iter_mut().filter(|s| s.scheduled > 0).collect();
-            if scheduled.is_empty() {
+            if idle && Instant::now() < next_tick {
                 continue;
             }
-            self.step(&mut scheduled);
+            let started = Instant::now();
+            if !idle {
+                self.plan(&mut running, &mut waiting);
+                self.shared.active.store(running.len(), Ordering::SeqCst);
+            }
+            let mut scheduled: Vec<&mut Sequence> = running.iter_mut().filter(|s| s.scheduled > 0).collect();
+            let stepped = self.step(&mut scheduled, self.pools.len());
+            let ticks = self.shared.ticks.fetch_add(1, Ordering::SeqCst) + 1;
+            if let (Err(error), Some(last)) = (&stepped, agreed) {
+                // Every rank has drained: nothing is left to fail but the ticks themselves (or the communicator had
+                // failed before).
+                break Err(after_agreement(last, ticks, error, failed_before));
+            }
+            if stepped.is_err() && !failing {
+                tracing::warn!(ticks, "a lockstep tick failed; ticking on (a failed communicator fails every step)");
+            }
+            failing = stepped.is_err();
+            failed_before |= failing;
+            // A tick that computed nothing (idle, or every sequence blocked) paces the next; busy ticks follow at once.
+            next_tick = if scheduled.is_empty() { started + lockstep.idle_interval } else { started };
+            drop(scheduled);
             running.retain(|s| !s.done);
             self.shared.active.store(running.len(), Ordering::SeqCst);
+        };
+        if let Err(error) = &result {
+            tracing::warn!(%error, "the engine ended with an error");
+        }
+        // A drain caller that went away needs no answer; callers after the first hear the error as text.
+        let mut drains = drains.into_iter();
+        let later = result.as_ref().map(|_| ()).map_err(|e| TransportError::Compute { reason: e.to_string() });
+        if let Some(first) = drains.next() {
+            let _ = first.send(result);
+        }
+        for done in drains {
+            let _ = done.send(later.clone().map_err(AttentionWorkerError::Transport));
         }
     }
 
@@ -668,14 +890,15 @@ impl Scheduler {
         waiting.insert(at, victim);
     }
 
-    /// Runs one step over `scheduled` and advances (or fails) every sequence in it.
-    fn step(&self, scheduled: &mut [&mut Sequence]) {
-        self.shared.steps.fetch_add(1, Ordering::Relaxed);
-        let lanes = if self.pools.len() == 2 && scheduled.len() >= 2 { 2 } else { 1 };
+    /// Runs one step over `scheduled` as `lanes` micro-batches (1 or 2; a lane may be empty: lockstep ticks run every
+    /// micro-batch's forward pass) and advances (or fails) every sequence in it. The first lane's error, if one failed.
+    fn step(&self, scheduled: &mut [&mut Sequence], lanes: usize) -> Result<(), String> {
+        if !scheduled.is_empty() {
+            self.shared.steps.fetch_add(1, Ordering::Relaxed);
+        }
         if lanes == 1 {
             let result = self.forward(&self.pools[0], scheduled);
-            self.apply(scheduled, result);
-            return;
+            return self.apply(scheduled, result);
         }
         let (first, second) = scheduled.split_at_mut(scheduled.len().div_ceil(2));
         let (first_result, second_result) = std::thread::scope(|scope| {
@@ -689,8 +912,9 @@ impl Scheduler {
             };
             (first_result, second_result)
         });
-        self.apply(first, first_result);
-        self.apply(second, second_result);
+        let first_result = self.apply(first, first_result);
+        let second_result = self.apply(second, second_result);
+        first_result.and(second_result)
     }
 
     /// One `forward_batch` over the scheduled tokens of `sequences` on `pool`.
@@ -718,12 +942,23 @@ impl Scheduler {
         }
     }
 
-    fn apply(&self, sequences: &mut [&mut Sequence], result: Result<Vec<Vec<f32>>, AttentionWorkerError>) {
+    /// Advances `sequences` with a step's logits, or fails them with its error (returned as text).
+    fn apply(
+        &self,
+        sequences: &mut [&mut Sequence],
+        result: Result<Vec<Vec<f32>>, AttentionWorkerError>,
+    ) -> Result<(), String> {
         match result {
             Ok(logits) => {
                 for (sequence, logits) in sequences.iter_mut().zip(logits) {
                     sequence.advance(logits, self.vocab, &self.stop_tokens);
                 }
+                Ok(())
+            }
+            Err(error) if sequences.is_empty() => {
+                // An empty lockstep step: nobody to tell; the tick loop reports failing ticks.
+                tracing::debug!(%error, "empty lockstep step failed");
+                Err(error.to_string())
             }
             Err(error) => {
                 self.shared.failed_steps.fetch_add(1, Ordering::Relaxed);
@@ -732,9 +967,36 @@ impl Scheduler {
                 for sequence in sequences.iter_mut() {
                     sequence.fail(&error);
                 }
+                Err(error.to_string())
             }
         }
     }
+}
+
+/// The error of a lockstep engine whose step or leave failed after every attention rank agreed to stop after tick
+/// `last` (this rank at tick `ticks`). Unless a step had `failed` before, every rank had drained and
+/// stepped well until then: the likely cause is ranks making different numbers of steps per tick, whose ticks name
+/// different exchanges.
+fn after_agreement(last: u64, ticks: u64, error: &str, failed: bool) -> AttentionWorkerError {
+    if failed {
+        return failed_before_leaving(ticks, error);
+    }
+    AttentionWorkerError::Transport(TransportError::Unavailable {
+        peer: "the other attention ranks".into(),
+        reason: format!(
+            "the communicator failed after every attention rank drained and agreed to stop after tick {last} (this \
+             rank at tick {ticks}); ranks with different --micro-batches make different steps per tick and leave in \
+             different exchanges, which fails it: {error}"
+        ),
+    })
+}
+
+/// The error of a lockstep engine that could not leave at tick `ticks` because its communicator had failed.
+fn failed_before_leaving(ticks: u64, error: &str) -> AttentionWorkerError {
+    AttentionWorkerError::Transport(TransportError::Unavailable {
+        peer: "the other attention ranks".into(),
+        reason: format!("the communicator had failed before this rank could leave (at tick {ticks}): {error}"),
+    })
 }
 
 fn panicked(panic: Box<dyn std::any::Any + Send>) -> AttentionWorkerError {

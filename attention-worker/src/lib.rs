@@ -24,6 +24,7 @@ pub mod context;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod leave;
 pub mod placement;
 pub mod remote;
 pub mod request;
@@ -32,10 +33,14 @@ pub mod text;
 
 pub use cluster::{ClusterLink, ClusterOptions, ConnectWorker, LOAD_ALPHA};
 pub use context::{ContextGroups, RemoteContext, ShardHost, StoreContextGroups};
-pub use engine::{Engine, EngineOptions, GenerationEvent};
+pub use engine::{Engine, EngineOptions, GenerationEvent, LockstepLeave, LockstepOptions};
 pub use error::{AttentionWorkerError, DispatchError};
+pub use leave::CollectiveLeave;
 pub use placement::{placement_from_expert_workers, ExpertWorkerRoute, RoutingTable};
 pub use remote::{micro_batch_pool, wait_until_unused, RemoteExperts, DEFAULT_DISPATCH_TIMEOUT};
 pub use request::{load_tokenizer, RequestLimits, ValidGenerateRequest};
 pub use service::{serve, GenerationService, MAX_MESSAGE_BYTES};
-pub use {http::{router as http_router, serve_http, HttpOptions}, text::{ChatTemplate, TextCodec}};
+pub use {
+    http::{router as http_router, serve_http, HttpOptions},
+    text::{ChatTemplate, TextCodec},
+};

@@ -1,6 +1,6 @@
 //! The engine: continuous batching equals solo runs, chunked prefill and preemption by recompute change no output,
 //! cancellation frees sequences, a lost expert worker fails the requests of its step and not the engine, admission is
-//! bounded by slots, queue length and KV blocks.
+//! bounded by slots, queue length and KV blocks; a drain finishes the sequences and stops admission.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{cluster, cluster_with, expert_workers, fixture, in_process, max_diff, prompt, solo};
+use switchyard_attention_worker::engine::LockstepOptions;
 use switchyard_attention_worker::{AttentionWorkerError, Engine, EngineOptions, GenerationEvent, ValidGenerateRequest};
 use switchyard_model::{FinishReason, KvCache, SamplingParams};
 use switchyard_transport::{BoxFuture, ExpertBatch, Transport, TransportError, WireFormat};
@@ -329,4 +330,97 @@ async fn a_request_larger_than_the_kv_cache_is_refused() {
     );
     let fits = drain(engine.submit(request("fits", prompt(41, 90), 10, SamplingParams::default())).unwrap()).await;
     assert!(fits.failed.is_none(), "{:?}", fits.failed);
+}
+
+/// `drain` lets admitted sequences finish, then refuses new requests; a lockstep engine on a point-to-point cluster
+/// (nothing to step with) ticks while idle and drains without a leave; a zero idle interval is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_the_sequences_and_stops_admission() {
+    let cluster = cluster(&["all"], tokio::runtime::Handle::current());
+    let lockstep = |idle_interval| Some(LockstepOptions { idle_interval });
+    let zero = EngineOptions { lockstep: lockstep(Duration::ZERO), ..EngineOptions::default() };
+    let refused = Engine::start(cluster.model.clone(), zero).err().unwrap();
+    assert!(refused.to_string().contains("idle_interval"), "{refused}");
+    for lockstep in [None, lockstep(Duration::from_millis(5))] {
+        let options = EngineOptions { threads: 2, lockstep: lockstep.clone(), ..EngineOptions::default() };
+        let engine = Arc::new(Engine::start(cluster.model.clone(), options).unwrap());
+        let running = engine.submit(request("running", prompt(50, 12), 6, SamplingParams::default())).unwrap();
+        let draining = {
+            let engine = engine.clone();
+            tokio::task::spawn_blocking(move || engine.drain(None))
+        };
+        let outcome = drain(running).await;
+        assert!(outcome.failed.is_none() && outcome.tokens.len() == 6, "{lockstep:?}: {outcome:?}");
+        draining.await.unwrap().unwrap();
+        let late = engine.submit(request("late", prompt(51, 4), 2, SamplingParams::default())).unwrap_err();
+        assert!(matches!(late, AttentionWorkerError::EngineStopped), "{late}");
+        if lockstep.is_some() {
+            assert!(engine.ticks() > 0);
+        }
+    }
+}
+
+/// The engine serving a `GpuModel` (the whole attention side on the GPU, f32 dense weights, the routed experts on
+/// expert workers as in production): continuous batching, chunked prefill and two micro-batches over the GPU's KV
+/// arena give the solo CPU runs' outputs. f32 weights differ from the CPU only by summation order, so logits agree
+/// within `1e-4 * (1 + max |logit|)` (docs/cuda.md); a token may differ only where the CPU's two best logits are
+/// closer than that (a near tie the summation order decides; greedy requests, so nothing else can flip a token), and
+/// then the rest of that request is not compared.
+/// Skips with a printed reason without a GPU (scripts/gpu-check.sh runs it on one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_on_the_gpu_equals_the_cpu_engine() {
+    use switchyard_model::{DenseDtype, Device, GpuModel, GpuModelOptions, ModelError};
+    let cluster = cluster(&["0-3", "4-7"], tokio::runtime::Handle::current());
+    let config = &fixture().config.text;
+    let block_size = switchyard_model::kv::DEFAULT_BLOCK_SIZE;
+    let kv_blocks = 8 * KvCache::blocks_for_sequence(config, block_size, 64, 16);
+    let gpu_options = GpuModelOptions { dense_dtype: DenseDtype::F32, kv_blocks, block_size };
+    let gpu = match GpuModel::upload(&cluster.model, Device::Cuda(0), &gpu_options) {
+        Ok(gpu) => gpu,
+        Err(ModelError::Kernel(reason)) => {
+            println!("SKIPPED engine on the GPU: {reason}");
+            return;
+        }
+        Err(other) => panic!("{other}"),
+    };
+    let options = EngineOptions {
+        micro_batches: 2,
+        threads: 2,
+        max_batch_tokens: 16,
+        kv_block_size: block_size,
+        kv_blocks: Some(kv_blocks),
+        ..EngineOptions::default()
+    };
+    let mismatched = EngineOptions { kv_blocks: Some(kv_blocks + 1), ..options.clone() };
+    let gpu = Arc::new(gpu);
+    let refused = Engine::start(gpu.clone(), mismatched).err().unwrap();
+    assert!(refused.to_string().contains("GPU arena"), "{refused}");
+    let engine = Engine::start(gpu, options).unwrap();
+    let requests: Vec<ValidGenerateRequest> = (0..6u64)
+        .map(|i| {
+            request(&format!("g{i}"), prompt(200 + i, 5 + 9 * i as usize), 3 + i as usize, SamplingParams::default())
+        })
+        .collect();
+    let receivers: Vec<_> = requests.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
+    let outcomes = futures::future::join_all(receivers.into_iter().map(drain)).await;
+    let close = |got: &[f32], want: &[f32]| {
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        max_diff(got, want) <= 1e-4 * (1.0 + scale)
+    };
+    for (r, outcome) in requests.iter().zip(&outcomes) {
+        assert!(outcome.failed.is_none(), "{}: {:?}", r.request_id, outcome.failed);
+        let alone = solo(&fixture().reference, &r.prompt, r.max_new_tokens, r.sampling.clone());
+        assert!(close(&outcome.prompt_logits, &alone.prompt_logits.concat()), "{} prompt logits", r.request_id);
+        for (i, (token, want)) in outcome.tokens.iter().zip(&alone.tokens).enumerate() {
+            let (got_logits, want_logits) = (&outcome.logits[i], &alone.decode_logits[i]);
+            assert!(close(got_logits, want_logits), "{} decode logits {i}", r.request_id);
+            if token != want {
+                let mut sorted = want_logits.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let scale = sorted[0].abs().max(1.0);
+                assert!(sorted[0] - sorted[1] <= 2e-4 * scale, "{} token {i}: {token} != {want}", r.request_id);
+                break;
+            }
+        }
+    }
 }

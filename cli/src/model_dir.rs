@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::config::ModelConfig;
 use switchyard_model::tiny::{write_checkpoint, Preset, TinySpec};
-use switchyard_model::{Device, GpuExperts, Llama4Model, LoadOptions};
+use switchyard_model::{Device, GpuExperts, GpuModel, GpuModelOptions, Llama4Model, LoadOptions};
 
 /// Seed of the built-in models; changing it (or the generator) needs new cache names below.
 const BUILTIN_SEED: u64 = 0;
@@ -115,5 +115,21 @@ pub fn gpu_experts(dir: &Path, config: &ModelConfig, device: Device) -> Result<G
         gpu.insert_layer(layer, experts.iter().map(|(expert, weights)| (*expert, weights)))
             .with_context(|| format!("copying the experts of layer {layer} to {device}"))?;
     }
+    Ok(gpu)
+}
+
+/// `model` on the GPU `device` as a whole: its dense weights and KV cache as `options` says, and every routed expert
+/// of the checkpoint in `dir` next to them ([`gpu_experts`]). The errors name what is missing on a machine without
+/// the GPU, and the layer and expert of a checkpoint whose experts are not FP8.
+pub fn gpu_model(
+    dir: &Path,
+    config: &ModelConfig,
+    model: &Llama4Model,
+    device: Device,
+    options: &GpuModelOptions,
+) -> Result<GpuModel> {
+    let mut gpu = GpuModel::upload(model, device, options)
+        .with_context(|| format!("copying the model in {} to {device}", dir.display()))?;
+    gpu.set_routed_experts(std::sync::Arc::new(gpu_experts(dir, config, device)?));
     Ok(gpu)
 }

@@ -114,6 +114,24 @@ fn bad_input_gets_a_clear_error_not_a_panic() {
     let out = switchyard(&["generate", "--prompt-ids", "1", "--device", "tpu"], cache.path());
     assert!(!out.status.success());
     assert!(stderr(&out).contains("tpu"), "{}", stderr(&out));
+
+    // The attention side on a GPU: refused before anything is bound or loaded, naming the flag (this machine has
+    // no GPU; a `cuda` build names the missing library instead of the missing feature).
+    for args in [
+        &["attention-worker", "--device", "cuda:0", "--expert-workers", "e0=http://127.0.0.1:1"][..],
+        &["up", "--attention-device", "cuda:0"][..],
+    ] {
+        let out = switchyard(args, cache.path());
+        assert!(!out.status.success(), "{args:?}");
+        let message = stderr(&out);
+        assert!(message.contains("cuda:0") && !message.contains("panicked"), "{args:?}: {message}");
+    }
+    let out = switchyard(
+        &["attention-worker", "--dense-dtype", "f32", "--expert-workers", "e0=http://127.0.0.1:1"],
+        cache.path(),
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--dense-dtype"), "{}", stderr(&out));
 }
 
 #[test]

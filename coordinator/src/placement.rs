@@ -71,8 +71,12 @@ impl Placement {
         }
         let shown: Vec<_> = missing.iter().take(8).cloned().collect();
         Err(CoordinatorError::Placement {
-            reason: format!("{} experts are held by no worker: {}{}", missing.len(), shown.join(", "),
-                if missing.len() > shown.len() { ", ..." } else { "" }),
+            reason: format!(
+                "{} experts are held by no worker: {}{}",
+                missing.len(),
+                shown.join(", "),
+                if missing.len() > shown.len() { ", ..." } else { "" }
+            ),
         })
     }
 

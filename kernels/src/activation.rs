@@ -20,22 +20,14 @@ fn check(op: &'static str, gate: &[f32], up: &[f32], out: &[f32]) -> Result<(), 
     check_len(op, "out", out.len(), gate.len(), "gate.len()")
 }
 
-pub(crate) fn silu_mul_with(
-    isa: Isa,
-    gate: &[f32],
-    up: &[f32],
-    out: &mut [f32],
-) -> Result<(), KernelError> {
+pub(crate) fn silu_mul_with(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
     check("silu_mul", gate, up, out)?;
     if gate.len() <= VALUES_PER_TASK {
         simd::silu_mul(isa, gate, up, out);
         return Ok(());
     }
     out.par_chunks_mut(VALUES_PER_TASK)
-        .zip(
-            gate.par_chunks(VALUES_PER_TASK)
-                .zip(up.par_chunks(VALUES_PER_TASK)),
-        )
+        .zip(gate.par_chunks(VALUES_PER_TASK).zip(up.par_chunks(VALUES_PER_TASK)))
         .for_each(|(o, (g, u))| simd::silu_mul(isa, g, u, o));
     Ok(())
 }
@@ -66,13 +58,7 @@ mod tests {
                 let mut want = vec![0.0; len];
                 silu_mul_with(isa, &gate, &up, &mut got).expect("silu_mul");
                 silu_mul_reference(&gate, &up, &mut want).expect("reference");
-                assert_close(
-                    &got,
-                    &want,
-                    1e-6,
-                    1e-6,
-                    &format!("{isa:?} silu_mul len {len}"),
-                );
+                assert_close(&got, &want, 1e-6, 1e-6, &format!("{isa:?} silu_mul len {len}"));
             }
             let gate = [-100.0f32, -88.5, -20.0, 0.0, 20.0, 88.5, 100.0, 1.0];
             let up = [1.0f32; 8];
@@ -87,10 +73,7 @@ mod tests {
     #[test]
     fn refuses_mismatched_lengths() {
         let err = silu_mul(&[1.0; 3], &[1.0; 2], &mut [0.0; 3]).expect_err("up too short");
-        assert!(
-            matches!(err, KernelError::Shape { op: "silu_mul", .. }),
-            "{err}"
-        );
+        assert!(matches!(err, KernelError::Shape { op: "silu_mul", .. }), "{err}");
         assert!(silu_mul(&[1.0; 3], &[1.0; 3], &mut [0.0; 4]).is_err());
     }
 }

@@ -25,19 +25,16 @@ pub fn simd_path() -> &'static str {
 
 /// A cheap deterministic fill (xorshift), so the benchmarks need no RNG crate and measure the same data every run.
 fn fill_pseudo_random(values: &mut [f32], seed: u64) {
-    values
-        .par_chunks_mut(1 << 16)
-        .enumerate()
-        .for_each(|(chunk, part)| {
-            let mut state = seed ^ (chunk as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            for v in part {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                // Uniform in [-1, 1).
-                *v = (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-            }
-        });
+    values.par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, part)| {
+        let mut state = seed ^ (chunk as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for v in part {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Uniform in [-1, 1).
+            *v = (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+        }
+    });
 }
 
 fn best_seconds(repeats: usize, mut run: impl FnMut()) -> f64 {
@@ -60,10 +57,7 @@ pub fn memory_read_bandwidth(bytes: usize, repeats: usize) -> f64 {
     fill_pseudo_random(&mut buffer, 1);
     let isa = Isa::detect();
     let seconds = best_seconds(repeats, || {
-        let total: f32 = buffer
-            .par_chunks(1 << 18)
-            .map(|part| simd::sum(isa, part))
-            .sum();
+        let total: f32 = buffer.par_chunks(1 << 18).map(|part| simd::sum(isa, part)).sum();
         black_box(total);
     });
     (buffer.len() * 4) as f64 / seconds
@@ -92,13 +86,8 @@ pub fn sgemm_gflops(m: usize, n: usize, k: usize, repeats: usize) -> f64 {
 /// reads its weight from memory, as a decode step over many experts does; with more tokens one copy is used.
 pub fn fp8_matmul_throughput(m: usize, n: usize, k: usize, repeats: usize) -> (f64, f64) {
     let weight_bytes = n * k + 4 * n;
-    let copies = if m <= STREAMING_MAX_TOKENS {
-        COLD_WEIGHT_BYTES
-            .div_ceil(weight_bytes.max(1))
-            .clamp(1, 1024)
-    } else {
-        1
-    };
+    let copies =
+        if m <= STREAMING_MAX_TOKENS { COLD_WEIGHT_BYTES.div_ceil(weight_bytes.max(1)).clamp(1, 1024) } else { 1 };
     let mut x = vec![0.0f32; m * k];
     fill_pseudo_random(&mut x, 4);
     let mut raw = vec![0.0f32; n * k];
@@ -119,19 +108,11 @@ pub fn fp8_matmul_throughput(m: usize, n: usize, k: usize, repeats: usize) -> (f
     let mut out = vec![0.0f32; m * n];
     let seconds = best_seconds(repeats, || {
         for (codes, scales) in &weights {
-            let weight = Fp8Weight {
-                codes,
-                scales,
-                rows: n,
-                cols: k,
-            };
+            let weight = Fp8Weight { codes, scales, rows: n, cols: k };
             // The shapes are consistent by construction, so this cannot fail.
             let _ = matmul_fp8(&x, m, weight, &mut out);
             black_box(&out);
         }
     }) / copies as f64;
-    (
-        2.0 * (m * n * k) as f64 / seconds / 1e9,
-        weight_bytes as f64 / seconds,
-    )
+    (2.0 * (m * n * k) as f64 / seconds / 1e9, weight_bytes as f64 / seconds)
 }

@@ -139,11 +139,7 @@ pub fn quantize_rows(x: &[f32], cols: usize, q: &mut [u8], scales: &mut [f32]) {
     }
     let isa = Isa::detect();
     let rows = |x: &[f32], q: &mut [u8], scales: &mut [f32]| {
-        for ((row, q_row), scale) in x
-            .chunks_exact(cols)
-            .zip(q.chunks_exact_mut(cols))
-            .zip(scales.iter_mut())
-        {
+        for ((row, q_row), scale) in x.chunks_exact(cols).zip(q.chunks_exact_mut(cols)).zip(scales.iter_mut()) {
             *scale = quantize_row(isa, row, q_row);
         }
     };
@@ -162,10 +158,7 @@ pub fn quantize_rows(x: &[f32], cols: usize, q: &mut [u8], scales: &mut [f32]) {
 pub fn quantize_rows_reference(x: &[f32], cols: usize, q: &mut [u8], scales: &mut [f32]) {
     assert_eq!(x.len(), cols * scales.len(), "quantize_rows: x length");
     assert_eq!(q.len(), x.len(), "quantize_rows: q length");
-    for ((row, q_row), scale) in x
-        .chunks_exact(cols.max(1))
-        .zip(q.chunks_exact_mut(cols.max(1)))
-        .zip(scales.iter_mut())
+    for ((row, q_row), scale) in x.chunks_exact(cols.max(1)).zip(q.chunks_exact_mut(cols.max(1))).zip(scales.iter_mut())
     {
         let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         *scale = row_scale(amax);
@@ -190,11 +183,7 @@ pub fn dequantize_rows(q: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
     }
     let isa = Isa::detect();
     let rows = |q: &[u8], scales: &[f32], out: &mut [f32]| {
-        for ((q_row, &scale), o) in q
-            .chunks_exact(cols)
-            .zip(scales)
-            .zip(out.chunks_exact_mut(cols))
-        {
+        for ((q_row, &scale), o) in q.chunks_exact(cols).zip(scales).zip(out.chunks_exact_mut(cols)) {
             simd::fp8_decode_scaled(isa, q_row, scale, o);
         }
     };
@@ -260,10 +249,7 @@ mod tests {
             }
             let back = f32_to_e4m3(value);
             // +0 and -0 are distinct codes that both decode to zero.
-            assert!(
-                back == code || (value == 0.0 && back & 0x7F == 0),
-                "{code:#x} -> {value} -> {back:#x}"
-            );
+            assert!(back == code || (value == 0.0 && back & 0x7F == 0), "{code:#x} -> {value} -> {back:#x}");
         }
     }
 
@@ -350,26 +336,14 @@ mod tests {
 
             let mut decoded = vec![0f32; x.len()];
             dequantize_rows(&q, cols, &scales, &mut decoded);
-            let table: Vec<f32> = q
-                .iter()
-                .enumerate()
-                .map(|(i, &c)| e4m3_to_f32(c) * scales[i / cols])
-                .collect();
+            let table: Vec<f32> = q.iter().enumerate().map(|(i, &c)| e4m3_to_f32(c) * scales[i / cols]).collect();
             assert_eq!(bits(&decoded), bits(&table), "{rows} x {cols} decode");
 
             let (mut fake, mut fake_ref) = (x.clone(), x.clone());
             fake_quantize_rows(&mut fake, cols);
             fake_quantize_rows_reference(&mut fake_ref, cols);
-            assert_eq!(
-                bits(&fake),
-                bits(&fake_ref),
-                "{rows} x {cols} fake quantisation"
-            );
-            assert_eq!(
-                bits(&fake),
-                bits(&table),
-                "{rows} x {cols} fake = decode(quantise)"
-            );
+            assert_eq!(bits(&fake), bits(&fake_ref), "{rows} x {cols} fake quantisation");
+            assert_eq!(bits(&fake), bits(&table), "{rows} x {cols} fake = decode(quantise)");
         }
         // No columns: nothing is touched.
         let mut scales = [5.0f32; 3];

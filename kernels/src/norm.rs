@@ -14,10 +14,7 @@ fn check_rows(op: &'static str, len: usize, dim: usize) -> Result<usize, KernelE
         return Err(KernelError::invalid(op, "row dimension is 0"));
     }
     if len % dim != 0 {
-        return Err(KernelError::shape(
-            op,
-            format!("x has {len} values, not a multiple of the row dimension {dim}"),
-        ));
+        return Err(KernelError::shape(op, format!("x has {len} values, not a multiple of the row dimension {dim}")));
     }
     Ok(len / dim)
 }
@@ -34,34 +31,20 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<
     rms_norm_with(Isa::detect(), x, weight, eps, out)
 }
 
-pub(crate) fn rms_norm_with(
-    isa: Isa,
-    x: &[f32],
-    weight: &[f32],
-    eps: f32,
-    out: &mut [f32],
-) -> Result<(), KernelError> {
+pub(crate) fn rms_norm_with(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(), KernelError> {
     const OP: &str = "rms_norm";
     let dim = weight.len();
     check_rows(OP, x.len(), dim)?;
     check_len(OP, "out", out.len(), x.len(), "x.len()")?;
-    x.par_chunks(dim)
-        .zip(out.par_chunks_mut(dim))
-        .with_min_len(ROWS_PER_TASK)
-        .for_each(|(row, dst)| {
-            let s = inverse_rms(simd::sum_squares(isa, row), dim, eps);
-            simd::scale_mul(isa, row, s, weight, dst);
-        });
+    x.par_chunks(dim).zip(out.par_chunks_mut(dim)).with_min_len(ROWS_PER_TASK).for_each(|(row, dst)| {
+        let s = inverse_rms(simd::sum_squares(isa, row), dim, eps);
+        simd::scale_mul(isa, row, s, weight, dst);
+    });
     Ok(())
 }
 
 /// Scalar reference for [`rms_norm`] (f64 mean of squares).
-pub fn rms_norm_reference(
-    x: &[f32],
-    weight: &[f32],
-    eps: f32,
-    out: &mut [f32],
-) -> Result<(), KernelError> {
+pub fn rms_norm_reference(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(), KernelError> {
     const OP: &str = "rms_norm_reference";
     let dim = weight.len();
     check_rows(OP, x.len(), dim)?;
@@ -78,36 +61,21 @@ pub fn rms_norm_reference(
 
 /// Weightless RMS norm in place over rows of `dim` (Llama 4 Scout's qk-norm, `L2Norm` in HF):
 /// `x * rsqrt(mean(x^2) + eps)`.
-pub fn rms_norm_unweighted_in_place(
-    x: &mut [f32],
-    dim: usize,
-    eps: f32,
-) -> Result<(), KernelError> {
+pub fn rms_norm_unweighted_in_place(x: &mut [f32], dim: usize, eps: f32) -> Result<(), KernelError> {
     rms_norm_unweighted_with(Isa::detect(), x, dim, eps)
 }
 
-pub(crate) fn rms_norm_unweighted_with(
-    isa: Isa,
-    x: &mut [f32],
-    dim: usize,
-    eps: f32,
-) -> Result<(), KernelError> {
+pub(crate) fn rms_norm_unweighted_with(isa: Isa, x: &mut [f32], dim: usize, eps: f32) -> Result<(), KernelError> {
     check_rows("rms_norm_unweighted_in_place", x.len(), dim)?;
-    x.par_chunks_mut(dim)
-        .with_min_len(ROWS_PER_TASK)
-        .for_each(|row| {
-            let s = inverse_rms(simd::sum_squares(isa, row), dim, eps);
-            simd::scale_in_place(isa, row, s);
-        });
+    x.par_chunks_mut(dim).with_min_len(ROWS_PER_TASK).for_each(|row| {
+        let s = inverse_rms(simd::sum_squares(isa, row), dim, eps);
+        simd::scale_in_place(isa, row, s);
+    });
     Ok(())
 }
 
 /// Scalar reference for [`rms_norm_unweighted_in_place`] (f64 mean of squares).
-pub fn rms_norm_unweighted_reference(
-    x: &mut [f32],
-    dim: usize,
-    eps: f32,
-) -> Result<(), KernelError> {
+pub fn rms_norm_unweighted_reference(x: &mut [f32], dim: usize, eps: f32) -> Result<(), KernelError> {
     check_rows("rms_norm_unweighted_reference", x.len(), dim)?;
     for row in x.chunks_exact_mut(dim) {
         let mean = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / dim as f64;
@@ -133,24 +101,12 @@ mod tests {
                 let mut want = vec![0.0; x.len()];
                 rms_norm_with(isa, &x, &w, 1e-5, &mut got).expect("rms_norm");
                 rms_norm_reference(&x, &w, 1e-5, &mut want).expect("reference");
-                assert_close(
-                    &got,
-                    &want,
-                    1e-6,
-                    2e-6,
-                    &format!("{isa:?} rms_norm {rows}x{dim}"),
-                );
+                assert_close(&got, &want, 1e-6, 2e-6, &format!("{isa:?} rms_norm {rows}x{dim}"));
                 let mut got = x.clone();
                 let mut want = x.clone();
                 rms_norm_unweighted_with(isa, &mut got, dim, 1e-6).expect("unweighted");
                 rms_norm_unweighted_reference(&mut want, dim, 1e-6).expect("reference");
-                assert_close(
-                    &got,
-                    &want,
-                    1e-6,
-                    2e-6,
-                    &format!("{isa:?} unweighted {rows}x{dim}"),
-                );
+                assert_close(&got, &want, 1e-6, 2e-6, &format!("{isa:?} unweighted {rows}x{dim}"));
             }
         }
     }
@@ -169,12 +125,8 @@ mod tests {
         let mut zeros = [0.0f32; 4];
         rms_norm_unweighted_in_place(&mut zeros, 2, 1e-6).expect("zeros");
         assert_eq!(zeros, [0.0; 4]);
-        let err =
-            rms_norm(&[1.0; 5], &[1.0; 2], 1e-5, &mut [0.0; 5]).expect_err("5 values in rows of 2");
-        assert!(
-            matches!(err, KernelError::Shape { op: "rms_norm", .. }),
-            "{err}"
-        );
+        let err = rms_norm(&[1.0; 5], &[1.0; 2], 1e-5, &mut [0.0; 5]).expect_err("5 values in rows of 2");
+        assert!(matches!(err, KernelError::Shape { op: "rms_norm", .. }), "{err}");
         assert!(rms_norm(&[1.0; 4], &[1.0; 2], 1e-5, &mut [0.0; 3]).is_err());
         assert!(rms_norm(&[], &[], 1e-5, &mut []).is_err());
         assert!(rms_norm_unweighted_in_place(&mut [1.0; 3], 2, 1e-5).is_err());

@@ -14,17 +14,11 @@ fn check(op: &'static str, logits: &[f32], experts: usize, k: usize) -> Result<u
     if logits.len() % experts != 0 {
         return Err(KernelError::shape(
             op,
-            format!(
-                "logits has {} values, not a multiple of experts = {experts}",
-                logits.len()
-            ),
+            format!("logits has {} values, not a multiple of experts = {experts}", logits.len()),
         ));
     }
     if k == 0 || k > experts {
-        return Err(KernelError::invalid(
-            op,
-            format!("k = {k} must be in 1..={experts} (the number of experts)"),
-        ));
+        return Err(KernelError::invalid(op, format!("k = {k} must be in 1..={experts} (the number of experts)")));
     }
     Ok(logits.len() / experts)
 }
@@ -84,33 +78,18 @@ mod tests {
 
     #[test]
     fn top1_takes_the_first_of_equal_logits() {
-        let logits = [
-            1.0f32, 3.0, 3.0, 2.0, /* row 2 */ -1.0, -1.0, -1.0, -1.0, /* row 3 */ 0.0,
-            0.0, 0.0, 5.0,
-        ];
-        assert_eq!(
-            top1(&logits, 4).expect("top1"),
-            vec![(1, 3.0), (0, -1.0), (3, 5.0)]
-        );
+        let logits =
+            [1.0f32, 3.0, 3.0, 2.0, /* row 2 */ -1.0, -1.0, -1.0, -1.0, /* row 3 */ 0.0, 0.0, 0.0, 5.0];
+        assert_eq!(top1(&logits, 4).expect("top1"), vec![(1, 3.0), (0, -1.0), (3, 5.0)]);
         assert_eq!(top1(&[], 4).expect("no tokens"), vec![]);
-        assert_eq!(
-            top1(&[2.0, f32::NAN, 9.0], 3).expect("nan")[0].0,
-            1,
-            "NaN ranks first, like torch.topk"
-        );
+        assert_eq!(top1(&[2.0, f32::NAN, 9.0], 3).expect("nan")[0].0, 1, "NaN ranks first, like torch.topk");
     }
 
     #[test]
     fn top_k_orders_and_breaks_ties_by_index() {
         let logits = [1.0f32, 3.0, 3.0, 2.0, 3.0];
-        assert_eq!(
-            top_k(&logits, 5, 3).expect("top_k"),
-            vec![(1, 3.0), (2, 3.0), (4, 3.0)]
-        );
-        assert_eq!(
-            top_k(&logits, 5, 5).expect("all")[3..],
-            [(3, 2.0), (0, 1.0)]
-        );
+        assert_eq!(top_k(&logits, 5, 3).expect("top_k"), vec![(1, 3.0), (2, 3.0), (4, 3.0)]);
+        assert_eq!(top_k(&logits, 5, 5).expect("all")[3..], [(3, 2.0), (0, 1.0)]);
         // top_k with k = 1 agrees with top1 on every row.
         let many: Vec<f32> = (0..60).map(|i| ((i * 37) % 11) as f32).collect();
         let pairs = top_k(&many, 6, 1).expect("top_k");
@@ -119,14 +98,8 @@ mod tests {
 
     #[test]
     fn refuses_bad_shapes() {
-        assert!(matches!(
-            top1(&[1.0; 5], 2),
-            Err(KernelError::Shape { op: "top1", .. })
-        ));
-        assert!(matches!(
-            top1(&[1.0; 4], 0),
-            Err(KernelError::InvalidArgument { .. })
-        ));
+        assert!(matches!(top1(&[1.0; 5], 2), Err(KernelError::Shape { op: "top1", .. })));
+        assert!(matches!(top1(&[1.0; 4], 0), Err(KernelError::InvalidArgument { .. })));
         assert!(top_k(&[1.0; 4], 2, 3).is_err());
         assert!(top_k(&[1.0; 4], 2, 0).is_err());
     }

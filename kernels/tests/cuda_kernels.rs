@@ -22,17 +22,33 @@
 //! - RoPE: GPU `sincosf` and the CPU's f32 sin/cos are within 2 ulps each: `16 * u * (|a| + |b|)` per element.
 //! - Paged attention: f32 online softmax against the CPU's f32 two-pass: `1e-4` of the largest |value| (n * u for
 //!   up to 1000 keys is 6e-5), and `1e-4 * (1 + |lse|)` for the log-sum-exp.
+//! - Dense `linear`, F32 (cuBLASLt, CUBLAS_COMPUTE_32F, no TF32): products exact in f64, f32 summation in any order:
+//!   `(k + 4) * u` of `sum |x_c * w_c|` (plus `|out|` when accumulating), as the CUDA-core FP8 kernel.
+//! - Dense `linear`, Bf16: against the reference on the bf16-rounded x and w, products of two bf16 values are exact in
+//!   f32 and only the summation errs; tensor cores may truncate instead of rounding when they add (Fasi et al.,
+//!   "Numerical behavior of NVIDIA tensor cores", 2021), doubling the per-addition error: `2 * (k + 4) * u` of
+//!   `sum |x_b * w_b|`. Against the unrounded f32 reference, each operand moves by at most 2^-8 relative (bf16's unit
+//!   roundoff: an 8-bit significand), so each product by at most 2^-7 + 2^-16: `2^-7` of `sum |x * w|` plus the
+//!   summation allowance (which exceeds 2^-16 for every k tested).
+//! - bf16 conversion, embedding rows, residual add, row scaling, KV writes: exact (the same single IEEE operation or a
+//!   copy).
+//! - SwiGLU (`silu_mul`): the GPU's `expf` (2 ulp) against the CPU kernel's exp (AVX2 polynomial, ~2e-7 relative, or
+//!   libm), each followed by an add, a division and a multiplication rounded on both sides: `g / (1 + e)` moves by at
+//!   most the relative error of `e`, so `32 * u` of |out| is a comfortable bound (plus 1e-30 absolute where exp
+//!   overflows on one side only, near g = -88.7).
 
 use std::sync::Arc;
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use switchyard_kernels::activation::silu_mul;
+use switchyard_kernels::activation::{silu_mul, silu_mul_reference};
 use switchyard_kernels::attention::{paged_attention, AttentionMask, AttentionShape, PagedKv};
 use switchyard_kernels::device::plan::{ExpertPlan, Fp8Expert, SMALL_M_MAX_TOKENS};
-use switchyard_kernels::device::{CudaDevice, GpuExpertLayer, PagedDecode};
+use switchyard_kernels::device::{
+    bf16_bits_to_f32, f32_to_bf16_bits, CudaDevice, DenseDtype, DenseWeight, GpuExpertLayer, KvWrite, PagedDecode,
+};
 use switchyard_kernels::fp8::{dequantize_rows, fake_quantize_rows, quantize_rows};
-use switchyard_kernels::matmul::{matmul_fp8, matmul_fp8_reference, Fp8Weight};
+use switchyard_kernels::matmul::{matmul_f32_reference, matmul_fp8, matmul_fp8_reference, Fp8Weight};
 use switchyard_kernels::norm::rms_norm_reference;
 use switchyard_kernels::rope::rope_interleaved_in_place;
 use switchyard_kernels::KernelError;
@@ -549,4 +565,327 @@ fn opening_a_gpu_reports_instead_of_panicking() {
         Err(other) => panic!("unexpected error: {other}"),
     }
     assert!(matches!(CudaDevice::new(4096), Err(KernelError::CudaUnavailable { .. } | KernelError::NoSuchGpu { .. })));
+}
+
+/// `sum_c |x[i, c] * w[o, c]|` for every output of an f32 product: the magnitude the summation error is relative to.
+fn f32_magnitude(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let abs = |v: &[f32]| -> Vec<f32> { v.iter().map(|a| a.abs()).collect() };
+    let mut out = vec![0.0; m * n];
+    matmul_f32_reference(&abs(x), m, &abs(w), n, k, &mut out).expect("magnitude");
+    out
+}
+
+fn round_to_bf16(values: &[f32]) -> Vec<f32> {
+    values.iter().map(|&v| bf16_bits_to_f32(f32_to_bf16_bits(v))).collect()
+}
+
+/// Runs `linear` on `x` placed `offset` values into a larger buffer (so the pointer is only 4-byte aligned when the
+/// offset is odd: cuBLASLt must get a plan for that alignment), from a starting `out` of `initial`.
+#[allow(clippy::too_many_arguments)]
+fn run_linear(
+    device: &Arc<CudaDevice>,
+    x: &[f32],
+    m: usize,
+    weight: &DenseWeight,
+    offset: usize,
+    initial: &[f32],
+    accumulate: bool,
+) -> Vec<f32> {
+    let mut padded = vec![0.0f32; offset];
+    padded.extend_from_slice(x);
+    let x_dev = device.upload(&padded).expect("upload");
+    let mut out_padded = vec![0.0f32; offset];
+    out_padded.extend_from_slice(initial);
+    let mut out = device.upload(&out_padded).expect("upload");
+    device.linear(&x_dev.slice(offset..), m, weight, &mut out.slice_mut(offset..), accumulate).expect("linear");
+    device.download(&out).expect("download")[offset..].to_vec()
+}
+
+#[test]
+fn linear_f32_matches_the_cpu_reference() {
+    let Some(device) = gpu("linear f32") else { return };
+    let mut r = rng(9);
+    // A decode step at Maverick's hidden size, an awkward shape, a prefill-sized one; odd offsets misalign x and out.
+    for (m, n, k, offset) in [(1usize, 1024usize, 5120usize, 0usize), (37, 77, 300, 1), (130, 640, 1024, 3)] {
+        let x = uniform(&mut r, m * k, 2.0);
+        let w = uniform(&mut r, n * k, 0.5);
+        let weight = DenseWeight::upload(&device, &w, n, k, DenseDtype::F32).expect("upload weight");
+        assert_eq!((weight.n(), weight.k(), weight.dtype(), weight.bytes()), (n, k, DenseDtype::F32, 4 * n * k));
+        let mut want = vec![0.0; m * n];
+        matmul_f32_reference(&x, m, &w, n, k, &mut want).expect("reference");
+        let size = f32_magnitude(&x, m, &w, n, k);
+        let allowance = (k as f64 + 4.0) * U;
+        let got = run_linear(&device, &x, m, &weight, offset, &vec![0.0; m * n], false);
+        assert_within(&got, &want, |i| allowance * f64::from(size[i]) + 1e-30, &format!("linear f32 {m}x{n}x{k}"));
+        // Accumulating into an existing output adds one more rounding, relative to |out| as well.
+        let initial = uniform(&mut r, m * n, 3.0);
+        let got = run_linear(&device, &x, m, &weight, offset, &initial, true);
+        let want_sum: Vec<f32> = want.iter().zip(&initial).map(|(w, i)| w + i).collect();
+        assert_within(
+            &got,
+            &want_sum,
+            |i| (allowance + U) * f64::from(size[i] + initial[i].abs()) + 1e-30,
+            &format!("linear f32 accumulate {m}x{n}x{k}"),
+        );
+    }
+}
+
+#[test]
+fn linear_bf16_matches_the_rounded_reference() {
+    let Some(device) = gpu("linear bf16") else { return };
+    let mut r = rng(10);
+    for (m, n, k, offset) in [(1usize, 1024usize, 5120usize, 0usize), (37, 77, 300, 1), (130, 640, 1024, 2)] {
+        let x = uniform(&mut r, m * k, 2.0);
+        let w = uniform(&mut r, n * k, 0.5);
+        let weight = DenseWeight::upload(&device, &w, n, k, DenseDtype::Bf16).expect("upload weight");
+        assert_eq!((weight.dtype(), weight.bytes()), (DenseDtype::Bf16, 2 * n * k));
+        let (x_b, w_b) = (round_to_bf16(&x), round_to_bf16(&w));
+        let mut want_rounded = vec![0.0; m * n];
+        matmul_f32_reference(&x_b, m, &w_b, n, k, &mut want_rounded).expect("reference");
+        let mut want = vec![0.0; m * n];
+        matmul_f32_reference(&x, m, &w, n, k, &mut want).expect("reference");
+        let size_rounded = f32_magnitude(&x_b, m, &w_b, n, k);
+        let size = f32_magnitude(&x, m, &w, n, k);
+        let summation = 2.0 * (k as f64 + 4.0) * U;
+        let initial = uniform(&mut r, m * n, 3.0);
+        for accumulate in [false, true] {
+            let start = if accumulate { initial.clone() } else { vec![0.0; m * n] };
+            let got = run_linear(&device, &x, m, &weight, offset, &start, accumulate);
+            let shifted = |want: &[f32]| -> Vec<f32> { want.iter().zip(&start).map(|(w, s)| w + s).collect() };
+            let what = format!("linear bf16 {m}x{n}x{k} accumulate {accumulate}");
+            assert_within(
+                &got,
+                &shifted(&want_rounded),
+                |i| (summation + U) * f64::from(size_rounded[i] + start[i].abs()) + 1e-30,
+                &format!("{what} (vs the bf16-rounded operands)"),
+            );
+            assert_within(
+                &got,
+                &shifted(&want),
+                |i| (1.0 / 128.0 + summation) * f64::from(size[i]) + 2.0 * U * f64::from(start[i].abs()) + 1e-30,
+                &format!("{what} (vs f32 operands)"),
+            );
+        }
+    }
+}
+
+#[test]
+fn f32_to_bf16_matches_the_host_bit_for_bit() {
+    let Some(device) = gpu("f32_to_bf16") else { return };
+    let mut r = rng(11);
+    let mut x: Vec<f32> = (0..100_000).map(|_| f32::from_bits(r.random::<u32>())).collect();
+    x.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1.0e-40,
+        f32::from_bits(0x3F80_8000),
+        f32::from_bits(0x3F81_8000),
+        f32::from_bits(0x7F7F_8000),
+    ]);
+    let want: Vec<u16> = x.iter().map(|&v| f32_to_bf16_bits(v)).collect();
+    let x_dev = device.upload(&x).expect("upload");
+    let mut out = device.zeros::<u16>(x.len()).expect("alloc");
+    device.f32_to_bf16(&x_dev.as_view(), &mut out.as_view_mut()).expect("convert");
+    let got = device.download(&out).expect("download");
+    let first_difference = got.iter().zip(&want).position(|(g, w)| g != w);
+    assert_eq!(first_difference, None, "first value converted differently: {:?}", first_difference.map(|i| x[i]));
+}
+
+#[test]
+fn embed_rows_copies_table_rows_and_zeros_bad_ids() {
+    let Some(device) = gpu("embed_rows") else { return };
+    let mut r = rng(12);
+    let (vocab, hidden) = (1000, 320);
+    let table = uniform(&mut r, vocab * hidden, 1.0);
+    // First, last, repeated ids, and two out of range (the kernel writes zeros instead of reading past the table).
+    let tokens: Vec<u32> = vec![0, 999, 17, 17, 1000, 523, u32::MAX];
+    let tokens_dev = device.upload(&tokens).expect("upload");
+    for dtype in [DenseDtype::F32, DenseDtype::Bf16] {
+        let weight = DenseWeight::upload(&device, &table, vocab, hidden, dtype).expect("upload table");
+        let stored = if dtype == DenseDtype::F32 { table.clone() } else { round_to_bf16(&table) };
+        let mut out = device.upload(&vec![7.0f32; tokens.len() * hidden]).expect("upload");
+        device.embed_rows(&weight, &tokens_dev.as_view(), &mut out.as_view_mut()).expect("embed_rows");
+        let got = device.download(&out).expect("download");
+        for (t, &token) in tokens.iter().enumerate() {
+            let row = &got[t * hidden..(t + 1) * hidden];
+            let token = token as usize;
+            if token < vocab {
+                assert_eq!(row, &stored[token * hidden..(token + 1) * hidden], "{dtype} token {token}");
+            } else {
+                assert!(row.iter().all(|&v| v == 0.0), "{dtype}: id {token} >= vocab must give zeros");
+            }
+        }
+    }
+}
+
+#[test]
+fn silu_mul_matches_the_cpu() {
+    let Some(device) = gpu("silu_mul") else { return };
+    let mut r = rng(13);
+    let (rows, inter) = (7, 1000);
+    let mut gate_up = uniform(&mut r, rows * 2 * inter, 6.0);
+    // Extremes in the gate columns of row 0: exp overflowing either way, zero, and around the overflow threshold.
+    for (i, g) in [0.0f32, -0.0, 100.0, -100.0, 88.0, -88.0, -88.7, -89.0, 1e-30, -1e-30].into_iter().enumerate() {
+        gate_up[i] = g;
+    }
+    let mut want = vec![0.0; rows * inter];
+    let mut want_reference = vec![0.0; rows * inter];
+    for row in 0..rows {
+        let (gate, up) = gate_up[row * 2 * inter..(row + 1) * 2 * inter].split_at(inter);
+        silu_mul(gate, up, &mut want[row * inter..(row + 1) * inter]).expect("cpu silu_mul");
+        silu_mul_reference(gate, up, &mut want_reference[row * inter..(row + 1) * inter]).expect("reference");
+    }
+    let input = device.upload(&gate_up).expect("upload");
+    let mut out = device.zeros::<f32>(rows * inter).expect("alloc");
+    device.silu_mul(&input.as_view(), inter, &mut out.as_view_mut()).expect("silu_mul");
+    let got = device.download(&out).expect("download");
+    assert_within(&got, &want, |i| 32.0 * U * f64::from(want[i].abs()) + 1e-30, "silu_mul vs the CPU kernel");
+    assert_within(
+        &got,
+        &want_reference,
+        |i| 32.0 * U * f64::from(want_reference[i].abs()) + 1e-30,
+        "silu_mul vs the reference",
+    );
+}
+
+#[test]
+fn add_in_place_and_scale_rows_are_exact() {
+    let Some(device) = gpu("add_in_place / scale_rows") else { return };
+    let mut r = rng(14);
+    let (rows, cols) = (13, 5120);
+    let x = uniform(&mut r, rows * cols, 10.0);
+    let y = uniform(&mut r, rows * cols, 10.0);
+    let factors = uniform(&mut r, rows, 2.0);
+    let mut x_dev = device.upload(&x).expect("upload");
+    let y_dev = device.upload(&y).expect("upload");
+    device.add_in_place(&mut x_dev.as_view_mut(), &y_dev.as_view()).expect("add");
+    let sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+    assert_eq!(device.download(&x_dev).expect("download"), sum, "x + y");
+    let factors_dev = device.upload(&factors).expect("upload");
+    device.scale_rows(&mut x_dev.as_view_mut(), cols, &factors_dev.as_view()).expect("scale_rows");
+    let scaled: Vec<f32> = sum.iter().enumerate().map(|(i, v)| v * factors[i / cols]).collect();
+    assert_eq!(device.download(&x_dev).expect("download"), scaled, "rows scaled");
+}
+
+/// kv_write puts each token where `attention::paged_attention` and the GPU's paged decode attention read it: the pool
+/// matches a host copy written by the layout's definition, untouched slots (and an out-of-range slot) are left alone,
+/// and attention over the written pool matches the CPU's.
+#[test]
+fn kv_write_fills_the_paged_layout() {
+    let Some(device) = gpu("kv_write") else { return };
+    let mut r = rng(15);
+    let (q_heads, kv_heads, head_dim, block_size, pool_blocks) = (8, 2, 64, 16, 10);
+    let row = kv_heads * head_dim;
+    let block_values = 2 * block_size * row;
+    let shape = KvWrite { block_size, kv_heads, head_dim, pool_blocks };
+    let pool = uniform(&mut r, pool_blocks * block_values, 1.0);
+    // One sequence of 40 positions over blocks 7, 2, 5 (its block table), written by one call, plus a stray slot past
+    // the pool that must be skipped.
+    let table: Vec<u32> = vec![7, 2, 5];
+    let len = 40;
+    let mut slots: Vec<u32> =
+        (0..len).map(|p| table[p / block_size] * block_size as u32 + (p % block_size) as u32).collect();
+    slots.push((pool_blocks * block_size) as u32);
+    let tokens = slots.len();
+    let (k, v) = (uniform(&mut r, tokens * row, 1.0), uniform(&mut r, tokens * row, 1.0));
+    let mut want = pool.clone();
+    for (t, &slot) in slots.iter().enumerate().take(len) {
+        let (block, offset) = (slot as usize / block_size, slot as usize % block_size);
+        let key = block * block_values + offset * row;
+        let value = block * block_values + (block_size + offset) * row;
+        want[key..key + row].copy_from_slice(&k[t * row..(t + 1) * row]);
+        want[value..value + row].copy_from_slice(&v[t * row..(t + 1) * row]);
+    }
+    let mut pool_dev = device.upload(&pool).expect("upload");
+    let (k_dev, v_dev, slots_dev) = (
+        device.upload(&k).expect("upload"),
+        device.upload(&v).expect("upload"),
+        device.upload(&slots).expect("upload"),
+    );
+    device
+        .kv_write(&shape, &mut pool_dev.as_view_mut(), &k_dev.as_view(), &v_dev.as_view(), &slots_dev.as_view())
+        .expect("kv_write");
+    assert_eq!(device.download(&pool_dev).expect("download"), want, "pool after kv_write");
+
+    // The last position's query over the written keys: CPU paged attention on the host pool, GPU on the device's.
+    let q = uniform(&mut r, q_heads * head_dim, 1.0);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let blocks: Vec<&[f32]> =
+        table.iter().map(|&b| &want[b as usize * block_values..(b as usize + 1) * block_values]).collect();
+    let (mut want_out, mut want_lse) = (vec![0.0; q.len()], vec![0.0; q_heads]);
+    paged_attention(
+        &q,
+        &[len - 1],
+        PagedKv { blocks: &blocks, first_block: 0, block_size, len },
+        AttentionShape { q_heads, kv_heads, head_dim },
+        AttentionMask::Causal,
+        scale,
+        &mut want_out,
+        Some(&mut want_lse),
+    )
+    .expect("cpu paged attention");
+    let decode = PagedDecode {
+        seqs: 1,
+        q_heads,
+        kv_heads,
+        head_dim,
+        block_size,
+        max_blocks: table.len(),
+        pool_blocks,
+        chunk: 0,
+        scale,
+    };
+    let upload = |v: &[u32]| device.upload(v).expect("upload");
+    let (table_dev, first_dev, len_dev, pos_dev) =
+        (upload(&table), upload(&[0]), upload(&[len as u32]), upload(&[len as u32 - 1]));
+    let q_dev = device.upload(&q).expect("upload");
+    let mut out = device.zeros::<f32>(q.len()).expect("alloc");
+    let mut lse = device.zeros::<f32>(q_heads).expect("alloc");
+    device
+        .paged_decode_attention(
+            &decode,
+            &q_dev.as_view(),
+            &pool_dev.as_view(),
+            &table_dev.as_view(),
+            &first_dev.as_view(),
+            &len_dev.as_view(),
+            &pos_dev.as_view(),
+            &mut out.as_view_mut(),
+            &mut lse.as_view_mut(),
+        )
+        .expect("gpu paged attention");
+    assert_within(&device.download(&out).expect("download"), &want_out, |_| 1e-4, "attention over written keys");
+    assert_within(
+        &device.download(&lse).expect("download"),
+        &want_lse,
+        |i| 1e-4 * (1.0 + f64::from(want_lse[i].abs())),
+        "lse over written keys",
+    );
+}
+
+#[test]
+fn dense_shape_errors_name_the_buffer_instead_of_launching() {
+    let Some(device) = gpu("dense shape errors") else { return };
+    let err = DenseWeight::upload(&device, &[0.0; 10], 3, 4, DenseDtype::Bf16).expect_err("10 values are not 3 x 4");
+    assert!(matches!(err, KernelError::Shape { .. }) && err.to_string().contains("weight has 10 values"), "{err}");
+    let weight = DenseWeight::upload(&device, &[0.5; 12], 3, 4, DenseDtype::F32).expect("upload");
+    let x = device.upload(&[1.0f32; 9]).expect("upload");
+    let mut out = device.zeros::<f32>(6).expect("alloc");
+    let err = device.linear(&x.as_view(), 2, &weight, &mut out.as_view_mut(), false).expect_err("9 is not 2 x 4");
+    assert!(err.to_string().contains("x has 9 values"), "{err}");
+    let err = device.silu_mul(&x.as_view(), 2, &mut out.as_view_mut()).expect_err("9 is not a multiple of 4");
+    assert!(err.to_string().contains("gate_up has 9 values"), "{err}");
+    let shape = KvWrite { block_size: 4, kv_heads: 1, head_dim: 2, pool_blocks: 2 };
+    let mut pool = device.zeros::<f32>(31).expect("alloc");
+    let slots = device.upload(&[0u32]).expect("upload");
+    let err = device
+        .kv_write(&shape, &mut pool.as_view_mut(), &x.slice(..2), &x.slice(2..4), &slots.as_view())
+        .expect_err("the pool holds 32 values");
+    assert!(err.to_string().contains("pool has 31 values"), "{err}");
 }

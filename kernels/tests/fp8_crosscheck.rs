@@ -15,11 +15,7 @@ fn decoding_agrees_with_float8_for_every_code() {
         if theirs.is_nan() {
             assert!(ours.is_nan(), "{code:#04x}: ours {ours}, float8 NaN");
         } else {
-            assert_eq!(
-                ours.to_bits(),
-                theirs.to_bits(),
-                "{code:#04x}: ours {ours}, float8 {theirs}"
-            );
+            assert_eq!(ours.to_bits(), theirs.to_bits(), "{code:#04x}: ours {ours}, float8 {theirs}");
         }
     }
 }
@@ -27,9 +23,7 @@ fn decoding_agrees_with_float8_for_every_code() {
 #[test]
 fn encoding_agrees_with_float8_inside_the_range() {
     let mut rng = ChaCha8Rng::seed_from_u64(21);
-    let mut values: Vec<f32> = (0..200_000)
-        .map(|_| rng.random_range(-E4M3_MAX..E4M3_MAX))
-        .collect();
+    let mut values: Vec<f32> = (0..200_000).map(|_| rng.random_range(-E4M3_MAX..E4M3_MAX)).collect();
     // Small magnitudes (subnormals and the normal/subnormal border) and every exact midpoint between codes.
     values.extend((0..20_000).map(|_| rng.random_range(-0.05f32..0.05)));
     for code in 0..0x7Eu8 {
@@ -70,14 +64,8 @@ fn matmul_on_quantised_weights_matches_reference() {
     for i in 0..m {
         for o in 0..n {
             let dense_dot: f32 = (0..k).map(|c| x[i * k + c] * dense[o * k + c]).sum();
-            let bound: f32 = (0..k)
-                .map(|c| (x[i * k + c] * dense[o * k + c]).abs())
-                .sum::<f32>()
-                * 0.07;
-            assert!(
-                (got[i * n + o] - dense_dot).abs() <= bound,
-                "quantisation error too large at [{i},{o}]"
-            );
+            let bound: f32 = (0..k).map(|c| (x[i * k + c] * dense[o * k + c]).abs()).sum::<f32>() * 0.07;
+            assert!((got[i * n + o] - dense_dot).abs() <= bound, "quantisation error too large at [{i},{o}]");
         }
     }
 }

@@ -3,9 +3,7 @@
 //! `switchyard bench kernels` reports and fails only far below the targets, so that a regression to a scalar path
 //! is caught without making the test flaky on a noisy machine.
 
-use switchyard_kernels::bench_support::{
-    fp8_matmul_throughput, memory_read_bandwidth, sgemm_gflops, simd_path,
-};
+use switchyard_kernels::bench_support::{fp8_matmul_throughput, memory_read_bandwidth, sgemm_gflops, simd_path};
 
 #[test]
 #[ignore = "timing; run with --release -- --ignored"]
@@ -22,19 +20,13 @@ fn fp8_matmul_against_limits() {
                 bytes / bandwidth
             );
             if m == 1 {
-                assert!(
-                    bytes / bandwidth > 0.35,
-                    "decode GEMV far below the bandwidth target"
-                );
+                assert!(bytes / bandwidth > 0.35, "decode GEMV far below the bandwidth target");
             }
         }
         let m = 2048;
         let sgemm = sgemm_gflops(m, n, k, 3);
         let (gflops, _) = fp8_matmul_throughput(m, n, k, 3);
-        println!(
-            "m={m} n={n} k={k}: fp8 {gflops:.1} GFLOP/s, sgemm {sgemm:.1} GFLOP/s, ratio {:.2}",
-            gflops / sgemm
-        );
+        println!("m={m} n={n} k={k}: fp8 {gflops:.1} GFLOP/s, sgemm {sgemm:.1} GFLOP/s, ratio {:.2}", gflops / sgemm);
         assert!(gflops / sgemm > 0.3, "FP8 GEMM far below the sgemm target");
     }
 }

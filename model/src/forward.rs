@@ -21,7 +21,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{ModelConfig, TextConfig};
 use crate::context::PartialOutput;
 use crate::experts::{ActivationPrecision, LocalExperts, RoutedExperts};
-use crate::kv::KvCache;
+use crate::kv::{KvBlockPool, KvCache};
 use crate::linear::LinearWeight;
 use crate::rope::{inverse_frequencies, temperature_factor};
 use crate::ModelError;
@@ -124,15 +124,77 @@ pub struct SequenceStep<'a> {
     pub logits: LogitsFor,
 }
 
+/// A forward pass over batched sequence steps, wherever it runs: [`Llama4Model`] on the CPU,
+/// `GpuModel` on a CUDA GPU. Generation and serving drive either through this.
+pub trait ForwardPass: Send + Sync {
+    /// The text config the model was loaded with.
+    fn config(&self) -> &TextConfig;
+
+    /// A fresh KV cache for one sequence, in a pool this model can attend over.
+    fn new_cache(&self) -> Result<KvCache, ModelError>;
+
+    /// One step for a batch of sequences, as [`Llama4Model::forward_batch`] (same contract: on error no cache has
+    /// advanced; an empty batch still makes one [`RoutedExperts::compute`] per MoE layer, which ranks in lockstep
+    /// rely on).
+    fn forward_batch(&self, batch: &mut [SequenceStep<'_>]) -> Result<Vec<Vec<f32>>, ModelError>;
+
+    /// The pool a serving engine's sequences take their KV blocks from: `capacity` blocks of `block_size` positions.
+    /// On the CPU a new bounded pool; a model whose KV lives elsewhere (a GPU arena) answers its own pool, or an
+    /// error when the sizes differ from what it holds.
+    fn kv_pool(&self, block_size: usize, capacity: usize) -> Result<Arc<KvBlockPool>, ModelError> {
+        KvBlockPool::new(self.config(), block_size, capacity)
+    }
+
+    /// One step for one sequence, returning logits `[positions, vocab]`.
+    fn forward(&self, tokens: &[u32], cache: &mut KvCache, logits: LogitsFor) -> Result<Vec<f32>, ModelError> {
+        let mut out = self.forward_batch(&mut [SequenceStep { tokens, cache, logits }])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+}
+
+impl ForwardPass for Llama4Model {
+    fn config(&self) -> &TextConfig {
+        Llama4Model::config(self)
+    }
+
+    fn new_cache(&self) -> Result<KvCache, ModelError> {
+        Llama4Model::new_cache(self)
+    }
+
+    fn forward_batch(&self, batch: &mut [SequenceStep<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        Llama4Model::forward_batch(self, batch)
+    }
+}
+
+/// A shared model is the model: callers holding an `Arc` pass it as it is.
+impl<M: ForwardPass + ?Sized> ForwardPass for Arc<M> {
+    fn config(&self) -> &TextConfig {
+        (**self).config()
+    }
+
+    fn new_cache(&self) -> Result<KvCache, ModelError> {
+        (**self).new_cache()
+    }
+
+    fn forward_batch(&self, batch: &mut [SequenceStep<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        (**self).forward_batch(batch)
+    }
+
+    fn kv_pool(&self, block_size: usize, capacity: usize) -> Result<Arc<KvBlockPool>, ModelError> {
+        (**self).kv_pool(block_size, capacity)
+    }
+}
+
 /// A loaded Llama 4 text model.
 pub struct Llama4Model {
-    config: TextConfig,
-    embed_tokens: Vec<f32>,
-    layers: Vec<DecoderLayer>,
-    norm: Vec<f32>,
-    lm_head: LinearWeight,
-    inv_freq: Vec<f32>,
-    routed: Arc<dyn RoutedExperts>,
+    pub(crate) config: TextConfig,
+    /// `[vocab, hidden]`.
+    pub(crate) embed_tokens: Vec<f32>,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) lm_head: LinearWeight,
+    pub(crate) inv_freq: Vec<f32>,
+    pub(crate) routed: Arc<dyn RoutedExperts>,
 }
 
 impl Llama4Model {
@@ -251,11 +313,14 @@ impl Llama4Model {
     /// Runs one step for a batch of sequences. Returns, per sequence, logits `[positions, vocab]` where positions are
     /// all its new tokens or only the last one. Each cache must hold (or be able to take from its pool) the blocks for
     /// its new tokens: [`KvCache::reserve`]. On error no cache has advanced, and the step can be retried.
+    ///
+    /// An empty batch still runs every layer on no rows, so it makes exactly one [`RoutedExperts::compute`] (of no
+    /// rows) per MoE layer and returns no logits: a lockstep engine's empty micro-batch relies on it to make its steps.
     pub fn forward_batch(&self, batch: &mut [SequenceStep<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.config;
         let hidden = cfg.hidden_size;
         for (i, step) in batch.iter().enumerate() {
-            self.validate_step(i, step)?;
+            validate_step(&self.config, i, step)?;
         }
         let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let mut x = Vec::with_capacity(tokens * hidden);
@@ -323,41 +388,6 @@ impl Llama4Model {
             row += n;
         }
         Ok(result)
-    }
-
-    fn validate_step(&self, index: usize, step: &SequenceStep<'_>) -> Result<(), ModelError> {
-        let cfg = &self.config;
-        if step.tokens.is_empty() {
-            return Err(ModelError::InvalidInput {
-                what: format!("sequence {index} of the batch"),
-                reason: "no tokens to process".into(),
-            });
-        }
-        if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(ModelError::InvalidInput {
-                what: "token id".into(),
-                reason: format!("token id {bad} is outside the vocabulary (vocab_size {})", cfg.vocab_size),
-            });
-        }
-        let end = step.cache.len() + step.tokens.len();
-        if end > cfg.max_position_embeddings {
-            return Err(ModelError::InvalidInput {
-                what: "context length".into(),
-                reason: format!(
-                    "{end} tokens ({} cached + {} new) exceed the model's max_position_embeddings {}",
-                    step.cache.len(),
-                    step.tokens.len(),
-                    cfg.max_position_embeddings
-                ),
-            });
-        }
-        if step.cache.layers() != cfg.num_hidden_layers {
-            return Err(ModelError::InvalidInput {
-                what: "KV cache".into(),
-                reason: format!("cache has {} layers, the model {}", step.cache.layers(), cfg.num_hidden_layers),
-            });
-        }
-        Ok(())
     }
 
     fn attention_block(
@@ -489,4 +519,40 @@ impl Llama4Model {
             }
         }
     }
+}
+
+/// The checks every forward pass makes of one sequence's step before touching anything: tokens present and in the
+/// vocabulary, the context within the model's limit, a cache made for this model's layers.
+pub(crate) fn validate_step(cfg: &TextConfig, index: usize, step: &SequenceStep<'_>) -> Result<(), ModelError> {
+    if step.tokens.is_empty() {
+        return Err(ModelError::InvalidInput {
+            what: format!("sequence {index} of the batch"),
+            reason: "no tokens to process".into(),
+        });
+    }
+    if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        return Err(ModelError::InvalidInput {
+            what: "token id".into(),
+            reason: format!("token id {bad} is outside the vocabulary (vocab_size {})", cfg.vocab_size),
+        });
+    }
+    let end = step.cache.len() + step.tokens.len();
+    if end > cfg.max_position_embeddings {
+        return Err(ModelError::InvalidInput {
+            what: "context length".into(),
+            reason: format!(
+                "{end} tokens ({} cached + {} new) exceed the model's max_position_embeddings {}",
+                step.cache.len(),
+                step.tokens.len(),
+                cfg.max_position_embeddings
+            ),
+        });
+    }
+    if step.cache.layers() != cfg.num_hidden_layers {
+        return Err(ModelError::InvalidInput {
+            what: "KV cache".into(),
+            reason: format!("cache has {} layers, the model {}", step.cache.layers(), cfg.num_hidden_layers),
+        });
+    }
+    Ok(())
 }

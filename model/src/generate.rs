@@ -7,7 +7,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::forward::{Llama4Model, LogitsFor};
+use crate::forward::{ForwardPass, LogitsFor};
 use crate::ModelError;
 
 /// How the next token is chosen from the logits.
@@ -209,7 +209,7 @@ pub struct Generation {
 
 /// Generates for one sequence; `on_token` sees each token as it is chosen.
 pub fn generate(
-    model: &Llama4Model,
+    model: &dyn ForwardPass,
     request: &GenerationRequest,
     on_token: &mut dyn FnMut(u32),
 ) -> Result<Generation, ModelError> {
@@ -222,7 +222,7 @@ pub fn generate(
 /// [`generate`] whose `on_token` also sees the token's log-probabilities (when asked for) and may end generation
 /// early by returning `false` (finish reason `Stop`; the token is kept), e.g. on a stop string in the decoded text.
 pub fn generate_until(
-    model: &Llama4Model,
+    model: &dyn ForwardPass,
     request: &GenerationRequest,
     on_token: &mut dyn FnMut(u32, Option<&TokenLogprobs>) -> bool,
 ) -> Result<Generation, ModelError> {

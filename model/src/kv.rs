@@ -9,6 +9,13 @@
 //!
 //! Blocks are owned by the table that holds them (moved out of the pool and back), which lets the sequences of a
 //! batch write their own blocks in parallel without sharing anything mutable.
+//!
+//! Every block carries a stable pool index below the pool's capacity (blocks are reused before new indices are
+//! handed out, so no more indices exist than blocks were ever held at once). A pool made with
+//! [`KvBlockPool::on_device`] holds no host storage at all: its blocks are only indices into an arena of `capacity`
+//! blocks kept elsewhere (a GPU's memory), which a model on that device reads through [`KvCache::block_table`] and
+//! writes at [`KvCache::slot`]. The host-storage operations (writing rows, the CPU attention's view, synthetic
+//! fills, RMS statistics) refuse such a cache with an error instead of touching storage it does not have.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -23,13 +30,21 @@ pub const DEFAULT_BLOCK_SIZE: usize = 16;
 /// One block of one layer: `[2, block_size, kv_heads, head_dim]` floats, keys then values.
 #[derive(Debug)]
 pub struct KvBlock {
+    /// Empty for a block of a device pool: its floats live in the device's arena at [`KvBlock::index`].
     data: Box<[f32]>,
+    index: usize,
 }
 
 impl KvBlock {
-    /// The block's floats.
+    /// The block's floats (none for a block of a device pool).
     pub fn data(&self) -> &[f32] {
         &self.data
+    }
+
+    /// The block's index in its pool, stable for the pool's life and below its capacity: a device pool's blocks are
+    /// `arena[index * block_floats ..][.. block_floats]`.
+    pub fn index(&self) -> usize {
+        self.index
     }
 }
 
@@ -45,6 +60,9 @@ struct PoolState {
     free: Vec<KvBlock>,
     /// Blocks held by caches now.
     in_use: usize,
+    /// Blocks ever made: the next new block's index. New blocks are made only when `free` is empty, so this never
+    /// exceeds the most blocks held at once, hence never the capacity.
+    made: usize,
 }
 
 /// A bounded pool of KV blocks shared by the sequences of one engine.
@@ -56,12 +74,47 @@ pub struct KvBlockPool {
     block_floats: usize,
     /// Blocks the pool may hand out at once; `usize::MAX` for an unbounded pool.
     capacity: usize,
+    /// Blocks have no host storage: their floats live in a device arena of `capacity` blocks.
+    on_device: bool,
     state: Mutex<PoolState>,
 }
 
 impl KvBlockPool {
     /// A pool of at most `capacity` blocks of `block_size` positions for the layers of `config`.
     pub fn new(config: &TextConfig, block_size: usize, capacity: usize) -> Result<Arc<Self>, ModelError> {
+        Self::with_storage(config, block_size, capacity, false)
+    }
+
+    /// A pool of `capacity` blocks whose storage is a device arena of `capacity * block_floats` floats kept by the
+    /// caller (block `i` at `i * block_floats`): the pool only hands out indices. The capacity must be at least one
+    /// block, and every slot (`index * block_size + offset`) must fit in a `u32`, what device kernels index with.
+    pub fn on_device(config: &TextConfig, block_size: usize, capacity: usize) -> Result<Arc<Self>, ModelError> {
+        let slots = capacity.checked_mul(block_size).filter(|&slots| slots <= u32::MAX as usize + 1);
+        if capacity == 0 || slots.is_none() {
+            return Err(ModelError::InvalidInput {
+                what: "device KV pool".into(),
+                reason: format!(
+                    "{capacity} blocks of {block_size} positions: needs at least one block and at most 2^32 positions \
+                     in all"
+                ),
+            });
+        }
+        let pool = Self::with_storage(config, block_size, capacity, true)?;
+        if pool.block_floats.checked_mul(capacity).is_none() {
+            return Err(ModelError::InvalidInput {
+                what: "device KV pool".into(),
+                reason: format!("{capacity} blocks of {} floats overflow", pool.block_floats),
+            });
+        }
+        Ok(pool)
+    }
+
+    fn with_storage(
+        config: &TextConfig,
+        block_size: usize,
+        capacity: usize,
+        on_device: bool,
+    ) -> Result<Arc<Self>, ModelError> {
         if block_size == 0 {
             return Err(ModelError::InvalidInput {
                 what: "KV block size".into(),
@@ -75,7 +128,7 @@ impl KvBlockPool {
                     reason: format!("{block_size} positions x {} values overflows", config.kv_dim()),
                 }
             })?;
-        Ok(Arc::new(Self { block_size, block_floats, capacity, state: Mutex::new(PoolState::default()) }))
+        Ok(Arc::new(Self { block_size, block_floats, capacity, on_device, state: Mutex::new(PoolState::default()) }))
     }
 
     /// A pool that never runs out (single-sequence use, tests, offline generation).
@@ -109,6 +162,11 @@ impl KvBlockPool {
         self.capacity
     }
 
+    /// Whether the blocks' storage is a device arena ([`KvBlockPool::on_device`]) rather than host memory.
+    pub fn is_on_device(&self) -> bool {
+        self.on_device
+    }
+
     /// Blocks held by caches now.
     pub fn in_use(&self) -> usize {
         self.state().in_use
@@ -135,8 +193,16 @@ impl KvBlockPool {
         state.in_use += count;
         let reused = state.free.len().saturating_sub(count);
         let mut blocks = state.free.split_off(reused);
+        // Indices are claimed under the lock; host storage is allocated after it is released.
+        let first_new = state.made;
+        state.made += count - blocks.len();
         drop(state);
-        blocks.resize_with(count, || KvBlock { data: vec![0.0; self.block_floats].into_boxed_slice() });
+        let floats = if self.on_device { 0 } else { self.block_floats };
+        let mut index = first_new;
+        blocks.resize_with(count, || {
+            index += 1;
+            KvBlock { data: vec![0.0; floats].into_boxed_slice(), index: index - 1 }
+        });
         Ok(blocks)
     }
 
@@ -147,6 +213,15 @@ impl KvBlockPool {
             state.free.push(block);
         }
     }
+}
+
+/// One layer's block table as [`KvCache::block_table`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockTable {
+    /// Absolute index of `blocks[0]`: the block holding positions `first_block * block_size ..`.
+    pub first_block: usize,
+    /// Pool index ([`KvBlock::index`]) of each block held, in position order.
+    pub blocks: Vec<usize>,
 }
 
 /// The blocks one layer of one sequence holds: its block table.
@@ -413,6 +488,7 @@ impl KvCache {
         tokens: usize,
         mut fill: impl FnMut(usize, usize, &mut [f32], &mut [f32]),
     ) -> Result<(), ModelError> {
+        self.check_host_storage("a synthetic fill")?;
         let end = self.len + tokens;
         let kv_floats = self.pool.block_floats / 2 / self.pool.block_size;
         let (mut key, mut value) = (vec![0.0f32; kv_floats], vec![0.0f32; kv_floats]);
@@ -439,8 +515,12 @@ impl KvCache {
     }
 
     /// Root mean square of the keys and of the values each layer holds here (`None` for a layer holding nothing):
-    /// the scale a synthetic fill ([`KvCache::append_synthetic`]) should have to look like this model's KV.
+    /// the scale a synthetic fill ([`KvCache::append_synthetic`]) should have to look like this model's KV. A cache of
+    /// a device pool holds nothing on the host: every layer is `None`.
     pub fn layer_rms(&self) -> Vec<Option<(f32, f32)>> {
+        if self.pool.on_device {
+            return vec![None; self.layers.len()];
+        }
         let block_size = self.pool.block_size;
         let row = self.pool.block_floats / 2 / block_size;
         (0..self.layers.len())
@@ -470,6 +550,7 @@ impl KvCache {
     /// Writes the key and value rows (`kv_dim` floats each) of absolute `position` into layer `l`'s block. The
     /// position must have been reserved.
     pub(crate) fn write(&mut self, l: usize, position: usize, key: &[f32], value: &[f32]) -> Result<(), ModelError> {
+        self.check_host_storage("writing keys and values from the host")?;
         let block_size = self.pool.block_size;
         let layer = &mut self.layers[l];
         let block = (position / block_size).checked_sub(layer.first).and_then(|i| layer.blocks.get_mut(i)).ok_or_else(
@@ -485,12 +566,70 @@ impl KvCache {
         Ok(())
     }
 
+    /// An error naming `what` when this cache's blocks have no host storage (a device pool).
+    fn check_host_storage(&self, what: &str) -> Result<(), ModelError> {
+        if self.pool.on_device {
+            return Err(ModelError::InvalidInput {
+                what: "KV cache".into(),
+                reason: format!(
+                    "{what} needs host storage, but this cache's blocks live on a device (its model reads and writes \
+                     them there)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Layer `l`'s block table: the absolute index of its first block (earlier ones released, or held by another
+    /// member of a context-parallel group) and the pool index of each block held, in position order. Position `p`
+    /// of the layer is in `blocks[p / block_size - first_block]`. Valid for host and device pools alike.
+    pub fn block_table(&self, l: usize) -> Result<BlockTable, ModelError> {
+        let layer = self.layer(l)?;
+        Ok(BlockTable {
+            first_block: self.first_block(layer),
+            blocks: layer.blocks.iter().map(KvBlock::index).collect(),
+        })
+    }
+
+    /// Where layer `l` keeps `position`: `index * block_size + position % block_size`, the block's pool index and the
+    /// row inside it (what a device kernel writing the position's key and value takes). The position must be
+    /// reserved ([`KvCache::reserve`]) and held by the layer (not released, not another member's).
+    pub fn slot(&self, l: usize, position: usize) -> Result<usize, ModelError> {
+        let layer = self.layer(l)?;
+        let block_size = self.pool.block_size;
+        let block =
+            (position / block_size).checked_sub(layer.first).and_then(|i| layer.blocks.get(i)).ok_or_else(|| {
+                ModelError::InvalidInput {
+                    what: "KV cache".into(),
+                    reason: format!("position {position} of layer {l} has no reserved block"),
+                }
+            })?;
+        Ok(block.index * block_size + position % block_size)
+    }
+
+    fn layer(&self, l: usize) -> Result<&LayerBlocks, ModelError> {
+        self.layers.get(l).ok_or_else(|| ModelError::InvalidInput {
+            what: "KV cache layer".into(),
+            reason: format!("layer {l} of a cache with {} layers", self.layers.len()),
+        })
+    }
+
+    /// The absolute index of a layer's first block; for a layer holding nothing, where its first block will be.
+    fn first_block(&self, layer: &LayerBlocks) -> usize {
+        if layer.blocks.is_empty() {
+            self.global_start / self.pool.block_size
+        } else {
+            layer.first
+        }
+    }
+
     /// Layer `l`'s blocks as the attention kernel reads them, valid up to `end` (exclusive; clipped to the positions
-    /// held here).
+    /// held here). The blocks of a device pool have no floats: the CPU kernel refuses them (a shape error naming the
+    /// block), and [`KvCache::write`] refuses such a cache before any step gets this far.
     pub(crate) fn paged(&self, l: usize, end: usize) -> switchyard_kernels::attention::PagedKv<'_, KvBlock> {
         let layer = &self.layers[l];
         let block_size = self.pool.block_size;
-        let first = if layer.blocks.is_empty() { self.global_start / block_size } else { layer.first };
+        let first = self.first_block(layer);
         let end = match self.chunks[l] {
             Some(_) => end,
             None => end.min(self.global_end),
@@ -511,11 +650,12 @@ impl Drop for KvCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::tiny::{preset_text_config, Preset};
 
-    fn config() -> TextConfig {
+    /// The tiny preset with chunked layers of 8 positions (the GPU forward pass's table tests use it too).
+    pub(crate) fn config() -> TextConfig {
         let mut text = preset_text_config(Preset::Tiny);
         text["attention_chunk_size"] = 8.into();
         let json = serde_json::json!({ "model_type": "llama4", "text_config": text }).to_string();
@@ -551,5 +691,140 @@ mod tests {
         assert!(matches!(err, ModelError::KvCacheFull { available: 3, .. }), "{err}");
         assert_eq!(pool.in_use(), 0);
         assert_eq!(cache.blocks_held(), 0);
+    }
+
+    /// Every pool index held by any of `caches`, checked distinct and below the pool's capacity.
+    fn held_indices(caches: &[&KvCache], capacity: usize) -> Vec<usize> {
+        let mut all = Vec::new();
+        for cache in caches {
+            for l in 0..cache.layers() {
+                all.extend(cache.block_table(l).expect("layer").blocks);
+            }
+        }
+        let mut sorted = all.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), all.len(), "a pool index is held twice: {all:?}");
+        assert!(all.iter().all(|&i| i < capacity), "an index is not below the capacity {capacity}: {all:?}");
+        all
+    }
+
+    #[test]
+    fn device_pool_indices_stay_below_capacity_and_are_reused() {
+        let config = config();
+        let layers = config.num_hidden_layers;
+        // Enough for two sequences of 20 positions (global layers 5 blocks, chunked layers at most 3 mid-step).
+        let capacity = KvCache::blocks_for_sequence(&config, 4, 20, 4) * 2;
+        let pool = KvBlockPool::on_device(&config, 4, capacity).expect("device pool");
+        assert!(pool.is_on_device());
+        let mut a = KvCache::in_pool(&config, pool.clone());
+        let mut b = KvCache::in_pool(&config, pool.clone());
+        for round in 0..3 {
+            for _ in 0..5 {
+                for cache in [&mut a, &mut b] {
+                    cache.reserve(4).expect("reserve");
+                    cache.advance(4);
+                }
+                held_indices(&[&a, &b], capacity);
+            }
+            assert_eq!(pool.in_use(), a.blocks_held() + b.blocks_held());
+            // Chunked layers gave blocks back and later steps took them again: no index was ever made past the
+            // most blocks held at once.
+            let made = pool.state().made;
+            assert!(made <= capacity, "round {round}: {made} indices made");
+            a.clear();
+            b.clear();
+            assert_eq!(pool.in_use(), 0);
+        }
+        let made = pool.state().made;
+        assert!(made <= capacity);
+        // A full pool refuses instead of handing out an index past the arena.
+        let mut caches: Vec<KvCache> = Vec::new();
+        loop {
+            let mut cache = KvCache::in_pool(&config, pool.clone());
+            match cache.reserve(4) {
+                Ok(()) => caches.push(cache),
+                Err(ModelError::KvCacheFull { capacity: c, .. }) => {
+                    assert_eq!(c, capacity);
+                    break;
+                }
+                Err(other) => panic!("unexpected error: {other}"),
+            }
+        }
+        held_indices(&caches.iter().collect::<Vec<_>>(), capacity);
+        let made = pool.state().made;
+        assert!(made <= capacity, "{made} indices made");
+        assert!(pool.available() < layers, "refused with {} blocks free", pool.available());
+        assert_eq!(layers * caches.len(), pool.in_use());
+    }
+
+    #[test]
+    fn block_table_and_slots_locate_every_position() {
+        let config = config();
+        let pool = KvBlockPool::on_device(&config, 4, 1000).expect("device pool");
+        // Another sequence first, so this one's indices do not start at 0.
+        let mut other = KvCache::in_pool(&config, pool.clone());
+        other.reserve(3).expect("reserve");
+        let mut cache = KvCache::in_pool(&config, pool.clone());
+        cache.reserve(10).expect("reserve");
+        cache.advance(10);
+        cache.reserve(3).expect("reserve");
+        for l in 0..config.num_hidden_layers {
+            let table = cache.block_table(l).expect("layer");
+            let chunked = config.is_chunked_attention(l);
+            // 13 positions reserved; chunked layers (chunk 8) released the blocks before position 8.
+            let expected_first = if chunked { 2 } else { 0 };
+            assert_eq!(table.first_block, expected_first, "layer {l}");
+            assert_eq!(table.blocks.len(), 4 - expected_first, "layer {l}");
+            for position in expected_first * 4..13 {
+                let block = table.blocks[position / 4 - table.first_block];
+                assert_eq!(cache.slot(l, position).expect("reserved"), block * 4 + position % 4, "layer {l}");
+            }
+            // Past the reservation, and (chunked layers) before the current chunk: no slot.
+            assert!(cache.slot(l, 16).is_err());
+            if chunked {
+                let err = cache.slot(l, 3).expect_err("released");
+                assert!(err.to_string().contains("position 3 of layer"), "{err}");
+            }
+        }
+        assert!(cache.block_table(config.num_hidden_layers).is_err());
+        assert!(cache.slot(config.num_hidden_layers, 0).is_err());
+        // The same reading works on a host pool.
+        let host = KvBlockPool::new(&config, 4, 1000).expect("pool");
+        let mut cache = KvCache::in_pool(&config, host);
+        cache.reserve(5).expect("reserve");
+        let table = cache.block_table(0).expect("layer 0");
+        assert_eq!(table.first_block, 0);
+        assert_eq!(cache.slot(0, 4).expect("reserved"), table.blocks[1] * 4);
+    }
+
+    #[test]
+    fn device_caches_refuse_host_storage_operations() {
+        let config = config();
+        let pool = KvBlockPool::on_device(&config, 4, 64).expect("device pool");
+        let mut cache = KvCache::in_pool(&config, pool);
+        cache.reserve(4).expect("reserve");
+        let row = vec![0.0; config.kv_dim()];
+        let err = cache.write(0, 0, &row, &row).expect_err("no host storage");
+        assert!(err.to_string().contains("live on a device"), "{err}");
+        assert!(cache.layer_rms().iter().all(Option::is_none));
+        let mut fresh = KvCache::in_pool(&config, cache.pool().clone());
+        let err = fresh.append_synthetic(4, |_, _, _, _| {}).expect_err("no host storage");
+        assert!(err.to_string().contains("synthetic fill"), "{err}");
+        assert_eq!(fresh.len(), 0);
+        assert_eq!(fresh.blocks_held(), 0);
+        // The CPU attention's view of a device block has no floats: its kernel refuses it instead of reading any.
+        assert!(cache.paged(0, 4).blocks.iter().all(|b| b.data().is_empty()));
+    }
+
+    #[test]
+    fn device_pools_refuse_impossible_sizes() {
+        let config = config();
+        for (block_size, capacity) in [(4, 0), (0, 8), (1 << 20, 1 << 13), (2, usize::MAX)] {
+            let err = KvBlockPool::on_device(&config, block_size, capacity).expect_err("refused");
+            assert!(matches!(err, ModelError::InvalidInput { .. }), "{block_size} x {capacity}: {err}");
+        }
+        // Exactly 2^32 slots still fit u32 indices.
+        KvBlockPool::on_device(&config, 1 << 20, 1 << 12).expect("2^32 slots");
     }
 }

@@ -16,6 +16,7 @@ pub mod experts;
 pub mod forward;
 pub mod generate;
 pub mod gpu_experts;
+pub mod gpu_forward;
 pub mod kv;
 pub mod linear;
 pub mod memory;
@@ -24,11 +25,14 @@ pub mod tiny;
 
 pub use error::ModelError;
 pub use experts::{ActivationPrecision, LocalExperts, RoutedExperts};
-pub use forward::{ExpertSelection, Llama4Model, LoadOptions, LogitsFor, SequenceStep};
+pub use forward::{ExpertSelection, ForwardPass, Llama4Model, LoadOptions, LogitsFor, SequenceStep};
 pub use generate::{
     generate, generate_until, FinishReason, Generation, GenerationRequest, SamplingParams, TokenLogprobs,
 };
 pub use gpu_experts::GpuExperts;
-pub use kv::{KvBlockPool, KvCache};
+pub use gpu_forward::{GpuModel, GpuModelOptions};
+pub use kv::{BlockTable, KvBlockPool, KvCache};
+/// Element type of dense weights on the GPU (`f32` or `bf16`), which [`GpuModelOptions`] takes.
+pub use switchyard_kernels::device::DenseDtype;
 /// Where compute runs (`cpu` or `cuda:N`): the kernels' device choice, which [`GpuExperts::new`] takes.
 pub use switchyard_kernels::device::Device;

@@ -164,7 +164,9 @@ fn fp8_activation_quantisation_stays_close() {
     let dir = golden("maverick-fp8");
     let reference = read_reference(&dir);
     let model = load(&dir, ActivationPrecision::Fp8PerToken);
-    let logits = model.forward(&reference.prompt_ids, &mut model.new_cache().expect("KV cache"), LogitsFor::All).expect("prefill");
+    let logits = model
+        .forward(&reference.prompt_ids, &mut model.new_cache().expect("KV cache"), LogitsFor::All)
+        .expect("prefill");
     let diff = max_abs_diff(&logits, &reference.prompt_logits);
     let scale = reference.prompt_logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     println!("fp8 activations: max |diff| = {diff:e} (logit scale {scale})");

@@ -27,11 +27,7 @@ fn write(spec: TinySpec) -> (tempfile::TempDir, WrittenCheckpoint) {
 }
 
 fn tiny(seed: u64, fp8: bool) -> TinySpec {
-    TinySpec {
-        preset: Preset::Tiny,
-        seed,
-        fp8,
-    }
+    TinySpec { preset: Preset::Tiny, seed, fp8 }
 }
 
 fn read_json(path: &Path) -> Value {
@@ -65,10 +61,7 @@ fn read_tensors(dir: &Path) -> BTreeMap<String, Tensor> {
                 shape: view.shape().to_vec(),
                 data: view.data().to_vec(),
             };
-            assert!(
-                tensors.insert(name.clone(), tensor).is_none(),
-                "{name} is in two shards"
-            );
+            assert!(tensors.insert(name.clone(), tensor).is_none(), "{name} is in two shards");
         }
     }
     tensors
@@ -76,20 +69,12 @@ fn read_tensors(dir: &Path) -> BTreeMap<String, Tensor> {
 
 fn bf16_values(tensor: &Tensor) -> Vec<f32> {
     assert_eq!(tensor.dtype, "BF16");
-    tensor
-        .data
-        .chunks_exact(2)
-        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-        .collect()
+    tensor.data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
 }
 
 fn f32_values(tensor: &Tensor) -> Vec<f32> {
     assert_eq!(tensor.dtype, "F32");
-    tensor
-        .data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    tensor.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
 fn text_config(dir: &Path) -> Value {
@@ -97,9 +82,7 @@ fn text_config(dir: &Path) -> Value {
 }
 
 fn usize_of(config: &Value, key: &str) -> usize {
-    config[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} is not an integer: {}", config[key])) as usize
+    config[key].as_u64().unwrap_or_else(|| panic!("{key} is not an integer: {}", config[key])) as usize
 }
 
 /// Every tensor the config implies, with its dtype and shape, derived from the config alone.
@@ -129,58 +112,26 @@ fn expected_tensors(config: &Value, fp8: bool) -> BTreeMap<String, (&'static str
         let l = format!("model.layers.{layer}");
         add(format!("{l}.input_layernorm.weight"), "BF16", vec![hidden]);
         add(format!("{l}.post_attention_layernorm.weight"), "BF16", vec![hidden]);
-        add(
-            format!("{l}.self_attn.q_proj.weight"),
-            "BF16",
-            vec![heads * head_dim, hidden],
-        );
-        add(
-            format!("{l}.self_attn.k_proj.weight"),
-            "BF16",
-            vec![kv_heads * head_dim, hidden],
-        );
-        add(
-            format!("{l}.self_attn.v_proj.weight"),
-            "BF16",
-            vec![kv_heads * head_dim, hidden],
-        );
-        add(
-            format!("{l}.self_attn.o_proj.weight"),
-            "BF16",
-            vec![hidden, heads * head_dim],
-        );
+        add(format!("{l}.self_attn.q_proj.weight"), "BF16", vec![heads * head_dim, hidden]);
+        add(format!("{l}.self_attn.k_proj.weight"), "BF16", vec![kv_heads * head_dim, hidden]);
+        add(format!("{l}.self_attn.v_proj.weight"), "BF16", vec![kv_heads * head_dim, hidden]);
+        add(format!("{l}.self_attn.o_proj.weight"), "BF16", vec![hidden, heads * head_dim]);
         let f = format!("{l}.feed_forward");
         if moe_layers.contains(&layer) {
             add(format!("{f}.router.weight"), "BF16", vec![experts, hidden]);
-            add(
-                format!("{f}.shared_expert.gate_proj.weight"),
-                "BF16",
-                vec![inter, hidden],
-            );
+            add(format!("{f}.shared_expert.gate_proj.weight"), "BF16", vec![inter, hidden]);
             add(format!("{f}.shared_expert.up_proj.weight"), "BF16", vec![inter, hidden]);
-            add(
-                format!("{f}.shared_expert.down_proj.weight"),
-                "BF16",
-                vec![hidden, inter],
-            );
+            add(format!("{f}.shared_expert.down_proj.weight"), "BF16", vec![hidden, inter]);
             if fp8 {
                 for e in 0..experts {
                     for (proj, out, input) in [("gate", inter, hidden), ("up", inter, hidden), ("down", hidden, inter)]
                     {
-                        add(
-                            format!("{f}.experts.{e}.{proj}_proj.weight"),
-                            "F8_E4M3",
-                            vec![out, input],
-                        );
+                        add(format!("{f}.experts.{e}.{proj}_proj.weight"), "F8_E4M3", vec![out, input]);
                         add(format!("{f}.experts.{e}.{proj}_proj.weight_scale"), "F32", vec![out, 1]);
                     }
                 }
             } else {
-                add(
-                    format!("{f}.experts.gate_up_proj"),
-                    "BF16",
-                    vec![experts, hidden, 2 * inter],
-                );
+                add(format!("{f}.experts.gate_up_proj"), "BF16", vec![experts, hidden, 2 * inter]);
                 add(format!("{f}.experts.down_proj"), "BF16", vec![experts, inter, hidden]);
             }
         } else {
@@ -198,10 +149,7 @@ fn same_seed_gives_byte_identical_files() {
         let (a_dir, a) = write(tiny(7, fp8));
         let (b_dir, b) = write(tiny(7, fp8));
         let names = |w: &WrittenCheckpoint, root: &Path| -> Vec<PathBuf> {
-            w.files
-                .iter()
-                .map(|f| f.strip_prefix(root).expect("file inside dir").to_path_buf())
-                .collect()
+            w.files.iter().map(|f| f.strip_prefix(root).expect("file inside dir").to_path_buf()).collect()
         };
         assert_eq!(names(&a, a_dir.path()), names(&b, b_dir.path()));
         assert_eq!(a.total_bytes, b.total_bytes);
@@ -227,11 +175,7 @@ fn different_seeds_give_different_weights_and_the_same_tokenizer() {
         assert_ne!(a[name].data, b[name].data, "{name} does not depend on the seed");
     }
     for file in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
-        assert_eq!(
-            fs::read(a_dir.path().join(file)).ok(),
-            fs::read(b_dir.path().join(file)).ok(),
-            "{file}"
-        );
+        assert_eq!(fs::read(a_dir.path().join(file)).ok(), fs::read(b_dir.path().join(file)).ok(), "{file}");
     }
 }
 
@@ -243,55 +187,30 @@ fn tokenizer_loads_round_trips_and_has_llama4_special_tokens() {
 
     let text = "Hello, Switchyard! ünïcödé ✓";
     let encoding = tokenizer.encode(text, false).expect("encode");
-    assert!(
-        encoding.get_ids().len() < text.len(),
-        "BPE merges something: {:?}",
-        encoding.get_tokens()
-    );
+    assert!(encoding.get_ids().len() < text.len(), "BPE merges something: {:?}", encoding.get_tokens());
     assert_eq!(tokenizer.decode(encoding.get_ids(), false).expect("decode"), text);
 
     let config = text_config(dir.path());
-    let eos: Vec<u64> = config["eos_token_id"]
-        .as_array()
-        .expect("eos list")
-        .iter()
-        .filter_map(Value::as_u64)
-        .collect();
+    let eos: Vec<u64> = config["eos_token_id"].as_array().expect("eos list").iter().filter_map(Value::as_u64).collect();
     let eot = tokenizer.encode("<|eot|>", false).expect("encode eot");
     assert_eq!(eot.get_ids().len(), 1, "<|eot|> is one token");
     let eot_id = u64::from(eot.get_ids()[0]);
     assert!(eos.contains(&eot_id), "eot {eot_id} is an eos of the config {eos:?}");
-    for (token, key) in [
-        ("<|begin_of_text|>", "bos_token_id"),
-        ("<|finetune_right_pad|>", "pad_token_id"),
-    ] {
-        assert_eq!(
-            tokenizer.token_to_id(token).map(u64::from),
-            config[key].as_u64(),
-            "{token}"
-        );
+    for (token, key) in [("<|begin_of_text|>", "bos_token_id"), ("<|finetune_right_pad|>", "pad_token_id")] {
+        assert_eq!(tokenizer.token_to_id(token).map(u64::from), config[key].as_u64(), "{token}");
     }
     let expected_eos = ["<|end_of_text|>", "<|eom|>", "<|eot|>"].map(|t| tokenizer.token_to_id(t).map(u64::from));
     assert_eq!(expected_eos.to_vec(), eos.iter().map(|&e| Some(e)).collect::<Vec<_>>());
     // Special tokens sit at the top of the vocabulary, above every BPE token.
     let vocab = written.vocab_size as u32;
-    for token in [
-        "<|begin_of_text|>",
-        "<|header_start|>",
-        "<|header_end|>",
-        "<|eom|>",
-        "<|python_start|>",
-    ] {
+    for token in ["<|begin_of_text|>", "<|header_start|>", "<|header_end|>", "<|eom|>", "<|python_start|>"] {
         let id = tokenizer.token_to_id(token).expect("special token");
         assert!((vocab - 16..vocab).contains(&id), "{token} = {id}");
     }
 
     // As in Llama 4, encoding with special tokens prepends <|begin_of_text|>, and decoding can skip them.
     let with_bos = tokenizer.encode(text, true).expect("encode");
-    assert_eq!(
-        u64::from(with_bos.get_ids()[0]),
-        config["bos_token_id"].as_u64().expect("bos")
-    );
+    assert_eq!(u64::from(with_bos.get_ids()[0]), config["bos_token_id"].as_u64().expect("bos"));
     assert_eq!(tokenizer.decode(with_bos.get_ids(), true).expect("decode"), text);
 
     let chat = "<|header_start|>user<|header_end|>\n\nHi<|eot|>";
@@ -306,15 +225,9 @@ fn configs_are_nested_like_maverick() {
     let (dir, written) = write(tiny(0, false));
     let config = read_json(&dir.path().join("config.json"));
     assert_eq!(config["model_type"], "llama4");
-    assert_eq!(
-        config["architectures"],
-        serde_json::json!(["Llama4ForConditionalGeneration"])
-    );
+    assert_eq!(config["architectures"], serde_json::json!(["Llama4ForConditionalGeneration"]));
     assert_eq!(config["tie_word_embeddings"], false);
-    assert!(
-        config.get("quantization_config").is_none(),
-        "BF16 has no quantization_config"
-    );
+    assert!(config.get("quantization_config").is_none(), "BF16 has no quantization_config");
     let text = &config["text_config"];
     assert_eq!(text, &preset_text_config(Preset::Tiny));
     assert_eq!(text["model_type"], "llama4_text");
@@ -361,12 +274,9 @@ fn configs_are_nested_like_maverick() {
     assert_eq!(tokenizer_config["model_max_length"], 4096);
     assert_eq!(tokenizer_config["tokenizer_class"], "PreTrainedTokenizerFast");
     let template = tokenizer_config["chat_template"].as_str().expect("chat template");
-    for part in [
-        "bos_token",
-        "'<|header_start|>' + role + '<|header_end|>\\n\\n'",
-        "'<|eot|>'",
-        "add_generation_prompt",
-    ] {
+    for part in
+        ["bos_token", "'<|header_start|>' + role + '<|header_end|>\\n\\n'", "'<|eot|>'", "add_generation_prompt"]
+    {
         assert!(template.contains(part), "chat template lacks {part}");
     }
 
@@ -397,10 +307,8 @@ fn every_tensor_matches_the_config_and_the_index() {
         let config = text_config(dir.path());
         let expected = expected_tensors(&config, fp8);
         let tensors = read_tensors(dir.path());
-        let found: BTreeMap<String, (&str, Vec<usize>)> = tensors
-            .iter()
-            .map(|(n, t)| (n.clone(), (t.dtype.as_str(), t.shape.clone())))
-            .collect();
+        let found: BTreeMap<String, (&str, Vec<usize>)> =
+            tensors.iter().map(|(n, t)| (n.clone(), (t.dtype.as_str(), t.shape.clone()))).collect();
         assert_eq!(found.len(), expected.len(), "fp8 {fp8}: tensor count");
         for (name, (dtype, shape)) in &expected {
             assert_eq!(found.get(name), Some(&(*dtype, shape.clone())), "fp8 {fp8}: {name}");
@@ -418,10 +326,7 @@ fn every_tensor_matches_the_config_and_the_index() {
         let mut shards: Vec<&str> = tensors.values().map(|t| t.file.as_str()).collect();
         shards.sort();
         shards.dedup();
-        assert_eq!(
-            shards,
-            ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-        );
+        assert_eq!(shards, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
         for shard in shards {
             assert!(written.files.contains(&dir.path().join(shard)), "{shard} is listed");
         }
@@ -439,11 +344,7 @@ fn fp8_experts_decode_to_the_master_weights_of_the_bf16_checkpoint() {
     assert_eq!(q["format"], "float-quantized");
     let group = &q["config_groups"]["group_0"];
     assert_eq!(group["targets"], serde_json::json!(["Linear"]));
-    for (key, value) in [
-        ("num_bits", Value::from(8)),
-        ("type", "float".into()),
-        ("strategy", "channel".into()),
-    ] {
+    for (key, value) in [("num_bits", Value::from(8)), ("type", "float".into()), ("strategy", "channel".into())] {
         assert_eq!(group["weights"][key], value, "weights.{key}");
     }
     assert_eq!(group["weights"]["symmetric"], true);
@@ -451,12 +352,7 @@ fn fp8_experts_decode_to_the_master_weights_of_the_bf16_checkpoint() {
     assert_eq!(group["input_activations"]["strategy"], "token");
     assert_eq!(group["input_activations"]["dynamic"], true);
     assert_eq!(group["input_activations"]["type"], "float");
-    let ignore: Vec<&str> = q["ignore"]
-        .as_array()
-        .expect("ignore")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let ignore: Vec<&str> = q["ignore"].as_array().expect("ignore").iter().filter_map(Value::as_str).collect();
     for module in [
         "language_model.model.layers.0.self_attn.q_proj",
         "language_model.model.layers.0.feed_forward.down_proj",
@@ -466,10 +362,7 @@ fn fp8_experts_decode_to_the_master_weights_of_the_bf16_checkpoint() {
     ] {
         assert!(ignore.contains(&module), "{module} is not ignored");
     }
-    assert!(
-        !ignore.iter().any(|m| m.contains(".experts.")),
-        "routed experts are quantized"
-    );
+    assert!(!ignore.iter().any(|m| m.contains(".experts.")), "routed experts are quantized");
 
     let spec = tiny(seed, true);
     let fp8 = read_tensors(fp8_dir.path());
@@ -483,11 +376,7 @@ fn fp8_experts_decode_to_the_master_weights_of_the_bf16_checkpoint() {
             for proj in ["gate", "up", "down"] {
                 let name = format!("{base}.{expert}.{proj}_proj.weight");
                 let master = master_weight(&spec, &name).expect("master weight");
-                let (out, input) = if proj == "down" {
-                    (hidden, inter)
-                } else {
-                    (inter, hidden)
-                };
+                let (out, input) = if proj == "down" { (hidden, inter) } else { (inter, hidden) };
                 assert_eq!(master.shape, [out, input]);
 
                 let codes = &fp8[&name];
@@ -529,11 +418,7 @@ fn fp8_experts_decode_to_the_master_weights_of_the_bf16_checkpoint() {
     let master = master_weight(&spec, &name).expect("master o_proj");
     let stored = bf16_values(&bf16[&name]);
     assert_eq!(master.shape, bf16[&name].shape);
-    assert!(master
-        .values
-        .iter()
-        .zip(&stored)
-        .all(|(m, s)| half::bf16::from_f32(*m).to_f32() == *s));
+    assert!(master.values.iter().zip(&stored).all(|(m, s)| half::bf16::from_f32(*m).to_f32() == *s));
     assert!(
         master_weight(&spec, "model.layers.0.feed_forward.experts.0.gate_proj.weight").is_err(),
         "layer 0 is dense"
@@ -549,10 +434,7 @@ fn weights_have_the_intended_scale_and_routing_reaches_every_expert() {
     let rms = |v: &[f32]| (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
     assert!((rms(&embed) - 1.0).abs() < 0.05, "embedding rms {}", rms(&embed));
     let q = bf16_values(&tensors[&format!("{PREFIX}model.layers.0.self_attn.q_proj.weight")]);
-    assert!(
-        (rms(&q) * (hidden as f32).sqrt() - 1.0).abs() < 0.05,
-        "q_proj ~ N(0, 1/hidden)"
-    );
+    assert!((rms(&q) * (hidden as f32).sqrt() - 1.0).abs() < 0.05, "q_proj ~ N(0, 1/hidden)");
     let norm = bf16_values(&tensors[&format!("{PREFIX}model.layers.0.input_layernorm.weight")]);
     assert!(norm.iter().all(|w| (w - 1.0).abs() < 0.3), "norm weights near 1");
     assert!(norm.iter().any(|w| *w != 1.0), "norm weights carry noise");
@@ -567,15 +449,10 @@ fn weights_have_the_intended_scale_and_routing_reaches_every_expert() {
                 .chunks_exact(hidden)
                 .map(|row| row.iter().zip(token).map(|(w, x)| w * x * scale).sum())
                 .collect();
-            let best = (0..experts)
-                .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
-                .expect("experts");
+            let best = (0..experts).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).expect("experts");
             chosen[best] += 1;
         }
-        assert!(
-            chosen.iter().all(|&n| n > 0),
-            "layer {layer}: tokens per expert {chosen:?}"
-        );
+        assert!(chosen.iter().all(|&n| n > 0), "layer {layer}: tokens per expert {chosen:?}");
     }
 }
 
@@ -603,25 +480,15 @@ fn the_checkpoint_loader_reads_both_layouts() {
         let cfg = &config.text;
         let checkpoint = Checkpoint::open(dir.path()).expect("checkpoint opens");
         checkpoint.check_against(cfg).expect("tensors match the config");
-        let layout = if fp8 {
-            ExpertLayout::PerExpert
-        } else {
-            ExpertLayout::Fused
-        };
+        let layout = if fp8 { ExpertLayout::PerExpert } else { ExpertLayout::Fused };
         assert_eq!(checkpoint.expert_layout(), Some(layout));
 
         let spec = tiny(seed, fp8);
-        let q = checkpoint
-            .linear("model.layers.2.self_attn.q_proj.weight", 128, 128)
-            .expect("q_proj");
+        let q = checkpoint.linear("model.layers.2.self_attn.q_proj.weight", 128, 128).expect("q_proj");
         let master = master_weight(&spec, "model.layers.2.self_attn.q_proj.weight").expect("master q_proj");
         match &q {
             LinearWeight::F32 { weight, .. } => {
-                let rounded: Vec<f32> = master
-                    .values
-                    .iter()
-                    .map(|v| half::bf16::from_f32(*v).to_f32())
-                    .collect();
+                let rounded: Vec<f32> = master.values.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
                 assert_eq!(weight, &rounded);
             }
             other => panic!("q_proj loads as {other:?}"),
@@ -631,18 +498,10 @@ fn the_checkpoint_loader_reads_both_layouts() {
         for (proj, weight) in [("gate", &expert.gate), ("up", &expert.up), ("down", &expert.down)] {
             let name = format!("model.layers.3.feed_forward.experts.5.{proj}_proj.weight");
             let master = master_weight(&spec, &name).expect("master expert");
-            assert_eq!(
-                [weight.out_features(), weight.in_features()],
-                [master.shape[0], master.shape[1]]
-            );
+            assert_eq!([weight.out_features(), weight.in_features()], [master.shape[0], master.shape[1]]);
             let values: Vec<f32> = match weight {
                 LinearWeight::F32 { weight, .. } => weight.clone(),
-                LinearWeight::Fp8 {
-                    codes,
-                    scales,
-                    in_features,
-                    ..
-                } => codes
+                LinearWeight::Fp8 { codes, scales, in_features, .. } => codes
                     .as_slice()
                     .iter()
                     .enumerate()
@@ -651,15 +510,8 @@ fn the_checkpoint_loader_reads_both_layouts() {
             };
             assert_eq!(weight.is_fp8(), fp8, "{name}");
             for (i, (got, want)) in values.iter().zip(&master.values).enumerate() {
-                let bound = if fp8 {
-                    (want.abs() / 16.0).max(0.01 / 1024.0)
-                } else {
-                    want.abs() / 256.0
-                };
-                assert!(
-                    (got - want).abs() <= bound * 1.001,
-                    "{name}[{i}]: {got} vs {want} (fp8 {fp8})"
-                );
+                let bound = if fp8 { (want.abs() / 16.0).max(0.01 / 1024.0) } else { want.abs() / 256.0 };
+                assert!((got - want).abs() <= bound * 1.001, "{name}[{i}]: {got} vs {want} (fp8 {fp8})");
             }
         }
     }
@@ -671,29 +523,13 @@ fn the_checkpoint_loader_reads_both_layouts() {
 fn small_fp8_preset_is_written_quickly() {
     let dir = tempfile::tempdir().expect("temp dir");
     let start = std::time::Instant::now();
-    let spec = TinySpec {
-        preset: Preset::Small,
-        seed: 0,
-        fp8: true,
-    };
+    let spec = TinySpec { preset: Preset::Small, seed: 0, fp8: true };
     let written = write_checkpoint(dir.path(), &spec, &mut |_, _| {}).expect("write small");
     let elapsed = start.elapsed();
-    eprintln!(
-        "small fp8: {} bytes in {elapsed:?}, {} files",
-        written.total_bytes,
-        written.files.len()
-    );
+    eprintln!("small fp8: {} bytes in {elapsed:?}, {} files", written.total_bytes, written.files.len());
     let index = read_json(&dir.path().join("model.safetensors.index.json"));
-    for shard in written
-        .files
-        .iter()
-        .filter(|f| f.extension().is_some_and(|e| e == "safetensors"))
-    {
-        assert!(
-            fs::metadata(shard).expect("shard").len() <= 1_000_100_000,
-            "{} over 1 GB",
-            shard.display()
-        );
+    for shard in written.files.iter().filter(|f| f.extension().is_some_and(|e| e == "safetensors")) {
+        assert!(fs::metadata(shard).expect("shard").len() <= 1_000_100_000, "{} over 1 GB", shard.display());
     }
     assert!(index["metadata"]["total_size"].as_u64().expect("total") > 1_000_000_000);
 }

@@ -35,7 +35,8 @@ pub fn switchyard(args: &[&str]) -> Output {
 
 /// Writes the tiny FP8 model into `dir` with `seed`.
 pub fn make_tiny(dir: &Path, seed: u64) {
-    let out = switchyard(&["make-tiny", "--out", dir.to_str().expect("utf-8 path"), "--seed", &seed.to_string(), "--fp8"]);
+    let out =
+        switchyard(&["make-tiny", "--out", dir.to_str().expect("utf-8 path"), "--seed", &seed.to_string(), "--fp8"]);
     assert!(out.status.success(), "make-tiny: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -244,8 +245,16 @@ pub fn single_process(model: &Path, out: &Path, fp8_activations: bool, max_new_t
     let ids = prompt_ids();
     let tokens = max_new_tokens.to_string();
     let mut args = vec![
-        "generate", "--model", model.to_str().expect("utf-8"), "--prompt-ids", &ids, "--max-new-tokens", &tokens,
-        "--ignore-eos", "--output-json", out.to_str().expect("utf-8"),
+        "generate",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--prompt-ids",
+        &ids,
+        "--max-new-tokens",
+        &tokens,
+        "--ignore-eos",
+        "--output-json",
+        out.to_str().expect("utf-8"),
     ];
     if fp8_activations {
         args.push("--fp8-activations");
@@ -265,8 +274,16 @@ pub fn through(endpoint: &str, out: &Path) -> serde_json::Value {
 /// Runs `switchyard generate --endpoint` for [`prompt_ids`], writing `--output-json` to `out`.
 pub fn generate_through(endpoint: &str, out: &Path, max_new_tokens: u32) -> Output {
     switchyard(&[
-        "generate", "--endpoint", endpoint, "--prompt-ids", &prompt_ids(), "--max-new-tokens",
-        &max_new_tokens.to_string(), "--ignore-eos", "--output-json", out.to_str().expect("utf-8"),
+        "generate",
+        "--endpoint",
+        endpoint,
+        "--prompt-ids",
+        &prompt_ids(),
+        "--max-new-tokens",
+        &max_new_tokens.to_string(),
+        "--ignore-eos",
+        "--output-json",
+        out.to_str().expect("utf-8"),
     ])
 }
 

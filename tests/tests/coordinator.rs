@@ -39,7 +39,14 @@ fn skewed_loads(path: &Path, hot: usize) {
 /// Asks the cluster's leading coordinator to re-place for `loads` and waits for the new epoch; returns it.
 fn rebalance(store: &str, loads: &Path) -> u64 {
     let output = switchyard(&[
-        "placement", "rebalance", "--store", store, "--loads", loads.to_str().expect("utf-8"), "--wait-ms", "30000",
+        "placement",
+        "rebalance",
+        "--store",
+        store,
+        "--loads",
+        loads.to_str().expect("utf-8"),
+        "--wait-ms",
+        "30000",
     ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "placement rebalance: {stdout}{}", String::from_utf8_lossy(&output.stderr));
@@ -68,9 +75,20 @@ fn three_rebalances_while_serving_fail_no_request_and_change_no_output() {
     make_tiny(&model, 7);
     let reference = single_process(&model, &work.path().join("single.json"), false, TRAFFIC_TOKENS);
     let cluster = Cluster::start(&[
-        "--model", model.to_str().expect("utf-8"), "--expert-workers", "3", "--attention-workers", "2",
-        "--redundant-slots", "4", "--lease-ttl-ms", "1000", "--rebalance-threshold", "1.05",
-        "--rebalance-interval-ms", "1500",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--expert-workers",
+        "3",
+        "--attention-workers",
+        "2",
+        "--redundant-slots",
+        "4",
+        "--lease-ttl-ms",
+        "1000",
+        "--rebalance-threshold",
+        "1.05",
+        "--rebalance-interval-ms",
+        "1500",
     ]);
     let first = epoch_in(&placement_show(&cluster.store)).expect("a first epoch");
     let traffic = Traffic::start(&cluster.attention_endpoints(), work.path(), TRAFFIC_TOKENS);
@@ -105,8 +123,14 @@ fn a_killed_expert_worker_is_re_placed_and_every_request_completes() {
     let reference = single_process(&model, &work.path().join("single.json"), false, TRAFFIC_TOKENS);
     // No redundant slots: the killed worker's experts exist nowhere else until the coordinator re-places them.
     let cluster = Cluster::start(&[
-        "--model", model.to_str().expect("utf-8"), "--expert-workers", "3", "--attention-workers", "2",
-        "--lease-ttl-ms", "1000",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--expert-workers",
+        "3",
+        "--attention-workers",
+        "2",
+        "--lease-ttl-ms",
+        "1000",
     ]);
     let first = epoch_in(&placement_show(&cluster.store)).expect("a first epoch");
     let traffic = Traffic::start(&cluster.attention_endpoints(), work.path(), TRAFFIC_TOKENS);
@@ -129,12 +153,26 @@ fn the_only_expert_worker_killed_fails_requests_clearly_and_the_rest_keeps_servi
     let model = work.path().join("model");
     make_tiny(&model, 3);
     let mut cluster = Cluster::start(&[
-        "--model", model.to_str().expect("utf-8"), "--expert-workers", "1", "--lease-ttl-ms", "1000",
-        "--recovery-timeout-ms", "3000",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--expert-workers",
+        "1",
+        "--lease-ttl-ms",
+        "1000",
+        "--recovery-timeout-ms",
+        "3000",
     ]);
     let mut client = Command::new(binary())
-        .args(["generate", "--endpoint", &cluster.endpoint, "--prompt-ids", &switchyard_tests::prompt_ids(),
-            "--max-new-tokens", "3000", "--ignore-eos"])
+        .args([
+            "generate",
+            "--endpoint",
+            &cluster.endpoint,
+            "--prompt-ids",
+            &switchyard_tests::prompt_ids(),
+            "--max-new-tokens",
+            "3000",
+            "--ignore-eos",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -175,8 +213,18 @@ fn killing_the_leading_coordinator_hands_over_and_serving_continues() {
     make_tiny(&model, 9);
     let reference = single_process(&model, &work.path().join("single.json"), false, TRAFFIC_TOKENS);
     let cluster = Cluster::start(&[
-        "--model", model.to_str().expect("utf-8"), "--expert-workers", "2", "--store", &store, "--coordinators", "2",
-        "--redundant-slots", "2", "--lease-ttl-ms", "1000",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--expert-workers",
+        "2",
+        "--store",
+        &store,
+        "--coordinators",
+        "2",
+        "--redundant-slots",
+        "2",
+        "--lease-ttl-ms",
+        "1000",
     ]);
     let before = leader(&cluster.store);
     let traffic = Traffic::start(&cluster.attention_endpoints(), work.path(), TRAFFIC_TOKENS);
@@ -202,8 +250,16 @@ fn every_component_reconnects_after_an_etcd_restart() {
     make_tiny(&model, 10);
     let reference = single_process(&model, &work.path().join("single.json"), false, TRAFFIC_TOKENS);
     let cluster = Cluster::start(&[
-        "--model", model.to_str().expect("utf-8"), "--expert-workers", "2", "--store", &store,
-        "--redundant-slots", "2", "--lease-ttl-ms", "2000",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--expert-workers",
+        "2",
+        "--store",
+        &store,
+        "--redundant-slots",
+        "2",
+        "--lease-ttl-ms",
+        "2000",
     ]);
     let traffic = Traffic::start(&cluster.attention_endpoints(), work.path(), TRAFFIC_TOKENS);
     std::thread::sleep(Duration::from_millis(500));
@@ -249,8 +305,15 @@ fn a_worker_with_another_checkpoint_is_refused() {
     make_tiny(&other, 12);
     let cluster = Cluster::start(&["--model", model.to_str().expect("utf-8"), "--expert-workers", "1"]);
     let mut intruder = Command::new(binary())
-        .args(["expert-worker", "--model", other.to_str().expect("utf-8"), "--store", &cluster.store,
-            "--worker-id", "ew-intruder"])
+        .args([
+            "expert-worker",
+            "--model",
+            other.to_str().expect("utf-8"),
+            "--store",
+            &cluster.store,
+            "--worker-id",
+            "ew-intruder",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

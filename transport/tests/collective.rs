@@ -1,7 +1,8 @@
 //! The MoE step over a collective: 2 attention ranks and 2 expert ranks (threads of this process, joined by
 //! `LoopbackCollective`) give exactly the outputs of the in-process and gRPC transports for the same batches, in every
 //! wire format; per-request errors stay per request; an expert rank that dies or hangs mid-step fails every rank with
-//! an error naming it. And one NCCL rank on a GPU exchanges with itself (skipped, saying why, without one).
+//! an error naming it; the attention ranks learn in the same step that all of them drained, and ranks whose ticks
+//! differ are refused naming both. And one NCCL rank on a GPU exchanges with itself (skipped, saying why, without one).
 //!
 //! The loopback stands in for NCCL only in moving the bytes: the two-phase exchange, the frames, the codec and the
 //! expert loop are the code the NCCL ranks run.
@@ -325,6 +326,107 @@ async fn an_expert_rank_that_hangs_mid_step_times_out_every_rank_naming_it() {
         },
         check
     );
+}
+
+/// Steps `step` on both attention ranks at once (the batches of [`step_batches`]) and checks every answer against the
+/// experts' function: the ticks and draining frames the attention ranks send each other change no answer.
+async fn step_both(attention: &[CollectiveTransport], step: u64) {
+    let pending: Vec<_> = (0..2).map(|a| attention[a].dispatch_step(step_batches(a, step))).collect();
+    for (a, answer) in futures::future::join_all(pending).await.into_iter().enumerate() {
+        let expected: Vec<Vec<u32>> = step_batches(a, step).iter().map(|(_, b)| bits(&affine(b))).collect();
+        let got: Vec<Vec<u32>> =
+            answer.into_iter().map(|r| bits(&r.unwrap_or_else(|e| panic!("step {step} a{a}: {e}")))).collect();
+        assert_eq!(got, expected, "step {step} a{a}");
+    }
+}
+
+/// The attention ranks learn that all of them are draining in the same step, each at the end of that step's
+/// dispatch exchange: the first step both mark, however far apart they began to drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_attention_rank_learns_the_drain_in_the_same_step() {
+    let service = AffineExperts::new(Behaviour::Compute);
+    let (attention, experts) = ranks(WireFormat::default(), [service.clone(), service.clone()], STEP_TIMEOUT);
+    for rank in &attention {
+        rank.set_steps_per_tick(2);
+    }
+    for step in 0..2 {
+        step_both(&attention, step).await;
+    }
+    // Rank a0 drains from step 2 on; a1 still serves for three steps.
+    assert_eq!(attention[0].set_draining(2), 2);
+    for step in 2..5 {
+        step_both(&attention, step).await;
+        assert_eq!((attention[0].drained_at(), attention[1].drained_at()), (None, None), "after step {step}");
+    }
+    assert_eq!(attention[1].set_draining(2), 5);
+    // Asked again, the first marked step stays.
+    assert_eq!(attention[0].set_draining(2), 2);
+    step_both(&attention, 5).await;
+    for (a, rank) in attention.iter().enumerate() {
+        assert_eq!(rank.drained_at(), Some(5), "a{a}");
+        assert_eq!(rank.steps(), 6, "a{a}");
+        assert!(rank.failure().is_none(), "a{a}: {:?}", rank.failure());
+    }
+    // Marked steps go on as steps until the ranks leave; the agreement stays the first one.
+    step_both(&attention, 6).await;
+    assert_eq!((attention[0].drained_at(), attention[1].drained_at()), (Some(5), Some(5)));
+    let left = futures::future::join_all(attention.iter().map(|t| t.leave())).await;
+    assert!(left.iter().all(Result::is_ok), "{left:?}");
+    for expert in experts {
+        assert_eq!(expert.await.unwrap().unwrap().steps, 7);
+    }
+}
+
+/// Every batch of both attention ranks in a step fails naming both ranks' ticks, every later step fails at once
+/// with the same cause, and both expert ranks end with an error (the attention ranks aborted the communicator).
+async fn assert_ticks_refused(
+    attention: &[CollectiveTransport],
+    experts: Vec<JoinHandle<Result<ExpertRankSummary, TransportError>>>,
+    step: u64,
+) {
+    let started = Instant::now();
+    let pending: Vec<_> = (0..2).map(|a| attention[a].dispatch_step(step_batches(a, step))).collect();
+    let answers = futures::future::join_all(pending).await;
+    assert!(started.elapsed() < STEP_TIMEOUT, "refusing took {:?}", started.elapsed());
+    let names_both = |text: &str| text.contains("a0 (rank 0)") && text.contains("a1 (rank 1)");
+    for (a, answer) in answers.iter().enumerate() {
+        for result in answer {
+            let error = result.as_ref().expect_err("ranks with different ticks must not step on").to_string();
+            assert!(names_both(&error) && error.contains("--micro-batches"), "a{a}: {error}");
+        }
+        let failure = attention[a].failure().map(|f| f.to_string()).unwrap_or_default();
+        assert!(names_both(&failure), "a{a}: {failure}");
+    }
+    let again = attention[1].dispatch_step(step_batches(1, step + 1)).await;
+    assert!(again.iter().all(|r| r.as_ref().is_err_and(|e| names_both(&e.to_string()))), "{again:?}");
+    for (e, expert) in experts.into_iter().enumerate() {
+        let error = expert.await.unwrap().expect_err("the expert ranks cannot go on").to_string();
+        assert!(error.contains("--micro-batches"), "e{e}: {error}");
+    }
+}
+
+/// Attention ranks that say different steps per tick are refused at their first step, naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attention_ranks_with_different_ticks_are_refused_at_their_first_step() {
+    let service = AffineExperts::new(Behaviour::Compute);
+    let (attention, experts) = ranks(WireFormat::default(), [service.clone(), service.clone()], STEP_TIMEOUT);
+    attention[0].set_steps_per_tick(4);
+    attention[1].set_steps_per_tick(2);
+    // Step 1 of step_batches sends from both ranks: every request of both fails.
+    assert_ticks_refused(&attention, experts, 1).await;
+}
+
+/// Ranks that did not say their ticks beforehand are refused at the first step where their draining frames
+/// differ, before they could agree on a drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_ranks_with_different_ticks_are_refused() {
+    let service = AffineExperts::new(Behaviour::Compute);
+    let (attention, experts) = ranks(WireFormat::default(), [service.clone(), service.clone()], STEP_TIMEOUT);
+    step_both(&attention, 0).await;
+    attention[0].set_draining(4);
+    attention[1].set_draining(2);
+    assert_ticks_refused(&attention, experts, 1).await;
+    assert_eq!((attention[0].drained_at(), attention[1].drained_at()), (None, None));
 }
 
 /// One NCCL rank on GPU 0 exchanges with itself through NCCL: payloads of several sizes, the sizes phase, an

@@ -13,7 +13,14 @@
 //! With `--dispatch-transport nccl` (a `cuda` build, with `--store`) its routed tokens travel through an NCCL
 //! communicator of every attention and expert worker ([`CollectiveArgs`]): once in the cluster, it joins the
 //! communicator through the coordinator and makes each MoE layer step one dispatch and one combine exchange, in
-//! lockstep with the other ranks; it leaves the communicator after its server drained.
+//! lockstep with the other ranks: its engine runs on ticks of one forward pass per micro-batch, empty or not
+//! ([`EngineOptions::lockstep`]). After its server drained, its engine ticks on, empty, until every attention rank
+//! drained, then leaves the communicator in the same exchange as the others ([`Engine::drain`] with a
+//! [`CollectiveLeave`]: the agreement travels in the exchanges).
+//!
+//! With `--device cuda:N` its whole forward pass runs on that GPU (`GpuModel`: dense weights as `--dense-dtype`, the
+//! KV cache in a device arena of `--kv-memory`); the routed experts stay on the expert workers. Sequences too long
+//! for its KV cache are then refused: context parallelism between attention workers runs on CPU workers only.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,13 +29,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use switchyard_attention_worker::{
-    http_router, placement_from_expert_workers, serve, serve_http, ClusterLink, ClusterOptions, ConnectWorker,
-    ContextGroups, Engine, EngineOptions, ExpertWorkerRoute, GenerationService, HttpOptions, RemoteExperts,
-    RoutingTable, ShardHost, StoreContextGroups, TextCodec,
+    http_router, placement_from_expert_workers, serve, serve_http, ClusterLink, ClusterOptions, CollectiveLeave,
+    ConnectWorker, ContextGroups, Engine, EngineOptions, ExpertWorkerRoute, GenerationService, HttpOptions,
+    LockstepOptions, RemoteExperts, RoutingTable, ShardHost, StoreContextGroups, TextCodec,
 };
+use switchyard_kernels::device::check_device;
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::config::ModelConfig;
-use switchyard_model::{ExpertSelection, KvBlockPool, Llama4Model, LoadOptions};
+use switchyard_model::{
+    DenseDtype, Device, ExpertSelection, ForwardPass, GpuModel, GpuModelOptions, KvBlockPool, Llama4Model, LoadOptions,
+};
 use switchyard_transport::collective::{CollectiveTransport, RankRole};
 use switchyard_transport::grpc::GrpcTransport;
 use switchyard_transport::{Transport, WireDtype, WireFormat};
@@ -38,8 +48,9 @@ use crate::collective::{CollectiveArgs, CommunicatorPlan};
 /// How long to wait for the expert workers to answer while they start (`--expert-workers`).
 const PEER_PATIENCE: Duration = Duration::from_secs(10);
 
-/// What the worker reports as its device in the cluster: the attention half computes on the CPU kernels.
-const DEVICE: &str = "cpu";
+/// The KV cache of a GPU attention worker when `--kv-memory` is not given: a bounded arena, allocated up front
+/// (the CPU worker's default, room for every sequence at the full context, is only reserved as it is used).
+const DEFAULT_GPU_KV_MEMORY: u64 = 4 << 30;
 
 /// Flags of `switchyard attention-worker`.
 #[derive(clap::Args)]
@@ -125,6 +136,14 @@ pub struct Args {
     /// Bearer token the HTTP API's /v1 routes want (health and metrics stay open).
     #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true, requires = "http")]
     api_key: Option<String>,
+    /// Where the forward pass runs: `cpu`, or `cuda:N` for the whole attention side (attention over the paged KV
+    /// cache, norms, RoPE, router, dense layers, shared expert) on that GPU. A build without the `cuda` feature or a
+    /// machine without the GPU is refused at start, naming what is missing.
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
+    device: Device,
+    /// Element type of the dense weights on the GPU (`bf16`, the default, or `f32`). Only with `--device cuda:N`.
+    #[arg(long, env = "SWITCHYARD_DENSE_DTYPE")]
+    dense_dtype: Option<DenseDtype>,
     #[command(flatten)]
     collective: CollectiveArgs,
 }
@@ -136,6 +155,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.max_batch == 0 {
         bail!("--max-batch must be at least 1");
+    }
+    // Before anything is bound or loaded: a GPU that cannot be used is the operator's first thing to know.
+    check_device(&args.device).with_context(|| format!("--device {}", args.device))?;
+    if args.dense_dtype.is_some() && args.device == Device::Cpu {
+        bail!("--dense-dtype chooses the GPU's dense weights: it needs --device cuda:N");
     }
     // The runtime moves bytes and answers clients; the forward pass runs on the engine's own threads.
     let runtime = crate::serving::runtime(2)?;
@@ -157,7 +181,7 @@ async fn serve_until_signal(args: Args) -> Result<()> {
     let model_dir = crate::model_dir::resolve(args.model.as_deref())?;
 
     let store_mode = args.store.is_some();
-    let (config, mut model, fingerprint) = {
+    let (config, model, fingerprint) = {
         let dir = model_dir.clone();
         tokio::task::spawn_blocking(move || load_without_experts(&dir, store_mode))
             .await
@@ -172,8 +196,10 @@ async fn serve_until_signal(args: Args) -> Result<()> {
             transport.add_worker(worker.id.clone(), worker.endpoint.clone());
         })
     };
-    let kv_blocks = args.kv_memory.map(|bytes| KvBlockPool::blocks_in_bytes(&config.text, args.kv_block_size, bytes));
-    let options = EngineOptions {
+    let on_gpu = args.device != Device::Cpu;
+    let kv_memory = if on_gpu { Some(args.kv_memory.unwrap_or(DEFAULT_GPU_KV_MEMORY)) } else { args.kv_memory };
+    let kv_blocks = kv_memory.map(|bytes| KvBlockPool::blocks_in_bytes(&config.text, args.kv_block_size, bytes));
+    let mut options = EngineOptions {
         max_batch: args.max_batch,
         max_waiting: args.max_waiting,
         max_batch_tokens: args.max_batch_tokens,
@@ -181,9 +207,39 @@ async fn serve_until_signal(args: Args) -> Result<()> {
         kv_blocks,
         micro_batches: usize::from(args.micro_batches),
         threads: 0,
+        lockstep: None,
     };
     let kv_memory_bytes =
         options.kv_blocks_for(&config.text) as u64 * KvBlockPool::block_bytes(&config.text, args.kv_block_size);
+    // The GPU copy is made before joining the cluster: a long upload, or a GPU without room, fails before this worker
+    // counts as serving. The host copy then goes.
+    let model = if on_gpu {
+        let gpu_options = GpuModelOptions {
+            dense_dtype: args.dense_dtype.unwrap_or_default(),
+            kv_blocks: options.kv_blocks_for(&config.text),
+            block_size: args.kv_block_size,
+        };
+        let device = args.device;
+        let uploaded = tokio::task::spawn_blocking(move || {
+            let uploaded = GpuModel::upload(&model, device, &gpu_options);
+            drop(model);
+            uploaded
+        })
+        .await
+        .context("the GPU upload task failed")?
+        .with_context(|| format!("copying the model to {device}"))?;
+        tracing::info!(
+            device = %args.device,
+            gpu = uploaded.device_name(),
+            dense_dtype = %gpu_options.dense_dtype,
+            weight_bytes = uploaded.weight_bytes(),
+            kv_blocks = gpu_options.kv_blocks,
+            "the attention side runs on the GPU"
+        );
+        ServingModel::Gpu(Box::new(uploaded))
+    } else {
+        ServingModel::Cpu(Box::new(model))
+    };
     let endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
     let (routing, link) = match (&args.store, &args.expert_workers) {
         (Some(url), _) => {
@@ -192,7 +248,7 @@ async fn serve_until_signal(args: Args) -> Result<()> {
                 worker_id: worker_id.clone(),
                 endpoint: endpoint.clone(),
                 node: args.node.clone().unwrap_or_else(crate::serving::hostname),
-                device: DEVICE.into(),
+                device: args.device.to_string(),
                 checkpoint_hash: fingerprint.unwrap_or_default(),
                 lease_ttl: Duration::from_millis(args.lease_ttl_ms),
                 load_report: Duration::from_millis(args.load_report_ms),
@@ -236,7 +292,14 @@ async fn serve_until_signal(args: Args) -> Result<()> {
         _ => None,
     };
     let dispatch: Arc<dyn Transport> = match &collective {
-        Some(collective) => collective.clone(),
+        Some(collective) => {
+            // Every attention rank makes the same steps, whatever its traffic: one forward pass per micro-batch a tick.
+            // Said to the other attention ranks in the first step, before the engine's first tick: ranks whose ticks
+            // differ (another --micro-batches) are refused there, naming both.
+            options.lockstep = Some(LockstepOptions::default());
+            collective.set_steps_per_tick(options.steps_per_tick(&config.text));
+            collective.clone()
+        }
         None => transport.clone(),
     };
     let remote = Arc::new(
@@ -244,14 +307,15 @@ async fn serve_until_signal(args: Args) -> Result<()> {
             .with_recovery_timeout(recovery_timeout)
             .with_wire(wire),
     );
-    model.set_routed_experts(remote.clone());
+    let forward = model.with_routed_experts(remote.clone());
     let link = link.map(|mut link| {
         link.follow(remote, &config.text, connect);
         link
     });
 
-    // Sequences too long for this worker's KV are spread over the cluster's attention workers (with a store).
-    let context_groups = link.as_ref().map(|link| {
+    // Sequences too long for this worker's KV are spread over the cluster's attention workers (with a store; CPU
+    // workers only: the GPU forward pass computes no context-parallel sequence yet).
+    let context_groups = link.as_ref().filter(|_| !on_gpu).map(|link| {
         Arc::new(StoreContextGroups {
             cluster: link.cluster().clone(),
             lease: link.lease(),
@@ -263,9 +327,9 @@ async fn serve_until_signal(args: Args) -> Result<()> {
             runtime: tokio::runtime::Handle::current(),
         }) as Arc<dyn ContextGroups>
     });
-    let engine =
-        Arc::new(Engine::start_with_context(Arc::new(model), options, context_groups).context("starting the engine")?);
-    let shards = link.is_some().then(|| Arc::new(ShardHost::new(config.text.clone(), engine.kv_pool().clone())));
+    let engine = Arc::new(Engine::start_with_context(forward, options, context_groups).context("starting the engine")?);
+    let shards =
+        (link.is_some() && !on_gpu).then(|| Arc::new(ShardHost::new(config.text.clone(), engine.kv_pool().clone())));
     let text = TextCodec::load(&model_dir)?;
     if text.is_none() {
         tracing::warn!(model = %model_dir.display(), "no tokenizer.json: only token-id prompts are served");
@@ -283,6 +347,7 @@ async fn serve_until_signal(args: Args) -> Result<()> {
         }
         tokio::spawn(serve_http(http_listener, router, crate::serving::shutdown_signal()))
     });
+    let drain = collective.as_ref().map(|_| engine.clone());
     let service = GenerationService::new(engine, tokenizer, worker_id.clone());
     crate::serving::announce(&listener)?;
     let server = tokio::spawn(serve(listener, service, shards, crate::serving::shutdown_signal()));
@@ -290,12 +355,23 @@ async fn serve_until_signal(args: Args) -> Result<()> {
     if let Some(http) = http {
         http.await.context("the HTTP server task failed")?.context("the HTTP API")?;
     }
-    if let (Some(collective), Some(plan)) = (&collective, &plan) {
-        // Every attention rank leaves in the same exchange, so this waits for the others to stop too.
-        match tokio::time::timeout(plan.step_timeout, collective.leave()).await {
-            Ok(Ok(())) => tracing::info!(%worker_id, "left the NCCL communicator"),
-            Ok(Err(error)) => tracing::warn!(%worker_id, %error, "leaving the NCCL communicator failed"),
-            Err(_) => tracing::warn!(%worker_id, "the other ranks did not leave the NCCL communicator in time"),
+    if let (Some(collective), Some(engine)) = (&collective, drain) {
+        // The engine ticks on, empty, until every attention rank drained (they agree on the last tick through the
+        // exchanges), then leaves in the same exchange as the others. That lasts until the last rank is stopped: a
+        // second signal gives up waiting, and the ranks still serving then fail their next step.
+        tracing::info!(%worker_id, "drained; stepping until every attention rank drained, then leaving the communicator");
+        let leave = Arc::new(CollectiveLeave::new(collective.clone(), tokio::runtime::Handle::current()));
+        let drained = tokio::task::spawn_blocking(move || engine.drain(Some(leave)));
+        tokio::select! {
+            drained = drained => match drained {
+                Ok(Ok(())) => tracing::info!(%worker_id, "left the NCCL communicator"),
+                Ok(Err(error)) => tracing::warn!(%worker_id, %error, "leaving the NCCL communicator failed"),
+                Err(error) => tracing::warn!(%worker_id, %error, "the engine's drain failed"),
+            },
+            () = crate::serving::shutdown_signal() => tracing::warn!(
+                %worker_id,
+                "stopped again before every attention rank drained: leaving without them (their next step fails)"
+            ),
         }
     }
     // Left only once the server has drained: until then its requests route with the placement the coordinator
@@ -311,6 +387,28 @@ async fn serve_until_signal(args: Args) -> Result<()> {
     served.with_context(|| format!("attention worker {worker_id} on {addr}"))?;
     tracing::info!(%worker_id, "attention worker stopped");
     Ok(())
+}
+
+/// The model a worker computes with: on the CPU, or copied to a GPU (the host copy gone).
+enum ServingModel {
+    Cpu(Box<Llama4Model>),
+    Gpu(Box<GpuModel>),
+}
+
+impl ServingModel {
+    /// The model with its routed experts computed by `routed`, ready for the engine.
+    fn with_routed_experts(self, routed: Arc<RemoteExperts>) -> Arc<dyn ForwardPass> {
+        match self {
+            ServingModel::Cpu(mut model) => {
+                model.set_routed_experts(routed);
+                Arc::new(*model)
+            }
+            ServingModel::Gpu(mut model) => {
+                model.set_routed_experts(routed);
+                Arc::new(*model)
+            }
+        }
+    }
 }
 
 /// Joins the NCCL communicator of `plan` (under the cluster `lease`) and makes this worker's attention rank of it,

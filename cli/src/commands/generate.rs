@@ -2,14 +2,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use switchyard_attention_worker::request::{first_stop, RequestLimits, ValidGenerateRequest};
 use switchyard_kernels::device::{check_device, Device};
+use switchyard_model::kv::DEFAULT_BLOCK_SIZE;
 use switchyard_model::{
-    generate_until, ActivationPrecision, ExpertSelection, FinishReason, GenerationRequest, LoadOptions, SamplingParams,
-    TokenLogprobs,
+    generate_until, ActivationPrecision, DenseDtype, ExpertSelection, FinishReason, ForwardPass, GenerationRequest,
+    GpuModelOptions, KvCache, LoadOptions, SamplingParams, TokenLogprobs,
 };
 use tokenizers::Tokenizer;
 
@@ -62,15 +62,19 @@ pub struct Args {
     /// Quantise expert activations to FP8 per token (as the FP8 checkpoint's config describes) instead of keeping f32.
     #[arg(long)]
     fp8_activations: bool,
-    /// Where the routed experts compute: `cpu` or `cuda:N` (FP8 checkpoints; activations then go to FP8 per token).
+    /// Where the model computes: `cpu`, or `cuda:N` for the whole forward pass on that GPU (routed experts need an
+    /// FP8 checkpoint; their activations then go to FP8 per token).
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "cpu")]
     device: Device,
+    /// Element type of the dense weights on the GPU (`f32` or `bf16`; default bf16). Only with `--device cuda:N`.
+    #[arg(long)]
+    dense_dtype: Option<DenseDtype>,
     /// Write prompt ids, prompt and decode logits, generated tokens and text as JSON.
     #[arg(long)]
     output_json: Option<PathBuf>,
     /// Generate through a running cluster's client API (e.g. the endpoint `switchyard up` prints) instead of
     /// loading the model in this process.
-    #[arg(long, env = "SWITCHYARD_ENDPOINT", conflicts_with_all = ["model", "fp8_activations"])]
+    #[arg(long, env = "SWITCHYARD_ENDPOINT", conflicts_with_all = ["model", "fp8_activations", "dense_dtype"])]
     endpoint: Option<String>,
 }
 
@@ -80,25 +84,21 @@ pub fn run(args: Args) -> Result<()> {
         return run_remote(&endpoint, args);
     }
     check_device(&args.device).with_context(|| format!("device {}", args.device))?;
+    if args.dense_dtype.is_some() && args.device == Device::Cpu {
+        bail!("--dense-dtype chooses the GPU's dense weights: it needs --device cuda:N");
+    }
     let dir = model_dir::resolve(args.model.as_deref())?;
+    let on_gpu = args.device != Device::Cpu;
     let options = LoadOptions {
-        experts: ExpertSelection::All,
-        // The GPU experts quantise activations per token to FP8; the CPU layers around them agree.
-        activation_precision: if args.fp8_activations || args.device != Device::Cpu {
+        // On the GPU the routed experts are read straight from the checkpoint onto the device.
+        experts: if on_gpu { ExpertSelection::None } else { ExpertSelection::All },
+        activation_precision: if args.fp8_activations {
             ActivationPrecision::Fp8PerToken
         } else {
             ActivationPrecision::F32
         },
     };
-    let (config, mut model) = model_dir::load(&dir, &options)?;
-    if args.device != Device::Cpu {
-        model.set_routed_experts(Arc::new(model_dir::gpu_experts(&dir, &config, args.device)?));
-        eprintln!(
-            "routed experts on {}; attention, dense layers and the shared expert stay on the CPU (their GPU path is \
-             not built yet)",
-            args.device
-        );
-    }
+    let (config, model) = model_dir::load(&dir, &options)?;
     let tokenizer = load_tokenizer(&dir, args.prompt.is_some())?;
     let prompt_ids = match (&args.prompt, args.prompt_ids) {
         (_, Some(ids)) => ids,
@@ -145,12 +145,35 @@ pub fn run(args: Args) -> Result<()> {
         keep_logits: valid.return_logits,
         logprobs: valid.logprobs,
     };
+    let forward: Box<dyn ForwardPass> = if on_gpu {
+        // One sequence: the arena holds what it can need at most, computed as the serving engine admits sequences.
+        let tokens = prompt_ids.len() + valid.max_new_tokens;
+        let gpu_options = GpuModelOptions {
+            dense_dtype: args.dense_dtype.unwrap_or_default(),
+            kv_blocks: KvCache::blocks_for_sequence(&config.text, DEFAULT_BLOCK_SIZE, tokens, prompt_ids.len()),
+            block_size: DEFAULT_BLOCK_SIZE,
+        };
+        let gpu = model_dir::gpu_model(&dir, &config, &model, args.device, &gpu_options)?;
+        eprintln!(
+            "the whole model on {} ({}): {} dense weights, {} MB of them, {} KV blocks",
+            args.device,
+            gpu.device_name(),
+            gpu_options.dense_dtype,
+            gpu.weight_bytes() >> 20,
+            gpu_options.kv_blocks
+        );
+        // The host copy is no longer needed.
+        drop(model);
+        Box::new(gpu)
+    } else {
+        Box::new(model)
+    };
     let mut stdout = std::io::stdout().lock();
     // With stop strings the text is printed once it is cut, so a stop string is never half printed.
     let streaming = tokenizer.is_some() && args.output_json.is_none() && args.stop.is_empty();
     let mut streamed = Vec::new();
     let mut printed = String::new();
-    let generation = generate_until(&model, &request, &mut |token, _| {
+    let generation = generate_until(forward.as_ref(), &request, &mut |token, _| {
         if !streaming && args.stop.is_empty() {
             return true;
         }

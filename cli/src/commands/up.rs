@@ -102,6 +102,9 @@ pub struct Args {
     /// Where the expert workers compute: `cpu`, or `cuda:N` for every one of them (FP8 checkpoints).
     #[arg(long, default_value = "cpu")]
     expert_device: switchyard_model::Device,
+    /// Where the attention workers compute: `cpu`, or `cuda:N` for the whole attention side of every one of them.
+    #[arg(long, default_value = "cpu")]
+    attention_device: switchyard_model::Device,
     /// Seconds to wait for each process to become ready.
     #[arg(long, default_value_t = 120)]
     ready_timeout: u64,
@@ -333,6 +336,8 @@ pub fn run(args: Args) -> Result<()> {
     // Before any process starts: a GPU that cannot be used is one clear error, not one per expert worker.
     switchyard_kernels::device::check_device(&args.expert_device)
         .with_context(|| format!("--expert-device {}", args.expert_device))?;
+    switchyard_kernels::device::check_device(&args.attention_device)
+        .with_context(|| format!("--attention-device {}", args.attention_device))?;
     if args.coordinators > 1 && args.store.is_none() {
         bail!(
             "--coordinators {} needs --store etcd://...: without it the one coordinator holds the cluster state in \
@@ -454,6 +459,8 @@ async fn start_and_serve(args: &Args, dir: &std::path::Path, cluster: &mut Clust
             args.combine.clone(),
             "--micro-batches".into(),
             args.micro_batches.to_string(),
+            "--device".into(),
+            args.attention_device.to_string(),
         ]);
         if let Some(memory) = &args.kv_memory {
             child_args.extend(["--kv-memory".into(), memory.clone()]);

@@ -302,9 +302,10 @@ impl ClusterStore {
             .kvs
             .iter()
             .map(|kv| {
-                let epoch = std::str::from_utf8(&kv.value).ok().and_then(|t| t.trim().parse().ok()).ok_or_else(|| {
-                    CoordinatorError::CorruptRecord { key: kv.key.clone(), reason: "not a placement epoch".into() }
-                })?;
+                let epoch =
+                    std::str::from_utf8(&kv.value).ok().and_then(|t| t.trim().parse().ok()).ok_or_else(|| {
+                        CoordinatorError::CorruptRecord { key: kv.key.clone(), reason: "not a placement epoch".into() }
+                    })?;
                 Ok((kv.key[prefix.len()..].to_string(), epoch))
             })
             .collect()

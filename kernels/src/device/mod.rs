@@ -4,7 +4,8 @@
 //! only with the `cuda` feature; `no_cuda.rs` is its stand-in, which answers [`KernelError::NotCompiledWithCuda`].
 //! This file is the only place that chooses between them, so `#[cfg(feature = "cuda")]` appears nowhere else.
 //! `sources.rs` (the embedded `kernels/cuda/*.cu`, header discovery, the PTX cache key), `plan.rs` (the host side of
-//! the expert path) and `gpu_bench.rs` (the GPU benchmark's data) need no CUDA and are compiled in every build.
+//! the expert path), `types.rs` (the kernels' plain argument types, the bf16 codec) and `gpu_bench.rs` (the GPU
+//! benchmark's data) need no CUDA and are compiled in every build.
 
 use std::fmt;
 use std::str::FromStr;
@@ -23,14 +24,18 @@ use no_cuda as backend;
 pub mod gpu_bench;
 pub mod plan;
 pub mod sources;
+mod types;
 
-/// Arguments of the paged decode attention kernel (`cuda` feature only).
-#[cfg(feature = "cuda")]
-pub use backend::PagedDecode;
-/// The backend's API. With the `cuda` feature these are the real types (and [`CudaDevice`] has more methods: the
-/// typed kernel wrappers on device buffers, used by `tests/cuda_kernels.rs`); without it, uninhabited stand-ins
-/// whose constructors answer [`KernelError::NotCompiledWithCuda`], so callers compile either way without a `cfg`.
-pub use backend::{bench_expert_gemm, compile_cuda_source, CudaDevice, GpuExpertLayer};
+/// The backend's API. With the `cuda` feature these are the real types (and [`CudaDevice`] has more methods than the
+/// stand-in: the FP8 expert-path kernels, used by `tests/cuda_kernels.rs`; `CudaSlice`, `CudaView` and
+/// `CudaViewMut` are cudarc's); without it, uninhabited stand-ins whose constructors answer
+/// [`KernelError::NotCompiledWithCuda`] and which have the methods the model's GPU forward pass uses, so callers
+/// compile either way without a `cfg`.
+pub use backend::{
+    bench_expert_gemm, compile_cuda_source, CudaDevice, CudaSlice, CudaView, CudaViewMut, DenseWeight, GpuExpertLayer,
+};
+/// Plain argument types of the device kernels, and the bf16 codec of dense weights (every build).
+pub use types::{bf16_bits_to_f32, f32_to_bf16_bits, DenseDtype, KvWrite, PagedDecode};
 
 /// Where compute runs. Parsed from `"cpu"` or `"cuda:N"` (`"cuda"` alone means `cuda:0`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

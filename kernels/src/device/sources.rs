@@ -38,8 +38,24 @@ pub const ATTENTION_CU: CudaSource = CudaSource {
     kernels: &["rms_norm", "rope_interleaved", "paged_decode_attention"],
 };
 
+/// The dense side of a decoder layer besides its GEMMs (cuBLASLt's): bf16 conversion of GEMM inputs, embedding
+/// look-up, SwiGLU, residual add, row scaling, writes into the paged KV cache.
+pub const DENSE_CU: CudaSource = CudaSource {
+    file: "dense.cu",
+    text: include_str!("../../cuda/dense.cu"),
+    kernels: &[
+        "f32_to_bf16",
+        "embed_rows_f32",
+        "embed_rows_bf16",
+        "silu_mul",
+        "add_in_place",
+        "scale_rows",
+        "kv_write",
+    ],
+};
+
 /// Every CUDA source the backend compiles.
-pub const CUDA_SOURCES: &[CudaSource] = &[EXPERTS_CU, ATTENTION_CU];
+pub const CUDA_SOURCES: &[CudaSource] = &[EXPERTS_CU, ATTENTION_CU, DENSE_CU];
 
 /// The header that tells a directory is the CUDA include directory the kernels need.
 const MARKER_HEADER: &str = "cuda_fp8.h";

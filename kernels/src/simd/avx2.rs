@@ -51,14 +51,8 @@ unsafe fn decode32(p: *const u8) -> [__m256; 4] {
     // codes 0..8 and 16..24 and `hi` codes 8..16 and 24..32; the halves are picked back into order below.
     let zero = _mm256_setzero_si256();
     let mask = _mm256_set1_epi16(0xBF80u16 as i16);
-    let lo = _mm256_and_si256(
-        _mm256_srai_epi16::<1>(_mm256_unpacklo_epi8(zero, bytes)),
-        mask,
-    );
-    let hi = _mm256_and_si256(
-        _mm256_srai_epi16::<1>(_mm256_unpackhi_epi8(zero, bytes)),
-        mask,
-    );
+    let lo = _mm256_and_si256(_mm256_srai_epi16::<1>(_mm256_unpacklo_epi8(zero, bytes)), mask);
+    let hi = _mm256_and_si256(_mm256_srai_epi16::<1>(_mm256_unpackhi_epi8(zero, bytes)), mask);
     [
         _mm256_cvtph_ps(_mm256_castsi256_si128(lo)),
         _mm256_cvtph_ps(_mm256_castsi256_si128(hi)),
@@ -78,29 +72,16 @@ pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         while i + 32 <= n {
             for (j, slot) in acc.iter_mut().enumerate() {
                 let off = i + 8 * j;
-                *slot = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(pa.add(off)),
-                    _mm256_loadu_ps(pb.add(off)),
-                    *slot,
-                );
+                *slot = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(off)), _mm256_loadu_ps(pb.add(off)), *slot);
             }
             i += 32;
         }
         while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i)),
-                _mm256_loadu_ps(pb.add(i)),
-                acc[0],
-            );
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
             i += 8;
         }
     }
-    let mut total = unsafe {
-        hsum(_mm256_add_ps(
-            _mm256_add_ps(acc[0], acc[1]),
-            _mm256_add_ps(acc[2], acc[3]),
-        ))
-    };
+    let mut total = unsafe { hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) };
     while i < n {
         total += a[i] * b[i];
         i += 1;
@@ -129,12 +110,7 @@ pub(super) unsafe fn sum(a: &[f32]) -> f32 {
             i += 32;
         }
     }
-    let mut total = unsafe {
-        hsum(_mm256_add_ps(
-            _mm256_add_ps(acc[0], acc[1]),
-            _mm256_add_ps(acc[2], acc[3]),
-        ))
-    };
+    let mut total = unsafe { hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) };
     while i < n {
         total += a[i];
         i += 1;
@@ -192,10 +168,7 @@ pub(super) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     unsafe {
         while i + 8 <= n {
             let p = y.as_mut_ptr().add(i);
-            _mm256_storeu_ps(
-                p,
-                _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p)),
-            );
+            _mm256_storeu_ps(p, _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p)));
             i += 8;
         }
     }
@@ -212,15 +185,8 @@ pub(super) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn exp8(x: __m256) -> __m256 {
     // `min`/`max` return their second operand when one is NaN: keep `x` second so NaN flows through.
-    let x = _mm256_max_ps(
-        _mm256_set1_ps(-88.0),
-        _mm256_min_ps(_mm256_set1_ps(88.0), x),
-    );
-    let fx = _mm256_floor_ps(_mm256_fmadd_ps(
-        x,
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-        _mm256_set1_ps(0.5),
-    ));
+    let x = _mm256_max_ps(_mm256_set1_ps(-88.0), _mm256_min_ps(_mm256_set1_ps(88.0), x));
+    let fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5)));
     let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
     let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
     let mut y = _mm256_set1_ps(1.987_569_1e-4);
@@ -232,10 +198,7 @@ unsafe fn exp8(x: __m256) -> __m256 {
     let r2 = _mm256_mul_ps(r, r);
     y = _mm256_fmadd_ps(y, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
     // 2^fx through the exponent field; fx is in [-127, 127] after the clamp, and -127 gives exactly 0.
-    let exponent = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(fx),
-        _mm256_set1_epi32(127),
-    ));
+    let exponent = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)));
     _mm256_mul_ps(y, _mm256_castsi256_ps(exponent))
 }
 
@@ -276,10 +239,7 @@ pub(super) unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
             let g = _mm256_loadu_ps(gate.as_ptr().add(i));
             let e = exp8(_mm256_xor_ps(g, negate));
             let s = _mm256_div_ps(g, _mm256_add_ps(one, e));
-            _mm256_storeu_ps(
-                out.as_mut_ptr().add(i),
-                _mm256_mul_ps(s, _mm256_loadu_ps(up.as_ptr().add(i))),
-            );
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(s, _mm256_loadu_ps(up.as_ptr().add(i))));
             i += 8;
         }
     }
@@ -333,18 +293,14 @@ pub(super) unsafe fn fp8_dot_tokens<const T: usize>(codes: &[u8], xs: [&[f32]; T
                 for t in 0..T {
                     let xp = xs[t].as_ptr().add(i);
                     for j in 0..4 {
-                        acc[t][j] =
-                            _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xp.add(8 * j)), acc[t][j]);
+                        acc[t][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xp.add(8 * j)), acc[t][j]);
                     }
                 }
                 i += 32;
             }
             for t in 0..T {
                 let a = &acc[t];
-                totals[t] = hsum(_mm256_add_ps(
-                    _mm256_add_ps(a[0], a[1]),
-                    _mm256_add_ps(a[2], a[3]),
-                ));
+                totals[t] = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
             }
         } else {
             // Two accumulators per token: with the four weight vectors that keeps four tokens in 16 registers.
@@ -354,8 +310,7 @@ pub(super) unsafe fn fp8_dot_tokens<const T: usize>(codes: &[u8], xs: [&[f32]; T
                 for t in 0..T {
                     let xp = xs[t].as_ptr().add(i);
                     for j in 0..4 {
-                        acc[t][j % 2] =
-                            _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xp.add(8 * j)), acc[t][j % 2]);
+                        acc[t][j % 2] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xp.add(8 * j)), acc[t][j % 2]);
                     }
                 }
                 i += 32;
@@ -368,11 +323,7 @@ pub(super) unsafe fn fp8_dot_tokens<const T: usize>(codes: &[u8], xs: [&[f32]; T
             let (w0, w1) = decode16(cp.add(i));
             for t in 0..T {
                 let xp = xs[t].as_ptr().add(i);
-                let v = _mm256_fmadd_ps(
-                    w1,
-                    _mm256_loadu_ps(xp.add(8)),
-                    _mm256_mul_ps(w0, _mm256_loadu_ps(xp)),
-                );
+                let v = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), _mm256_mul_ps(w0, _mm256_loadu_ps(xp)));
                 totals[t] += hsum(v);
             }
             i += 16;
@@ -439,14 +390,8 @@ unsafe fn e4m3_codes8(x: __m256, inverse: __m256) -> __m256i {
     let magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFF_FFFF));
     let sign = _mm256_and_si256(_mm256_srli_epi32::<24>(bits), _mm256_set1_epi32(0x80));
     let odd = _mm256_and_si256(_mm256_srli_epi32::<20>(magnitude), _mm256_set1_epi32(1));
-    let rounded = _mm256_add_epi32(
-        magnitude,
-        _mm256_add_epi32(_mm256_set1_epi32(0x7_FFFF), odd),
-    );
-    let normal = _mm256_sub_epi32(
-        _mm256_srli_epi32::<20>(rounded),
-        _mm256_set1_epi32(120 << 3),
-    );
+    let rounded = _mm256_add_epi32(magnitude, _mm256_add_epi32(_mm256_set1_epi32(0x7_FFFF), odd));
+    let normal = _mm256_sub_epi32(_mm256_srli_epi32::<20>(rounded), _mm256_set1_epi32(120 << 3));
     let shifted = _mm256_add_ps(_mm256_castsi256_ps(magnitude), _mm256_set1_ps(16384.0));
     let subnormal = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x4680_0000));
     // `magnitude` is below 2^31, so signed compares order it correctly. 0x3C80_0000 is 2^-6.
@@ -475,16 +420,12 @@ pub(super) unsafe fn fp8_encode_scaled(x: &[f32], inverse: f32, out: &mut [u8]) 
             let d = e4m3_codes8(_mm256_loadu_ps(p.add(i + 24)), vi);
             // Codes are 0..=255: neither saturating pack changes them.
             let bytes = _mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
-            _mm256_storeu_si256(
-                o.add(i) as *mut __m256i,
-                _mm256_permutevar8x32_epi32(bytes, order),
-            );
+            _mm256_storeu_si256(o.add(i) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order));
             i += 32;
         }
         while i + 8 <= n {
             let a = e4m3_codes8(_mm256_loadu_ps(p.add(i)), vi);
-            let words =
-                _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
+            let words = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
             let bytes = _mm_packus_epi16(words, words);
             _mm_storel_epi64(o.add(i) as *mut __m128i, bytes);
             i += 8;
@@ -523,8 +464,7 @@ pub(super) unsafe fn fp8_decode_scaled(codes: &[u8], scale: f32, out: &mut [f32]
                     }
                 } else {
                     for j in i..i + 32 {
-                        *out.get_unchecked_mut(j) =
-                            E4M3_TO_F32[*codes.get_unchecked(j) as usize] * scale;
+                        *out.get_unchecked_mut(j) = E4M3_TO_F32[*codes.get_unchecked(j) as usize] * scale;
                     }
                 }
                 i += 32;

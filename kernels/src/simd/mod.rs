@@ -225,21 +225,11 @@ mod tests {
         let codes: Vec<u8> = (0..=255u8).filter(|c| c & 0x7F != 0x7F).collect();
         for isa in Isa::available() {
             for shift in 0..codes.len() {
-                let rotated: Vec<u8> = codes
-                    .iter()
-                    .cycle()
-                    .skip(shift)
-                    .take(codes.len() + 17)
-                    .copied()
-                    .collect();
+                let rotated: Vec<u8> = codes.iter().cycle().skip(shift).take(codes.len() + 17).copied().collect();
                 let mut out = vec![f32::NAN; rotated.len()];
                 fp8_dequant_row(isa, &rotated, 1.0, &mut out);
                 for (c, v) in rotated.iter().zip(&out) {
-                    assert_eq!(
-                        v.to_bits(),
-                        E4M3_TO_F32[*c as usize].to_bits(),
-                        "{isa:?} code {c:#04x}"
-                    );
+                    assert_eq!(v.to_bits(), E4M3_TO_F32[*c as usize].to_bits(), "{isa:?} code {c:#04x}");
                 }
             }
         }
@@ -255,27 +245,13 @@ mod tests {
                 let want: Vec<f32> = xs
                     .iter()
                     .map(|x| {
-                        x.iter()
-                            .zip(&codes)
-                            .map(|(a, &c)| *a as f64 * E4M3_TO_F32[c as usize] as f64)
-                            .sum::<f64>() as f32
+                        x.iter().zip(&codes).map(|(a, &c)| *a as f64 * E4M3_TO_F32[c as usize] as f64).sum::<f64>()
+                            as f32
                     })
                     .collect();
                 let atol = 1e-5 * (len as f32 + 1.0) * 448.0;
-                assert_close(
-                    &fp8_dot_tokens(isa, &codes, [&xs[0][..]]),
-                    &want[..1],
-                    atol,
-                    1e-5,
-                    "T=1",
-                );
-                assert_close(
-                    &fp8_dot_tokens(isa, &codes, [&xs[0][..], &xs[1][..]]),
-                    &want[..2],
-                    atol,
-                    1e-5,
-                    "T=2",
-                );
+                assert_close(&fp8_dot_tokens(isa, &codes, [&xs[0][..]]), &want[..1], atol, 1e-5, "T=1");
+                assert_close(&fp8_dot_tokens(isa, &codes, [&xs[0][..], &xs[1][..]]), &want[..2], atol, 1e-5, "T=2");
                 assert_close(
                     &fp8_dot_tokens(isa, &codes, [&xs[0][..], &xs[1][..], &xs[2][..]]),
                     &want[..3],
@@ -283,11 +259,7 @@ mod tests {
                     1e-5,
                     "T=3",
                 );
-                let four = fp8_dot_tokens(
-                    isa,
-                    &codes,
-                    [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]],
-                );
+                let four = fp8_dot_tokens(isa, &codes, [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]]);
                 assert_close(&four, &want, atol, 1e-5, "T=4");
             }
         }
@@ -303,13 +275,7 @@ mod tests {
                 let tol = 1e-5 * (len as f32 + 1.0);
                 let dot_ref: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
                 assert_close(&[dot(isa, &a, &b)], &[dot_ref], tol, 1e-5, "dot");
-                assert_close(
-                    &[sum_squares(isa, &a)],
-                    &[a.iter().map(|x| x * x).sum()],
-                    tol,
-                    1e-5,
-                    "sum_squares",
-                );
+                assert_close(&[sum_squares(isa, &a)], &[a.iter().map(|x| x * x).sum()], tol, 1e-5, "sum_squares");
                 assert_close(&[sum(isa, &a)], &[a.iter().sum()], tol, 1e-5, "sum");
                 let mut y = b.clone();
                 axpy(isa, 0.5, &a, &mut y);
@@ -329,19 +295,13 @@ mod tests {
             for (&x, &e) in values.iter().zip(&shifted) {
                 let want = x.exp();
                 // Below e^-87 the result is allowed to flush to zero.
-                assert!(
-                    (e - want).abs() <= 4e-7 * want + 1e-37,
-                    "{isa:?} exp({x}) = {e}, want {want}"
-                );
+                assert!((e - want).abs() <= 4e-7 * want + 1e-37, "{isa:?} exp({x}) = {e}, want {want}");
             }
             // The returned sum, on a softmax-shaped row.
             let mut row: Vec<f32> = (0..1001).map(|i| i as f32 * 0.01).collect();
             let want_total: f64 = row.iter().map(|&x| (x as f64 - 10.0).exp()).sum();
             let total = exp_shifted_sum(isa, &mut row, 10.0);
-            assert!(
-                ((total as f64) - want_total).abs() <= 1e-5 * want_total,
-                "{total} vs {want_total}"
-            );
+            assert!(((total as f64) - want_total).abs() <= 1e-5 * want_total, "{total} vs {want_total}");
             let mut nan = [f32::NAN; 9];
             exp_shifted_sum(isa, &mut nan, 0.0);
             assert!(nan.iter().all(|v| v.is_nan()), "{isa:?} NaN must propagate");
@@ -371,18 +331,7 @@ mod tests {
                 values.extend([f32::from_bits(b), -f32::from_bits(b)]);
             }
         }
-        for x in [
-            448.0f32,
-            464.0,
-            480.0,
-            1e30,
-            f32::MAX,
-            f32::INFINITY,
-            f32::NAN,
-            0.0,
-            f32::MIN_POSITIVE,
-            1e-45,
-        ] {
+        for x in [448.0f32, 464.0, 480.0, 1e30, f32::MAX, f32::INFINITY, f32::NAN, 0.0, f32::MIN_POSITIVE, 1e-45] {
             let bits = x.to_bits();
             for b in [bits.saturating_sub(1), bits, bits.saturating_add(1)] {
                 values.extend([f32::from_bits(b), -f32::from_bits(b)]);
@@ -404,12 +353,7 @@ mod tests {
                 fp8_encode_scaled(isa, &values, inverse, &mut codes);
                 for (&x, &code) in values.iter().zip(&codes) {
                     let want = crate::fp8::f32_to_e4m3(x * inverse);
-                    assert_eq!(
-                        code,
-                        want,
-                        "{isa:?}: {x:e} ({:#010x}) * {inverse}",
-                        x.to_bits()
-                    );
+                    assert_eq!(code, want, "{isa:?}: {x:e} ({:#010x}) * {inverse}", x.to_bits());
                 }
             }
             // Every length up to two 32-wide steps, so each tail path sees every edge value.
@@ -429,30 +373,11 @@ mod tests {
     fn fp8_decode_scaled_matches_the_table_bit_for_bit() {
         // All 256 codes (NaN codes included) at every position of a 32-wide step and the tail.
         let codes: Vec<u8> = (0..=255u8).collect();
-        let scales = [
-            1.0f32,
-            0.0,
-            -0.0,
-            2.5e-3,
-            1e-40,
-            1.3e36,
-            1.4e36,
-            3e37,
-            f32::MAX,
-            f32::INFINITY,
-            f32::NAN,
-            -0.75,
-        ];
+        let scales = [1.0f32, 0.0, -0.0, 2.5e-3, 1e-40, 1.3e36, 1.4e36, 3e37, f32::MAX, f32::INFINITY, f32::NAN, -0.75];
         for isa in Isa::available() {
             for &scale in &scales {
                 for shift in (0..codes.len()).step_by(5) {
-                    let rotated: Vec<u8> = codes
-                        .iter()
-                        .cycle()
-                        .skip(shift)
-                        .take(codes.len() + 19)
-                        .copied()
-                        .collect();
+                    let rotated: Vec<u8> = codes.iter().cycle().skip(shift).take(codes.len() + 19).copied().collect();
                     let mut out = vec![0.0f32; rotated.len()];
                     fp8_decode_scaled(isa, &rotated, scale, &mut out);
                     for (c, v) in rotated.iter().zip(&out) {
@@ -473,11 +398,7 @@ mod tests {
                 fp8_decode_scaled(isa, &finite, scale, &mut out);
                 for (c, v) in finite.iter().zip(&out) {
                     let want = E4M3_TO_F32[*c as usize] * scale;
-                    assert_eq!(
-                        v.to_bits(),
-                        want.to_bits(),
-                        "{isa:?} code {c:#04x} scale {scale:e}"
-                    );
+                    assert_eq!(v.to_bits(), want.to_bits(), "{isa:?} code {c:#04x} scale {scale:e}");
                 }
             }
         }
@@ -490,14 +411,7 @@ mod tests {
             for len in [0usize, 1, 7, 8, 9, 31, 32, 33, 64, 100, 5120] {
                 let base = uniform(&mut r, len, 3.0);
                 let mut cases = vec![base.clone(), vec![-0.0; len], vec![0.0; len]];
-                for special in [
-                    f32::NAN,
-                    -f32::NAN,
-                    f32::INFINITY,
-                    -f32::INFINITY,
-                    -1e30,
-                    1e-42,
-                ] {
+                for special in [f32::NAN, -f32::NAN, f32::INFINITY, -f32::INFINITY, -1e30, 1e-42] {
                     for position in [0, len / 2, len.saturating_sub(1)] {
                         let mut x = base.clone();
                         if let Some(v) = x.get_mut(position) {

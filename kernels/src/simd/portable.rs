@@ -137,14 +137,8 @@ pub(super) fn e4m3_code(y: f32) -> u8 {
     let sign = (bits >> 24) & 0x80;
     let rounded = magnitude + 0x7_FFFF + ((magnitude >> 20) & 1);
     let normal = (rounded >> 20).wrapping_sub(120 << 3);
-    let subnormal = (f32::from_bits(magnitude) + 16384.0)
-        .to_bits()
-        .wrapping_sub(0x4680_0000);
-    let code = if magnitude >= 0x3C80_0000 {
-        normal
-    } else {
-        subnormal
-    };
+    let subnormal = (f32::from_bits(magnitude) + 16384.0).to_bits().wrapping_sub(0x4680_0000);
+    let code = if magnitude >= 0x3C80_0000 { normal } else { subnormal };
     let code = code.min(0x7E) | sign;
     if magnitude > 0x7F80_0000 {
         0x7F

@@ -15,6 +15,13 @@
 //! receiver rebuilds the same [`TransportError`]) and an attention rank leaving. The steps end when every attention
 //! rank leaves in the same dispatch exchange ([`CollectiveTransport::leave`]).
 //!
+//! The attention ranks also tell each other, in the dispatch exchange, how many steps a tick of their lockstep engine
+//! makes (once, [`CollectiveTransport::set_steps_per_tick`]) and, once drained, that they are ready to leave (every
+//! step, [`CollectiveTransport::set_draining`]). Each sends its frame to every attention rank, itself included, so all
+//! of them read the same frames in the same exchange: they learn in the same step that every one drained
+//! ([`CollectiveTransport::drained_at`], from which they agree on the last tick), and they refuse ranks whose ticks
+//! differ in the same step, naming both.
+//!
 //! A per-request error (stale epoch, expert not held) fails that request alone; a failed exchange fails every request
 //! of the step on every rank, as [`TransportError::Unavailable`] naming the worker of the rank to blame.
 
@@ -39,6 +46,17 @@ const FRAME_MESSAGE: u8 = 0;
 const FRAME_ERROR: u8 = 0x80;
 /// Frame flag of an attention rank leaving the steps (empty body).
 const FRAME_LEAVE: u8 = 0x81;
+/// Frame flag, from an attention rank to every attention rank in a dispatch exchange, of how many MoE layer steps
+/// one tick of its engine makes (body: little-endian `u64`): sent once, so that ranks whose ticks differ are named
+/// at their first step.
+const FRAME_STEPS_PER_TICK: u8 = 0x82;
+/// Frame flag, from an attention rank to every attention rank in every dispatch exchange once it drained: it is
+/// ready to leave (body: its steps per tick, little-endian `u64`).
+const FRAME_DRAINING: u8 = 0x83;
+
+/// Why attention ranks with different steps per tick are refused.
+const TICKS_DIFFER: &str = "their ticks name different exchanges, so they could never leave the communicator together \
+                            (is --micro-batches the same on every attention rank, and the model?)";
 
 /// Default time a step may take from entering the dispatch exchange to the end of the combine exchange (the expert
 /// ranks' computation included), as the gRPC transport's request deadline.
@@ -133,14 +151,19 @@ impl RankLayout {
         }
     }
 
+    /// `rank` as errors name it: `aw-1 (rank 1)`.
+    fn name(&self, rank: usize) -> String {
+        match self.id(rank) {
+            Some(id) => format!("{id} (rank {rank})"),
+            None => format!("rank {rank}"),
+        }
+    }
+
     /// The error every request of a step fails with when the exchange failed: `Unavailable`, naming the worker of
     /// the rank to blame.
     fn lost(&self, error: &CollectiveError) -> TransportError {
         let peer = match error.rank() {
-            Some(rank) => match self.id(rank) {
-                Some(id) => format!("{id} (rank {rank})"),
-                None => format!("rank {rank}"),
-            },
+            Some(rank) => self.name(rank),
             None => "communicator".to_string(),
         };
         TransportError::Unavailable { peer, reason: error.to_string() }
@@ -156,6 +179,11 @@ enum Frame {
     Message(Bytes),
     Error(TransportError),
     Leave,
+    /// An attention rank's steps per tick ([`FRAME_STEPS_PER_TICK`], or [`FRAME_DRAINING`] with `draining`).
+    Ticks {
+        steps_per_tick: u64,
+        draining: bool,
+    },
 }
 
 fn frame(flag: u8, body: &[u8]) -> Bytes {
@@ -236,6 +264,12 @@ fn frames(peer: &str, payload: &Bytes) -> Result<Vec<Frame>, TransportError> {
             FRAME_MESSAGE => Frame::Message(body),
             FRAME_ERROR => Frame::Error(error_from_frame(peer, &body)),
             FRAME_LEAVE => Frame::Leave,
+            FRAME_STEPS_PER_TICK | FRAME_DRAINING => match <[u8; 8]>::try_from(&body[..]) {
+                Ok(steps) => {
+                    Frame::Ticks { steps_per_tick: u64::from_le_bytes(steps), draining: prefix[0] == FRAME_DRAINING }
+                }
+                Err(_) => return Err(malformed(format!("a steps-per-tick frame of {length} bytes at byte {at}"))),
+            },
             flag => return Err(malformed(format!("unknown frame flag {flag:#x} at byte {at}"))),
         });
         at = end;
@@ -265,6 +299,30 @@ struct AttentionRank {
     /// Held for a whole step (both exchanges): two steps of this rank must not interleave their exchanges, or a
     /// dispatch would meet the expert ranks' combine.
     stepping: Mutex<()>,
+    /// The ranks' ticks and drain, as the dispatch exchanges told them (held briefly, never across an exchange).
+    ticks: Mutex<Ticks>,
+}
+
+/// What an attention rank knows of the attention ranks' ticks and drain, from the steps-per-tick and draining frames
+/// of the dispatch exchanges (see [`CollectiveTransport::set_draining`]). Every attention rank sends its frame to
+/// every attention rank, itself included, so all of them read the same frames in the same exchange and hold the same
+/// `said`, `drained_at` and verdict on mismatched ticks after the same step.
+#[derive(Debug, Default)]
+struct Ticks {
+    /// Steps begun: the next step's index (one index per dispatch exchange of a step, counted from 0).
+    steps: u64,
+    /// This rank's steps per tick, to say once, at its next step.
+    announce: Option<u64>,
+    /// This rank's steps per tick once it drained: every later step carries a draining frame.
+    draining: Option<u64>,
+    /// The index of this rank's first step with a draining frame.
+    draining_since: Option<u64>,
+    /// The steps per tick each attention rank said so far, by rank.
+    said: Vec<Option<u64>>,
+    /// The index of the first step in which every attention rank was draining.
+    drained_at: Option<u64>,
+    /// Why this rank's steps cannot go on: the first exchange that failed, or attention ranks whose ticks differ.
+    failure: Option<TransportError>,
 }
 
 /// The [`Transport`] of an attention rank: each [`Transport::dispatch_step`] is one dispatch exchange and one combine
@@ -290,6 +348,7 @@ impl CollectiveTransport {
             step_timeout: DEFAULT_STEP_TIMEOUT,
             next_request: AtomicU64::new(1),
             stepping: Mutex::new(()),
+            ticks: Mutex::new(Ticks::default()),
         };
         Ok(CollectiveTransport { rank: Arc::new(rank) })
     }
@@ -308,6 +367,46 @@ impl CollectiveTransport {
         self.rank.wire
     }
 
+    /// Says this rank's steps per tick (MoE layer steps one tick of its lockstep engine makes: micro-batches x MoE
+    /// layers) to every attention rank in its next step: attention ranks whose ticks differ could never leave
+    /// together, and are refused there, all of them in the same step (the communicator is aborted, naming both
+    /// ranks).
+    pub fn set_steps_per_tick(&self, steps_per_tick: u64) {
+        self.rank.ticks().announce = Some(steps_per_tick);
+    }
+
+    /// Marks this rank as drained (ready to leave, ticking only so that the others are not left waiting) with
+    /// `steps_per_tick`: from its next step on, every dispatch exchange tells every attention rank so. The first step
+    /// in which every attention rank is marked is [`CollectiveTransport::drained_at`] on every attention rank alike.
+    /// Returns the index of this rank's first marked step (the one it calls already marked, if called again).
+    pub fn set_draining(&self, steps_per_tick: u64) -> u64 {
+        let mut ticks = self.rank.ticks();
+        if ticks.draining.is_none() {
+            ticks.draining = Some(steps_per_tick);
+            ticks.draining_since = Some(ticks.steps);
+        }
+        ticks.draining_since.unwrap_or(ticks.steps)
+    }
+
+    /// Steps this rank has begun ([`Transport::dispatch_step`] calls that made their dispatch exchange, or are
+    /// making it): the index its next step will have.
+    pub fn steps(&self) -> u64 {
+        self.rank.ticks().steps
+    }
+
+    /// The index of the first step in which every attention rank was draining ([`CollectiveTransport::set_draining`]),
+    /// once there was one: the same step on every attention rank, which each learns at the end of that step's
+    /// dispatch exchange.
+    pub fn drained_at(&self) -> Option<u64> {
+        self.rank.ticks().drained_at
+    }
+
+    /// Why this rank's steps cannot go on, once they cannot: the first exchange that failed (every later one fails
+    /// the same way), or attention ranks whose ticks differ.
+    pub fn failure(&self) -> Option<TransportError> {
+        self.rank.ticks().failure.clone()
+    }
+
     /// Leaves the steps: one last dispatch exchange telling every expert rank so. Every attention rank must leave in
     /// the same exchange; the expert ranks then return from [`serve_expert_rank`].
     pub fn leave(&self) -> BoxFuture<'static, Result<(), TransportError>> {
@@ -322,7 +421,7 @@ impl CollectiveTransport {
                     .collect();
                 let _stepping = rank.lock_steps();
                 let result = rank.collective.exchange(sends, Some(rank.step_timeout));
-                result.map(|_| ()).map_err(|error| rank.layout.lost(&error))
+                result.map(|_| ()).map_err(|error| rank.fail(rank.layout.lost(&error)))
             });
             work.await.map_err(|e| TransportError::Compute { reason: format!("leaving the steps panicked: {e}") })?
         })
@@ -333,6 +432,113 @@ impl AttentionRank {
     fn lock_steps(&self) -> MutexGuard<'_, ()> {
         // The guarded value is `()`: a panic in another step leaves nothing inconsistent behind.
         self.stepping.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn ticks(&self) -> MutexGuard<'_, Ticks> {
+        // Every update of `Ticks` is a few assignments that cannot panic halfway.
+        self.ticks.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records `error` as the reason the steps cannot go on (the first one stays) and returns it.
+    fn fail(&self, error: TransportError) -> TransportError {
+        self.ticks().failure.get_or_insert_with(|| error.clone());
+        error
+    }
+
+    /// Begins a step: its index, and the frame it sends every attention rank (its steps per tick, said once, or its
+    /// drain, said every step once drained), if any.
+    fn begin_step(&self) -> (u64, Option<Bytes>) {
+        let mut ticks = self.ticks();
+        let index = ticks.steps;
+        ticks.steps += 1;
+        let said = ticks.announce.take();
+        let frame = match (ticks.draining, said) {
+            (Some(steps_per_tick), _) => Some(frame(FRAME_DRAINING, &steps_per_tick.to_le_bytes())),
+            (None, Some(steps_per_tick)) => Some(frame(FRAME_STEPS_PER_TICK, &steps_per_tick.to_le_bytes())),
+            (None, None) => None,
+        };
+        (index, frame)
+    }
+
+    /// Reads what the attention ranks said in the dispatch exchange of step `index` (`received`, by rank): records
+    /// their steps per tick and, when every one is draining for the first time, `index` as the step they all drained
+    /// at. Ranks whose ticks differ (or a steps-per-tick frame that cannot be read) abort the communicator: the error
+    /// names the two ranks, and every attention rank reaches the same verdict in the same step.
+    fn hear_ticks(&self, index: u64, received: &[Bytes]) -> Result<(), TransportError> {
+        let attention = self.layout.ranks(RankRole::Attention);
+        let mut heard: Vec<(usize, u64, bool)> = Vec::new();
+        let mut refused = None;
+        for (peer, bytes) in received.iter().enumerate().filter(|(_, bytes)| !bytes.is_empty()) {
+            if !attention.contains(&peer) {
+                // Only attention ranks send in the dispatch exchange: requests to expert ranks, ticks to each other.
+                tracing::warn!(rank = self.collective.rank(), peer, bytes = bytes.len(), "unexpected dispatch bytes");
+                continue;
+            }
+            match frames(&self.layout.name(peer), bytes) {
+                Ok(frames) => {
+                    for frame in frames {
+                        match frame {
+                            Frame::Ticks { steps_per_tick, draining } => heard.push((peer, steps_per_tick, draining)),
+                            _ => tracing::warn!(
+                                rank = self.collective.rank(),
+                                peer,
+                                "unexpected frame from an attention rank in the dispatch exchange"
+                            ),
+                        }
+                    }
+                }
+                Err(error) => {
+                    refused.get_or_insert(TransportError::Unavailable {
+                        peer: self.layout.name(peer),
+                        reason: format!("its steps-per-tick frame cannot be read, so the ranks cannot agree: {error}"),
+                    });
+                }
+            }
+        }
+        let mut ticks = self.ticks();
+        if ticks.said.len() < self.layout.world_size() {
+            ticks.said.resize(self.layout.world_size(), None);
+        }
+        for &(peer, steps_per_tick, _) in &heard {
+            match ticks.said[peer] {
+                Some(before) if before != steps_per_tick => {
+                    refused.get_or_insert(TransportError::Unavailable {
+                        peer: self.layout.name(peer),
+                        reason: format!(
+                            "attention rank {} said {before} MoE layer steps per tick, then {steps_per_tick}: {}",
+                            self.layout.name(peer),
+                            TICKS_DIFFER
+                        ),
+                    });
+                }
+                _ => ticks.said[peer] = Some(steps_per_tick),
+            }
+        }
+        let mut said = ticks.said.iter().enumerate().filter_map(|(rank, steps)| steps.map(|s| (rank, s)));
+        if let Some((first, steps)) = said.next() {
+            if let Some((other, theirs)) = said.find(|&(_, theirs)| theirs != steps) {
+                refused.get_or_insert(TransportError::Unavailable {
+                    peer: self.layout.name(other),
+                    reason: format!(
+                        "attention rank {} makes {steps} MoE layer steps per tick and attention rank {} makes                          {theirs}: {TICKS_DIFFER}",
+                        self.layout.name(first),
+                        self.layout.name(other)
+                    ),
+                });
+            }
+        }
+        let every_rank_draining =
+            attention.iter().all(|rank| heard.iter().any(|&(peer, _, draining)| draining && peer == *rank));
+        if every_rank_draining && ticks.drained_at.is_none() && refused.is_none() {
+            tracing::info!(rank = self.collective.rank(), step = index, "every attention rank is draining");
+            ticks.drained_at = Some(index);
+        }
+        let Some(error) = refused else { return Ok(()) };
+        ticks.failure.get_or_insert_with(|| error.clone());
+        drop(ticks);
+        tracing::warn!(rank = self.collective.rank(), step = index, %error, "aborting the communicator");
+        self.collective.abort(&error.to_string());
+        Err(error)
     }
 
     /// Encodes `batch` for `worker`: the expert rank and the request frame, or why it cannot be sent.
@@ -395,27 +601,37 @@ impl AttentionRank {
                 frames.clear();
             }
         }
-        let sends = outgoing.into_iter().map(payload).collect();
         let _stepping = self.lock_steps();
-        let exchanged = self.collective.exchange(sends, Some(self.step_timeout)).and_then(|received| {
-            for (peer, bytes) in received.iter().enumerate().filter(|(_, bytes)| !bytes.is_empty()) {
-                // Only attention ranks send in the dispatch exchange, and only to expert ranks.
-                tracing::warn!(rank = self.collective.rank(), peer, bytes = bytes.len(), "unexpected dispatch bytes");
+        let (index, ticks) = self.begin_step();
+        if let Some(ticks) = ticks {
+            for rank in self.layout.ranks(RankRole::Attention) {
+                outgoing[rank].push(ticks.clone());
             }
-            self.collective.exchange(vec![Bytes::new(); world], Some(self.step_timeout))
-        });
-        match exchanged {
-            Ok(answers) => {
+        }
+        let sends = outgoing.into_iter().map(payload).collect();
+        let dispatched = self.collective.exchange(sends, Some(self.step_timeout));
+        // Ranks whose ticks differ abort the communicator, so the combine exchange below fails at once (telling the
+        // expert ranks, where the implementation can): the step's requests fail with the reason.
+        let refused = dispatched.as_ref().ok().and_then(|received| self.hear_ticks(index, received).err());
+        let exchanged =
+            dispatched.and_then(|_| self.collective.exchange(vec![Bytes::new(); world], Some(self.step_timeout)));
+        match (refused, exchanged) {
+            (None, Ok(answers)) => {
                 for (rank, (waiting, answer)) in pending.iter().zip(&answers).enumerate() {
                     if !waiting.is_empty() {
                         self.take_answers(rank, waiting, answer, &mut results);
                     }
                 }
             }
-            Err(error) => {
-                let lost = self.layout.lost(&error);
+            (refused, Err(error)) => {
+                let lost = refused.unwrap_or_else(|| self.fail(self.layout.lost(&error)));
                 for waiting in pending.iter().flatten() {
                     results[waiting.index] = Some(Err(lost.clone()));
+                }
+            }
+            (Some(refused), Ok(_)) => {
+                for waiting in pending.iter().flatten() {
+                    results[waiting.index] = Some(Err(refused.clone()));
                 }
             }
         }
@@ -467,9 +683,9 @@ impl AttentionRank {
             results[request.index] = Some(match frame {
                 Frame::Message(body) => decode_answer(&body, request),
                 Frame::Error(error) => Err(error),
-                Frame::Leave => Err(TransportError::InvalidPayload {
+                Frame::Leave | Frame::Ticks { .. } => Err(TransportError::InvalidPayload {
                     what: format!("payload from {peer}"),
-                    reason: "a leave frame in the combine exchange".into(),
+                    reason: "a leave or steps-per-tick frame in the combine exchange".into(),
                 }),
             });
         }
@@ -565,7 +781,7 @@ pub async fn serve_expert_rank(
                     for frame in frames {
                         answers[rank].push(match frame {
                             Frame::Message(body) => Box::pin(answer(service.clone(), body)),
-                            Frame::Error(_) | Frame::Leave => {
+                            Frame::Error(_) | Frame::Leave | Frame::Ticks { .. } => {
                                 Box::pin(std::future::ready(error_frame(&TransportError::InvalidPayload {
                                     what: format!("payload from {peer}"),
                                     reason: "only requests belong in the dispatch exchange".into(),
@@ -718,6 +934,20 @@ mod tests {
             let error = frames("e0", &bad).err().unwrap();
             assert!(matches!(&error, TransportError::InvalidPayload { what, .. } if what.contains("e0")), "{error}");
         }
+    }
+
+    #[test]
+    fn ticks_frames_carry_steps_per_tick_and_the_drain() {
+        let steps = 48u64.to_le_bytes();
+        let good = payload(vec![frame(FRAME_STEPS_PER_TICK, &steps), frame(FRAME_DRAINING, &steps)]);
+        let parsed = frames("a1", &good).unwrap();
+        assert!(matches!(
+            &parsed[..],
+            [Frame::Ticks { steps_per_tick: 48, draining: false }, Frame::Ticks { steps_per_tick: 48, draining: true }]
+        ));
+        let short = frame(FRAME_DRAINING, &steps[..7]);
+        let error = frames("a1", &short).err().unwrap();
+        assert!(error.to_string().contains("steps-per-tick frame of 7 bytes"), "{error}");
     }
 
     #[test]

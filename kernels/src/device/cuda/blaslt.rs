@@ -1,4 +1,6 @@
-//! cuBLASLt's FP8 GEMM through cudarc's sys bindings (its safe `Matmul` has no FP8).
+//! cuBLASLt's GEMMs through cudarc's sys bindings (its safe `Matmul` has no FP8): the FP8 expert GEMM, and the
+//! f32 / bf16 GEMM of dense layers (`dense_gemm`, what `CudaDevice::linear` runs). All share the "TN" layout below,
+//! f32 accumulation (`CUBLAS_COMPUTE_32F`: no TF32) and f32 output, and one plan cache.
 //!
 //! `out[m, n] = a[m, k] · w[n, k]^T` with E4M3 `a` and `w`, f32 output. Row-wise scales either go into cuBLASLt as
 //! outer-vector scales (`CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F`, cuBLAS 12.9+: one f32 per row of each operand)
@@ -8,6 +10,9 @@
 //! `D[n, m] = W^T[n, k] · X[k, m]` with `W` stored `[k, n]` (ld k) and transposed, `X` stored `[k, m]` (ld k): the
 //! "TN" layout FP8 requires on Hopper, with 16-byte-aligned pointers and leading dimensions that are multiples of 16.
 //! So `w`'s scales are the outer vector of A and `a`'s those of B.
+//!
+//! cuBLASLt's heuristic assumes 256-byte-aligned buffers unless told otherwise, and callers pass views into larger
+//! buffers: every plan is made for the alignment the call's pointers actually have (part of the plan's key).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -15,7 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublaslt::result;
 use cudarc::cublaslt::sys;
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
 use super::{driver, lock, CudaDevice};
 use crate::error::{check_len, product, KernelError};
@@ -46,14 +51,69 @@ impl Drop for Plan {
     }
 }
 
-/// Plans by `(m, n, k, outer-vector scales)`; `None`: cuBLASLt has no algorithm with outer-vector scales there.
-type PlanCache = HashMap<(usize, usize, usize, bool), Option<Arc<Plan>>>;
+/// What the operands A (the weight) and B (the activations) hold; C and D are always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Operands {
+    /// E4M3 codes; with `outer_vector`, per-row f32 scales of both go into cuBLASLt.
+    Fp8 { outer_vector: bool },
+    /// f32 (computed as f32: `CUBLAS_COMPUTE_32F` never uses TF32).
+    F32,
+    /// bf16.
+    Bf16,
+}
 
-/// A cuBLASLt handle with its workspace and plan cache.
+impl Operands {
+    fn data_type(self) -> sys::cudaDataType {
+        match self {
+            Operands::Fp8 { .. } => sys::cudaDataType::CUDA_R_8F_E4M3,
+            Operands::F32 => sys::cudaDataType::CUDA_R_32F,
+            Operands::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+        }
+    }
+}
+
+/// Everything a plan depends on. `alignment`: the largest power of two up to 256 dividing every pointer of the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    operands: Operands,
+    m: usize,
+    n: usize,
+    k: usize,
+    alignment: u32,
+}
+
+impl PlanKey {
+    fn new(operands: Operands, m: usize, n: usize, k: usize, pointers: &[u64]) -> Self {
+        let all = pointers.iter().fold(0u64, |acc, &p| acc | p);
+        let alignment = if all == 0 { 256 } else { (1u64 << all.trailing_zeros()).min(256) as u32 };
+        PlanKey { operands, m, n, k, alignment }
+    }
+}
+
+/// Plans by key; `None`: cuBLASLt has no algorithm with outer-vector scales there.
+type PlanCache = HashMap<PlanKey, Option<Arc<Plan>>>;
+
+/// An element type of dense GEMM operands, and what cuBLASLt calls it.
+pub(super) trait DenseElement: DeviceRepr {
+    /// The operands' description in the plan key.
+    const OPERANDS: Operands;
+}
+
+impl DenseElement for f32 {
+    const OPERANDS: Operands = Operands::F32;
+}
+
+/// bf16 bits.
+impl DenseElement for u16 {
+    const OPERANDS: Operands = Operands::Bf16;
+}
+
+/// A cuBLASLt handle with its workspace and plan cache, and the scratch buffer bf16 GEMM inputs are converted into.
 pub(super) struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: Mutex<CudaSlice<u8>>,
     plans: Mutex<PlanCache>,
+    bf16_scratch: Mutex<Option<CudaSlice<u16>>>,
 }
 
 // SAFETY: the handle and descriptors are plain pointers cuBLASLt allows to be used from any thread; every use goes
@@ -86,26 +146,32 @@ impl BlasLt {
                 return Err(driver("cuBLASLt workspace allocation")(e));
             }
         };
-        Ok(BlasLt { handle, workspace: Mutex::new(workspace), plans: Mutex::new(HashMap::new()) })
+        Ok(BlasLt {
+            handle,
+            workspace: Mutex::new(workspace),
+            plans: Mutex::new(HashMap::new()),
+            bf16_scratch: Mutex::new(None),
+        })
     }
 
-    /// The plan of one shape, made on first use. With `outer_vector` the descriptor takes per-row scale vectors for
-    /// both operands; `Ok(None)` when cuBLASLt has no algorithm for that (the caller falls back to the epilogue).
-    fn plan(&self, m: usize, n: usize, k: usize, outer_vector: bool) -> Result<Option<Arc<Plan>>, KernelError> {
-        if let Some(plan) = lock(&self.plans).get(&(m, n, k, outer_vector)) {
+    /// The plan of one shape, made on first use. With outer-vector FP8 operands the descriptor takes per-row scale
+    /// vectors for both; `Ok(None)` when cuBLASLt has no algorithm for that (the caller falls back to the epilogue).
+    fn plan(&self, key: PlanKey) -> Result<Option<Arc<Plan>>, KernelError> {
+        if let Some(plan) = lock(&self.plans).get(&key) {
             return Ok(plan.clone());
         }
-        let plan = match self.make_plan(m, n, k, outer_vector) {
+        let plan = match self.make_plan(key) {
             Ok(plan) => Some(Arc::new(plan)),
-            Err(_) if outer_vector => None,
+            Err(_) if key.operands == (Operands::Fp8 { outer_vector: true }) => None,
             Err(e) => return Err(e),
         };
-        lock(&self.plans).insert((m, n, k, outer_vector), plan.clone());
+        lock(&self.plans).insert(key, plan.clone());
         Ok(plan)
     }
 
-    fn make_plan(&self, m: usize, n: usize, k: usize, outer_vector: bool) -> Result<Plan, KernelError> {
-        let e4m3 = sys::cudaDataType::CUDA_R_8F_E4M3;
+    fn make_plan(&self, key: PlanKey) -> Result<Plan, KernelError> {
+        let PlanKey { operands, m, n, k, alignment } = key;
+        let input_type = operands.data_type();
         let f32_type = sys::cudaDataType::CUDA_R_32F;
         let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32_type)
             .map_err(blas_error("matmul descriptor"))?;
@@ -123,7 +189,7 @@ impl BlasLt {
                 .map_err(blas_error("matmul TRANSA"))?;
             set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &no_transpose as *const i32 as _)
                 .map_err(blas_error("matmul TRANSB"))?;
-            if outer_vector {
+            if operands == (Operands::Fp8 { outer_vector: true }) {
                 set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer as *const u32 as _)
                     .map_err(blas_error("matmul A scale mode"))?;
                 set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer as *const u32 as _)
@@ -131,19 +197,38 @@ impl BlasLt {
             }
         }
         let (m64, n64, k64) = (m as u64, n as u64, k as u64);
-        plan.layouts[0] = result::create_matrix_layout(e4m3, k64, n64, k as i64).map_err(blas_error("layout W"))?;
-        plan.layouts[1] = result::create_matrix_layout(e4m3, k64, m64, k as i64).map_err(blas_error("layout X"))?;
+        plan.layouts[0] =
+            result::create_matrix_layout(input_type, k64, n64, k as i64).map_err(blas_error("layout W"))?;
+        plan.layouts[1] =
+            result::create_matrix_layout(input_type, k64, m64, k as i64).map_err(blas_error("layout X"))?;
         plan.layouts[2] = result::create_matrix_layout(f32_type, n64, m64, n as i64).map_err(blas_error("layout D"))?;
         let preference = result::create_matmul_pref().map_err(blas_error("preference"))?;
         let workspace_bytes = WORKSPACE_BYTES as u64;
-        // SAFETY: all descriptors are live; the preference is destroyed right after the heuristic.
+        use sys::cublasLtMatmulPreferenceAttributes_t as Pref;
+        // SAFETY: all descriptors are live; the preference is destroyed right after the heuristic; the attribute
+        // values have the types cuBLASLt documents (uint64 workspace size, uint32 alignments).
         let heuristic = unsafe {
-            let set = result::set_matmul_pref_attribute(
+            let mut set = result::set_matmul_pref_attribute(
                 preference,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 &workspace_bytes as *const u64 as *const c_void,
                 8,
             );
+            for attribute in [
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            ] {
+                set = set.and_then(|()| {
+                    result::set_matmul_pref_attribute(
+                        preference,
+                        attribute,
+                        &alignment as *const u32 as *const c_void,
+                        4,
+                    )
+                });
+            }
             let heuristic = set.and_then(|()| {
                 result::get_matmul_algo_heuristic(
                     self.handle,
@@ -159,11 +244,52 @@ impl BlasLt {
             heuristic
         }
         .map_err(|e| KernelError::Cuda {
-            op: "cuBLASLt FP8 algorithm",
-            message: format!("no FP8 GEMM algorithm for m = {m}, n = {n}, k = {k}: {e:?}"),
+            op: "cuBLASLt algorithm",
+            message: format!(
+                "no {operands:?} GEMM algorithm for m = {m}, n = {n}, k = {k}, {alignment}-byte alignment: {e:?}"
+            ),
         })?;
         plan.algo = heuristic.algo;
         Ok(plan)
+    }
+
+    /// `D = W^T X + beta C` with `C = D = out` (the layout of the module doc) on `stream`.
+    ///
+    /// # Safety
+    /// The pointers are live device buffers of the sizes `plan` was made for, used in stream order on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn matmul(
+        &self,
+        plan: &Plan,
+        w_ptr: u64,
+        x_ptr: u64,
+        out_ptr: u64,
+        beta: f32,
+        workspace_ptr: u64,
+        stream: &CudaStream,
+    ) -> Result<(), result::CublasError> {
+        let alpha = 1.0f32;
+        // SAFETY: the caller's contract (above); alpha and beta are f32, the descriptor's scale type.
+        unsafe {
+            result::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w_ptr as *const c_void,
+                plan.layouts[0],
+                x_ptr as *const c_void,
+                plan.layouts[1],
+                out_ptr as *const c_void,
+                plan.layouts[2],
+                out_ptr as *mut c_void,
+                plan.layouts[2],
+                &plan.algo,
+                workspace_ptr as *mut c_void,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
     }
 }
 
@@ -246,22 +372,10 @@ impl CudaDevice {
             return Ok(scales.is_some());
         }
         let blas = self.blas()?;
-        let fused_plan = match scales {
-            Some(_) if fused_scales_allowed() => blas.plan(m, n, k, true)?,
-            _ => None,
-        };
-        let fused = fused_plan.is_some();
-        let plan = match fused_plan {
-            Some(plan) => plan,
-            None => blas.plan(m, n, k, false)?.ok_or_else(|| KernelError::Cuda {
-                op: "cuBLASLt FP8 algorithm",
-                message: format!("no FP8 GEMM algorithm for m = {m}, n = {n}, k = {k}"),
-            })?,
-        };
         let stream = &self.stream;
         // The workspace lock is held for the whole call: it also serialises the scale pointers set on the shared
         // descriptor. The borrows of the buffers end with this block.
-        let outcome = {
+        let (outcome, fused, fused_key) = {
             let mut workspace = lock(&blas.workspace);
             let (a_ptr, _a_sync) = a.device_ptr(stream);
             let (w_ptr, _w_sync) = w.device_ptr(stream);
@@ -273,6 +387,19 @@ impl CudaDevice {
                     "FP8 GEMM buffers must be 16-byte aligned (offset views by 16 codes)",
                 ));
             }
+            let key = |outer_vector| PlanKey::new(Operands::Fp8 { outer_vector }, m, n, k, &[a_ptr, w_ptr, out_ptr]);
+            let fused_plan = match scales {
+                Some(_) if fused_scales_allowed() => blas.plan(key(true))?,
+                _ => None,
+            };
+            let fused = fused_plan.is_some();
+            let plan = match fused_plan {
+                Some(plan) => plan,
+                None => blas.plan(key(false))?.ok_or_else(|| KernelError::Cuda {
+                    op: "cuBLASLt FP8 algorithm",
+                    message: format!("no FP8 GEMM algorithm for m = {m}, n = {n}, k = {k}"),
+                })?,
+            };
             let mut scale_syncs = Vec::new();
             if let (true, Some(scales)) = (fused, scales.as_ref()) {
                 let (a_scale_ptr, a_sync) = scales.a_scale.device_ptr(stream);
@@ -297,38 +424,95 @@ impl CudaDevice {
                         .map_err(blas_error("B scale pointer"))?;
                 }
             }
-            let (alpha, beta) = (1.0f32, 0.0f32);
             // SAFETY: pointers are live device buffers of the checked sizes on this stream; descriptors match them.
-            unsafe {
-                result::matmul(
-                    blas.handle,
-                    plan.desc,
-                    &alpha as *const f32 as *const c_void,
-                    &beta as *const f32 as *const c_void,
-                    w_ptr as *const c_void,
-                    plan.layouts[0],
-                    a_ptr as *const c_void,
-                    plan.layouts[1],
-                    out_ptr as *const c_void,
-                    plan.layouts[2],
-                    out_ptr as *mut c_void,
-                    plan.layouts[2],
-                    &plan.algo,
-                    workspace_ptr as *mut c_void,
-                    WORKSPACE_BYTES,
-                    stream.cu_stream() as sys::cudaStream_t,
-                )
-            }
+            let outcome = unsafe { blas.matmul(&plan, w_ptr, a_ptr, out_ptr, 0.0, workspace_ptr, stream) };
+            (outcome, fused, key(true))
         };
         match outcome {
             Ok(()) => Ok(fused),
             // The heuristic offered an algorithm with outer-vector scales but the call refused it: remember that
             // and use the epilogue for this shape from now on.
             Err(_) if fused => {
-                lock(&blas.plans).insert((m, n, k, true), None);
+                lock(&blas.plans).insert(fused_key, None);
                 self.cublaslt_gemm(a, w, m, n, k, scales, out)
             }
             Err(e) => Err(blas_error("FP8 matmul")(e)),
         }
+    }
+
+    /// The dense GEMM of `linear`: `out[m, n] = x[m, k] . w[n, k]^T`, plus `out` when `accumulate`; `x` and `w` both
+    /// f32 or both bf16 bits, f32 accumulation and output. Lengths are checked here; any alignment works (the plan is
+    /// made for the pointers' own).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn dense_gemm<T: DenseElement>(
+        &self,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: &mut CudaViewMut<'_, f32>,
+        accumulate: bool,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cublaslt dense gemm";
+        if k == 0 || n == 0 {
+            return Err(KernelError::invalid(OP, format!("k = {k} and n = {n} must be positive")));
+        }
+        check_len(OP, "x", x.len(), product(OP, m, k)?, format_args!("m * k = {m} * {k}"))?;
+        check_len(OP, "w", w.len(), product(OP, n, k)?, format_args!("n * k = {n} * {k}"))?;
+        check_len(OP, "out", out.len(), product(OP, m, n)?, format_args!("m * n = {m} * {n}"))?;
+        if m == 0 {
+            return Ok(());
+        }
+        let blas = self.blas()?;
+        let stream = &self.stream;
+        let mut workspace = lock(&blas.workspace);
+        let (x_ptr, _x_sync) = x.device_ptr(stream);
+        let (w_ptr, _w_sync) = w.device_ptr(stream);
+        let (out_ptr, _out_sync) = out.device_ptr_mut(stream);
+        let (workspace_ptr, _workspace_sync) = workspace.device_ptr_mut(stream);
+        let plan = blas.plan(PlanKey::new(T::OPERANDS, m, n, k, &[x_ptr, w_ptr, out_ptr]))?.ok_or_else(|| {
+            KernelError::Cuda {
+                op: "cuBLASLt algorithm",
+                message: format!("no dense GEMM for m = {m}, n = {n}, k = {k}"),
+            }
+        })?;
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        // SAFETY: pointers are live device buffers of the checked sizes on this stream; the plan was made for them.
+        unsafe { blas.matmul(&plan, w_ptr, x_ptr, out_ptr, beta, workspace_ptr, stream) }
+            .map_err(blas_error("dense matmul"))
+    }
+    /// Runs `f` on the first `len` values of this device's bf16 scratch buffer (grown to the next power of two when
+    /// too small, kept for later calls). Its lock is held during `f`, and the stream orders the work `f` queues before
+    /// any later user's.
+    pub(super) fn with_bf16_scratch<R>(
+        &self,
+        len: usize,
+        f: impl FnOnce(&mut CudaViewMut<'_, u16>) -> Result<R, KernelError>,
+    ) -> Result<R, KernelError> {
+        let blas = self.blas()?;
+        let mut scratch = lock(&blas.bf16_scratch);
+        let buffer = match scratch.take() {
+            Some(buffer) if buffer.len() >= len => buffer,
+            // The old buffer (if any) is freed in stream order, after the work queued on it.
+            _ => self.zeros::<u16>(len.max(1).next_power_of_two())?,
+        };
+        let buffer = scratch.insert(buffer);
+        f(&mut buffer.slice_mut(..len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_key_records_the_pointers_common_alignment() {
+        let key = |pointers: &[u64]| PlanKey::new(Operands::F32, 1, 2, 3, pointers).alignment;
+        assert_eq!(key(&[0x7000_0000, 0x7000_1000]), 256, "capped at cuBLASLt's default");
+        assert_eq!(key(&[0x7000_0000, 0x7000_0010]), 16);
+        assert_eq!(key(&[0x7000_0004, 0x7000_0100, 0x7000_0200]), 4);
+        assert_eq!(key(&[0]), 256);
+        assert_ne!(PlanKey::new(Operands::F32, 1, 2, 3, &[0]), PlanKey::new(Operands::Bf16, 1, 2, 3, &[0]));
     }
 }

@@ -6,10 +6,11 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{driver, CudaDevice};
 use crate::device::sources::{ATTENTION_CU, EXPERTS_CU};
+use crate::device::types::PagedDecode;
 use crate::error::{check_len, product, KernelError};
 
 /// Threads per block of the row kernels (a multiple of 32, at most 1024).
-const ROW_THREADS: u32 = 256;
+pub(super) const ROW_THREADS: u32 = 256;
 /// Warps per block of `fp8_grouped_gemm_small` (its `WARPS_PER_BLOCK`).
 const GEMM_WARPS: usize = 8;
 /// Weight rows one warp streams in `fp8_grouped_gemm_small`.
@@ -24,13 +25,13 @@ const MAX_HEAD_DIM: usize = 256;
 const ATTENTION_THREADS: u32 = 4 * 32;
 
 /// `value` as the `int` a kernel takes.
-fn int(op: &'static str, name: &str, value: usize) -> Result<i32, KernelError> {
+pub(super) fn int(op: &'static str, name: &str, value: usize) -> Result<i32, KernelError> {
     i32::try_from(value)
         .map_err(|_| KernelError::invalid(op, format!("{name} = {value} exceeds the kernels' i32 range")))
 }
 
 /// Grid size as u32.
-fn blocks(op: &'static str, count: usize) -> Result<u32, KernelError> {
+pub(super) fn blocks(op: &'static str, count: usize) -> Result<u32, KernelError> {
     u32::try_from(count.max(1)).map_err(|_| KernelError::invalid(op, format!("{count} blocks exceed the grid limit")))
 }
 
@@ -66,29 +67,6 @@ fn check_grouped(
     check_len(op, "w_scale", w_scale.len(), experts * n, format_args!("experts * n = {experts} * {n}"))?;
     check_len(op, "out", out.len(), product(op, slots, n)?, format_args!("slots * n = {slots} * {n}"))?;
     Ok(experts)
-}
-
-/// The arguments of [`CudaDevice::paged_decode_attention`] besides the buffers.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PagedDecode {
-    /// Sequences (one query each).
-    pub seqs: usize,
-    /// Query heads.
-    pub q_heads: usize,
-    /// Key/value heads; must divide `q_heads`.
-    pub kv_heads: usize,
-    /// Values per head: a multiple of 32, at most 256.
-    pub head_dim: usize,
-    /// Positions per KV block.
-    pub block_size: usize,
-    /// Columns of the block table (blocks per sequence at most).
-    pub max_blocks: usize,
-    /// Blocks in the pool.
-    pub pool_blocks: usize,
-    /// 0 for the causal mask, else the chunked mask's chunk length.
-    pub chunk: u32,
-    /// Score scale (1 / sqrt(head_dim) usually).
-    pub scale: f32,
 }
 
 impl CudaDevice {

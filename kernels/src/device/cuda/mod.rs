@@ -4,13 +4,15 @@
 //! looked for first and reported as [`KernelError::CudaUnavailable`]. The kernels of `kernels/cuda/` are compiled
 //! with NVRTC the first time a [`CudaDevice`] needs them (`compile.rs`, PTX cached on disk), launched through typed
 //! wrappers that check shapes (`kernels.rs`); cuBLASLt's FP8 GEMM goes through its sys bindings (`blaslt.rs`); the
-//! routed-expert layer (`experts.rs`) and the GEMM benchmark (`bench.rs`) are built from those.
+//! routed-expert layer (`experts.rs`) and the GEMM benchmark (`bench.rs`) are built from those; dense weights, their
+//! GEMM and the dense side of a decoder layer are in `dense.rs`.
 //!
 //! Everything runs on one stream per [`CudaDevice`], so kernels see each other's results in launch order.
 
 mod bench;
 mod blaslt;
 mod compile;
+mod dense;
 mod experts;
 mod kernels;
 
@@ -18,15 +20,17 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, ValidAsZeroBits};
 
 use crate::device::sources::CudaSource;
 use crate::error::KernelError;
 
 pub use bench::bench_expert_gemm;
 pub use compile::compile_cuda_source;
+/// Device buffers and views: cudarc's own types (`no_cuda.rs` has stand-ins of the same names).
+pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+pub use dense::DenseWeight;
 pub use experts::GpuExpertLayer;
-pub use kernels::PagedDecode;
 
 pub(super) const COMPILED: bool = true;
 

@@ -1,0 +1,149 @@
+//! Plain argument types of the device API, compiled in every build: callers (the model's GPU forward pass) build
+//! them with or without the `cuda` feature, so they cannot live in the cuda-only backend. Also the host side of the
+//! bf16 codec dense weights are stored in.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::KernelError;
+
+/// Element type of dense weights on the device ([`crate::device::DenseWeight`]). Parsed from `"f32"` or `"bf16"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DenseDtype {
+    /// f32 weights and f32 GEMM inputs: the CPU's arithmetic up to the order of the additions.
+    F32,
+    /// bf16 weights (rounded to nearest even on upload) and bf16 GEMM inputs, f32 accumulation: half the memory and
+    /// bandwidth, tensor-core speed.
+    #[default]
+    Bf16,
+}
+
+impl DenseDtype {
+    /// Bytes per weight value.
+    pub const fn bytes(self) -> usize {
+        match self {
+            DenseDtype::F32 => 4,
+            DenseDtype::Bf16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for DenseDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DenseDtype::F32 => "f32",
+            DenseDtype::Bf16 => "bf16",
+        })
+    }
+}
+
+impl FromStr for DenseDtype {
+    type Err = KernelError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        match input.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(DenseDtype::F32),
+            "bf16" => Ok(DenseDtype::Bf16),
+            _ => Err(KernelError::invalid("dense dtype", format!("{input:?} is neither \"f32\" nor \"bf16\""))),
+        }
+    }
+}
+
+/// The arguments of `CudaDevice::paged_decode_attention` besides the buffers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PagedDecode {
+    /// Sequences (one query each).
+    pub seqs: usize,
+    /// Query heads.
+    pub q_heads: usize,
+    /// Key/value heads; must divide `q_heads`.
+    pub kv_heads: usize,
+    /// Values per head: a multiple of 32, at most 256.
+    pub head_dim: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// Columns of the block table (blocks per sequence at most).
+    pub max_blocks: usize,
+    /// Blocks in the pool.
+    pub pool_blocks: usize,
+    /// 0 for the causal mask, else the chunked mask's chunk length.
+    pub chunk: u32,
+    /// Score scale (1 / sqrt(head_dim) usually).
+    pub scale: f32,
+}
+
+/// The shape of `CudaDevice::kv_write`: a pool of `pool_blocks` blocks of `[2, block_size, kv_heads, head_dim]` f32
+/// (keys, then values), the layout [`PagedDecode`] and `attention::paged_attention` read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvWrite {
+    /// Positions per block.
+    pub block_size: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Blocks in the pool.
+    pub pool_blocks: usize,
+}
+
+/// `x` as bf16 bits, rounded to nearest even (what `DenseWeight::upload` and the device's conversion of GEMM inputs
+/// do, bit for bit); NaN stays a quiet NaN of the same sign, infinities stay infinite.
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) as u16) | 0x0040;
+    }
+    // Adding 0x7FFF plus the lowest kept bit rounds half to even; a carry into the exponent is the correct rounding
+    // up (to infinity past the largest finite bf16).
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1));
+    (rounded >> 16) as u16
+}
+
+/// The f32 value of bf16 `bits` (exact).
+pub fn bf16_bits_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dense_dtype_parses_and_displays() {
+        for dtype in [DenseDtype::F32, DenseDtype::Bf16] {
+            assert_eq!(dtype.to_string().parse::<DenseDtype>(), Ok(dtype));
+        }
+        assert_eq!(" BF16 ".parse::<DenseDtype>(), Ok(DenseDtype::Bf16));
+        assert_eq!(DenseDtype::default(), DenseDtype::Bf16);
+        let err = "fp16".parse::<DenseDtype>().expect_err("fp16 is not offered");
+        assert!(err.to_string().contains("\"fp16\""), "{err}");
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // Exactly representable values round-trip.
+        for x in [0.0f32, -0.0, 1.0, -2.5, f32::INFINITY, f32::NEG_INFINITY] {
+            assert_eq!(bf16_bits_to_f32(f32_to_bf16_bits(x)).to_bits(), x.to_bits(), "{x}");
+        }
+        // The largest finite bf16 and a subnormal one, by their bits.
+        for bits in [0x7F7Fu16, 0x0001, 0x8001] {
+            assert_eq!(f32_to_bf16_bits(bf16_bits_to_f32(bits)), bits, "{bits:#06x}");
+        }
+        // Halfway cases go to the even neighbour; just above halfway goes up.
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3F80_8000)), 0x3F80);
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3F81_8000)), 0x3F82);
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3F80_8001)), 0x3F81);
+        assert_eq!(f32_to_bf16_bits(f32::from_bits(0xBF80_7FFF)), 0xBF80);
+        // Past the largest finite bf16 rounds to infinity; NaN stays NaN.
+        assert_eq!(f32_to_bf16_bits(f32::MAX), 0x7F80);
+        assert!(bf16_bits_to_f32(f32_to_bf16_bits(f32::NAN)).is_nan());
+        assert!(bf16_bits_to_f32(f32_to_bf16_bits(-f32::NAN)).is_nan());
+        // Within half a bf16 ulp (2^-8 relative) everywhere else.
+        let mut x = 1.0e-30f32;
+        while x < 1.0e30 {
+            let y = bf16_bits_to_f32(f32_to_bf16_bits(x));
+            assert!(((y - x) / x).abs() <= 1.0 / 256.0, "{x} -> {y}");
+            x *= 1.37;
+        }
+    }
+}

@@ -1,0 +1,708 @@
+//! The whole forward pass on one CUDA GPU: [`GpuModel`] holds a [`Llama4Model`]'s dense weights on the device (f32 or
+//! bf16, [`DenseDtype`]) and its KV cache in a device arena, and implements [`ForwardPass`] with exactly
+//! [`Llama4Model::forward_batch`]'s contract (the same validation errors, no cache advanced on error, the same
+//! [`LogitsFor`] handling).
+//!
+//! A step on the device, per layer: RMS norm; q, k, v projections; RoPE (and the weightless qk-norm) or the NoPE
+//! temperature scale; the new keys and values written into the paged arena at their slots; paged decode attention
+//! with one "sequence" row per query token (its own length `position + 1` and its sequence's block table row
+//! repeated, so a prefill runs through the decode kernel); the output projection added into the residual; RMS norm;
+//! then a dense SwiGLU MLP (gate and up fused into one GEMM) or an MoE block. The MoE block's router runs on the GPU
+//! in f32 (whatever the dense dtype: a top-1 choice is discontinuous in its logits), then the router logits and the
+//! normed rows come to the host, where the choice and the sigmoid score are computed as the CPU forward pass does
+//! ([`top1`]), and the routed experts are computed by the model's [`RoutedExperts`] (`GpuExperts` on the same GPU,
+//! expert workers, or host experts) while the shared expert runs on the GPU; their outputs are added on the device.
+//! Final norm and `lm_head` run only on the rows whose logits are wanted.
+//!
+//! Per-step buffers are allocated for the step (cudarc's stream-ordered allocator) and every kernel runs on the
+//! device's one stream, so each sees its predecessors' results; host reads are `download`s, which wait for the
+//! stream. The step ends with a synchronisation, and caches advance only after it, so a kernel failure reported late
+//! still leaves every sequence where it was.
+//!
+//! Not on the GPU yet: context-parallel sequences (a cache with [`KvCache::context`], or a member's shard), refused
+//! with an error.
+
+use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use switchyard_kernels::device::{CudaDevice, CudaSlice, DenseDtype, DenseWeight, Device, KvWrite, PagedDecode};
+use switchyard_kernels::fp8::dequantize_rows;
+use switchyard_kernels::router::top1;
+
+use crate::config::TextConfig;
+use crate::experts::RoutedExperts;
+use crate::forward::{validate_step, FeedForward, ForwardPass, Llama4Model, LogitsFor, Mlp, SequenceStep};
+use crate::kv::{KvBlockPool, KvCache, DEFAULT_BLOCK_SIZE};
+use crate::linear::LinearWeight;
+use crate::rope::temperature_factor;
+use crate::ModelError;
+
+/// How [`GpuModel::upload`] lays the model out on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuModelOptions {
+    /// Element type of the dense weights (attention projections, dense MLPs, shared experts, embedding, `lm_head`;
+    /// routers always stay f32).
+    pub dense_dtype: DenseDtype,
+    /// Blocks of the device KV arena, shared by every sequence of the model ([`KvCache::blocks_for_sequence`] says
+    /// what one sequence needs).
+    pub kv_blocks: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
+}
+
+impl Default for GpuModelOptions {
+    /// Bf16 dense weights and 1024 blocks of [`DEFAULT_BLOCK_SIZE`] positions.
+    fn default() -> Self {
+        Self { dense_dtype: DenseDtype::Bf16, kv_blocks: 1024, block_size: DEFAULT_BLOCK_SIZE }
+    }
+}
+
+/// A SwiGLU MLP on the device: gate and up fused into one `[2 * intermediate, hidden]` weight (gate rows first).
+struct GpuMlp {
+    gate_up: DenseWeight,
+    down: DenseWeight,
+    intermediate: usize,
+}
+
+enum GpuFeedForward {
+    Dense(GpuMlp),
+    Moe {
+        /// `[experts, hidden]`, always f32.
+        router: DenseWeight,
+        shared: GpuMlp,
+    },
+}
+
+struct GpuLayer {
+    input_norm: CudaSlice<f32>,
+    post_attention_norm: CudaSlice<f32>,
+    q: DenseWeight,
+    k: DenseWeight,
+    v: DenseWeight,
+    o: DenseWeight,
+    feed_forward: GpuFeedForward,
+}
+
+/// A Llama 4 text model whose forward pass runs on one CUDA GPU (see the module docs).
+pub struct GpuModel {
+    config: TextConfig,
+    device: Arc<CudaDevice>,
+    dense_dtype: DenseDtype,
+    /// `[vocab, hidden]`.
+    embed_tokens: DenseWeight,
+    layers: Vec<GpuLayer>,
+    norm: CudaSlice<f32>,
+    lm_head: DenseWeight,
+    inv_freq: CudaSlice<f32>,
+    /// Hands out the arena's block indices.
+    pool: Arc<KvBlockPool>,
+    /// The KV arena: `pool.capacity()` blocks of `pool.block_floats()` floats. The lock also keeps two steps from
+    /// interleaving their kernels.
+    kv: Mutex<CudaSlice<f32>>,
+    routed: Arc<dyn RoutedExperts>,
+}
+
+impl std::fmt::Debug for GpuModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GpuModel({} layers, {} dense weights, {} KV blocks, {:?})",
+            self.layers.len(),
+            self.dense_dtype,
+            self.pool.capacity(),
+            self.device
+        )
+    }
+}
+
+/// A weight's values as f32 on the host: FP8 weights are dequantised (codes times their row's scale).
+fn host_f32<'a>(weight: &'a LinearWeight, name: &str) -> Result<Cow<'a, [f32]>, ModelError> {
+    match weight {
+        LinearWeight::F32 { weight, .. } => Ok(Cow::Borrowed(weight.as_slice())),
+        LinearWeight::Fp8 { codes, scales, out_features, in_features } => {
+            let values = out_features.checked_mul(*in_features);
+            if values != Some(codes.len()) || scales.len() != *out_features {
+                return Err(ModelError::InvalidInput {
+                    what: format!("weight {name}"),
+                    reason: format!(
+                        "{} FP8 codes and {} scales for {out_features} x {in_features}",
+                        codes.len(),
+                        scales.len()
+                    ),
+                });
+            }
+            let mut out = vec![0.0; codes.len()];
+            dequantize_rows(codes.as_slice(), *in_features, scales, &mut out);
+            Ok(Cow::Owned(out))
+        }
+    }
+}
+
+/// Uploads `weight`, which must be `[n, k]`.
+fn upload_linear(
+    device: &Arc<CudaDevice>,
+    weight: &LinearWeight,
+    n: usize,
+    k: usize,
+    dtype: DenseDtype,
+    name: &str,
+) -> Result<DenseWeight, ModelError> {
+    if weight.out_features() != n || weight.in_features() != k {
+        return Err(ModelError::InvalidInput {
+            what: format!("weight {name}"),
+            reason: format!("{weight:?}, expected {n}x{k}"),
+        });
+    }
+    Ok(DenseWeight::upload(device, &host_f32(weight, name)?, n, k, dtype)?)
+}
+
+/// Uploads an MLP with gate and up fused.
+fn upload_mlp(
+    device: &Arc<CudaDevice>,
+    mlp: &Mlp,
+    hidden: usize,
+    intermediate: usize,
+    dtype: DenseDtype,
+    name: &str,
+) -> Result<GpuMlp, ModelError> {
+    for (part, weight) in [("gate", &mlp.gate), ("up", &mlp.up)] {
+        if weight.out_features() != intermediate || weight.in_features() != hidden {
+            return Err(ModelError::InvalidInput {
+                what: format!("weight {name}.{part}"),
+                reason: format!("{weight:?}, expected {intermediate}x{hidden}"),
+            });
+        }
+    }
+    let mut gate_up = Vec::with_capacity(2 * intermediate * hidden);
+    gate_up.extend_from_slice(&host_f32(&mlp.gate, name)?);
+    gate_up.extend_from_slice(&host_f32(&mlp.up, name)?);
+    Ok(GpuMlp {
+        gate_up: DenseWeight::upload(device, &gate_up, 2 * intermediate, hidden, dtype)?,
+        down: upload_linear(device, &mlp.down, hidden, intermediate, dtype, &format!("{name}.down"))?,
+        intermediate,
+    })
+}
+
+/// Layer `l`'s slots, first blocks and block table rows for the step's query rows, packed for one upload:
+/// `[slots (tokens) | first_block (tokens) | table (tokens x max_blocks)]`; returns it and `max_blocks`.
+fn layer_tables(l: usize, batch: &[SequenceStep<'_>]) -> Result<(Vec<u32>, usize), ModelError> {
+    let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
+    let tables = batch.iter().map(|s| s.cache.block_table(l)).collect::<Result<Vec<_>, _>>()?;
+    let max_blocks = tables.iter().map(|t| t.blocks.len()).max().unwrap_or(0).max(1);
+    let mut meta = vec![0u32; tokens * (2 + max_blocks)];
+    let (slots, rest) = meta.split_at_mut(tokens);
+    let (first, table) = rest.split_at_mut(tokens);
+    let too_large = |what: &str, value: usize| ModelError::InvalidInput {
+        what: "KV cache".into(),
+        reason: format!("{what} {value} of layer {l} exceeds the GPU kernels' u32 indices"),
+    };
+    let mut row = 0;
+    for (step, held) in batch.iter().zip(&tables) {
+        let first_block = u32::try_from(held.first_block).map_err(|_| too_large("block", held.first_block))?;
+        let blocks = held
+            .blocks
+            .iter()
+            .map(|&b| u32::try_from(b).map_err(|_| too_large("block index", b)))
+            .collect::<Result<Vec<u32>, _>>()?;
+        for position in step.cache.len()..step.cache.len() + step.tokens.len() {
+            // A slot for the position means its block and every block from `first_block` to it are held: the
+            // attention kernel reads nothing past the table row's held blocks.
+            let slot = step.cache.slot(l, position)?;
+            slots[row] = u32::try_from(slot).map_err(|_| too_large("slot", slot))?;
+            first[row] = first_block;
+            table[row * max_blocks..row * max_blocks + blocks.len()].copy_from_slice(&blocks);
+            row += 1;
+        }
+    }
+    Ok((meta, max_blocks))
+}
+
+impl GpuModel {
+    /// Copies `model`'s dense weights to GPU `device` (which must be `cuda:N`) and allocates a KV arena of
+    /// `options.kv_blocks` blocks there. The routed experts stay whatever `model` computes them with until
+    /// [`GpuModel::set_routed_experts`] (e.g. a `GpuExperts` on the same GPU). A build without the `cuda` feature or a
+    /// machine without the GPU answers the kernels' error ([`ModelError::Kernel`]).
+    pub fn upload(model: &Llama4Model, device: Device, options: &GpuModelOptions) -> Result<Self, ModelError> {
+        let Device::Cuda(ordinal) = device else {
+            return Err(ModelError::InvalidInput {
+                what: "device".into(),
+                reason: "the GPU forward pass needs a CUDA device (cuda:N); on the cpu use Llama4Model itself".into(),
+            });
+        };
+        let cfg = &model.config;
+        let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
+        if hd == 0 || hd % 32 != 0 || hd > 256 {
+            return Err(ModelError::InvalidInput {
+                what: "head_dim".into(),
+                reason: format!("{hd}: the GPU attention kernel takes a multiple of 32 up to 256"),
+            });
+        }
+        let pool = KvBlockPool::on_device(cfg, options.block_size, options.kv_blocks)?;
+        let device = CudaDevice::new(ordinal)?;
+        let dtype = options.dense_dtype;
+        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for (l, layer) in model.layers.iter().enumerate() {
+            let name = |part: &str| format!("layer {l} {part}");
+            let attention = &layer.attention;
+            let feed_forward = match &layer.feed_forward {
+                FeedForward::Dense(mlp) => GpuFeedForward::Dense(upload_mlp(
+                    &device,
+                    mlp,
+                    hidden,
+                    cfg.intermediate_size_mlp,
+                    dtype,
+                    &name("feed_forward"),
+                )?),
+                FeedForward::Moe { router, shared } => GpuFeedForward::Moe {
+                    router: upload_linear(
+                        &device,
+                        router,
+                        cfg.num_local_experts,
+                        hidden,
+                        DenseDtype::F32,
+                        &name("router"),
+                    )?,
+                    shared: upload_mlp(&device, shared, hidden, cfg.intermediate_size, dtype, &name("shared_expert"))?,
+                },
+            };
+            layers.push(GpuLayer {
+                input_norm: device.upload(&layer.input_norm)?,
+                post_attention_norm: device.upload(&layer.post_attention_norm)?,
+                q: upload_linear(&device, &attention.q, q_dim, hidden, dtype, &name("q_proj"))?,
+                k: upload_linear(&device, &attention.k, kv_dim, hidden, dtype, &name("k_proj"))?,
+                v: upload_linear(&device, &attention.v, kv_dim, hidden, dtype, &name("v_proj"))?,
+                o: upload_linear(&device, &attention.o, hidden, q_dim, dtype, &name("o_proj"))?,
+                feed_forward,
+            });
+        }
+        let embed_tokens = DenseWeight::upload(&device, &model.embed_tokens, cfg.vocab_size, hidden, dtype)?;
+        let lm_head = upload_linear(&device, &model.lm_head, cfg.vocab_size, hidden, dtype, "lm_head")?;
+        // `on_device` checked that this product does not overflow.
+        let kv = device.zeros::<f32>(pool.capacity() * pool.block_floats())?;
+        Ok(Self {
+            config: cfg.clone(),
+            dense_dtype: dtype,
+            embed_tokens,
+            layers,
+            norm: device.upload(&model.norm)?,
+            lm_head,
+            inv_freq: device.upload(&model.inv_freq)?,
+            pool,
+            kv: Mutex::new(kv),
+            routed: model.routed.clone(),
+            device,
+        })
+    }
+
+    /// The pool handing out the device arena's blocks: every cache this model attends over comes from it.
+    pub fn kv_pool(&self) -> &Arc<KvBlockPool> {
+        &self.pool
+    }
+
+    /// Replaces where routed experts are computed (e.g. `GpuExperts` on the same GPU, or a dispatch client).
+    pub fn set_routed_experts(&mut self, routed: Arc<dyn RoutedExperts>) {
+        self.routed = routed;
+    }
+
+    /// The element type of the dense weights.
+    pub fn dense_dtype(&self) -> DenseDtype {
+        self.dense_dtype
+    }
+
+    /// Bytes of weights on the device (the KV arena not included).
+    pub fn weight_bytes(&self) -> usize {
+        let mlp = |m: &GpuMlp| m.gate_up.bytes() + m.down.bytes();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let ff = match &l.feed_forward {
+                    GpuFeedForward::Dense(m) => mlp(m),
+                    GpuFeedForward::Moe { router, shared } => router.bytes() + mlp(shared),
+                };
+                l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + ff + 8 * self.config.hidden_size
+            })
+            .sum();
+        layers
+            + self.embed_tokens.bytes()
+            + self.lm_head.bytes()
+            + 4 * (self.config.hidden_size + self.config.head_dim / 2)
+    }
+
+    /// The GPU's name.
+    pub fn device_name(&self) -> &str {
+        self.device.name()
+    }
+
+    fn arena(&self) -> MutexGuard<'_, CudaSlice<f32>> {
+        // The arena holds no invariant a panic could break half-way (its contents are rewritten by each step before
+        // being read), so a poisoned lock is still usable.
+        self.kv.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What [`Llama4Model::forward_batch`] checks, with the same messages, and what the device adds: the cache must
+    /// come from this model's pool and not be context-parallel.
+    fn validate_step(&self, index: usize, step: &SequenceStep<'_>) -> Result<(), ModelError> {
+        validate_step(&self.config, index, step)?;
+        if !Arc::ptr_eq(step.cache.pool(), &self.pool) {
+            return Err(ModelError::InvalidInput {
+                what: "KV cache".into(),
+                reason: format!(
+                    "sequence {index}'s cache is not from this GPU model's pool (make it with new_cache or kv_pool)"
+                ),
+            });
+        }
+        if step.cache.context().is_some() || step.cache.global_range() != (0..usize::MAX) {
+            return Err(ModelError::InvalidInput {
+                what: "KV cache".into(),
+                reason: format!(
+                    "sequence {index} is context-parallel, which the GPU forward pass does not compute yet"
+                ),
+            });
+        }
+        u32::try_from(step.cache.len() + step.tokens.len()).map_err(|_| ModelError::InvalidInput {
+            what: "context length".into(),
+            reason: format!("{} positions exceed the GPU kernels' u32 positions", step.cache.len() + step.tokens.len()),
+        })?;
+        Ok(())
+    }
+
+    /// The device part of [`ForwardPass::forward_batch`] after validation and reservation: every layer, then the
+    /// final norm and `lm_head` on the `wanted` rows. Returns the logits `[wanted rows, vocab]`, read back after the
+    /// stream finished.
+    fn run_step(
+        &self,
+        batch: &[SequenceStep<'_>],
+        tokens: usize,
+        wanted: &[Range<usize>],
+    ) -> Result<Vec<f32>, ModelError> {
+        let cfg = &self.config;
+        let dev = &*self.device;
+        let (hidden, hd, qh, kvh) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
+        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+        let eps = cfg.rms_norm_eps as f32;
+        let mut arena = self.arena();
+
+        let mut host_tokens = Vec::with_capacity(tokens);
+        let mut host_positions = Vec::with_capacity(tokens);
+        for step in batch {
+            host_tokens.extend_from_slice(step.tokens);
+            // validate_step checked that every position fits u32.
+            host_positions.extend((step.cache.len()..step.cache.len() + step.tokens.len()).map(|p| p as u32));
+        }
+        let seq_len: Vec<u32> = host_positions.iter().map(|&p| p + 1).collect();
+        let factors: Vec<f32> = host_positions.iter().map(|&p| temperature_factor(cfg, p as usize)).collect();
+        let token_ids = dev.upload(&host_tokens)?;
+        let positions = dev.upload(&host_positions)?;
+        let seq_len = dev.upload(&seq_len)?;
+        let factors = dev.upload(&factors)?;
+
+        let mut x = dev.zeros::<f32>(tokens * hidden)?;
+        let mut normed = dev.zeros::<f32>(tokens * hidden)?;
+        let mut q = dev.zeros::<f32>(tokens * q_dim)?;
+        let mut k = dev.zeros::<f32>(tokens * kv_dim)?;
+        let v_len = tokens * kv_dim;
+        let mut v = dev.zeros::<f32>(v_len)?;
+        // The weightless qk-norm writes into a second buffer, then the two swap roles.
+        let mut qk_scratch = if cfg.use_qk_norm {
+            Some((dev.zeros::<f32>(tokens * q_dim)?, dev.zeros::<f32>(tokens * kv_dim)?))
+        } else {
+            None
+        };
+        let mut attended = dev.zeros::<f32>(tokens * q_dim)?;
+        let mut lse = dev.zeros::<f32>(tokens * qh)?;
+        let intermediate = self
+            .layers
+            .iter()
+            .map(|l| match &l.feed_forward {
+                GpuFeedForward::Dense(m) | GpuFeedForward::Moe { shared: m, .. } => m.intermediate,
+            })
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut gate_up = dev.zeros::<f32>(tokens * 2 * intermediate)?;
+        let mut activated = dev.zeros::<f32>(tokens * intermediate)?;
+        let experts = cfg.num_local_experts.max(1);
+        let mut router_logits = dev.zeros::<f32>(tokens * experts)?;
+        let mut routed_out = dev.zeros::<f32>(tokens * hidden)?;
+
+        dev.embed_rows(&self.embed_tokens, &token_ids.as_view(), &mut x.as_view_mut())?;
+        let kv_shape = KvWrite {
+            block_size: self.pool.block_size(),
+            kv_heads: kvh,
+            head_dim: hd,
+            pool_blocks: self.pool.capacity(),
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            dev.rms_norm(&x.as_view(), Some(&layer.input_norm.as_view()), hidden, eps, &mut normed.as_view_mut())?;
+            dev.linear(&normed.as_view(), tokens, &layer.q, &mut q.as_view_mut(), false)?;
+            dev.linear(&normed.as_view(), tokens, &layer.k, &mut k.as_view_mut(), false)?;
+            dev.linear(&normed.as_view(), tokens, &layer.v, &mut v.as_view_mut(), false)?;
+            if cfg.uses_rope(l) {
+                dev.rope_interleaved(&mut q.as_view_mut(), &positions.as_view(), qh, hd, &self.inv_freq.as_view())?;
+                dev.rope_interleaved(&mut k.as_view_mut(), &positions.as_view(), kvh, hd, &self.inv_freq.as_view())?;
+                if let Some((q_normed, k_normed)) = qk_scratch.as_mut() {
+                    dev.rms_norm(&q.as_view(), None, hd, eps, &mut q_normed.as_view_mut())?;
+                    dev.rms_norm(&k.as_view(), None, hd, eps, &mut k_normed.as_view_mut())?;
+                    std::mem::swap(&mut q, q_normed);
+                    std::mem::swap(&mut k, k_normed);
+                }
+            } else if cfg.attn_temperature_tuning {
+                dev.scale_rows(&mut q.as_view_mut(), q_dim, &factors.as_view())?;
+            }
+
+            let (meta, max_blocks) = layer_tables(l, batch)?;
+            let meta = dev.upload(&meta)?;
+            let slots = meta.slice(0..tokens);
+            let first_block = meta.slice(tokens..2 * tokens);
+            let table = meta.slice(2 * tokens..tokens * (2 + max_blocks));
+            dev.kv_write(&kv_shape, &mut arena.as_view_mut(), &k.as_view(), &v.as_view(), &slots)?;
+            let chunk = if cfg.is_chunked_attention(l) {
+                // A chunk longer than any u32 position never ends inside the sequence: the causal mask (0).
+                u32::try_from(cfg.attention_chunk_size.unwrap_or(usize::MAX)).unwrap_or(0)
+            } else {
+                0
+            };
+            let shape = PagedDecode {
+                seqs: tokens,
+                q_heads: qh,
+                kv_heads: kvh,
+                head_dim: hd,
+                block_size: self.pool.block_size(),
+                max_blocks,
+                pool_blocks: self.pool.capacity(),
+                chunk,
+                scale,
+            };
+            dev.paged_decode_attention(
+                &shape,
+                &q.as_view(),
+                &arena.as_view(),
+                &table,
+                &first_block,
+                &seq_len.as_view(),
+                &positions.as_view(),
+                &mut attended.as_view_mut(),
+                &mut lse.as_view_mut(),
+            )?;
+            dev.linear(&attended.as_view(), tokens, &layer.o, &mut x.as_view_mut(), true)?;
+
+            dev.rms_norm(
+                &x.as_view(),
+                Some(&layer.post_attention_norm.as_view()),
+                hidden,
+                eps,
+                &mut normed.as_view_mut(),
+            )?;
+            let mlp = |m: &GpuMlp, x: &mut CudaSlice<f32>, gate_up: &mut CudaSlice<f32>, act: &mut CudaSlice<f32>| {
+                let (gu_len, act_len) = (tokens * 2 * m.intermediate, tokens * m.intermediate);
+                dev.linear(&normed.as_view(), tokens, &m.gate_up, &mut gate_up.slice_mut(0..gu_len), false)?;
+                dev.silu_mul(&gate_up.slice(0..gu_len), m.intermediate, &mut act.slice_mut(0..act_len))?;
+                dev.linear(&act.slice(0..act_len), tokens, &m.down, &mut x.as_view_mut(), true)
+            };
+            match &layer.feed_forward {
+                GpuFeedForward::Dense(m) => mlp(m, &mut x, &mut gate_up, &mut activated)?,
+                GpuFeedForward::Moe { router, shared } => {
+                    let e = cfg.num_local_experts;
+                    let logits_len = tokens * e;
+                    dev.linear(&normed.as_view(), tokens, router, &mut router_logits.slice_mut(0..logits_len), false)?;
+                    // Both downloads wait for the stream: the rows and logits are final.
+                    let logits = dev.download_view(&router_logits.slice(0..logits_len))?;
+                    let mut routed_in = dev.download(&normed)?;
+                    let choices = top1(&logits, e)?;
+                    let mut chosen = Vec::with_capacity(tokens);
+                    for (row, (expert, logit)) in routed_in.chunks_exact_mut(hidden).zip(choices) {
+                        let score = 1.0 / (1.0 + (-logit).exp());
+                        row.iter_mut().for_each(|v| *v *= score);
+                        chosen.push(expert);
+                    }
+                    // The shared expert is queued first, so the GPU computes it while the host (or wherever the
+                    // routed experts live) computes the routed ones.
+                    mlp(shared, &mut x, &mut gate_up, &mut activated)?;
+                    let routed = self.routed.compute(l, &routed_in, &chosen, hidden)?;
+                    if routed.len() != tokens * hidden {
+                        return Err(ModelError::InvalidInput {
+                            what: "routed expert outputs".into(),
+                            reason: format!(
+                                "layer {l}: {} values for {tokens} tokens of hidden size {hidden}",
+                                routed.len()
+                            ),
+                        });
+                    }
+                    dev.upload_into(&routed, &mut routed_out.as_view_mut())?;
+                    dev.add_in_place(&mut x.as_view_mut(), &routed_out.as_view())?;
+                }
+            }
+        }
+
+        let rows: usize = wanted.iter().map(|r| r.len()).sum();
+        if rows == 0 {
+            dev.synchronize()?;
+            return Ok(Vec::new());
+        }
+        let mut gathered = dev.zeros::<f32>(rows * hidden)?;
+        let mut at = 0;
+        for range in wanted {
+            let n = range.len();
+            dev.copy_view(
+                &x.slice(range.start * hidden..range.end * hidden),
+                &mut gathered.slice_mut(at * hidden..(at + n) * hidden),
+            )?;
+            at += n;
+        }
+        // `normed` is free again and large enough for the gathered rows.
+        let final_len = rows * hidden;
+        dev.rms_norm(
+            &gathered.as_view(),
+            Some(&self.norm.as_view()),
+            hidden,
+            eps,
+            &mut normed.slice_mut(0..final_len),
+        )?;
+        let mut logits = dev.zeros::<f32>(rows * cfg.vocab_size)?;
+        dev.linear(&normed.slice(0..final_len), rows, &self.lm_head, &mut logits.as_view_mut(), false)?;
+        let logits = dev.download(&logits)?;
+        dev.synchronize()?;
+        Ok(logits)
+    }
+}
+
+impl ForwardPass for GpuModel {
+    fn config(&self) -> &TextConfig {
+        &self.config
+    }
+
+    /// A fresh cache in this model's device pool: its blocks are indices into the model's KV arena.
+    fn new_cache(&self) -> Result<KvCache, ModelError> {
+        Ok(KvCache::in_pool(&self.config, self.pool.clone()))
+    }
+
+    /// The device arena's pool, when the engine asks for exactly what it holds (the arena is sized at upload:
+    /// [`GpuModelOptions`]).
+    fn kv_pool(&self, block_size: usize, capacity: usize) -> Result<Arc<KvBlockPool>, ModelError> {
+        if block_size != self.pool.block_size() || capacity != self.pool.capacity() {
+            return Err(ModelError::InvalidInput {
+                what: "KV pool".into(),
+                reason: format!(
+                    "asked for {capacity} blocks of {block_size} positions, but the GPU arena holds {} blocks of {} \
+                     (size the arena and the engine alike)",
+                    self.pool.capacity(),
+                    self.pool.block_size()
+                ),
+            });
+        }
+        Ok(self.pool.clone())
+    }
+
+    fn forward_batch(&self, batch: &mut [SequenceStep<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        for (i, step) in batch.iter().enumerate() {
+            self.validate_step(i, step)?;
+        }
+        let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        if tokens == 0 {
+            // A step with no sequence still takes part in every MoE layer's exchange (expert workers in lockstep
+            // expect each attention rank at each layer), as on the CPU.
+            for l in (0..self.config.num_hidden_layers).filter(|&l| self.config.is_moe_layer(l)) {
+                self.routed.compute(l, &[], &[], self.config.hidden_size)?;
+            }
+            return Ok(batch.iter().map(|_| Vec::new()).collect());
+        }
+        for step in batch.iter_mut() {
+            step.cache.reserve(step.tokens.len())?;
+        }
+        let mut wanted = Vec::new();
+        let mut offset = 0;
+        for step in batch.iter() {
+            let n = step.tokens.len();
+            match step.logits {
+                LogitsFor::All => wanted.push(offset..offset + n),
+                LogitsFor::Last => wanted.push(offset + n - 1..offset + n),
+                LogitsFor::None => {}
+            }
+            offset += n;
+        }
+        let logits = self.run_step(batch, tokens, &wanted)?;
+        // Only now, with every kernel of the step finished, do the sequences move on.
+        for step in batch.iter_mut() {
+            step.cache.advance(step.tokens.len());
+        }
+        let vocab = self.config.vocab_size;
+        let mut result = Vec::with_capacity(batch.len());
+        let mut row = 0;
+        for step in batch.iter() {
+            let n = match step.logits {
+                LogitsFor::All => step.tokens.len(),
+                LogitsFor::Last => 1,
+                LogitsFor::None => 0,
+            };
+            result.push(logits[row * vocab..(row + n) * vocab].to_vec());
+            row += n;
+        }
+        Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::tests::config;
+
+    /// The tables the attention kernel reads, checked by replaying its index arithmetic on the host: for every query
+    /// row, every key the CPU's mask lets it see is inside the row's held blocks, at the block the cache holds it in,
+    /// and the row's slot is where `KvCache::slot` puts its own key.
+    #[test]
+    fn layer_tables_cover_exactly_what_each_query_row_sees() {
+        let config = config();
+        let block_size = 4;
+        let pool = KvBlockPool::on_device(&config, block_size, 400).expect("device pool");
+        // A sequence 10 positions in (its chunked layers released the blocks before position 8), a fresh one, and one
+        // decoding a single token at a chunk boundary.
+        let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::in_pool(&config, pool.clone())).collect();
+        for (cache, done) in caches.iter_mut().zip([10, 0, 16]) {
+            if done > 0 {
+                cache.reserve(done).expect("reserve");
+                cache.advance(done);
+            }
+        }
+        let tokens: Vec<Vec<u32>> = vec![vec![1; 7], vec![2; 13], vec![3]];
+        let mut batch: Vec<SequenceStep<'_>> = caches
+            .iter_mut()
+            .zip(&tokens)
+            .map(|(cache, tokens)| SequenceStep { tokens, cache, logits: LogitsFor::All })
+            .collect();
+        for step in batch.iter_mut() {
+            step.cache.reserve(step.tokens.len()).expect("reserve");
+        }
+        let rows = 7 + 13 + 1;
+        for l in 0..config.num_hidden_layers {
+            let (meta, max_blocks) = layer_tables(l, &batch).expect("tables");
+            assert_eq!(meta.len(), rows * (2 + max_blocks));
+            let (slots, rest) = meta.split_at(rows);
+            let (first, table) = rest.split_at(rows);
+            let chunk = config.is_chunked_attention(l).then(|| config.attention_chunk_size.unwrap_or(usize::MAX));
+            let mut row = 0;
+            for step in &batch {
+                let held = step.cache.block_table(l).expect("layer").blocks.len();
+                for position in step.cache.len()..step.cache.len() + step.tokens.len() {
+                    assert_eq!(slots[row] as usize, step.cache.slot(l, position).expect("slot"), "layer {l}");
+                    // paged_decode_attention's range: lo = max(first visible, first held), hi = position + 1.
+                    let first_visible = chunk.map_or(0, |c| position / c * c);
+                    let key_start = first[row] as usize * block_size;
+                    assert!(key_start <= first_visible, "layer {l} row {row}: a visible key was released");
+                    for key in first_visible..=position {
+                        let index = key / block_size - first[row] as usize;
+                        assert!(index < held && index < max_blocks, "layer {l} row {row} key {key}");
+                        let block = table[row * max_blocks + index] as usize;
+                        assert_eq!(block * block_size + key % block_size, step.cache.slot(l, key).expect("held"));
+                    }
+                    row += 1;
+                }
+            }
+            assert_eq!(row, rows);
+        }
+        assert!(layer_tables(config.num_hidden_layers, &batch).is_err());
+    }
+}
