@@ -622,7 +622,6 @@ impl Scheduler {
                     None if !open => commands.try_recv(),
                     // Nothing to compute: sleep until a request arrives (or the engine is dropped).
                     None => commands.recv().map_err(|_| TryRecvError::Disconnected),
-                    // ... or until the next empty tick is due.
                     // ... or until the next empty tick is due (also while draining: late requests are refused).
                     Some(_) => {
                         let wait = next_tick.saturating_duration_since(Instant::now());

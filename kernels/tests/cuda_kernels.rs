@@ -45,7 +45,8 @@ use switchyard_kernels::activation::{silu_mul, silu_mul_reference};
 use switchyard_kernels::attention::{paged_attention, AttentionMask, AttentionShape, PagedKv};
 use switchyard_kernels::device::plan::{ExpertPlan, Fp8Expert, SMALL_M_MAX_TOKENS};
 use switchyard_kernels::device::{
-    bf16_bits_to_f32, f32_to_bf16_bits, CudaDevice, DenseDtype, DenseWeight, GpuExpertLayer, KvWrite, PagedDecode,
+    bf16_bits_to_f32, f32_to_bf16_bits, CudaDevice, CudaSlice, DenseDtype, DenseWeight, GpuExpertLayer, KvWrite,
+    PagedDecode,
 };
 use switchyard_kernels::fp8::{dequantize_rows, fake_quantize_rows, quantize_rows};
 use switchyard_kernels::matmul::{matmul_f32_reference, matmul_fp8, matmul_fp8_reference, Fp8Weight};
@@ -435,6 +436,35 @@ fn rope_matches_the_cpu() {
     assert_within(&got, &want, |i| 16.0 * U * f64::from(x[i & !1].abs() + x[i | 1].abs()), "rope");
 }
 
+/// `paged_decode_attention` on the GPU over `pool` (already there): `meta` is the block table, first blocks,
+/// lengths and positions; returns the outputs and log-sum-exps.
+fn gpu_paged_attention(
+    device: &CudaDevice,
+    shape: &PagedDecode,
+    q: &[f32],
+    pool: &CudaSlice<f32>,
+    meta: [&[u32]; 4],
+) -> (Vec<f32>, Vec<f32>) {
+    let [table, first, len, pos] = meta.map(|v| device.upload(v).expect("upload"));
+    let q_dev = device.upload(q).expect("upload");
+    let mut out = device.zeros::<f32>(q.len()).expect("alloc");
+    let mut lse = device.zeros::<f32>(shape.seqs * shape.q_heads).expect("alloc");
+    device
+        .paged_decode_attention(
+            shape,
+            &q_dev.as_view(),
+            &pool.as_view(),
+            &table.as_view(),
+            &first.as_view(),
+            &len.as_view(),
+            &pos.as_view(),
+            &mut out.as_view_mut(),
+            &mut lse.as_view_mut(),
+        )
+        .expect("gpu paged attention");
+    (device.download(&out).expect("download"), device.download(&lse).expect("download"))
+}
+
 #[test]
 fn paged_decode_attention_matches_the_cpu() {
     let Some(device) = gpu("paged_decode_attention") else { return };
@@ -502,27 +532,14 @@ fn paged_decode_attention_matches_the_cpu() {
         let column = |f: fn(&(usize, usize, usize, u32)) -> usize| -> Vec<u32> {
             sequences.iter().map(|s| f(s) as u32).collect()
         };
-        let upload = |v: &[u32]| device.upload(v).expect("upload");
-        let (first_dev, len_dev, pos_dev) =
-            (upload(&column(|s| s.0)), upload(&column(|s| s.1)), upload(&column(|s| s.2)));
-        let (q_dev, pool_dev, table_dev) =
-            (device.upload(&q).expect("upload"), device.upload(&pool).expect("upload"), upload(&table));
-        let mut out = device.zeros::<f32>(q.len()).expect("alloc");
-        let mut lse = device.zeros::<f32>(sequences.len() * q_heads).expect("alloc");
-        device
-            .paged_decode_attention(
-                &shape,
-                &q_dev.as_view(),
-                &pool_dev.as_view(),
-                &table_dev.as_view(),
-                &first_dev.as_view(),
-                &len_dev.as_view(),
-                &pos_dev.as_view(),
-                &mut out.as_view_mut(),
-                &mut lse.as_view_mut(),
-            )
-            .expect("gpu paged attention");
-        let (got, got_lse) = (device.download(&out).expect("download"), device.download(&lse).expect("download"));
+        let pool_dev = device.upload(&pool).expect("upload");
+        let (got, got_lse) = gpu_paged_attention(
+            &device,
+            &shape,
+            &q,
+            &pool_dev,
+            [&table, &column(|s| s.0), &column(|s| s.1), &column(|s| s.2)],
+        );
         for &s in &relevant {
             let rows = s * q_heads * head_dim..(s + 1) * q_heads * head_dim;
             assert_within(&got[rows.clone()], &want[rows], |_| 1e-4, &format!("chunk {chunk} sequence {s} out"));
@@ -841,32 +858,10 @@ fn kv_write_fills_the_paged_layout() {
         chunk: 0,
         scale,
     };
-    let upload = |v: &[u32]| device.upload(v).expect("upload");
-    let (table_dev, first_dev, len_dev, pos_dev) =
-        (upload(&table), upload(&[0]), upload(&[len as u32]), upload(&[len as u32 - 1]));
-    let q_dev = device.upload(&q).expect("upload");
-    let mut out = device.zeros::<f32>(q.len()).expect("alloc");
-    let mut lse = device.zeros::<f32>(q_heads).expect("alloc");
-    device
-        .paged_decode_attention(
-            &decode,
-            &q_dev.as_view(),
-            &pool_dev.as_view(),
-            &table_dev.as_view(),
-            &first_dev.as_view(),
-            &len_dev.as_view(),
-            &pos_dev.as_view(),
-            &mut out.as_view_mut(),
-            &mut lse.as_view_mut(),
-        )
-        .expect("gpu paged attention");
-    assert_within(&device.download(&out).expect("download"), &want_out, |_| 1e-4, "attention over written keys");
-    assert_within(
-        &device.download(&lse).expect("download"),
-        &want_lse,
-        |i| 1e-4 * (1.0 + f64::from(want_lse[i].abs())),
-        "lse over written keys",
-    );
+    let (got, got_lse) =
+        gpu_paged_attention(&device, &decode, &q, &pool_dev, [&table, &[0], &[len as u32], &[len as u32 - 1]]);
+    assert_within(&got, &want_out, |_| 1e-4, "attention over written keys");
+    assert_within(&got_lse, &want_lse, |i| 1e-4 * (1.0 + f64::from(want_lse[i].abs())), "lse over written keys");
 }
 
 #[test]

@@ -353,17 +353,7 @@ impl Llama4Model {
             step.cache.advance(step.tokens.len());
         }
         // Final norm and lm_head only on the rows whose logits are wanted.
-        let mut wanted = Vec::new();
-        let mut offset = 0;
-        for step in batch.iter() {
-            let n = step.tokens.len();
-            match step.logits {
-                LogitsFor::All => wanted.extend(offset..offset + n),
-                LogitsFor::Last => wanted.push(offset + n - 1),
-                LogitsFor::None => {}
-            }
-            offset += n;
-        }
+        let wanted: Vec<usize> = wanted_rows(batch).into_iter().flatten().collect();
         let mut rows = Vec::with_capacity(wanted.len() * hidden);
         for &r in &wanted {
             rows.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
@@ -375,19 +365,7 @@ impl Llama4Model {
             rms_norm(&rows, &self.norm, cfg.rms_norm_eps as f32, &mut final_normed)?;
             self.lm_head.apply(&final_normed, wanted.len())?
         };
-        let vocab = cfg.vocab_size;
-        let mut result = Vec::with_capacity(batch.len());
-        let mut row = 0;
-        for step in batch.iter() {
-            let n = match step.logits {
-                LogitsFor::All => step.tokens.len(),
-                LogitsFor::Last => 1,
-                LogitsFor::None => 0,
-            };
-            result.push(logits[row * vocab..(row + n) * vocab].to_vec());
-            row += n;
-        }
-        Ok(result)
+        Ok(logits_per_sequence(batch, &logits, cfg.vocab_size))
     }
 
     fn attention_block(
@@ -555,4 +533,37 @@ pub(crate) fn validate_step(cfg: &TextConfig, index: usize, step: &SequenceStep<
         });
     }
     Ok(())
+}
+
+/// The rows of a step's batch (tokens of all sequences, in order) whose logits are wanted, as one range per
+/// sequence that wants any: all its tokens, or its last.
+pub(crate) fn wanted_rows(batch: &[SequenceStep<'_>]) -> Vec<std::ops::Range<usize>> {
+    let mut wanted = Vec::new();
+    let mut offset = 0;
+    for step in batch {
+        let n = step.tokens.len();
+        match step.logits {
+            LogitsFor::All => wanted.push(offset..offset + n),
+            LogitsFor::Last => wanted.push(offset + n - 1..offset + n),
+            LogitsFor::None => {}
+        }
+        offset += n;
+    }
+    wanted
+}
+
+/// The logits of [`wanted_rows`] (`[rows, vocab]`) split back per sequence (empty for those that wanted none).
+pub(crate) fn logits_per_sequence(batch: &[SequenceStep<'_>], logits: &[f32], vocab: usize) -> Vec<Vec<f32>> {
+    let mut result = Vec::with_capacity(batch.len());
+    let mut row = 0;
+    for step in batch {
+        let n = match step.logits {
+            LogitsFor::All => step.tokens.len(),
+            LogitsFor::Last => 1,
+            LogitsFor::None => 0,
+        };
+        result.push(logits[row * vocab..(row + n) * vocab].to_vec());
+        row += n;
+    }
+    result
 }

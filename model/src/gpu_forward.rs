@@ -32,7 +32,9 @@ use switchyard_kernels::router::top1;
 
 use crate::config::TextConfig;
 use crate::experts::RoutedExperts;
-use crate::forward::{validate_step, FeedForward, ForwardPass, Llama4Model, LogitsFor, Mlp, SequenceStep};
+use crate::forward::{
+    logits_per_sequence, validate_step, wanted_rows, FeedForward, ForwardPass, Llama4Model, Mlp, SequenceStep,
+};
 use crate::kv::{KvBlockPool, KvCache, DEFAULT_BLOCK_SIZE};
 use crate::linear::LinearWeight;
 use crate::rope::temperature_factor;
@@ -613,41 +615,20 @@ impl ForwardPass for GpuModel {
         for step in batch.iter_mut() {
             step.cache.reserve(step.tokens.len())?;
         }
-        let mut wanted = Vec::new();
-        let mut offset = 0;
-        for step in batch.iter() {
-            let n = step.tokens.len();
-            match step.logits {
-                LogitsFor::All => wanted.push(offset..offset + n),
-                LogitsFor::Last => wanted.push(offset + n - 1..offset + n),
-                LogitsFor::None => {}
-            }
-            offset += n;
-        }
+        let wanted = wanted_rows(batch);
         let logits = self.run_step(batch, tokens, &wanted)?;
         // Only now, with every kernel of the step finished, do the sequences move on.
         for step in batch.iter_mut() {
             step.cache.advance(step.tokens.len());
         }
-        let vocab = self.config.vocab_size;
-        let mut result = Vec::with_capacity(batch.len());
-        let mut row = 0;
-        for step in batch.iter() {
-            let n = match step.logits {
-                LogitsFor::All => step.tokens.len(),
-                LogitsFor::Last => 1,
-                LogitsFor::None => 0,
-            };
-            result.push(logits[row * vocab..(row + n) * vocab].to_vec());
-            row += n;
-        }
-        Ok(result)
+        Ok(logits_per_sequence(batch, &logits, self.config.vocab_size))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forward::LogitsFor;
     use crate::kv::tests::config;
 
     /// The tables the attention kernel reads, checked by replaying its index arithmetic on the host: for every query
