@@ -311,6 +311,27 @@ async fn an_expert_rank_that_dies_mid_step_fails_every_rank_naming_it() {
     assert!(again.iter().all(|r| matches!(r, Err(TransportError::Unavailable { peer, .. }) if peer.contains("e1"))));
 }
 
+/// An attention rank that only makes empty steps (an idle engine's ticks) hears of a failed communicator through
+/// `failed()` as soon as its next step fails, naming the rank to blame; a rank whose communicator is fine does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_attention_rank_learns_that_the_communicator_failed() {
+    let (attention, _experts) = ranks(
+        WireFormat::default(),
+        [AffineExperts::new(Behaviour::Compute), AffineExperts::new(Behaviour::Die)],
+        STEP_TIMEOUT,
+    );
+    let idle_failed = attention[1].failed();
+    assert!(attention[1].failure().is_none());
+    // Rank 0 routes a batch to the dying expert rank while rank 1 has nothing to send.
+    let (busy, idle) = tokio::join!(attention[0].dispatch_step(step_batches(0, 1)), attention[1].dispatch_step(vec![]));
+    assert!(busy.iter().all(Result::is_err) && idle.is_empty());
+    let failure = tokio::time::timeout(STEP_TIMEOUT, idle_failed).await.expect("the idle rank learns the failure");
+    assert!(matches!(&failure, TransportError::Unavailable { peer, .. } if peer.contains("e1")), "{failure}");
+    // Asked after the fact, it answers at once.
+    let again = tokio::time::timeout(Duration::from_millis(100), attention[0].failed()).await.expect("at once");
+    assert!(again.to_string().contains("e1"), "{again}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expert_rank_that_hangs_mid_step_times_out_every_rank_naming_it() {
     let hanging = AffineExperts::new(Behaviour::Hang);

@@ -345,12 +345,12 @@ async fn serve_until_signal(args: Args) -> Result<()> {
         if let Ok(addr) = http_listener.local_addr() {
             tracing::info!(%worker_id, "OpenAI-compatible HTTP API on http://{addr}");
         }
-        tokio::spawn(serve_http(http_listener, router, crate::serving::shutdown_signal()))
+        tokio::spawn(serve_http(http_listener, router, stop_serving(collective.clone())))
     });
     let drain = collective.as_ref().map(|_| engine.clone());
     let service = GenerationService::new(engine, tokenizer, worker_id.clone());
     crate::serving::announce(&listener)?;
-    let server = tokio::spawn(serve(listener, service, shards, crate::serving::shutdown_signal()));
+    let server = tokio::spawn(serve(listener, service, shards, stop_serving(collective.clone())));
     let served = server.await.context("the server task failed")?;
     if let Some(http) = http {
         http.await.context("the HTTP server task failed")?.context("the HTTP API")?;
@@ -385,8 +385,28 @@ async fn serve_until_signal(args: Args) -> Result<()> {
         }
     }
     served.with_context(|| format!("attention worker {worker_id} on {addr}"))?;
+    if let Some(failure) = collective.as_ref().and_then(|collective| collective.failure()) {
+        bail!(
+            "attention worker {worker_id}: the NCCL communicator failed ({failure}); it cannot recover: restart every \
+             rank of the deployment for a new one"
+        );
+    }
     tracing::info!(%worker_id, "attention worker stopped");
     Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C, or when the NCCL communicator (if any) failed: a failed communicator never recovers,
+/// so the worker stops serving (and exits with the error) rather than failing every request from then on.
+async fn stop_serving(collective: Option<Arc<CollectiveTransport>>) {
+    let Some(collective) = collective else {
+        return crate::serving::shutdown_signal().await;
+    };
+    tokio::select! {
+        () = crate::serving::shutdown_signal() => {}
+        failure = collective.failed() => {
+            tracing::error!(%failure, "the NCCL communicator failed: stopping (every rank needs a new one)");
+        }
+    }
 }
 
 /// The model a worker computes with: on the CPU, or copied to a GPU (the host copy gone).

@@ -301,6 +301,8 @@ struct AttentionRank {
     stepping: Mutex<()>,
     /// The ranks' ticks and drain, as the dispatch exchanges told them (held briefly, never across an exchange).
     ticks: Mutex<Ticks>,
+    /// Woken when `ticks.failure` is first set ([`CollectiveTransport::failed`]).
+    failed: tokio::sync::Notify,
 }
 
 /// What an attention rank knows of the attention ranks' ticks and drain, from the steps-per-tick and draining frames
@@ -349,6 +351,7 @@ impl CollectiveTransport {
             next_request: AtomicU64::new(1),
             stepping: Mutex::new(()),
             ticks: Mutex::new(Ticks::default()),
+            failed: tokio::sync::Notify::new(),
         };
         Ok(CollectiveTransport { rank: Arc::new(rank) })
     }
@@ -407,6 +410,23 @@ impl CollectiveTransport {
         self.rank.ticks().failure.clone()
     }
 
+    /// Resolves with [`CollectiveTransport::failure`] once there is one: a failed communicator never recovers (the
+    /// ranks cannot be put back in step), so whoever serves through it stops instead of failing every request from
+    /// then on. An idle rank learns it too, at its next empty step.
+    pub fn failed(&self) -> BoxFuture<'static, TransportError> {
+        let rank = self.rank.clone();
+        Box::pin(async move {
+            loop {
+                // Registered before the check, so a failure recorded in between still wakes it.
+                let woken = rank.failed.notified();
+                if let Some(failure) = rank.ticks().failure.clone() {
+                    return failure;
+                }
+                woken.await;
+            }
+        })
+    }
+
     /// Leaves the steps: one last dispatch exchange telling every expert rank so. Every attention rank must leave in
     /// the same exchange; the expert ranks then return from [`serve_expert_rank`].
     pub fn leave(&self) -> BoxFuture<'static, Result<(), TransportError>> {
@@ -442,6 +462,7 @@ impl AttentionRank {
     /// Records `error` as the reason the steps cannot go on (the first one stays) and returns it.
     fn fail(&self, error: TransportError) -> TransportError {
         self.ticks().failure.get_or_insert_with(|| error.clone());
+        self.failed.notify_waiters();
         error
     }
 
@@ -536,6 +557,7 @@ impl AttentionRank {
         let Some(error) = refused else { return Ok(()) };
         ticks.failure.get_or_insert_with(|| error.clone());
         drop(ticks);
+        self.failed.notify_waiters();
         tracing::warn!(rank = self.collective.rank(), step = index, %error, "aborting the communicator");
         self.collective.abort(&error.to_string());
         Err(error)
