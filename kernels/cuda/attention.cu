@@ -82,7 +82,9 @@ extern "C" __global__ void rope_interleaved(float* __restrict__ x, const unsigne
 // keep an online softmax (running max, sum and weighted values; lane l holds dims l, l + 32, ...), then merge.
 //   q:           [seqs, q_heads, head_dim]
 //   pool:        the KV block pool, block b at pool + b * 2 * block_size * kv_heads * head_dim
-//   block_table: [seqs, max_blocks] block ids of each sequence, entry i holding block first_block[s] + i
+//   block_table: [table_rows, max_blocks] block ids, entry i of a row holding block first_block[s] + i
+//   table_row:   [seqs] the block_table row of each query (several queries of one sequence, e.g. a prefill's, share
+//                their sequence's row); a row >= table_rows sees no key (the host checks; nothing is read outside)
 //   first_block: [seqs]; seq_len: [seqs] one past the last valid position; positions: [seqs] the query's position
 //   chunk:       0 for the causal mask, else the chunked mask's block length
 //   out:         [seqs, q_heads, head_dim]; lse: [seqs, q_heads] natural log-sum-exp of the scaled scores (-inf and
@@ -90,6 +92,7 @@ extern "C" __global__ void rope_interleaved(float* __restrict__ x, const unsigne
 // head_dim must be a multiple of 32 and at most MAX_HEAD_DIM (the caller checks).
 extern "C" __global__ void paged_decode_attention(const float* __restrict__ q, const float* __restrict__ pool,
                                                   const unsigned int* __restrict__ block_table,
+                                                  const unsigned int* __restrict__ table_row, int table_rows,
                                                   const unsigned int* __restrict__ first_block,
                                                   const unsigned int* __restrict__ seq_len,
                                                   const unsigned int* __restrict__ positions, int q_heads,
@@ -110,6 +113,10 @@ extern "C" __global__ void paged_decode_attention(const float* __restrict__ q, c
     unsigned int first_visible = chunk == 0 ? 0u : position / chunk * chunk;
     unsigned int lo = max(first_visible, key_start);
     unsigned int hi = min(position + 1, seq_len[seq]);
+    unsigned int row_of_table = table_row[seq];
+    if (row_of_table >= (unsigned int)table_rows) {
+        hi = lo;
+    }
 
     const float* query = q + ((size_t)seq * q_heads + head) * head_dim;
     float qv[MAX_HEAD_DIM / 32];
@@ -124,7 +131,7 @@ extern "C" __global__ void paged_decode_attention(const float* __restrict__ q, c
     size_t row = (size_t)kv_heads * head_dim;
     for (unsigned int pos = lo + warp; pos < hi; pos += ATTENTION_WARPS) {
         unsigned int index = pos / block_size - first_block[seq];
-        unsigned int block = block_table[(size_t)seq * max_blocks + index];
+        unsigned int block = block_table[(size_t)row_of_table * max_blocks + index];
         const float* base = pool + (size_t)block * 2 * block_size * row;
         const float* key = base + (size_t)(pos % block_size) * row + (size_t)kv_head * head_dim;
         const float* value = key + (size_t)block_size * row;

@@ -436,16 +436,16 @@ fn rope_matches_the_cpu() {
     assert_within(&got, &want, |i| 16.0 * U * f64::from(x[i & !1].abs() + x[i | 1].abs()), "rope");
 }
 
-/// `paged_decode_attention` on the GPU over `pool` (already there): `meta` is the block table, first blocks,
-/// lengths and positions; returns the outputs and log-sum-exps.
+/// `paged_decode_attention` on the GPU over `pool` (already there): `meta` is the block table, each query's row of
+/// it, first blocks, lengths and positions; returns the outputs and log-sum-exps.
 fn gpu_paged_attention(
     device: &CudaDevice,
     shape: &PagedDecode,
     q: &[f32],
     pool: &CudaSlice<f32>,
-    meta: [&[u32]; 4],
+    meta: [&[u32]; 5],
 ) -> (Vec<f32>, Vec<f32>) {
-    let [table, first, len, pos] = meta.map(|v| device.upload(v).expect("upload"));
+    let [table, table_row, first, len, pos] = meta.map(|v| device.upload(v).expect("upload"));
     let q_dev = device.upload(q).expect("upload");
     let mut out = device.zeros::<f32>(q.len()).expect("alloc");
     let mut lse = device.zeros::<f32>(shape.seqs * shape.q_heads).expect("alloc");
@@ -455,6 +455,7 @@ fn gpu_paged_attention(
             &q_dev.as_view(),
             &pool.as_view(),
             &table.as_view(),
+            &table_row.as_view(),
             &first.as_view(),
             &len.as_view(),
             &pos.as_view(),
@@ -524,6 +525,7 @@ fn paged_decode_attention_matches_the_cpu() {
             kv_heads,
             head_dim,
             block_size,
+            table_rows: sequences.len(),
             max_blocks,
             pool_blocks,
             chunk,
@@ -533,12 +535,15 @@ fn paged_decode_attention_matches_the_cpu() {
             sequences.iter().map(|s| f(s) as u32).collect()
         };
         let pool_dev = device.upload(&pool).expect("upload");
+        // The table's rows stored in reverse, each query naming its own: the kernel must follow `table_row`.
+        let reversed: Vec<u32> = table.chunks(max_blocks).rev().flatten().copied().collect();
+        let rows_of: Vec<u32> = (0..sequences.len() as u32).rev().collect();
         let (got, got_lse) = gpu_paged_attention(
             &device,
             &shape,
             &q,
             &pool_dev,
-            [&table, &column(|s| s.0), &column(|s| s.1), &column(|s| s.2)],
+            [&reversed, &rows_of, &column(|s| s.0), &column(|s| s.1), &column(|s| s.2)],
         );
         for &s in &relevant {
             let rows = s * q_heads * head_dim..(s + 1) * q_heads * head_dim;
@@ -849,6 +854,7 @@ fn kv_write_fills_the_paged_layout() {
     .expect("cpu paged attention");
     let decode = PagedDecode {
         seqs: 1,
+        table_rows: 1,
         q_heads,
         kv_heads,
         head_dim,
@@ -859,7 +865,7 @@ fn kv_write_fills_the_paged_layout() {
         scale,
     };
     let (got, got_lse) =
-        gpu_paged_attention(&device, &decode, &q, &pool_dev, [&table, &[0], &[len as u32], &[len as u32 - 1]]);
+        gpu_paged_attention(&device, &decode, &q, &pool_dev, [&table, &[0], &[0], &[len as u32], &[len as u32 - 1]]);
     assert_within(&got, &want_out, |_| 1e-4, "attention over written keys");
     assert_within(&got_lse, &want_lse, |i| 1e-4 * (1.0 + f64::from(want_lse[i].abs())), "lse over written keys");
 }

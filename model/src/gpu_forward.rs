@@ -5,8 +5,8 @@
 //!
 //! A step on the device, per layer: RMS norm; q, k, v projections; RoPE (and the weightless qk-norm) or the NoPE
 //! temperature scale; the new keys and values written into the paged arena at their slots; paged decode attention
-//! with one "sequence" row per query token (its own length `position + 1` and its sequence's block table row
-//! repeated, so a prefill runs through the decode kernel); the output projection added into the residual; RMS norm;
+//! with one "sequence" row per query token (its own length `position + 1`, naming its sequence's block-table row,
+//! so a prefill runs through the decode kernel); the output projection added into the residual; RMS norm;
 //! then a dense SwiGLU MLP (gate and up fused into one GEMM) or an MoE block. The MoE block's router runs on the GPU
 //! in f32 (whatever the dense dtype: a top-1 choice is discontinuous in its logits), then the router logits and the
 //! normed rows come to the host, where the choice and the sigmoid score are computed as the CPU forward pass does
@@ -186,34 +186,37 @@ fn upload_mlp(
     })
 }
 
-/// Layer `l`'s slots, first blocks and block table rows for the step's query rows, packed for one upload:
-/// `[slots (tokens) | first_block (tokens) | table (tokens x max_blocks)]`; returns it and `max_blocks`.
+/// Layer `l`'s slots, first blocks and block-table rows for the step's query rows, packed for one upload:
+/// `[slots (tokens) | first_block (tokens) | table_row (tokens) | table (sequences x max_blocks)]`: one table row
+/// per sequence, which all its query rows name (a prefill's table is not repeated per query). Returns it and
+/// `max_blocks`.
 fn layer_tables(l: usize, batch: &[SequenceStep<'_>]) -> Result<(Vec<u32>, usize), ModelError> {
     let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
     let tables = batch.iter().map(|s| s.cache.block_table(l)).collect::<Result<Vec<_>, _>>()?;
     let max_blocks = tables.iter().map(|t| t.blocks.len()).max().unwrap_or(0).max(1);
-    let mut meta = vec![0u32; tokens * (2 + max_blocks)];
+    let mut meta = vec![0u32; 3 * tokens + batch.len() * max_blocks];
     let (slots, rest) = meta.split_at_mut(tokens);
-    let (first, table) = rest.split_at_mut(tokens);
+    let (first, rest) = rest.split_at_mut(tokens);
+    let (table_row, table) = rest.split_at_mut(tokens);
     let too_large = |what: &str, value: usize| ModelError::InvalidInput {
         what: "KV cache".into(),
         reason: format!("{what} {value} of layer {l} exceeds the GPU kernels' u32 indices"),
     };
     let mut row = 0;
-    for (step, held) in batch.iter().zip(&tables) {
+    for (s, (step, held)) in batch.iter().zip(&tables).enumerate() {
         let first_block = u32::try_from(held.first_block).map_err(|_| too_large("block", held.first_block))?;
-        let blocks = held
-            .blocks
-            .iter()
-            .map(|&b| u32::try_from(b).map_err(|_| too_large("block index", b)))
-            .collect::<Result<Vec<u32>, _>>()?;
+        for (entry, &b) in table[s * max_blocks..].iter_mut().zip(&held.blocks) {
+            *entry = u32::try_from(b).map_err(|_| too_large("block index", b))?;
+        }
+        // Sequences are few (a batch), so their index fits u32 whenever the tokens' slots do.
+        let sequence_row = u32::try_from(s).map_err(|_| too_large("sequence", s))?;
         for position in step.cache.len()..step.cache.len() + step.tokens.len() {
             // A slot for the position means its block and every block from `first_block` to it are held: the
             // attention kernel reads nothing past the table row's held blocks.
             let slot = step.cache.slot(l, position)?;
             slots[row] = u32::try_from(slot).map_err(|_| too_large("slot", slot))?;
             first[row] = first_block;
-            table[row * max_blocks..row * max_blocks + blocks.len()].copy_from_slice(&blocks);
+            table_row[row] = sequence_row;
             row += 1;
         }
     }
@@ -460,7 +463,8 @@ impl GpuModel {
             let meta = dev.upload(&meta)?;
             let slots = meta.slice(0..tokens);
             let first_block = meta.slice(tokens..2 * tokens);
-            let table = meta.slice(2 * tokens..tokens * (2 + max_blocks));
+            let table_row = meta.slice(2 * tokens..3 * tokens);
+            let table = meta.slice(3 * tokens..3 * tokens + batch.len() * max_blocks);
             dev.kv_write(&kv_shape, &mut arena.as_view_mut(), &k.as_view(), &v.as_view(), &slots)?;
             let chunk = if cfg.is_chunked_attention(l) {
                 // A chunk longer than any u32 position never ends inside the sequence: the causal mask (0).
@@ -474,6 +478,7 @@ impl GpuModel {
                 kv_heads: kvh,
                 head_dim: hd,
                 block_size: self.pool.block_size(),
+                table_rows: batch.len(),
                 max_blocks,
                 pool_blocks: self.pool.capacity(),
                 chunk,
@@ -484,6 +489,7 @@ impl GpuModel {
                 &q.as_view(),
                 &arena.as_view(),
                 &table,
+                &table_row,
                 &first_block,
                 &seq_len.as_view(),
                 &positions.as_view(),
@@ -660,12 +666,13 @@ mod tests {
         let rows = 7 + 13 + 1;
         for l in 0..config.num_hidden_layers {
             let (meta, max_blocks) = layer_tables(l, &batch).expect("tables");
-            assert_eq!(meta.len(), rows * (2 + max_blocks));
+            assert_eq!(meta.len(), 3 * rows + batch.len() * max_blocks);
             let (slots, rest) = meta.split_at(rows);
-            let (first, table) = rest.split_at(rows);
+            let (first, rest) = rest.split_at(rows);
+            let (table_row, table) = rest.split_at(rows);
             let chunk = config.is_chunked_attention(l).then(|| config.attention_chunk_size.unwrap_or(usize::MAX));
             let mut row = 0;
-            for step in &batch {
+            for (s, step) in batch.iter().enumerate() {
                 let held = step.cache.block_table(l).expect("layer").blocks.len();
                 for position in step.cache.len()..step.cache.len() + step.tokens.len() {
                     assert_eq!(slots[row] as usize, step.cache.slot(l, position).expect("slot"), "layer {l}");
@@ -676,7 +683,8 @@ mod tests {
                     for key in first_visible..=position {
                         let index = key / block_size - first[row] as usize;
                         assert!(index < held && index < max_blocks, "layer {l} row {row} key {key}");
-                        let block = table[row * max_blocks + index] as usize;
+                        assert_eq!(table_row[row] as usize, s, "layer {l} row {row}: its sequence's table row");
+                        let block = table[table_row[row] as usize * max_blocks + index] as usize;
                         assert_eq!(block * block_size + key % block_size, step.cache.slot(l, key).expect("held"));
                     }
                     row += 1;

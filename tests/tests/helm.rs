@@ -559,6 +559,7 @@ fn maverick_values_request_gpus_and_rdma_and_spread_expert_workers() {
         assert_eq!(model["persistentVolumeClaim"]["claimName"], "llama4-maverick-fp8", "{role}");
         let args = args_of(workers, role);
         assert_eq!(flag(&args, "--model"), Some("/models/Llama-4-Maverick-17B-128E-Instruct-FP8"), "{role}");
+        assert_eq!(flag(&args, "--device"), Some("cuda:0"), "{role} computes on its GPU");
     }
     let experts = find(&objects, "StatefulSet", &full("expert-worker"));
     assert_eq!(experts["spec"]["replicas"], 8);
@@ -676,6 +677,8 @@ fn plan_emitted_values_render_and_validate() {
             let gpus = emitted[key]["gpus"].as_i64().expect("gpus");
             let limit = container["resources"]["limits"]["nvidia.com/gpu"].as_i64();
             assert_eq!(limit, (gpus > 0).then_some(gpus), "{}: {key}.gpus", values.name);
+            let device = flag(&args_of(workers, role), "--device");
+            assert_eq!(device, (gpus > 0).then_some("cuda:0"), "{}: {key} computes where its GPUs are", values.name);
             let port = emitted[key]["grpcPort"].as_i64().expect("grpcPort");
             assert_eq!(container_port(container, "grpc"), Some(port), "{}: {key}.grpcPort", values.name);
         }

@@ -371,6 +371,19 @@ readinessProbe:
   failureThreshold: {{ .probes.readinessFailureThreshold }}
 {{- end -}}
 
+{{/* The device flag of a worker with GPUs: it computes on the first of its pod's GPUs (`--device=cuda:0`; the device
+plugin makes the pod's GPUs cuda:0..). GPUs need the CUDA image: the CPU build would refuse the flag at start. */}}
+{{- define "switchyard.deviceArgs" -}}
+{{- $args := list -}}
+{{- if gt (int .values.gpus) 0 -}}
+{{- if ne .root.Values.image.variant "cuda" -}}
+{{- fail (printf "%s.gpus is %d but image.variant is %s: GPU workers need the CUDA build (image.variant: cuda)" .component (int .values.gpus) .root.Values.image.variant) -}}
+{{- end -}}
+{{- $args = append $args "--device=cuda:0" -}}
+{{- end -}}
+{{- toYaml $args -}}
+{{- end -}}
+
 {{/* Resources of a worker: its own plus GPUs and RDMA devices, as requests and limits alike (extended resources
 cannot be overcommitted: the two must be equal). */}}
 {{- define "switchyard.workerResources" -}}

@@ -113,6 +113,7 @@ impl CudaDevice {
         _q: &CudaView<'_, f32>,
         _pool: &CudaView<'_, f32>,
         _block_table: &CudaView<'_, u32>,
+        _table_row: &CudaView<'_, u32>,
         _first_block: &CudaView<'_, u32>,
         _seq_len: &CudaView<'_, u32>,
         _positions: &CudaView<'_, u32>,

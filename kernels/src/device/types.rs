@@ -62,6 +62,8 @@ pub struct PagedDecode {
     pub head_dim: usize,
     /// Positions per KV block.
     pub block_size: usize,
+    /// Rows of the block table (one per sequence; queries name theirs in `table_row`).
+    pub table_rows: usize,
     /// Columns of the block table (blocks per sequence at most).
     pub max_blocks: usize,
     /// Blocks in the pool.

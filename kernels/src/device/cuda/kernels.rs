@@ -399,7 +399,9 @@ impl CudaDevice {
 
     /// Decode attention of one query per sequence over a paged KV cache (`attention::paged_attention`'s layout and
     /// arithmetic, online softmax). `pool`: `pool_blocks` blocks of `[2, block_size, kv_heads, head_dim]`;
-    /// `block_table`: `[seqs, max_blocks]`; `first_block`, `seq_len`, `positions`: one per sequence; `out`:
+    /// `block_table`: `[table_rows, max_blocks]`; `table_row`: each query's row of it (the queries of one sequence's
+    /// prefill share one, so the table is not repeated per query); `first_block`, `seq_len`, `positions`: one per
+    /// query; `out`:
     /// `[seqs, q_heads, head_dim]`; `lse`: `[seqs, q_heads]`. Block ids and the visible ranges are checked on the host
     /// by the caller that owns the block table (the kernel trusts them).
     #[allow(clippy::too_many_arguments)]
@@ -409,6 +411,7 @@ impl CudaDevice {
         q: &CudaView<'_, f32>,
         pool: &CudaView<'_, f32>,
         block_table: &CudaView<'_, u32>,
+        table_row: &CudaView<'_, u32>,
         first_block: &CudaView<'_, u32>,
         seq_len: &CudaView<'_, u32>,
         positions: &CudaView<'_, u32>,
@@ -444,8 +447,16 @@ impl CudaDevice {
             product(OP, s.pool_blocks, block_values)?,
             "pool_blocks * 2 * block_size * kv_heads * head_dim",
         )?;
-        check_len(OP, "block_table", block_table.len(), product(OP, s.seqs, s.max_blocks)?, "seqs * max_blocks")?;
-        for (name, buffer) in [("first_block", first_block), ("seq_len", seq_len), ("positions", positions)] {
+        check_len(
+            OP,
+            "block_table",
+            block_table.len(),
+            product(OP, s.table_rows, s.max_blocks)?,
+            "table_rows * max_blocks",
+        )?;
+        for (name, buffer) in
+            [("table_row", table_row), ("first_block", first_block), ("seq_len", seq_len), ("positions", positions)]
+        {
             check_len(OP, name, buffer.len(), s.seqs, "seqs")?;
         }
         if s.seqs == 0 {
@@ -457,13 +468,15 @@ impl CudaDevice {
         let head_dim = int(OP, "head_dim", s.head_dim)?;
         let block_size = int(OP, "block_size", s.block_size)?;
         let max_blocks = int(OP, "max_blocks", s.max_blocks)?;
+        let table_rows = int(OP, "table_rows", s.table_rows)?;
         let cfg = LaunchConfig {
             grid_dim: (blocks(OP, s.seqs)?, blocks(OP, s.q_heads)?, 1),
             block_dim: (ATTENTION_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(q).arg(pool).arg(block_table).arg(first_block).arg(seq_len).arg(positions);
+        launch.arg(q).arg(pool).arg(block_table).arg(table_row).arg(&table_rows).arg(first_block).arg(seq_len);
+        launch.arg(positions);
         launch.arg(&q_heads).arg(&kv_heads).arg(&head_dim).arg(&block_size).arg(&max_blocks);
         launch.arg(&s.chunk).arg(&s.scale).arg(out).arg(lse);
         // SAFETY: signature matched; lengths checked; block ids and ranges are the caller's (documented above).
