@@ -45,8 +45,8 @@ use switchyard_kernels::activation::{silu_mul, silu_mul_reference};
 use switchyard_kernels::attention::{paged_attention, AttentionMask, AttentionShape, PagedKv};
 use switchyard_kernels::device::plan::{ExpertPlan, Fp8Expert, SMALL_M_MAX_TOKENS};
 use switchyard_kernels::device::{
-    bf16_bits_to_f32, f32_to_bf16_bits, CudaDevice, CudaSlice, DenseDtype, DenseWeight, GpuExpertLayer, KvWrite,
-    PagedDecode,
+    bf16_bits_to_f32, f32_to_bf16_bits, CudaDevice, CudaSlice, DenseDtype, DenseWeight, GpuExpertLayer, GroupedGemm,
+    KvWrite, PagedDecode,
 };
 use switchyard_kernels::fp8::{dequantize_rows, fake_quantize_rows, quantize_rows};
 use switchyard_kernels::matmul::{matmul_f32_reference, matmul_fp8, matmul_fp8_reference, Fp8Weight};
@@ -217,19 +217,16 @@ fn fp8_grouped_gemm_matches_the_cpu_reference() {
     let (a_dev, a_scale_dev) = (device.upload(&a_codes).expect("upload"), device.upload(&a_scale).expect("upload"));
     let (w_dev, w_scale_dev) = (device.upload(&codes).expect("upload"), device.upload(&w_scale).expect("upload"));
     let mut out = device.zeros::<f32>(slots * n).expect("alloc");
-    device
-        .fp8_grouped_gemm(
-            &plan,
-            &offsets.as_view(),
-            &a_dev.as_view(),
-            &a_scale_dev.as_view(),
-            &w_dev.as_view(),
-            &w_scale_dev.as_view(),
-            n,
-            k,
-            &mut out.as_view_mut(),
-        )
-        .expect("grouped gemm");
+    let gemm = GroupedGemm {
+        a: &a_dev.as_view(),
+        a_scale: &a_scale_dev.as_view(),
+        offsets: &offsets.as_view(),
+        w: &w_dev.as_view(),
+        w_scale: &w_scale_dev.as_view(),
+        n,
+        k,
+    };
+    device.fp8_grouped_gemm(&plan, &gemm, &mut out.as_view_mut()).expect("grouped gemm");
     let got = device.download(&out).expect("download");
     // Which way cuBLASLt took the row-wise scales on this machine (fused outer-vector scales or the epilogue).
     let (first, tokens) = (plan.offsets[0] as usize, plan.tokens(0));
@@ -256,31 +253,10 @@ fn fp8_grouped_gemm_matches_the_cpu_reference() {
     // The two streaming kernels on their own (the grouped call used one of them for the small experts).
     let run_small = |mma: bool| -> Vec<f32> {
         let mut out = device.zeros::<f32>(slots * n).expect("alloc");
-        let args = (&a_dev.as_view(), &a_scale_dev.as_view(), &offsets.as_view(), &w_dev.as_view());
         if mma {
-            device.fp8_grouped_gemm_mma(
-                args.0,
-                args.1,
-                args.2,
-                args.3,
-                &w_scale_dev.as_view(),
-                n,
-                k,
-                64,
-                &mut out.as_view_mut(),
-            )
+            device.fp8_grouped_gemm_mma(&gemm, 64, &mut out.as_view_mut())
         } else {
-            device.fp8_grouped_gemm_small(
-                args.0,
-                args.1,
-                args.2,
-                args.3,
-                &w_scale_dev.as_view(),
-                n,
-                k,
-                64,
-                &mut out.as_view_mut(),
-            )
+            device.fp8_grouped_gemm_small(&gemm, 64, &mut out.as_view_mut())
         }
         .expect("streaming kernel");
         device.download(&out).expect("download")

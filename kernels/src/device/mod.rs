@@ -26,6 +26,9 @@ pub mod plan;
 pub mod sources;
 mod types;
 
+/// The operands of the grouped FP8 expert GEMM (`cuda` feature only: the expert path's kernels have no stand-ins).
+#[cfg(feature = "cuda")]
+pub use backend::GroupedGemm;
 /// The backend's API. With the `cuda` feature these are the real types (and [`CudaDevice`] has more methods than the
 /// stand-in: the FP8 expert-path kernels, used by `tests/cuda_kernels.rs`; `CudaSlice`, `CudaView` and
 /// `CudaViewMut` are cudarc's); without it, uninhabited stand-ins whose constructors answer

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys::CUevent_flags, CudaSlice};
 
+use super::kernels::GroupedGemm;
 use super::{driver, CudaDevice};
 use crate::device::gpu_bench::{
     anchor_us, splitmix64, zipf_routing, GemmBenchConfig, GemmBenchReport, GemmBenchRow, GemmShape,
@@ -112,17 +113,16 @@ fn measure(
         let first = (i % rotate) * n * k;
         let w = buffers.weights.slice(first..first + experts * n * k);
         let w_scale = buffers.w_scale.slice((i % rotate) * n..(i % rotate) * n + experts * n);
-        device.fp8_grouped_gemm(
-            plan,
-            &offsets.as_view(),
-            &buffers.a.slice(..slots * k),
-            &buffers.a_scale.slice(..slots),
-            &w,
-            &w_scale,
+        let gemm = GroupedGemm {
+            a: &buffers.a.slice(..slots * k),
+            a_scale: &buffers.a_scale.slice(..slots),
+            offsets: &offsets.as_view(),
+            w: &w,
+            w_scale: &w_scale,
             n,
             k,
-            &mut buffers.out.slice_mut(..slots * n),
-        )
+        };
+        device.fp8_grouped_gemm(plan, &gemm, &mut buffers.out.slice_mut(..slots * n))
     })?;
     let cublaslt = median_us(device, config.warmup, config.iterations, |i| {
         for e in 0..experts {

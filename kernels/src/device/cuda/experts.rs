@@ -8,9 +8,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaViewMut};
 
-use super::kernels::MMA_MAX_TOKENS;
+use super::kernels::{GroupedGemm, MMA_MAX_TOKENS};
 use super::{driver, CudaDevice};
 use crate::device::plan::{ExpertDims, ExpertPlan, Fp8Expert, SMALL_M_MAX_TOKENS};
 use crate::error::{check_len, product, KernelError};
@@ -28,27 +28,21 @@ impl CudaDevice {
     /// each larger expert through cuBLASLt (row-wise scales fused where cuBLASLt supports them, else the scale
     /// epilogue). `a`: `[slots, k]` codes in plan order, `a_scale`: `[slots]`; `offsets`: the plan's offsets on the
     /// device; `w`: `[experts, n, k]`, `w_scale`: `[experts, n]`; `out`: `[slots, n]`.
-    #[allow(clippy::too_many_arguments)]
     pub fn fp8_grouped_gemm(
         &self,
         plan: &ExpertPlan,
-        offsets: &CudaView<'_, u32>,
-        a: &CudaView<'_, u8>,
-        a_scale: &CudaView<'_, f32>,
-        w: &CudaView<'_, u8>,
-        w_scale: &CudaView<'_, f32>,
-        n: usize,
-        k: usize,
+        gemm: &GroupedGemm<'_, '_>,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), KernelError> {
         const OP: &str = "cuda fp8_grouped_gemm";
+        let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k } = *gemm;
         check_len(OP, "offsets", offsets.len(), plan.offsets.len(), "plan.offsets.len()")?;
         check_len(OP, "a_scale", a_scale.len(), plan.slot_row.len(), "slots")?;
         if plan.has_small_experts() {
             if n % 16 == 0 && k % 64 == 0 && SMALL_M_MAX_TOKENS <= MMA_MAX_TOKENS && !simt_forced() {
-                self.fp8_grouped_gemm_mma(a, a_scale, offsets, w, w_scale, n, k, SMALL_M_MAX_TOKENS, out)?;
+                self.fp8_grouped_gemm_mma(gemm, SMALL_M_MAX_TOKENS, out)?;
             } else {
-                self.fp8_grouped_gemm_small(a, a_scale, offsets, w, w_scale, n, k, SMALL_M_MAX_TOKENS, out)?;
+                self.fp8_grouped_gemm_small(gemm, SMALL_M_MAX_TOKENS, out)?;
             }
         }
         let weight = product(OP, n, k)?;
@@ -161,32 +155,30 @@ impl GpuExpertLayer {
         let mut a_scale = device.zeros::<f32>(rows)?;
         device.quantize_rows(&permuted.as_view(), rows, hidden, &mut a.as_view_mut(), &mut a_scale.as_view_mut())?;
         let mut gate_up = device.zeros::<f32>(rows * 2 * inter)?;
-        device.fp8_grouped_gemm(
-            &plan,
-            &offsets.as_view(),
-            &a.as_view(),
-            &a_scale.as_view(),
-            &self.gate_up.as_view(),
-            &self.gate_up_scales.as_view(),
-            2 * inter,
-            hidden,
-            &mut gate_up.as_view_mut(),
-        )?;
+        let gate_up_gemm = GroupedGemm {
+            a: &a.as_view(),
+            a_scale: &a_scale.as_view(),
+            offsets: &offsets.as_view(),
+            w: &self.gate_up.as_view(),
+            w_scale: &self.gate_up_scales.as_view(),
+            n: 2 * inter,
+            k: hidden,
+        };
+        device.fp8_grouped_gemm(&plan, &gate_up_gemm, &mut gate_up.as_view_mut())?;
         let mut h = device.zeros::<u8>(rows * inter)?;
         let mut h_scale = device.zeros::<f32>(rows)?;
         device.silu_mul_quantize(&gate_up.as_view(), rows, inter, &mut h.as_view_mut(), &mut h_scale.as_view_mut())?;
         let mut y = device.zeros::<f32>(rows * hidden)?;
-        device.fp8_grouped_gemm(
-            &plan,
-            &offsets.as_view(),
-            &h.as_view(),
-            &h_scale.as_view(),
-            &self.down.as_view(),
-            &self.down_scales.as_view(),
-            hidden,
-            inter,
-            &mut y.as_view_mut(),
-        )?;
+        let down_gemm = GroupedGemm {
+            a: &h.as_view(),
+            a_scale: &h_scale.as_view(),
+            offsets: &offsets.as_view(),
+            w: &self.down.as_view(),
+            w_scale: &self.down_scales.as_view(),
+            n: hidden,
+            k: inter,
+        };
+        device.fp8_grouped_gemm(&plan, &down_gemm, &mut y.as_view_mut())?;
         // `permuted` is free again: the outputs in row order go there.
         device.scatter_rows(&y.as_view(), &slot_row.as_view(), hidden, &mut permuted.as_view_mut())?;
         device.download(&permuted)

@@ -35,20 +35,34 @@ pub(super) fn blocks(op: &'static str, count: usize) -> Result<u32, KernelError>
     u32::try_from(count.max(1)).map_err(|_| KernelError::invalid(op, format!("{count} blocks exceed the grid limit")))
 }
 
+/// The operands of one grouped FP8 GEMM over the experts of a layer, `out[slot, o] = w_scale[e, o] * a_scale[slot]
+/// * sum_c e4m3(a[slot, c]) * e4m3(w[e, o, c])` for the slots of each expert `e`.
+#[derive(Clone, Copy)]
+pub struct GroupedGemm<'a, 'b> {
+    /// `[slots, k]` E4M3 codes, in plan order (the slots of expert 0, then of expert 1, ...).
+    pub a: &'a CudaView<'b, u8>,
+    /// `[slots]` per-slot scales of `a`.
+    pub a_scale: &'a CudaView<'b, f32>,
+    /// `experts + 1` slot offsets on the device (the plan's).
+    pub offsets: &'a CudaView<'b, u32>,
+    /// `[experts, n, k]` E4M3 weights.
+    pub w: &'a CudaView<'b, u8>,
+    /// `[experts, n]` per-row scales of `w`.
+    pub w_scale: &'a CudaView<'b, f32>,
+    /// Output features.
+    pub n: usize,
+    /// Input features.
+    pub k: usize,
+}
+
 /// The shape checks of the grouped GEMMs; returns the number of experts. `k_multiple`: what `k` must divide by.
-#[allow(clippy::too_many_arguments)]
 fn check_grouped(
     op: &'static str,
-    a: &CudaView<'_, u8>,
-    a_scale: &CudaView<'_, f32>,
-    offsets: &CudaView<'_, u32>,
-    w: &CudaView<'_, u8>,
-    w_scale: &CudaView<'_, f32>,
-    n: usize,
-    k: usize,
+    gemm: &GroupedGemm<'_, '_>,
     k_multiple: usize,
     out: &CudaViewMut<'_, f32>,
 ) -> Result<usize, KernelError> {
+    let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k } = *gemm;
     if k == 0 || k % k_multiple != 0 || n == 0 {
         return Err(KernelError::invalid(
             op,
@@ -218,25 +232,18 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// The grouped weight-streaming FP8 GEMM for every expert with `1..=max_tokens` tokens, on the CUDA cores:
-    /// `out[slot, o] = w_scale[e, o] * a_scale[slot] * sum_c e4m3(a[slot, c]) * e4m3(w[e, o, c])`. `offsets` (on the
-    /// device) has `experts + 1` values; `w` holds `experts` weights `[n, k]`; `k` must be a multiple of 16. Rows of
-    /// experts with more tokens are left untouched (cuBLASLt computes them).
-    #[allow(clippy::too_many_arguments)]
+    /// The grouped weight-streaming FP8 GEMM ([`GroupedGemm`]) for every expert with `1..=max_tokens` tokens, on the
+    /// CUDA cores; `k` must be a multiple of 16. Rows of experts with more tokens are left untouched (cuBLASLt
+    /// computes them).
     pub fn fp8_grouped_gemm_small(
         &self,
-        a: &CudaView<'_, u8>,
-        a_scale: &CudaView<'_, f32>,
-        offsets: &CudaView<'_, u32>,
-        w: &CudaView<'_, u8>,
-        w_scale: &CudaView<'_, f32>,
-        n: usize,
-        k: usize,
+        gemm: &GroupedGemm<'_, '_>,
         max_tokens: usize,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), KernelError> {
         const OP: &str = "cuda fp8_grouped_gemm_small";
-        let experts = check_grouped(OP, a, a_scale, offsets, w, w_scale, n, k, 16, out)?;
+        let experts = check_grouped(OP, gemm, 16, out)?;
+        let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k } = *gemm;
         let f = self.function(&EXPERTS_CU, "fp8_grouped_gemm_small")?;
         let (n_i, k_i) = (int(OP, "n", n)?, int(OP, "k", k)?);
         let max_i = int(OP, "max_tokens", max_tokens)?;
@@ -258,27 +265,21 @@ impl CudaDevice {
     /// [`CudaDevice::fp8_grouped_gemm_small`] on the tensor cores (mma.sync m16n8k32 E4M3, f32 accumulation): the same
     /// contract, with `n` a multiple of 16, `k` of 64 and `max_tokens` at most [`MMA_MAX_TOKENS`] (one pass over
     /// the weights). Needs sm_89 or later.
-    #[allow(clippy::too_many_arguments)]
     pub fn fp8_grouped_gemm_mma(
         &self,
-        a: &CudaView<'_, u8>,
-        a_scale: &CudaView<'_, f32>,
-        offsets: &CudaView<'_, u32>,
-        w: &CudaView<'_, u8>,
-        w_scale: &CudaView<'_, f32>,
-        n: usize,
-        k: usize,
+        gemm: &GroupedGemm<'_, '_>,
         max_tokens: usize,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), KernelError> {
         const OP: &str = "cuda fp8_grouped_gemm_mma";
+        let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k } = *gemm;
         if n % 16 != 0 || max_tokens > MMA_MAX_TOKENS {
             return Err(KernelError::invalid(
                 OP,
                 format!("n = {n} must be a multiple of 16 and max_tokens = {max_tokens} at most {MMA_MAX_TOKENS}"),
             ));
         }
-        let experts = check_grouped(OP, a, a_scale, offsets, w, w_scale, n, k, 64, out)?;
+        let experts = check_grouped(OP, gemm, 64, out)?;
         let f = self.function(&EXPERTS_CU, "fp8_grouped_gemm_mma")?;
         let (n_i, k_i) = (int(OP, "n", n)?, int(OP, "k", k)?);
         let max_i = int(OP, "max_tokens", max_tokens)?;

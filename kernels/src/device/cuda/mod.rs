@@ -31,6 +31,7 @@ pub use compile::compile_cuda_source;
 pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 pub use dense::DenseWeight;
 pub use experts::GpuExpertLayer;
+pub use kernels::GroupedGemm;
 
 pub(super) const COMPILED: bool = true;
 
