@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: what CI runs (.ci/run) and what the README tells everyone to run.
 # Installs what it needs, builds once, runs every test, builds the CUDA backend and runs its tests (no GPU needed:
-# NVRTC from PyPI compiles the kernels; GPU tests skip with a printed reason where there is none).
+# NVRTC from PyPI compiles the kernels; GPU tests skip with a printed reason where there is none, then run on the CPU
+# emulation of the CUDA driver, cuda-emulator/).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -19,10 +20,29 @@ echo "== test"
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.txt
 echo "== build with --features cuda (cudarc loads CUDA at run time; none is needed to compile)"
 cargo build --features cuda --locked
-echo "== CUDA tests: NVRTC (from PyPI wheels) compiles every kernel here; the GPU tests skip with a printed reason"
+echo "== CUDA tests without a driver: NVRTC (from PyPI wheels) compiles every kernel; GPU tests skip with a printed reason"
 eval "$(bash scripts/nvrtc-tools.sh)"
 # One invocation over the whole workspace, as the test run above: the dependencies' features unify the same way, so
 # only the crates that take the `cuda` feature compile again (per-package invocations rebuilt dependencies each time).
-cargo test --workspace --features cuda --locked --test cuda_nvrtc --test cuda_kernels --test gpu_experts --test gpu_forward \
-  --test gpu_worker --test collective --test engine -- --nocapture 2>&1 | tee target/test-output-cuda.txt
+cuda_tests=(--test cuda_nvrtc --test cuda_kernels --test gpu_experts --test gpu_forward --test gpu_worker --test collective
+  --test engine)
+cargo test --workspace --features cuda --locked "${cuda_tests[@]}" -- --nocapture 2>&1 | tee target/test-output-cuda.txt
+echo "== GPU tests on the CPU emulation of the CUDA driver and cuBLASLt (cuda-emulator/): their kernels run here"
+eval "$(bash scripts/cuda-emulator.sh)"
+# The same test binaries (already built), now finding a "GPU": none may skip. The engine and collective targets hold
+# CPU tests too, which ran above; only the engine's GPU test runs again. NCCL is not emulated (one_nccl_rank skips).
+on_emulator() {
+  LD_LIBRARY_PATH="$SWITCHYARD_CUDA_EMULATOR:$LD_LIBRARY_PATH" cargo test --workspace --features cuda --locked "$@"
+}
+{
+  on_emulator --test cuda_kernels --test gpu_experts --test gpu_forward --test gpu_worker -- --nocapture
+  on_emulator --test engine -- engine_on_the_gpu --nocapture
+  # Blocks and threads in the reverse order: a kernel relying on an order the GPU does not promise fails here.
+  SWITCHYARD_CUDA_EMULATOR_SCHEDULE=reverse on_emulator --test cuda_kernels --test gpu_forward -- --nocapture
+} 2>&1 | tee target/test-output-cuda-emulated.txt
+if grep -q "SKIPPED" target/test-output-cuda-emulated.txt; then
+  echo "error: a GPU test skipped on the CUDA emulator (it should have run):" >&2
+  grep "SKIPPED" target/test-output-cuda-emulated.txt >&2
+  exit 1
+fi
 echo "== done in $(( $(date +%s) - start )) s"

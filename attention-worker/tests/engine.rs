@@ -386,6 +386,7 @@ async fn engine_on_the_gpu_equals_the_cpu_engine() {
     let options = EngineOptions {
         micro_batches: 2,
         threads: 2,
+        max_batch: 8,
         max_batch_tokens: 16,
         kv_block_size: block_size,
         kv_blocks: Some(kv_blocks),

@@ -113,7 +113,11 @@ extern "C" __global__ void quantize_rows_e4m3(const float* __restrict__ x, int r
 // (the caller checks them on the host).
 extern "C" __global__ void permute_plan(const unsigned int* __restrict__ experts, int rows, int num_experts,
                                         unsigned int* __restrict__ offsets, unsigned int* __restrict__ slot_row) {
+#ifdef SWITCHYARD_CPU_EMULATION
+    unsigned int* shared = switchyard_emu_dynamic_shared<unsigned int>();
+#else
     extern __shared__ unsigned int shared[];
+#endif
     unsigned int* counts = shared;
     unsigned int* cursor = shared + num_experts;
     unsigned int* tile = shared + 2 * num_experts;
@@ -194,7 +198,11 @@ extern "C" __global__ void scatter_rows(const float* __restrict__ y, const unsig
 extern "C" __global__ void silu_mul_quantize_e4m3(const float* __restrict__ gate_up, int rows, int inter,
                                                   unsigned char* __restrict__ q, float* __restrict__ scales,
                                                   float* __restrict__ activated) {
+#ifdef SWITCHYARD_CPU_EMULATION
+    float* row_values = switchyard_emu_dynamic_shared<float>();
+#else
     extern __shared__ float row_values[];
+#endif
     int row = blockIdx.x;
     if (row >= rows) {
         return;
@@ -343,11 +351,16 @@ fp8_grouped_gemm_small(const unsigned char* __restrict__ a, const float* __restr
 #define MMA_TILES (MMA_MAX_TOKENS / 8)
 __device__ __forceinline__ void mma_e4m3(float* c, unsigned int a0, unsigned int a1, unsigned int a2,
                                          unsigned int a3, unsigned int b0, unsigned int b1) {
+#ifdef SWITCHYARD_CPU_EMULATION
+    // The CPU emulator (cuda-emulator/) gathers the warp's fragments and computes the MMA once for all lanes.
+    switchyard_emu_warp_mma(c, a0, a1, a2, a3, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)

@@ -99,8 +99,10 @@ pub struct GpuModel {
     inv_freq: CudaSlice<f32>,
     /// Hands out the arena's block indices.
     pool: Arc<KvBlockPool>,
-    /// The KV arena: `pool.capacity()` blocks of `pool.block_floats()` floats. The lock also keeps two steps from
-    /// interleaving their kernels.
+    /// The KV arena: `pool.capacity()` blocks of `pool.block_floats()` floats. The lock is held only while a layer's
+    /// KV write and attention are queued: two steps (the engine's micro-batches) touch disjoint blocks, and the one
+    /// stream orders a block's reuse after the kernels that read it, so one micro-batch's kernels run while the other
+    /// waits for its routed experts (the ping-pong overlap).
     kv: Mutex<CudaSlice<f32>>,
     routed: Arc<dyn RoutedExperts>,
 }
@@ -184,6 +186,27 @@ fn upload_mlp(
         down: upload_linear(device, &mlp.down, hidden, intermediate, dtype, &format!("{name}.down"))?,
         intermediate,
     })
+}
+
+/// Every layer's [`layer_tables`] for one step, one after the other in `meta`, so the step uploads them once (one host
+/// to device copy that waits for the stream, instead of one per layer inside the layer loop).
+struct StepTables {
+    meta: Vec<u32>,
+    /// Per layer: where its part of `meta` starts, and its `max_blocks`.
+    layers: Vec<(usize, usize)>,
+}
+
+impl StepTables {
+    fn build(layers: usize, batch: &[SequenceStep<'_>]) -> Result<Self, ModelError> {
+        let mut meta = Vec::new();
+        let mut parts = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let (layer, max_blocks) = layer_tables(l, batch)?;
+            parts.push((meta.len(), max_blocks));
+            meta.extend_from_slice(&layer);
+        }
+        Ok(Self { meta, layers: parts })
+    }
 }
 
 /// Layer `l`'s slots, first blocks and block-table rows for the step's query rows, packed for one upload:
@@ -388,7 +411,6 @@ impl GpuModel {
         let (hidden, hd, qh, kvh) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
         let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
         let eps = cfg.rms_norm_eps as f32;
-        let mut arena = self.arena();
 
         let mut host_tokens = Vec::with_capacity(tokens);
         let mut host_positions = Vec::with_capacity(tokens);
@@ -441,6 +463,8 @@ impl GpuModel {
             pool_blocks: self.pool.capacity(),
         };
         let scale = 1.0 / (hd as f32).sqrt();
+        let tables = StepTables::build(self.layers.len(), batch)?;
+        let step_meta = dev.upload(&tables.meta)?;
         for (l, layer) in self.layers.iter().enumerate() {
             dev.rms_norm(&x.as_view(), Some(&layer.input_norm.as_view()), hidden, eps, &mut normed.as_view_mut())?;
             dev.linear(&normed.as_view(), tokens, &layer.q, &mut q.as_view_mut(), false)?;
@@ -459,13 +483,12 @@ impl GpuModel {
                 dev.scale_rows(&mut q.as_view_mut(), q_dim, &factors.as_view())?;
             }
 
-            let (meta, max_blocks) = layer_tables(l, batch)?;
-            let meta = dev.upload(&meta)?;
+            let (at, max_blocks) = tables.layers[l];
+            let meta = step_meta.slice(at..at + 3 * tokens + batch.len() * max_blocks);
             let slots = meta.slice(0..tokens);
             let first_block = meta.slice(tokens..2 * tokens);
             let table_row = meta.slice(2 * tokens..3 * tokens);
             let table = meta.slice(3 * tokens..3 * tokens + batch.len() * max_blocks);
-            dev.kv_write(&kv_shape, &mut arena.as_view_mut(), &k.as_view(), &v.as_view(), &slots)?;
             let chunk = if cfg.is_chunked_attention(l) {
                 // A chunk longer than any u32 position never ends inside the sequence: the causal mask (0).
                 u32::try_from(cfg.attention_chunk_size.unwrap_or(usize::MAX)).unwrap_or(0)
@@ -484,6 +507,8 @@ impl GpuModel {
                 chunk,
                 scale,
             };
+            let mut arena = self.arena();
+            dev.kv_write(&kv_shape, &mut arena.as_view_mut(), &k.as_view(), &v.as_view(), &slots)?;
             dev.paged_decode_attention(
                 &shape,
                 &q.as_view(),
@@ -496,6 +521,7 @@ impl GpuModel {
                 &mut attended.as_view_mut(),
                 &mut lse.as_view_mut(),
             )?;
+            drop(arena);
             dev.linear(&attended.as_view(), tokens, &layer.o, &mut x.as_view_mut(), true)?;
 
             dev.rms_norm(
@@ -664,8 +690,11 @@ mod tests {
             step.cache.reserve(step.tokens.len()).expect("reserve");
         }
         let rows = 7 + 13 + 1;
+        let step = StepTables::build(config.num_hidden_layers, &batch).expect("step tables");
         for l in 0..config.num_hidden_layers {
             let (meta, max_blocks) = layer_tables(l, &batch).expect("tables");
+            let (at, step_max_blocks) = step.layers[l];
+            assert_eq!((&step.meta[at..at + meta.len()], step_max_blocks), (&meta[..], max_blocks), "layer {l}");
             assert_eq!(meta.len(), 3 * rows + batch.len() * max_blocks);
             let (slots, rest) = meta.split_at(rows);
             let (first, rest) = rest.split_at(rows);

@@ -27,8 +27,8 @@ use std::sync::Arc;
 use switchyard_model::checkpoint::{Checkpoint, ExpertWeights};
 use switchyard_model::config::ModelConfig;
 use switchyard_model::{
-    ActivationPrecision, DenseDtype, Device, ForwardPass, GpuExperts, GpuModel, GpuModelOptions, KvCache, Llama4Model,
-    LoadOptions, LogitsFor, ModelError, SequenceStep,
+    ActivationPrecision, DenseDtype, Device, ForwardPass, GpuExperts, GpuModel, GpuModelOptions, KvBlockPool, KvCache,
+    Llama4Model, LoadOptions, LogitsFor, ModelError, SequenceStep,
 };
 
 /// tests/golden/`name`: the path compiled in, or (a test binary carried to the GPU machine, run from the repository
@@ -100,7 +100,9 @@ fn f32_dense_matches_the_cpu_forward_in_prefill_and_decode() {
     let Some(gpu) = upload(&model, &f32_options(), "f32 dense forward") else { return };
     let vocab = model.config().vocab_size;
     let prompt = prompt(vocab);
-    let mut cpu_cache = model.new_cache().expect("cache");
+    // The CPU cache in blocks of the GPU arena's size, so that both release the same blocks at chunk boundaries.
+    let cpu_pool = KvBlockPool::new(model.config(), f32_options().block_size, usize::MAX).expect("host pool");
+    let mut cpu_cache = KvCache::in_pool(model.config(), cpu_pool);
     let mut gpu_cache = gpu.new_cache().expect("cache");
     assert!(gpu_cache.pool().is_on_device());
     let cpu = model.forward(&prompt, &mut cpu_cache, LogitsFor::All).expect("cpu prefill");

@@ -210,9 +210,11 @@ impl CudaDevice {
         check_len(OP, "gate_up", gate_up.len(), 2 * values, format_args!("rows * 2 * inter = {rows} * 2 * {inter}"))?;
         check_len(OP, "q", q.len(), values, format_args!("rows * inter = {rows} * {inter}"))?;
         check_len(OP, "scales", scales.len(), rows, "rows")?;
-        // The row of activations is staged in shared memory: 8192 floats for Maverick, within the 48 KB default.
-        if inter > 12 * 1024 {
-            return Err(KernelError::invalid(OP, format!("inter = {inter} exceeds the 12288 the kernel stages")));
+        // The row of activations is staged in dynamic shared memory (8192 floats for Maverick) next to block_amax's
+        // 32 static floats, all within the 48 KB a launch gets without opting in.
+        const MAX_INTER: usize = (48 * 1024 - 32 * 4) / 4;
+        if inter > MAX_INTER {
+            return Err(KernelError::invalid(OP, format!("inter = {inter} exceeds the {MAX_INTER} the kernel stages")));
         }
         if rows == 0 {
             return Ok(());
