@@ -29,7 +29,9 @@
 # counts as FAILED here, since this runs where the GPU must be usable).
 #
 # Environment: OUT (where results go), SWITCHYARD_CUDA_INCLUDE (if the headers are not under /usr/local/cuda or
-# $CUDA_HOME), BENCH_ARGS (extra flags for bench gpu, e.g. "--iterations 50").
+# $CUDA_HOME), BENCH_ARGS (extra flags for bench gpu, e.g. "--iterations 50"), GPU_CHECK_ON_EMULATOR=1 (a dry run of
+# this script without a GPU, on the CPU emulation of CUDA from scripts/cuda-emulator.sh; otherwise a step that ran on
+# the emulator fails).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -99,6 +101,11 @@ run_checks() {
     # On the GPU machine a skipped test means the GPU (or NVRTC, or the headers) could not be used: a failure here.
     if [ "$status" = ok ] && grep -q 'SKIPPED' "$out/$name.log"; then
       status="FAILED (tests SKIPPED: $(grep -o 'SKIPPED.*' "$out/$name.log" | head -n 1))"
+      failed=1
+    fi
+    # The CPU emulation of CUDA (cuda-emulator/, for machines without a GPU) must never stand in for the GPU here.
+    if [ -z "${GPU_CHECK_ON_EMULATOR:-}" ] && grep -q 'CPU emulation of CUDA' "$out/$name.log"; then
+      status="FAILED (ran on the CPU emulation of CUDA, not the GPU: take cuda-emulator off LD_LIBRARY_PATH)"
       failed=1
     fi
     # A filter that matches no test is a broken step, not a passed one.

@@ -29,14 +29,15 @@ cuda_tests=(--test cuda_nvrtc --test cuda_kernels --test gpu_experts --test gpu_
 cargo test --workspace --features cuda --locked "${cuda_tests[@]}" -- --nocapture 2>&1 | tee target/test-output-cuda.txt
 echo "== GPU tests on the CPU emulation of the CUDA driver and cuBLASLt (cuda-emulator/): their kernels run here"
 eval "$(bash scripts/cuda-emulator.sh)"
-# The same test binaries (already built), now finding a "GPU": none may skip. The engine and collective targets hold
-# CPU tests too, which ran above; only the engine's GPU test runs again. NCCL is not emulated (one_nccl_rank skips).
+# The same test binaries (already built), now finding GPUs and NCCL: none may skip. The engine and collective targets
+# hold CPU tests too, which ran above; only their GPU and NCCL tests run again.
 on_emulator() {
   LD_LIBRARY_PATH="$SWITCHYARD_CUDA_EMULATOR:$LD_LIBRARY_PATH" cargo test --workspace --features cuda --locked "$@"
 }
 {
   on_emulator --test cuda_kernels --test gpu_experts --test gpu_forward --test gpu_worker -- --nocapture
   on_emulator --test engine -- engine_on_the_gpu --nocapture
+  on_emulator --test collective -- nccl --nocapture
   # Blocks and threads in the reverse order: a kernel relying on an order the GPU does not promise fails here.
   SWITCHYARD_CUDA_EMULATOR_SCHEDULE=reverse on_emulator --test cuda_kernels --test gpu_forward -- --nocapture
 } 2>&1 | tee target/test-output-cuda-emulated.txt

@@ -369,12 +369,13 @@ async fn drain_finishes_the_sequences_and_stops_admission() {
 /// Skips with a printed reason without a GPU (scripts/gpu-check.sh runs it on one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_on_the_gpu_equals_the_cpu_engine() {
-    use switchyard_model::{DenseDtype, Device, GpuModel, GpuModelOptions, ModelError};
+    use switchyard_model::{DenseDtype, Device, GpuModel, GpuModelOptions, KvDtype, ModelError};
     let cluster = cluster(&["0-3", "4-7"], tokio::runtime::Handle::current());
     let config = &fixture().config.text;
     let block_size = switchyard_model::kv::DEFAULT_BLOCK_SIZE;
     let kv_blocks = 8 * KvCache::blocks_for_sequence(config, block_size, 64, 16);
-    let gpu_options = GpuModelOptions { dense_dtype: DenseDtype::F32, kv_blocks, block_size };
+    // f32 weights and KV: the CPU engine's arithmetic up to summation order, so tokens compare exactly.
+    let gpu_options = GpuModelOptions { dense_dtype: DenseDtype::F32, kv_dtype: KvDtype::F32, kv_blocks, block_size };
     let gpu = match GpuModel::upload(&cluster.model, Device::Cuda(0), &gpu_options) {
         Ok(gpu) => gpu,
         Err(ModelError::Kernel(reason)) => {

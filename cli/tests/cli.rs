@@ -134,6 +134,27 @@ fn bad_input_gets_a_clear_error_not_a_panic() {
     assert!(stderr(&out).contains("--dense-dtype"), "{}", stderr(&out));
 }
 
+/// `--kv-dtype` chooses a GPU's KV cache: on the CPU (whose cache is f32) every command refuses it before binding or
+/// loading anything, naming the flag; a value that is no KV dtype is refused naming the value.
+#[test]
+fn kv_dtype_is_refused_on_the_cpu() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    for args in [
+        &["attention-worker", "--kv-dtype", "bf16", "--expert-workers", "e0=http://127.0.0.1:1"][..],
+        &["generate", "--prompt-ids", "1", "--kv-dtype", "f32"][..],
+        &["up", "--kv-dtype", "bf16"][..],
+    ] {
+        let out = switchyard(args, cache.path());
+        assert!(!out.status.success(), "{args:?}");
+        let message = stderr(&out);
+        assert!(message.contains("--kv-dtype") && message.contains("cuda:N"), "{args:?}: {message}");
+        assert!(!message.contains("panicked"), "{args:?}: {message}");
+    }
+    let out = switchyard(&["generate", "--prompt-ids", "1", "--device", "cuda:0", "--kv-dtype", "fp8"], cache.path());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("\"fp8\""), "{}", stderr(&out));
+}
+
 #[test]
 fn generate_sampling_controls_logprobs_and_stop() {
     let cache = tempfile::tempdir().expect("tempdir");

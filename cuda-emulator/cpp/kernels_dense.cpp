@@ -11,4 +11,5 @@ void switchyard_emu_register_dense(switchyard_emu::Registry& registry) {
     SWITCHYARD_EMU_KERNEL(registry, add_in_place);
     SWITCHYARD_EMU_KERNEL(registry, scale_rows);
     SWITCHYARD_EMU_KERNEL(registry, kv_write);
+    SWITCHYARD_EMU_KERNEL(registry, kv_write_bf16);
 }

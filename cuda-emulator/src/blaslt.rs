@@ -251,11 +251,7 @@ pub fn last_refusal() -> Option<String> {
 /// status, printing the reason.
 fn entry(function: &'static str, body: impl FnOnce() -> Result<(), Refusal>) -> u32 {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|panic| {
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let message = crate::error::panic_message(&*panic);
         Err(Refusal { status: status::INTERNAL_ERROR, reason: format!("emulator panicked: {message}") })
     });
     match outcome {

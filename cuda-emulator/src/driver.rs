@@ -1,12 +1,18 @@
-//! Initialisation, the one device, its primary context, streams and events. Everything executes synchronously at the
+//! Initialisation, the devices, their primary contexts, streams and events. Everything executes synchronously at the
 //! call, so streams and events are bookkeeping: handles are checked (a destroyed or unknown one is
 //! CUDA_ERROR_INVALID_HANDLE), an event's time is the wall clock when it was recorded.
+//!
+//! One device unless `SWITCHYARD_CUDA_EMULATOR_DEVICES` says how many (1 to [`MAX_DEVICES`]), or a test raises the
+//! count at run time ([`switchyard_cuda_emulator_set_device_count`]): several ranks of one NCCL communicator need one
+//! device each, as on real GPUs. The devices are identical and share one memory (every allocation is host memory, so
+//! any device may read any pointer, as with peer access); each has its own primary context, which is what says on
+//! which device a thread works (`cuCtxGetDevice`, the NCCL emulation). Streams are not tied to a device.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use crate::error::{code, description, guard, name_c, write_out, CUresult, EmuError};
@@ -26,8 +32,13 @@ pub type CUhostFn = Option<unsafe extern "C" fn(user_data: *mut c_void)>;
 /// The device name: says, wherever a name is shown, that this is no GPU.
 pub const DEVICE_NAME: &str = "Switchyard CPU emulation of CUDA (not a GPU)";
 
-/// The primary context's handle (never dereferenced by anyone).
+/// Device 0's primary context handle; device `d`'s is `d * CONTEXT_STRIDE` further (never dereferenced by anyone).
 const PRIMARY_CONTEXT: usize = 0x5157_C000;
+const CONTEXT_STRIDE: usize = 0x100;
+/// The most devices the emulator can be asked for (an 8-GPU node and then some).
+pub const MAX_DEVICES: usize = 16;
+/// The environment variable that sets how many devices there are (default 1).
+pub const DEVICES_VARIABLE: &str = "SWITCHYARD_CUDA_EMULATOR_DEVICES";
 /// CU_STREAM_LEGACY and CU_STREAM_PER_THREAD, the special stream handles.
 const STREAM_LEGACY: usize = 0x1;
 const STREAM_PER_THREAD: usize = 0x2;
@@ -35,7 +46,11 @@ const STREAM_PER_THREAD: usize = 0x2;
 const EVENT_DISABLE_TIMING: c_uint = 0x2;
 
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
-static PRIMARY_RETAINS: AtomicUsize = AtomicUsize::new(0);
+static PRIMARY_RETAINS: [AtomicUsize; MAX_DEVICES] = [const { AtomicUsize::new(0) }; MAX_DEVICES];
+/// The device count asked for through the environment (read once), or what was wrong with it.
+static CONFIGURED_DEVICES: OnceLock<Result<usize, String>> = OnceLock::new();
+/// The device count a test raised it to at run time (0: not raised).
+static RAISED_DEVICES: AtomicUsize = AtomicUsize::new(0);
 static NEXT_HANDLE: AtomicUsize = AtomicUsize::new(0x5157_0000_0000);
 
 thread_local! {
@@ -69,33 +84,87 @@ fn check_initialized() -> Result<(), EmuError> {
     }
 }
 
-fn check_device(device: CUdevice) -> Result<(), EmuError> {
+fn configured_devices() -> Result<usize, EmuError> {
+    let configured = CONFIGURED_DEVICES.get_or_init(|| match std::env::var(DEVICES_VARIABLE) {
+        Err(std::env::VarError::NotPresent) => Ok(1),
+        Err(std::env::VarError::NotUnicode(value)) => Err(format!("{DEVICES_VARIABLE}={value:?} is not a number")),
+        Ok(value) => match value.trim().parse::<usize>() {
+            Ok(count) if (1..=MAX_DEVICES).contains(&count) => Ok(count),
+            _ => Err(format!("{DEVICES_VARIABLE}={value:?}: the emulator can have 1 to {MAX_DEVICES} devices")),
+        },
+    });
+    configured.clone().map_err(EmuError::invalid)
+}
+
+/// How many devices the emulator has: `SWITCHYARD_CUDA_EMULATOR_DEVICES` (default 1), or more where a test raised the
+/// count ([`set_device_count`]). An error when the variable is not a number from 1 to [`MAX_DEVICES`].
+pub fn device_count() -> Result<usize, EmuError> {
+    Ok(configured_devices()?.max(RAISED_DEVICES.load(Ordering::Acquire)))
+}
+
+/// Raises the device count to `count` (from 1 to [`MAX_DEVICES`]) for the rest of the process: a test that needs a
+/// device per NCCL rank asks for them. Never lowers it, since devices may be in use; asking for fewer is a no-op.
+pub fn set_device_count(count: usize) -> Result<(), EmuError> {
+    configured_devices()?;
+    if !(1..=MAX_DEVICES).contains(&count) {
+        return Err(EmuError::invalid(format!("{count} devices: the emulator can have 1 to {MAX_DEVICES}")));
+    }
+    RAISED_DEVICES.fetch_max(count, Ordering::AcqRel);
+    Ok(())
+}
+
+/// The device ordinal as an index, once checked to be one of the emulator's devices.
+fn check_device(device: CUdevice) -> Result<usize, EmuError> {
     check_initialized()?;
-    if device == 0 {
-        Ok(())
-    } else {
-        Err(EmuError::new(code::INVALID_DEVICE, format!("device {device}: the emulator has one device, 0")))
+    let count = device_count()?;
+    usize::try_from(device).ok().filter(|&d| d < count).ok_or_else(|| {
+        EmuError::new(
+            code::INVALID_DEVICE,
+            format!("device {device}: the emulator has {count} device(s), 0 to {} ({DEVICES_VARIABLE})", count - 1),
+        )
+    })
+}
+
+fn primary_context(device: usize) -> usize {
+    PRIMARY_CONTEXT + device * CONTEXT_STRIDE
+}
+
+/// The device whose primary context `handle` is, if it is one.
+fn context_device(handle: usize) -> Option<usize> {
+    let offset = handle.checked_sub(PRIMARY_CONTEXT)?;
+    let device = offset / CONTEXT_STRIDE;
+    (offset % CONTEXT_STRIDE == 0 && device < MAX_DEVICES).then_some(device)
+}
+
+/// Fails unless the calling thread has a (primary) context current, as the driver requires of memory and launch
+/// calls; the current context's device otherwise.
+pub(crate) fn check_context() -> Result<usize, EmuError> {
+    check_initialized()?;
+    match context_device(CURRENT.with(Cell::get)) {
+        Some(device) if PRIMARY_RETAINS[device].load(Ordering::Acquire) > 0 => Ok(device),
+        _ => Err(EmuError::new(code::INVALID_CONTEXT, "no context is current on this thread (cuCtxSetCurrent)")),
     }
 }
 
-/// Fails unless the calling thread has the (primary) context current, as the driver requires of memory and launch
-/// calls.
-pub(crate) fn check_context() -> Result<(), EmuError> {
-    check_initialized()?;
-    if CURRENT.with(Cell::get) == PRIMARY_CONTEXT && PRIMARY_RETAINS.load(Ordering::Acquire) > 0 {
-        Ok(())
-    } else {
-        Err(EmuError::new(code::INVALID_CONTEXT, "no context is current on this thread (cuCtxSetCurrent)"))
-    }
+/// The device of the context current on the calling thread, if one is (what the CUDA runtime's `cudaGetDevice`
+/// answers, and so the device an NCCL communicator joins with).
+pub fn current_device() -> Option<CUdevice> {
+    context_device(CURRENT.with(Cell::get)).and_then(|device| CUdevice::try_from(device).ok())
+}
+
+/// Whether `stream` is null, a special handle, or a stream created and not destroyed (no context needed).
+pub(crate) fn is_live_stream(stream: CUstream) -> bool {
+    let handle = stream as usize;
+    handle == 0 || handle == STREAM_LEGACY || handle == STREAM_PER_THREAD || lock(&STREAMS).contains(&handle)
 }
 
 /// Checks a stream handle: null, the special handles, or one created and not destroyed.
 pub(crate) fn check_stream(stream: CUstream) -> Result<(), EmuError> {
     check_context()?;
-    let handle = stream as usize;
-    if handle == 0 || handle == STREAM_LEGACY || handle == STREAM_PER_THREAD || lock(&STREAMS).contains(&handle) {
+    if is_live_stream(stream) {
         Ok(())
     } else {
+        let handle = stream as usize;
         Err(EmuError::new(code::INVALID_HANDLE, format!("stream 0x{handle:x} was never created or is destroyed")))
     }
 }
@@ -159,7 +228,7 @@ pub unsafe extern "C" fn cuGetErrorString(error: CUresult, text: *mut *const c_c
     guard("cuGetErrorString", || unsafe { write_out(text, "pStr", description(error)) })
 }
 
-/// cuDeviceGetCount: one device.
+/// cuDeviceGetCount: [`device_count`].
 ///
 /// # Safety
 /// `count` must be valid for a write.
@@ -167,8 +236,19 @@ pub unsafe extern "C" fn cuGetErrorString(error: CUresult, text: *mut *const c_c
 pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
     guard("cuDeviceGetCount", || {
         check_initialized()?;
+        let devices = device_count()? as c_int;
         // SAFETY: the caller's contract.
-        unsafe { write_out(count, "count", 1) }
+        unsafe { write_out(count, "count", devices) }
+    })
+}
+
+/// Not a CUDA function: raises the device count ([`set_device_count`]), for tests that load this library by name
+/// and need a device per NCCL rank. A real driver has no such symbol, which is how such a test knows where it runs.
+#[no_mangle]
+pub extern "C" fn switchyard_cuda_emulator_set_device_count(count: c_int) -> CUresult {
+    guard("switchyard_cuda_emulator_set_device_count", || {
+        let count = usize::try_from(count).map_err(|_| EmuError::invalid(format!("{count} devices")))?;
+        set_device_count(count)
     })
 }
 
@@ -181,7 +261,7 @@ pub unsafe extern "C" fn cuDeviceGet(device: *mut CUdevice, ordinal: c_int) -> C
     guard("cuDeviceGet", || {
         check_device(ordinal)?;
         // SAFETY: the caller's contract.
-        unsafe { write_out(device, "device", 0) }
+        unsafe { write_out(device, "device", ordinal) }
     })
 }
 
@@ -275,16 +355,18 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(value: *mut c_int, attrib: c_int, 
     })
 }
 
-/// cuDeviceGetUuid_v2 (and cuDeviceGetUuid): a fixed UUID.
+/// cuDeviceGetUuid_v2 (and cuDeviceGetUuid): a fixed UUID per device (its last byte the ordinal).
 ///
 /// # Safety
 /// `uuid` must be valid for a write of 16 bytes.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], device: CUdevice) -> CUresult {
     guard("cuDeviceGetUuid_v2", || {
-        check_device(device)?;
+        let ordinal = check_device(device)?;
+        let mut bytes = *b"switchyard-emu\0\0";
+        bytes[15] = ordinal as u8;
         // SAFETY: the caller's contract.
-        unsafe { write_out(uuid, "uuid", *b"switchyard-emu\0\0") }
+        unsafe { write_out(uuid, "uuid", bytes) }
     })
 }
 
@@ -307,10 +389,10 @@ pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], device: CUdevice) 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(context: *mut CUcontext, device: CUdevice) -> CUresult {
     guard("cuDevicePrimaryCtxRetain", || {
-        check_device(device)?;
+        let device = check_device(device)?;
         // SAFETY: the caller's contract.
-        unsafe { write_out(context, "pctx", PRIMARY_CONTEXT as CUcontext)? };
-        PRIMARY_RETAINS.fetch_add(1, Ordering::AcqRel);
+        unsafe { write_out(context, "pctx", primary_context(device) as CUcontext)? };
+        PRIMARY_RETAINS[device].fetch_add(1, Ordering::AcqRel);
         Ok(())
     })
 }
@@ -319,8 +401,8 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(context: *mut CUcontext, devic
 #[no_mangle]
 pub extern "C" fn cuDevicePrimaryCtxRelease_v2(device: CUdevice) -> CUresult {
     guard("cuDevicePrimaryCtxRelease_v2", || {
-        check_device(device)?;
-        PRIMARY_RETAINS
+        let device = check_device(device)?;
+        PRIMARY_RETAINS[device]
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
             .map(|_| ())
             .map_err(|_| EmuError::new(code::INVALID_CONTEXT, "the primary context was not retained"))
@@ -340,13 +422,14 @@ pub unsafe extern "C" fn cuCtxGetCurrent(context: *mut CUcontext) -> CUresult {
     })
 }
 
-/// cuCtxSetCurrent: null or the primary context.
+/// cuCtxSetCurrent: null or a device's primary context.
 #[no_mangle]
 pub extern "C" fn cuCtxSetCurrent(context: CUcontext) -> CUresult {
     guard("cuCtxSetCurrent", || {
         check_initialized()?;
         let handle = context as usize;
-        if handle != 0 && handle != PRIMARY_CONTEXT {
+        let devices = device_count()?;
+        if handle != 0 && context_device(handle).is_none_or(|device| device >= devices) {
             return Err(EmuError::new(code::INVALID_CONTEXT, format!("0x{handle:x} is not a context")));
         }
         CURRENT.with(|current| current.set(handle));
@@ -361,22 +444,22 @@ pub extern "C" fn cuCtxSetCurrent(context: CUcontext) -> CUresult {
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
     guard("cuCtxGetDevice", || {
-        check_context()?;
+        let current = check_context()? as CUdevice;
         // SAFETY: the caller's contract.
-        unsafe { write_out(device, "device", 0) }
+        unsafe { write_out(device, "device", current) }
     })
 }
 
 /// cuCtxSynchronize: all work is already done.
 #[no_mangle]
 pub extern "C" fn cuCtxSynchronize() -> CUresult {
-    guard("cuCtxSynchronize", check_context)
+    guard("cuCtxSynchronize", || check_context().map(|_| ()))
 }
 
 /// cuCtxSetLimit: accepted and ignored (stack size, printf FIFO, heap: the emulator has fixed ones).
 #[no_mangle]
 pub extern "C" fn cuCtxSetLimit(_limit: c_int, _value: usize) -> CUresult {
-    guard("cuCtxSetLimit", check_context)
+    guard("cuCtxSetLimit", || check_context().map(|_| ()))
 }
 
 /// cuCtxGetStreamPriorityRange: 0 (least) to -5 (greatest), as on Hopper.

@@ -121,20 +121,22 @@ pub fn name_c(result: CUresult) -> *const c_char {
     table(result).0.as_ptr()
 }
 
+/// What a caught panic said (its `&str` or `String` payload).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
+}
+
 /// Runs the body of exported function `function`: its error becomes the CUresult (reported on stderr and kept for
 /// cuGetErrorString), a panic becomes CUDA_ERROR_UNKNOWN instead of unwinding into C.
 pub fn guard(function: &str, body: impl FnOnce() -> Result<(), EmuError>) -> CUresult {
     let error = match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => return code::SUCCESS,
         Ok(Err(error)) => error,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".to_owned());
-            EmuError::new(code::UNKNOWN, format!("internal error (panic): {what}"))
-        }
+        Err(panic) => EmuError::new(code::UNKNOWN, format!("internal error (panic): {}", panic_message(&*panic))),
     };
     eprintln!("switchyard-cuda-emulator: {function}: {error}");
     remember(&error);

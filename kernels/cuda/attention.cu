@@ -1,9 +1,11 @@
 // The attention worker's kernels on the GPU, f32 throughout, the layouts of the CPU kernels:
 //   rms_norm              Llama RMSNorm per row (weight optional: Llama 4's weightless qk-norm)
 //   rope_interleaved      interleaved (GPT-J) rotary embedding in place, as switchyard_kernels::rope
-//   paged_decode_attention  one query per sequence over a paged KV cache, as switchyard_kernels::attention
+//   paged_decode_attention / paged_decode_attention_bf16
+//                         one query per sequence over a paged KV cache, as switchyard_kernels::attention
 //                         ::paged_attention: block i of a sequence holds positions (first_block + i) * block_size ..,
-//                         laid out [2, block_size, kv_heads, head_dim] (keys, then values); causal or chunked mask
+//                         laid out [2, block_size, kv_heads, head_dim] (keys, then values); causal or chunked mask;
+//                         an f32 pool, or a bf16 one (keys and values widened to f32 as read: f32 arithmetic either way)
 // Compiled with NVRTC at start-up (kernels/src/device/cuda/compile.rs).
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
@@ -78,6 +80,15 @@ extern "C" __global__ void rope_interleaved(float* __restrict__ x, const unsigne
 #define MAX_HEAD_DIM 256
 #define ATTENTION_WARPS 4
 
+// A key or value of the pool as f32: an f32 pool's as is, a bf16 pool's widened (exact).
+__device__ __forceinline__ float kv_load(const float* p) {
+    return *p;
+}
+
+__device__ __forceinline__ float kv_load(const unsigned short* p) {
+    return __uint_as_float((unsigned int)*p << 16);
+}
+
 // Decode attention: one block (ATTENTION_WARPS warps) per (sequence, query head). The warps take keys in turn and
 // keep an online softmax (running max, sum and weighted values; lane l holds dims l, l + 32, ...), then merge.
 //   q:           [seqs, q_heads, head_dim]
@@ -89,16 +100,15 @@ extern "C" __global__ void rope_interleaved(float* __restrict__ x, const unsigne
 //   chunk:       0 for the causal mask, else the chunked mask's block length
 //   out:         [seqs, q_heads, head_dim]; lse: [seqs, q_heads] natural log-sum-exp of the scaled scores (-inf and
 //                zeros when no key is visible), so partial results merge as on the CPU
-// head_dim must be a multiple of 32 and at most MAX_HEAD_DIM (the caller checks).
-extern "C" __global__ void paged_decode_attention(const float* __restrict__ q, const float* __restrict__ pool,
-                                                  const unsigned int* __restrict__ block_table,
-                                                  const unsigned int* __restrict__ table_row, int table_rows,
-                                                  const unsigned int* __restrict__ first_block,
-                                                  const unsigned int* __restrict__ seq_len,
-                                                  const unsigned int* __restrict__ positions, int q_heads,
-                                                  int kv_heads, int head_dim, int block_size, int max_blocks,
-                                                  unsigned int chunk, float scale, float* __restrict__ out,
-                                                  float* __restrict__ lse) {
+// head_dim must be a multiple of 32 and at most MAX_HEAD_DIM (the caller checks). T: the pool's element type (float,
+// or unsigned short holding bf16 bits).
+template <typename T>
+__device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ pool,
+                             const unsigned int* __restrict__ block_table, const unsigned int* __restrict__ table_row,
+                             int table_rows, const unsigned int* __restrict__ first_block,
+                             const unsigned int* __restrict__ seq_len, const unsigned int* __restrict__ positions,
+                             int q_heads, int kv_heads, int head_dim, int block_size, int max_blocks,
+                             unsigned int chunk, float scale, float* __restrict__ out, float* __restrict__ lse) {
     __shared__ float warp_max[ATTENTION_WARPS];
     __shared__ float warp_total[ATTENTION_WARPS];
     __shared__ float warp_acc[ATTENTION_WARPS][MAX_HEAD_DIM];
@@ -132,14 +142,14 @@ extern "C" __global__ void paged_decode_attention(const float* __restrict__ q, c
     for (unsigned int pos = lo + warp; pos < hi; pos += ATTENTION_WARPS) {
         unsigned int index = pos / block_size - first_block[seq];
         unsigned int block = block_table[(size_t)row_of_table * max_blocks + index];
-        const float* base = pool + (size_t)block * 2 * block_size * row;
-        const float* key = base + (size_t)(pos % block_size) * row + (size_t)kv_head * head_dim;
-        const float* value = key + (size_t)block_size * row;
+        const T* base = pool + (size_t)block * 2 * block_size * row;
+        const T* key = base + (size_t)(pos % block_size) * row + (size_t)kv_head * head_dim;
+        const T* value = key + (size_t)block_size * row;
         float dot = 0.0f;
 #pragma unroll
         for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
             if (i < per_lane) {
-                dot = fmaf(qv[i], key[lane + 32 * i], dot);
+                dot = fmaf(qv[i], kv_load(key + lane + 32 * i), dot);
             }
         }
         for (int offset = 16; offset > 0; offset >>= 1) {
@@ -153,7 +163,7 @@ extern "C" __global__ void paged_decode_attention(const float* __restrict__ q, c
 #pragma unroll
         for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
             if (i < per_lane) {
-                acc[i] = acc[i] * correction + weight * value[lane + 32 * i];
+                acc[i] = acc[i] * correction + weight * kv_load(value + lane + 32 * i);
             }
         }
         running_max = new_max;
@@ -205,4 +215,31 @@ extern "C" __global__ void paged_decode_attention(const float* __restrict__ q, c
     if (lane == 0) {
         lse[(size_t)seq * q_heads + head] = block_max + logf(sum);
     }
+}
+
+extern "C" __global__ void paged_decode_attention(const float* __restrict__ q, const float* __restrict__ pool,
+                                                  const unsigned int* __restrict__ block_table,
+                                                  const unsigned int* __restrict__ table_row, int table_rows,
+                                                  const unsigned int* __restrict__ first_block,
+                                                  const unsigned int* __restrict__ seq_len,
+                                                  const unsigned int* __restrict__ positions, int q_heads,
+                                                  int kv_heads, int head_dim, int block_size, int max_blocks,
+                                                  unsigned int chunk, float scale, float* __restrict__ out,
+                                                  float* __restrict__ lse) {
+    paged_decode(q, pool, block_table, table_row, table_rows, first_block, seq_len, positions, q_heads, kv_heads,
+                 head_dim, block_size, max_blocks, chunk, scale, out, lse);
+}
+
+extern "C" __global__ void paged_decode_attention_bf16(const float* __restrict__ q,
+                                                       const unsigned short* __restrict__ pool,
+                                                       const unsigned int* __restrict__ block_table,
+                                                       const unsigned int* __restrict__ table_row, int table_rows,
+                                                       const unsigned int* __restrict__ first_block,
+                                                       const unsigned int* __restrict__ seq_len,
+                                                       const unsigned int* __restrict__ positions, int q_heads,
+                                                       int kv_heads, int head_dim, int block_size, int max_blocks,
+                                                       unsigned int chunk, float scale, float* __restrict__ out,
+                                                       float* __restrict__ lse) {
+    paged_decode(q, pool, block_table, table_row, table_rows, first_block, seq_len, positions, q_heads, kv_heads,
+                 head_dim, block_size, max_blocks, chunk, scale, out, lse);
 }

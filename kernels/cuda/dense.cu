@@ -8,8 +8,10 @@
 //                   switchyard_kernels::activation::silu_mul_reference: g / (1 + exp(-g)) * u
 //   add_in_place    x += y (the residual adds)
 //   scale_rows      x[r, :] *= factors[r] (NoPE layers' attention temperature)
-//   kv_write        keys and values of each token into its slot of the paged KV pool, blocks laid out
-//                   [2, block_size, kv_heads, head_dim] (keys, then values) as attention::paged_attention reads them
+//   kv_write / kv_write_bf16
+//                   keys and values of each token into its slot of the paged KV pool, blocks laid out
+//                   [2, block_size, kv_heads, head_dim] (keys, then values) as attention::paged_attention reads them;
+//                   an f32 pool, or a bf16 one (each value rounded to nearest even as f32_to_bf16)
 // Compiled with NVRTC at start-up (kernels/src/device/cuda/compile.rs); no header is included.
 
 // f32 -> bf16 bits, round to nearest even; NaN keeps its sign and becomes quiet.
@@ -112,12 +114,23 @@ extern "C" __global__ void scale_rows(float* __restrict__ x, int rows, int cols,
     }
 }
 
+// A KV pool element from an f32 key or value: stored as is, or rounded to bf16 (nearest even).
+__device__ __forceinline__ void kv_store(float* dst, float value) {
+    *dst = value;
+}
+
+__device__ __forceinline__ void kv_store(unsigned short* dst, float value) {
+    *dst = bf16_bits(value);
+}
+
 // One block per token (grid.x): token t's key and value rows (row = kv_heads * head_dim values each) go to slot
 // slots[t] = block * block_size + offset of the pool: the key at block's [0, offset], the value at [1, offset]. A slot
 // >= pool_slots is skipped (the host checks slots; the device cannot report one and never writes outside the pool).
-extern "C" __global__ void kv_write(float* __restrict__ pool, const float* __restrict__ k, const float* __restrict__ v,
-                                    const unsigned int* __restrict__ slots, int tokens, int block_size, int row,
-                                    unsigned long long pool_slots) {
+// T: the pool's element type (float, or unsigned short holding bf16 bits).
+template <typename T>
+__device__ void kv_write_into(T* __restrict__ pool, const float* __restrict__ k, const float* __restrict__ v,
+                              const unsigned int* __restrict__ slots, int tokens, int block_size, int row,
+                              unsigned long long pool_slots) {
     int t = blockIdx.x;
     if (t >= tokens) {
         return;
@@ -128,12 +141,24 @@ extern "C" __global__ void kv_write(float* __restrict__ pool, const float* __res
     }
     unsigned int block = slot / (unsigned int)block_size;
     unsigned int offset = slot % (unsigned int)block_size;
-    float* key = pool + ((size_t)block * 2 * block_size + offset) * row;
-    float* value = key + (size_t)block_size * row;
+    T* key = pool + ((size_t)block * 2 * block_size + offset) * row;
+    T* value = key + (size_t)block_size * row;
     const float* k_src = k + (size_t)t * row;
     const float* v_src = v + (size_t)t * row;
     for (int c = threadIdx.x; c < row; c += blockDim.x) {
-        key[c] = k_src[c];
-        value[c] = v_src[c];
+        kv_store(key + c, k_src[c]);
+        kv_store(value + c, v_src[c]);
     }
+}
+
+extern "C" __global__ void kv_write(float* __restrict__ pool, const float* __restrict__ k, const float* __restrict__ v,
+                                    const unsigned int* __restrict__ slots, int tokens, int block_size, int row,
+                                    unsigned long long pool_slots) {
+    kv_write_into(pool, k, v, slots, tokens, block_size, row, pool_slots);
+}
+
+extern "C" __global__ void kv_write_bf16(unsigned short* __restrict__ pool, const float* __restrict__ k,
+                                         const float* __restrict__ v, const unsigned int* __restrict__ slots,
+                                         int tokens, int block_size, int row, unsigned long long pool_slots) {
+    kv_write_into(pool, k, v, slots, tokens, block_size, row, pool_slots);
 }

@@ -21,7 +21,9 @@
 //! - RMS norm: f32 sum of squares against the f64 reference: `(dim + 8) * u` relative.
 //! - RoPE: GPU `sincosf` and the CPU's f32 sin/cos are within 2 ulps each: `16 * u * (|a| + |b|)` per element.
 //! - Paged attention: f32 online softmax against the CPU's f32 two-pass: `1e-4` of the largest |value| (n * u for
-//!   up to 1000 keys is 6e-5), and `1e-4 * (1 + |lse|)` for the log-sum-exp.
+//!   up to 1000 keys is 6e-5), and `1e-4 * (1 + |lse|)` for the log-sum-exp. Over a bf16 pool the same bounds, against
+//!   the CPU on the pool's values widened to f32: widening is exact and the kernel's arithmetic stays f32, so only
+//!   the summation order differs, as over an f32 pool.
 //! - Dense `linear`, F32 (cuBLASLt, CUBLAS_COMPUTE_32F, no TF32): products exact in f64, f32 summation in any order:
 //!   `(k + 4) * u` of `sum |x_c * w_c|` (plus `|out|` when accumulating), as the CUDA-core FP8 kernel.
 //! - Dense `linear`, Bf16: against the reference on the bf16-rounded x and w, products of two bf16 values are exact in
@@ -30,8 +32,8 @@
 //!   `sum |x_b * w_b|`. Against the unrounded f32 reference, each operand moves by at most 2^-8 relative (bf16's unit
 //!   roundoff: an 8-bit significand), so each product by at most 2^-7 + 2^-16: `2^-7` of `sum |x * w|` plus the
 //!   summation allowance (which exceeds 2^-16 for every k tested).
-//! - bf16 conversion, embedding rows, residual add, row scaling, KV writes: exact (the same single IEEE operation or a
-//!   copy).
+//! - bf16 conversion, embedding rows, residual add, row scaling, KV writes (f32, and bf16 bit for bit
+//!   `f32_to_bf16_bits`): exact (the same single IEEE operation or a copy).
 //! - SwiGLU (`silu_mul`): the GPU's `expf` (2 ulp) against the CPU kernel's exp (AVX2 polynomial, ~2e-7 relative, or
 //!   libm), each followed by an add, a division and a multiplication rounded on both sides: `g / (1 + e)` moves by at
 //!   most the relative error of `e`, so `32 * u` of |out| is a comfortable bound (plus 1e-30 absolute where exp
@@ -43,10 +45,11 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use switchyard_kernels::activation::{silu_mul, silu_mul_reference};
 use switchyard_kernels::attention::{paged_attention, AttentionMask, AttentionShape, PagedKv};
+use switchyard_kernels::device::gpu_bench::{GemmBenchConfig, GemmShape};
 use switchyard_kernels::device::plan::{ExpertPlan, Fp8Expert, SMALL_M_MAX_TOKENS};
 use switchyard_kernels::device::{
-    bf16_bits_to_f32, f32_to_bf16_bits, CudaDevice, CudaSlice, DenseDtype, DenseWeight, GpuExpertLayer, GroupedGemm,
-    KvWrite, PagedDecode,
+    bench_expert_gemm, bf16_bits_to_f32, f32_to_bf16_bits, CudaDevice, CudaSlice, DenseDtype, DenseWeight,
+    GpuExpertLayer, GroupedGemm, KvDtype, KvElement, KvWrite, PagedDecode,
 };
 use switchyard_kernels::fp8::{dequantize_rows, fake_quantize_rows, quantize_rows};
 use switchyard_kernels::matmul::{matmul_f32_reference, matmul_fp8, matmul_fp8_reference, Fp8Weight};
@@ -412,13 +415,37 @@ fn rope_matches_the_cpu() {
     assert_within(&got, &want, |i| 16.0 * U * f64::from(x[i & !1].abs() + x[i | 1].abs()), "rope");
 }
 
-/// `paged_decode_attention` on the GPU over `pool` (already there): `meta` is the block table, each query's row of
-/// it, first blocks, lengths and positions; returns the outputs and log-sum-exps.
-fn gpu_paged_attention(
+/// A KV pool element as the host makes and reads it: f32 as is, bf16 as its bits rounded to nearest even.
+trait HostKv: KvElement + cudarc::driver::DeviceRepr + PartialEq + std::fmt::Debug {
+    fn encode(value: f32) -> Self;
+    fn decode(self) -> f32;
+}
+
+impl HostKv for f32 {
+    fn encode(value: f32) -> Self {
+        value
+    }
+    fn decode(self) -> f32 {
+        self
+    }
+}
+
+impl HostKv for u16 {
+    fn encode(value: f32) -> Self {
+        f32_to_bf16_bits(value)
+    }
+    fn decode(self) -> f32 {
+        bf16_bits_to_f32(self)
+    }
+}
+
+/// `paged_decode_attention` on the GPU over `pool` (already there, f32 or bf16): `meta` is the block table, each
+/// query's row of it, first blocks, lengths and positions; returns the outputs and log-sum-exps.
+fn gpu_paged_attention<T: KvElement>(
     device: &CudaDevice,
     shape: &PagedDecode,
     q: &[f32],
-    pool: &CudaSlice<f32>,
+    pool: &CudaSlice<T>,
     meta: [&[u32]; 5],
 ) -> (Vec<f32>, Vec<f32>) {
     let [table, table_row, first, len, pos] = meta.map(|v| device.upload(v).expect("upload"));
@@ -445,11 +472,27 @@ fn gpu_paged_attention(
 #[test]
 fn paged_decode_attention_matches_the_cpu() {
     let Some(device) = gpu("paged_decode_attention") else { return };
+    check_paged_decode_attention::<f32>(&device);
+}
+
+/// Over a bf16 pool: the CPU reference reads the pool's values widened to f32 (exactly what the kernel reads), so the
+/// f32 case's bounds hold (module docs).
+#[test]
+fn paged_decode_attention_over_a_bf16_pool_matches_the_cpu() {
+    let Some(device) = gpu("paged_decode_attention bf16") else { return };
+    check_paged_decode_attention::<u16>(&device);
+}
+
+/// `paged_decode_attention` over a pool of `T` against `attention::paged_attention` on the pool's values as f32: a
+/// fresh sequence, long ones, released blocks, the chunked mask, the block table's rows named per query.
+fn check_paged_decode_attention<T: HostKv>(device: &CudaDevice) {
     let mut r = rng(8);
     let (q_heads, kv_heads, head_dim, block_size) = (8, 2, 128, 16);
     let block_values = 2 * block_size * kv_heads * head_dim;
     let pool_blocks = 40;
-    let pool = uniform(&mut r, pool_blocks * block_values, 1.0);
+    let stored: Vec<T> = uniform(&mut r, pool_blocks * block_values, 1.0).into_iter().map(T::encode).collect();
+    // What the kernel reads: for bf16 the rounded values, widened.
+    let pool: Vec<f32> = stored.iter().map(|&v| v.decode()).collect();
     // (first_block, len, position, chunk): a fresh sequence, a long one, one that released its first blocks, a chunked
     // layer whose query starts a new chunk.
     let sequences = [(0usize, 5usize, 4usize, 0u32), (0, 300, 299, 0), (3, 150, 149, 0), (0, 97, 96, 64)];
@@ -510,12 +553,12 @@ fn paged_decode_attention_matches_the_cpu() {
         let column = |f: fn(&(usize, usize, usize, u32)) -> usize| -> Vec<u32> {
             sequences.iter().map(|s| f(s) as u32).collect()
         };
-        let pool_dev = device.upload(&pool).expect("upload");
+        let pool_dev = device.upload(&stored).expect("upload");
         // The table's rows stored in reverse, each query naming its own: the kernel must follow `table_row`.
         let reversed: Vec<u32> = table.chunks(max_blocks).rev().flatten().copied().collect();
         let rows_of: Vec<u32> = (0..sequences.len() as u32).rev().collect();
         let (got, got_lse) = gpu_paged_attention(
-            &device,
+            device,
             &shape,
             &q,
             &pool_dev,
@@ -523,7 +566,8 @@ fn paged_decode_attention_matches_the_cpu() {
         );
         for &s in &relevant {
             let rows = s * q_heads * head_dim..(s + 1) * q_heads * head_dim;
-            assert_within(&got[rows.clone()], &want[rows], |_| 1e-4, &format!("chunk {chunk} sequence {s} out"));
+            let what = format!("{} pool, chunk {chunk} sequence {s} out", T::DTYPE);
+            assert_within(&got[rows.clone()], &want[rows], |_| 1e-4, &what);
             let heads = s * q_heads..(s + 1) * q_heads;
             let want_lse_s = &want_lse[heads.clone()];
             assert_within(&got_lse[heads], want_lse_s, |i| 1e-4 * (1.0 + f64::from(want_lse_s[i].abs())), "lse");
@@ -777,12 +821,25 @@ fn add_in_place_and_scale_rows_are_exact() {
 #[test]
 fn kv_write_fills_the_paged_layout() {
     let Some(device) = gpu("kv_write") else { return };
+    check_kv_write::<f32>(&device);
+}
+
+/// The same into a bf16 pool: every written key and value is `f32_to_bf16_bits` of the f32 one, bit for bit, and the
+/// attention over the written pool matches the CPU's over its values widened to f32.
+#[test]
+fn kv_write_rounds_into_a_bf16_pool() {
+    let Some(device) = gpu("kv_write bf16") else { return };
+    check_kv_write::<u16>(&device);
+}
+
+/// `kv_write` into a pool of `T` (see the tests above).
+fn check_kv_write<T: HostKv>(device: &CudaDevice) {
     let mut r = rng(15);
     let (q_heads, kv_heads, head_dim, block_size, pool_blocks) = (8, 2, 64, 16, 10);
     let row = kv_heads * head_dim;
     let block_values = 2 * block_size * row;
     let shape = KvWrite { block_size, kv_heads, head_dim, pool_blocks };
-    let pool = uniform(&mut r, pool_blocks * block_values, 1.0);
+    let pool: Vec<T> = uniform(&mut r, pool_blocks * block_values, 1.0).into_iter().map(T::encode).collect();
     // One sequence of 40 positions over blocks 7, 2, 5 (its block table), written by one call, plus a stray slot past
     // the pool that must be skipped.
     let table: Vec<u32> = vec![7, 2, 5];
@@ -797,8 +854,10 @@ fn kv_write_fills_the_paged_layout() {
         let (block, offset) = (slot as usize / block_size, slot as usize % block_size);
         let key = block * block_values + offset * row;
         let value = block * block_values + (block_size + offset) * row;
-        want[key..key + row].copy_from_slice(&k[t * row..(t + 1) * row]);
-        want[value..value + row].copy_from_slice(&v[t * row..(t + 1) * row]);
+        for c in 0..row {
+            want[key + c] = T::encode(k[t * row + c]);
+            want[value + c] = T::encode(v[t * row + c]);
+        }
     }
     let mut pool_dev = device.upload(&pool).expect("upload");
     let (k_dev, v_dev, slots_dev) = (
@@ -809,11 +868,13 @@ fn kv_write_fills_the_paged_layout() {
     device
         .kv_write(&shape, &mut pool_dev.as_view_mut(), &k_dev.as_view(), &v_dev.as_view(), &slots_dev.as_view())
         .expect("kv_write");
-    assert_eq!(device.download(&pool_dev).expect("download"), want, "pool after kv_write");
+    assert_eq!(device.download(&pool_dev).expect("download"), want, "{} pool after kv_write", T::DTYPE);
 
-    // The last position's query over the written keys: CPU paged attention on the host pool, GPU on the device's.
+    // The last position's query over the written keys: CPU paged attention on the host pool (as f32), GPU on the
+    // device's.
     let q = uniform(&mut r, q_heads * head_dim, 1.0);
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let want: Vec<f32> = want.into_iter().map(T::decode).collect();
     let blocks: Vec<&[f32]> =
         table.iter().map(|&b| &want[b as usize * block_values..(b as usize + 1) * block_values]).collect();
     let (mut want_out, mut want_lse) = (vec![0.0; q.len()], vec![0.0; q_heads]);
@@ -841,7 +902,7 @@ fn kv_write_fills_the_paged_layout() {
         scale,
     };
     let (got, got_lse) =
-        gpu_paged_attention(&device, &decode, &q, &pool_dev, [&table, &[0], &[0], &[len as u32], &[len as u32 - 1]]);
+        gpu_paged_attention(device, &decode, &q, &pool_dev, [&table, &[0], &[0], &[len as u32], &[len as u32 - 1]]);
     assert_within(&got, &want_out, |_| 1e-4, "attention over written keys");
     assert_within(&got_lse, &want_lse, |i| 1e-4 * (1.0 + f64::from(want_lse[i].abs())), "lse over written keys");
 }
@@ -865,4 +926,79 @@ fn dense_shape_errors_name_the_buffer_instead_of_launching() {
         .kv_write(&shape, &mut pool.as_view_mut(), &x.slice(..2), &x.slice(2..4), &slots.as_view())
         .expect_err("the pool holds 32 values");
     assert!(err.to_string().contains("pool has 31 values"), "{err}");
+}
+
+/// A bf16 pool of the wrong length is refused before launching, naming the pool and its element type, by both KV
+/// kernels.
+#[test]
+fn bf16_kv_shape_errors_name_the_dtype() {
+    let Some(device) = gpu("bf16 KV shape errors") else { return };
+    let x = device.upload(&[1.0f32; 8]).expect("upload");
+    let slots = device.upload(&[0u32]).expect("upload");
+    let mut pool = device.zeros::<u16>(31).expect("alloc");
+    let shape = KvWrite { block_size: 4, kv_heads: 1, head_dim: 2, pool_blocks: 2 };
+    let err = device
+        .kv_write(&shape, &mut pool.as_view_mut(), &x.slice(..2), &x.slice(2..4), &slots.as_view())
+        .expect_err("the pool holds 32 values");
+    let message = err.to_string();
+    assert!(message.contains("pool has 31 values") && message.contains(&KvDtype::Bf16.to_string()), "{message}");
+    let decode = PagedDecode {
+        seqs: 1,
+        q_heads: 1,
+        kv_heads: 1,
+        head_dim: 32,
+        block_size: 4,
+        table_rows: 1,
+        max_blocks: 1,
+        pool_blocks: 1,
+        chunk: 0,
+        scale: 1.0,
+    };
+    let q = device.zeros::<f32>(32).expect("alloc");
+    let (mut out, mut lse) = (device.zeros::<f32>(32).expect("alloc"), device.zeros::<f32>(1).expect("alloc"));
+    let err = device
+        .paged_decode_attention(
+            &decode,
+            &q.as_view(),
+            &pool.as_view(),
+            &slots.as_view(),
+            &slots.as_view(),
+            &slots.as_view(),
+            &slots.as_view(),
+            &slots.as_view(),
+            &mut out.as_view_mut(),
+            &mut lse.as_view_mut(),
+        )
+        .expect_err("the pool holds 256 values");
+    let message = err.to_string();
+    assert!(message.contains("pool has 31 values") && message.contains("bf16"), "{message}");
+}
+
+/// `bench gpu`'s measurement end to end on small shapes (gpu-check's step 5 runs it at Maverick's): token counts on
+/// both sides of `SMALL_M_MAX_TOKENS` (the streaming kernel and cuBLASLt), one expert and grouped, each timed.
+#[test]
+fn bench_measures_every_case_on_small_shapes() {
+    if gpu("bench_measures_every_case_on_small_shapes").is_none() {
+        return;
+    }
+    let config = GemmBenchConfig {
+        shapes: vec![GemmShape { name: "gate_up", k: 256, n: 512 }],
+        tokens: vec![8, SMALL_M_MAX_TOKENS + 32],
+        experts: 3,
+        iterations: 2,
+        warmup: 1,
+        copy_bytes: 1 << 20,
+        ..GemmBenchConfig::default()
+    };
+    let report = bench_expert_gemm(0, &config).expect("bench");
+    assert!(report.copy_tb_per_s.is_finite() && report.copy_tb_per_s > 0.0, "{report:?}");
+    let cases: Vec<(&str, usize)> = report.rows.iter().map(|r| (r.case, r.tokens)).collect();
+    let tokens = SMALL_M_MAX_TOKENS + 32;
+    assert_eq!(cases, [("one expert", 8), ("grouped", 8), ("one expert", tokens), ("grouped", tokens)]);
+    for row in &report.rows {
+        let timed = [row.ours_us, row.cublaslt_us, row.weight_tb_per_s, row.tflops];
+        assert!(timed.iter().all(|v| v.is_finite() && *v > 0.0), "{row:?}");
+    }
+    let bad = GemmBenchConfig { copy_bytes: 0, ..config };
+    assert!(bench_expert_gemm(0, &bad).is_err());
 }

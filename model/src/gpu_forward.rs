@@ -1,7 +1,7 @@
 //! The whole forward pass on one CUDA GPU: [`GpuModel`] holds a [`Llama4Model`]'s dense weights on the device (f32 or
-//! bf16, [`DenseDtype`]) and its KV cache in a device arena, and implements [`ForwardPass`] with exactly
-//! [`Llama4Model::forward_batch`]'s contract (the same validation errors, no cache advanced on error, the same
-//! [`LogitsFor`] handling).
+//! bf16, [`DenseDtype`]) and its KV cache in a device arena (f32 or bf16, [`KvDtype`]), and implements [`ForwardPass`]
+//! with exactly [`Llama4Model::forward_batch`]'s contract (the same validation errors, no cache advanced on error, the
+//! same [`LogitsFor`] handling).
 //!
 //! A step on the device, per layer: RMS norm; q, k, v projections; RoPE (and the weightless qk-norm) or the NoPE
 //! temperature scale; the new keys and values written into the paged arena at their slots; paged decode attention
@@ -26,9 +26,13 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use switchyard_kernels::device::{CudaDevice, CudaSlice, DenseDtype, DenseWeight, Device, KvWrite, PagedDecode};
+use switchyard_kernels::device::{
+    CudaDevice, CudaSlice, CudaView, CudaViewMut, DenseDtype, DenseWeight, Device, KvDtype, KvElement, KvWrite,
+    PagedDecode,
+};
 use switchyard_kernels::fp8::dequantize_rows;
 use switchyard_kernels::router::top1;
+use switchyard_kernels::KernelError;
 
 use crate::config::TextConfig;
 use crate::experts::RoutedExperts;
@@ -47,16 +51,89 @@ pub struct GpuModelOptions {
     /// routers always stay f32).
     pub dense_dtype: DenseDtype,
     /// Blocks of the device KV arena, shared by every sequence of the model ([`KvCache::blocks_for_sequence`] says
-    /// what one sequence needs).
+    /// what one sequence needs; [`KvBlockPool::blocks_in_bytes_for_dtype`] how many fit a memory budget).
     pub kv_blocks: usize,
     /// Positions per KV block.
     pub block_size: usize,
+    /// Element type of the KV arena: keys and values are computed in f32 and stored as this (bf16: rounded to
+    /// nearest even as written, widened to f32 as attention reads them).
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for GpuModelOptions {
-    /// Bf16 dense weights and 1024 blocks of [`DEFAULT_BLOCK_SIZE`] positions.
+    /// Bf16 dense weights, and 1024 blocks of [`DEFAULT_BLOCK_SIZE`] positions of bf16 KV.
     fn default() -> Self {
-        Self { dense_dtype: DenseDtype::Bf16, kv_blocks: 1024, block_size: DEFAULT_BLOCK_SIZE }
+        Self { dense_dtype: DenseDtype::Bf16, kv_blocks: 1024, block_size: DEFAULT_BLOCK_SIZE, kv_dtype: KvDtype::Bf16 }
+    }
+}
+
+/// The device KV arena, `capacity * block_floats` elements of its dtype (bf16 as raw bits).
+enum KvArena {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl KvArena {
+    /// Bytes on the device.
+    fn bytes(&self) -> usize {
+        match self {
+            KvArena::F32(pool) => pool.len() * 4,
+            KvArena::Bf16(pool) => pool.len() * 2,
+        }
+    }
+
+    /// Writes a layer's new keys and values into the arena, then queues the attention over it into `out` and `lse`.
+    fn write_and_attend(
+        &mut self,
+        dev: &CudaDevice,
+        layer: &LayerAttention<'_>,
+        out: &mut CudaViewMut<'_, f32>,
+        lse: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        match self {
+            KvArena::F32(pool) => layer.run(dev, pool, out, lse),
+            KvArena::Bf16(pool) => layer.run(dev, pool, out, lse),
+        }
+    }
+}
+
+/// One layer's KV write and paged attention in a step: the shapes and the device buffers they read (everything but
+/// the arena, whose element type picks the kernels, and the outputs).
+struct LayerAttention<'a> {
+    kv_shape: KvWrite,
+    shape: PagedDecode,
+    q: CudaView<'a, f32>,
+    k: CudaView<'a, f32>,
+    v: CudaView<'a, f32>,
+    slots: CudaView<'a, u32>,
+    table: CudaView<'a, u32>,
+    table_row: CudaView<'a, u32>,
+    first_block: CudaView<'a, u32>,
+    seq_len: CudaView<'a, u32>,
+    positions: CudaView<'a, u32>,
+}
+
+impl LayerAttention<'_> {
+    fn run<T: KvElement>(
+        &self,
+        dev: &CudaDevice,
+        pool: &mut CudaSlice<T>,
+        out: &mut CudaViewMut<'_, f32>,
+        lse: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        dev.kv_write(&self.kv_shape, &mut pool.as_view_mut(), &self.k, &self.v, &self.slots)?;
+        dev.paged_decode_attention(
+            &self.shape,
+            &self.q,
+            &pool.as_view(),
+            &self.table,
+            &self.table_row,
+            &self.first_block,
+            &self.seq_len,
+            &self.positions,
+            out,
+            lse,
+        )
     }
 }
 
@@ -91,6 +168,7 @@ pub struct GpuModel {
     config: TextConfig,
     device: Arc<CudaDevice>,
     dense_dtype: DenseDtype,
+    kv_dtype: KvDtype,
     /// `[vocab, hidden]`.
     embed_tokens: DenseWeight,
     layers: Vec<GpuLayer>,
@@ -99,11 +177,11 @@ pub struct GpuModel {
     inv_freq: CudaSlice<f32>,
     /// Hands out the arena's block indices.
     pool: Arc<KvBlockPool>,
-    /// The KV arena: `pool.capacity()` blocks of `pool.block_floats()` floats. The lock is held only while a layer's
-    /// KV write and attention are queued: two steps (the engine's micro-batches) touch disjoint blocks, and the one
-    /// stream orders a block's reuse after the kernels that read it, so one micro-batch's kernels run while the other
-    /// waits for its routed experts (the ping-pong overlap).
-    kv: Mutex<CudaSlice<f32>>,
+    /// The KV arena: `pool.capacity()` blocks of `pool.block_floats()` values (f32 or bf16). The lock is held only
+    /// while a layer's KV write and attention are queued: two steps (the engine's micro-batches) touch disjoint
+    /// blocks, and the one stream orders a block's reuse after the kernels that read it, so one micro-batch's kernels
+    /// run while the other waits for its routed experts (the ping-pong overlap).
+    kv: Mutex<KvArena>,
     routed: Arc<dyn RoutedExperts>,
 }
 
@@ -111,10 +189,11 @@ impl std::fmt::Debug for GpuModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "GpuModel({} layers, {} dense weights, {} KV blocks, {:?})",
+            "GpuModel({} layers, {} dense weights, {} KV blocks of {}, {:?})",
             self.layers.len(),
             self.dense_dtype,
             self.pool.capacity(),
+            self.kv_dtype,
             self.device
         )
     }
@@ -308,10 +387,15 @@ impl GpuModel {
         let embed_tokens = DenseWeight::upload(&device, &model.embed_tokens, cfg.vocab_size, hidden, dtype)?;
         let lm_head = upload_linear(&device, &model.lm_head, cfg.vocab_size, hidden, dtype, "lm_head")?;
         // `on_device` checked that this product does not overflow.
-        let kv = device.zeros::<f32>(pool.capacity() * pool.block_floats())?;
+        let kv_values = pool.capacity() * pool.block_floats();
+        let kv = match options.kv_dtype {
+            KvDtype::F32 => KvArena::F32(device.zeros(kv_values)?),
+            KvDtype::Bf16 => KvArena::Bf16(device.zeros(kv_values)?),
+        };
         Ok(Self {
             config: cfg.clone(),
             dense_dtype: dtype,
+            kv_dtype: options.kv_dtype,
             embed_tokens,
             layers,
             norm: device.upload(&model.norm)?,
@@ -339,6 +423,16 @@ impl GpuModel {
         self.dense_dtype
     }
 
+    /// The element type of the KV arena.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
+    }
+
+    /// Bytes of the KV arena on the device.
+    pub fn kv_bytes(&self) -> usize {
+        self.arena().bytes()
+    }
+
     /// Bytes of weights on the device (the KV arena not included).
     pub fn weight_bytes(&self) -> usize {
         let mlp = |m: &GpuMlp| m.gate_up.bytes() + m.down.bytes();
@@ -364,7 +458,7 @@ impl GpuModel {
         self.device.name()
     }
 
-    fn arena(&self) -> MutexGuard<'_, CudaSlice<f32>> {
+    fn arena(&self) -> MutexGuard<'_, KvArena> {
         // The arena holds no invariant a panic could break half-way (its contents are rewritten by each step before
         // being read), so a poisoned lock is still usable.
         self.kv.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -507,21 +601,20 @@ impl GpuModel {
                 chunk,
                 scale,
             };
-            let mut arena = self.arena();
-            dev.kv_write(&kv_shape, &mut arena.as_view_mut(), &k.as_view(), &v.as_view(), &slots)?;
-            dev.paged_decode_attention(
-                &shape,
-                &q.as_view(),
-                &arena.as_view(),
-                &table,
-                &table_row,
-                &first_block,
-                &seq_len.as_view(),
-                &positions.as_view(),
-                &mut attended.as_view_mut(),
-                &mut lse.as_view_mut(),
-            )?;
-            drop(arena);
+            let attention = LayerAttention {
+                kv_shape,
+                shape,
+                q: q.as_view(),
+                k: k.as_view(),
+                v: v.as_view(),
+                slots,
+                table,
+                table_row,
+                first_block,
+                seq_len: seq_len.as_view(),
+                positions: positions.as_view(),
+            };
+            self.arena().write_and_attend(dev, &attention, &mut attended.as_view_mut(), &mut lse.as_view_mut())?;
             dev.linear(&attended.as_view(), tokens, &layer.o, &mut x.as_view_mut(), true)?;
 
             dev.rms_norm(

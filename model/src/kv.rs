@@ -19,6 +19,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use switchyard_kernels::device::KvDtype;
+
 use crate::config::TextConfig;
 use crate::context::ContextShards;
 use crate::memory;
@@ -85,8 +87,8 @@ impl KvBlockPool {
         Self::with_storage(config, block_size, capacity, false)
     }
 
-    /// A pool of `capacity` blocks whose storage is a device arena of `capacity * block_floats` floats kept by the
-    /// caller (block `i` at `i * block_floats`): the pool only hands out indices. The capacity must be at least one
+    /// A pool of `capacity` blocks whose storage is a device arena of `capacity * block_floats` values kept by the
+    /// caller (block `i` at `i * block_floats`; f32 or bf16, the pool does not care): the pool only hands out indices. The capacity must be at least one
     /// block, and every slot (`index * block_size + offset`) must fit in a `u32`, what device kernels index with.
     pub fn on_device(config: &TextConfig, block_size: usize, capacity: usize) -> Result<Arc<Self>, ModelError> {
         let slots = capacity.checked_mul(block_size).filter(|&slots| slots <= u32::MAX as usize + 1);
@@ -136,15 +138,30 @@ impl KvBlockPool {
         Self::new(config, DEFAULT_BLOCK_SIZE, usize::MAX)
     }
 
-    /// The most blocks of `block_size` positions that fit in `bytes` of f32 KV for `config`.
+    /// The most blocks of `block_size` positions that fit in `bytes` of f32 KV for `config` (the CPU's cache).
     pub fn blocks_in_bytes(config: &TextConfig, block_size: usize, bytes: u64) -> usize {
-        usize::try_from(bytes / Self::block_bytes(config, block_size).max(1)).unwrap_or(usize::MAX)
+        Self::blocks_in_bytes_for_dtype(config, block_size, bytes, KvDtype::F32)
     }
 
-    /// Bytes of one block of `block_size` positions for `config` (the KV is held in f32 on the CPU), from the one
-    /// place memory is accounted ([`crate::memory`]).
+    /// Bytes of one block of `block_size` positions for `config` with the KV in f32 (as the CPU holds it).
     pub fn block_bytes(config: &TextConfig, block_size: usize) -> u64 {
-        block_size as u64 * memory::kv_bytes_per_token_per_layer(config, memory::Precision::F32)
+        Self::block_bytes_for_dtype(config, block_size, KvDtype::F32)
+    }
+
+    /// The most blocks of `block_size` positions that fit in `bytes` of KV held as `dtype` (a GPU arena's element
+    /// type: bf16 fits twice the blocks of f32).
+    pub fn blocks_in_bytes_for_dtype(config: &TextConfig, block_size: usize, bytes: u64, dtype: KvDtype) -> usize {
+        usize::try_from(bytes / Self::block_bytes_for_dtype(config, block_size, dtype).max(1)).unwrap_or(usize::MAX)
+    }
+
+    /// Bytes of one block of `block_size` positions for `config` with the KV held as `dtype`, from the one place
+    /// memory is accounted ([`crate::memory`]).
+    pub fn block_bytes_for_dtype(config: &TextConfig, block_size: usize, dtype: KvDtype) -> u64 {
+        let precision = match dtype {
+            KvDtype::F32 => memory::Precision::F32,
+            KvDtype::Bf16 => memory::Precision::Bf16,
+        };
+        block_size as u64 * memory::kv_bytes_per_token_per_layer(config, precision)
     }
 
     /// Positions per block.
@@ -152,7 +169,8 @@ impl KvBlockPool {
         self.block_size
     }
 
-    /// Floats per block.
+    /// Values (keys and values of every position) per block: floats on the host; on a device, elements of the
+    /// arena's type, whatever it is (f32 or bf16).
     pub fn block_floats(&self) -> usize {
         self.block_floats
     }
@@ -815,6 +833,21 @@ pub(crate) mod tests {
         assert_eq!(fresh.blocks_held(), 0);
         // The CPU attention's view of a device block has no floats: its kernel refuses it instead of reading any.
         assert!(cache.paged(0, 4).blocks.iter().all(|b| b.data().is_empty()));
+    }
+
+    #[test]
+    fn block_sizing_counts_the_element_type() {
+        let config = config();
+        // [2, block_size, kv_heads, head_dim] values per block, 4 or 2 bytes each.
+        let values = 2 * 16 * config.kv_dim() as u64;
+        assert_eq!(KvBlockPool::block_bytes(&config, 16), 4 * values);
+        assert_eq!(KvBlockPool::block_bytes_for_dtype(&config, 16, KvDtype::F32), 4 * values);
+        assert_eq!(KvBlockPool::block_bytes_for_dtype(&config, 16, KvDtype::Bf16), 2 * values);
+        let bytes = 1000 * 4 * values + 7;
+        assert_eq!(KvBlockPool::blocks_in_bytes(&config, 16, bytes), 1000);
+        assert_eq!(KvBlockPool::blocks_in_bytes_for_dtype(&config, 16, bytes, KvDtype::Bf16), 2000);
+        let most = KvBlockPool::blocks_in_bytes_for_dtype(&config, 16, u64::MAX, KvDtype::Bf16);
+        assert_eq!(most as u64, u64::MAX / (2 * values));
     }
 
     #[test]

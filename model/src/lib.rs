@@ -36,3 +36,5 @@ pub use kv::{BlockTable, KvBlockPool, KvCache};
 pub use switchyard_kernels::device::DenseDtype;
 /// Where compute runs (`cpu` or `cuda:N`): the kernels' device choice, which [`GpuExperts::new`] takes.
 pub use switchyard_kernels::device::Device;
+/// Element type of the KV cache on the GPU (`f32` or `bf16`), which [`GpuModelOptions`] takes (the CPU's is f32).
+pub use switchyard_kernels::device::KvDtype;

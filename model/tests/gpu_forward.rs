@@ -1,8 +1,8 @@
 //! The whole forward pass on a CUDA GPU (`GpuModel`) against the CPU forward pass (`Llama4Model`) on the golden
 //! fixtures: prefill, decode through the device KV cache (across chunk boundaries, on RoPE/chunked and NoPE/global
-//! layers with temperature tuning), batches with chunked prefill, bf16 dense weights, FP8 experts on the GPU, and the
-//! error contract. Without a GPU (or without the `cuda` feature) each GPU test prints "SKIPPED <reason>" and passes:
-//! CI has no GPU; `scripts/gpu-check.sh` runs it on one, where a skip counts as a failure.
+//! layers with temperature tuning), batches with chunked prefill, bf16 dense weights, a bf16 KV cache, FP8 experts on
+//! the GPU, and the error contract. Without a GPU (or without the `cuda` feature) each GPU test prints "SKIPPED
+//! <reason>" and passes: CI has no GPU; `scripts/gpu-check.sh` runs it on one, where a skip counts as a failure.
 //!
 //! Tolerances (docs/cuda.md, "The attention-side path"):
 //! - f32 dense weights: the GPU computes the CPU's arithmetic in another order (cuBLASLt's f32 GEMM without TF32,
@@ -13,6 +13,10 @@
 //!   token whose top-1 router choice flips (two expert logits within that percent) gets another expert's output, so
 //!   the check is per row: the median relative L2 error of a row's logits <= 5e-2, and at most 1/8 of the rows above
 //!   0.15. A layout or indexing bug moves every row by O(1).
+//! - bf16 KV with f32 dense weights: each key and value rounded to bf16 once (2^-8 relative at most) moves attention
+//!   outputs by a few 1e-3 relative with random-sign rounding errors, and logits' rows by about as much: median row
+//!   error <= 1e-2, the same 1/8 of rows allowed above 0.15 for router flips. bf16 weights and bf16 KV (the GPU's
+//!   defaults) are held to the bf16 dense bounds, the dense rounding dominating.
 //! - FP8 experts on the GPU (maverick-fp8): docs/cuda.md's 1% of the logit scale for GPU experts in the CPU forward
 //!   pass, doubled: the f32 dense path now differs from the CPU's by ~1e-6 relative, which can move a per-token FP8
 //!   activation code one step where a value sits on a rounding boundary (as the GPU experts' own re-quantisation
@@ -28,7 +32,7 @@ use switchyard_model::checkpoint::{Checkpoint, ExpertWeights};
 use switchyard_model::config::ModelConfig;
 use switchyard_model::{
     ActivationPrecision, DenseDtype, Device, ForwardPass, GpuExperts, GpuModel, GpuModelOptions, KvBlockPool, KvCache,
-    Llama4Model, LoadOptions, LogitsFor, ModelError, SequenceStep,
+    KvDtype, Llama4Model, LoadOptions, LogitsFor, ModelError, SequenceStep,
 };
 
 /// tests/golden/`name`: the path compiled in, or (a test binary carried to the GPU machine, run from the repository
@@ -63,7 +67,7 @@ fn upload(model: &Llama4Model, options: &GpuModelOptions, test: &str) -> Option<
 }
 
 fn f32_options() -> GpuModelOptions {
-    GpuModelOptions { dense_dtype: DenseDtype::F32, kv_blocks: 256, block_size: 4 }
+    GpuModelOptions { dense_dtype: DenseDtype::F32, kv_blocks: 256, block_size: 4, kv_dtype: KvDtype::F32 }
 }
 
 /// A prompt crossing three chunk boundaries (the fixtures' chunk is 8) and the NoPE layer's temperature steps
@@ -173,22 +177,66 @@ fn bf16_dense_stays_close_to_the_cpu_forward() {
     let prompt = prompt(vocab);
     let cpu = model.forward(&prompt, &mut model.new_cache().expect("cache"), LogitsFor::All).expect("cpu prefill");
     let on_gpu = gpu.forward(&prompt, &mut gpu.new_cache().expect("cache"), LogitsFor::All).expect("gpu prefill");
-    assert_eq!(on_gpu.len(), cpu.len());
+    assert_rows_close("bf16 prefill", &on_gpu, &cpu, vocab, 5e-2);
+}
+
+/// The per-row check of the bf16 tests (module docs): the relative L2 error of each row of `gpu` logits against `cpu`
+/// (rows of `vocab`), median at most `median_bound`, at most 1/8 of the rows above 0.15 (router flips).
+fn assert_rows_close(what: &str, gpu: &[f32], cpu: &[f32], vocab: usize, median_bound: f32) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths differ");
     let mut errors: Vec<f32> = cpu
         .chunks_exact(vocab)
-        .zip(on_gpu.chunks_exact(vocab))
+        .zip(gpu.chunks_exact(vocab))
         .map(|(c, g)| {
             let diff: f32 = c.iter().zip(g).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
             let norm: f32 = c.iter().map(|a| a * a).sum::<f32>().sqrt();
             diff / norm.max(f32::MIN_POSITIVE)
         })
         .collect();
-    println!("bf16 prefill: per-row relative errors {errors:?}");
+    println!("{what}: per-row relative errors {errors:?}");
     errors.sort_by(f32::total_cmp);
     let median = errors[errors.len() / 2];
     let outliers = errors.iter().filter(|&&e| e.is_nan() || e > 0.15).count();
-    assert!(median <= 5e-2, "bf16: median row error {median}");
-    assert!(outliers * 8 <= errors.len(), "bf16: {outliers} of {} rows off by more than 0.15", errors.len());
+    assert!(median <= median_bound, "{what}: median row error {median}");
+    assert!(outliers * 8 <= errors.len(), "{what}: {outliers} of {} rows off by more than 0.15", errors.len());
+}
+
+/// A bf16 KV arena (f32 dense weights, so the KV's rounding is the only new error): prefill and decode steps that
+/// read keys written by earlier steps, close to the f32 CPU forward pass row by row (docs/cuda.md: median relative
+/// error <= 1e-2, at most 1/8 of the rows above 0.15); then the defaults (bf16 weights and bf16 KV) within the bf16
+/// dense test's bounds.
+#[test]
+fn bf16_kv_stays_close_to_the_cpu_forward() {
+    let (_, _, model) = load_cpu("maverick-f32", ActivationPrecision::F32);
+    assert_eq!(GpuModelOptions::default().kv_dtype, KvDtype::Bf16, "bf16 KV is the GPU's default");
+    let options = GpuModelOptions { kv_dtype: KvDtype::Bf16, ..f32_options() };
+    let Some(gpu) = upload(&model, &options, "bf16 KV forward") else { return };
+    assert_eq!(gpu.kv_dtype(), KvDtype::Bf16);
+    let pool = gpu.kv_pool();
+    assert_eq!(gpu.kv_bytes(), pool.capacity() * pool.block_floats() * 2, "2 bytes per key or value");
+    let vocab = model.config().vocab_size;
+    let prompt = prompt(vocab);
+    let cpu_pool = KvBlockPool::new(model.config(), options.block_size, usize::MAX).expect("host pool");
+    let mut cpu_cache = KvCache::in_pool(model.config(), cpu_pool);
+    let mut gpu_cache = gpu.new_cache().expect("cache");
+    let mut cpu = model.forward(&prompt, &mut cpu_cache, LogitsFor::All).expect("cpu prefill");
+    let mut on_gpu = gpu.forward(&prompt, &mut gpu_cache, LogitsFor::All).expect("gpu prefill");
+    let mut token = argmax(&cpu[(prompt.len() - 1) * vocab..]);
+    // Decode past the chunk boundary at 24 (the CPU's tokens on both sides, so both see the same sequence).
+    for _ in 0..6 {
+        let step_cpu = model.forward(&[token], &mut cpu_cache, LogitsFor::Last).expect("cpu decode");
+        let step_gpu = gpu.forward(&[token], &mut gpu_cache, LogitsFor::Last).expect("gpu decode");
+        token = argmax(&step_cpu);
+        cpu.extend_from_slice(&step_cpu);
+        on_gpu.extend_from_slice(&step_gpu);
+    }
+    assert_rows_close("bf16 KV (f32 weights), prefill and decode", &on_gpu, &cpu, vocab, 1e-2);
+
+    let defaults =
+        GpuModelOptions { kv_blocks: options.kv_blocks, block_size: options.block_size, ..Default::default() };
+    let Some(gpu) = upload(&model, &defaults, "bf16 weights and KV") else { return };
+    let on_gpu = gpu.forward(&prompt, &mut gpu.new_cache().expect("cache"), LogitsFor::All).expect("gpu prefill");
+    assert_rows_close("bf16 weights and KV, prefill", &on_gpu, &cpu[..prompt.len() * vocab], vocab, 5e-2);
 }
 
 /// The FP8 fixture with its routed experts on the GPU too (`GpuExperts`), the whole model on the device, against the

@@ -573,10 +573,16 @@ fn maverick_values_request_gpus_and_rdma_and_spread_expert_workers() {
     assert_eq!(flag(&args, "--memory-budget"), Some("64GiB"));
     assert!(args.contains(&"--fp8-activations"));
     let attention = args_of(find(&objects, "StatefulSet", &full("attention-worker")), "attention-worker");
-    for (name, value) in [("--wire", "fp8"), ("--micro-batches", "2"), ("--kv-memory", "40GiB"), ("--max-batch", "256")]
-    {
+    for (name, value) in [
+        ("--wire", "fp8"),
+        ("--micro-batches", "2"),
+        ("--kv-memory", "40GiB"),
+        ("--max-batch", "256"),
+        ("--kv-dtype", "bf16"),
+    ] {
         assert_eq!(flag(&attention, name), Some(value), "{name}");
     }
+    assert_eq!(flag(&attention, "--dense-dtype"), None, "denseDtype null: the binary's default");
     assert_eq!(
         flag(&args_of(find(&objects, "StatefulSet", &full("coordinator")), "coordinator"), "--redundant-slots"),
         Some("16")

@@ -136,8 +136,17 @@ fn ranks(
     services: [Arc<dyn ExpertService>; 2],
     step_timeout: Duration,
 ) -> (Vec<CollectiveTransport>, Vec<JoinHandle<Result<ExpertRankSummary, TransportError>>>) {
-    let mut collectives: Vec<Arc<dyn Collective>> =
-        LoopbackCollective::group(4).into_iter().map(|c| Arc::new(c) as Arc<dyn Collective>).collect();
+    let collectives = LoopbackCollective::group(4).into_iter().map(|c| Arc::new(c) as Arc<dyn Collective>).collect();
+    ranks_over(collectives, wire, services, step_timeout)
+}
+
+/// [`ranks`] over the four ranks of a given communicator, by rank.
+fn ranks_over(
+    mut collectives: Vec<Arc<dyn Collective>>,
+    wire: WireFormat,
+    services: [Arc<dyn ExpertService>; 2],
+    step_timeout: Duration,
+) -> (Vec<CollectiveTransport>, Vec<JoinHandle<Result<ExpertRankSummary, TransportError>>>) {
     let expert_ranks: Vec<_> = collectives.split_off(2);
     let experts = expert_ranks
         .into_iter()
@@ -488,4 +497,191 @@ fn one_nccl_rank_exchanges_with_itself() {
     let received = rank.exchange(vec![Bytes::from(block)], Some(Duration::from_secs(30))).unwrap();
     let decoded = codec::decode(&switchyard_proto::v1::Activations::decode(received[0].clone()).unwrap()).unwrap();
     assert_eq!(bits(&decoded), bits(&codec::round_trip(&inputs, 160, WireDtype::Fp8E4m3)));
+}
+
+/// `world_size` NCCL ranks of one communicator, rank `r` on GPU `r`, joined from threads as separate processes would
+/// join; or why they cannot run here (no libcuda or libnccl, fewer GPUs than ranks). Under the CPU emulation of CUDA
+/// (cuda-emulator/, one device unless told otherwise) it first asks the emulator for a device per rank, as real NCCL
+/// refuses two ranks of one communicator on one GPU; a real driver has no such symbol, and its GPUs count.
+#[cfg(feature = "cuda")]
+fn nccl_ranks(world_size: usize) -> Result<Vec<switchyard_transport::collective::NcclCollective>, String> {
+    use switchyard_transport::collective::{CollectiveError, NcclCollective};
+
+    let skip = |error: CollectiveError| format!("no {world_size} NCCL ranks can run here: {error}");
+    let id = match NcclCollective::unique_id() {
+        Ok(id) => id,
+        Err(error @ CollectiveError::Unavailable { .. }) => return Err(skip(error)),
+        Err(other) => panic!("ncclGetUniqueId: {other}"),
+    };
+    // SAFETY: libcuda was found (unique_id looked for it); the symbol, where it exists, is the emulator's
+    // `switchyard_cuda_emulator_set_device_count(c_int) -> CUresult`.
+    unsafe {
+        let driver = cudarc::driver::sys::culib();
+        type SetDeviceCount = unsafe extern "C" fn(std::ffi::c_int) -> u32;
+        if let Ok(set) = driver.get::<SetDeviceCount>(b"switchyard_cuda_emulator_set_device_count\0") {
+            assert_eq!(set(world_size as std::ffi::c_int), 0, "the emulator refused {world_size} devices");
+        }
+    }
+    let gpus = cudarc::driver::CudaContext::device_count().map_err(|e| format!("no GPU can be counted here: {e}"))?;
+    if (gpus as usize) < world_size {
+        return Err(format!("{world_size} NCCL ranks need {world_size} GPUs, {gpus} found"));
+    }
+    let joined: Vec<Result<NcclCollective, CollectiveError>> = std::thread::scope(|scope| {
+        let joining: Vec<_> = (0..world_size)
+            .map(|rank| {
+                let id = &id;
+                scope.spawn(move || NcclCollective::new(id, rank, world_size, rank, Duration::from_secs(30)))
+            })
+            .collect();
+        joining.into_iter().map(|j| j.join().expect("a joining thread panicked")).collect()
+    });
+    let mut ranks = Vec::with_capacity(world_size);
+    for (rank, result) in joined.into_iter().enumerate() {
+        match result {
+            Ok(joined) => ranks.push(joined),
+            Err(error @ CollectiveError::Unavailable { .. }) => return Err(skip(error)),
+            Err(other) => panic!("rank {rank} joining the NCCL communicator: {other}"),
+        }
+    }
+    Ok(ranks)
+}
+
+/// [`nccl_ranks`], or `None` after printing why the test is skipped.
+#[cfg(feature = "cuda")]
+fn nccl_ranks_or_skip(world_size: usize) -> Option<Vec<switchyard_transport::collective::NcclCollective>> {
+    nccl_ranks(world_size).map_err(|reason| println!("SKIPPED: {reason}")).ok()
+}
+
+/// What rank `from` sends rank `to` in round `round` of the NCCL tests: lengths from empty to 1 MiB, different for
+/// every pair and round, bytes that name the pair and round.
+#[cfg(feature = "cuda")]
+fn nccl_payload(round: usize, from: usize, to: usize) -> bytes::Bytes {
+    const LENGTHS: [usize; 7] = [0, 1, 17, 0, 4096 + 3, 1 << 20, 250];
+    let length = LENGTHS[(round * 3 + from * 5 + to * 2) % LENGTHS.len()];
+    (0..length).map(|i| (i as u8).wrapping_mul(31) ^ (round * 16 + from * 4 + to) as u8).collect()
+}
+
+/// Every rank of `ranks` makes exchange `round` of a communicator of `world_size` ranks at once (a thread each),
+/// while this thread runs `meanwhile`; each rank's result, by rank.
+#[cfg(feature = "cuda")]
+fn nccl_round(
+    ranks: &[switchyard_transport::collective::NcclCollective],
+    world_size: usize,
+    round: usize,
+    timeout: Duration,
+    meanwhile: impl FnOnce(),
+) -> Vec<Result<Vec<bytes::Bytes>, switchyard_transport::collective::CollectiveError>> {
+    std::thread::scope(|scope| {
+        let pending: Vec<_> = ranks
+            .iter()
+            .enumerate()
+            .map(|(from, rank)| {
+                let sends = (0..world_size).map(|to| nccl_payload(round, from, to)).collect();
+                scope.spawn(move || rank.exchange(sends, Some(timeout)))
+            })
+            .collect();
+        meanwhile();
+        pending.into_iter().map(|p| p.join().expect("an exchanging thread panicked")).collect()
+    })
+}
+
+/// Three NCCL ranks (threads, a GPU each) exchange uneven payloads, empty ones included, through the real
+/// `NcclCollective` path: round after round, every rank gets exactly what every rank (itself included) sent it.
+/// Needs three GPUs (or the CPU emulation of CUDA), libcuda and libnccl; without them it prints why and passes.
+#[cfg(feature = "cuda")]
+#[test]
+fn nccl_ranks_exchange_uneven_payloads_through_nccl() {
+    const RANKS: usize = 3;
+    let Some(ranks) = nccl_ranks_or_skip(RANKS) else { return };
+    for (rank, collective) in ranks.iter().enumerate() {
+        assert_eq!((collective.rank(), collective.world_size()), (rank, RANKS));
+    }
+    for round in 0..6 {
+        for (to, received) in nccl_round(&ranks, RANKS, round, Duration::from_secs(30), || {}).into_iter().enumerate() {
+            let received = received.unwrap_or_else(|e| panic!("round {round}: rank {to}: {e}"));
+            let expected: Vec<bytes::Bytes> = (0..RANKS).map(|from| nccl_payload(round, from, to)).collect();
+            assert_eq!(received, expected, "round {round}: what rank {to} received");
+        }
+    }
+}
+
+/// A rank that dies mid-step (its thread ends, dropping its communicator, which aborts it) fails the exchange of
+/// the others with an error naming it, well within their timeout, and every later exchange fails at once with the
+/// same cause. Needs three GPUs (or the CPU emulation), libcuda and libnccl; without them it prints why and passes.
+///
+/// Real NCCL reports a peer that went away as `ncclRemoteError` where its transport notices (sockets, InfiniBand);
+/// over NVLink the others fail at their timeout instead, naming the ranks they awaited.
+#[cfg(feature = "cuda")]
+#[test]
+fn an_nccl_rank_that_dies_mid_step_fails_the_others_naming_it() {
+    const RANKS: usize = 3;
+    let Some(mut ranks) = nccl_ranks_or_skip(RANKS) else { return };
+    assert!(nccl_round(&ranks, RANKS, 0, Duration::from_secs(30), || {}).iter().all(Result::is_ok));
+    let timeout = Duration::from_secs(8);
+    let dying = ranks.pop().expect("three ranks");
+    let started = Instant::now();
+    // Rank 2 dies while the others are in the exchange or entering it (either way they must learn it).
+    let survivors = nccl_round(&ranks, RANKS, 1, timeout, || {
+        std::thread::sleep(Duration::from_millis(50));
+        drop(dying);
+    });
+    assert!(started.elapsed() < timeout, "the survivors took {:?} to notice", started.elapsed());
+    for (rank, result) in survivors.iter().enumerate() {
+        let error = result.as_ref().expect_err("rank 2 is gone").to_string();
+        assert!(error.contains("rank 2"), "rank {rank}: {error}");
+        println!("rank {rank} failed as it should: {error}");
+    }
+    for (rank, collective) in ranks.iter().enumerate() {
+        let again = collective.exchange(vec![bytes::Bytes::new(); RANKS], Some(timeout)).expect_err("failed before");
+        assert!(again.to_string().contains("failed earlier") && again.to_string().contains("rank 2"), "{again}");
+        assert!(started.elapsed() < timeout, "rank {rank}'s next exchange did not fail at once");
+    }
+}
+
+/// A rank that goes silent (alive, but makes no exchange) fails the others' exchange at their timeout, naming the
+/// ranks they awaited. Needs three GPUs (or the CPU emulation), libcuda and libnccl; else it prints why and passes.
+#[cfg(feature = "cuda")]
+#[test]
+fn a_silent_nccl_rank_fails_the_others_at_their_timeout() {
+    use switchyard_transport::collective::CollectiveError;
+
+    const RANKS: usize = 3;
+    let Some(mut ranks) = nccl_ranks_or_skip(RANKS) else { return };
+    let _silent = ranks.pop().expect("three ranks");
+    let timeout = Duration::from_millis(700);
+    let started = Instant::now();
+    let results = nccl_round(&ranks, RANKS, 0, timeout, || {});
+    let elapsed = started.elapsed();
+    assert!(elapsed >= timeout && elapsed < timeout + Duration::from_secs(5), "took {elapsed:?}");
+    for (rank, result) in results.into_iter().enumerate() {
+        match result {
+            Err(CollectiveError::Timeout { exchange: 0, waiting_for, after }) => {
+                assert!(waiting_for.contains(&2), "rank {rank} awaited {waiting_for:?}");
+                assert_eq!(after, timeout);
+                println!("rank {rank} timed out as it should, awaiting ranks {waiting_for:?}");
+            }
+            other => panic!("rank {rank}: expected a timeout, got {other:?}"),
+        }
+    }
+}
+
+/// The MoE step over NCCL: two attention and two expert ranks (threads, a GPU each) step through NCCL exactly as
+/// through the loopback, every answer the experts' function of its batch, and leave together. Needs four GPUs (or
+/// the CPU emulation), libcuda and libnccl; without them it prints why and passes.
+#[cfg(feature = "cuda")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_attention_and_two_expert_ranks_step_over_nccl() {
+    let Some(collectives) = tokio::task::spawn_blocking(|| nccl_ranks_or_skip(4)).await.unwrap() else { return };
+    let collectives = collectives.into_iter().map(|c| Arc::new(c) as Arc<dyn Collective>).collect();
+    let service = AffineExperts::new(Behaviour::Compute);
+    let (attention, experts) = ranks_over(collectives, WireFormat::default(), [service.clone(), service], STEP_TIMEOUT);
+    const STEPS: u64 = 5;
+    for step in 0..STEPS {
+        step_both(&attention, step).await;
+    }
+    let left = futures::future::join_all(attention.iter().map(|t| t.leave())).await;
+    assert!(left.iter().all(Result::is_ok), "{left:?}");
+    for expert in experts {
+        assert_eq!(expert.await.unwrap().unwrap().steps, STEPS);
+    }
 }

@@ -19,7 +19,8 @@
 //! [`CollectiveLeave`]: the agreement travels in the exchanges).
 //!
 //! With `--device cuda:N` its whole forward pass runs on that GPU (`GpuModel`: dense weights as `--dense-dtype`, the
-//! KV cache in a device arena of `--kv-memory`); the routed experts stay on the expert workers. Sequences too long
+//! KV cache in a device arena of `--kv-memory` holding `--kv-dtype` keys and values); the routed experts stay on the
+//! expert workers. Sequences too long
 //! for its KV cache are then refused: context parallelism between attention workers runs on CPU workers only.
 
 use std::net::SocketAddr;
@@ -37,7 +38,8 @@ use switchyard_kernels::device::check_device;
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::config::ModelConfig;
 use switchyard_model::{
-    DenseDtype, Device, ExpertSelection, ForwardPass, GpuModel, GpuModelOptions, KvBlockPool, Llama4Model, LoadOptions,
+    DenseDtype, Device, ExpertSelection, ForwardPass, GpuModel, GpuModelOptions, KvBlockPool, KvDtype, Llama4Model,
+    LoadOptions,
 };
 use switchyard_transport::collective::{CollectiveTransport, RankRole};
 use switchyard_transport::grpc::GrpcTransport;
@@ -144,6 +146,10 @@ pub struct Args {
     /// Element type of the dense weights on the GPU (`bf16`, the default, or `f32`). Only with `--device cuda:N`.
     #[arg(long, env = "SWITCHYARD_DENSE_DTYPE")]
     dense_dtype: Option<DenseDtype>,
+    /// Element type of the KV cache on the GPU (`bf16`, the default: twice the tokens of `f32` in --kv-memory; or
+    /// `f32`). Only with `--device cuda:N` (the CPU's cache is f32).
+    #[arg(long, env = "SWITCHYARD_KV_DTYPE")]
+    kv_dtype: Option<KvDtype>,
     #[command(flatten)]
     collective: CollectiveArgs,
 }
@@ -160,6 +166,9 @@ pub fn run(args: Args) -> Result<()> {
     check_device(&args.device).with_context(|| format!("--device {}", args.device))?;
     if args.dense_dtype.is_some() && args.device == Device::Cpu {
         bail!("--dense-dtype chooses the GPU's dense weights: it needs --device cuda:N");
+    }
+    if args.kv_dtype.is_some() && args.device == Device::Cpu {
+        bail!("--kv-dtype chooses the GPU's KV cache element type: it needs --device cuda:N (the CPU's cache is f32)");
     }
     // The runtime moves bytes and answers clients; the forward pass runs on the engine's own threads.
     let runtime = crate::serving::runtime(2)?;
@@ -198,7 +207,10 @@ async fn serve_until_signal(args: Args) -> Result<()> {
     };
     let on_gpu = args.device != Device::Cpu;
     let kv_memory = if on_gpu { Some(args.kv_memory.unwrap_or(DEFAULT_GPU_KV_MEMORY)) } else { args.kv_memory };
-    let kv_blocks = kv_memory.map(|bytes| KvBlockPool::blocks_in_bytes(&config.text, args.kv_block_size, bytes));
+    // The CPU's cache is f32; a GPU's arena holds --kv-dtype (run refused --kv-dtype on the CPU).
+    let kv_dtype = if on_gpu { args.kv_dtype.unwrap_or_default() } else { KvDtype::F32 };
+    let kv_blocks = kv_memory
+        .map(|bytes| KvBlockPool::blocks_in_bytes_for_dtype(&config.text, args.kv_block_size, bytes, kv_dtype));
     let mut options = EngineOptions {
         max_batch: args.max_batch,
         max_waiting: args.max_waiting,
@@ -209,8 +221,8 @@ async fn serve_until_signal(args: Args) -> Result<()> {
         threads: 0,
         lockstep: None,
     };
-    let kv_memory_bytes =
-        options.kv_blocks_for(&config.text) as u64 * KvBlockPool::block_bytes(&config.text, args.kv_block_size);
+    let kv_memory_bytes = options.kv_blocks_for(&config.text) as u64
+        * KvBlockPool::block_bytes_for_dtype(&config.text, args.kv_block_size, kv_dtype);
     // The GPU copy is made before joining the cluster: a long upload, or a GPU without room, fails before this worker
     // counts as serving. The host copy then goes.
     let model = if on_gpu {
@@ -218,6 +230,7 @@ async fn serve_until_signal(args: Args) -> Result<()> {
             dense_dtype: args.dense_dtype.unwrap_or_default(),
             kv_blocks: options.kv_blocks_for(&config.text),
             block_size: args.kv_block_size,
+            kv_dtype,
         };
         let device = args.device;
         let uploaded = tokio::task::spawn_blocking(move || {
@@ -234,6 +247,8 @@ async fn serve_until_signal(args: Args) -> Result<()> {
             dense_dtype = %gpu_options.dense_dtype,
             weight_bytes = uploaded.weight_bytes(),
             kv_blocks = gpu_options.kv_blocks,
+            kv_dtype = %gpu_options.kv_dtype,
+            kv_bytes = uploaded.kv_bytes(),
             "the attention side runs on the GPU"
         );
         ServingModel::Gpu(Box::new(uploaded))

@@ -9,7 +9,7 @@ use switchyard_kernels::device::{check_device, Device};
 use switchyard_model::kv::DEFAULT_BLOCK_SIZE;
 use switchyard_model::{
     generate_until, ActivationPrecision, DenseDtype, ExpertSelection, FinishReason, ForwardPass, GenerationRequest,
-    GpuModelOptions, KvCache, LoadOptions, SamplingParams, TokenLogprobs,
+    GpuModelOptions, KvCache, KvDtype, LoadOptions, SamplingParams, TokenLogprobs,
 };
 use tokenizers::Tokenizer;
 
@@ -69,12 +69,16 @@ pub struct Args {
     /// Element type of the dense weights on the GPU (`f32` or `bf16`; default bf16). Only with `--device cuda:N`.
     #[arg(long)]
     dense_dtype: Option<DenseDtype>,
+    /// Element type of the KV cache on the GPU (`bf16` or `f32`; default bf16). Only with `--device cuda:N` (the
+    /// CPU's cache is f32).
+    #[arg(long)]
+    kv_dtype: Option<KvDtype>,
     /// Write prompt ids, prompt and decode logits, generated tokens and text as JSON.
     #[arg(long)]
     output_json: Option<PathBuf>,
     /// Generate through a running cluster's client API (e.g. the endpoint `switchyard up` prints) instead of
     /// loading the model in this process.
-    #[arg(long, env = "SWITCHYARD_ENDPOINT", conflicts_with_all = ["model", "fp8_activations", "dense_dtype"])]
+    #[arg(long, env = "SWITCHYARD_ENDPOINT", conflicts_with_all = ["model", "fp8_activations", "dense_dtype", "kv_dtype"])]
     endpoint: Option<String>,
 }
 
@@ -86,6 +90,9 @@ pub fn run(args: Args) -> Result<()> {
     check_device(&args.device).with_context(|| format!("device {}", args.device))?;
     if args.dense_dtype.is_some() && args.device == Device::Cpu {
         bail!("--dense-dtype chooses the GPU's dense weights: it needs --device cuda:N");
+    }
+    if args.kv_dtype.is_some() && args.device == Device::Cpu {
+        bail!("--kv-dtype chooses the GPU's KV cache element type: it needs --device cuda:N (the CPU's cache is f32)");
     }
     let dir = model_dir::resolve(args.model.as_deref())?;
     let on_gpu = args.device != Device::Cpu;
@@ -152,15 +159,18 @@ pub fn run(args: Args) -> Result<()> {
             dense_dtype: args.dense_dtype.unwrap_or_default(),
             kv_blocks: KvCache::blocks_for_sequence(&config.text, DEFAULT_BLOCK_SIZE, tokens, prompt_ids.len()),
             block_size: DEFAULT_BLOCK_SIZE,
+            kv_dtype: args.kv_dtype.unwrap_or_default(),
         };
         let gpu = model_dir::gpu_model(&dir, &config, &model, args.device, &gpu_options)?;
         eprintln!(
-            "the whole model on {} ({}): {} dense weights, {} MB of them, {} KV blocks",
+            "the whole model on {} ({}): {} dense weights, {} MB of them, {} KV blocks of {} ({} MB)",
             args.device,
             gpu.device_name(),
             gpu_options.dense_dtype,
             gpu.weight_bytes() >> 20,
-            gpu_options.kv_blocks
+            gpu_options.kv_blocks,
+            gpu_options.kv_dtype,
+            gpu.kv_bytes() >> 20
         );
         // The host copy is no longer needed.
         drop(model);

@@ -105,6 +105,10 @@ pub struct Args {
     /// Where the attention workers compute: `cpu`, or `cuda:N` for the whole attention side of every one of them.
     #[arg(long, default_value = "cpu")]
     attention_device: switchyard_model::Device,
+    /// Element type of the attention workers' KV cache on their GPU (`bf16`, the default, or `f32`). Only with
+    /// `--attention-device cuda:N`.
+    #[arg(long)]
+    kv_dtype: Option<switchyard_model::KvDtype>,
     /// Seconds to wait for each process to become ready.
     #[arg(long, default_value_t = 120)]
     ready_timeout: u64,
@@ -338,6 +342,12 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("--expert-device {}", args.expert_device))?;
     switchyard_kernels::device::check_device(&args.attention_device)
         .with_context(|| format!("--attention-device {}", args.attention_device))?;
+    if args.kv_dtype.is_some() && args.attention_device == switchyard_model::Device::Cpu {
+        bail!(
+            "--kv-dtype chooses the attention workers' GPU KV cache element type: it needs --attention-device cuda:N \
+             (the CPU's cache is f32)"
+        );
+    }
     if args.coordinators > 1 && args.store.is_none() {
         bail!(
             "--coordinators {} needs --store etcd://...: without it the one coordinator holds the cluster state in \
@@ -464,6 +474,9 @@ async fn start_and_serve(args: &Args, dir: &std::path::Path, cluster: &mut Clust
         ]);
         if let Some(memory) = &args.kv_memory {
             child_args.extend(["--kv-memory".into(), memory.clone()]);
+        }
+        if let Some(kv_dtype) = args.kv_dtype {
+            child_args.extend(["--kv-dtype".into(), kv_dtype.to_string()]);
         }
         if let Some(tokens) = args.max_batch_tokens {
             child_args.extend(["--max-batch-tokens".into(), tokens.to_string()]);

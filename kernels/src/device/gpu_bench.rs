@@ -35,6 +35,8 @@ pub struct GemmBenchConfig {
     pub warmup: usize,
     /// Seed of the routing and the random weights.
     pub seed: u64,
+    /// Bytes of the device-to-device copy measured as the bandwidth ceiling (default 1 GiB: far beyond L2).
+    pub copy_bytes: usize,
 }
 
 impl Default for GemmBenchConfig {
@@ -47,6 +49,7 @@ impl Default for GemmBenchConfig {
             iterations: 20,
             warmup: 3,
             seed: 6,
+            copy_bytes: 1 << 30,
         }
     }
 }

@@ -37,8 +37,9 @@ pub use backend::GroupedGemm;
 pub use backend::{
     bench_expert_gemm, compile_cuda_source, CudaDevice, CudaSlice, CudaView, CudaViewMut, DenseWeight, GpuExpertLayer,
 };
-/// Plain argument types of the device kernels, and the bf16 codec of dense weights (every build).
-pub use types::{bf16_bits_to_f32, f32_to_bf16_bits, DenseDtype, KvWrite, PagedDecode};
+/// Plain argument types of the device kernels (the KV cache's element types among them), and the bf16 codec of dense
+/// weights and bf16 KV (every build).
+pub use types::{bf16_bits_to_f32, f32_to_bf16_bits, DenseDtype, KvDtype, KvElement, KvWrite, PagedDecode};
 
 /// Where compute runs. Parsed from `"cpu"` or `"cuda:N"` (`"cuda"` alone means `cuda:0`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::device::gpu_bench::{GemmBenchConfig, GemmBenchReport};
 use crate::device::plan::{ExpertDims, Fp8Expert};
 use crate::device::sources::CudaSource;
-use crate::device::types::{DenseDtype, KvWrite, PagedDecode};
+use crate::device::types::{DenseDtype, KvElement, KvWrite, PagedDecode};
 use crate::error::KernelError;
 
 pub(super) const COMPILED: bool = false;
@@ -105,13 +105,13 @@ impl CudaDevice {
         match *self {}
     }
 
-    /// Decode attention over a paged KV cache.
+    /// Decode attention over a paged KV cache (f32 or bf16).
     #[allow(clippy::too_many_arguments)]
-    pub fn paged_decode_attention(
+    pub fn paged_decode_attention<T: KvElement>(
         &self,
         _shape: &PagedDecode,
         _q: &CudaView<'_, f32>,
-        _pool: &CudaView<'_, f32>,
+        _pool: &CudaView<'_, T>,
         _block_table: &CudaView<'_, u32>,
         _table_row: &CudaView<'_, u32>,
         _first_block: &CudaView<'_, u32>,
@@ -175,11 +175,11 @@ impl CudaDevice {
         match *self {}
     }
 
-    /// Keys and values into the paged KV pool.
-    pub fn kv_write(
+    /// Keys and values into the paged KV pool (f32 or bf16).
+    pub fn kv_write<T: KvElement>(
         &self,
         _shape: &KvWrite,
-        _pool: &mut CudaViewMut<'_, f32>,
+        _pool: &mut CudaViewMut<'_, T>,
         _k: &CudaView<'_, f32>,
         _v: &CudaView<'_, f32>,
         _slots: &CudaView<'_, u32>,

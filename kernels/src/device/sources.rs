@@ -31,15 +31,15 @@ pub const EXPERTS_CU: CudaSource = CudaSource {
     ],
 };
 
-/// The attention worker's kernels: RMS norm, interleaved RoPE, paged decode attention.
+/// The attention worker's kernels: RMS norm, interleaved RoPE, paged decode attention (over an f32 or a bf16 KV pool).
 pub const ATTENTION_CU: CudaSource = CudaSource {
     file: "attention.cu",
     text: include_str!("../../cuda/attention.cu"),
-    kernels: &["rms_norm", "rope_interleaved", "paged_decode_attention"],
+    kernels: &["rms_norm", "rope_interleaved", "paged_decode_attention", "paged_decode_attention_bf16"],
 };
 
 /// The dense side of a decoder layer besides its GEMMs (cuBLASLt's): bf16 conversion of GEMM inputs, embedding
-/// look-up, SwiGLU, residual add, row scaling, writes into the paged KV cache.
+/// look-up, SwiGLU, residual add, row scaling, writes into the paged KV cache (f32 or bf16).
 pub const DENSE_CU: CudaSource = CudaSource {
     file: "dense.cu",
     text: include_str!("../../cuda/dense.cu"),
@@ -51,6 +51,7 @@ pub const DENSE_CU: CudaSource = CudaSource {
         "add_in_place",
         "scale_rows",
         "kv_write",
+        "kv_write_bf16",
     ],
 };
 

@@ -49,6 +49,73 @@ impl FromStr for DenseDtype {
     }
 }
 
+/// Element type of a KV cache on the device. Parsed from `"f32"` or `"bf16"`. Keys and values are computed in f32
+/// either way; bf16 rounds them to nearest even as they are written (as [`f32_to_bf16_bits`]) and widens them back
+/// to f32 as attention reads them, so the arithmetic stays f32 and only the storage halves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KvDtype {
+    /// f32 keys and values: the CPU's cache, bit for bit.
+    F32,
+    /// bf16 keys and values (8 significant bits): half the memory and the attention's read traffic of f32.
+    #[default]
+    Bf16,
+}
+
+impl KvDtype {
+    /// Bytes per key or value element.
+    pub const fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KvDtype::F32 => "f32",
+            KvDtype::Bf16 => "bf16",
+        })
+    }
+}
+
+impl FromStr for KvDtype {
+    type Err = KernelError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        match input.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvDtype::F32),
+            "bf16" => Ok(KvDtype::Bf16),
+            _ => Err(KernelError::invalid("KV dtype", format!("{input:?} is neither \"f32\" nor \"bf16\""))),
+        }
+    }
+}
+
+mod sealed {
+    /// Only the element types the KV kernels are compiled for.
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u16 {}
+}
+
+/// The element type of a device KV pool, as the buffer's Rust type: `f32`, or `u16` holding bf16 bits. The KV
+/// kernels' wrappers (`CudaDevice::kv_write`, `CudaDevice::paged_decode_attention`) are generic over it and launch the
+/// matching kernel, so a pool cannot be read as the other type. Sealed: the kernels exist for these two only.
+pub trait KvElement: sealed::Sealed + Copy + Send + Sync + 'static {
+    /// The dtype a pool of this element type holds.
+    const DTYPE: KvDtype;
+}
+
+impl KvElement for f32 {
+    const DTYPE: KvDtype = KvDtype::F32;
+}
+
+/// bf16 bits (what [`f32_to_bf16_bits`] makes).
+impl KvElement for u16 {
+    const DTYPE: KvDtype = KvDtype::Bf16;
+}
+
 /// The arguments of `CudaDevice::paged_decode_attention` besides the buffers.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PagedDecode {
@@ -74,8 +141,9 @@ pub struct PagedDecode {
     pub scale: f32,
 }
 
-/// The shape of `CudaDevice::kv_write`: a pool of `pool_blocks` blocks of `[2, block_size, kv_heads, head_dim]` f32
-/// (keys, then values), the layout [`PagedDecode`] and `attention::paged_attention` read.
+/// The shape of `CudaDevice::kv_write`: a pool of `pool_blocks` blocks of `[2, block_size, kv_heads, head_dim]`
+/// elements (keys, then values; f32 or bf16, [`KvElement`]), the layout [`PagedDecode`] and
+/// `attention::paged_attention` read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvWrite {
     /// Positions per block.
@@ -119,6 +187,19 @@ mod tests {
         assert_eq!(DenseDtype::default(), DenseDtype::Bf16);
         let err = "fp16".parse::<DenseDtype>().expect_err("fp16 is not offered");
         assert!(err.to_string().contains("\"fp16\""), "{err}");
+    }
+
+    #[test]
+    fn kv_dtype_parses_displays_and_sizes() {
+        for (dtype, bytes) in [(KvDtype::F32, 4), (KvDtype::Bf16, 2)] {
+            assert_eq!(dtype.to_string().parse::<KvDtype>(), Ok(dtype));
+            assert_eq!(dtype.bytes(), bytes);
+        }
+        assert_eq!(" BF16 ".parse::<KvDtype>(), Ok(KvDtype::Bf16));
+        assert_eq!(KvDtype::default(), KvDtype::Bf16);
+        assert_eq!((<f32 as KvElement>::DTYPE, <u16 as KvElement>::DTYPE), (KvDtype::F32, KvDtype::Bf16));
+        let err = "fp8".parse::<KvDtype>().expect_err("fp8 KV is not built");
+        assert!(err.to_string().contains("\"fp8\"") && err.to_string().contains("KV dtype"), "{err}");
     }
 
     #[test]

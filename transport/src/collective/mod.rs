@@ -142,7 +142,11 @@ impl CollectiveError {
             CollectiveError::PeerLost { rank, .. }
             | CollectiveError::OutOfStep { rank, .. }
             | CollectiveError::Malformed { rank, .. } => Some(*rank),
-            CollectiveError::Timeout { waiting_for, .. } => waiting_for.first().copied(),
+            // Several silent peers: which of them holds the others up is unknown, so none is blamed.
+            CollectiveError::Timeout { waiting_for, .. } => match waiting_for[..] {
+                [only] => Some(only),
+                _ => None,
+            },
             CollectiveError::Failed { cause } => cause.rank(),
             CollectiveError::InvalidArgument { .. }
             | CollectiveError::Aborted { .. }

@@ -102,7 +102,8 @@ struct NcclComm {
     comm: sys::ncclComm_t,
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    /// Ranks this one receives from in every exchange, for timeout messages.
+    /// This rank: the peers a timeout names are the others.
+    rank: usize,
     world_size: usize,
     aborted: bool,
 }
@@ -234,7 +235,9 @@ impl NcclComm {
             .map(|&(peer, length)| self.stream.alloc_zeros::<u8>(length).map(|buffer| (peer, buffer)))
             .collect::<Result<_, _>>()
             .map_err(driver_error("allocating a receive buffer on the GPU"))?;
-        let waiting_for: Vec<usize> = receives.iter().map(|&(peer, _)| peer).collect();
+        // NCCL does not say which receive of a group is still pending, so a timeout names every peer but this rank.
+        let waiting_for: Vec<usize> =
+            receives.iter().map(|&(peer, _)| peer).filter(|&peer| peer != self.rank).collect();
         self.enqueue(&device_sends, &mut device_receives)?;
         self.wait_ready(deadline, abort, &waiting_for)?;
         let done = self.stream.record_event(None).map_err(driver_error("cuEventRecord"))?;
@@ -348,7 +351,7 @@ impl NcclCollective {
             }
             return Err(error);
         }
-        let mut nccl = NcclComm { comm, context, stream, world_size, aborted: false };
+        let mut nccl = NcclComm { comm, context, stream, rank, world_size, aborted: false };
         let others: Vec<usize> = (0..world_size).filter(|&r| r != rank).collect();
         let joined = nccl.wait_ready(Some(Instant::now() + join_timeout), &AbortFlag::default(), &others);
         if let Err(error) = joined {

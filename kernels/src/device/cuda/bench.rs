@@ -16,8 +16,6 @@ use crate::device::plan::ExpertPlan;
 use crate::error::KernelError;
 
 /// Bytes of the copy measurement (1 GiB: far beyond L2).
-const COPY_BYTES: usize = 1 << 30;
-
 /// Median of the event-timed `run` (microseconds) after `warmup` untimed calls. `run(i)` gets the repetition index,
 /// to rotate inputs.
 fn median_us(
@@ -149,17 +147,17 @@ fn measure(
 /// Runs the benchmark on GPU `ordinal`.
 pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<GemmBenchReport, KernelError> {
     const OP: &str = "bench gpu";
-    if config.experts == 0 || config.tokens.is_empty() || config.shapes.is_empty() {
-        return Err(KernelError::invalid(OP, "needs at least one expert, token count and shape"));
+    if config.experts == 0 || config.tokens.is_empty() || config.shapes.is_empty() || config.copy_bytes == 0 {
+        return Err(KernelError::invalid(OP, "needs at least one expert, token count and shape, and a copy size"));
     }
     let device: Arc<CudaDevice> = CudaDevice::new(ordinal)?;
     let copy_tb_per_s = {
-        let source = device.zeros::<u8>(COPY_BYTES)?;
-        let mut target = device.zeros::<u8>(COPY_BYTES)?;
+        let source = device.zeros::<u8>(config.copy_bytes)?;
+        let mut target = device.zeros::<u8>(config.copy_bytes)?;
         let us = median_us(&device, config.warmup, config.iterations, |_| {
             device.stream().memcpy_dtod(&source, &mut target).map_err(driver("device-to-device copy"))
         })?;
-        2.0 * COPY_BYTES as f64 / (us * 1e-6) / 1e12
+        2.0 * config.copy_bytes as f64 / (us * 1e-6) / 1e12
     };
     let max_tokens = config.tokens.iter().copied().max().unwrap_or(1);
     let mut rows = Vec::new();

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::kernels::{blocks, int, ROW_THREADS};
 use super::{driver, CudaDevice};
 use crate::device::sources::DENSE_CU;
-use crate::device::types::{f32_to_bf16_bits, DenseDtype, KvWrite};
+use crate::device::types::{f32_to_bf16_bits, DenseDtype, KvDtype, KvElement, KvWrite};
 use crate::error::{check_len, product, KernelError};
 
 /// Blocks of the grid-stride element-wise kernels: enough to fill an H100 (132 SMs x 8 blocks of 256 threads) while
@@ -288,12 +288,13 @@ impl CudaDevice {
     /// Writes token `t`'s key and value rows (`k`, `v`: `[slots.len(), kv_heads * head_dim]`) into the paged pool at
     /// slot `slots[t]` = `block * block_size + offset`: the key at the block's `[0, offset]`, the value at
     /// `[1, offset]` (blocks `[2, block_size, kv_heads, head_dim]`, the layout [`crate::device::PagedDecode`] reads).
-    /// Slots must be checked `< pool_blocks * block_size` on the host: the device cannot report a bad one, so the
-    /// kernel skips it (it never writes outside the pool).
-    pub fn kv_write(
+    /// The pool's element type ([`KvElement`]) picks the kernel: f32 keeps the values, bf16 rounds each to nearest
+    /// even (bit for bit [`crate::device::f32_to_bf16_bits`]). Slots must be checked `< pool_blocks * block_size` on
+    /// the host: the device cannot report a bad one, so the kernel skips it (it never writes outside the pool).
+    pub fn kv_write<T: KvElement>(
         &self,
         shape: &KvWrite,
-        pool: &mut CudaViewMut<'_, f32>,
+        pool: &mut CudaViewMut<'_, T>,
         k: &CudaView<'_, f32>,
         v: &CudaView<'_, f32>,
         slots: &CudaView<'_, u32>,
@@ -311,7 +312,8 @@ impl CudaDevice {
             pool.len(),
             product(OP, pool_blocks, block_values)?,
             format_args!(
-                "pool_blocks * 2 * block_size * kv_heads * head_dim = {pool_blocks} * 2 * {block_size} * {row}"
+                "pool_blocks * 2 * block_size * kv_heads * head_dim {} values = {pool_blocks} * 2 * {block_size} * {row}",
+                T::DTYPE
             ),
         )?;
         let tokens = slots.len();
@@ -321,7 +323,11 @@ impl CudaDevice {
         if values == 0 {
             return Ok(());
         }
-        let f = self.function(&DENSE_CU, "kv_write")?;
+        let kernel = match T::DTYPE {
+            KvDtype::F32 => "kv_write",
+            KvDtype::Bf16 => "kv_write_bf16",
+        };
+        let f = self.function(&DENSE_CU, kernel)?;
         let (tokens_i, block_size_i, row_i) =
             (int(OP, "tokens", tokens)?, int(OP, "block_size", block_size)?, int(OP, "kv_heads * head_dim", row)?);
         let pool_slots = product(OP, pool_blocks, block_size)? as u64;
@@ -329,7 +335,8 @@ impl CudaDevice {
             LaunchConfig { grid_dim: (blocks(OP, tokens)?, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut launch = self.stream().launch_builder(&f);
         launch.arg(pool).arg(k).arg(v).arg(slots).arg(&tokens_i).arg(&block_size_i).arg(&row_i).arg(&pool_slots);
-        // SAFETY: signature matched; lengths checked; slots outside the pool are skipped by the kernel.
+        // SAFETY: signature matched (the pool's element type picks the kernel); lengths checked; slots outside the
+        // pool are skipped by the kernel.
         unsafe { launch.launch(cfg) }.map_err(driver("launch kv_write"))?;
         Ok(())
     }

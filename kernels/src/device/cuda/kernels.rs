@@ -6,7 +6,7 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{driver, CudaDevice};
 use crate::device::sources::{ATTENTION_CU, EXPERTS_CU};
-use crate::device::types::PagedDecode;
+use crate::device::types::{KvDtype, KvElement, PagedDecode};
 use crate::error::{check_len, product, KernelError};
 
 /// Threads per block of the row kernels (a multiple of 32, at most 1024).
@@ -401,18 +401,19 @@ impl CudaDevice {
     }
 
     /// Decode attention of one query per sequence over a paged KV cache (`attention::paged_attention`'s layout and
-    /// arithmetic, online softmax). `pool`: `pool_blocks` blocks of `[2, block_size, kv_heads, head_dim]`;
+    /// arithmetic, online softmax). `pool`: `pool_blocks` blocks of `[2, block_size, kv_heads, head_dim]`, f32 or
+    /// bf16 bits ([`KvElement`]: bf16 keys and values are widened to f32 as read, the arithmetic is f32 either way);
     /// `block_table`: `[table_rows, max_blocks]`; `table_row`: each query's row of it (the queries of one sequence's
     /// prefill share one, so the table is not repeated per query); `first_block`, `seq_len`, `positions`: one per
     /// query; `out`:
     /// `[seqs, q_heads, head_dim]`; `lse`: `[seqs, q_heads]`. Block ids and the visible ranges are checked on the host
     /// by the caller that owns the block table (the kernel trusts them).
     #[allow(clippy::too_many_arguments)]
-    pub fn paged_decode_attention(
+    pub fn paged_decode_attention<T: KvElement>(
         &self,
         shape: &PagedDecode,
         q: &CudaView<'_, f32>,
-        pool: &CudaView<'_, f32>,
+        pool: &CudaView<'_, T>,
         block_table: &CudaView<'_, u32>,
         table_row: &CudaView<'_, u32>,
         first_block: &CudaView<'_, u32>,
@@ -448,7 +449,7 @@ impl CudaDevice {
             "pool",
             pool.len(),
             product(OP, s.pool_blocks, block_values)?,
-            "pool_blocks * 2 * block_size * kv_heads * head_dim",
+            format_args!("pool_blocks * 2 * block_size * kv_heads * head_dim {} values", T::DTYPE),
         )?;
         check_len(
             OP,
@@ -465,7 +466,11 @@ impl CudaDevice {
         if s.seqs == 0 {
             return Ok(());
         }
-        let f = self.function(&ATTENTION_CU, "paged_decode_attention")?;
+        let kernel = match T::DTYPE {
+            KvDtype::F32 => "paged_decode_attention",
+            KvDtype::Bf16 => "paged_decode_attention_bf16",
+        };
+        let f = self.function(&ATTENTION_CU, kernel)?;
         let q_heads = int(OP, "q_heads", s.q_heads)?;
         let kv_heads = int(OP, "kv_heads", s.kv_heads)?;
         let head_dim = int(OP, "head_dim", s.head_dim)?;
@@ -482,7 +487,8 @@ impl CudaDevice {
         launch.arg(positions);
         launch.arg(&q_heads).arg(&kv_heads).arg(&head_dim).arg(&block_size).arg(&max_blocks);
         launch.arg(&s.chunk).arg(&s.scale).arg(out).arg(lse);
-        // SAFETY: signature matched; lengths checked; block ids and ranges are the caller's (documented above).
+        // SAFETY: signature matched (the pool's element type picks the kernel); lengths checked; block ids and ranges
+        // are the caller's (documented above).
         unsafe { launch.launch(cfg) }.map_err(driver("launch paged_decode_attention"))?;
         Ok(())
     }
