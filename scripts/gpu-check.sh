@@ -23,6 +23,8 @@
 #      fixtures (f32 and bf16 dense weights, prefill, decode, batches, FP8 experts on the GPU, errors)
 #   4d. the attention worker's engine serving GpuModel (attention-worker/tests/engine.rs): its outputs against solo
 #      CPU runs, with batching, chunked prefill and two micro-batches
+#   4e. a whole `switchyard up` cluster on the GPU (tests/tests/gpu_cluster.rs): attention and expert workers on cuda:0
+#      against the single-process CPU run
 #   6. the same at 16 and 128 tokens with the CUDA-core streaming kernel (SWITCHYARD_SMALL_GEMM=simt)
 #   7. NCCL with one rank (transport/tests/collective.rs): the communicator, one grouped exchange
 # and writes $OUT/summary.txt (one line per step: ok or FAILED, with its time; a test that SKIPPED for want of a GPU
@@ -39,18 +41,25 @@ bundle="target/gpu-check"
 
 prepare() {
   export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+  # Only this build's binaries travel, xz-compressed: the device tool carries at most 64 MiB, and the stripped
+  # binaries are about 50 MB.
+  rm -rf "$bundle"
   mkdir -p "$bundle/bin"
+  local needed=(kernels-cuda_kernels kernels-cuda_nvrtc model-gpu_experts model-gpu_forward expert-worker-gpu_worker
+    transport-collective attention-worker-engine tests-gpu_cluster)
   # The test binaries' paths come from cargo's JSON messages (their names carry a hash).
   local tests
   tests="$(cargo test --workspace --features cuda --test cuda_kernels --test cuda_nvrtc --test gpu_experts \
-    --test gpu_forward --test gpu_worker --test collective --test engine --no-run --message-format=json 2>/dev/null)"
+    --test gpu_forward --test gpu_worker --test collective --test engine --test gpu_cluster --no-run \
+    --message-format=json 2>/dev/null)"
   local path name
   while IFS=$'\t' read -r name path; do
     [ -n "$path" ] || continue
+    [[ " ${needed[*]} " == *" $name "* ]] || continue
     cp "$path" "$bundle/bin/$name"
     strip "$bundle/bin/$name"
   done < <(printf '%s\n' "$tests" | python3 -c '
-import json, sys
+import json, os, sys
 for line in sys.stdin:
     line = line.strip()
     if not line.startswith("{"):
@@ -58,24 +67,28 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         target = m["target"]
-        # Named by crate folder too: two crates have a tests/collective.rs.
-        crate = target["src_path"].split("/tests/")[0].split("/src/")[0].rstrip("/").split("/")[-1]
+        # Named by crate folder too (two crates have a tests/collective.rs): the first component of the source path
+        # under the workspace root, the current directory.
+        crate = os.path.relpath(target["src_path"]).split(os.sep)[0]
         name = crate + "-" + target["name"] + ("-lib" if target["kind"] == ["lib"] else "")
         print(name + "\t" + m["executable"])
 ')
   cargo build --workspace --features cuda --bins
   cp target/debug/switchyard "$bundle/bin/switchyard"
   strip "$bundle/bin/switchyard"
-  for needed in kernels-cuda_kernels kernels-cuda_nvrtc model-gpu_experts model-gpu_forward expert-worker-gpu_worker \
-    transport-collective attention-worker-engine switchyard; do
-    [ -x "$bundle/bin/$needed" ] || { echo "gpu-check prepare: $needed was not built" >&2; exit 1; }
+  for name in "${needed[@]}" switchyard; do
+    [ -x "$bundle/bin/$name" ] || { echo "gpu-check prepare: $name was not built" >&2; exit 1; }
   done
   du -sh "$bundle/bin"/* >&2
+  tar -C "$bundle" -cJf "$bundle/bin.tar.xz" bin
+  rm -rf "$bundle/bin"
+  du -sh "$bundle/bin.tar.xz" >&2
   echo "ready: on the GPU machine run, from the repository root with target/gpu-check carried:"
   echo "  bash scripts/gpu-check.sh run"
 }
 
 run_checks() {
+  [ -d "$bundle/bin" ] || tar -C "$bundle" -xJf "$bundle/bin.tar.xz"
   local out="${OUT:-$bundle/out}"
   mkdir -p "$out"
   local summary="$out/summary.txt"
@@ -130,6 +143,8 @@ run_checks() {
   step 4c-whole-model-on-gpu 30 "$bin/model-gpu_forward" --nocapture --test-threads 1
   # The attention worker's engine serving the GPU model (batching, chunked prefill, two micro-batches).
   step 4d-engine-on-gpu 30 "$bin/attention-worker-engine" engine_on_the_gpu --nocapture --test-threads 1
+  # `switchyard up` with the attention worker and both expert workers on cuda:0, against the CPU (the binary above).
+  step 4e-cluster-on-gpu 60 env SWITCHYARD_BIN="$bin/switchyard" "$bin/tests-gpu_cluster" --nocapture --test-threads 1
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
   step 5-bench-gpu 120 "$bin/switchyard" bench gpu --output-json "$out/bench-gpu.json" ${BENCH_ARGS:-}
   # The CUDA-core streaming kernel at the token counts it serves, for comparison with the tensor-core one.

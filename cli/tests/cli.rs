@@ -126,12 +126,15 @@ fn bad_input_gets_a_clear_error_not_a_panic() {
         let message = stderr(&out);
         assert!(message.contains("cuda:0") && !message.contains("panicked"), "{args:?}: {message}");
     }
-    let out = switchyard(
-        &["attention-worker", "--dense-dtype", "f32", "--expert-workers", "e0=http://127.0.0.1:1"],
-        cache.path(),
-    );
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("--dense-dtype"), "{}", stderr(&out));
+    for args in [
+        &["attention-worker", "--dense-dtype", "f32", "--expert-workers", "e0=http://127.0.0.1:1"][..],
+        &["up", "--dense-dtype", "f32"][..],
+    ] {
+        let out = switchyard(args, cache.path());
+        assert!(!out.status.success(), "{args:?}");
+        let message = stderr(&out);
+        assert!(message.contains("--dense-dtype") && message.contains("cuda:N"), "{args:?}: {message}");
+    }
 }
 
 /// `--kv-dtype` chooses a GPU's KV cache: on the CPU (whose cache is f32) every command refuses it before binding or

@@ -109,6 +109,10 @@ pub struct Args {
     /// `--attention-device cuda:N`.
     #[arg(long)]
     kv_dtype: Option<switchyard_model::KvDtype>,
+    /// Element type of the attention workers' dense weights on their GPU (`bf16`, the default, or `f32`). Only with
+    /// `--attention-device cuda:N`.
+    #[arg(long)]
+    dense_dtype: Option<switchyard_model::DenseDtype>,
     /// Seconds to wait for each process to become ready.
     #[arg(long, default_value_t = 120)]
     ready_timeout: u64,
@@ -348,6 +352,12 @@ pub fn run(args: Args) -> Result<()> {
              (the CPU's cache is f32)"
         );
     }
+    if args.dense_dtype.is_some() && args.attention_device == switchyard_model::Device::Cpu {
+        bail!(
+            "--dense-dtype chooses the attention workers' GPU dense weight type: it needs --attention-device cuda:N \
+             (the CPU computes in the checkpoint's precision)"
+        );
+    }
     if args.coordinators > 1 && args.store.is_none() {
         bail!(
             "--coordinators {} needs --store etcd://...: without it the one coordinator holds the cluster state in \
@@ -477,6 +487,9 @@ async fn start_and_serve(args: &Args, dir: &std::path::Path, cluster: &mut Clust
         }
         if let Some(kv_dtype) = args.kv_dtype {
             child_args.extend(["--kv-dtype".into(), kv_dtype.to_string()]);
+        }
+        if let Some(dense_dtype) = args.dense_dtype {
+            child_args.extend(["--dense-dtype".into(), dense_dtype.to_string()]);
         }
         if let Some(tokens) = args.max_batch_tokens {
             child_args.extend(["--max-batch-tokens".into(), tokens.to_string()]);
