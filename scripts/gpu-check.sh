@@ -23,6 +23,7 @@
 #      fixtures (f32 and bf16 dense weights, prefill, decode, batches, FP8 experts on the GPU, errors)
 #   4d. the attention worker's engine serving GpuModel (attention-worker/tests/engine.rs): its outputs against solo
 #      CPU runs, with batching, chunked prefill and two micro-batches
+#   4d2. a GPU attention worker as a context-parallel member (attention-worker/tests/gpu_shards.rs)
 #   4e. a whole `switchyard up` cluster on the GPU (tests/tests/gpu_cluster.rs): attention and expert workers on cuda:0
 #      against the single-process CPU run
 #   6. the same at 16 and 128 tokens with the CUDA-core streaming kernel (SWITCHYARD_SMALL_GEMM=simt)
@@ -46,11 +47,11 @@ prepare() {
   rm -rf "$bundle"
   mkdir -p "$bundle/bin"
   local needed=(kernels-cuda_kernels kernels-cuda_nvrtc model-gpu_experts model-gpu_forward expert-worker-gpu_worker
-    transport-collective attention-worker-engine tests-gpu_cluster)
+    transport-collective attention-worker-engine attention-worker-gpu_shards tests-gpu_cluster)
   # The test binaries' paths come from cargo's JSON messages (their names carry a hash).
   local tests
   tests="$(cargo test --workspace --features cuda --test cuda_kernels --test cuda_nvrtc --test gpu_experts \
-    --test gpu_forward --test gpu_worker --test collective --test engine --test gpu_cluster --no-run \
+    --test gpu_forward --test gpu_worker --test collective --test engine --test gpu_shards --test gpu_cluster --no-run \
     --message-format=json 2>/dev/null)"
   local path name
   while IFS=$'\t' read -r name path; do
@@ -143,6 +144,8 @@ run_checks() {
   step 4c-whole-model-on-gpu 30 "$bin/model-gpu_forward" --nocapture --test-threads 1
   # The attention worker's engine serving the GPU model (batching, chunked prefill, two micro-batches).
   step 4d-engine-on-gpu 30 "$bin/attention-worker-engine" engine_on_the_gpu --nocapture --test-threads 1
+  # A GPU attention worker as a context-parallel member (shards in its arena) against the CPU's member.
+  step 4d2-context-shards-on-gpu 30 "$bin/attention-worker-gpu_shards" --nocapture --test-threads 1
   # `switchyard up` with the attention worker and both expert workers on cuda:0, against the CPU (the binary above).
   step 4e-cluster-on-gpu 60 env SWITCHYARD_BIN="$bin/switchyard" "$bin/tests-gpu_cluster" --nocapture --test-threads 1
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags

@@ -25,7 +25,7 @@ eval "$(bash scripts/nvrtc-tools.sh)"
 # One invocation over the whole workspace, as the test run above: the dependencies' features unify the same way, so
 # only the crates that take the `cuda` feature compile again (per-package invocations rebuilt dependencies each time).
 cuda_tests=(--test cuda_nvrtc --test cuda_kernels --test gpu_experts --test gpu_forward --test gpu_worker --test collective
-  --test engine --test gpu_cluster)
+  --test engine --test gpu_shards --test gpu_cluster)
 cargo test --workspace --features cuda --locked "${cuda_tests[@]}" -- --nocapture 2>&1 | tee target/test-output-cuda.txt
 echo "== GPU tests on the CPU emulation of the CUDA driver and cuBLASLt (cuda-emulator/): their kernels run here"
 eval "$(bash scripts/cuda-emulator.sh)"
@@ -37,11 +37,13 @@ on_emulator() {
 {
   on_emulator --test cuda_kernels --test gpu_experts --test gpu_forward --test gpu_worker -- --nocapture
   on_emulator --test engine -- engine_on_the_gpu --nocapture
+  on_emulator --test gpu_shards -- --nocapture
   on_emulator --test collective -- nccl --nocapture
   # `switchyard up` with every attention and expert worker on cuda:0: the deployment path through the real binary.
   on_emulator --test gpu_cluster -- --nocapture
   # Blocks and threads in the reverse order: a kernel relying on an order the GPU does not promise fails here.
-  SWITCHYARD_CUDA_EMULATOR_SCHEDULE=reverse on_emulator --test cuda_kernels --test gpu_forward -- --nocapture
+  SWITCHYARD_CUDA_EMULATOR_SCHEDULE=reverse on_emulator --test cuda_kernels --test gpu_forward --test gpu_shards \
+    -- --nocapture
 } 2>&1 | tee target/test-output-cuda-emulated.txt
 if grep -q "SKIPPED" target/test-output-cuda-emulated.txt; then
   echo "error: a GPU test skipped on the CUDA emulator (it should have run):" >&2

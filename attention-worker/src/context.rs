@@ -9,7 +9,8 @@
 //!   once; the answers are the members' partial attentions, which the forward pass merges. Dropping it (the sequence
 //!   ended) releases the members' shards and the store record.
 //! - [`ShardHost`]: the member side (`switchyard.v1.ContextShard`): one shard cache per sequence, drawn from this
-//!   worker's own KV block pool, computed on a blocking thread.
+//!   worker's own KV block pool, computed on a blocking thread by the model this worker serves
+//!   ([`ShardHost::served_by`]: a GPU model keeps the shards in its device arena) or on the CPU ([`ShardHost::new`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,9 +21,9 @@ use switchyard_coordinator::membership::{MemberRole, Membership};
 use switchyard_coordinator::store::cluster::ClusterStore;
 use switchyard_coordinator::store::LeaseId;
 use switchyard_model::config::TextConfig;
-use switchyard_model::context::{attend_shard, ContextShards, PartialOutput, PendingPartials};
+use switchyard_model::context::{attend_shard, ContextShards, PartialOutput, PendingPartials, ShardStep};
 use switchyard_model::memory::{KvBytes, Precision};
-use switchyard_model::{KvBlockPool, KvCache, ModelError};
+use switchyard_model::{ForwardPass, KvBlockPool, KvCache, ModelError};
 use switchyard_transport::context::{check_request, ContextService, PartialAttentionRequest, PartialAttentionResponse};
 use switchyard_transport::grpc::GrpcTransport;
 use switchyard_transport::{BoxFuture, Transport, TransportError};
@@ -269,15 +270,24 @@ impl Drop for RemoteContext {
 /// The member side of context parallelism: holds shards of other workers' sequences in this worker's KV pool.
 pub struct ShardHost {
     config: TextConfig,
+    /// Computes the partials ([`ForwardPass::attend_shard`]: a GPU model on its device); `None`: the CPU's
+    /// [`attend_shard`].
+    model: Option<Arc<dyn ForwardPass>>,
     pool: Arc<KvBlockPool>,
     shards: Mutex<HashMap<String, Arc<Mutex<KvCache>>>>,
 }
 
 impl ShardHost {
     /// Shards for `config`'s model, drawn from `pool` (the engine's, so shards and this worker's own sequences share
-    /// its KV budget).
+    /// its KV budget), computed on the CPU.
     pub fn new(config: TextConfig, pool: Arc<KvBlockPool>) -> Self {
-        Self { config, pool, shards: Mutex::new(HashMap::new()) }
+        Self { config, model: None, pool, shards: Mutex::new(HashMap::new()) }
+    }
+
+    /// Shards computed by `model` (the one this worker serves, e.g. a `GpuModel` keeping them in its device arena),
+    /// drawn from `pool` (the engine's, which for a GPU model is its arena's).
+    pub fn served_by(model: Arc<dyn ForwardPass>, pool: Arc<KvBlockPool>) -> Self {
+        Self { config: model.config().clone(), model: Some(model), pool, shards: Mutex::new(HashMap::new()) }
     }
 
     /// Sequences this worker holds a shard of.
@@ -346,22 +356,26 @@ impl ContextService for ShardHost {
     ) -> BoxFuture<'static, Result<PartialAttentionResponse, TransportError>> {
         let checked =
             check_request(&request, self.config.q_dim(), self.config.kv_dim()).and_then(|()| self.shard(&request));
-        let config = self.config.clone();
+        let (config, model) = (self.config.clone(), self.model.clone());
         Box::pin(async move {
             let shard = checked?;
             let compute = move || {
                 let mut cache = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 let positions = |p: &[u64]| p.iter().map(|&p| p as usize).collect::<Vec<_>>();
-                attend_shard(
-                    &config,
-                    &mut cache,
-                    request.layer as usize,
-                    &positions(&request.query_positions),
-                    &request.queries,
-                    &positions(&request.kv_positions),
-                    &request.keys,
-                    &request.values,
-                )
+                let (layer, query_positions, kv_positions) =
+                    (request.layer as usize, positions(&request.query_positions), positions(&request.kv_positions));
+                let step = ShardStep {
+                    layer,
+                    query_positions: &query_positions,
+                    queries: &request.queries,
+                    kv_positions: &kv_positions,
+                    keys: &request.keys,
+                    values: &request.values,
+                };
+                match model {
+                    Some(model) => model.attend_shard(&mut cache, &step),
+                    None => attend_shard(&config, &mut cache, &step),
+                }
             };
             match tokio::task::spawn_blocking(compute).await {
                 Ok(Ok(partial)) => Ok(PartialAttentionResponse { out: partial.out, lse: partial.lse }),

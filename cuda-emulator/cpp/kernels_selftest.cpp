@@ -118,6 +118,21 @@ extern "C" __global__ void switchyard_emu_test_scalars(int i, unsigned int u, fl
     memcpy(out + 20, &ull, 8);
 }
 
+// out[0] = in[index], read by thread 0 only: with an index past the end (or before the start) of `in`, a read the
+// guard pages must catch (cuda-emulator/tests/driver_guard_pages.rs).
+extern "C" __global__ void switchyard_emu_test_read_element(const float* in, int index, float* out) {
+    if (threadIdx.x == 0) {
+        out[0] = in[index];
+    }
+}
+
+// data[index] = value, written by thread 0 only: the write counterpart of switchyard_emu_test_read_element.
+extern "C" __global__ void switchyard_emu_test_write_element(float* data, int index, float value) {
+    if (threadIdx.x == 0) {
+        data[index] = value;
+    }
+}
+
 void switchyard_emu_register_selftest(switchyard_emu::Registry& registry) {
     SWITCHYARD_EMU_KERNEL(registry, switchyard_emu_test_barrier_early_exit);
     SWITCHYARD_EMU_KERNEL(registry, switchyard_emu_test_shuffle);
@@ -127,4 +142,6 @@ void switchyard_emu_register_selftest(switchyard_emu::Registry& registry) {
     SWITCHYARD_EMU_KERNEL(registry, switchyard_emu_test_deadlock);
     SWITCHYARD_EMU_KERNEL(registry, switchyard_emu_test_warp_mma);
     SWITCHYARD_EMU_KERNEL(registry, switchyard_emu_test_scalars);
+    SWITCHYARD_EMU_KERNEL(registry, switchyard_emu_test_read_element);
+    SWITCHYARD_EMU_KERNEL(registry, switchyard_emu_test_write_element);
 }

@@ -16,8 +16,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <mutex>
 #include <new>
 #include <vector>
@@ -157,6 +159,9 @@ struct Launch {
 
 std::mutex g_launch_mutex;
 Launch g_launch;
+// The kernel thread id of the thread running the blocks of a launch, 0 when none: the guard-page fault handler
+// (src/guard_pages.rs) names the kernel only when the fault is that thread's.
+std::atomic<long> g_running_thread{0};
 std::vector<char*> g_stacks;  // mmap'd fiber stacks, reused by every launch
 
 // Whether SWITCHYARD_CUDA_EMULATOR_SCHEDULE=reverse (read once).
@@ -483,6 +488,23 @@ int switchyard_emu_kernel_param(int kernel, int param, size_t* size, int* is_poi
     return 0;
 }
 
+// For the guard-page fault handler (async-signal-safe: it only reads): the kernel the calling thread is running, with
+// the block and thread being run in block[0..3] and thread[0..3]; null when the calling thread runs no kernel (the
+// fault then came from host code: the emulated cuBLASLt or NCCL, or a copy).
+const char* switchyard_emu_faulting_kernel(unsigned* block, unsigned* thread) {
+    long self = (long)syscall(SYS_gettid);
+    if (self == 0 || g_running_thread.load(std::memory_order_acquire) != self || g_launch.entry == nullptr) {
+        return nullptr;
+    }
+    block[0] = blockIdx.x;
+    block[1] = blockIdx.y;
+    block[2] = blockIdx.z;
+    thread[0] = threadIdx.x;
+    thread[1] = threadIdx.y;
+    thread[2] = threadIdx.z;
+    return g_launch.entry->name;
+}
+
 // Runs `kernel` over the grid synchronously. Returns a CUresult value; on failure `message` (NUL-terminated, at most
 // `message_len` bytes) says why. The caller has validated the dimensions and the arguments.
 int switchyard_emu_launch(int kernel, const unsigned* grid, const unsigned* block, unsigned shared_bytes,
@@ -535,12 +557,14 @@ int switchyard_emu_launch(int kernel, const unsigned* grid, const unsigned* bloc
         gridDim = dim3{grid[0], grid[1], grid[2]};
         bool ok = true;
         uint64_t blocks = (uint64_t)grid[0] * grid[1] * grid[2];
+        g_running_thread.store((long)syscall(SYS_gettid), std::memory_order_release);
         for (uint64_t i = 0; ok && i < blocks; ++i) {
             uint64_t b = reverse_schedule() ? blocks - 1 - i : i;
             blockIdx = uint3{(unsigned)(b % grid[0]), (unsigned)(b / grid[0] % grid[1]),
                              (unsigned)(b / ((uint64_t)grid[0] * grid[1]))};
             ok = run_block();
         }
+        g_running_thread.store(0, std::memory_order_release);
         l.entry->release(l.arguments);
         l.arguments = nullptr;
         free(l.shared);

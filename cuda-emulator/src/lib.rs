@@ -9,10 +9,13 @@
 //! layouts, shared-memory sizes) and the kernels' logic, under an execution model faithful where it matters (block
 //! barriers that exited threads leave, warp shuffles and the warp MMA as collectives of the whole warp, garbage in
 //! fresh memory and shared memory, red zones after every allocation, pointer arguments checked against the live
-//! allocations, launch bounds from the PTX). What it does not prove: real-GPU behaviour (PTX code generation, races
-//! and the memory model across blocks or threads, tensor-core rounding, performance), nor that the real cuBLASLt
-//! accepts our descriptors beyond the documented rules emulated in [`blaslt`]. The device it reports is named
-//! "Switchyard CPU emulation of CUDA (not a GPU)", so it can never be mistaken for a GPU.
+//! allocations, launch bounds from the PTX). Device allocations end just before a guard page ([`guard_pages`]): a
+//! kernel, or the cuBLASLt or NCCL emulation, reading or writing past a buffer's end aborts the process with a message
+//! naming the allocation and the kernel (`SWITCHYARD_CUDA_EMULATOR_GUARD=0` turns this off). What it does not prove:
+//! real-GPU behaviour (PTX code generation, races and the memory model across blocks or threads, tensor-core rounding,
+//! performance), nor that the real cuBLASLt accepts our descriptors beyond the documented rules emulated in
+//! [`blaslt`]. The device it reports is named "Switchyard CPU emulation of CUDA (not a GPU)", so it can never be
+//! mistaken for a GPU.
 //!
 //! Everything executes synchronously at the call: streams and events are bookkeeping; launches are serialised (the
 //! kernels' `__shared__` variables are statics of the block being run). Blocks run one at a time in blockIdx order,
@@ -40,6 +43,7 @@
 pub mod blaslt;
 pub mod driver;
 pub mod error;
+pub mod guard_pages;
 pub mod memory;
 pub mod module;
 pub mod nccl;

@@ -1,8 +1,11 @@
 //! Device memory: a `CUdeviceptr` is the host address of an allocation (256-byte aligned like cudaMalloc's), so
 //! kernels and the cuBLASLt emulation dereference it directly. Fresh allocations are filled with 0xCD (a GPU's memory
-//! is not zeroed either; code that reads what it never wrote sees garbage), and each has a 256-byte red zone after it,
-//! checked after every launch and at free, so a kernel writing past the end of a buffer fails loudly. Copies and
-//! memsets must lie inside one allocation, as with the real driver.
+//! is not zeroed either; code that reads what it never wrote sees garbage). Each device allocation ends just before a
+//! guard page ([`crate::guard_pages`]): reading or writing past its 256-byte-rounded end aborts the process with a
+//! message naming the allocation and the kernel. The bytes between its size and that 256-byte boundary are a red zone,
+//! checked after every launch and at free, so a kernel writing there fails loudly too (reading there goes unnoticed).
+//! Page-locked host allocations, and all of them under `SWITCHYARD_CUDA_EMULATOR_GUARD=0`, are heap memory with a
+//! 256-byte red zone after them. Copies and memsets must lie inside one allocation, as with the real driver.
 
 use std::alloc::{alloc, dealloc, Layout};
 use std::collections::BTreeMap;
@@ -11,6 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::driver::{check_context, check_stream, CUstream};
 use crate::error::{code, guard, write_out, CUresult, EmuError};
+use crate::guard_pages::{self, GuardedMapping};
 
 /// A device address (cudarc's `sys::CUdeviceptr`).
 pub type CUdeviceptr = u64;
@@ -19,15 +23,25 @@ pub type CUdeviceptr = u64;
 pub const TOTAL_MEMORY: usize = 16 << 30;
 /// Alignment of every allocation (cudaMalloc guarantees 256 bytes).
 const ALIGNMENT: usize = 256;
-/// Bytes after each allocation that must keep [`RED_ZONE_BYTE`].
+/// Bytes after each heap allocation that must keep [`RED_ZONE_BYTE`] (guarded ones keep their slack to 256 bytes).
 const RED_ZONE: usize = 256;
 const RED_ZONE_BYTE: u8 = 0xFB;
 /// What fresh allocations hold.
 pub const GARBAGE_BYTE: u8 = 0xCD;
 
+/// Where an allocation's bytes come from.
+enum Backing {
+    /// The heap, `size + RED_ZONE` bytes.
+    Heap(Layout),
+    /// Its own mapping between guard pages.
+    Guarded(GuardedMapping),
+}
+
 struct Allocation {
     size: usize,
-    layout: Layout,
+    /// Bytes after `size` that must keep [`RED_ZONE_BYTE`].
+    red_zone: usize,
+    backing: Backing,
     /// Page-locked host memory (cuMemHostAlloc): kernels may use it too (unified addressing), but it is not device
     /// memory for cuMemFree, nor counted against the device's capacity.
     host: bool,
@@ -35,13 +49,13 @@ struct Allocation {
 
 impl Allocation {
     fn red_zone(&self, base: u64) -> &[u8] {
-        // SAFETY: the allocation is `size + RED_ZONE` bytes from `base`, live while it is in the table.
-        unsafe { std::slice::from_raw_parts((base as usize + self.size) as *const u8, RED_ZONE) }
+        // SAFETY: the allocation is `size + red_zone` bytes from `base`, live while it is in the table.
+        unsafe { std::slice::from_raw_parts((base as usize + self.size) as *const u8, self.red_zone) }
     }
 
     fn poison_red_zone(&self, base: u64) {
         // SAFETY: as in `red_zone`.
-        unsafe { std::ptr::write_bytes((base as usize + self.size) as *mut u8, RED_ZONE_BYTE, RED_ZONE) };
+        unsafe { std::ptr::write_bytes((base as usize + self.size) as *mut u8, RED_ZONE_BYTE, self.red_zone) };
     }
 }
 
@@ -75,19 +89,27 @@ impl Table {
                 format!("{size} bytes requested, {} of {TOTAL_MEMORY} in use", self.device_bytes),
             ));
         }
-        let layout = size
-            .checked_add(RED_ZONE)
-            .and_then(|total| Layout::from_size_align(total, ALIGNMENT).ok())
-            .ok_or_else(|| EmuError::new(code::OUT_OF_MEMORY, format!("{size} bytes cannot be allocated")))?;
-        // SAFETY: the layout has a non-zero size.
-        let pointer = unsafe { alloc(layout) };
-        if pointer.is_null() {
-            return Err(EmuError::new(code::OUT_OF_MEMORY, format!("the host has no {size} bytes to spare")));
-        }
-        // SAFETY: `pointer` holds `size` bytes.
-        unsafe { std::ptr::write_bytes(pointer, GARBAGE_BYTE, size) };
-        let base = pointer as u64;
-        let allocation = Allocation { size, layout, host };
+        let guarded = if host || !guard_pages::enabled() { None } else { guard_pages::map(size, ALIGNMENT) };
+        let (base, allocation) = match guarded {
+            Some((base, mapping)) => {
+                let red_zone = size.next_multiple_of(ALIGNMENT) - size;
+                (base, Allocation { size, red_zone, backing: Backing::Guarded(mapping), host })
+            }
+            None => {
+                let layout = size
+                    .checked_add(RED_ZONE)
+                    .and_then(|total| Layout::from_size_align(total, ALIGNMENT).ok())
+                    .ok_or_else(|| EmuError::new(code::OUT_OF_MEMORY, format!("{size} bytes cannot be allocated")))?;
+                // SAFETY: the layout has a non-zero size.
+                let pointer = unsafe { alloc(layout) };
+                if pointer.is_null() {
+                    return Err(EmuError::new(code::OUT_OF_MEMORY, format!("the host has no {size} bytes to spare")));
+                }
+                (pointer as u64, Allocation { size, red_zone: RED_ZONE, backing: Backing::Heap(layout), host })
+            }
+        };
+        // SAFETY: the allocation holds `size` bytes from `base`.
+        unsafe { std::ptr::write_bytes(base as usize as *mut u8, GARBAGE_BYTE, size) };
         allocation.poison_red_zone(base);
         self.allocations.insert(base, allocation);
         if !host {
@@ -104,10 +126,13 @@ impl Table {
         }
         let allocation = self.allocations.remove(&base).ok_or_else(|| EmuError::invalid("vanished allocation"))?;
         let overrun = red_zone_damage(base, &allocation);
-        // SAFETY: allocated in `allocate` with this layout, and removed from the table so never freed twice.
-        unsafe { dealloc(base as *mut u8, allocation.layout) };
         if !host {
             self.device_bytes -= allocation.size;
+        }
+        match allocation.backing {
+            // SAFETY: allocated in `allocate` with this layout, and removed from the table so never freed twice.
+            Backing::Heap(layout) => unsafe { dealloc(base as *mut u8, layout) },
+            Backing::Guarded(mapping) => guard_pages::unmap(mapping),
         }
         match overrun {
             None => Ok(()),

@@ -11,7 +11,10 @@
 
 use switchyard_kernels::attention::{paged_attention, AttentionMask, AttentionShape};
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use crate::config::TextConfig;
+use crate::forward::ForwardPass;
 use crate::kv::KvCache;
 use crate::ModelError;
 
@@ -80,21 +83,75 @@ impl std::fmt::Debug for PendingPartials {
     }
 }
 
+/// One member's step of one global layer of a context-parallel sequence: the owner's queries and the new keys and
+/// values that fall in the member's range.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardStep<'a> {
+    /// The global layer.
+    pub layer: usize,
+    /// Positions of the queries.
+    pub query_positions: &'a [usize],
+    /// `[query_positions, q_dim]`, ready to score (RoPE-free layers' temperature scaling applied).
+    pub queries: &'a [f32],
+    /// Positions of the new keys and values, all inside the shard's range.
+    pub kv_positions: &'a [usize],
+    /// `[kv_positions, kv_dim]`.
+    pub keys: &'a [f32],
+    /// `[kv_positions, kv_dim]`.
+    pub values: &'a [f32],
+}
+
 /// What a member computes for one global layer of a step of a sequence whose positions `shard.global_range()` it
-/// holds: stores the keys and values (`[kv_positions, kv_dim]`) of the step's positions in that range, then returns
-/// its partial attention of `queries` (`[query_positions, q_dim]`) over every key it holds up to each query's
-/// position. Repeating a step (after a failure elsewhere) writes the same keys again and returns the same partials.
-#[allow(clippy::too_many_arguments)]
+/// holds: stores the step's keys and values, then returns its partial attention of the queries over every key it
+/// holds up to each query's position. Repeating a step (after a failure elsewhere) writes the same keys again and
+/// returns the same partials. This is the CPU's computation; [`ForwardPass::attend_shard`] is where a model computes
+/// it (a GPU model on its device).
 pub fn attend_shard(
     config: &TextConfig,
     shard: &mut KvCache,
-    layer: usize,
-    query_positions: &[usize],
-    queries: &[f32],
-    kv_positions: &[usize],
-    keys: &[f32],
-    values: &[f32],
+    step: &ShardStep<'_>,
 ) -> Result<PartialOutput, ModelError> {
+    let ShardStep { layer, query_positions, queries, kv_positions, keys, values } = *step;
+    let (q_dim, kv_dim) = (config.q_dim(), config.kv_dim());
+    let grow = check_shard_step(config, shard, step)?;
+    if !kv_positions.is_empty() {
+        shard.reserve(grow)?;
+        for (row, &position) in kv_positions.iter().enumerate() {
+            let at = row * kv_dim..(row + 1) * kv_dim;
+            shard.write(layer, position, &keys[at.clone()], &values[at])?;
+        }
+        shard.advance(grow);
+    }
+    let shape = AttentionShape {
+        q_heads: config.num_attention_heads,
+        kv_heads: config.num_key_value_heads,
+        head_dim: config.head_dim,
+    };
+    let tokens = query_positions.len();
+    debug_assert_eq!(queries.len(), tokens * q_dim);
+    let mut partial = PartialOutput { out: vec![0.0; queries.len()], lse: vec![0.0; tokens * shape.q_heads] };
+    let scale = 1.0 / (config.head_dim as f32).sqrt();
+    paged_attention(
+        queries,
+        query_positions,
+        shard.paged(layer, shard.len()),
+        shape,
+        AttentionMask::Causal,
+        scale,
+        &mut partial.out,
+        Some(&mut partial.lse),
+    )?;
+    Ok(partial)
+}
+
+/// The checks of a member's step, wherever it is computed: a global layer, shapes that match, keys only in the
+/// shard's range. Returns how many positions the shard grows by (to reserve, then advance once the step succeeded).
+pub(crate) fn check_shard_step(
+    config: &TextConfig,
+    shard: &KvCache,
+    step: &ShardStep<'_>,
+) -> Result<usize, ModelError> {
+    let ShardStep { layer, query_positions, queries, kv_positions, keys, values } = *step;
     let (q_dim, kv_dim) = (config.q_dim(), config.kv_dim());
     let invalid = |reason: String| ModelError::InvalidInput { what: "context shard step".into(), reason };
     if layer >= config.num_hidden_layers || config.is_chunked_attention(layer) {
@@ -115,31 +172,74 @@ pub fn attend_shard(
     if let Some(p) = kv_positions.iter().find(|p| !range.contains(p)) {
         return Err(invalid(format!("key position {p} is outside this shard's range {range:?}")));
     }
-    if let Some(&last) = kv_positions.iter().max() {
-        let grow = (last + 1).saturating_sub(shard.len());
-        shard.reserve(grow)?;
-        for (row, &position) in kv_positions.iter().enumerate() {
-            let at = row * kv_dim..(row + 1) * kv_dim;
-            shard.write(layer, position, &keys[at.clone()], &values[at])?;
-        }
-        shard.advance(grow);
+    Ok(kv_positions.iter().max().map_or(0, |&last| (last + 1).saturating_sub(shard.len())))
+}
+
+/// A whole context-parallel group in one process: each member a shard cache and the model that computes its partials
+/// ([`ForwardPass::attend_shard`], so a GPU model computes on its device), asked in turn. For tests and tools; serving
+/// reaches members over the network (the attention worker's `RemoteContext`).
+pub struct LocalShards {
+    local_end: usize,
+    members: Vec<(Arc<dyn ForwardPass>, Mutex<KvCache>)>,
+}
+
+impl LocalShards {
+    /// The owner keeps `0 .. local_end`; each member the range of its shard cache ([`KvCache::shard`]).
+    pub fn new(local_end: usize, members: Vec<(Arc<dyn ForwardPass>, KvCache)>) -> Self {
+        Self { local_end, members: members.into_iter().map(|(model, shard)| (model, Mutex::new(shard))).collect() }
     }
-    let shape = AttentionShape {
-        q_heads: config.num_attention_heads,
-        kv_heads: config.num_key_value_heads,
-        head_dim: config.head_dim,
-    };
-    let mut partial = PartialOutput { out: vec![0.0; queries.len()], lse: vec![0.0; tokens * shape.q_heads] };
-    let scale = 1.0 / (config.head_dim as f32).sqrt();
-    paged_attention(
-        queries,
-        query_positions,
-        shard.paged(layer, shard.len()),
-        shape,
-        AttentionMask::Causal,
-        scale,
-        &mut partial.out,
-        Some(&mut partial.lse),
-    )?;
-    Ok(partial)
+
+    /// Member `index`'s shard cache (to look at what it holds).
+    pub fn member(&self, index: usize) -> Option<MutexGuard<'_, KvCache>> {
+        // A panic while a shard was locked left it as a failed step does: still usable.
+        self.members.get(index).map(|(_, shard)| shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
+impl std::fmt::Debug for LocalShards {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LocalShards(owner 0..{}, {} members)", self.local_end, self.members.len())
+    }
+}
+
+impl ContextShards for LocalShards {
+    fn local_end(&self) -> usize {
+        self.local_end
+    }
+
+    fn attend(
+        &self,
+        layer: usize,
+        positions: &[usize],
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+    ) -> Result<Vec<PartialOutput>, ModelError> {
+        (0..self.members.len())
+            .map(|index| {
+                let model = &self.members[index].0;
+                let mut shard = self.member(index).ok_or_else(|| ModelError::InvalidInput {
+                    what: "context shard".into(),
+                    reason: format!("no member {index}"),
+                })?;
+                let range = shard.global_range();
+                let kv_dim = model.config().kv_dim();
+                let held: Vec<usize> = (0..positions.len()).filter(|&t| range.contains(&positions[t])).collect();
+                let kv_positions: Vec<usize> = held.iter().map(|&t| positions[t]).collect();
+                let rows = |all: &[f32]| -> Vec<f32> {
+                    held.iter().flat_map(|&t| all[t * kv_dim..(t + 1) * kv_dim].iter().copied()).collect()
+                };
+                let (keys, values) = (rows(keys), rows(values));
+                let step = ShardStep {
+                    layer,
+                    query_positions: positions,
+                    queries,
+                    kv_positions: &kv_positions,
+                    keys: &keys,
+                    values: &values,
+                };
+                model.attend_shard(&mut shard, &step)
+            })
+            .collect()
+    }
 }

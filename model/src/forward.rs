@@ -19,7 +19,7 @@ use switchyard_kernels::{
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{ModelConfig, TextConfig};
-use crate::context::PartialOutput;
+use crate::context::{PartialOutput, ShardStep};
 use crate::experts::{ActivationPrecision, LocalExperts, RoutedExperts};
 use crate::kv::{KvBlockPool, KvCache};
 use crate::linear::LinearWeight;
@@ -150,6 +150,14 @@ pub trait ForwardPass: Send + Sync {
         let mut out = self.forward_batch(&mut [SequenceStep { tokens, cache, logits }])?;
         Ok(out.pop().unwrap_or_default())
     }
+
+    /// A member's step of a context-parallel sequence on one global layer, as [`crate::context::attend_shard`] (same
+    /// contract and errors): stores the step's keys and values in `shard` (a [`KvCache::shard`] from this
+    /// model's pool), returns the partial attention of `queries` over the shard. The default computes it on the
+    /// CPU; a model whose KV lives elsewhere (a GPU arena) computes it there.
+    fn attend_shard(&self, shard: &mut KvCache, step: &ShardStep<'_>) -> Result<PartialOutput, ModelError> {
+        crate::context::attend_shard(self.config(), shard, step)
+    }
 }
 
 impl ForwardPass for Llama4Model {
@@ -182,6 +190,10 @@ impl<M: ForwardPass + ?Sized> ForwardPass for Arc<M> {
 
     fn kv_pool(&self, block_size: usize, capacity: usize) -> Result<Arc<KvBlockPool>, ModelError> {
         (**self).kv_pool(block_size, capacity)
+    }
+
+    fn attend_shard(&self, shard: &mut KvCache, step: &ShardStep<'_>) -> Result<PartialOutput, ModelError> {
+        (**self).attend_shard(shard, step)
     }
 }
 

@@ -19,13 +19,20 @@
 //! stream. The step ends with a synchronisation, and caches advance only after it, so a kernel failure reported late
 //! still leaves every sequence where it was.
 //!
-//! Not on the GPU yet: context-parallel sequences (a cache with [`KvCache::context`], or a member's shard), refused
-//! with an error.
+//! Context parallelism: for the owner of a context-parallel sequence (a cache with [`KvCache::context`]), the arena
+//! holds its global layers' positions `0 .. local_end` only: later positions get the slot [`NOT_HELD`], which
+//! `kv_write` skips, and each query row sees keys up to `min(position + 1, local_end)` (the key limits of the step's
+//! tables). On a global layer the sequence's queries and new keys and values come to the host and go to its members
+//! ([`crate::context::ContextShards::start_attend`]) before the local attention is queued; the local partial (the
+//! kernel's output and log-sum-exp) comes back, is merged with the members' exactly on the host
+//! ([`merge_partials`]) and goes up into the attended rows. As a member, [`ForwardPass::attend_shard`] keeps the
+//! shard in the arena and computes its partial with the same kernels.
 
 use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use switchyard_kernels::attention::{merge_partials, PartialAttention};
 use switchyard_kernels::device::{
     CudaDevice, CudaSlice, CudaView, CudaViewMut, DenseDtype, DenseWeight, Device, KvDtype, KvElement, KvWrite,
     PagedDecode,
@@ -35,6 +42,7 @@ use switchyard_kernels::router::top1;
 use switchyard_kernels::KernelError;
 
 use crate::config::TextConfig;
+use crate::context::{check_shard_step, PartialOutput, PendingPartials, ShardStep};
 use crate::experts::RoutedExperts;
 use crate::forward::{
     logits_per_sequence, validate_step, wanted_rows, FeedForward, ForwardPass, Llama4Model, Mlp, SequenceStep,
@@ -288,18 +296,25 @@ impl StepTables {
     }
 }
 
-/// Layer `l`'s slots, first blocks and block-table rows for the step's query rows, packed for one upload:
-/// `[slots (tokens) | first_block (tokens) | table_row (tokens) | table (sequences x max_blocks)]`: one table row
-/// per sequence, which all its query rows name (a prefill's table is not repeated per query). Returns it and
-/// `max_blocks`.
+/// The slot that [`layer_tables`] gives a position its sequence does not hold on a layer (another member's range of a
+/// context-parallel sequence): `kv_write` skips any slot past the pool, and no slot of a pool the tables fit is this.
+const NOT_HELD: u32 = u32::MAX;
+
+/// Layer `l`'s slots, first blocks, block-table rows and key limits for the step's query rows, packed for one upload:
+/// `[slots (tokens) | first_block (tokens) | table_row (tokens) | key_end (tokens) | table (sequences x
+/// max_blocks)]`: one table row per sequence, which all its query rows name (a prefill's table is not repeated per
+/// query). A row's keys end at `key_end`: `position + 1`, or, on a global layer of a context-parallel sequence, the
+/// end of the range held here (the rest is the members', merged on the host), so the kernel reads only held blocks.
+/// A position not held here gets the slot [`NOT_HELD`]. Returns it and `max_blocks`.
 fn layer_tables(l: usize, batch: &[SequenceStep<'_>]) -> Result<(Vec<u32>, usize), ModelError> {
     let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
     let tables = batch.iter().map(|s| s.cache.block_table(l)).collect::<Result<Vec<_>, _>>()?;
     let max_blocks = tables.iter().map(|t| t.blocks.len()).max().unwrap_or(0).max(1);
-    let mut meta = vec![0u32; 3 * tokens + batch.len() * max_blocks];
+    let mut meta = vec![0u32; 4 * tokens + batch.len() * max_blocks];
     let (slots, rest) = meta.split_at_mut(tokens);
     let (first, rest) = rest.split_at_mut(tokens);
-    let (table_row, table) = rest.split_at_mut(tokens);
+    let (table_row, rest) = rest.split_at_mut(tokens);
+    let (key_end, table) = rest.split_at_mut(tokens);
     let too_large = |what: &str, value: usize| ModelError::InvalidInput {
         what: "KV cache".into(),
         reason: format!("{what} {value} of layer {l} exceeds the GPU kernels' u32 indices"),
@@ -312,17 +327,94 @@ fn layer_tables(l: usize, batch: &[SequenceStep<'_>]) -> Result<(Vec<u32>, usize
         }
         // Sequences are few (a batch), so their index fits u32 whenever the tokens' slots do.
         let sequence_row = u32::try_from(s).map_err(|_| too_large("sequence", s))?;
+        let held_end = step.cache.held_end(l);
         for position in step.cache.len()..step.cache.len() + step.tokens.len() {
             // A slot for the position means its block and every block from `first_block` to it are held: the
             // attention kernel reads nothing past the table row's held blocks.
-            let slot = step.cache.slot(l, position)?;
-            slots[row] = u32::try_from(slot).map_err(|_| too_large("slot", slot))?;
+            slots[row] = if step.cache.holds(l, position) {
+                let slot = step.cache.slot(l, position)?;
+                u32::try_from(slot).ok().filter(|&s| s != NOT_HELD).ok_or_else(|| too_large("slot", slot))?
+            } else {
+                NOT_HELD
+            };
             first[row] = first_block;
             table_row[row] = sequence_row;
+            // validate_step checked that every position + 1 fits u32.
+            key_end[row] = (position + 1).min(held_end) as u32;
             row += 1;
         }
     }
     Ok((meta, max_blocks))
+}
+
+/// The members' answers for one context-parallel sequence of a step on a global layer: its query rows of the step.
+struct MemberPartials {
+    rows: Range<usize>,
+    pending: PendingPartials,
+}
+
+/// For a global layer `l`: hands each context-parallel sequence's members its queries (ready to score) and new keys and
+/// values of the step, read back from the device (`q`: `[tokens, q_dim]`, `k`, `v`: `[tokens, kv_dim]`). The
+/// downloads wait for the stream, so the rows are final.
+fn start_members(
+    dev: &CudaDevice,
+    l: usize,
+    batch: &[SequenceStep<'_>],
+    positions: &[u32],
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+) -> Result<Vec<MemberPartials>, ModelError> {
+    let mut pending = Vec::new();
+    let mut offset = 0;
+    for step in batch {
+        let rows = offset..offset + step.tokens.len();
+        offset = rows.end;
+        let Some(shards) = step.cache.context() else { continue };
+        let q_dim = q.len() / positions.len();
+        let kv_dim = k.len() / positions.len();
+        let queries = dev.download_view(&q.slice(rows.start * q_dim..rows.end * q_dim))?;
+        let keys = dev.download_view(&k.slice(rows.start * kv_dim..rows.end * kv_dim))?;
+        let values = dev.download_view(&v.slice(rows.start * kv_dim..rows.end * kv_dim))?;
+        let step_positions: Vec<usize> = positions[rows.clone()].iter().map(|&p| p as usize).collect();
+        let started = shards.start_attend(l, &step_positions, &queries, &keys, &values);
+        pending.push(MemberPartials { rows, pending: started });
+    }
+    Ok(pending)
+}
+
+/// Merges each context-parallel sequence's local partial (its rows of `attended` and `lse`, computed over the range
+/// held here) with its members' answers exactly, and writes the merged rows back into `attended`. Every member is
+/// waited for, even when `local` (the layer's own attention) failed, so no answer arrives for a step already gone.
+fn merge_members(
+    dev: &CudaDevice,
+    head_dim: usize,
+    q_heads: usize,
+    pending: Vec<MemberPartials>,
+    local: Result<(), ModelError>,
+    attended: &mut CudaSlice<f32>,
+    lse: &CudaSlice<f32>,
+) -> Result<(), ModelError> {
+    let mut answers = Vec::with_capacity(pending.len());
+    for member in pending {
+        answers.push((member.rows, member.pending.wait()));
+    }
+    local?;
+    let q_dim = head_dim * q_heads;
+    for (rows, remote) in answers {
+        let remote = remote?;
+        let values = rows.start * q_dim..rows.end * q_dim;
+        let own = PartialOutput {
+            out: dev.download_view(&attended.slice(values.clone()))?,
+            lse: dev.download_view(&lse.slice(rows.start * q_heads..rows.end * q_heads))?,
+        };
+        let parts: Vec<PartialAttention<'_>> =
+            std::iter::once(&own).chain(&remote).map(|p| PartialAttention { out: &p.out, lse: &p.lse }).collect();
+        let mut merged = vec![0.0; values.len()];
+        merge_partials(&parts, head_dim, &mut merged, None)?;
+        dev.upload_into(&merged, &mut attended.slice_mut(values))?;
+    }
+    Ok(())
 }
 
 impl GpuModel {
@@ -465,7 +557,7 @@ impl GpuModel {
     }
 
     /// What [`Llama4Model::forward_batch`] checks, with the same messages, and what the device adds: the cache must
-    /// come from this model's pool and not be context-parallel.
+    /// come from this model's pool and not be a member's shard.
     fn validate_step(&self, index: usize, step: &SequenceStep<'_>) -> Result<(), ModelError> {
         validate_step(&self.config, index, step)?;
         if !Arc::ptr_eq(step.cache.pool(), &self.pool) {
@@ -476,11 +568,12 @@ impl GpuModel {
                 ),
             });
         }
-        if step.cache.context().is_some() || step.cache.global_range() != (0..usize::MAX) {
+        if step.cache.context().is_none() && step.cache.global_range() != (0..usize::MAX) {
             return Err(ModelError::InvalidInput {
                 what: "KV cache".into(),
                 reason: format!(
-                    "sequence {index} is context-parallel, which the GPU forward pass does not compute yet"
+                    "sequence {index}'s cache is a member's shard of a context-parallel sequence, which only the \
+                     member's attend_shard steps"
                 ),
             });
         }
@@ -513,11 +606,9 @@ impl GpuModel {
             // validate_step checked that every position fits u32.
             host_positions.extend((step.cache.len()..step.cache.len() + step.tokens.len()).map(|p| p as u32));
         }
-        let seq_len: Vec<u32> = host_positions.iter().map(|&p| p + 1).collect();
         let factors: Vec<f32> = host_positions.iter().map(|&p| temperature_factor(cfg, p as usize)).collect();
         let token_ids = dev.upload(&host_tokens)?;
         let positions = dev.upload(&host_positions)?;
-        let seq_len = dev.upload(&seq_len)?;
         let factors = dev.upload(&factors)?;
 
         let mut x = dev.zeros::<f32>(tokens * hidden)?;
@@ -578,11 +669,12 @@ impl GpuModel {
             }
 
             let (at, max_blocks) = tables.layers[l];
-            let meta = step_meta.slice(at..at + 3 * tokens + batch.len() * max_blocks);
+            let meta = step_meta.slice(at..at + 4 * tokens + batch.len() * max_blocks);
             let slots = meta.slice(0..tokens);
             let first_block = meta.slice(tokens..2 * tokens);
             let table_row = meta.slice(2 * tokens..3 * tokens);
-            let table = meta.slice(3 * tokens..3 * tokens + batch.len() * max_blocks);
+            let key_end = meta.slice(3 * tokens..4 * tokens);
+            let table = meta.slice(4 * tokens..4 * tokens + batch.len() * max_blocks);
             let chunk = if cfg.is_chunked_attention(l) {
                 // A chunk longer than any u32 position never ends inside the sequence: the causal mask (0).
                 u32::try_from(cfg.attention_chunk_size.unwrap_or(usize::MAX)).unwrap_or(0)
@@ -611,10 +703,18 @@ impl GpuModel {
                 table,
                 table_row,
                 first_block,
-                seq_len: seq_len.as_view(),
+                seq_len: key_end,
                 positions: positions.as_view(),
             };
-            self.arena().write_and_attend(dev, &attention, &mut attended.as_view_mut(), &mut lse.as_view_mut())?;
+            // The members of context-parallel sequences get their requests first, so their work overlaps this GPU's.
+            let pending = if cfg.is_chunked_attention(l) {
+                Vec::new()
+            } else {
+                start_members(dev, l, batch, &host_positions, &q, &k, &v)?
+            };
+            let local =
+                self.arena().write_and_attend(dev, &attention, &mut attended.as_view_mut(), &mut lse.as_view_mut());
+            merge_members(dev, hd, qh, pending, local.map_err(ModelError::from), &mut attended, &lse)?;
             dev.linear(&attended.as_view(), tokens, &layer.o, &mut x.as_view_mut(), true)?;
 
             dev.rms_norm(
@@ -748,6 +848,118 @@ impl ForwardPass for GpuModel {
         }
         Ok(logits_per_sequence(batch, &logits, self.config.vocab_size))
     }
+
+    /// A member's step on the device: the shard (from this model's pool) keeps its range in the arena, its new keys
+    /// and values are written there, and the partial attention (output and log-sum-exp) is computed by the paged
+    /// attention kernel, each query seeing the shard's keys up to its position. The same checks and errors as the CPU's
+    /// [`crate::context::attend_shard`]; the shard advances only once the device finished.
+    fn attend_shard(&self, shard: &mut KvCache, step: &ShardStep<'_>) -> Result<PartialOutput, ModelError> {
+        let cfg = &self.config;
+        let grow = check_shard_step(cfg, shard, step)?;
+        let ShardStep { layer, query_positions, queries, kv_positions, keys, values } = *step;
+        if !Arc::ptr_eq(shard.pool(), &self.pool) {
+            return Err(ModelError::InvalidInput {
+                what: "context shard".into(),
+                reason: "the shard's cache is not from this GPU model's pool (make it with KvCache::shard over \
+                         kv_pool)"
+                    .into(),
+            });
+        }
+        let too_far = |p: usize| ModelError::InvalidInput {
+            what: "context shard step".into(),
+            reason: format!("position {p} exceeds the GPU kernels' u32 positions"),
+        };
+        if let Some(&p) = query_positions.iter().chain(kv_positions).find(|&&p| u32::try_from(p + 1).is_err()) {
+            return Err(too_far(p));
+        }
+        let (tokens, rows) = (query_positions.len(), kv_positions.len());
+        if tokens == 0 && rows == 0 {
+            return Ok(PartialOutput::default());
+        }
+        shard.reserve(grow)?;
+        let (meta, max_blocks) = shard_tables(shard, layer, query_positions, kv_positions)?;
+        let mut inputs = Vec::with_capacity(queries.len() + keys.len() + values.len());
+        inputs.extend_from_slice(queries);
+        inputs.extend_from_slice(keys);
+        inputs.extend_from_slice(values);
+        let (hd, qh) = (cfg.head_dim, cfg.num_attention_heads);
+        let dev = &*self.device;
+        let meta = dev.upload(&meta)?;
+        let inputs = dev.upload(&inputs)?;
+        let (q_end, k_end) = (queries.len(), queries.len() + keys.len());
+        let mut outputs = dev.zeros::<f32>((queries.len() + tokens * qh).max(1))?;
+        let (out_len, lse_len) = (queries.len(), tokens * qh);
+        let attention = LayerAttention {
+            kv_shape: KvWrite {
+                block_size: self.pool.block_size(),
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: hd,
+                pool_blocks: self.pool.capacity(),
+            },
+            shape: PagedDecode {
+                seqs: tokens,
+                q_heads: qh,
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: hd,
+                block_size: self.pool.block_size(),
+                table_rows: 1,
+                max_blocks,
+                pool_blocks: self.pool.capacity(),
+                chunk: 0,
+                scale: 1.0 / (hd as f32).sqrt(),
+            },
+            q: inputs.slice(0..q_end),
+            k: inputs.slice(q_end..k_end),
+            v: inputs.slice(k_end..inputs.len()),
+            slots: meta.slice(0..rows),
+            first_block: meta.slice(rows..rows + tokens),
+            table_row: meta.slice(rows + tokens..rows + 2 * tokens),
+            seq_len: meta.slice(rows + 2 * tokens..rows + 3 * tokens),
+            positions: meta.slice(rows + 3 * tokens..rows + 4 * tokens),
+            table: meta.slice(rows + 4 * tokens..rows + 4 * tokens + max_blocks),
+        };
+        let (mut out, mut lse) = outputs.split_at_mut(out_len);
+        self.arena().write_and_attend(dev, &attention, &mut out, &mut lse.slice_mut(0..lse_len))?;
+        // The download waits for the stream: the keys are written and the partial final.
+        let partial = dev.download(&outputs)?;
+        shard.advance(grow);
+        Ok(PartialOutput { out: partial[..out_len].to_vec(), lse: partial[out_len..out_len + lse_len].to_vec() })
+    }
+}
+
+/// A member's tables for one global layer of its shard, packed for one upload: `[slots (kv rows) | first_block
+/// (queries) | table_row (queries, all 0) | key_end (queries) | positions (queries) | table (max_blocks)]`. A query
+/// before the shard's range sees none of its keys (the kernel's range starts at the shard's first block); one past
+/// its end sees them all. Returns it and `max_blocks`.
+fn shard_tables(
+    shard: &KvCache,
+    layer: usize,
+    query_positions: &[usize],
+    kv_positions: &[usize],
+) -> Result<(Vec<u32>, usize), ModelError> {
+    let held = shard.block_table(layer)?;
+    let too_large = |what: &str, value: usize| ModelError::InvalidInput {
+        what: "context shard".into(),
+        reason: format!("{what} {value} of layer {layer} exceeds the GPU kernels' u32 indices"),
+    };
+    let max_blocks = held.blocks.len().max(1);
+    let mut meta = Vec::with_capacity(kv_positions.len() + 4 * query_positions.len() + max_blocks);
+    for &position in kv_positions {
+        let slot = shard.slot(layer, position)?;
+        meta.push(u32::try_from(slot).ok().filter(|&s| s != NOT_HELD).ok_or_else(|| too_large("slot", slot))?);
+    }
+    let first_block = u32::try_from(held.first_block).map_err(|_| too_large("block", held.first_block))?;
+    let held_end = shard.held_end(layer);
+    // The caller checked that every position + 1 fits u32.
+    meta.extend(query_positions.iter().map(|_| first_block));
+    meta.extend(query_positions.iter().map(|_| 0));
+    meta.extend(query_positions.iter().map(|&p| (p + 1).min(held_end) as u32));
+    meta.extend(query_positions.iter().map(|&p| p as u32));
+    for &b in &held.blocks {
+        meta.push(u32::try_from(b).map_err(|_| too_large("block index", b))?);
+    }
+    meta.resize(kv_positions.len() + 4 * query_positions.len() + max_blocks, 0);
+    Ok((meta, max_blocks))
 }
 
 #[cfg(test)]
@@ -788,16 +1000,18 @@ mod tests {
             let (meta, max_blocks) = layer_tables(l, &batch).expect("tables");
             let (at, step_max_blocks) = step.layers[l];
             assert_eq!((&step.meta[at..at + meta.len()], step_max_blocks), (&meta[..], max_blocks), "layer {l}");
-            assert_eq!(meta.len(), 3 * rows + batch.len() * max_blocks);
+            assert_eq!(meta.len(), 4 * rows + batch.len() * max_blocks);
             let (slots, rest) = meta.split_at(rows);
             let (first, rest) = rest.split_at(rows);
-            let (table_row, table) = rest.split_at(rows);
+            let (table_row, rest) = rest.split_at(rows);
+            let (key_end, table) = rest.split_at(rows);
             let chunk = config.is_chunked_attention(l).then(|| config.attention_chunk_size.unwrap_or(usize::MAX));
             let mut row = 0;
             for (s, step) in batch.iter().enumerate() {
                 let held = step.cache.block_table(l).expect("layer").blocks.len();
                 for position in step.cache.len()..step.cache.len() + step.tokens.len() {
                     assert_eq!(slots[row] as usize, step.cache.slot(l, position).expect("slot"), "layer {l}");
+                    assert_eq!(key_end[row] as usize, position + 1, "layer {l}: a plain sequence sees up to itself");
                     // paged_decode_attention's range: lo = max(first visible, first held), hi = position + 1.
                     let first_visible = chunk.map_or(0, |c| position / c * c);
                     let key_start = first[row] as usize * block_size;
@@ -815,5 +1029,40 @@ mod tests {
             assert_eq!(row, rows);
         }
         assert!(layer_tables(config.num_hidden_layers, &batch).is_err());
+    }
+
+    /// The owner of a context-parallel sequence: on a global layer, positions past its range get no slot and its
+    /// rows see keys only up to the range's end, all inside the blocks it holds; chunked layers are as for any
+    /// sequence.
+    #[test]
+    fn a_context_parallel_owner_writes_and_reads_only_its_range() {
+        let config = config();
+        let block_size = 4;
+        let pool = KvBlockPool::on_device(&config, block_size, 400).expect("device pool");
+        let mut cache = KvCache::in_pool(&config, pool.clone());
+        cache.set_context(Arc::new(crate::context::LocalShards::new(8, Vec::new()))).expect("context");
+        let tokens = vec![1; 13];
+        cache.reserve(tokens.len()).expect("reserve");
+        let batch = [SequenceStep { tokens: &tokens, cache: &mut cache, logits: LogitsFor::All }];
+        for l in 0..config.num_hidden_layers {
+            let (meta, max_blocks) = layer_tables(l, &batch).expect("tables");
+            let rows = tokens.len();
+            let (slots, rest) = meta.split_at(rows);
+            let (_, rest) = rest.split_at(rows);
+            let (_, rest) = rest.split_at(rows);
+            let (key_end, table) = rest.split_at(rows);
+            let global = !config.is_chunked_attention(l);
+            let held = batch[0].cache.block_table(l).expect("layer").blocks;
+            for position in 0..rows {
+                let mine = !global || position < 8;
+                assert_eq!(slots[position] == NOT_HELD, !mine, "layer {l} position {position}");
+                let end = if global { (position + 1).min(8) } else { position + 1 };
+                assert_eq!(key_end[position] as usize, end, "layer {l} position {position}");
+            }
+            if global {
+                assert_eq!(held.len(), 2, "layer {l}: only the blocks of 0..8");
+                assert_eq!(&table[..2.min(max_blocks)], &held.iter().map(|&b| b as u32).collect::<Vec<_>>()[..]);
+            }
+        }
     }
 }

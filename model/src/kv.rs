@@ -367,6 +367,15 @@ impl KvCache {
         }
     }
 
+    /// One past the last position layer `l` holds here: the global range's end on a global layer (where the members'
+    /// ranges begin, for the owner of a context-parallel sequence), unbounded on a chunked one.
+    pub(crate) fn held_end(&self, l: usize) -> usize {
+        match self.chunks.get(l) {
+            Some(None) => self.global_end,
+            _ => usize::MAX,
+        }
+    }
+
     /// An empty cache for `config` with a pool of its own that never runs out.
     pub fn new(config: &TextConfig) -> Result<Self, ModelError> {
         Ok(Self::in_pool(config, KvBlockPool::unbounded(config)?))

@@ -3,56 +3,18 @@
 //! unsharded run, prefilled in chunks and decoded.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use switchyard_model::checkpoint::Checkpoint;
 use switchyard_model::config::ModelConfig;
-use switchyard_model::context::{attend_shard, ContextShards, PartialOutput};
-use switchyard_model::{KvBlockPool, KvCache, Llama4Model, LoadOptions, LogitsFor, ModelError};
+use switchyard_model::context::{attend_shard, LocalShards, ShardStep};
+use switchyard_model::{ForwardPass, KvBlockPool, KvCache, Llama4Model, LoadOptions, LogitsFor};
 
 fn model() -> Llama4Model {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/maverick-f32");
     let config = ModelConfig::from_file(dir.join("config.json")).expect("config");
     let checkpoint = Checkpoint::open(&dir).expect("checkpoint");
     Llama4Model::load(&checkpoint, &config, &LoadOptions::default(), &mut |_, _| {}).expect("model")
-}
-
-/// Members in this process: each a shard cache behind a lock, called in turn.
-struct InProcessShards {
-    config: switchyard_model::config::TextConfig,
-    local_end: usize,
-    members: Vec<Mutex<KvCache>>,
-}
-
-impl ContextShards for InProcessShards {
-    fn local_end(&self) -> usize {
-        self.local_end
-    }
-
-    fn attend(
-        &self,
-        layer: usize,
-        positions: &[usize],
-        queries: &[f32],
-        keys: &[f32],
-        values: &[f32],
-    ) -> Result<Vec<PartialOutput>, ModelError> {
-        self.members
-            .iter()
-            .map(|member| {
-                let mut shard = member.lock().expect("shard lock");
-                let range = shard.global_range();
-                let kv_dim = self.config.kv_dim();
-                let held: Vec<usize> = (0..positions.len()).filter(|&t| range.contains(&positions[t])).collect();
-                let kv_positions: Vec<usize> = held.iter().map(|&t| positions[t]).collect();
-                let rows = |all: &[f32]| -> Vec<f32> {
-                    held.iter().flat_map(|&t| all[t * kv_dim..(t + 1) * kv_dim].iter().copied()).collect()
-                };
-                let (keys, values) = (rows(keys), rows(values));
-                attend_shard(&self.config, &mut shard, layer, positions, queries, &kv_positions, &keys, &values)
-            })
-            .collect()
-    }
 }
 
 fn prompt(len: usize, vocab: usize) -> Vec<u32> {
@@ -76,7 +38,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn sharded_global_layers_give_the_unsharded_logits_and_tokens() {
-    let model = model();
+    let model = Arc::new(model());
     let config = model.config().clone();
     let vocab = config.vocab_size;
     let tokens = prompt(2000, vocab);
@@ -92,12 +54,9 @@ fn sharded_global_layers_give_the_unsharded_logits_and_tokens() {
 
     let block_size = 16;
     let pool = KvBlockPool::new(&config, block_size, usize::MAX).expect("pool");
-    let shard = |start, end| Mutex::new(KvCache::shard(&config, pool.clone(), start, end).expect("shard"));
-    let shards = Arc::new(InProcessShards {
-        config: config.clone(),
-        local_end: 640,
-        members: vec![shard(640, 1280), shard(1280, usize::MAX)],
-    });
+    let member: Arc<dyn ForwardPass> = model.clone();
+    let shard = |start, end| (member.clone(), KvCache::shard(&config, pool.clone(), start, end).expect("shard"));
+    let shards = Arc::new(LocalShards::new(640, vec![shard(640, 1280), shard(1280, usize::MAX)]));
     let mut cache = KvCache::in_pool(&config, pool.clone());
     cache.set_context(shards.clone()).expect("context");
     let mut logits = Vec::new();
@@ -117,8 +76,8 @@ fn sharded_global_layers_give_the_unsharded_logits_and_tokens() {
     // Each member holds only its range of the global layer; the owner the first range and the current chunk.
     let global_layers = (0..config.num_hidden_layers).filter(|&l| !config.is_chunked_attention(l)).count();
     assert_eq!(global_layers, 1);
-    let first = shards.members[0].lock().expect("lock").blocks_held();
-    let last = shards.members[1].lock().expect("lock").blocks_held();
+    let first = shards.member(0).expect("member 0").blocks_held();
+    let last = shards.member(1).expect("member 1").blocks_held();
     assert_eq!(first, (1280 - 640) / block_size);
     assert_eq!(last, (2007 - 1280usize).div_ceil(block_size));
     assert!(cache.blocks_held() < reference_cache.blocks_held(), "the owner holds less than the whole sequence");
@@ -133,8 +92,16 @@ fn a_shard_refuses_a_range_off_the_block_grid_and_a_chunked_layer() {
     assert!(error.to_string().contains("KV block boundary"), "{error}");
     let mut shard = KvCache::shard(&config, pool, 16, 100).expect("shard");
     let chunked = (0..config.num_hidden_layers).find(|&l| config.is_chunked_attention(l)).expect("a chunked layer");
-    let error = attend_shard(&config, &mut shard, chunked, &[16], &vec![0.0; config.q_dim()], &[], &[], &[])
-        .expect_err("chunked layer");
+    let queries = vec![0.0; config.q_dim()];
+    let step = ShardStep {
+        layer: chunked,
+        query_positions: &[16],
+        queries: &queries,
+        kv_positions: &[],
+        keys: &[],
+        values: &[],
+    };
+    let error = attend_shard(&config, &mut shard, &step).expect_err("chunked layer");
     assert!(error.to_string().contains("not a global attention layer"), "{error}");
 }
 
@@ -149,7 +116,7 @@ fn synthetic(layer: usize, position: usize, key: &mut [f32], value: &mut [f32]) 
 
 #[test]
 fn a_synthetic_fill_split_over_owner_and_shards_equals_the_unsharded_fill() {
-    let model = model();
+    let model = Arc::new(model());
     let config = model.config().clone();
     let tokens = prompt(40, config.vocab_size);
     let filled = 1004;
@@ -170,9 +137,9 @@ fn a_synthetic_fill_split_over_owner_and_shards_equals_the_unsharded_fill() {
     for (start, end) in [(320, 640), (640, usize::MAX)] {
         let mut shard = KvCache::shard(&config, pool.clone(), start, end).expect("shard");
         shard.append_synthetic(filled.min(end) - start, synthetic).expect("shard fill");
-        members.push(Mutex::new(shard));
+        members.push((model.clone() as Arc<dyn ForwardPass>, shard));
     }
-    let shards = Arc::new(InProcessShards { config: config.clone(), local_end: 320, members });
+    let shards = Arc::new(LocalShards::new(320, members));
     let mut cache = KvCache::in_pool(&config, pool.clone());
     cache.set_context(shards.clone()).expect("context");
     cache.append_synthetic(filled, synthetic).expect("owner fill");
@@ -181,7 +148,7 @@ fn a_synthetic_fill_split_over_owner_and_shards_equals_the_unsharded_fill() {
     let chunked_layers = (0..config.num_hidden_layers).filter(|&l| config.is_chunked_attention(l)).count();
     let current = filled.div_ceil(block_size) - filled / chunk * chunk / block_size;
     assert_eq!(cache.blocks_held(), 320 / block_size + chunked_layers * current);
-    assert_eq!(shards.members[0].lock().expect("lock").blocks_held(), 320 / block_size);
+    assert_eq!(shards.member(0).expect("member 0").blocks_held(), 320 / block_size);
     let mut logits = model.forward(&tokens[..32], &mut cache, LogitsFor::All).expect("sharded tail");
     for &token in &tokens[32..] {
         logits.extend(model.forward(&[token], &mut cache, LogitsFor::Last).expect("sharded decode"));

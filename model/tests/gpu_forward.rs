@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 use switchyard_model::checkpoint::{Checkpoint, ExpertWeights};
 use switchyard_model::config::ModelConfig;
+use switchyard_model::context::{LocalShards, ShardStep};
 use switchyard_model::{
     ActivationPrecision, DenseDtype, Device, ForwardPass, GpuExperts, GpuModel, GpuModelOptions, KvBlockPool, KvCache,
     KvDtype, Llama4Model, LoadOptions, LogitsFor, ModelError, SequenceStep,
@@ -328,4 +329,180 @@ fn upload_refuses_the_cpu_and_reports_a_missing_gpu() {
         Err(ModelError::Kernel(kernel)) => println!("no GPU path here: {kernel}"),
         Err(other) => panic!("unexpected error: {other}"),
     }
+}
+
+/// A GPU owner of a context-parallel sequence (`LocalShards::new(12, ..)`: positions 0..12 of the global layers here,
+/// 12..20 and 20.. on two members of `member_model`'s), prefilled in two chunks (the second crossing into the first
+/// member's range) and decoded across the second member's boundary at 20, against the CPU without context
+/// parallelism: the f32 allowance. Returns the shards, to look at what the members hold.
+fn owner_matches_the_cpu(
+    model: &Llama4Model,
+    gpu: &GpuModel,
+    member_model: Arc<dyn ForwardPass>,
+    member_pool: &Arc<KvBlockPool>,
+    what: &str,
+) -> Arc<LocalShards> {
+    let config = model.config();
+    let vocab = config.vocab_size;
+    let prompt = prompt(vocab);
+    let shard = |start, end| KvCache::shard(config, member_pool.clone(), start, end).expect("shard");
+    let shards = Arc::new(LocalShards::new(
+        12,
+        vec![(member_model.clone(), shard(12, 20)), (member_model, shard(20, usize::MAX))],
+    ));
+    let mut owner = gpu.new_cache().expect("cache");
+    owner.set_context(shards.clone()).expect("context");
+    let mut cpu_cache = model.new_cache().expect("cache");
+    let mut token = 0;
+    for (i, chunk) in [&prompt[..10], &prompt[10..18]].into_iter().enumerate() {
+        let cpu = model.forward(chunk, &mut cpu_cache, LogitsFor::All).expect("cpu prefill");
+        let on_gpu = gpu.forward(chunk, &mut owner, LogitsFor::All).expect("gpu owner prefill");
+        assert_f32_close(&format!("{what}: prefill chunk {i}"), &on_gpu, &cpu);
+        token = argmax(&cpu[cpu.len() - vocab..]);
+    }
+    for step in 0..6 {
+        let cpu = model.forward(&[token], &mut cpu_cache, LogitsFor::Last).expect("cpu decode");
+        let on_gpu = gpu.forward(&[token], &mut owner, LogitsFor::Last).expect("gpu owner decode");
+        assert_f32_close(&format!("{what}: decode step {step} (position {})", 18 + step), &on_gpu, &cpu);
+        token = argmax(&cpu);
+    }
+    assert_eq!(owner.len(), 24);
+    let global = (0..config.num_hidden_layers).filter(|&l| !config.is_chunked_attention(l)).count();
+    let block_size = member_pool.block_size();
+    let first = shards.member(0).expect("member 0").blocks_held();
+    let last = shards.member(1).expect("member 1").blocks_held();
+    assert_eq!((first, last), (global * 8 / block_size, global * 4 / block_size), "{what}: the members' ranges");
+    shards
+}
+
+/// Step 1 of context parallelism on the GPU: the owner on the GPU, its members CPU models' shards.
+#[test]
+fn a_gpu_owner_with_cpu_members_matches_the_cpu() {
+    let (_, _, model) = load_cpu("maverick-f32", ActivationPrecision::F32);
+    let Some(gpu) = upload(&model, &f32_options(), "gpu owner, cpu members") else { return };
+    let model = Arc::new(model);
+    let pool = KvBlockPool::new(model.config(), f32_options().block_size, usize::MAX).expect("host pool");
+    owner_matches_the_cpu(&model, &gpu, model.clone(), &pool, "gpu owner, cpu members");
+    assert_eq!(gpu.kv_pool().in_use(), 0, "the owner's cache is dropped");
+}
+
+/// A context-parallel sequence and a plain one in the same GPU steps (each sequence's rows merged or not on their
+/// own), against the CPU running both without context parallelism.
+#[test]
+fn a_batch_mixing_a_context_parallel_and_a_plain_sequence_matches_the_cpu() {
+    let (_, _, model) = load_cpu("maverick-f32", ActivationPrecision::F32);
+    let Some(gpu) = upload(&model, &f32_options(), "mixed batch") else { return };
+    let model = Arc::new(model);
+    let config = model.config().clone();
+    let vocab = config.vocab_size;
+    let a = prompt(vocab);
+    let b: Vec<u32> = (0..13u32).map(|i| (i * 53 + 7) % vocab as u32).collect();
+    let pool = KvBlockPool::new(&config, f32_options().block_size, usize::MAX).expect("host pool");
+    let shard = KvCache::shard(&config, pool, 8, usize::MAX).expect("shard");
+    let shards = Arc::new(LocalShards::new(8, vec![(model.clone() as Arc<dyn ForwardPass>, shard)]));
+    let mut results = Vec::new();
+    for (m, context_parallel) in [(&*model as &dyn ForwardPass, false), (&gpu, true)] {
+        let (mut cache_a, mut cache_b) = (m.new_cache().expect("cache"), m.new_cache().expect("cache"));
+        if context_parallel {
+            cache_a.set_context(shards.clone()).expect("context");
+        }
+        let first = m
+            .forward_batch(&mut [
+                SequenceStep { tokens: &a[..14], cache: &mut cache_a, logits: LogitsFor::All },
+                SequenceStep { tokens: &b, cache: &mut cache_b, logits: LogitsFor::All },
+            ])
+            .expect("first step");
+        let second = m
+            .forward_batch(&mut [
+                SequenceStep { tokens: &[b[0]], cache: &mut cache_b, logits: LogitsFor::All },
+                SequenceStep { tokens: &a[14..], cache: &mut cache_a, logits: LogitsFor::All },
+            ])
+            .expect("second step");
+        results.push((first, second));
+    }
+    let (cpu, on_gpu) = (&results[0], &results[1]);
+    assert_f32_close("mixed batch step 1, context-parallel a", &on_gpu.0[0], &cpu.0[0]);
+    assert_f32_close("mixed batch step 1, plain b", &on_gpu.0[1], &cpu.0[1]);
+    assert_f32_close("mixed batch step 2, plain b", &on_gpu.1[0], &cpu.1[0]);
+    assert_f32_close("mixed batch step 2, context-parallel a", &on_gpu.1[1], &cpu.1[1]);
+    assert_eq!(shards.member(0).expect("member").len(), a.len(), "the member holds the global layers from 8 on");
+}
+
+/// Step 2: a member's partials computed on the GPU (`GpuModel::attend_shard`, the shard in the device arena) against
+/// the CPU's (`Llama4Model::attend_shard`) over the same keys: a prefill step reaching into the shard's range (queries
+/// before it see none of its keys), a step inside it, and decodes; the kernels' paged attention bounds
+/// (kernels/tests/cuda_kernels.rs): `1e-4` of the largest |value| for outputs, `1e-4 * (1 + |lse|)` for log-sum-exps
+/// (a query that sees no key: zeros and -inf on both).
+#[test]
+fn gpu_member_partials_match_the_cpu_members() {
+    let (_, _, model) = load_cpu("maverick-f32", ActivationPrecision::F32);
+    let Some(gpu) = upload(&model, &f32_options(), "gpu member partials") else { return };
+    let config = model.config().clone();
+    let (q_dim, kv_dim) = (config.q_dim(), config.kv_dim());
+    let layer = (0..config.num_hidden_layers).find(|&l| !config.is_chunked_attention(l)).expect("a global layer");
+    let host_pool = KvBlockPool::new(&config, f32_options().block_size, usize::MAX).expect("host pool");
+    let mut cpu_shard = KvCache::shard(&config, host_pool, 8, 20).expect("cpu shard");
+    let mut gpu_shard = KvCache::shard(&config, gpu.kv_pool().clone(), 8, 20).expect("gpu shard");
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut random = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    };
+    for (step, positions) in [(0..12), (12..18), (18..19), (19..20), (20..21)].into_iter().enumerate() {
+        let query_positions: Vec<usize> = positions.collect();
+        let kv_positions: Vec<usize> = query_positions.iter().copied().filter(|p| (8..20).contains(p)).collect();
+        let queries = random(query_positions.len() * q_dim);
+        let (keys, values) = (random(kv_positions.len() * kv_dim), random(kv_positions.len() * kv_dim));
+        let shard_step = ShardStep {
+            layer,
+            query_positions: &query_positions,
+            queries: &queries,
+            kv_positions: &kv_positions,
+            keys: &keys,
+            values: &values,
+        };
+        let [cpu, on_gpu] = [(&model as &dyn ForwardPass, &mut cpu_shard), (&gpu, &mut gpu_shard)]
+            .map(|(m, shard)| m.attend_shard(shard, &shard_step).expect("member step"));
+        let scale = max_abs(&cpu.out);
+        let diff = max_abs_diff(&on_gpu.out, &cpu.out);
+        assert!(diff <= 1e-4 * scale.max(f32::MIN_POSITIVE), "step {step}: outputs differ by {diff} (scale {scale})");
+        for (i, (g, c)) in on_gpu.lse.iter().zip(&cpu.lse).enumerate() {
+            let close = if c.is_finite() { (g - c).abs() <= 1e-4 * (1.0 + c.abs()) } else { g == c };
+            assert!(close, "step {step} lse {i}: gpu {g}, cpu {c}");
+        }
+        assert_eq!(on_gpu.lse.len(), cpu.lse.len());
+        assert_eq!(gpu_shard.len(), cpu_shard.len(), "step {step}: both shards advance alike");
+    }
+    assert_eq!(gpu_shard.blocks_held(), cpu_shard.blocks_held());
+    assert!(cpu_shard.len() == 20 && gpu.kv_pool().in_use() == gpu_shard.blocks_held());
+
+    let queries = random(q_dim);
+    let host_step =
+        ShardStep { layer, query_positions: &[20], queries: &queries, kv_positions: &[], keys: &[], values: &[] };
+    let err = gpu.attend_shard(&mut cpu_shard, &host_step).expect_err("a host shard on the GPU");
+    assert!(err.to_string().contains("not from this GPU model's pool"), "{err}");
+    let (key, value) = (random(kv_dim), random(kv_dim));
+    let outside =
+        ShardStep { layer, query_positions: &[21], queries: &queries, kv_positions: &[21], keys: &key, values: &value };
+    let err = gpu.attend_shard(&mut gpu_shard, &outside).expect_err("a key outside the range");
+    assert!(err.to_string().contains("outside this shard's range"), "{err}");
+}
+
+/// An owner and its members all on the GPU (one GpuModel both owning the sequence and holding the members' shards in
+/// its arena, as an attention worker does), against the CPU without context parallelism.
+#[test]
+fn a_gpu_owner_with_gpu_members_matches_the_cpu() {
+    let (_, _, model) = load_cpu("maverick-f32", ActivationPrecision::F32);
+    let Some(gpu) = upload(&model, &f32_options(), "gpu owner, gpu members") else { return };
+    let gpu = Arc::new(gpu);
+    let pool = GpuModel::kv_pool(&gpu).clone();
+    let shards = owner_matches_the_cpu(&model, &gpu, gpu.clone(), &pool, "gpu owner, gpu members");
+    let held = shards.member(0).expect("member").blocks_held() + shards.member(1).expect("member").blocks_held();
+    assert_eq!(pool.in_use(), held, "only the members' shards are left in the arena");
 }

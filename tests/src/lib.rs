@@ -264,6 +264,21 @@ pub fn single_process(model: &Path, out: &Path, fp8_activations: bool, max_new_t
     read_json(out)
 }
 
+/// `len` token ids below the tiny vocabulary: a prompt as long as a test needs (context parallelism).
+pub fn long_prompt(len: u32) -> String {
+    (0..len).map(|i| ((i * 37 + 11) % 480).to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// `switchyard generate` with `args` (`--model DIR` or `--endpoint URL`), greedy, writing `--output-json` to `out`.
+pub fn generate(args: &[&str], prompt: &str, max_new_tokens: u32, out: &Path) -> Output {
+    let tokens = max_new_tokens.to_string();
+    let mut all = vec!["generate"];
+    all.extend_from_slice(args);
+    all.extend(["--prompt-ids", prompt, "--max-new-tokens", &tokens, "--ignore-eos"]);
+    all.extend(["--output-json", out.to_str().expect("utf-8")]);
+    switchyard(&all)
+}
+
 /// The same generation of 8 tokens through a cluster's client endpoint.
 pub fn through(endpoint: &str, out: &Path) -> serde_json::Value {
     let output = generate_through(endpoint, out, 8);

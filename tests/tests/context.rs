@@ -3,25 +3,9 @@
 //! fails that request with an error naming it, other requests go on, and once the member is gone a sequence the
 //! remaining workers cannot hold is refused with both numbers.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use switchyard_tests::{make_tiny, max_abs_diff, read_json, switchyard, Cluster};
-
-/// `len` token ids below the tiny vocabulary.
-fn prompt(len: u32) -> String {
-    (0..len).map(|i| ((i * 37 + 11) % 480).to_string()).collect::<Vec<_>>().join(",")
-}
-
-/// `switchyard generate` with `args`, greedy, writing `--output-json` to `out`.
-fn generate(args: &[&str], prompt: &str, max_new_tokens: u32, out: &Path) -> std::process::Output {
-    let tokens = max_new_tokens.to_string();
-    let mut all = vec!["generate"];
-    all.extend_from_slice(args);
-    all.extend(["--prompt-ids", prompt, "--max-new-tokens", &tokens, "--ignore-eos"]);
-    all.extend(["--output-json", out.to_str().expect("utf-8")]);
-    switchyard(&all)
-}
+use switchyard_tests::{generate, long_prompt as prompt, make_tiny, max_abs_diff, read_json, Cluster};
 
 #[test]
 fn a_sequence_spread_over_three_attention_workers_equals_the_single_process_run() {

@@ -7,10 +7,13 @@
 //! order (~1e-6 relative); GPU expert workers quantise activations to FP8 per token as the reference does, and a
 //! value on an FP8 rounding boundary may land one step away, moving its expert's output by at most 1/8 of one term:
 //! every logit within 2% of the logit scale (the FP8 fixture's allowance in docs/cuda.md), and the same greedy tokens.
+//! The context-parallel case keeps the experts on the CPU, so its bound is the f32 one: 1e-4.
 
 use std::path::Path;
 
-use switchyard_tests::{make_tiny, single_process, switchyard, through, Cluster};
+use switchyard_tests::{
+    generate, long_prompt, make_tiny, max_abs_diff, read_json, single_process, switchyard, through, Cluster,
+};
 
 /// Why this machine cannot run the model on `cuda:0`, if it cannot: the binary refuses at start, naming what is
 /// missing. Any other failure is a failure of the test.
@@ -75,5 +78,50 @@ fn a_cluster_on_the_gpu_generates_what_the_cpu_does() {
         let diff = switchyard_tests::max_abs_diff(&got[key], &reference[key]);
         println!("{key}: max |diff| {diff:e} of a logit scale {scale:e}");
         assert!(diff <= 0.02 * scale, "{key} differ by {diff} (scale {scale})");
+    }
+}
+
+/// Context parallelism between GPU attention workers: two of them, each with a KV arena too small for a 1000-token
+/// sequence (1 MiB of f32 KV: the owner keeps ~368 global positions next to its chunked layers), hold it together
+/// (the owner's GPU merges its partials with the member's, whose shard lives in its GPU arena), and the output
+/// equals the single-process CPU run.
+#[test]
+fn a_sequence_spread_over_two_gpu_attention_workers_equals_the_cpu() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let model = work.path().join("model");
+    make_tiny(&model, 11);
+    if let Some(reason) = gpu_unavailable(&model) {
+        println!("SKIPPED context parallelism on the GPU: {reason}");
+        return;
+    }
+    let model_arg = model.to_str().expect("utf-8");
+    let cluster = Cluster::start(&[
+        "--model",
+        model_arg,
+        "--attention-workers",
+        "2",
+        "--expert-workers",
+        "1",
+        "--kv-memory",
+        "1MiB",
+        "--attention-device",
+        "cuda:0",
+        "--dense-dtype",
+        "f32",
+        "--kv-dtype",
+        "f32",
+    ]);
+    let long = long_prompt(1000);
+    let (reference, spread) = (work.path().join("reference.json"), work.path().join("spread.json"));
+    let output = generate(&["--model", model_arg], &long, 4, &reference);
+    assert!(output.status.success(), "single process: {}", String::from_utf8_lossy(&output.stderr));
+    let output = generate(&["--endpoint", &cluster.endpoint], &long, 4, &spread);
+    assert!(output.status.success(), "through the GPU cluster: {}", String::from_utf8_lossy(&output.stderr));
+    let (reference, spread) = (read_json(&reference), read_json(&spread));
+    assert_eq!(spread["greedy_tokens"], reference["greedy_tokens"], "greedy tokens");
+    for key in ["prompt_logits", "decode_logits"] {
+        let diff = max_abs_diff(&spread[key], &reference[key]);
+        println!("{key}: max |diff| {diff:e}");
+        assert!(diff <= 1e-4, "{key} differ by {diff}");
     }
 }

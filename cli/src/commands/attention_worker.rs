@@ -328,9 +328,9 @@ async fn serve_until_signal(args: Args) -> Result<()> {
         link
     });
 
-    // Sequences too long for this worker's KV are spread over the cluster's attention workers (with a store; CPU
-    // workers only: the GPU forward pass computes no context-parallel sequence yet).
-    let context_groups = link.as_ref().filter(|_| !on_gpu).map(|link| {
+    // Sequences too long for this worker's KV are spread over the cluster's attention workers (with a store), on the
+    // CPU or the GPU alike: the model computes both the owner's merge and a member's partials (in its device arena).
+    let context_groups = link.as_ref().map(|link| {
         Arc::new(StoreContextGroups {
             cluster: link.cluster().clone(),
             lease: link.lease(),
@@ -342,9 +342,9 @@ async fn serve_until_signal(args: Args) -> Result<()> {
             runtime: tokio::runtime::Handle::current(),
         }) as Arc<dyn ContextGroups>
     });
-    let engine = Arc::new(Engine::start_with_context(forward, options, context_groups).context("starting the engine")?);
-    let shards =
-        (link.is_some() && !on_gpu).then(|| Arc::new(ShardHost::new(config.text.clone(), engine.kv_pool().clone())));
+    let engine =
+        Arc::new(Engine::start_with_context(forward.clone(), options, context_groups).context("starting the engine")?);
+    let shards = link.is_some().then(|| Arc::new(ShardHost::served_by(forward, engine.kv_pool().clone())));
     let text = TextCodec::load(&model_dir)?;
     if text.is_none() {
         tracing::warn!(model = %model_dir.display(), "no tokenizer.json: only token-id prompts are served");
