@@ -20,8 +20,8 @@
 //!
 //! With `--device cuda:N` its whole forward pass runs on that GPU (`GpuModel`: dense weights as `--dense-dtype`, the
 //! KV cache in a device arena of `--kv-memory` holding `--kv-dtype` keys and values); the routed experts stay on the
-//! expert workers. Sequences too long
-//! for its KV cache are then refused: context parallelism between attention workers runs on CPU workers only.
+//! expert workers. Context parallelism works as on the CPU: as owner the GPU merges the members' partials with its
+//! own, as member the worker keeps its shards in the same arena (`ShardHost::served_by`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
