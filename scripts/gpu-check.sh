@@ -4,8 +4,9 @@
 #   bash scripts/gpu-check.sh prepare   # HERE (no GPU needed): builds with --features cuda, copies the binaries the
 #                                       # check runs into target/gpu-check/ (stripped: a few MB) and prints the command
 #   bash scripts/gpu-check.sh run       # ON THE GPU MACHINE, from the repository root, with target/gpu-check carried:
-#                                       # runs everything below, writes every log and the JSON under $OUT (default
-#                                       # target/gpu-check/out), and exits non-zero if any step failed
+#                                       # runs everything below, writes every log and the JSON under
+#                                       # target/gpu-check/out (and, when $OUT is set, the summary, the JSON and
+#                                       # one file of all logs there), and exits non-zero if any step failed
 #
 # `run` does, each step under its own time limit and all within GPU_CHECK_BUDGET_S (default 280 s: the issue asks for
 # under 5 minutes; expected well under 2 on an H100):
@@ -90,7 +91,10 @@ for line in sys.stdin:
 
 run_checks() {
   [ -d "$bundle/bin" ] || tar -C "$bundle" -xJf "$bundle/bin.tar.xz"
-  local out="${OUT:-$bundle/out}"
+  # The logs stay here; $OUT (the device tool's folder, which brings back at most 8 files) gets the summary, the
+  # bench JSON and one file holding every log.
+  local out="$bundle/out"
+  rm -rf "$out"
   mkdir -p "$out"
   local summary="$out/summary.txt"
   : >"$summary"
@@ -156,6 +160,16 @@ run_checks() {
   # NCCL with one rank (one GPU): bootstrap, a grouped send/recv exchange, abort on a deadline.
   step 7-nccl-one-rank 40 "$bin/transport-collective" one_nccl_rank --nocapture --test-threads 1
   echo "results in $out" | tee -a "$summary"
+  if [ -n "${OUT:-}" ] && [ "$OUT" != "$out" ]; then
+    mkdir -p "$OUT"
+    cp "$summary" "$out"/*.json "$OUT"/ 2>/dev/null || true
+    local log
+    for log in "$out"/*.log; do
+      printf '\n===== %s =====\n' "$(basename "$log")"
+      cat "$log"
+    done >"$OUT/all-logs.txt"
+    echo "copied the summary, the bench JSON and every log (all-logs.txt) to $OUT" | tee -a "$summary"
+  fi
   return "$failed"
 }
 

@@ -2,7 +2,7 @@
 //! device KV arena. Needs a GPU, or the CPU emulation of CUDA (`cuda-emulator/`, which `scripts/test.sh` puts on the
 //! loader path); elsewhere it prints why it skipped.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use switchyard_attention_worker::ShardHost;
@@ -18,7 +18,13 @@ use switchyard_transport::context::{ContextService, PartialAttentionRequest};
 /// |value|, `1e-4 * (1 + |lse|)`), and a release gives the arena its blocks back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_model_serves_its_shards_as_the_cpu_does() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/maverick-f32");
+    // The path compiled in, or (this binary carried to the GPU machine by gpu-check, run from the repository root
+    // there) the working directory's.
+    let dir = [Path::new(env!("CARGO_MANIFEST_DIR")).join(".."), PathBuf::from(".")]
+        .into_iter()
+        .map(|root| root.join("tests/golden/maverick-f32"))
+        .find(|dir| dir.join("config.json").is_file())
+        .expect("tests/golden/maverick-f32 (run from the repository root)");
     let config = ModelConfig::from_file(dir.join("config.json")).expect("config");
     let checkpoint = Checkpoint::open(&dir).expect("checkpoint");
     let model = Llama4Model::load(&checkpoint, &config, &LoadOptions::default(), &mut |_, _| {}).expect("model");

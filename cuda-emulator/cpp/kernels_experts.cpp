@@ -10,6 +10,8 @@ void switchyard_emu_register_experts(switchyard_emu::Registry& registry) {
     SWITCHYARD_EMU_KERNEL(registry, scatter_rows);
     SWITCHYARD_EMU_KERNEL(registry, silu_mul_quantize_e4m3);
     SWITCHYARD_EMU_KERNEL(registry, fp8_grouped_gemm_small);
-    SWITCHYARD_EMU_KERNEL(registry, fp8_grouped_gemm_mma);
+    SWITCHYARD_EMU_KERNEL(registry, fp8_grouped_gemm_mma_t1);
+    SWITCHYARD_EMU_KERNEL(registry, fp8_grouped_gemm_mma_t2);
+    SWITCHYARD_EMU_KERNEL(registry, fp8_grouped_gemm_mma_t4);
     SWITCHYARD_EMU_KERNEL(registry, scale_rows_cols);
 }

@@ -2,13 +2,15 @@
 //   quantize_rows_e4m3       per-token dynamic activation quantisation (scale = amax / 448), bit for bit
 //                            switchyard_kernels::fp8::quantize_rows
 //   permute_plan             counting sort of (token, expert) rows by expert: per-expert offsets and the permutation
-//   gather_rows / scatter_rows  the permutation and its inverse on f32 rows
-//   silu_mul_quantize_e4m3   SwiGLU on the fused gate_up output, re-quantised per token for the down projection
+//   gather_rows / scatter_rows  the permutation and its inverse on f32 rows (scatter can apply the down scales)
+//   silu_mul_quantize_e4m3   SwiGLU on the fused gate_up output (applying its scales, optionally), re-quantised per
+//                            token for the down projection
 //   fp8_grouped_gemm_small   grouped FP8 GEMM for few tokens per expert: weight streaming, each weight byte read once
 //                            from HBM per pass of up to TOKENS_PER_PASS tokens, 16-byte loads, f32 accumulation
 //                            on the CUDA cores (any n; the fallback)
-//   fp8_grouped_gemm_mma     the same on the tensor cores (mma.sync m16n8k32 E4M3, f32 accumulation): n % 16 == 0,
-//                            k % 64 == 0, up to 64 tokens per expert in one pass over the weights
+//   fp8_grouped_gemm_mma_t1/_t2/_t4  the same on the tensor cores (mma.sync m16n8k32 E4M3, f32 accumulation):
+//                            n % 16 == 0, k % 128 == 0, up to 8/16/32 tokens per expert in one pass over the weights
+//   (both grouped kernels can leave the row-wise scales to the kernel that reads their output: apply_scales)
 //   scale_rows_cols          the epilogue after cuBLASLt's unit-scale FP8 GEMM: out[m, n] *= a_scale[m] * w_scale[n]
 //
 // Layouts (row-major everywhere, as the CPU kernels): an expert weight is nn.Linear [n, k] E4M3 codes with one f32
@@ -177,25 +179,58 @@ extern "C" __global__ void gather_rows(const float* __restrict__ x, const unsign
     }
 }
 
-// The inverse of gather_rows: out[slot_row[slot], :] = y[slot, :].
+// The expert whose slots hold `slot`: the last e with offsets[e] <= slot (offsets: experts + 1 non-decreasing values
+// ending past every slot; empty experts are skipped since their offset equals the next one's).
+__device__ __forceinline__ int expert_of_slot(const unsigned int* __restrict__ offsets, int experts, unsigned int slot) {
+    int lo = 0;
+    int hi = experts;
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (offsets[mid] <= slot) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+// The inverse of gather_rows: out[slot_row[slot], :] = y[slot, :], times a_scale[slot] * w_scale[e, :] (e the slot's
+// expert under offsets) when w_scale is not null: the combine of the expert layer applies the down projection's
+// row-wise scales here, where it reads every value anyway, rather than in a pass of its own after the GEMM.
 extern "C" __global__ void scatter_rows(const float* __restrict__ y, const unsigned int* __restrict__ slot_row,
-                                        int slots, int cols, float* __restrict__ out) {
+                                        int slots, int cols, const float* __restrict__ a_scale,
+                                        const float* __restrict__ w_scale, const unsigned int* __restrict__ offsets,
+                                        int experts, float* __restrict__ out) {
     int slot = blockIdx.x;
     if (slot >= slots) {
         return;
     }
     const float* src = y + (size_t)slot * cols;
     float* dst = out + (size_t)slot_row[slot] * cols;
-    for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < cols; c += gridDim.y * blockDim.x) {
-        dst[c] = src[c];
+    if (w_scale) {
+        const float* scales = w_scale + (size_t)expert_of_slot(offsets, experts, (unsigned int)slot) * cols;
+        float token_scale = a_scale[slot];
+        for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < cols; c += gridDim.y * blockDim.x) {
+            dst[c] = src[c] * scales[c] * token_scale;
+        }
+    } else {
+        for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < cols; c += gridDim.y * blockDim.x) {
+            dst[c] = src[c];
+        }
     }
 }
 
 // SwiGLU on the fused gate_up output and per-token re-quantisation, one block per row:
 // gate_up[row] = [gate (inter values), up (inter values)]; a = silu(gate) * up = gate / (1 + exp(-gate)) * up;
 // q[row] = e4m3(a / scale), scales[row] = amax(a) / 448. `activated` (optional, may be null) receives a in f32.
+// With w_scale not null, gate_up holds the grouped GEMM's raw sums and each value is first scaled by
+// w_scale[e, column] * a_scale[row] (e the row's expert under offsets): the gate_up projection's row-wise scales,
+// applied here where every value is read anyway.
 // Dynamic shared memory: inter floats (the row of a, so it is computed once).
 extern "C" __global__ void silu_mul_quantize_e4m3(const float* __restrict__ gate_up, int rows, int inter,
+                                                  const float* __restrict__ a_scale, const float* __restrict__ w_scale,
+                                                  const unsigned int* __restrict__ offsets, int experts,
                                                   unsigned char* __restrict__ q, float* __restrict__ scales,
                                                   float* __restrict__ activated) {
 #ifdef SWITCHYARD_CPU_EMULATION
@@ -209,10 +244,17 @@ extern "C" __global__ void silu_mul_quantize_e4m3(const float* __restrict__ gate
     }
     const float* gate = gate_up + (size_t)row * 2 * inter;
     const float* up = gate + inter;
+    const float* gate_scales = w_scale ? w_scale + (size_t)expert_of_slot(offsets, experts, row) * 2 * inter : nullptr;
+    float token_scale = w_scale ? a_scale[row] : 1.0f;
     float local = 0.0f;
     for (int c = threadIdx.x; c < inter; c += blockDim.x) {
         float g = gate[c];
-        float a = g / (1.0f + expf(-g)) * up[c];
+        float u = up[c];
+        if (gate_scales) {
+            g = g * gate_scales[c] * token_scale;
+            u = u * gate_scales[inter + c] * token_scale;
+        }
+        float a = g / (1.0f + expf(-g)) * u;
         row_values[c] = a;
         local = fmaxf(local, fabsf(a));
     }
@@ -262,7 +304,7 @@ extern "C" __global__ void __launch_bounds__(WARPS_PER_BLOCK * 32, 2)
 fp8_grouped_gemm_small(const unsigned char* __restrict__ a, const float* __restrict__ a_scale,
                        const unsigned int* __restrict__ offsets, const unsigned char* __restrict__ w,
                        const float* __restrict__ w_scale, int n, int k, int max_tokens, int rows_per_warp,
-                       float* __restrict__ out) {
+                       int apply_scales, float* __restrict__ out) {
     int expert = blockIdx.y;
     unsigned int first = offsets[expert];
     int tokens = (int)(offsets[expert + 1] - first);
@@ -328,7 +370,7 @@ fp8_grouped_gemm_small(const unsigned char* __restrict__ a, const float* __restr
             for (int t = 0; t < TOKENS_PER_PASS; ++t) {
                 if (t == lane && t < pass_tokens) {
                     unsigned int slot = first + pass + t;
-                    out[(size_t)slot * n + o] = acc[t] * scales[o] * a_scale[slot];
+                    out[(size_t)slot * n + o] = apply_scales ? acc[t] * scales[o] * a_scale[slot] : acc[t];
                 }
             }
         }
@@ -336,19 +378,29 @@ fp8_grouped_gemm_small(const unsigned char* __restrict__ a, const float* __restr
 }
 
 // The same grouped GEMM on the tensor cores (sm_89+: mma.sync m16n8k32 with E4M3 inputs and f32 accumulation), for
-// the same experts (1..=max_tokens tokens, max_tokens <= MMA_MAX_TOKENS). With 16 tokens or more, CUDA-core FMAs cannot
-// keep up with HBM (2 * 16 * 5120 * 16384 FLOP for one gate_up is ~40 us at the FP32 peak, the whole streaming time),
-// so the products go to the tensor cores: out^T = W . X^T with 16 weight rows as the MMA's M, 8 tokens as its N.
-// Each warp streams 16 weight rows: per 64-column step a lane loads 16 bytes of row g and 16 of row g + 8 (g = lane /
-// 4, at column (lane % 4) * 16) and 16 bytes of each of its 8-token tiles' token g; the k-order inside the step is
-// permuted the same way for W and X, so two MMAs cover the 64 columns:
-//   MMA 1: A = {w_g.x, w_g8.x, w_g.y, w_g8.y}, B = {x.x, x.y};  MMA 2: the .z and .w words.
+// experts of 1..=max_tokens tokens (max_tokens <= 8 * TILES). It is a weight-streaming kernel: every weight byte is
+// read once, so its speed is the memory-level parallelism it keeps in flight. The first version (one warp per 16
+// rows, 16 bytes per lane per step, one step in flight) reached 0.8 TB/s of 4.2 on an H200: too little in flight,
+// and too few warps for the down projection's 5120 rows. So:
+//   - a block of MMA_WARPS warps owns 16 weight rows of one expert and splits k among its warps (warp w takes the
+//     128-column chunks w, w + MMA_WARPS, ...), reducing the partial sums in shared memory at the end; the grid is
+//     (n / 16, experts), 320 blocks for one expert's down projection instead of 80;
+//   - each warp keeps STAGES chunks loading while it multiplies one (a ring refilled right after each use), the
+//     weights with the evict-first hint (read once, they must not push the activations out of L2);
+//   - a lane loads 32 contiguous bytes of weight rows g and g + 8 (g = lane / 4, at column (lane % 4) * 32 of the
+//     chunk) and of token g of each 8-token tile, so the four lanes of a row read one 128-byte line.
+// The k-order inside a chunk is permuted the same way for W and X, so four MMAs cover its 128 columns: MMA i takes
+// words 2i and 2i + 1 of each lane's 32 bytes,
+//   A = {w_g[2i], w_g8[2i], w_g[2i+1], w_g8[2i+1]}, B = {x[2i], x[2i+1]}.
 // (A fragment: a0-a3 row g cols t*4+j, a4-a7 row g+8, a8-a15 the same rows at +16; B: b0-b3 k t*4+j, b4-b7 +16, column
-// g; C: c0,c1 row g cols t*2, t*2+1, c2,c3 row g+8 — PTX ISA, mma.m16n8k32 fragments.) n must be a multiple of 16 and
-// k of 64 (the caller checks). Grid: (n / (16 * MMA_WARPS), num_experts); block: MMA_WARPS warps.
+// g; C: c0,c1 row g cols t*2, t*2+1, c2,c3 row g+8 — PTX ISA, mma.m16n8k32 fragments.) With apply_scales == 0 the
+// raw sums are written and the caller applies a_scale[slot] * w_scale[e, o] where it reads them (the expert layer
+// does so in its SwiGLU and combine kernels, which read every value anyway). n must be a multiple of 16 and k of
+// MMA_CHUNK (the caller checks). One kernel per tile count (fp8_grouped_gemm_mma_t1/_t2/_t4: up to 8, 16, 32 tokens),
+// so that a decode step's few tokens do not pay for 32 tokens' registers.
 #define MMA_WARPS 4
-#define MMA_MAX_TOKENS 64
-#define MMA_TILES (MMA_MAX_TOKENS / 8)
+#define MMA_CHUNK 128
+#define MMA_MAX_TILES 4
 __device__ __forceinline__ void mma_e4m3(float* c, unsigned int a0, unsigned int a1, unsigned int a2,
                                          unsigned int a3, unsigned int b0, unsigned int b1) {
 #ifdef SWITCHYARD_CPU_EMULATION
@@ -363,68 +415,155 @@ __device__ __forceinline__ void mma_e4m3(float* c, unsigned int a0, unsigned int
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32)
-fp8_grouped_gemm_mma(const unsigned char* __restrict__ a, const float* __restrict__ a_scale,
-                     const unsigned int* __restrict__ offsets, const unsigned char* __restrict__ w,
-                     const float* __restrict__ w_scale, int n, int k, int max_tokens, float* __restrict__ out) {
+// Word j (0..7) of a lane's 32 bytes held as two uint4.
+__device__ __forceinline__ unsigned int word_of(const uint4* v, int j) {
+    const uint4 q = v[j / 4];
+    return (j % 4 == 0) ? q.x : (j % 4 == 1) ? q.y : (j % 4 == 2) ? q.z : q.w;
+}
+
+// One chunk's operands in a lane's registers: 32 bytes of weight rows g (w[0..2]) and g + 8 (w[2..4]), and 32 bytes
+// of token g of each tile.
+template <int TILES>
+struct MmaChunk {
+    uint4 w[4];
+    uint4 x[TILES][2];
+};
+
+template <int TILES>
+__device__ __forceinline__ void mma_load(MmaChunk<TILES>& chunk, const unsigned char* w_lo, const unsigned char* w_hi,
+                                         const unsigned char* x_lane, int tokens, int g, int k, int index) {
+    size_t column = (size_t)index * MMA_CHUNK;
+    const uint4* lo = reinterpret_cast<const uint4*>(w_lo + column);
+    const uint4* hi = reinterpret_cast<const uint4*>(w_hi + column);
+    chunk.w[0] = __ldcs(lo);
+    chunk.w[1] = __ldcs(lo + 1);
+    chunk.w[2] = __ldcs(hi);
+    chunk.w[3] = __ldcs(hi + 1);
+#pragma unroll
+    for (int tile = 0; tile < TILES; ++tile) {
+        int token = tile * 8 + g;
+        if (token < tokens) {
+            const uint4* x = reinterpret_cast<const uint4*>(x_lane + (size_t)token * k + column);
+            chunk.x[tile][0] = __ldg(x);
+            chunk.x[tile][1] = __ldg(x + 1);
+        } else {
+            chunk.x[tile][0] = make_uint4(0, 0, 0, 0);
+            chunk.x[tile][1] = make_uint4(0, 0, 0, 0);
+        }
+    }
+}
+
+template <int TILES>
+__device__ __forceinline__ void mma_chunk(const MmaChunk<TILES>& chunk, int tiles, float (*acc)[4]) {
+#pragma unroll
+    for (int tile = 0; tile < TILES; ++tile) {
+        if (tile < tiles) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                mma_e4m3(acc[tile], word_of(chunk.w, 2 * i), word_of(chunk.w + 2, 2 * i), word_of(chunk.w, 2 * i + 1),
+                         word_of(chunk.w + 2, 2 * i + 1), word_of(chunk.x[tile], 2 * i),
+                         word_of(chunk.x[tile], 2 * i + 1));
+            }
+        }
+    }
+}
+
+template <int TILES>
+__device__ __forceinline__ void fp8_grouped_gemm_mma_tiles(const unsigned char* __restrict__ a,
+                                                           const float* __restrict__ a_scale,
+                                                           const unsigned int* __restrict__ offsets,
+                                                           const unsigned char* __restrict__ w,
+                                                           const float* __restrict__ w_scale, int n, int k,
+                                                           int max_tokens, int apply_scales, float* __restrict__ out) {
+    // Registers bound the ring: fewer tiles leave room for more chunks in flight (launch bounds: 128 registers).
+    constexpr int STAGES = TILES == 1 ? 4 : (TILES == 2 ? 3 : 2);
+    __shared__ float partial[MMA_WARPS][TILES][4][32];
     int expert = blockIdx.y;
     unsigned int first = offsets[expert];
     int tokens = (int)(offsets[expert + 1] - first);
-    if (tokens == 0 || tokens > max_tokens || tokens > MMA_MAX_TOKENS) {
+    if (tokens == 0 || tokens > max_tokens || tokens > TILES * 8) {
         return;
     }
     int warp = threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     int g = lane / 4;
     int t = lane % 4;
-    int row_base = (blockIdx.x * MMA_WARPS + warp) * 16;
-    if (row_base >= n) {
-        return;
-    }
+    int row_base = blockIdx.x * 16;
     int tiles = (tokens + 7) / 8;
     const unsigned char* weights = w + (size_t)expert * n * k;
-    const uint4* w_lo = reinterpret_cast<const uint4*>(weights + (size_t)(row_base + g) * k + t * 16);
-    const uint4* w_hi = reinterpret_cast<const uint4*>(weights + (size_t)(row_base + g + 8) * k + t * 16);
-    // Token g of each tile (rows past the expert's tokens read as zeros, never out of bounds).
-    const unsigned char* a_rows = a + (size_t)first * k + t * 16;
-    float acc[MMA_TILES][4];
+    const unsigned char* w_lo = weights + (size_t)(row_base + g) * k + t * 32;
+    const unsigned char* w_hi = weights + (size_t)(row_base + g + 8) * k + t * 32;
+    const unsigned char* x_lane = a + (size_t)first * k + t * 32;
+    float acc[TILES][4];
 #pragma unroll
-    for (int i = 0; i < MMA_TILES; ++i) {
+    for (int i = 0; i < TILES; ++i) {
         acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
     }
-    int steps = k / 64;
-    for (int step = 0; step < steps; ++step) {
-        uint4 lo = __ldg(w_lo + step * 4);
-        uint4 hi = __ldg(w_hi + step * 4);
+    int chunks = k / MMA_CHUNK;
+    MmaChunk<TILES> ring[STAGES];
 #pragma unroll
-        for (int tile = 0; tile < MMA_TILES; ++tile) {
-            if (tile < tiles) {
-                int token = tile * 8 + g;
-                uint4 x = make_uint4(0, 0, 0, 0);
-                if (token < tokens) {
-                    x = __ldg(reinterpret_cast<const uint4*>(a_rows + (size_t)token * k) + step * 4);
+    for (int s = 0; s < STAGES; ++s) {
+        int index = warp + s * MMA_WARPS;
+        if (index < chunks) {
+            mma_load<TILES>(ring[s], w_lo, w_hi, x_lane, tokens, g, k, index);
+        }
+    }
+    for (int base = warp; base < chunks; base += STAGES * MMA_WARPS) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            int index = base + s * MMA_WARPS;
+            if (index < chunks) {
+                mma_chunk<TILES>(ring[s], tiles, acc);
+                int refill = index + STAGES * MMA_WARPS;
+                if (refill < chunks) {
+                    mma_load<TILES>(ring[s], w_lo, w_hi, x_lane, tokens, g, k, refill);
                 }
-                mma_e4m3(acc[tile], lo.x, hi.x, lo.y, hi.y, x.x, x.y);
-                mma_e4m3(acc[tile], lo.z, hi.z, lo.w, hi.w, x.z, x.w);
             }
         }
     }
+#pragma unroll
+    for (int tile = 0; tile < TILES; ++tile) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            partial[warp][tile][j][lane] = acc[tile][j];
+        }
+    }
+    __syncthreads();
     const float* scales = w_scale + (size_t)expert * n;
-    float scale_lo = scales[row_base + g];
-    float scale_hi = scales[row_base + g + 8];
-#pragma unroll
-    for (int tile = 0; tile < MMA_TILES; ++tile) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            int token = tile * 8 + t * 2 + j;
-            if (tile < tiles && token < tokens) {
-                unsigned int slot = first + token;
-                float token_scale = a_scale[slot];
-                out[(size_t)slot * n + row_base + g] = acc[tile][j] * scale_lo * token_scale;
-                out[(size_t)slot * n + row_base + g + 8] = acc[tile][2 + j] * scale_hi * token_scale;
-            }
+    // The block's 16 rows x (8 * TILES) tokens, summed over the warps in a fixed order (deterministic).
+    for (int index = threadIdx.x; index < TILES * 4 * 32; index += MMA_WARPS * 32) {
+        int tile = index / 128;
+        int j = (index / 32) % 4;
+        int source = index % 32;
+        int token = tile * 8 + (source % 4) * 2 + (j & 1);
+        if (tile >= tiles || token >= tokens) {
+            continue;
         }
+        float sum = 0.0f;
+#pragma unroll
+        for (int from = 0; from < MMA_WARPS; ++from) {
+            sum += partial[from][tile][j][source];
+        }
+        int row = row_base + source / 4 + (j >= 2 ? 8 : 0);
+        unsigned int slot = first + token;
+        out[(size_t)slot * n + row] = apply_scales ? sum * scales[row] * a_scale[slot] : sum;
     }
+}
+
+// The kernels NVRTC exports, one per tile count (their parameters spelled once).
+#define MMA_KERNEL_PARAMS                                                                                           \
+    const unsigned char *__restrict__ a, const float *__restrict__ a_scale, const unsigned int *__restrict__ offsets, \
+        const unsigned char *__restrict__ w, const float *__restrict__ w_scale, int n, int k, int max_tokens,       \
+        int apply_scales, float *__restrict__ out
+#define MMA_KERNEL_ARGS a, a_scale, offsets, w, w_scale, n, k, max_tokens, apply_scales, out
+extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32, 4) fp8_grouped_gemm_mma_t1(MMA_KERNEL_PARAMS) {
+    fp8_grouped_gemm_mma_tiles<1>(MMA_KERNEL_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32, 4) fp8_grouped_gemm_mma_t2(MMA_KERNEL_PARAMS) {
+    fp8_grouped_gemm_mma_tiles<2>(MMA_KERNEL_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32, 4) fp8_grouped_gemm_mma_t4(MMA_KERNEL_PARAMS) {
+    fp8_grouped_gemm_mma_tiles<4>(MMA_KERNEL_ARGS);
 }
 
 // The epilogue after cuBLASLt's FP8 GEMM with unit scales: out[i, j] *= a_scale[i] * w_scale[j]. Exact in the sense

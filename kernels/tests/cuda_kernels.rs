@@ -49,7 +49,7 @@ use switchyard_kernels::device::gpu_bench::{GemmBenchConfig, GemmShape};
 use switchyard_kernels::device::plan::{ExpertPlan, Fp8Expert, SMALL_M_MAX_TOKENS};
 use switchyard_kernels::device::{
     bench_expert_gemm, bf16_bits_to_f32, f32_to_bf16_bits, CudaDevice, CudaSlice, DenseDtype, DenseWeight,
-    GpuExpertLayer, GroupedGemm, KvDtype, KvElement, KvWrite, PagedDecode,
+    ExpertScales, GpuExpertLayer, GroupedGemm, KvDtype, KvElement, KvWrite, PagedDecode,
 };
 use switchyard_kernels::fp8::{dequantize_rows, fake_quantize_rows, quantize_rows};
 use switchyard_kernels::matmul::{matmul_f32_reference, matmul_fp8, matmul_fp8_reference, Fp8Weight};
@@ -157,8 +157,33 @@ fn permute_plan_gather_and_scatter_match_the_host_plan() {
         assert_eq!(got[slot * cols..(slot + 1) * cols], x[row * cols..(row + 1) * cols], "slot {slot}");
     }
     let mut back = device.zeros::<f32>(rows * cols).expect("alloc");
-    device.scatter_rows(&gathered.as_view(), &slot_row.as_view(), cols, &mut back.as_view_mut()).expect("scatter");
+    device
+        .scatter_rows(&gathered.as_view(), &slot_row.as_view(), cols, &mut back.as_view_mut(), None)
+        .expect("scatter");
     assert_eq!(device.download(&back).expect("download"), x);
+
+    // The combine's form: each value times its slot's scale and its expert's column scale.
+    let a_scale = positive_scales(&mut r, rows, 1.0);
+    let w_scale = positive_scales(&mut r, experts * cols, 1.0);
+    let (a_scale_dev, w_scale_dev) =
+        (device.upload(&a_scale).expect("upload"), device.upload(&w_scale).expect("upload"));
+    let scales =
+        ExpertScales { a_scale: &a_scale_dev.as_view(), w_scale: &w_scale_dev.as_view(), offsets: &offsets.as_view() };
+    device
+        .scatter_rows(&gathered.as_view(), &slot_row.as_view(), cols, &mut back.as_view_mut(), Some(&scales))
+        .expect("scaled scatter");
+    let got = device.download(&back).expect("download");
+    for (slot, &row) in plan.slot_row.iter().enumerate() {
+        let (row, expert) = (row as usize, routed[row as usize] as usize);
+        let want: Vec<f32> =
+            (0..cols).map(|c| x[row * cols + c] * w_scale[expert * cols + c] * a_scale[slot]).collect();
+        assert_eq!(got[row * cols..(row + 1) * cols], want, "scaled slot {slot}");
+    }
+    let short = ExpertScales { a_scale: &a_scale_dev.slice(..rows - 1), ..scales };
+    let err = device
+        .scatter_rows(&gathered.as_view(), &slot_row.as_view(), cols, &mut back.as_view_mut(), Some(&short))
+        .expect_err("a_scale one short");
+    assert!(err.to_string().contains("a_scale"), "{err}");
 }
 
 #[test]
@@ -183,9 +208,44 @@ fn silu_mul_quantize_matches_the_cpu_within_one_fp8_step() {
     let mut q = device.zeros::<u8>(rows * inter).expect("alloc");
     let mut s = device.zeros::<f32>(rows).expect("alloc");
     device
-        .silu_mul_quantize(&input.as_view(), rows, inter, &mut q.as_view_mut(), &mut s.as_view_mut())
+        .silu_mul_quantize(&input.as_view(), rows, inter, None, &mut q.as_view_mut(), &mut s.as_view_mut())
         .expect("swiglu");
     let (got_q, got_s) = (device.download(&q).expect("codes"), device.download(&s).expect("scales"));
+    // The same values as raw GEMM sums and the scales that make them (three experts over the rows, one empty):
+    // the kernel scales each value as the grouped GEMM would have, so the codes must come out the same.
+    let offsets = [0u32, 7, 7, rows as u32];
+    let expert_of = |row: usize| offsets.iter().rposition(|&o| o as usize <= row).expect("an expert");
+    let a_scale = positive_scales(&mut r, rows, 1.0);
+    let w_scale = positive_scales(&mut r, 3 * 2 * inter, 1.0);
+    let raw: Vec<f32> = (0..rows * 2 * inter)
+        .map(|i| {
+            let (row, column) = (i / (2 * inter), i % (2 * inter));
+            gate_up[i] / (w_scale[expert_of(row) * 2 * inter + column] * a_scale[row])
+        })
+        .collect();
+    let (raw_dev, offsets_dev) = (device.upload(&raw).expect("upload"), device.upload(&offsets).expect("upload"));
+    let (a_scale_dev, w_scale_dev) =
+        (device.upload(&a_scale).expect("upload"), device.upload(&w_scale).expect("upload"));
+    let scales = ExpertScales {
+        a_scale: &a_scale_dev.as_view(),
+        w_scale: &w_scale_dev.as_view(),
+        offsets: &offsets_dev.as_view(),
+    };
+    let (mut q_scaled, mut s_scaled) =
+        (device.zeros::<u8>(rows * inter).expect("alloc"), device.zeros::<f32>(rows).expect("alloc"));
+    device
+        .silu_mul_quantize(
+            &raw_dev.as_view(),
+            rows,
+            inter,
+            Some(&scales),
+            &mut q_scaled.as_view_mut(),
+            &mut s_scaled.as_view_mut(),
+        )
+        .expect("swiglu on raw sums");
+    let scaled_q = device.download(&q_scaled).expect("codes");
+    let differing = scaled_q.iter().zip(&got_q).filter(|(a, b)| a != b).count();
+    assert!(differing * 1000 <= got_q.len(), "raw sums scaled in the kernel: {differing} codes differ");
     assert_within(&got_s, &want_s, |i| 4.0 * U * f64::from(want_s[i]), "scales");
     let (mut got, mut want) = (vec![0.0; rows * inter], vec![0.0; rows * inter]);
     dequantize_rows(&got_q, inter, &got_s, &mut got);
@@ -201,9 +261,10 @@ fn silu_mul_quantize_matches_the_cpu_within_one_fp8_step() {
 fn fp8_grouped_gemm_matches_the_cpu_reference() {
     let Some(device) = gpu("fp8_grouped_gemm") else { return };
     let mut r = rng(4);
-    let (experts, n, k) = (4, 272, 1024);
-    // Expert 0: above the streaming threshold (cuBLASLt); 1: none; 2: one token; 3: a full pass and a bit.
-    let counts = [SMALL_M_MAX_TOKENS + 9, 0, 1, 21];
+    let (experts, n, k) = (6, 272, 1024);
+    // Expert 0: above the streaming threshold (cuBLASLt); 1: none; the others one, two, three and four 8-token tiles
+    // of the tensor-core kernel (some partly filled).
+    let counts = [SMALL_M_MAX_TOKENS + 9, 0, 1, 12, 21, 32];
     let mut routed: Vec<u32> = counts.iter().enumerate().flat_map(|(e, &c)| std::iter::repeat_n(e as u32, c)).collect();
     // Shuffle so the plan's permutation is not the identity.
     for i in (1..routed.len()).rev() {
@@ -228,9 +289,26 @@ fn fp8_grouped_gemm_matches_the_cpu_reference() {
         w_scale: &w_scale_dev.as_view(),
         n,
         k,
+        apply_scales: true,
     };
     device.fp8_grouped_gemm(&plan, &gemm, &mut out.as_view_mut()).expect("grouped gemm");
     let got = device.download(&out).expect("download");
+    // Raw sums (the expert layer's form): the scaled output divided by both scales, to rounding.
+    let mut raw = device.zeros::<f32>(slots * n).expect("alloc");
+    let raw_gemm = GroupedGemm { apply_scales: false, ..gemm };
+    device.fp8_grouped_gemm(&plan, &raw_gemm, &mut raw.as_view_mut()).expect("raw grouped gemm");
+    let raw = device.download(&raw).expect("download");
+    for e in 0..experts {
+        for slot in plan.offsets[e] as usize..plan.offsets[e + 1] as usize {
+            for o in 0..n {
+                let (scaled, raw) = (got[slot * n + o], raw[slot * n + o] * w_scale[e * n + o] * a_scale[slot]);
+                assert!(
+                    (scaled - raw).abs() <= 4.0 * f32::EPSILON * scaled.abs(),
+                    "raw sum [{slot}, {o}]: {raw} vs {scaled}"
+                );
+            }
+        }
+    }
     // Which way cuBLASLt took the row-wise scales on this machine (fused outer-vector scales or the epilogue).
     let (first, tokens) = (plan.offsets[0] as usize, plan.tokens(0));
     let mut probe = device.zeros::<f32>(tokens * n).expect("alloc");
@@ -253,18 +331,21 @@ fn fp8_grouped_gemm_matches_the_cpu_reference() {
         "same call, same bits"
     );
 
-    // The two streaming kernels on their own (the grouped call used one of them for the small experts).
-    let run_small = |mma: bool| -> Vec<f32> {
+    // The streaming kernels on their own (the grouped call used one of them for the small experts): the CUDA-core
+    // one, and the tensor-core one with each of its tile counts (8, 16, 32 tokens), which computes the experts up to
+    // its limit and leaves the others' rows alone.
+    let run_small = |mma: bool, max_tokens: usize| -> Vec<f32> {
         let mut out = device.zeros::<f32>(slots * n).expect("alloc");
         if mma {
-            device.fp8_grouped_gemm_mma(&gemm, 64, &mut out.as_view_mut())
+            device.fp8_grouped_gemm_mma(&gemm, max_tokens, &mut out.as_view_mut())
         } else {
-            device.fp8_grouped_gemm_small(&gemm, 64, &mut out.as_view_mut())
+            device.fp8_grouped_gemm_small(&gemm, max_tokens, &mut out.as_view_mut())
         }
         .expect("streaming kernel");
         device.download(&out).expect("download")
     };
-    let (simt, mma) = (run_small(false), run_small(true));
+    let simt = run_small(false, SMALL_M_MAX_TOKENS);
+    let mma: Vec<(usize, Vec<f32>)> = [8, 16, 32].into_iter().map(|max| (max, run_small(true, max))).collect();
 
     let mut a = vec![0.0; slots * k];
     dequantize_rows(&a_codes, k, &a_scale, &mut a);
@@ -300,10 +381,16 @@ fn fp8_grouped_gemm_matches_the_cpu_reference() {
         check(&got[rows.clone()], tensor_allowance, path);
         if tokens <= SMALL_M_MAX_TOKENS {
             check(&simt[rows.clone()], simt_allowance, "CUDA-core streaming kernel");
-            check(&mma[rows.clone()], tensor_allowance, "tensor-core streaming kernel");
         } else {
             // Experts above the threshold are left to cuBLASLt: the streaming kernels must not touch their rows.
-            assert!(simt[rows.clone()].iter().chain(&mma[rows]).all(|&v| v == 0.0), "expert {e} rows written");
+            assert!(simt[rows.clone()].iter().all(|&v| v == 0.0), "expert {e} rows written");
+        }
+        for (max, out) in &mma {
+            if tokens <= *max {
+                check(&out[rows.clone()], tensor_allowance, &format!("tensor-core streaming kernel, {max} tokens"));
+            } else {
+                assert!(out[rows.clone()].iter().all(|&v| v == 0.0), "expert {e} rows written ({max}-token kernel)");
+            }
         }
     }
 }

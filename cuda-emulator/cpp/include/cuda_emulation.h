@@ -103,6 +103,12 @@ static inline T __ldg(const T* p) {
     return *p;
 }
 
+// The evict-first (streaming) load: a cache hint only, so a plain read here.
+template <typename T>
+static inline T __ldcs(const T* p) {
+    return *p;
+}
+
 // Atomics (only atomicAdd is used): fibers never interleave inside a read-modify-write.
 template <typename T>
 static inline T atomicAdd(T* address, T value) {

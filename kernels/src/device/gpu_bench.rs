@@ -33,6 +33,10 @@ pub struct GemmBenchConfig {
     pub iterations: usize,
     /// Untimed repetitions first (default 3).
     pub warmup: usize,
+    /// Calls queued back to back in one timed sample, which reports their mean (default 10). One call alone would
+    /// also time the host's launch latency (the GPU idles from the start event until the launch arrives: ~10 us,
+    /// a third of a one-expert decode GEMM), which a serving step hides by queueing its kernels ahead.
+    pub calls_per_sample: usize,
     /// Seed of the routing and the random weights.
     pub seed: u64,
     /// Bytes of the device-to-device copy measured as the bandwidth ceiling (default 1 GiB: far beyond L2).
@@ -48,6 +52,7 @@ impl Default for GemmBenchConfig {
             zipf: 1.0,
             iterations: 20,
             warmup: 3,
+            calls_per_sample: 10,
             seed: 6,
             copy_bytes: 1 << 30,
         }
@@ -86,6 +91,10 @@ pub struct GemmBenchReport {
     pub device: String,
     /// Device-to-device copy bandwidth measured in the same run (read + write), TB/s: the streaming ceiling.
     pub copy_tb_per_s: f64,
+    /// Experts with up to this many tokens ran in the streaming kernel, larger ones in cuBLASLt.
+    pub small_m_max_tokens: usize,
+    /// Calls per timed sample (the config's).
+    pub calls_per_sample: usize,
     /// The cases.
     pub rows: Vec<GemmBenchRow>,
 }

@@ -6,10 +6,17 @@ use crate::error::KernelError;
 use crate::matmul::Fp8Weight;
 
 /// Experts with at most this many tokens in a step run in the grouped weight-streaming kernel; above it, cuBLASLt's
-/// FP8 GEMM (tensor cores) wins. The anchors in performance.md put the crossover between 128 tokens (one expert
-/// still reads its weights in ~45 us, the streaming regime) and 2048 (compute-bound); 64 is a first guess, to be
-/// tuned with `switchyard bench gpu` on an H100.
-pub const SMALL_M_MAX_TOKENS: usize = 64;
+/// FP8 GEMM (tensor cores). The default of the GPU path (`SWITCHYARD_SMALL_M_MAX_TOKENS` overrides it, up to the
+/// tensor-core streaming kernel's 32). On an H200 (`switchyard bench gpu`, docs/cuda.md) experts of 17..=32 tokens
+/// ran faster in cuBLASLt than in the 32-token kernel, at 128 and at 2048 Zipf-routed tokens.
+pub const SMALL_M_MAX_TOKENS: usize = 16;
+
+/// The streaming kernel runs only when at least this many experts are small; a lone small expert goes to cuBLASLt.
+/// The kernel's parallelism is one block per 16 weight rows per expert, so one expert (320 blocks for Maverick's down
+/// projection) leaves it latency-bound where cuBLASLt splits k itself: on an H200 a lone 16-token expert took 30.5 /
+/// 21.5 us in the kernel and 24.6 / 14.9 us in cuBLASLt (gate_up / down), while 9 experts took 197 / 104 us in the
+/// kernel and 213 / 142 us in cuBLASLt. The crossover between one and nine experts is not measured; two is a guess.
+pub const MIN_STREAMING_EXPERTS: usize = 2;
 
 /// One expert's FP8 weights in nn.Linear layout, borrowed from the host (the model's checkpoint mmap).
 #[derive(Debug, Clone, Copy)]
@@ -126,17 +133,28 @@ impl ExpertPlan {
         (self.offsets[expert + 1] - self.offsets[expert]) as usize
     }
 
-    /// The experts computed by cuBLASLt (more than [`SMALL_M_MAX_TOKENS`] tokens), with their first slot and token
-    /// count; the others with tokens go to the streaming kernel.
-    pub fn large_experts(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    /// The experts computed by cuBLASLt (more than `threshold` tokens, e.g. [`SMALL_M_MAX_TOKENS`]), with their
+    /// first slot and token count; the others with tokens go to the streaming kernel.
+    pub fn large_experts(&self, threshold: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
         (0..self.offsets.len() - 1)
             .map(|e| (e, self.offsets[e] as usize, self.tokens(e)))
-            .filter(|&(_, _, tokens)| tokens > SMALL_M_MAX_TOKENS)
+            .filter(move |&(_, _, tokens)| tokens > threshold)
     }
 
-    /// Whether any expert goes to the streaming kernel.
-    pub fn has_small_experts(&self) -> bool {
-        (0..self.offsets.len() - 1).any(|e| (1..=SMALL_M_MAX_TOKENS).contains(&self.tokens(e)))
+    /// The threshold a step actually uses: `threshold` when at least [`MIN_STREAMING_EXPERTS`] experts have
+    /// `1..=threshold` tokens, else 0 (every expert with tokens goes to cuBLASLt).
+    pub fn streaming_threshold(&self, threshold: usize) -> usize {
+        let small = (0..self.offsets.len() - 1).filter(|&e| (1..=threshold).contains(&self.tokens(e))).count();
+        if small >= MIN_STREAMING_EXPERTS {
+            threshold
+        } else {
+            0
+        }
+    }
+
+    /// The most tokens of an expert that goes to the streaming kernel (`1..=threshold` tokens); 0 when none does.
+    pub fn small_max_tokens(&self, threshold: usize) -> usize {
+        (0..self.offsets.len() - 1).map(|e| self.tokens(e)).filter(|&t| t <= threshold).max().unwrap_or(0)
     }
 }
 
@@ -150,8 +168,11 @@ mod tests {
         assert_eq!(plan.offsets, vec![0, 2, 3, 6, 6]);
         assert_eq!(plan.slot_row, vec![1, 4, 3, 0, 2, 5]);
         assert_eq!(plan.tokens(3), 0);
-        assert!(plan.has_small_experts());
-        assert_eq!(plan.large_experts().count(), 0);
+        assert_eq!(plan.small_max_tokens(SMALL_M_MAX_TOKENS), 3);
+        assert_eq!(plan.small_max_tokens(2), 2);
+        assert_eq!(plan.small_max_tokens(1), 1);
+        assert_eq!(plan.large_experts(SMALL_M_MAX_TOKENS).count(), 0);
+        assert_eq!(plan.large_experts(2).collect::<Vec<_>>(), vec![(2, 3, 3)]);
     }
 
     #[test]
@@ -183,7 +204,15 @@ mod tests {
         let mut routed = vec![1u32; SMALL_M_MAX_TOKENS + 1];
         routed.push(0);
         let plan = ExpertPlan::new(&routed, 2).expect("plan");
-        assert_eq!(plan.large_experts().collect::<Vec<_>>(), vec![(1, 1, SMALL_M_MAX_TOKENS + 1)]);
-        assert!(plan.has_small_experts());
+        assert_eq!(plan.large_experts(SMALL_M_MAX_TOKENS).collect::<Vec<_>>(), vec![(1, 1, SMALL_M_MAX_TOKENS + 1)]);
+        assert_eq!(plan.small_max_tokens(SMALL_M_MAX_TOKENS), 1);
+        assert_eq!(plan.small_max_tokens(0), 0);
+        // One small expert alone goes to cuBLASLt; two or more to the streaming kernel.
+        assert_eq!(plan.streaming_threshold(SMALL_M_MAX_TOKENS), 0);
+        let two = ExpertPlan::new(&[0, 1, 1, 2], 3).expect("plan");
+        assert_eq!(two.streaming_threshold(SMALL_M_MAX_TOKENS), SMALL_M_MAX_TOKENS);
+        assert_eq!(two.streaming_threshold(1), 1);
+        let lone = ExpertPlan::new(&[0, 1, 1], 2).expect("plan");
+        assert_eq!(lone.streaming_threshold(1), 0);
     }
 }

@@ -26,7 +26,9 @@ pub const EXPERTS_CU: CudaSource = CudaSource {
         "scatter_rows",
         "silu_mul_quantize_e4m3",
         "fp8_grouped_gemm_small",
-        "fp8_grouped_gemm_mma",
+        "fp8_grouped_gemm_mma_t1",
+        "fp8_grouped_gemm_mma_t2",
+        "fp8_grouped_gemm_mma_t4",
         "scale_rows_cols",
     ],
 };

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys::CUevent_flags, CudaSlice};
 
+use super::experts::small_m_max_tokens;
 use super::kernels::GroupedGemm;
 use super::{driver, CudaDevice};
 use crate::device::gpu_bench::{
@@ -15,31 +16,43 @@ use crate::device::gpu_bench::{
 use crate::device::plan::ExpertPlan;
 use crate::error::KernelError;
 
-/// Bytes of the copy measurement (1 GiB: far beyond L2).
-/// Median of the event-timed `run` (microseconds) after `warmup` untimed calls. `run(i)` gets the repetition index,
-/// to rotate inputs.
-fn median_us(
+/// Event-timed samples of several paths over the same problem, interleaved (a sample of each path in turn, then the
+/// next round), so that clock and thermal drift during the run fall on every path alike rather than on whichever ran
+/// first. Each sample queues `config.calls_per_sample` calls back to back and counts their mean; `config.warmup`
+/// untimed calls of each path come first. Returns each path's median in microseconds. `paths[p](i)` gets a running
+/// call index, to rotate inputs.
+fn interleaved_medians_us<const P: usize>(
     device: &CudaDevice,
-    warmup: usize,
-    iterations: usize,
-    mut run: impl FnMut(usize) -> Result<(), KernelError>,
-) -> Result<f64, KernelError> {
-    for i in 0..warmup {
-        run(i)?;
+    config: &GemmBenchConfig,
+    paths: &mut [&mut dyn FnMut(usize) -> Result<(), KernelError>; P],
+) -> Result<[f64; P], KernelError> {
+    for path in paths.iter_mut() {
+        for i in 0..config.warmup {
+            path(i)?;
+        }
     }
     let context = device.context();
-    let mut times = Vec::with_capacity(iterations);
-    for i in 0..iterations.max(1) {
-        let start = context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("event"))?;
-        let end = context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("event"))?;
-        start.record(device.stream()).map_err(driver("event record"))?;
-        run(warmup + i)?;
-        end.record(device.stream()).map_err(driver("event record"))?;
-        let ms = start.elapsed_ms(&end).map_err(driver("event elapsed"))?;
-        times.push(f64::from(ms) * 1e3);
+    let calls = config.calls_per_sample.max(1);
+    let mut times: [Vec<f64>; P] = std::array::from_fn(|_| Vec::with_capacity(config.iterations.max(1)));
+    let mut call = config.warmup;
+    for _ in 0..config.iterations.max(1) {
+        for (path, times) in paths.iter_mut().zip(times.iter_mut()) {
+            let start = context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("event"))?;
+            let end = context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("event"))?;
+            start.record(device.stream()).map_err(driver("event record"))?;
+            for offset in 0..calls {
+                path(call + offset)?;
+            }
+            end.record(device.stream()).map_err(driver("event record"))?;
+            let ms = start.elapsed_ms(&end).map_err(driver("event elapsed"))?;
+            times.push(f64::from(ms) * 1e3 / calls as f64);
+        }
+        call += calls;
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(times.map(|mut times| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    }))
 }
 
 /// Random E4M3 codes without the NaN codes (0x7F, 0xFF), deterministic in `seed`.
@@ -106,41 +119,47 @@ fn measure(
     let experts = plan.offsets.len() - 1;
     let slots = plan.slot_row.len();
     let offsets = device.upload(&plan.offsets)?;
-    let ours = median_us(device, config.warmup, config.iterations, |i| {
+    let ShapeBuffers { weights, w_scale, a, a_scale, out } = buffers;
+    // Both paths write the same output; only one call runs at a time.
+    let out = std::cell::RefCell::new(out);
+    let mut ours = |i: usize| {
         // A one-expert plan reads expert (i mod rotate)'s weights: the view starts there.
         let first = (i % rotate) * n * k;
-        let w = buffers.weights.slice(first..first + experts * n * k);
-        let w_scale = buffers.w_scale.slice((i % rotate) * n..(i % rotate) * n + experts * n);
+        let w = weights.slice(first..first + experts * n * k);
+        let w_scale = w_scale.slice((i % rotate) * n..(i % rotate) * n + experts * n);
         let gemm = GroupedGemm {
-            a: &buffers.a.slice(..slots * k),
-            a_scale: &buffers.a_scale.slice(..slots),
+            a: &a.slice(..slots * k),
+            a_scale: &a_scale.slice(..slots),
             offsets: &offsets.as_view(),
             w: &w,
             w_scale: &w_scale,
             n,
             k,
+            // As the expert layer runs it: raw sums, the row-wise scales applied by the SwiGLU and the combine.
+            apply_scales: false,
         };
-        device.fp8_grouped_gemm(plan, &gemm, &mut buffers.out.slice_mut(..slots * n))
-    })?;
-    let cublaslt = median_us(device, config.warmup, config.iterations, |i| {
+        device.fp8_grouped_gemm(plan, &gemm, &mut out.borrow_mut().slice_mut(..slots * n))
+    };
+    let mut cublaslt = |i: usize| {
         for e in 0..experts {
             let (first, tokens) = (plan.offsets[e] as usize, plan.tokens(e));
             if tokens == 0 {
                 continue;
             }
             let expert = (e + i % rotate) % (rotate.max(experts));
-            let w = buffers.weights.slice(expert * n * k..(expert + 1) * n * k);
+            let w = weights.slice(expert * n * k..(expert + 1) * n * k);
             device.fp8_gemm_cublaslt(
-                &buffers.a.slice(first * k..(first + tokens) * k),
+                &a.slice(first * k..(first + tokens) * k),
                 &w,
                 tokens,
                 n,
                 k,
-                &mut buffers.out.slice_mut(first * n..(first + tokens) * n),
+                &mut out.borrow_mut().slice_mut(first * n..(first + tokens) * n),
             )?;
         }
         Ok(())
-    })?;
+    };
+    let [ours, cublaslt] = interleaved_medians_us(device, config, &mut [&mut ours, &mut cublaslt])?;
     Ok((ours, cublaslt))
 }
 
@@ -154,9 +173,11 @@ pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<Gem
     let copy_tb_per_s = {
         let source = device.zeros::<u8>(config.copy_bytes)?;
         let mut target = device.zeros::<u8>(config.copy_bytes)?;
-        let us = median_us(&device, config.warmup, config.iterations, |_| {
-            device.stream().memcpy_dtod(&source, &mut target).map_err(driver("device-to-device copy"))
-        })?;
+        let [us] = interleaved_medians_us(
+            &device,
+            config,
+            &mut [&mut |_| device.stream().memcpy_dtod(&source, &mut target).map_err(driver("device-to-device copy"))],
+        )?;
         2.0 * config.copy_bytes as f64 / (us * 1e-6) / 1e12
     };
     let max_tokens = config.tokens.iter().copied().max().unwrap_or(1);
@@ -178,7 +199,13 @@ pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<Gem
             rows.push(row(shape, "grouped", tokens, busy, max_per_expert, ours, cublaslt, busy * n * k));
         }
     }
-    Ok(GemmBenchReport { device: format!("{} (cuda:{ordinal})", device.name()), copy_tb_per_s, rows })
+    Ok(GemmBenchReport {
+        device: format!("{} (cuda:{ordinal})", device.name()),
+        copy_tb_per_s,
+        small_m_max_tokens: small_m_max_tokens()?,
+        calls_per_sample: config.calls_per_sample.max(1),
+        rows,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, CudaViewMut};
 
-use super::kernels::{GroupedGemm, MMA_MAX_TOKENS};
+use super::kernels::{ExpertScales, GroupedGemm, MMA_CHUNK, MMA_MAX_TOKENS};
 use super::{driver, CudaDevice};
 use crate::device::plan::{ExpertDims, ExpertPlan, Fp8Expert, SMALL_M_MAX_TOKENS};
 use crate::error::{check_len, product, KernelError};
@@ -22,12 +22,32 @@ fn simt_forced() -> bool {
     *SIMT.get_or_init(|| std::env::var("SWITCHYARD_SMALL_GEMM").is_ok_and(|v| v.trim().eq_ignore_ascii_case("simt")))
 }
 
+/// The most tokens of an expert the streaming kernel takes: `SWITCHYARD_SMALL_M_MAX_TOKENS` (0 sends every expert to
+/// cuBLASLt; at most [`MMA_MAX_TOKENS`]), else [`SMALL_M_MAX_TOKENS`]. A tuning knob for `switchyard bench gpu` on a
+/// new GPU; read once, and a value out of range is an error of every GPU expert call, not a silent default.
+pub fn small_m_max_tokens() -> Result<usize, KernelError> {
+    static THRESHOLD: OnceLock<Result<usize, String>> = OnceLock::new();
+    THRESHOLD
+        .get_or_init(|| match std::env::var("SWITCHYARD_SMALL_M_MAX_TOKENS") {
+            Ok(value) => match value.trim().parse::<usize>() {
+                Ok(tokens) if tokens <= MMA_MAX_TOKENS => Ok(tokens),
+                _ => Err(format!(
+                    "SWITCHYARD_SMALL_M_MAX_TOKENS = {value:?} must be a token count up to {MMA_MAX_TOKENS}"
+                )),
+            },
+            Err(_) => Ok(SMALL_M_MAX_TOKENS),
+        })
+        .clone()
+        .map_err(|message| KernelError::invalid("streaming threshold", message))
+}
+
 impl CudaDevice {
-    /// The grouped FP8 GEMM of one projection for all experts of a plan: experts with `1..=SMALL_M_MAX_TOKENS` tokens
-    /// in one launch of the streaming kernel (tensor cores when `n % 16 == 0` and `k % 64 == 0`, else CUDA cores),
-    /// each larger expert through cuBLASLt (row-wise scales fused where cuBLASLt supports them, else the scale
-    /// epilogue). `a`: `[slots, k]` codes in plan order, `a_scale`: `[slots]`; `offsets`: the plan's offsets on the
-    /// device; `w`: `[experts, n, k]`, `w_scale`: `[experts, n]`; `out`: `[slots, n]`.
+    /// The grouped FP8 GEMM of one projection for all experts of a plan: experts with `1..=`[`small_m_max_tokens`]
+    /// tokens in one launch of the streaming kernel (tensor cores when `n % 16 == 0` and `k % 128 == 0`, else CUDA
+    /// cores) when there are at least `MIN_STREAMING_EXPERTS` of them, each other expert through cuBLASLt. `a`: `[slots, k]` codes in plan order, `a_scale`: `[slots]`;
+    /// `offsets`: the plan's offsets on the device; `w`: `[experts, n, k]`, `w_scale`: `[experts, n]`; `out`:
+    /// `[slots, n]`, scaled or raw as `gemm.apply_scales` says (raw: cuBLASLt runs with unit scales and nothing
+    /// else; scaled: row-wise scales fused in cuBLASLt where it supports them, else its epilogue kernel).
     pub fn fp8_grouped_gemm(
         &self,
         plan: &ExpertPlan,
@@ -35,24 +55,39 @@ impl CudaDevice {
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), KernelError> {
         const OP: &str = "cuda fp8_grouped_gemm";
-        let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k } = *gemm;
+        let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k, apply_scales } = *gemm;
         check_len(OP, "offsets", offsets.len(), plan.offsets.len(), "plan.offsets.len()")?;
         check_len(OP, "a_scale", a_scale.len(), plan.slot_row.len(), "slots")?;
-        if plan.has_small_experts() {
-            if n % 16 == 0 && k % 64 == 0 && SMALL_M_MAX_TOKENS <= MMA_MAX_TOKENS && !simt_forced() {
-                self.fp8_grouped_gemm_mma(gemm, SMALL_M_MAX_TOKENS, out)?;
+        let threshold = plan.streaming_threshold(small_m_max_tokens()?);
+        let small_max = plan.small_max_tokens(threshold);
+        if small_max > 0 {
+            if n % 16 == 0 && k % MMA_CHUNK == 0 && !simt_forced() {
+                self.fp8_grouped_gemm_mma(gemm, small_max, out)?;
             } else {
-                self.fp8_grouped_gemm_small(gemm, SMALL_M_MAX_TOKENS, out)?;
+                self.fp8_grouped_gemm_small(gemm, small_max, out)?;
             }
         }
         let weight = product(OP, n, k)?;
-        for (expert, first, tokens) in plan.large_experts() {
+        for (expert, first, tokens) in plan.large_experts(threshold) {
             let a_part = a.slice(first * k..(first + tokens) * k);
             let w_part = w.slice(expert * weight..(expert + 1) * weight);
             let mut out_part = out.slice_mut(first * n..(first + tokens) * n);
-            let a_scale_part = a_scale.slice(first..first + tokens);
-            let w_scale_part = w_scale.slice(expert * n..(expert + 1) * n);
-            self.fp8_gemm_cublaslt_scaled(&a_part, &a_scale_part, &w_part, &w_scale_part, tokens, n, k, &mut out_part)?;
+            if apply_scales {
+                let a_scale_part = a_scale.slice(first..first + tokens);
+                let w_scale_part = w_scale.slice(expert * n..(expert + 1) * n);
+                self.fp8_gemm_cublaslt_scaled(
+                    &a_part,
+                    &a_scale_part,
+                    &w_part,
+                    &w_scale_part,
+                    tokens,
+                    n,
+                    k,
+                    &mut out_part,
+                )?;
+            } else {
+                self.fp8_gemm_cublaslt(&a_part, &w_part, tokens, n, k, &mut out_part)?;
+            }
         }
         Ok(())
     }
@@ -163,11 +198,25 @@ impl GpuExpertLayer {
             w_scale: &self.gate_up_scales.as_view(),
             n: 2 * inter,
             k: hidden,
+            apply_scales: false,
         };
+        // Both GEMMs write raw sums: their row-wise scales are applied by the SwiGLU and the combine below.
         device.fp8_grouped_gemm(&plan, &gate_up_gemm, &mut gate_up.as_view_mut())?;
         let mut h = device.zeros::<u8>(rows * inter)?;
         let mut h_scale = device.zeros::<f32>(rows)?;
-        device.silu_mul_quantize(&gate_up.as_view(), rows, inter, &mut h.as_view_mut(), &mut h_scale.as_view_mut())?;
+        let gate_up_scales = ExpertScales {
+            a_scale: &a_scale.as_view(),
+            w_scale: &self.gate_up_scales.as_view(),
+            offsets: &offsets.as_view(),
+        };
+        device.silu_mul_quantize(
+            &gate_up.as_view(),
+            rows,
+            inter,
+            Some(&gate_up_scales),
+            &mut h.as_view_mut(),
+            &mut h_scale.as_view_mut(),
+        )?;
         let mut y = device.zeros::<f32>(rows * hidden)?;
         let down_gemm = GroupedGemm {
             a: &h.as_view(),
@@ -177,10 +226,22 @@ impl GpuExpertLayer {
             w_scale: &self.down_scales.as_view(),
             n: hidden,
             k: inter,
+            apply_scales: false,
         };
         device.fp8_grouped_gemm(&plan, &down_gemm, &mut y.as_view_mut())?;
+        let down_scales = ExpertScales {
+            a_scale: &h_scale.as_view(),
+            w_scale: &self.down_scales.as_view(),
+            offsets: &offsets.as_view(),
+        };
         // `permuted` is free again: the outputs in row order go there.
-        device.scatter_rows(&y.as_view(), &slot_row.as_view(), hidden, &mut permuted.as_view_mut())?;
+        device.scatter_rows(
+            &y.as_view(),
+            &slot_row.as_view(),
+            hidden,
+            &mut permuted.as_view_mut(),
+            Some(&down_scales),
+        )?;
         device.download(&permuted)
     }
 }

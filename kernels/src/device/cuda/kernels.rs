@@ -15,10 +15,12 @@ pub(super) const ROW_THREADS: u32 = 256;
 const GEMM_WARPS: usize = 8;
 /// Weight rows one warp streams in `fp8_grouped_gemm_small`.
 const GEMM_ROWS_PER_WARP: usize = 2;
-/// Warps per block of `fp8_grouped_gemm_mma` (its `MMA_WARPS`), 16 weight rows each.
+/// Warps per block of `fp8_grouped_gemm_mma_t*` (its `MMA_WARPS`): they split `k` for one block's 16 weight rows.
 const MMA_WARPS: usize = 4;
-/// Most tokens per expert `fp8_grouped_gemm_mma` takes (its `MMA_MAX_TOKENS`: 8 tiles of 8).
-pub const MMA_MAX_TOKENS: usize = 64;
+/// What `k` must divide by for `fp8_grouped_gemm_mma_t*` (its `MMA_CHUNK`: the columns one step of a warp covers).
+pub const MMA_CHUNK: usize = 128;
+/// Most tokens per expert the tensor-core streaming kernel takes (`fp8_grouped_gemm_mma_t4`: 4 tiles of 8).
+pub const MMA_MAX_TOKENS: usize = 32;
 /// The largest head dimension `paged_decode_attention` takes (its `MAX_HEAD_DIM`).
 const MAX_HEAD_DIM: usize = 256;
 /// Threads of one `paged_decode_attention` block (its `ATTENTION_WARPS` warps).
@@ -36,7 +38,8 @@ pub(super) fn blocks(op: &'static str, count: usize) -> Result<u32, KernelError>
 }
 
 /// The operands of one grouped FP8 GEMM over the experts of a layer, `out[slot, o] = w_scale[e, o] * a_scale[slot]
-/// * sum_c e4m3(a[slot, c]) * e4m3(w[e, o, c])` for the slots of each expert `e`.
+/// * sum_c e4m3(a[slot, c]) * e4m3(w[e, o, c])` for the slots of each expert `e` (without the two scales when
+/// `apply_scales` is false).
 #[derive(Clone, Copy)]
 pub struct GroupedGemm<'a, 'b> {
     /// `[slots, k]` E4M3 codes, in plan order (the slots of expert 0, then of expert 1, ...).
@@ -53,6 +56,44 @@ pub struct GroupedGemm<'a, 'b> {
     pub n: usize,
     /// Input features.
     pub k: usize,
+    /// Whether the output is scaled. `false` writes the raw sums and leaves `a_scale[slot] * w_scale[e, o]` to the
+    /// kernel that reads them ([`ExpertScales`]): the expert layer's SwiGLU and combine read every value anyway, so
+    /// the scales cost nothing there, while cuBLASLt (which has no row-wise scales on Hopper) would need an extra
+    /// pass over the output.
+    pub apply_scales: bool,
+}
+
+/// The row-wise scales of a grouped GEMM whose raw sums a later kernel reads (`apply_scales: false`): that kernel
+/// multiplies value `[slot, o]` by `w_scale[e, o] * a_scale[slot]`, `e` the slot's expert under `offsets`.
+#[derive(Clone, Copy)]
+pub struct ExpertScales<'a, 'b> {
+    /// `[slots]` per-slot activation scales.
+    pub a_scale: &'a CudaView<'b, f32>,
+    /// `[experts, n]` per-row weight scales.
+    pub w_scale: &'a CudaView<'b, f32>,
+    /// `experts + 1` slot offsets on the device (the plan's).
+    pub offsets: &'a CudaView<'b, u32>,
+}
+
+impl ExpertScales<'_, '_> {
+    /// Checks the lengths against `slots` rows of `n` values; returns the number of experts.
+    fn check(&self, op: &'static str, slots: usize, n: usize) -> Result<usize, KernelError> {
+        let experts = self
+            .offsets
+            .len()
+            .checked_sub(1)
+            .filter(|&e| e > 0)
+            .ok_or_else(|| KernelError::invalid(op, "offsets must hold experts + 1 >= 2 values"))?;
+        check_len(op, "a_scale", self.a_scale.len(), slots, "slots")?;
+        check_len(
+            op,
+            "w_scale",
+            self.w_scale.len(),
+            product(op, experts, n)?,
+            format_args!("experts * n = {experts} * {n}"),
+        )?;
+        Ok(experts)
+    }
 }
 
 /// The shape checks of the grouped GEMMs; returns the number of experts. `k_multiple`: what `k` must divide by.
@@ -62,7 +103,7 @@ fn check_grouped(
     k_multiple: usize,
     out: &CudaViewMut<'_, f32>,
 ) -> Result<usize, KernelError> {
-    let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k } = *gemm;
+    let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k, .. } = *gemm;
     if k == 0 || k % k_multiple != 0 || n == 0 {
         return Err(KernelError::invalid(
             op,
@@ -148,17 +189,21 @@ impl CudaDevice {
         slot_row: &CudaView<'_, u32>,
         cols: usize,
         dst: &mut CudaViewMut<'_, f32>,
+        scales: Option<&ExpertScales<'_, '_>>,
     ) -> Result<(), KernelError> {
         const OP: &str = "cuda gather/scatter rows";
         let slots = slot_row.len();
         let values = product(OP, slots, cols)?;
         check_len(OP, "source", src.len(), values, format_args!("slots * cols = {slots} * {cols}"))?;
         check_len(OP, "destination", dst.len(), values, format_args!("slots * cols = {slots} * {cols}"))?;
+        let experts = scales.map(|scales| scales.check(OP, slots, cols)).transpose()?;
         if slots == 0 || cols == 0 {
             return Ok(());
         }
         let f = self.function(&EXPERTS_CU, kernel)?;
         let (slots_i, cols_i) = (int(OP, "slots", slots)?, int(OP, "cols", cols)?);
+        let experts_i = int(OP, "experts", experts.unwrap_or(0))?;
+        let null: u64 = 0;
         let column_blocks = cols.div_ceil(ROW_THREADS as usize).min(8);
         let cfg = LaunchConfig {
             grid_dim: (blocks(OP, slots)?, column_blocks as u32, 1),
@@ -166,9 +211,18 @@ impl CudaDevice {
             shared_mem_bytes: 0,
         };
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(src).arg(slot_row).arg(&slots_i).arg(&cols_i).arg(dst);
-        // SAFETY: signature matched; lengths checked. Slot indices must be rows < slots (a permutation), which the
-        // plan guarantees.
+        launch.arg(src).arg(slot_row).arg(&slots_i).arg(&cols_i);
+        if kernel == "scatter_rows" {
+            match scales {
+                Some(scales) => launch.arg(scales.a_scale).arg(scales.w_scale).arg(scales.offsets),
+                None => launch.arg(&null).arg(&null).arg(&null),
+            };
+            launch.arg(&experts_i);
+        }
+        launch.arg(dst);
+        // SAFETY: signature matched (scatter_rows takes the optional scales, null pointers for none); lengths
+        // checked. Slot indices must be rows < slots (a permutation), and the offsets non-decreasing and ending at
+        // `slots`, which the plan guarantees.
         unsafe { launch.launch(cfg) }.map_err(driver("launch gather/scatter rows"))?;
         Ok(())
     }
@@ -181,27 +235,32 @@ impl CudaDevice {
         cols: usize,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), KernelError> {
-        self.move_rows("gather_rows", x, slot_row, cols, out)
+        self.move_rows("gather_rows", x, slot_row, cols, out, None)
     }
 
-    /// The inverse of [`CudaDevice::gather_rows`]: `out[slot_row[slot]] = y[slot]`.
+    /// The inverse of [`CudaDevice::gather_rows`]: `out[slot_row[slot]] = y[slot]`, with each value scaled by
+    /// `scales` (the raw sums of a grouped GEMM's `[slots, cols]` output) when given.
     pub fn scatter_rows(
         &self,
         y: &CudaView<'_, f32>,
         slot_row: &CudaView<'_, u32>,
         cols: usize,
         out: &mut CudaViewMut<'_, f32>,
+        scales: Option<&ExpertScales<'_, '_>>,
     ) -> Result<(), KernelError> {
-        self.move_rows("scatter_rows", y, slot_row, cols, out)
+        self.move_rows("scatter_rows", y, slot_row, cols, out, scales)
     }
 
     /// SwiGLU on the fused gate_up output (`rows` x `2 * inter`: gate then up) and per-row FP8 re-quantisation:
-    /// `q`, `scales` as [`CudaDevice::quantize_rows`] of `silu(gate) * up`.
+    /// `q`, `scales` as [`CudaDevice::quantize_rows`] of `silu(gate) * up`. With `gemm_scales`, `gate_up` holds a
+    /// grouped GEMM's raw sums, scaled here first.
+    #[allow(clippy::too_many_arguments)]
     pub fn silu_mul_quantize(
         &self,
         gate_up: &CudaView<'_, f32>,
         rows: usize,
         inter: usize,
+        gemm_scales: Option<&ExpertScales<'_, '_>>,
         q: &mut CudaViewMut<'_, u8>,
         scales: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), KernelError> {
@@ -210,6 +269,7 @@ impl CudaDevice {
         check_len(OP, "gate_up", gate_up.len(), 2 * values, format_args!("rows * 2 * inter = {rows} * 2 * {inter}"))?;
         check_len(OP, "q", q.len(), values, format_args!("rows * inter = {rows} * {inter}"))?;
         check_len(OP, "scales", scales.len(), rows, "rows")?;
+        let experts = gemm_scales.map(|s| s.check(OP, rows, product(OP, 2, inter)?)).transpose()?;
         // The row of activations is staged in dynamic shared memory (8192 floats for Maverick) next to block_amax's
         // 32 static floats, all within the 48 KB a launch gets without opting in.
         const MAX_INTER: usize = (48 * 1024 - 32 * 4) / 4;
@@ -221,15 +281,22 @@ impl CudaDevice {
         }
         let f = self.function(&EXPERTS_CU, "silu_mul_quantize_e4m3")?;
         let (rows_i, inter_i) = (int(OP, "rows", rows)?, int(OP, "inter", inter)?);
-        let no_activations: u64 = 0;
+        let experts_i = int(OP, "experts", experts.unwrap_or(0))?;
+        let null: u64 = 0;
         let cfg = LaunchConfig {
             grid_dim: (blocks(OP, rows)?, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: (inter * 4) as u32,
         };
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(gate_up).arg(&rows_i).arg(&inter_i).arg(q).arg(scales).arg(&no_activations);
-        // SAFETY: signature matched (the last pointer null: no f32 copy wanted); lengths checked.
+        launch.arg(gate_up).arg(&rows_i).arg(&inter_i);
+        match gemm_scales {
+            Some(s) => launch.arg(s.a_scale).arg(s.w_scale).arg(s.offsets),
+            None => launch.arg(&null).arg(&null).arg(&null),
+        };
+        launch.arg(&experts_i).arg(q).arg(scales).arg(&null);
+        // SAFETY: signature matched (null scale pointers: none to apply; the last pointer null: no f32 copy wanted);
+        // lengths checked; the offsets, when given, are a plan's (non-decreasing, ending at `rows`).
         unsafe { launch.launch(cfg) }.map_err(driver("launch silu_mul_quantize_e4m3"))?;
         Ok(())
     }
@@ -245,7 +312,7 @@ impl CudaDevice {
     ) -> Result<(), KernelError> {
         const OP: &str = "cuda fp8_grouped_gemm_small";
         let experts = check_grouped(OP, gemm, 16, out)?;
-        let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k } = *gemm;
+        let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k, apply_scales } = *gemm;
         let f = self.function(&EXPERTS_CU, "fp8_grouped_gemm_small")?;
         let (n_i, k_i) = (int(OP, "n", n)?, int(OP, "k", k)?);
         let max_i = int(OP, "max_tokens", max_tokens)?;
@@ -257,7 +324,8 @@ impl CudaDevice {
         };
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(a).arg(a_scale).arg(offsets).arg(w).arg(w_scale).arg(&n_i).arg(&k_i).arg(&max_i);
-        launch.arg(&rows_per_warp).arg(out);
+        let apply_i = i32::from(apply_scales);
+        launch.arg(&rows_per_warp).arg(&apply_i).arg(out);
         // SAFETY: signature matched; lengths checked; the offsets must be non-decreasing and end at most at `slots`
         // (ExpertPlan's are).
         unsafe { launch.launch(cfg) }.map_err(driver("launch fp8_grouped_gemm_small"))?;
@@ -265,8 +333,9 @@ impl CudaDevice {
     }
 
     /// [`CudaDevice::fp8_grouped_gemm_small`] on the tensor cores (mma.sync m16n8k32 E4M3, f32 accumulation): the same
-    /// contract, with `n` a multiple of 16, `k` of 64 and `max_tokens` at most [`MMA_MAX_TOKENS`] (one pass over
-    /// the weights). Needs sm_89 or later.
+    /// contract, with `n` a multiple of 16, `k` of [`MMA_CHUNK`] and `max_tokens` at most [`MMA_MAX_TOKENS`] (one pass
+    /// over the weights). The kernel is the one with the fewest 8-token tiles covering `max_tokens`. Needs sm_89 or
+    /// later.
     pub fn fp8_grouped_gemm_mma(
         &self,
         gemm: &GroupedGemm<'_, '_>,
@@ -274,26 +343,33 @@ impl CudaDevice {
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), KernelError> {
         const OP: &str = "cuda fp8_grouped_gemm_mma";
-        let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k } = *gemm;
+        let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k, apply_scales } = *gemm;
         if n % 16 != 0 || max_tokens > MMA_MAX_TOKENS {
             return Err(KernelError::invalid(
                 OP,
                 format!("n = {n} must be a multiple of 16 and max_tokens = {max_tokens} at most {MMA_MAX_TOKENS}"),
             ));
         }
-        let experts = check_grouped(OP, gemm, 64, out)?;
-        let f = self.function(&EXPERTS_CU, "fp8_grouped_gemm_mma")?;
+        let experts = check_grouped(OP, gemm, MMA_CHUNK, out)?;
+        let kernel = match max_tokens {
+            0..=8 => "fp8_grouped_gemm_mma_t1",
+            9..=16 => "fp8_grouped_gemm_mma_t2",
+            _ => "fp8_grouped_gemm_mma_t4",
+        };
+        let f = self.function(&EXPERTS_CU, kernel)?;
         let (n_i, k_i) = (int(OP, "n", n)?, int(OP, "k", k)?);
         let max_i = int(OP, "max_tokens", max_tokens)?;
         let cfg = LaunchConfig {
-            grid_dim: (blocks(OP, n.div_ceil(16 * MMA_WARPS))?, blocks(OP, experts)?, 1),
+            grid_dim: (blocks(OP, n / 16)?, blocks(OP, experts)?, 1),
             block_dim: ((MMA_WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
+        let apply_i = i32::from(apply_scales);
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(a).arg(a_scale).arg(offsets).arg(w).arg(w_scale).arg(&n_i).arg(&k_i).arg(&max_i).arg(out);
+        launch.arg(a).arg(a_scale).arg(offsets).arg(w).arg(w_scale).arg(&n_i).arg(&k_i).arg(&max_i);
+        launch.arg(&apply_i).arg(out);
         // SAFETY: signature matched; lengths and divisibility checked; offsets as for the CUDA-core kernel.
-        unsafe { launch.launch(cfg) }.map_err(driver("launch fp8_grouped_gemm_mma"))?;
+        unsafe { launch.launch(cfg) }.map_err(driver(kernel))?;
         Ok(())
     }
 

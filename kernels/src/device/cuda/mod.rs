@@ -30,8 +30,9 @@ pub use compile::compile_cuda_source;
 /// Device buffers and views: cudarc's own types (`no_cuda.rs` has stand-ins of the same names).
 pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 pub use dense::DenseWeight;
+pub use experts::small_m_max_tokens;
 pub use experts::GpuExpertLayer;
-pub use kernels::GroupedGemm;
+pub use kernels::{ExpertScales, GroupedGemm, MMA_CHUNK, MMA_MAX_TOKENS};
 
 pub(super) const COMPILED: bool = true;
 
