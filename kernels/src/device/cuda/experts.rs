@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, CudaViewMut};
 
-use super::kernels::{ExpertScales, GroupedGemm, MMA_CHUNK, MMA_MAX_TOKENS};
+use super::kernels::{GroupedGemm, MMA_CHUNK, MMA_MAX_TOKENS};
 use super::{driver, CudaDevice};
 use crate::device::plan::{ExpertDims, ExpertPlan, Fp8Expert, SMALL_M_MAX_TOKENS};
 use crate::error::{check_len, product, KernelError};
@@ -204,16 +204,11 @@ impl GpuExpertLayer {
         device.fp8_grouped_gemm(&plan, &gate_up_gemm, &mut gate_up.as_view_mut())?;
         let mut h = device.zeros::<u8>(rows * inter)?;
         let mut h_scale = device.zeros::<f32>(rows)?;
-        let gate_up_scales = ExpertScales {
-            a_scale: &a_scale.as_view(),
-            w_scale: &self.gate_up_scales.as_view(),
-            offsets: &offsets.as_view(),
-        };
         device.silu_mul_quantize(
             &gate_up.as_view(),
             rows,
             inter,
-            Some(&gate_up_scales),
+            Some(&gate_up_gemm.scales()),
             &mut h.as_view_mut(),
             &mut h_scale.as_view_mut(),
         )?;
@@ -229,18 +224,13 @@ impl GpuExpertLayer {
             apply_scales: false,
         };
         device.fp8_grouped_gemm(&plan, &down_gemm, &mut y.as_view_mut())?;
-        let down_scales = ExpertScales {
-            a_scale: &h_scale.as_view(),
-            w_scale: &self.down_scales.as_view(),
-            offsets: &offsets.as_view(),
-        };
         // `permuted` is free again: the outputs in row order go there.
         device.scatter_rows(
             &y.as_view(),
             &slot_row.as_view(),
             hidden,
             &mut permuted.as_view_mut(),
-            Some(&down_scales),
+            Some(&down_gemm.scales()),
         )?;
         device.download(&permuted)
     }

@@ -78,12 +78,7 @@ pub struct ExpertScales<'a, 'b> {
 impl ExpertScales<'_, '_> {
     /// Checks the lengths against `slots` rows of `n` values; returns the number of experts.
     fn check(&self, op: &'static str, slots: usize, n: usize) -> Result<usize, KernelError> {
-        let experts = self
-            .offsets
-            .len()
-            .checked_sub(1)
-            .filter(|&e| e > 0)
-            .ok_or_else(|| KernelError::invalid(op, "offsets must hold experts + 1 >= 2 values"))?;
+        let experts = experts_of(op, self.offsets)?;
         check_len(op, "a_scale", self.a_scale.len(), slots, "slots")?;
         check_len(
             op,
@@ -93,6 +88,22 @@ impl ExpertScales<'_, '_> {
             format_args!("experts * n = {experts} * {n}"),
         )?;
         Ok(experts)
+    }
+}
+
+/// The number of experts a plan's `offsets` (experts + 1 values) describe: at least one.
+fn experts_of(op: &'static str, offsets: &CudaView<'_, u32>) -> Result<usize, KernelError> {
+    offsets
+        .len()
+        .checked_sub(1)
+        .filter(|&e| e > 0)
+        .ok_or_else(|| KernelError::invalid(op, "offsets must hold experts + 1 >= 2 values"))
+}
+
+impl<'a, 'b> GroupedGemm<'a, 'b> {
+    /// The row-wise scales of this GEMM, for the kernel that reads its raw sums (`apply_scales: false`).
+    pub fn scales(&self) -> ExpertScales<'a, 'b> {
+        ExpertScales { a_scale: self.a_scale, w_scale: self.w_scale, offsets: self.offsets }
     }
 }
 
@@ -110,11 +121,7 @@ fn check_grouped(
             format!("k = {k} must be a positive multiple of {k_multiple} and n = {n} positive"),
         ));
     }
-    let experts = offsets
-        .len()
-        .checked_sub(1)
-        .filter(|&e| e > 0)
-        .ok_or_else(|| KernelError::invalid(op, "offsets must hold experts + 1 >= 2 values"))?;
+    let experts = experts_of(op, offsets)?;
     let slots = a_scale.len();
     check_len(op, "a", a.len(), product(op, slots, k)?, format_args!("slots * k = {slots} * {k}"))?;
     let weight_values = product(op, product(op, experts, n)?, k)?;
