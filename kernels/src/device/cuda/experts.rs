@@ -44,10 +44,11 @@ pub fn small_m_max_tokens() -> Result<usize, KernelError> {
 impl CudaDevice {
     /// The grouped FP8 GEMM of one projection for all experts of a plan: experts with `1..=`[`small_m_max_tokens`]
     /// tokens in one launch of the streaming kernel (tensor cores when `n % 16 == 0` and `k % 128 == 0`, else CUDA
-    /// cores) when there are at least `MIN_STREAMING_EXPERTS` of them, each other expert through cuBLASLt. `a`: `[slots, k]` codes in plan order, `a_scale`: `[slots]`;
-    /// `offsets`: the plan's offsets on the device; `w`: `[experts, n, k]`, `w_scale`: `[experts, n]`; `out`:
-    /// `[slots, n]`, scaled or raw as `gemm.apply_scales` says (raw: cuBLASLt runs with unit scales and nothing
-    /// else; scaled: row-wise scales fused in cuBLASLt where it supports them, else its epilogue kernel).
+    /// cores) when there are at least `MIN_STREAMING_EXPERTS` of them, each other expert through cuBLASLt. `a`:
+    /// `[slots, k]` codes in plan order, `a_scale`: `[slots]`; `offsets`: the plan's offsets on the device; `w`:
+    /// `[experts, n, k]`, `w_scale`: `[experts, n]`; `out`: `[slots, n]`, scaled or raw as `gemm.apply_scales` says
+    /// (raw: cuBLASLt runs with unit scales and nothing else; scaled: row-wise scales fused in cuBLASLt where it
+    /// supports them, else its epilogue kernel).
     pub fn fp8_grouped_gemm(
         &self,
         plan: &ExpertPlan,
