@@ -20,6 +20,7 @@ use switchyard_coordinator::membership::{Member, MemberRole, Membership, Registr
 use switchyard_coordinator::store::{ClusterStore, LeaseId, LoadStats, Store, StoredPlacement};
 use switchyard_coordinator::{CoordinatorError, Placement};
 use switchyard_model::config::TextConfig;
+use switchyard_model::KvDtype;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
@@ -64,6 +65,9 @@ pub struct ClusterOptions {
     /// Bytes of its KV cache, registered as its memory budget: other attention workers size the context shards they
     /// ask it to hold by it.
     pub kv_memory_bytes: u64,
+    /// The KV cache's element type, registered with the budget (a bf16 cache holds twice the positions of an f32
+    /// one in the same bytes).
+    pub kv_dtype: KvDtype,
 }
 
 /// Connects an expert worker that a new placement names in the transport the worker dispatches through (for gRPC:
@@ -114,6 +118,7 @@ impl ClusterLink {
             device: options.device.clone(),
             memory_budget_bytes: options.kv_memory_bytes,
             checkpoint_hash: options.checkpoint_hash.clone(),
+            kv_dtype: Some(options.kv_dtype.to_string()),
         };
         let membership = Membership::new(cluster.clone());
         let deadline = Instant::now() + JOIN_PATIENCE;

@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::join_all;
 use switchyard_coordinator::context::{assign_group, ContextGroup, ContextRoom};
-use switchyard_coordinator::membership::{MemberRole, Membership};
+use switchyard_coordinator::membership::{Member, MemberRole, Membership};
 use switchyard_coordinator::store::cluster::ClusterStore;
 use switchyard_coordinator::store::LeaseId;
 use switchyard_model::config::TextConfig;
 use switchyard_model::context::{attend_shard, ContextShards, PartialOutput, PendingPartials, ShardStep};
 use switchyard_model::memory::{KvBytes, Precision};
-use switchyard_model::{ForwardPass, KvBlockPool, KvCache, ModelError};
+use switchyard_model::{ForwardPass, KvBlockPool, KvCache, KvDtype, ModelError};
 use switchyard_transport::context::{check_request, ContextService, PartialAttentionRequest, PartialAttentionResponse};
 use switchyard_transport::grpc::GrpcTransport;
 use switchyard_transport::{BoxFuture, Transport, TransportError};
@@ -45,10 +45,28 @@ pub trait ContextGroups: Send + Sync {
     ) -> Result<Arc<dyn ContextShards>, AttentionWorkerError>;
 }
 
-/// Global-layer positions a KV budget of `bytes` holds, in whole blocks of `block_size` positions.
-pub fn global_tokens_in(config: &TextConfig, block_size: usize, bytes: u64) -> usize {
+/// Global-layer positions a KV budget of `bytes` holds with `dtype` elements, in whole blocks of `block_size`
+/// positions.
+pub fn global_tokens_in(config: &TextConfig, block_size: usize, bytes: u64, dtype: KvDtype) -> usize {
     let global_layers = KvBytes::of(config, Precision::F32).global_layers.max(1) as usize;
-    KvBlockPool::blocks_in_bytes(config, block_size, bytes) / global_layers * block_size
+    KvBlockPool::blocks_in_bytes_for_dtype(config, block_size, bytes, dtype) / global_layers * block_size
+}
+
+/// The KV element type a member registered: f32 when it registered none (an older worker) or one this worker does
+/// not know (counted as f32 it never offers more room than the member has).
+fn registered_kv_dtype(member: &Member) -> KvDtype {
+    match member.kv_dtype.as_deref().map(str::parse::<KvDtype>) {
+        Some(Ok(dtype)) => dtype,
+        Some(Err(e)) => {
+            tracing::warn!(
+                worker_id = %member.worker_id,
+                error = %e,
+                "unknown KV dtype in a member record; counting its room as f32"
+            );
+            KvDtype::F32
+        }
+        None => KvDtype::F32,
+    }
 }
 
 /// [`ContextGroups`] from the cluster store: the other attention workers' registered KV budgets, less the ranges
@@ -91,7 +109,8 @@ impl StoreContextGroups {
             .iter()
             .filter(|m| m.role == MemberRole::Attention && m.worker_id != self.worker_id)
             .map(|m| {
-                let room = global_tokens_in(&self.config, self.block_size, m.memory_budget_bytes);
+                let room =
+                    global_tokens_in(&self.config, self.block_size, m.memory_budget_bytes, registered_kv_dtype(m));
                 ContextRoom {
                     worker_id: m.worker_id.clone(),
                     endpoint: m.endpoint.clone(),
@@ -395,5 +414,40 @@ impl ContextService for ShardHost {
         });
         // The cache's blocks go back to the pool when the last handle (this one, or a computation's) drops.
         Box::pin(std::future::ready(Ok(released)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_model::config::ModelConfig;
+    use switchyard_model::tiny::{preset_text_config, Preset};
+
+    fn member(kv_dtype: Option<&str>) -> Member {
+        Member {
+            worker_id: "aw-2".into(),
+            role: MemberRole::Attention,
+            endpoint: "http://127.0.0.1:1".into(),
+            node: "node-b".into(),
+            device: "cuda:0".into(),
+            memory_budget_bytes: 1 << 30,
+            checkpoint_hash: "sha256:x".into(),
+            kv_dtype: kv_dtype.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_bf16_cache_offers_twice_the_positions_and_an_unknown_dtype_counts_as_f32() {
+        let json = serde_json::json!({ "model_type": "llama4", "text_config": preset_text_config(Preset::Tiny) });
+        let config = ModelConfig::from_json_str(&json.to_string(), "tiny config.json").expect("tiny config").text;
+        let bytes = 64 << 20;
+        let f32_room = global_tokens_in(&config, 16, bytes, KvDtype::F32);
+        assert!(f32_room > 0);
+        assert_eq!(global_tokens_in(&config, 16, bytes, KvDtype::Bf16), 2 * f32_room);
+        assert_eq!(registered_kv_dtype(&member(Some("bf16"))), KvDtype::Bf16);
+        assert_eq!(registered_kv_dtype(&member(Some("f32"))), KvDtype::F32);
+        // Records of workers from before the field, and dtypes this worker does not know, never overstate the room.
+        assert_eq!(registered_kv_dtype(&member(None)), KvDtype::F32);
+        assert_eq!(registered_kv_dtype(&member(Some("fp4"))), KvDtype::F32);
     }
 }

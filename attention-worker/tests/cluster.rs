@@ -22,7 +22,7 @@ use switchyard_coordinator::store::{ClusterStore, LoadStats, MemoryStore, Store,
 use switchyard_coordinator::{CoordinatorError, Placement, WorkerPlacement};
 use switchyard_expert_worker::{ExpertSpec, ExpertWorker, ExpertsByLayer};
 use switchyard_model::checkpoint::Checkpoint;
-use switchyard_model::{ExpertSelection, Generation, Llama4Model, SamplingParams};
+use switchyard_model::{ExpertSelection, Generation, KvDtype, Llama4Model, SamplingParams};
 use switchyard_transport::grpc::GrpcTransport;
 use switchyard_transport::{Transport, WireFormat};
 use tokio::runtime::Runtime;
@@ -118,6 +118,7 @@ fn checkpoint_hash() -> String {
 fn options(load_report: Duration) -> ClusterOptions {
     ClusterOptions {
         kv_memory_bytes: 0,
+        kv_dtype: KvDtype::F32,
         cluster: CLUSTER.into(),
         worker_id: AW.into(),
         endpoint: "http://127.0.0.1:1".into(),
@@ -359,6 +360,7 @@ fn a_checkpoint_mismatch_is_refused_at_join() {
         device: "cpu".into(),
         memory_budget_bytes: 1,
         checkpoint_hash: "sha256:another".into(),
+        kv_dtype: None,
     };
     runtime.block_on(async {
         let _registration = Membership::new(cluster).register(other, Duration::from_secs(5)).await.unwrap();

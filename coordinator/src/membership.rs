@@ -49,6 +49,11 @@ pub struct Member {
     pub memory_budget_bytes: u64,
     /// Hash of the checkpoint it loaded.
     pub checkpoint_hash: String,
+    /// An attention worker's KV element type (`"f32"`, `"bf16"`): with `memory_budget_bytes` (its KV cache), how many
+    /// positions it can hold for the others. None for expert workers and in records written before it existed, which
+    /// readers take as f32 (a bf16 cache then counts for half its room: never more than it holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_dtype: Option<String>,
 }
 
 /// A change of membership.
@@ -317,5 +322,22 @@ async fn stay_registered(
                 }
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_without_a_kv_dtype_still_read_and_none_is_not_written() {
+        let old = r#"{"worker_id":"aw-1","role":"attention","endpoint":"http://10.0.0.1:9000","node":"n1",
+            "device":"cpu","memory_budget_bytes":1024,"checkpoint_hash":"sha256:x"}"#;
+        let member: Member = serde_json::from_str(old).expect("a record from before kv_dtype");
+        assert_eq!(member.kv_dtype, None);
+        assert!(!serde_json::to_string(&member).expect("json").contains("kv_dtype"));
+        let bf16 = Member { kv_dtype: Some("bf16".into()), ..member };
+        let back: Member = serde_json::from_str(&serde_json::to_string(&bf16).expect("json")).expect("read back");
+        assert_eq!(back, bf16);
     }
 }

@@ -294,6 +294,7 @@ impl Harness {
             device: "cpu".into(),
             memory_budget_bytes: budget,
             checkpoint_hash: "sha256:test".into(),
+            kv_dtype: None,
         };
         Membership::new(self.cluster.clone()).register(member, Duration::from_millis(300)).await.expect("register")
     }
@@ -679,6 +680,7 @@ fn member_json(worker_id: &str) -> Vec<u8> {
         device: "cpu".into(),
         memory_budget_bytes: GIB,
         checkpoint_hash: "sha256:test".into(),
+        kv_dtype: None,
     })
     .expect("json")
 }

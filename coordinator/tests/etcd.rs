@@ -37,6 +37,7 @@ fn member(id: &str) -> Member {
         device: "cuda:0".into(),
         memory_budget_bytes: 1 << 30,
         checkpoint_hash: "sha-1".into(),
+        kv_dtype: None,
     }
 }
 

@@ -402,6 +402,7 @@ fn member(id: &str, hash: &str) -> Member {
         device: "cuda:0".into(),
         memory_budget_bytes: 80 << 30,
         checkpoint_hash: hash.into(),
+        kv_dtype: None,
     }
 }
 

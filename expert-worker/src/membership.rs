@@ -51,6 +51,7 @@ pub async fn join_cluster(
         device,
         memory_budget_bytes,
         checkpoint_hash,
+        kv_dtype: None,
     };
     tracing::info!(
         worker_id = %member.worker_id,

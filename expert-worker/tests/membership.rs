@@ -80,6 +80,7 @@ async fn registers_as_an_expert_member_and_refuses_another_checkpoint() {
             device: "cpu".into(),
             memory_budget_bytes: budget,
             checkpoint_hash: hash.clone(),
+            kv_dtype: None,
         }]
     );
     assert_eq!(membership.checkpoint_hash().await.unwrap(), Some(hash.clone()));

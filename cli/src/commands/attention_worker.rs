@@ -268,6 +268,7 @@ async fn serve_until_signal(args: Args) -> Result<()> {
                 lease_ttl: Duration::from_millis(args.lease_ttl_ms),
                 load_report: Duration::from_millis(args.load_report_ms),
                 kv_memory_bytes,
+                kv_dtype,
             };
             let patience = Duration::from_millis(args.placement_timeout_ms);
             let (routing, link) = tokio::select! {

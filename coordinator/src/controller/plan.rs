@@ -181,6 +181,7 @@ mod tests {
             device: "cpu".into(),
             memory_budget_bytes: budget,
             checkpoint_hash: "sha256:x".into(),
+            kv_dtype: None,
         }
     }
 
