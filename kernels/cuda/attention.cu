@@ -217,29 +217,20 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
     }
 }
 
-extern "C" __global__ void paged_decode_attention(const float* __restrict__ q, const float* __restrict__ pool,
-                                                  const unsigned int* __restrict__ block_table,
-                                                  const unsigned int* __restrict__ table_row, int table_rows,
-                                                  const unsigned int* __restrict__ first_block,
-                                                  const unsigned int* __restrict__ seq_len,
-                                                  const unsigned int* __restrict__ positions, int q_heads,
-                                                  int kv_heads, int head_dim, int block_size, int max_blocks,
-                                                  unsigned int chunk, float scale, float* __restrict__ out,
-                                                  float* __restrict__ lse) {
-    paged_decode(q, pool, block_table, table_row, table_rows, first_block, seq_len, positions, q_heads, kv_heads,
-                 head_dim, block_size, max_blocks, chunk, scale, out, lse);
+// The two exported kernels differ only in the pool's element type (f32, or bf16 bits); their parameters are spelled
+// once.
+#define PAGED_DECODE_PARAMS(POOL)                                                                                   \
+    const float *__restrict__ q, const POOL *__restrict__ pool, const unsigned int *__restrict__ block_table,        \
+        const unsigned int *__restrict__ table_row, int table_rows, const unsigned int *__restrict__ first_block,   \
+        const unsigned int *__restrict__ seq_len, const unsigned int *__restrict__ positions, int q_heads,          \
+        int kv_heads, int head_dim, int block_size, int max_blocks, unsigned int chunk, float scale,                \
+        float *__restrict__ out, float *__restrict__ lse
+#define PAGED_DECODE_ARGS                                                                                           \
+    q, pool, block_table, table_row, table_rows, first_block, seq_len, positions, q_heads, kv_heads, head_dim,      \
+        block_size, max_blocks, chunk, scale, out, lse
+extern "C" __global__ void paged_decode_attention(PAGED_DECODE_PARAMS(float)) {
+    paged_decode(PAGED_DECODE_ARGS);
 }
-
-extern "C" __global__ void paged_decode_attention_bf16(const float* __restrict__ q,
-                                                       const unsigned short* __restrict__ pool,
-                                                       const unsigned int* __restrict__ block_table,
-                                                       const unsigned int* __restrict__ table_row, int table_rows,
-                                                       const unsigned int* __restrict__ first_block,
-                                                       const unsigned int* __restrict__ seq_len,
-                                                       const unsigned int* __restrict__ positions, int q_heads,
-                                                       int kv_heads, int head_dim, int block_size, int max_blocks,
-                                                       unsigned int chunk, float scale, float* __restrict__ out,
-                                                       float* __restrict__ lse) {
-    paged_decode(q, pool, block_table, table_row, table_rows, first_block, seq_len, positions, q_heads, kv_heads,
-                 head_dim, block_size, max_blocks, chunk, scale, out, lse);
+extern "C" __global__ void paged_decode_attention_bf16(PAGED_DECODE_PARAMS(unsigned short)) {
+    paged_decode(PAGED_DECODE_ARGS);
 }
