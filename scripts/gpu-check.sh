@@ -15,7 +15,8 @@
 #      register report for sm_90
 #   3. the GPU kernel tests (tests/cuda_kernels.rs): every kernel and the whole expert layer against the CPU kernels;
 #      3b the GEMM and layer tests again on the fallbacks: cuBLASLt's row-wise scales through the epilogue kernel, and
-#      the CUDA-core streaming kernel instead of the tensor-core one
+#      the CUDA-core streaming kernel instead of the tensor-core one; 3c the layer and the lone-expert kernel with the
+#      plan routing experts of up to 32 tokens to that kernel (SWITCHYARD_LONE_EXPERT_MAX_TOKENS=32)
 #   4. the CPU parity fixture with FP8 experts on the GPU path (model/tests/gpu_experts.rs)
 #   5. `switchyard bench gpu --output-json $OUT/bench-gpu.json`: the FP8 expert GEMM table with cuBLASLt and the
 #      device-to-device copy measured in the same run
@@ -27,7 +28,8 @@
 #   4d2. a GPU attention worker as a context-parallel member (attention-worker/tests/gpu_shards.rs)
 #   4e. a whole `switchyard up` cluster on the GPU (tests/tests/gpu_cluster.rs): attention and expert workers on cuda:0
 #      against the single-process CPU run
-#   6. the same at 16 and 128 tokens with the CUDA-core streaming kernel (SWITCHYARD_SMALL_GEMM=simt)
+#   6. the same at 16 and 128 tokens with the CUDA-core streaming kernel (SWITCHYARD_SMALL_GEMM=simt); 6b at 16, 128
+#      and 2048 tokens with the lone-expert kernel routed in (SWITCHYARD_LONE_EXPERT_MAX_TOKENS=32)
 #   7. NCCL with one rank (transport/tests/collective.rs): the communicator, one grouped exchange
 # and writes $OUT/summary.txt (one line per step: ok or FAILED, with its time; a test that SKIPPED for want of a GPU
 # counts as FAILED here, since this runs where the GPU must be usable).
@@ -141,6 +143,9 @@ run_checks() {
   # The same with cuBLASLt's row-wise scales forced through the epilogue kernel (the fallback path).
   step 3b-kernels-fallbacks 60 env SWITCHYARD_CUBLASLT_FUSED_SCALES=0 SWITCHYARD_SMALL_GEMM=simt \
     "$bin/kernels-cuda_kernels" --nocapture --test-threads 1 grouped_gemm expert_layer
+  # The lone-expert kernel as the plan would route it (off by default until measured): the layer and the kernel.
+  step 3c-kernels-lone-expert 60 env SWITCHYARD_LONE_EXPERT_MAX_TOKENS=32 \
+    "$bin/kernels-cuda_kernels" --nocapture --test-threads 1 expert_layer lone_expert
   step 4-fp8-fixture-on-gpu 30 "$bin/model-gpu_experts" --nocapture --test-threads 1
   # The expert worker with --device cuda:0: batches against the CPU worker, loads and unloads re-uploading layers.
   step 4b-expert-worker-on-gpu 30 "$bin/expert-worker-gpu_worker" --nocapture --test-threads 1
@@ -157,6 +162,10 @@ run_checks() {
   # The CUDA-core streaming kernel at the token counts it serves, for comparison with the tensor-core one.
   step 6-bench-gpu-simt 40 env SWITCHYARD_SMALL_GEMM=simt "$bin/switchyard" bench gpu --tokens 16,128 \
     --output-json "$out/bench-gpu-simt.json"
+  # The plan routing experts of up to 32 tokens that cuBLASLt would take to the lone-expert kernel (the grouped rows
+  # change where their Zipf tail has experts of 17..=32 tokens; the one-expert rows' "lone us" column is step 5's).
+  step 6b-bench-gpu-lone 40 env SWITCHYARD_LONE_EXPERT_MAX_TOKENS=32 "$bin/switchyard" bench gpu \
+    --tokens 16,128,2048 --output-json "$out/bench-gpu-lone.json"
   # NCCL with one rank (one GPU): bootstrap, a grouped send/recv exchange, abort on a deadline.
   step 7-nccl-one-rank 40 "$bin/transport-collective" one_nccl_rank --nocapture --test-threads 1
   echo "results in $out" | tee -a "$summary"

@@ -36,6 +36,8 @@ on_emulator() {
 }
 {
   on_emulator --test cuda_kernels --test gpu_experts --test gpu_forward --test gpu_worker -- --nocapture
+  # The expert layer with the lone-expert kernel routed in (off by default until measured on a GPU).
+  SWITCHYARD_LONE_EXPERT_MAX_TOKENS=32 on_emulator --test cuda_kernels -- expert_layer --nocapture
   on_emulator --test engine -- engine_on_the_gpu --nocapture
   on_emulator --test gpu_shards -- --nocapture
   on_emulator --test collective -- nccl --nocapture

@@ -13,5 +13,8 @@ void switchyard_emu_register_experts(switchyard_emu::Registry& registry) {
     SWITCHYARD_EMU_KERNEL(registry, fp8_grouped_gemm_mma_t1);
     SWITCHYARD_EMU_KERNEL(registry, fp8_grouped_gemm_mma_t2);
     SWITCHYARD_EMU_KERNEL(registry, fp8_grouped_gemm_mma_t4);
+    SWITCHYARD_EMU_KERNEL(registry, fp8_lone_expert_gemm_t1);
+    SWITCHYARD_EMU_KERNEL(registry, fp8_lone_expert_gemm_t2);
+    SWITCHYARD_EMU_KERNEL(registry, fp8_lone_expert_gemm_t4);
     SWITCHYARD_EMU_KERNEL(registry, scale_rows_cols);
 }

@@ -10,7 +10,9 @@
 //                            on the CUDA cores (any n; the fallback)
 //   fp8_grouped_gemm_mma_t1/_t2/_t4  the same on the tensor cores (mma.sync m16n8k32 E4M3, f32 accumulation):
 //                            n % 16 == 0, k % 128 == 0, up to 8/16/32 tokens per expert in one pass over the weights
-//   (both grouped kernels can leave the row-wise scales to the kernel that reads their output: apply_scales)
+//   fp8_lone_expert_gemm_t1/_t2/_t4  one expert's GEMM of up to 8/16/32 tokens on the same MMAs, spread evenly over
+//                            every SM (stream-K), the activations staged in shared memory: n % 128 == 0
+//   (the grouped kernels can leave the row-wise scales to the kernel that reads their output: apply_scales)
 //   scale_rows_cols          the epilogue after cuBLASLt's unit-scale FP8 GEMM: out[m, n] *= a_scale[m] * w_scale[n]
 //
 // Layouts (row-major everywhere, as the CPU kernels): an expert weight is nn.Linear [n, k] E4M3 codes with one f32
@@ -429,16 +431,22 @@ struct MmaChunk {
     uint4 x[TILES][2];
 };
 
+// A lane's 32 bytes of two weight rows (`lo`: row g, `hi`: row g + 8), with the evict-first hint: read once, they
+// must not push the activations out of L2.
+__device__ __forceinline__ void mma_load_weights(uint4* w, const unsigned char* lo, const unsigned char* hi) {
+    const uint4* lo4 = reinterpret_cast<const uint4*>(lo);
+    const uint4* hi4 = reinterpret_cast<const uint4*>(hi);
+    w[0] = __ldcs(lo4);
+    w[1] = __ldcs(lo4 + 1);
+    w[2] = __ldcs(hi4);
+    w[3] = __ldcs(hi4 + 1);
+}
+
 template <int TILES>
 __device__ __forceinline__ void mma_load(MmaChunk<TILES>& chunk, const unsigned char* w_lo, const unsigned char* w_hi,
                                          const unsigned char* x_lane, int tokens, int g, int k, int index) {
     size_t column = (size_t)index * MMA_CHUNK;
-    const uint4* lo = reinterpret_cast<const uint4*>(w_lo + column);
-    const uint4* hi = reinterpret_cast<const uint4*>(w_hi + column);
-    chunk.w[0] = __ldcs(lo);
-    chunk.w[1] = __ldcs(lo + 1);
-    chunk.w[2] = __ldcs(hi);
-    chunk.w[3] = __ldcs(hi + 1);
+    mma_load_weights(chunk.w, w_lo + column, w_hi + column);
 #pragma unroll
     for (int tile = 0; tile < TILES; ++tile) {
         int token = tile * 8 + g;
@@ -453,17 +461,22 @@ __device__ __forceinline__ void mma_load(MmaChunk<TILES>& chunk, const unsigned 
     }
 }
 
+// One 128-column chunk of 16 weight rows times one 8-token tile: four MMAs. `w`: a lane's 32 bytes of rows g
+// (w[0..2]) and g + 8 (w[2..4]); `x`: its 32 bytes of token g of the tile.
+__device__ __forceinline__ void mma_chunk_tile(float* acc, const uint4* w, const uint4* x) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        mma_e4m3(acc, word_of(w, 2 * i), word_of(w + 2, 2 * i), word_of(w, 2 * i + 1), word_of(w + 2, 2 * i + 1),
+                 word_of(x, 2 * i), word_of(x, 2 * i + 1));
+    }
+}
+
 template <int TILES>
 __device__ __forceinline__ void mma_chunk(const MmaChunk<TILES>& chunk, int tiles, float (*acc)[4]) {
 #pragma unroll
     for (int tile = 0; tile < TILES; ++tile) {
         if (tile < tiles) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                mma_e4m3(acc[tile], word_of(chunk.w, 2 * i), word_of(chunk.w + 2, 2 * i), word_of(chunk.w, 2 * i + 1),
-                         word_of(chunk.w + 2, 2 * i + 1), word_of(chunk.x[tile], 2 * i),
-                         word_of(chunk.x[tile], 2 * i + 1));
-            }
+            mma_chunk_tile(acc[tile], chunk.w, chunk.x[tile]);
         }
     }
 }
@@ -564,6 +577,283 @@ extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32, 4) fp8_grouped_gemm
 }
 extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32, 4) fp8_grouped_gemm_mma_t4(MMA_KERNEL_PARAMS) {
     fp8_grouped_gemm_mma_tiles<4>(MMA_KERNEL_ARGS);
+}
+
+// One expert's FP8 GEMM of a few tokens spread evenly over every SM (stream-K: Osama et al., PPoPP 2023), for an
+// expert the grouped kernel above would leave alone: a lone small expert of a decode step, or one of 17..=32 tokens.
+// The grouped kernel gives each block 16 weight rows of one expert, which for one expert's down projection (5120
+// rows) is 320 blocks on 132 SMs: some SMs stream three blocks' rows, others two, and its 16 tokens' activations
+// were re-read from L2 by every block, as many bytes as the weights (docs/cuda.md: 24.2 us against cuBLASLt's 19.5
+// on an H100). Here:
+//   - the work is units of (row block of LONE_ROWS rows, 128-column chunk), numbered row block by row block; the grid
+//     is about two blocks per SM and block b takes units [units * b / blocks, units * (b + 1) / blocks), so every SM
+//     streams the same number of weight bytes whatever n and k are;
+//   - a block stages the activations of the chunks of its range in shared memory once (its range spans at most all
+//     k chunks), and its LONE_WARPS warps, one per 16 rows of the row block, read them there: the activations cost
+//     L2 one read per block instead of one per 16 rows;
+//   - each warp streams its rows' weights through a register ring as the grouped kernel does (3-4 chunks in
+//     flight, the first issued before the staging so that both latencies overlap) and multiplies with the same MMAs;
+//   - a row block whose chunks all fall in one block's range is written directly; the others (at most two per block:
+//     where its range starts and ends) leave each warp's partial sums in `workspace`, and the block that arrives last
+//     at a row block (`arrivals`, one counter per row block, reset to 0 by that block for the next launch) adds the
+//     partials in block order (deterministic: the same sums in the same order whoever arrives last) and writes them.
+// `a`: [tokens, k] codes, `a_scale`: [tokens], `w`: [n, k], `w_scale`: [n], `out`: [tokens, n], raw sums unless
+// apply_scales; n % LONE_ROWS == 0 and k % MMA_CHUNK == 0; the launch gives LONE_WARPS warps per block, at most as
+// many blocks as units, dynamic shared memory for min(largest range, k / 128) chunks of 8 * TILES tokens of
+// LONE_TOKEN_BYTES, a workspace of blocks * 2 * LONE_WARPS * TILES * 128 floats and n / LONE_ROWS zeroed arrival
+// counters (kernels/src/device/plan.rs computes the grid; cuda/kernels.rs checks and launches).
+#define LONE_WARPS 8
+#define LONE_ROWS (16 * LONE_WARPS)
+// One token's 128 staged columns and 16 bytes of padding: the eight tokens a quarter-warp reads sit 36 words apart,
+// in eight different groups of four banks.
+#define LONE_TOKEN_BYTES 144
+
+// Copies 16 bytes from global to shared memory without passing through registers (cp.async, sm_80+): a thread issues
+// all its copies of the staging back to back and waits once (lone_copies_wait), where a load and a store per piece
+// would wait for L2 once per piece.
+__device__ __forceinline__ void lone_copy16(void* shared, const void* global) {
+#ifdef SWITCHYARD_CPU_EMULATION
+    memcpy(shared, global, 16);
+#else
+    unsigned int address = (unsigned int)__cvta_generic_to_shared(shared);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global) : "memory");
+#endif
+}
+
+// Waits for this thread's cp.async copies (the block barrier after it makes everyone's visible).
+__device__ __forceinline__ void lone_copies_wait() {
+#ifndef SWITCHYARD_CPU_EMULATION
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// The block whose range holds unit `u`: the largest b with units * b / blocks <= u.
+__device__ __forceinline__ int lone_block_of(int u, int units, int blocks) {
+    return ((u + 1) * blocks - 1) / units;
+}
+
+// Starts loading a warp's weights of `unit` into a ring stage.
+__device__ __forceinline__ void lone_load(uint4* stage, const unsigned char* w, int k, int chunks, int unit,
+                                          int warp, int g, int t) {
+    int row_block = unit / chunks;
+    int chunk = unit % chunks;
+    const unsigned char* lo = w + (size_t)(row_block * LONE_ROWS + warp * 16 + g) * k + (size_t)chunk * MMA_CHUNK + t * 32;
+    mma_load_weights(stage, lo, lo + (size_t)8 * k);
+}
+
+// Writes a warp's sums of its 16 rows (from row0) in the MMA's C layout to out, scaled when asked.
+template <int TILES>
+__device__ __forceinline__ void lone_store(const float (*sums)[4], int row0, int tokens, int n,
+                                           const float* __restrict__ a_scale, const float* __restrict__ w_scale,
+                                           int apply_scales, float* __restrict__ out) {
+    int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int tile = 0; tile < TILES; ++tile) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int token = tile * 8 + (lane % 4) * 2 + (j & 1);
+            int row = row0 + lane / 4 + (j >= 2 ? 8 : 0);
+            if (token < tokens) {
+                float sum = sums[tile][j];
+                out[(size_t)token * n + row] = apply_scales ? sum * w_scale[row] * a_scale[token] : sum;
+            }
+        }
+    }
+}
+
+// The end of a row block in this block's range: its sums written directly, or as a partial (see above). Every warp of
+// the block calls it at the same unit. Zeroes the accumulators.
+template <int TILES>
+__device__ __forceinline__ void lone_finish_row_block(float (*acc)[4], int unit, int u0, int u1,
+                                                      int units, int chunks, int tokens, int n,
+                                                      const float* __restrict__ a_scale,
+                                                      const float* __restrict__ w_scale, int apply_scales,
+                                                      float* __restrict__ workspace,
+                                                      unsigned int* __restrict__ arrivals, float* __restrict__ out) {
+    __shared__ int lone_last;
+    constexpr int PARTIAL = TILES * 4 * 32;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int row_block = unit / chunks;
+    const int begin = row_block * chunks;
+    const int end = begin + chunks;
+    const int row0 = row_block * LONE_ROWS + warp * 16;
+    if (begin >= u0 && end <= u1) {
+        lone_store<TILES>(acc, row0, tokens, n, a_scale, w_scale, apply_scales, out);
+    } else {
+        const int blocks = gridDim.x;
+        // Slot 0: the first row block of the range; 1: its last.
+        const int which = row_block == u0 / chunks ? 0 : 1;
+        float* mine = workspace + ((size_t)(blockIdx.x * 2 + which) * LONE_WARPS + warp) * PARTIAL;
+#pragma unroll
+        for (int tile = 0; tile < TILES; ++tile) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                mine[(tile * 4 + j) * 32 + lane] = acc[tile][j];
+            }
+        }
+        // Publish the partial before counting in (the threadFenceReduction pattern of the CUDA samples).
+        __threadfence();
+        __syncthreads();
+        const int first_block = lone_block_of(begin, units, blocks);
+        const int last_block = lone_block_of(end - 1, units, blocks);
+        if (threadIdx.x == 0) {
+            unsigned int arrived = atomicAdd(arrivals + row_block, 1u);
+            lone_last = arrived == (unsigned int)(last_block - first_block);
+            if (lone_last) {
+                arrivals[row_block] = 0;
+            }
+        }
+        __syncthreads();
+        if (lone_last) {
+            __threadfence();
+            float sums[TILES][4];
+#pragma unroll
+            for (int tile = 0; tile < TILES; ++tile) {
+                sums[tile][0] = sums[tile][1] = sums[tile][2] = sums[tile][3] = 0.0f;
+            }
+            // Several blocks' partials loaded at once (16 values a lane: what the registers allow), then added in
+            // block order: this runs at the end of the kernel, and one L2 round trip per block would be its tail.
+            constexpr int BATCH = 4 / TILES;
+            for (int batch = first_block; batch <= last_block; batch += BATCH) {
+                float loaded[BATCH][TILES][4];
+#pragma unroll
+                for (int i = 0; i < BATCH; ++i) {
+                    const int b = batch + i;
+                    if (b <= last_block) {
+                        const int slot = row_block == (units * b / blocks) / chunks ? 0 : 1;
+                        const float* part = workspace + ((size_t)(b * 2 + slot) * LONE_WARPS + warp) * PARTIAL;
+#pragma unroll
+                        for (int tile = 0; tile < TILES; ++tile) {
+#pragma unroll
+                            for (int j = 0; j < 4; ++j) {
+                                // Through L2: another SM wrote it, and L1 is not coherent.
+                                loaded[i][tile][j] = __ldcg(part + (tile * 4 + j) * 32 + lane);
+                            }
+                        }
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < BATCH; ++i) {
+                    if (batch + i <= last_block) {
+#pragma unroll
+                        for (int tile = 0; tile < TILES; ++tile) {
+#pragma unroll
+                            for (int j = 0; j < 4; ++j) {
+                                sums[tile][j] += loaded[i][tile][j];
+                            }
+                        }
+                    }
+                }
+            }
+            lone_store<TILES>(sums, row0, tokens, n, a_scale, w_scale, apply_scales, out);
+        }
+    }
+#pragma unroll
+    for (int tile = 0; tile < TILES; ++tile) {
+        acc[tile][0] = acc[tile][1] = acc[tile][2] = acc[tile][3] = 0.0f;
+    }
+}
+
+template <int TILES>
+__device__ __forceinline__ void fp8_lone_expert_gemm_tiles(
+    const unsigned char* __restrict__ a, const float* __restrict__ a_scale, const unsigned char* __restrict__ w,
+    const float* __restrict__ w_scale, int tokens, int n, int k, int apply_scales, float* __restrict__ workspace,
+    unsigned int* __restrict__ arrivals, float* __restrict__ out) {
+#ifdef SWITCHYARD_CPU_EMULATION
+    unsigned char* staged = switchyard_emu_dynamic_shared<unsigned char>();
+#else
+    extern __shared__ uint4 lone_staged[];
+    unsigned char* staged = reinterpret_cast<unsigned char*>(lone_staged);
+#endif
+    constexpr int TOKENS = TILES * 8;
+    // Weight chunks in flight per warp (launch bounds: 128 registers; 32 tokens' accumulators leave room for three).
+    constexpr int LONE_STAGES = TILES == 4 ? 3 : 4;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4;
+    const int t = lane % 4;
+    const int chunks = k / MMA_CHUNK;
+    const int units = (n / LONE_ROWS) * chunks;
+    const int u0 = (int)(units * blockIdx.x / gridDim.x);
+    const int u1 = (int)(units * (blockIdx.x + 1) / gridDim.x);
+    if (u0 >= u1 || tokens <= 0 || tokens > TOKENS) {
+        return;
+    }
+    const int tiles = (tokens + 7) / 8;
+    const int first_chunk = u0 % chunks;
+    const int staged_chunks = min(u1 - u0, chunks);
+
+    uint4 ring[LONE_STAGES][4];
+#pragma unroll
+    for (int s = 0; s < LONE_STAGES; ++s) {
+        if (u0 + s < u1) {
+            lone_load(ring[s], w, k, chunks, u0 + s, warp, g, t);
+        }
+    }
+    // The range's activations, chunk by chunk from its first, token-major; tokens past `tokens` are zero.
+    const int pieces = staged_chunks * TOKENS * (MMA_CHUNK / 16);
+    for (int i = threadIdx.x; i < pieces; i += blockDim.x) {
+        const int piece = i % (MMA_CHUNK / 16);
+        const int token = (i / (MMA_CHUNK / 16)) % TOKENS;
+        const int slot = i / ((MMA_CHUNK / 16) * TOKENS);
+        const int chunk = (first_chunk + slot) % chunks;
+        unsigned char* target = staged + ((size_t)slot * TOKENS + token) * LONE_TOKEN_BYTES + piece * 16;
+        if (token < tokens) {
+            lone_copy16(target, a + (size_t)token * k + (size_t)chunk * MMA_CHUNK + piece * 16);
+        } else {
+            *reinterpret_cast<uint4*>(target) = make_uint4(0, 0, 0, 0);
+        }
+    }
+    lone_copies_wait();
+    __syncthreads();
+
+    float acc[TILES][4];
+#pragma unroll
+    for (int tile = 0; tile < TILES; ++tile) {
+        acc[tile][0] = acc[tile][1] = acc[tile][2] = acc[tile][3] = 0.0f;
+    }
+    for (int base = u0; base < u1; base += LONE_STAGES) {
+#pragma unroll
+        for (int s = 0; s < LONE_STAGES; ++s) {
+            const int unit = base + s;
+            if (unit < u1) {
+                const int chunk = unit % chunks;
+                const int slot = (chunk - first_chunk + chunks) % chunks;
+                const unsigned char* panel = staged + (size_t)slot * TOKENS * LONE_TOKEN_BYTES + t * 32;
+#pragma unroll
+                for (int tile = 0; tile < TILES; ++tile) {
+                    if (tile < tiles) {
+                        const uint4* x = reinterpret_cast<const uint4*>(panel + (tile * 8 + g) * LONE_TOKEN_BYTES);
+                        const uint4 pair[2] = {x[0], x[1]};
+                        mma_chunk_tile(acc[tile], ring[s], pair);
+                    }
+                }
+                if (unit + LONE_STAGES < u1) {
+                    lone_load(ring[s], w, k, chunks, unit + LONE_STAGES, warp, g, t);
+                }
+                if (chunk == chunks - 1 || unit == u1 - 1) {
+                    lone_finish_row_block<TILES>(acc, unit, u0, u1, units, chunks, tokens, n, a_scale, w_scale,
+                                                 apply_scales, workspace, arrivals, out);
+                }
+            }
+        }
+    }
+}
+
+#define LONE_KERNEL_PARAMS                                                                                          \
+    const unsigned char *__restrict__ a, const float *__restrict__ a_scale, const unsigned char *__restrict__ w,  \
+        const float *__restrict__ w_scale, int tokens, int n, int k, int apply_scales,                            \
+        float *__restrict__ workspace, unsigned int *__restrict__ arrivals, float *__restrict__ out
+#define LONE_KERNEL_ARGS a, a_scale, w, w_scale, tokens, n, k, apply_scales, workspace, arrivals, out
+extern "C" __global__ void __launch_bounds__(LONE_WARPS * 32, 2) fp8_lone_expert_gemm_t1(LONE_KERNEL_PARAMS) {
+    fp8_lone_expert_gemm_tiles<1>(LONE_KERNEL_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(LONE_WARPS * 32, 2) fp8_lone_expert_gemm_t2(LONE_KERNEL_PARAMS) {
+    fp8_lone_expert_gemm_tiles<2>(LONE_KERNEL_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(LONE_WARPS * 32, 2) fp8_lone_expert_gemm_t4(LONE_KERNEL_PARAMS) {
+    fp8_lone_expert_gemm_tiles<4>(LONE_KERNEL_ARGS);
 }
 
 // The epilogue after cuBLASLt's FP8 GEMM with unit scales: out[i, j] *= a_scale[i] * w_scale[j]. Exact in the sense

@@ -395,6 +395,101 @@ fn fp8_grouped_gemm_matches_the_cpu_reference() {
     }
 }
 
+/// The lone-expert kernel (one expert over the whole GPU, stream-K) against the CPU's f64 reference: every tile
+/// count, partly filled tiles, grids where every row block is split over several blocks, where some are whole in one
+/// block and where one block takes everything, scaled and raw sums; the other experts' rows are left alone, and the
+/// same launch gives the same bits again (the partials are added in a fixed order, and the arrival counters are back
+/// at zero after each launch).
+#[test]
+fn fp8_lone_expert_gemm_matches_the_cpu_reference() {
+    let Some(device) = gpu("fp8_lone_expert_gemm") else { return };
+    let mut r = rng(11);
+    // 3 row blocks of 128 rows x 8 chunks of 128 columns: 24 units.
+    let (experts, n, k) = (3, 384, 1024);
+    let codes = fp8_codes(&mut r, experts * n * k);
+    let w_scale = positive_scales(&mut r, experts * n, 1.0 / 448.0);
+    let (w_dev, w_scale_dev) = (device.upload(&codes).expect("upload"), device.upload(&w_scale).expect("upload"));
+    let expert = 1;
+    let weight = Fp8Weight { codes: &codes[n * k..2 * n * k], scales: &w_scale[n..2 * n], rows: n, cols: k };
+    for tokens in [1, 8, 9, 16, 21, 32] {
+        // Expert 0 has 3 slots before expert 1's, expert 2 has 2 after.
+        let counts = [3, tokens, 2];
+        let routed: Vec<u32> = counts.iter().enumerate().flat_map(|(e, &c)| std::iter::repeat_n(e as u32, c)).collect();
+        let plan = ExpertPlan::new(&routed, experts).expect("plan");
+        let (first, slots) = (plan.offsets[expert] as usize, routed.len());
+        let a_codes = fp8_codes(&mut r, slots * k);
+        let a_scale = positive_scales(&mut r, slots, 1.0 / 448.0);
+        let offsets = device.upload(&plan.offsets).expect("upload");
+        let (a_dev, a_scale_dev) = (device.upload(&a_codes).expect("upload"), device.upload(&a_scale).expect("upload"));
+        let mut a = vec![0.0; slots * k];
+        dequantize_rows(&a_codes, k, &a_scale, &mut a);
+        let x = &a[first * k..(first + tokens) * k];
+        let mut want = vec![0.0; tokens * n];
+        matmul_fp8_reference(x, tokens, weight, &mut want).expect("reference");
+        let size = magnitude(x, tokens, &weight);
+        for apply_scales in [true, false] {
+            let gemm = GroupedGemm {
+                a: &a_dev.as_view(),
+                a_scale: &a_scale_dev.as_view(),
+                offsets: &offsets.as_view(),
+                w: &w_dev.as_view(),
+                w_scale: &w_scale_dev.as_view(),
+                n,
+                k,
+                apply_scales,
+            };
+            // None: the default grid (more blocks than units here: one unit each, every row block split 8 ways).
+            for blocks in [None, Some(1), Some(2), Some(5), Some(7)] {
+                let run = || {
+                    let mut out = device.zeros::<f32>(slots * n).expect("alloc");
+                    device
+                        .fp8_lone_expert_gemm(&gemm, expert, first, tokens, blocks, &mut out.as_view_mut())
+                        .expect("lone expert gemm");
+                    device.download(&out).expect("download")
+                };
+                let got = run();
+                let what = format!("{tokens} tokens, {blocks:?} blocks, scaled {apply_scales}");
+                let rows = first * n..(first + tokens) * n;
+                assert!(
+                    got[..rows.start].iter().chain(&got[rows.end..]).all(|&v| v == 0.0),
+                    "{what}: other experts' rows written"
+                );
+                let unscale = |i: usize| {
+                    if apply_scales {
+                        1.0
+                    } else {
+                        w_scale[n + i % n] * a_scale[first + i / n]
+                    }
+                };
+                let scaled: Vec<f32> = got[rows].iter().enumerate().map(|(i, &v)| v * unscale(i)).collect();
+                assert_within(&scaled, &want, |i| f64::from(size[i]) / 4096.0 + 1e-30, &what);
+                assert_eq!(run(), got, "{what}: a second launch gives other bits");
+            }
+        }
+    }
+    // What the kernel cannot take is refused before launching.
+    let offsets = device.upload(&[0u32, 0, 40, 40]).expect("upload");
+    let a_dev = device.zeros::<u8>(40 * k).expect("alloc");
+    let a_scale_dev = device.zeros::<f32>(40).expect("alloc");
+    let gemm = GroupedGemm {
+        a: &a_dev.as_view(),
+        a_scale: &a_scale_dev.as_view(),
+        offsets: &offsets.as_view(),
+        w: &w_dev.as_view(),
+        w_scale: &w_scale_dev.as_view(),
+        n,
+        k,
+        apply_scales: false,
+    };
+    let mut out = device.zeros::<f32>(40 * n).expect("alloc");
+    for (expert, first, tokens, what) in [(1, 0, 40, "tokens = 40"), (3, 0, 8, "expert 3"), (1, 36, 8, "slots 36..44")]
+    {
+        let err =
+            device.fp8_lone_expert_gemm(&gemm, expert, first, tokens, None, &mut out.as_view_mut()).expect_err(what);
+        assert!(err.to_string().contains(what), "{err}");
+    }
+}
+
 /// The whole routed-expert layer on the GPU against the CPU path with per-token FP8 activations (what
 /// `ExpertWeights::forward` does with `ActivationPrecision::Fp8PerToken`).
 #[test]
@@ -1085,6 +1180,9 @@ fn bench_measures_every_case_on_small_shapes() {
     for row in &report.rows {
         let timed = [row.ours_us, row.cublaslt_us, row.weight_tb_per_s, row.tflops];
         assert!(timed.iter().all(|v| v.is_finite() && *v > 0.0), "{row:?}");
+        // The lone-expert kernel is timed on the one-expert case it takes (up to 32 tokens), and only there.
+        let lone_case = row.case == "one expert" && row.tokens <= 32;
+        assert_eq!(row.lone_us.is_some_and(|us| us.is_finite() && us > 0.0), lone_case, "{row:?}");
     }
     let bad = GemmBenchConfig { copy_bytes: 0, ..config };
     assert!(bench_expert_gemm(0, &bad).is_err());

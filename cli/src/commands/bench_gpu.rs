@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use switchyard_kernels::device::gpu_bench::{GemmBenchConfig, GemmBenchReport, DOWN, GATE_UP};
+use switchyard_kernels::device::gpu_bench::{GemmBenchConfig, GemmBenchReport, GemmBenchRow, DOWN, GATE_UP};
 use switchyard_kernels::device::{bench_expert_gemm, Device};
 
 /// The issue's targets: our path against cuBLASLt at >= 2048 tokens, and weight streaming at <= 128 tokens.
@@ -81,7 +81,12 @@ fn print_table(report: &GemmBenchReport) {
         report.small_m_max_tokens, report.calls_per_sample
     );
     println!(
-        "{:<8} {:<11} {:>6} {:>7} {:>8} {:>10} {:>12} {:>8} {:>10} {:>9} {:>10} {:>9}",
+        "lone: the lone-expert kernel (one expert over every SM, stream-K) on each one-expert case it takes; the \
+         plan runs it for experts of up to {} tokens (0: never)",
+        report.lone_expert_max_tokens
+    );
+    println!(
+        "{:<8} {:<11} {:>6} {:>7} {:>8} {:>10} {:>12} {:>8} {:>10} {:>9} {:>10} {:>9} {:>8} {:>10}",
         "shape",
         "case",
         "tokens",
@@ -93,11 +98,13 @@ fn print_table(report: &GemmBenchReport) {
         "weight TB/s",
         "of copy",
         "anchor us",
-        "TFLOP/s"
+        "TFLOP/s",
+        "lone us",
+        "lone TB/s"
     );
     for row in &report.rows {
         println!(
-            "{:<8} {:<11} {:>6} {:>7} {:>8} {:>10.1} {:>12.1} {:>8.2} {:>10.2} {:>9.2} {:>10} {:>9.1}",
+            "{:<8} {:<11} {:>6} {:>7} {:>8} {:>10.1} {:>12.1} {:>8.2} {:>10.2} {:>9.2} {:>10} {:>9.1} {:>8} {:>10}",
             row.shape,
             row.case,
             row.tokens,
@@ -109,13 +116,20 @@ fn print_table(report: &GemmBenchReport) {
             row.weight_tb_per_s,
             row.weight_tb_per_s / report.copy_tb_per_s,
             row.anchor_us.map(|a| format!("{a:.0}")).unwrap_or_else(|| "-".into()),
-            row.tflops
+            row.tflops,
+            row.lone_us.map(|us| format!("{us:.1}")).unwrap_or_else(|| "-".into()),
+            lone_tb_per_s(row).map(|rate| format!("{rate:.2}")).unwrap_or_else(|| "-".into()),
         );
     }
     println!(
         "targets (issue 6): ours >= {TARGET_OF_CUBLASLT} of cuBLASLt (\"of cuBL\") at >= 2048 tokens; weight streaming \
          >= {TARGET_STREAMING_TB_PER_S} TB/s at <= 128 tokens (the anchor: 1.83 TB/s for one expert)"
     );
+}
+
+/// The lone-expert kernel's weight streaming: the same bytes as ours in its time.
+fn lone_tb_per_s(row: &GemmBenchRow) -> Option<f64> {
+    row.lone_us.map(|us| row.weight_tb_per_s * row.ours_us / us)
 }
 
 fn to_json(report: &GemmBenchReport, config: &GemmBenchConfig) -> serde_json::Value {
@@ -131,6 +145,7 @@ fn to_json(report: &GemmBenchReport, config: &GemmBenchConfig) -> serde_json::Va
                 "weight_tb_per_s": row.weight_tb_per_s,
                 "ratio_to_copy": row.weight_tb_per_s / report.copy_tb_per_s,
                 "tflops": row.tflops, "anchor_us": row.anchor_us,
+                "lone_us": row.lone_us, "lone_weight_tb_per_s": lone_tb_per_s(row),
             })
         })
         .collect();
@@ -139,6 +154,7 @@ fn to_json(report: &GemmBenchReport, config: &GemmBenchConfig) -> serde_json::Va
         "device": report.device,
         "copy_tb_per_s": report.copy_tb_per_s,
         "small_m_max_tokens": report.small_m_max_tokens,
+        "lone_expert_max_tokens": report.lone_expert_max_tokens,
         "experts": config.experts,
         "zipf": config.zipf,
         "iterations": config.iterations,

@@ -109,6 +109,13 @@ static inline T __ldcs(const T* p) {
     return *p;
 }
 
+// The L2-only load (skipping the SM's L1, which is not coherent with other SMs' writes): a plain read here, where
+// every block's writes are visible at once.
+template <typename T>
+static inline T __ldcg(const T* p) {
+    return *p;
+}
+
 // Atomics (only atomicAdd is used): fibers never interleave inside a read-modify-write.
 template <typename T>
 static inline T atomicAdd(T* address, T value) {

@@ -76,6 +76,9 @@ pub struct GemmBenchRow {
     pub ours_us: f64,
     /// Median of cuBLASLt FP8 alone on the same problem (unit scales, no epilogue, one call per expert), us.
     pub cublaslt_us: f64,
+    /// Median of the lone-expert kernel (`fp8_lone_expert_gemm`, one expert over the whole GPU) on a one-expert case
+    /// it can take (up to 32 tokens), whether or not the plan chooses it, us.
+    pub lone_us: Option<f64>,
     /// Weight bytes read per call / our time, TB/s.
     pub weight_tb_per_s: f64,
     /// 2 * tokens * k * n / our time, TFLOP/s.
@@ -93,6 +96,8 @@ pub struct GemmBenchReport {
     pub copy_tb_per_s: f64,
     /// Experts with up to this many tokens ran in the streaming kernel, larger ones in cuBLASLt.
     pub small_m_max_tokens: usize,
+    /// Experts left to cuBLASLt with up to this many tokens ran in the lone-expert kernel instead (0: none).
+    pub lone_expert_max_tokens: usize,
     /// Calls per timed sample (the config's).
     pub calls_per_sample: usize,
     /// The cases.

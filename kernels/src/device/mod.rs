@@ -35,10 +35,10 @@ pub use backend::{
     bench_expert_gemm, compile_cuda_source, CudaDevice, CudaSlice, CudaView, CudaViewMut, DenseWeight, GpuExpertLayer,
 };
 /// The operands of the grouped FP8 expert GEMM, the scales a later kernel applies to its raw sums, the tensor-core
-/// streaming kernel's limits and the streaming threshold in force (`cuda` feature only: the expert path's kernels
+/// streaming kernel's limits and the thresholds in force (`cuda` feature only: the expert path's kernels
 /// have no stand-ins).
 #[cfg(feature = "cuda")]
-pub use backend::{small_m_max_tokens, ExpertScales, GroupedGemm, MMA_CHUNK, MMA_MAX_TOKENS};
+pub use backend::{lone_expert_max_tokens, small_m_max_tokens, ExpertScales, GroupedGemm, MMA_CHUNK, MMA_MAX_TOKENS};
 /// Plain argument types of the device kernels (the KV cache's element types among them), and the bf16 codec of dense
 /// weights and bf16 KV (every build).
 pub use types::{bf16_bits_to_f32, f32_to_bf16_bits, DenseDtype, KvDtype, KvElement, KvWrite, PagedDecode};

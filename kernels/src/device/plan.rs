@@ -19,6 +19,98 @@ pub const SMALL_M_MAX_TOKENS: usize = 16;
 /// in cuBLASLt. The crossover between one and nine experts is not measured; two is a guess.
 pub const MIN_STREAMING_EXPERTS: usize = 2;
 
+/// Experts that would go to cuBLASLt with at most this many tokens run in `fp8_lone_expert_gemm` instead (one expert
+/// over the whole GPU, stream-K; [`LoneExpertGrid`]); 0 leaves them all to cuBLASLt. The default of the GPU path
+/// (`SWITCHYARD_LONE_EXPERT_MAX_TOKENS` overrides it, up to [`LONE_MAX_TOKENS`]). Off until `switchyard bench gpu`
+/// has timed the kernel on a GPU: its "lone us" column measures it next to cuBLASLt for every one-expert row it can
+/// take, whatever this says.
+pub const LONE_EXPERT_MAX_TOKENS: usize = 0;
+
+/// Most tokens `fp8_lone_expert_gemm` takes (`_t4`: four 8-token tiles).
+pub const LONE_MAX_TOKENS: usize = 32;
+/// Weight rows of one unit of `fp8_lone_expert_gemm` (its `LONE_ROWS`: 16 per warp, `LONE_WARPS` = 8 warps); `n`
+/// must be a multiple.
+pub const LONE_ROWS: usize = 128;
+/// Columns of one unit (the MMA kernels' `MMA_CHUNK`); `k` must be a multiple.
+pub const LONE_CHUNK: usize = 128;
+/// Threads of one block (`LONE_WARPS` warps).
+pub const LONE_THREADS: usize = 256;
+/// Blocks per SM the grid aims at: the kernels' launch bounds (128 registers) let two blocks of 256 threads share
+/// an SM.
+const LONE_BLOCKS_PER_SM: usize = 2;
+/// Shared memory of one staged token's chunk (its `LONE_TOKEN_BYTES`: 128 codes and 16 bytes of padding).
+const LONE_TOKEN_BYTES: usize = 144;
+/// Most shared memory a block stages: two blocks must fit an SM (an H100 has 228 KiB).
+const LONE_SHARED_LIMIT: usize = 100 * 1024;
+
+/// How `fp8_lone_expert_gemm` is launched for one expert's `tokens` x `n` x `k` GEMM on a GPU of `sms` SMs: the work
+/// is `(n / 128) * (k / 128)` units of 128 weight rows x 128 columns, split evenly (to one unit) over the blocks, which
+/// stage the activations of their units' chunks in shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoneExpertGrid {
+    /// 8-token tiles of the kernel (1, 2 or 4: `fp8_lone_expert_gemm_t1/_t2/_t4`).
+    pub tiles: usize,
+    /// Units of work: row blocks times chunks.
+    pub units: usize,
+    /// Blocks of the launch (at most `units`).
+    pub blocks: usize,
+    /// Dynamic shared memory of a block, bytes.
+    pub shared_bytes: usize,
+    /// Floats of the partial-sum workspace: two partials of every warp of every block.
+    pub workspace_floats: usize,
+    /// Row blocks (`n / 128`): the arrival counters.
+    pub row_blocks: usize,
+}
+
+impl LoneExpertGrid {
+    /// The grid for `sms` SMs, or with `blocks` blocks when given (tests and tuning; at least 1, at most `units`).
+    pub fn new(tokens: usize, n: usize, k: usize, sms: usize, blocks: Option<usize>) -> Result<Self, KernelError> {
+        const OP: &str = "lone expert grid";
+        if !(1..=LONE_MAX_TOKENS).contains(&tokens) {
+            return Err(KernelError::invalid(OP, format!("tokens = {tokens} must be in 1..={LONE_MAX_TOKENS}")));
+        }
+        if n == 0 || k == 0 || n % LONE_ROWS != 0 || k % LONE_CHUNK != 0 {
+            return Err(KernelError::invalid(
+                OP,
+                format!("n = {n} must be a positive multiple of {LONE_ROWS} and k = {k} of {LONE_CHUNK}"),
+            ));
+        }
+        let tiles = tokens.div_ceil(8).next_power_of_two();
+        let (row_blocks, chunks) = (n / LONE_ROWS, k / LONE_CHUNK);
+        let units = row_blocks * chunks;
+        let chunk_bytes = 8 * tiles * LONE_TOKEN_BYTES;
+        // A block's range spans at most `LONE_SHARED_LIMIT / chunk_bytes` units, so that its staged chunks fit.
+        let longest = LONE_SHARED_LIMIT / chunk_bytes;
+        let blocks = match blocks {
+            Some(0) => return Err(KernelError::invalid(OP, "a grid needs at least one block")),
+            Some(blocks) => blocks.min(units),
+            None => (sms.max(1) * LONE_BLOCKS_PER_SM).max(units.div_ceil(longest)).min(units),
+        };
+        // The kernel computes `units * block / blocks` in 32 bits.
+        if units.checked_mul(blocks + 1).is_none_or(|v| v > i32::MAX as usize) {
+            return Err(KernelError::invalid(
+                OP,
+                format!("{units} units over {blocks} blocks exceed the kernel's i32 range"),
+            ));
+        }
+        let range = units.div_ceil(blocks);
+        if range.min(chunks) * chunk_bytes > LONE_SHARED_LIMIT {
+            return Err(KernelError::invalid(
+                OP,
+                format!("{blocks} blocks leave {range} units per block, more than shared memory stages"),
+            ));
+        }
+        Ok(LoneExpertGrid {
+            tiles,
+            units,
+            blocks,
+            shared_bytes: range.min(chunks) * chunk_bytes,
+            workspace_floats: blocks * 2 * (LONE_ROWS / 16) * tiles * 128,
+            row_blocks,
+        })
+    }
+}
+
 /// One expert's FP8 weights in nn.Linear layout, borrowed from the host (the model's checkpoint mmap).
 #[derive(Debug, Clone, Copy)]
 pub struct Fp8Expert<'a> {
@@ -198,6 +290,42 @@ mod tests {
         assert!(err.to_string().contains("expert 0 up has 512 codes and 3 scales"), "{err}");
         let odd = Fp8Expert { gate: weight(24, 16), up: weight(24, 16), down: weight(16, 24) };
         assert!(ExpertDims::of(&[odd]).expect_err("24").to_string().contains("multiples of 16"));
+    }
+
+    #[test]
+    fn lone_expert_grid_spreads_units_evenly_within_shared_memory() {
+        // Maverick's down projection, 16 tokens, an H100: 40 row blocks x 64 chunks over 264 blocks.
+        let down = LoneExpertGrid::new(16, 5120, 8192, 132, None).expect("grid");
+        assert_eq!((down.tiles, down.units, down.blocks, down.row_blocks), (2, 2560, 264, 40));
+        assert_eq!(down.shared_bytes, 10 * 16 * 144);
+        assert_eq!(down.workspace_floats, 264 * 2 * 8 * 2 * 128);
+        // gate_up at 32 tokens: 20 units per block, 20 chunks of 32 tokens staged (90 KiB).
+        let gate_up = LoneExpertGrid::new(32, 16384, 5120, 132, None).expect("grid");
+        assert_eq!((gate_up.tiles, gate_up.blocks, gate_up.shared_bytes), (4, 264, 20 * 32 * 144));
+        // Few SMs: more blocks than two per SM, so that a block's chunks still fit.
+        let small_gpu = LoneExpertGrid::new(32, 16384, 5120, 8, None).expect("grid");
+        assert!(small_gpu.blocks > 16 && small_gpu.shared_bytes <= LONE_SHARED_LIMIT, "{small_gpu:?}");
+        // A range longer than k stages every chunk once.
+        let tiny = LoneExpertGrid::new(3, 256, 256, 132, Some(1)).expect("grid");
+        assert_eq!((tiny.tiles, tiny.units, tiny.blocks, tiny.shared_bytes), (1, 4, 1, 2 * 8 * 144));
+        // More blocks than units are clamped; 17..=32 tokens take four tiles.
+        assert_eq!(LoneExpertGrid::new(17, 256, 256, 132, Some(99)).expect("grid").blocks, 4);
+        assert_eq!(LoneExpertGrid::new(17, 256, 256, 132, None).expect("grid").tiles, 4);
+    }
+
+    #[test]
+    fn lone_expert_grid_refuses_what_the_kernel_cannot_take() {
+        for (tokens, n, k, what) in [
+            (0, 256, 256, "tokens = 0"),
+            (33, 256, 256, "tokens = 33"),
+            (8, 272, 256, "n = 272"),
+            (8, 256, 200, "k = 200"),
+            (8, 0, 256, "n = 0"),
+        ] {
+            let err = LoneExpertGrid::new(tokens, n, k, 132, None).expect_err(what);
+            assert!(err.to_string().contains(what), "{err}");
+        }
+        assert!(LoneExpertGrid::new(8, 256, 256, 132, Some(0)).is_err());
     }
 
     #[test]

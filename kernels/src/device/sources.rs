@@ -29,6 +29,9 @@ pub const EXPERTS_CU: CudaSource = CudaSource {
         "fp8_grouped_gemm_mma_t1",
         "fp8_grouped_gemm_mma_t2",
         "fp8_grouped_gemm_mma_t4",
+        "fp8_lone_expert_gemm_t1",
+        "fp8_lone_expert_gemm_t2",
+        "fp8_lone_expert_gemm_t4",
         "scale_rows_cols",
     ],
 };

@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys::CUevent_flags, CudaSlice};
 
-use super::experts::small_m_max_tokens;
+use super::experts::{lone_expert_max_tokens, small_m_max_tokens};
 use super::kernels::GroupedGemm;
 use super::{driver, CudaDevice};
 use crate::device::gpu_bench::{
     anchor_us, splitmix64, zipf_routing, GemmBenchConfig, GemmBenchReport, GemmBenchRow, GemmShape,
 };
-use crate::device::plan::ExpertPlan;
+use crate::device::plan::{ExpertPlan, LoneExpertGrid};
 use crate::error::KernelError;
 
 /// Event-timed samples of several paths over the same problem, interleaved (a sample of each path in turn, then the
@@ -105,8 +105,16 @@ fn shape_buffers(
     })
 }
 
-/// Times one case: our path for `plan` (rotating the weights over the `experts` given by `weight_of(i)`), and
-/// cuBLASLt alone for the same expert token counts.
+/// What one case measured, microseconds.
+struct Measured {
+    ours: f64,
+    cublaslt: f64,
+    /// `fp8_lone_expert_gemm` on the plan's one expert, when asked for.
+    lone: Option<f64>,
+}
+
+/// Times one case: our path for `plan` (rotating the weights over `rotate` experts), cuBLASLt alone for the same
+/// expert token counts, and with `lone` the lone-expert kernel on the plan's single expert.
 fn measure(
     device: &CudaDevice,
     config: &GemmBenchConfig,
@@ -114,7 +122,8 @@ fn measure(
     buffers: &mut ShapeBuffers,
     plan: &ExpertPlan,
     rotate: usize,
-) -> Result<(f64, f64), KernelError> {
+    lone: bool,
+) -> Result<Measured, KernelError> {
     let (n, k) = (shape.n, shape.k);
     let experts = plan.offsets.len() - 1;
     let slots = plan.slot_row.len();
@@ -159,8 +168,28 @@ fn measure(
         }
         Ok(())
     };
-    let [ours, cublaslt] = interleaved_medians_us(device, config, &mut [&mut ours, &mut cublaslt])?;
-    Ok((ours, cublaslt))
+    if !lone {
+        let [ours, cublaslt] = interleaved_medians_us(device, config, &mut [&mut ours, &mut cublaslt])?;
+        return Ok(Measured { ours, cublaslt, lone: None });
+    }
+    let mut lone = |i: usize| {
+        let expert = i % rotate;
+        let w = weights.slice(expert * n * k..(expert + 1) * n * k);
+        let w_scale = w_scale.slice(expert * n..(expert + 1) * n);
+        let gemm = GroupedGemm {
+            a: &a.slice(..slots * k),
+            a_scale: &a_scale.slice(..slots),
+            offsets: &offsets.as_view(),
+            w: &w,
+            w_scale: &w_scale,
+            n,
+            k,
+            apply_scales: false,
+        };
+        device.fp8_lone_expert_gemm(&gemm, 0, 0, slots, None, &mut out.borrow_mut().slice_mut(..slots * n))
+    };
+    let [ours, cublaslt, lone] = interleaved_medians_us(device, config, &mut [&mut ours, &mut cublaslt, &mut lone])?;
+    Ok(Measured { ours, cublaslt, lone: Some(lone) })
 }
 
 /// Runs the benchmark on GPU `ordinal`.
@@ -188,46 +217,47 @@ pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<Gem
         for &tokens in &config.tokens {
             // One expert: all tokens to expert 0 of a one-expert plan, its weights rotated over the layer's experts.
             let one = ExpertPlan::new(&vec![0; tokens], 1)?;
-            let (ours, cublaslt) = measure(&device, config, shape, &mut buffers, &one, config.experts)?;
-            rows.push(row(shape, "one expert", tokens, 1, tokens, ours, cublaslt, n * k));
+            let lone = LoneExpertGrid::new(tokens, n, k, device.sms(), None).is_ok();
+            let measured = measure(&device, config, shape, &mut buffers, &one, config.experts, lone)?;
+            rows.push(row(shape, "one expert", tokens, 1, tokens, &measured, n * k));
             // Grouped: Zipf-routed over all experts.
             let routed = zipf_routing(tokens, config.experts, config.zipf, config.seed ^ tokens as u64);
             let plan = ExpertPlan::new(&routed, config.experts)?;
             let busy = (0..config.experts).filter(|&e| plan.tokens(e) > 0).count();
             let max_per_expert = (0..config.experts).map(|e| plan.tokens(e)).max().unwrap_or(0);
-            let (ours, cublaslt) = measure(&device, config, shape, &mut buffers, &plan, 1)?;
-            rows.push(row(shape, "grouped", tokens, busy, max_per_expert, ours, cublaslt, busy * n * k));
+            let measured = measure(&device, config, shape, &mut buffers, &plan, 1, false)?;
+            rows.push(row(shape, "grouped", tokens, busy, max_per_expert, &measured, busy * n * k));
         }
     }
     Ok(GemmBenchReport {
         device: format!("{} (cuda:{ordinal})", device.name()),
         copy_tb_per_s,
         small_m_max_tokens: small_m_max_tokens()?,
+        lone_expert_max_tokens: lone_expert_max_tokens()?,
         calls_per_sample: config.calls_per_sample.max(1),
         rows,
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn row(
     shape: &GemmShape,
     case: &'static str,
     tokens: usize,
     experts: usize,
     max_tokens_per_expert: usize,
-    ours_us: f64,
-    cublaslt_us: f64,
+    measured: &Measured,
     weight_bytes: usize,
 ) -> GemmBenchRow {
-    let seconds = ours_us * 1e-6;
+    let seconds = measured.ours * 1e-6;
     GemmBenchRow {
         shape: shape.name,
         case,
         tokens,
         experts,
         max_tokens_per_expert,
-        ours_us,
-        cublaslt_us,
+        ours_us: measured.ours,
+        cublaslt_us: measured.cublaslt,
+        lone_us: measured.lone,
         weight_tb_per_s: weight_bytes as f64 / seconds / 1e12,
         tflops: 2.0 * tokens as f64 * shape.k as f64 * shape.n as f64 / seconds / 1e12,
         anchor_us: anchor_us(shape, case, tokens),

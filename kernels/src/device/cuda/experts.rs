@@ -12,7 +12,9 @@ use cudarc::driver::{CudaSlice, CudaViewMut};
 
 use super::kernels::{GroupedGemm, MMA_CHUNK, MMA_MAX_TOKENS};
 use super::{driver, CudaDevice};
-use crate::device::plan::{ExpertDims, ExpertPlan, Fp8Expert, SMALL_M_MAX_TOKENS};
+use crate::device::plan::{
+    ExpertDims, ExpertPlan, Fp8Expert, LONE_EXPERT_MAX_TOKENS, LONE_MAX_TOKENS, LONE_ROWS, SMALL_M_MAX_TOKENS,
+};
 use crate::error::{check_len, product, KernelError};
 
 /// Whether `SWITCHYARD_SMALL_GEMM=simt` forces the CUDA-core streaming kernel instead of the tensor-core one (to
@@ -22,29 +24,46 @@ fn simt_forced() -> bool {
     *SIMT.get_or_init(|| std::env::var("SWITCHYARD_SMALL_GEMM").is_ok_and(|v| v.trim().eq_ignore_ascii_case("simt")))
 }
 
+/// A token count from the environment variable `variable` (at most `max`), else `default`: the expert path's tuning
+/// knobs for `switchyard bench gpu` on a new GPU. A value out of range is an error of every GPU expert call, not a
+/// silent default.
+fn token_knob(variable: &str, default: usize, max: usize) -> Result<usize, String> {
+    match std::env::var(variable) {
+        Ok(value) => match value.trim().parse::<usize>() {
+            Ok(tokens) if tokens <= max => Ok(tokens),
+            _ => Err(format!("{variable} = {value:?} must be a token count up to {max}")),
+        },
+        Err(_) => Ok(default),
+    }
+}
+
 /// The most tokens of an expert the streaming kernel takes: `SWITCHYARD_SMALL_M_MAX_TOKENS` (0 sends every expert to
-/// cuBLASLt; at most [`MMA_MAX_TOKENS`]), else [`SMALL_M_MAX_TOKENS`]. A tuning knob for `switchyard bench gpu` on a
-/// new GPU; read once, and a value out of range is an error of every GPU expert call, not a silent default.
+/// cuBLASLt; at most [`MMA_MAX_TOKENS`]), else [`SMALL_M_MAX_TOKENS`]. Read once.
 pub fn small_m_max_tokens() -> Result<usize, KernelError> {
     static THRESHOLD: OnceLock<Result<usize, String>> = OnceLock::new();
     THRESHOLD
-        .get_or_init(|| match std::env::var("SWITCHYARD_SMALL_M_MAX_TOKENS") {
-            Ok(value) => match value.trim().parse::<usize>() {
-                Ok(tokens) if tokens <= MMA_MAX_TOKENS => Ok(tokens),
-                _ => Err(format!(
-                    "SWITCHYARD_SMALL_M_MAX_TOKENS = {value:?} must be a token count up to {MMA_MAX_TOKENS}"
-                )),
-            },
-            Err(_) => Ok(SMALL_M_MAX_TOKENS),
-        })
+        .get_or_init(|| token_knob("SWITCHYARD_SMALL_M_MAX_TOKENS", SMALL_M_MAX_TOKENS, MMA_MAX_TOKENS))
         .clone()
         .map_err(|message| KernelError::invalid("streaming threshold", message))
+}
+
+/// The most tokens of an expert that runs alone over the whole GPU (`fp8_lone_expert_gemm`) instead of in cuBLASLt:
+/// `SWITCHYARD_LONE_EXPERT_MAX_TOKENS` (0: none; at most [`LONE_MAX_TOKENS`]), else [`LONE_EXPERT_MAX_TOKENS`]. Read
+/// once.
+pub fn lone_expert_max_tokens() -> Result<usize, KernelError> {
+    static THRESHOLD: OnceLock<Result<usize, String>> = OnceLock::new();
+    THRESHOLD
+        .get_or_init(|| token_knob("SWITCHYARD_LONE_EXPERT_MAX_TOKENS", LONE_EXPERT_MAX_TOKENS, LONE_MAX_TOKENS))
+        .clone()
+        .map_err(|message| KernelError::invalid("lone expert threshold", message))
 }
 
 impl CudaDevice {
     /// The grouped FP8 GEMM of one projection for all experts of a plan: experts with `1..=`[`small_m_max_tokens`]
     /// tokens in one launch of the streaming kernel (tensor cores when `n % 16 == 0` and `k % 128 == 0`, else CUDA
-    /// cores) when there are at least `MIN_STREAMING_EXPERTS` of them, each other expert through cuBLASLt. `a`:
+    /// cores) when there are at least `MIN_STREAMING_EXPERTS` of them; each other expert alone over the whole GPU
+    /// (`fp8_lone_expert_gemm`) when it has at most [`lone_expert_max_tokens`] tokens and `n % 128 == 0`, else through
+    /// cuBLASLt. `a`:
     /// `[slots, k]` codes in plan order, `a_scale`: `[slots]`; `offsets`: the plan's offsets on the device; `w`:
     /// `[experts, n, k]`, `w_scale`: `[experts, n]`; `out`: `[slots, n]`, scaled or raw as `gemm.apply_scales` says
     /// (raw: cuBLASLt runs with unit scales and nothing else; scaled: row-wise scales fused in cuBLASLt where it
@@ -69,7 +88,12 @@ impl CudaDevice {
             }
         }
         let weight = product(OP, n, k)?;
+        let lone_max = if n % LONE_ROWS == 0 && k % MMA_CHUNK == 0 { lone_expert_max_tokens()? } else { 0 };
         for (expert, first, tokens) in plan.large_experts(threshold) {
+            if tokens <= lone_max {
+                self.fp8_lone_expert_gemm(gemm, expert, first, tokens, None, out)?;
+                continue;
+            }
             let a_part = a.slice(first * k..(first + tokens) * k);
             let w_part = w.slice(expert * weight..(expert + 1) * weight);
             let mut out_part = out.slice_mut(first * n..(first + tokens) * n);

@@ -2,9 +2,10 @@
 //! (a [`KernelError::Shape`] naming the buffer, never an out-of-bounds access on the GPU) and launches on the
 //! device's stream. Buffers are cudarc views, so callers can pass parts of larger buffers.
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::{driver, CudaDevice};
+use super::{driver, lock, CudaDevice};
+use crate::device::plan::{LoneExpertGrid, LONE_THREADS};
 use crate::device::sources::{ATTENTION_CU, EXPERTS_CU};
 use crate::device::types::{KvDtype, KvElement, PagedDecode};
 use crate::error::{check_len, product, KernelError};
@@ -105,6 +106,15 @@ impl<'a, 'b> GroupedGemm<'a, 'b> {
     pub fn scales(&self) -> ExpertScales<'a, 'b> {
         ExpertScales { a_scale: self.a_scale, w_scale: self.w_scale, offsets: self.offsets }
     }
+}
+
+/// What `fp8_lone_expert_gemm` keeps between launches: the arrival counters of its row blocks (zero between launches:
+/// the last block at a row block resets its counter, so no launch has to clear them) and the partial-sum workspace.
+/// Both grow to the largest launch seen.
+#[derive(Default)]
+pub(super) struct LoneScratch {
+    arrivals: Option<CudaSlice<u32>>,
+    workspace: Option<CudaSlice<f32>>,
 }
 
 /// The shape checks of the grouped GEMMs; returns the number of experts. `k_multiple`: what `k` must divide by.
@@ -376,6 +386,90 @@ impl CudaDevice {
         launch.arg(a).arg(a_scale).arg(offsets).arg(w).arg(w_scale).arg(&n_i).arg(&k_i).arg(&max_i);
         launch.arg(&apply_i).arg(out);
         // SAFETY: signature matched; lengths and divisibility checked; offsets as for the CUDA-core kernel.
+        unsafe { launch.launch(cfg) }.map_err(driver(kernel))?;
+        Ok(())
+    }
+
+    /// The buffer in `slot`, replaced by a zeroed one of `len` values when missing or shorter.
+    fn grown<'s, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        slot: &'s mut Option<CudaSlice<T>>,
+        len: usize,
+    ) -> Result<&'s mut CudaSlice<T>, KernelError> {
+        if slot.as_ref().is_some_and(|buffer| buffer.len() < len) {
+            *slot = None;
+        }
+        match slot {
+            Some(buffer) => Ok(buffer),
+            None => Ok(slot.insert(self.zeros::<T>(len)?)),
+        }
+    }
+
+    /// One expert's part of a grouped GEMM ([`GroupedGemm`]: expert `expert`, whose `tokens` slots start at `first`)
+    /// on the whole GPU: `fp8_lone_expert_gemm`, stream-K over every SM with the activations staged in shared memory
+    /// ([`LoneExpertGrid`]; `grid_blocks` overrides its block count, for tests and tuning). `tokens` in
+    /// `1..=`[`crate::device::plan::LONE_MAX_TOKENS`], `n` a multiple of 128, `k` of [`MMA_CHUNK`]; sm_89 or later.
+    /// Only that expert's rows of `out` are written.
+    pub fn fp8_lone_expert_gemm(
+        &self,
+        gemm: &GroupedGemm<'_, '_>,
+        expert: usize,
+        first: usize,
+        tokens: usize,
+        grid_blocks: Option<usize>,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda fp8_lone_expert_gemm";
+        let experts = check_grouped(OP, gemm, MMA_CHUNK, out)?;
+        let GroupedGemm { a, a_scale, w, w_scale, n, k, apply_scales, .. } = *gemm;
+        let grid = LoneExpertGrid::new(tokens, n, k, self.sms, grid_blocks)?;
+        if expert >= experts || first + tokens > a_scale.len() {
+            return Err(KernelError::invalid(
+                OP,
+                format!(
+                    "expert {expert} with slots {first}..{} is outside {experts} experts and {} slots",
+                    first + tokens,
+                    a_scale.len()
+                ),
+            ));
+        }
+        let kernel = match grid.tiles {
+            1 => "fp8_lone_expert_gemm_t1",
+            2 => "fp8_lone_expert_gemm_t2",
+            _ => "fp8_lone_expert_gemm_t4",
+        };
+        let f = self.function(&EXPERTS_CU, kernel)?;
+        let shared = i32::try_from(grid.shared_bytes)
+            .map_err(|_| KernelError::invalid(OP, format!("{} bytes of shared memory", grid.shared_bytes)))?;
+        if grid.shared_bytes > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared,
+            )
+            .map_err(driver("fp8_lone_expert_gemm shared memory"))?;
+        }
+        let (tokens_i, n_i, k_i) = (int(OP, "tokens", tokens)?, int(OP, "n", n)?, int(OP, "k", k)?);
+        let apply_i = i32::from(apply_scales);
+        let weight = n * k;
+        let a_part = a.slice(first * k..(first + tokens) * k);
+        let a_scale_part = a_scale.slice(first..first + tokens);
+        let w_part = w.slice(expert * weight..(expert + 1) * weight);
+        let w_scale_part = w_scale.slice(expert * n..(expert + 1) * n);
+        let mut out_part = out.slice_mut(first * n..(first + tokens) * n);
+        let mut scratch = lock(&self.lone_scratch);
+        let LoneScratch { arrivals, workspace } = &mut *scratch;
+        let arrivals = self.grown(arrivals, grid.row_blocks)?;
+        let workspace = self.grown(workspace, grid.workspace_floats)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, grid.blocks)?, 1, 1),
+            block_dim: (LONE_THREADS as u32, 1, 1),
+            shared_mem_bytes: grid.shared_bytes as u32,
+        };
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(&a_part).arg(&a_scale_part).arg(&w_part).arg(&w_scale_part);
+        launch.arg(&tokens_i).arg(&n_i).arg(&k_i).arg(&apply_i).arg(workspace).arg(arrivals).arg(&mut out_part);
+        // SAFETY: signature matched; lengths checked (check_grouped, the slot range); the grid is LoneExpertGrid's,
+        // whose workspace and counters the scratch holds (the counters zero between launches, one stream).
         unsafe { launch.launch(cfg) }.map_err(driver(kernel))?;
         Ok(())
     }

@@ -30,8 +30,8 @@ pub use compile::compile_cuda_source;
 /// Device buffers and views: cudarc's own types (`no_cuda.rs` has stand-ins of the same names).
 pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 pub use dense::DenseWeight;
-pub use experts::small_m_max_tokens;
 pub use experts::GpuExpertLayer;
+pub use experts::{lone_expert_max_tokens, small_m_max_tokens};
 pub use kernels::{ExpertScales, GroupedGemm, MMA_CHUNK, MMA_MAX_TOKENS};
 
 pub(super) const COMPILED: bool = true;
@@ -91,8 +91,11 @@ pub struct CudaDevice {
     /// The NVRTC virtual architecture of this GPU, e.g. `"compute_90"`.
     arch: String,
     include_dir: PathBuf,
+    /// Streaming multiprocessors: `fp8_lone_expert_gemm` spreads one expert over all of them.
+    sms: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     blas: Mutex<Option<Arc<blaslt::BlasLt>>>,
+    lone_scratch: Mutex<kernels::LoneScratch>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -110,6 +113,9 @@ impl CudaDevice {
         let name = context.name().map_err(driver("device name"))?;
         let (major, minor) = context.compute_capability().map_err(driver("compute capability"))?;
         let include_dir = compile::include_dir()?;
+        let sms = context
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("multiprocessor count"))?;
         let stream = context.default_stream();
         Ok(Arc::new(CudaDevice {
             context,
@@ -118,8 +124,10 @@ impl CudaDevice {
             name,
             arch: format!("compute_{major}{minor}"),
             include_dir,
+            sms: usize::try_from(sms).unwrap_or(1).max(1),
             modules: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
+            lone_scratch: Mutex::new(kernels::LoneScratch::default()),
         }))
     }
 
@@ -136,6 +144,11 @@ impl CudaDevice {
     /// The NVRTC virtual architecture compiled for, e.g. `"compute_90"` on an H100.
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+
+    /// Streaming multiprocessors of the GPU.
+    pub fn sms(&self) -> usize {
+        self.sms
     }
 
     /// The context (for events).
