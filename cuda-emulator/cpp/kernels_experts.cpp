@@ -17,4 +17,5 @@ void switchyard_emu_register_experts(switchyard_emu::Registry& registry) {
     SWITCHYARD_EMU_KERNEL(registry, fp8_lone_expert_gemm_t2);
     SWITCHYARD_EMU_KERNEL(registry, fp8_lone_expert_gemm_t4);
     SWITCHYARD_EMU_KERNEL(registry, scale_rows_cols);
+    SWITCHYARD_EMU_KERNEL(registry, mma_e4m3_rate);
 }

@@ -14,6 +14,7 @@
 //                            every SM (stream-K), the activations staged in shared memory: n % 128 == 0
 //   (the grouped kernels can leave the row-wise scales to the kernel that reads their output: apply_scales)
 //   scale_rows_cols          the epilogue after cuBLASLt's unit-scale FP8 GEMM: out[m, n] *= a_scale[m] * w_scale[n]
+//   mma_e4m3_rate            the tensor cores' mma.sync E4M3 rate, for the GPU benchmark
 //
 // Layouts (row-major everywhere, as the CPU kernels): an expert weight is nn.Linear [n, k] E4M3 codes with one f32
 // scale per output row n; the experts of a layer are stacked, expert e at codes + e * n * k and scales + e * n.
@@ -854,6 +855,32 @@ extern "C" __global__ void __launch_bounds__(LONE_WARPS * 32, 2) fp8_lone_expert
 }
 extern "C" __global__ void __launch_bounds__(LONE_WARPS * 32, 2) fp8_lone_expert_gemm_t4(LONE_KERNEL_PARAMS) {
     fp8_lone_expert_gemm_tiles<4>(LONE_KERNEL_ARGS);
+}
+
+// The rate of mma.sync m16n8k32 E4M3 on this GPU, for `switchyard bench gpu`: each warp runs `rounds` rounds of 8
+// independent MMAs on registers (no memory traffic, so the MMA pipe alone is timed), and writes one sum so that
+// nothing is dead. Whether a kernel for 128 tokens can stay on mma.sync or needs Hopper's wgmma depends on it.
+extern "C" __global__ void __launch_bounds__(256, 2) mma_e4m3_rate(int rounds, float* __restrict__ out) {
+    float acc[8][4];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.0f;
+    }
+    // E4M3 0x30 is 0.5 (and 0x28 0.25): the sums stay exact and finite for any number of rounds a benchmark runs.
+    const unsigned int a = 0x30303030u;
+    const unsigned int b = 0x28282828u;
+    for (int round = 0; round < rounds; ++round) {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            mma_e4m3(acc[c], a, a, a, a, b, b);
+        }
+    }
+    float sum = 0.0f;
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        sum += acc[c][0] + acc[c][1] + acc[c][2] + acc[c][3];
+    }
+    out[(size_t)blockIdx.x * blockDim.x + threadIdx.x] = sum;
 }
 
 // The epilogue after cuBLASLt's FP8 GEMM with unit scales: out[i, j] *= a_scale[i] * w_scale[j]. Exact in the sense

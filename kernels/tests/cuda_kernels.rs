@@ -1170,10 +1170,13 @@ fn bench_measures_every_case_on_small_shapes() {
         iterations: 2,
         warmup: 1,
         copy_bytes: 1 << 20,
+        mma_rate_rounds: 1,
+        calls_per_sample: 1,
         ..GemmBenchConfig::default()
     };
     let report = bench_expert_gemm(0, &config).expect("bench");
     assert!(report.copy_tb_per_s.is_finite() && report.copy_tb_per_s > 0.0, "{report:?}");
+    assert!(report.mma_e4m3_tflops.is_finite() && report.mma_e4m3_tflops > 0.0, "{report:?}");
     let cases: Vec<(&str, usize)> = report.rows.iter().map(|r| (r.case, r.tokens)).collect();
     let tokens = SMALL_M_MAX_TOKENS + 32;
     assert_eq!(cases, [("one expert", 8), ("grouped", 8), ("one expert", tokens), ("grouped", tokens)]);

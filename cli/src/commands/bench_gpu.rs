@@ -75,6 +75,10 @@ fn print_table(report: &GemmBenchReport) {
     println!("device: {}", report.device);
     println!("device-to-device copy (read + write, the streaming ceiling): {:.2} TB/s", report.copy_tb_per_s);
     println!(
+        "tensor cores through mma.sync m16n8k32 E4M3 (registers only; the streaming kernels' MMA): {:.0} TFLOP/s",
+        report.mma_e4m3_tflops
+    );
+    println!(
         "ours: experts of up to {} tokens in the streaming kernel, larger ones in cuBLASLt; raw sums (the row-wise \
          scales are applied by the SwiGLU and combine kernels that read them); each time the mean of {} calls queued \
          back to back",
@@ -153,6 +157,7 @@ fn to_json(report: &GemmBenchReport, config: &GemmBenchConfig) -> serde_json::Va
         "benchmark": "gpu",
         "device": report.device,
         "copy_tb_per_s": report.copy_tb_per_s,
+        "mma_e4m3_tflops": report.mma_e4m3_tflops,
         "small_m_max_tokens": report.small_m_max_tokens,
         "lone_expert_max_tokens": report.lone_expert_max_tokens,
         "experts": config.experts,

@@ -41,6 +41,8 @@ pub struct GemmBenchConfig {
     pub seed: u64,
     /// Bytes of the device-to-device copy measured as the bandwidth ceiling (default 1 GiB: far beyond L2).
     pub copy_bytes: usize,
+    /// Rounds of eight MMAs per warp of the mma.sync rate probe (default 8192: about a millisecond on an H100).
+    pub mma_rate_rounds: usize,
 }
 
 impl Default for GemmBenchConfig {
@@ -55,6 +57,7 @@ impl Default for GemmBenchConfig {
             calls_per_sample: 10,
             seed: 6,
             copy_bytes: 1 << 30,
+            mma_rate_rounds: 8192,
         }
     }
 }
@@ -94,6 +97,9 @@ pub struct GemmBenchReport {
     pub device: String,
     /// Device-to-device copy bandwidth measured in the same run (read + write), TB/s: the streaming ceiling.
     pub copy_tb_per_s: f64,
+    /// mma.sync m16n8k32 E4M3 on registers alone, TFLOP/s: the tensor-core rate the streaming kernels have (Hopper's
+    /// wgmma, which cuBLASLt uses, can go further).
+    pub mma_e4m3_tflops: f64,
     /// Experts with up to this many tokens ran in the streaming kernel, larger ones in cuBLASLt.
     pub small_m_max_tokens: usize,
     /// Experts left to cuBLASLt with up to this many tokens ran in the lone-expert kernel instead (0: none).

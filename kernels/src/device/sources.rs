@@ -33,6 +33,7 @@ pub const EXPERTS_CU: CudaSource = CudaSource {
         "fp8_lone_expert_gemm_t2",
         "fp8_lone_expert_gemm_t4",
         "scale_rows_cols",
+        "mma_e4m3_rate",
     ],
 };
 

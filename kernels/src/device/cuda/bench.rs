@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys::CUevent_flags, CudaSlice};
+use cudarc::driver::{sys::CUevent_flags, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::experts::{lone_expert_max_tokens, small_m_max_tokens};
 use super::kernels::GroupedGemm;
@@ -14,6 +14,7 @@ use crate::device::gpu_bench::{
     anchor_us, splitmix64, zipf_routing, GemmBenchConfig, GemmBenchReport, GemmBenchRow, GemmShape,
 };
 use crate::device::plan::{ExpertPlan, LoneExpertGrid};
+use crate::device::sources::EXPERTS_CU;
 use crate::error::KernelError;
 
 /// Event-timed samples of several paths over the same problem, interleaved (a sample of each path in turn, then the
@@ -192,6 +193,36 @@ fn measure(
     Ok(Measured { ours, cublaslt, lone: Some(lone) })
 }
 
+/// The rate of mma.sync m16n8k32 E4M3 (`mma_e4m3_rate`: two blocks of eight warps per SM, each warp running
+/// `config.mma_rate_rounds` rounds of eight independent MMAs on registers), TFLOP/s.
+fn mma_e4m3_rate(device: &CudaDevice, config: &GemmBenchConfig) -> Result<f64, KernelError> {
+    const OP: &str = "bench gpu mma rate";
+    const THREADS: usize = 256;
+    let f = device.function(&EXPERTS_CU, "mma_e4m3_rate")?;
+    let blocks = device.sms() * 2;
+    let rounds = i32::try_from(config.mma_rate_rounds.max(1))
+        .map_err(|_| KernelError::invalid(OP, format!("{} rounds", config.mma_rate_rounds)))?;
+    let mut sums = device.zeros::<f32>(blocks * THREADS)?;
+    let cfg = LaunchConfig {
+        grid_dim: (u32::try_from(blocks).map_err(|_| KernelError::invalid(OP, "grid"))?, 1, 1),
+        block_dim: (THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let [us] = interleaved_medians_us(
+        device,
+        config,
+        &mut [&mut |_| {
+            let mut launch = device.stream().launch_builder(&f);
+            launch.arg(&rounds).arg(&mut sums);
+            // SAFETY: signature matched (int, float*); `sums` holds one float per thread of the grid.
+            unsafe { launch.launch(cfg) }.map(|_| ()).map_err(driver("launch mma_e4m3_rate"))
+        }],
+    )?;
+    // Each MMA: 16 x 8 x 32 multiply-adds.
+    let flops = (blocks * THREADS / 32) as f64 * f64::from(rounds) * 8.0 * (2 * 16 * 8 * 32) as f64;
+    Ok(flops / (us * 1e-6) / 1e12)
+}
+
 /// Runs the benchmark on GPU `ordinal`.
 pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<GemmBenchReport, KernelError> {
     const OP: &str = "bench gpu";
@@ -209,6 +240,7 @@ pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<Gem
         )?;
         2.0 * config.copy_bytes as f64 / (us * 1e-6) / 1e12
     };
+    let mma_e4m3_tflops = mma_e4m3_rate(&device, config)?;
     let max_tokens = config.tokens.iter().copied().max().unwrap_or(1);
     let mut rows = Vec::new();
     for shape in &config.shapes {
@@ -232,6 +264,7 @@ pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<Gem
     Ok(GemmBenchReport {
         device: format!("{} (cuda:{ordinal})", device.name()),
         copy_tb_per_s,
+        mma_e4m3_tflops,
         small_m_max_tokens: small_m_max_tokens()?,
         lone_expert_max_tokens: lone_expert_max_tokens()?,
         calls_per_sample: config.calls_per_sample.max(1),
