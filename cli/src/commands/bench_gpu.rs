@@ -90,7 +90,7 @@ fn print_table(report: &GemmBenchReport) {
         report.lone_expert_max_tokens
     );
     println!(
-        "{:<8} {:<11} {:>6} {:>7} {:>8} {:>10} {:>12} {:>8} {:>10} {:>9} {:>10} {:>9} {:>8} {:>10}",
+        "{:<8} {:<11} {:>6} {:>7} {:>8} {:>10} {:>12} {:>8} {:>10} {:>9} {:>10} {:>9} {:>8} {:>10} {:>7}",
         "shape",
         "case",
         "tokens",
@@ -104,11 +104,12 @@ fn print_table(report: &GemmBenchReport) {
         "anchor us",
         "TFLOP/s",
         "lone us",
-        "lone TB/s"
+        "lone TB/s",
+        "target"
     );
     for row in &report.rows {
         println!(
-            "{:<8} {:<11} {:>6} {:>7} {:>8} {:>10.1} {:>12.1} {:>8.2} {:>10.2} {:>9.2} {:>10} {:>9.1} {:>8} {:>10}",
+            "{:<8} {:<11} {:>6} {:>7} {:>8} {:>10.1} {:>12.1} {:>8.2} {:>10.2} {:>9.2} {:>10} {:>9.1} {:>8} {:>10} {:>7}",
             row.shape,
             row.case,
             row.tokens,
@@ -123,12 +124,44 @@ fn print_table(report: &GemmBenchReport) {
             row.tflops,
             row.lone_us.map(|us| format!("{us:.1}")).unwrap_or_else(|| "-".into()),
             lone_tb_per_s(row).map(|rate| format!("{rate:.2}")).unwrap_or_else(|| "-".into()),
+            match target_met(row) {
+                Some(true) => "met",
+                Some(false) => "BELOW",
+                None => "-",
+            },
         );
     }
     println!(
         "targets (issue 6): ours >= {TARGET_OF_CUBLASLT} of cuBLASLt (\"of cuBL\") at >= 2048 tokens; weight streaming \
          >= {TARGET_STREAMING_TB_PER_S} TB/s at <= 128 tokens (the anchor: 1.83 TB/s for one expert)"
     );
+    let judged: Vec<&GemmBenchRow> = report.rows.iter().filter(|row| target_met(row).is_some()).collect();
+    let below: Vec<String> = judged
+        .iter()
+        .filter(|row| target_met(row) == Some(false))
+        .map(|row| {
+            let lone = match lone_tb_per_s(row) {
+                Some(rate) if rate >= TARGET_STREAMING_TB_PER_S => " (the lone-expert kernel meets it)",
+                _ => "",
+            };
+            format!("{} {} at {} tokens{lone}", row.shape, row.case, row.tokens)
+        })
+        .collect();
+    println!("rows meeting their target: {} of {}", judged.len() - below.len(), judged.len());
+    if !below.is_empty() {
+        println!("below: {}", below.join("; "));
+    }
+}
+
+/// Whether a row meets the issue's target for its token count; `None` where no target applies (129..2047 tokens).
+fn target_met(row: &GemmBenchRow) -> Option<bool> {
+    if row.tokens >= 2048 {
+        Some(row.cublaslt_us / row.ours_us >= TARGET_OF_CUBLASLT)
+    } else if row.tokens <= 128 {
+        Some(row.weight_tb_per_s >= TARGET_STREAMING_TB_PER_S)
+    } else {
+        None
+    }
 }
 
 /// The lone-expert kernel's weight streaming: the same bytes as ours in its time.
@@ -150,6 +183,7 @@ fn to_json(report: &GemmBenchReport, config: &GemmBenchConfig) -> serde_json::Va
                 "ratio_to_copy": row.weight_tb_per_s / report.copy_tb_per_s,
                 "tflops": row.tflops, "anchor_us": row.anchor_us,
                 "lone_us": row.lone_us, "lone_weight_tb_per_s": lone_tb_per_s(row),
+                "target_met": target_met(row),
             })
         })
         .collect();
@@ -169,4 +203,39 @@ fn to_json(report: &GemmBenchReport, config: &GemmBenchConfig) -> serde_json::Va
                     "weight_tb_per_s_up_to_128_tokens": TARGET_STREAMING_TB_PER_S},
         "rows": rows,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(tokens: usize, ours_us: f64, cublaslt_us: f64, weight_tb_per_s: f64) -> GemmBenchRow {
+        GemmBenchRow {
+            shape: "down",
+            case: "one expert",
+            tokens,
+            experts: 1,
+            max_tokens_per_expert: tokens,
+            ours_us,
+            cublaslt_us,
+            lone_us: None,
+            weight_tb_per_s,
+            tflops: 1.0,
+            anchor_us: None,
+        }
+    }
+
+    #[test]
+    fn targets_follow_the_issue() {
+        // <= 128 tokens: weight streaming against 2.4 TB/s.
+        assert_eq!(target_met(&row(16, 19.0, 19.0, 2.20)), Some(false));
+        assert_eq!(target_met(&row(128, 17.0, 20.8, 2.47)), Some(true));
+        // >= 2048 tokens: ours against cuBLASLt, at least 0.95.
+        assert_eq!(target_met(&row(2048, 100.0, 96.0, 0.3)), Some(true));
+        assert_eq!(target_met(&row(8192, 100.0, 94.0, 0.3)), Some(false));
+        assert_eq!(target_met(&row(512, 1.0, 1.0, 1.0)), None);
+        // The lone kernel's rate is ours scaled by the time ratio.
+        let lone = GemmBenchRow { lone_us: Some(17.0), ..row(16, 19.0, 19.0, 2.2) };
+        assert!((lone_tb_per_s(&lone).expect("lone") - 2.2 * 19.0 / 17.0).abs() < 1e-12);
+    }
 }
