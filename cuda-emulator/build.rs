@@ -27,6 +27,7 @@ fn main() {
         "kernels_experts.cpp",
         "kernels_attention.cpp",
         "kernels_dense.cpp",
+        "kernels_hopper.cpp",
         "kernels_selftest.cpp",
         "mma.cpp",
     ];
@@ -45,7 +46,7 @@ fn main() {
     {
         println!("cargo:rerun-if-changed={}", entry.path().display());
     }
-    for file in ["experts.cu", "attention.cu", "dense.cu"] {
+    for file in ["experts.cu", "attention.cu", "dense.cu", "hopper.cu"] {
         println!("cargo:rerun-if-changed={}", kernels.join(file).display());
     }
 }

@@ -35,6 +35,7 @@
 
 void switchyard_emu_register_experts(switchyard_emu::Registry& registry);
 void switchyard_emu_register_attention(switchyard_emu::Registry& registry);
+void switchyard_emu_register_hopper(switchyard_emu::Registry& registry);
 void switchyard_emu_register_dense(switchyard_emu::Registry& registry);
 void switchyard_emu_register_selftest(switchyard_emu::Registry& registry);
 
@@ -178,6 +179,7 @@ Registry& registry() {
         auto* r = new Registry();
         switchyard_emu_register_experts(*r);
         switchyard_emu_register_attention(*r);
+        switchyard_emu_register_hopper(*r);
         switchyard_emu_register_dense(*r);
         switchyard_emu_register_selftest(*r);
         return r;

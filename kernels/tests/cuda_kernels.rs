@@ -490,6 +490,71 @@ fn fp8_lone_expert_gemm_matches_the_cpu_reference() {
     }
 }
 
+/// One Hopper wgmma (hopper.cu's probe) against the CPU: the A register fragment, the D layout and the reading of
+/// B's shared-memory descriptor that a wgmma kernel would rest on. Variant 0 is the descriptor as the PTX ISA is read
+/// here (and as the emulator implements it); variant 1, its two offsets swapped, is printed too, so that a GPU that
+/// disagrees says how. GPUs other than compute capability 9.0 have no wgmma: the test says so and passes.
+#[test]
+fn wgmma_layouts_match_the_reference() {
+    let Some(device) = gpu("wgmma_layouts") else { return };
+    if device.arch() != "compute_90" {
+        println!("SKIPPED wgmma_layouts: wgmma is Hopper's (compute_90); this GPU is {}", device.arch());
+        return;
+    }
+    let mut r = rng(12);
+    let (a, b) = (fp8_codes(&mut r, 64 * 32), fp8_codes(&mut r, 128 * 32));
+    let decode = |codes: &[u8]| -> Vec<f32> {
+        let mut values = vec![0.0; codes.len()];
+        dequantize_rows(codes, 32, &vec![1.0; codes.len() / 32], &mut values);
+        values
+    };
+    let (a_values, b_values) = (decode(&a), decode(&b));
+    let mut want = vec![0.0f32; 64 * 128];
+    let mut size = vec![0.0f32; 64 * 128];
+    for m in 0..64 {
+        for n in 0..128 {
+            let pairs = (0..32).map(|k| (a_values[m * 32 + k], b_values[n * 32 + k]));
+            want[m * 128 + n] = pairs.clone().map(|(x, y)| f64::from(x) * f64::from(y)).sum::<f64>() as f32;
+            size[m * 128 + n] = pairs.map(|(x, y)| (x * y).abs()).sum();
+        }
+    }
+    let errors: Vec<(u32, usize)> = [0u32, 1]
+        .into_iter()
+        .map(|variant| {
+            let got = device.wgmma_probe(&a, &b, variant).expect("wgmma probe");
+            let wrong: Vec<usize> = (0..got.len())
+                .filter(|&i| f64::from((got[i] - want[i]).abs()) > f64::from(size[i]) / 4096.0 + 1e-30)
+                .collect();
+            if let Some(&first) = wrong.first() {
+                println!(
+                    "wgmma variant {variant}: {} of 8192 outputs wrong; first [{}, {}]: got {}, want {}",
+                    wrong.len(),
+                    first / 128,
+                    first % 128,
+                    got[first],
+                    want[first]
+                );
+                // Where the wrong values belong, if anywhere: tells a misread fragment layout from a misread
+                // descriptor on a GPU that disagrees.
+                for &i in wrong.iter().take(4) {
+                    let matches: Vec<(usize, usize)> = (0..want.len())
+                        .filter(|&j| f64::from((got[i] - want[j]).abs()) <= f64::from(size[j]) / 4096.0 + 1e-30)
+                        .map(|j| (j / 128, j % 128))
+                        .take(4)
+                        .collect();
+                    println!("  got [{}, {}] = {} matches want at {matches:?}", i / 128, i % 128, got[i]);
+                }
+            } else {
+                println!("wgmma variant {variant}: all 8192 outputs right");
+            }
+            (variant, wrong.len())
+        })
+        .collect();
+    assert_eq!(errors[0], (0, 0), "the descriptor as read here must be the GPU's: {errors:?}");
+    assert!(errors[1].1 > 0, "the swapped descriptor must read other values");
+    assert!(device.wgmma_probe(&a, &b[..100], 0).expect_err("short b").to_string().contains("b"));
+}
+
 /// The whole routed-expert layer on the GPU against the CPU path with per-token FP8 activations (what
 /// `ExpertWeights::forward` does with `ActivationPrecision::Fp8PerToken`).
 #[test]

@@ -1,4 +1,5 @@
-//! Every CUDA source of `kernels/cuda/` compiles with NVRTC to PTX for the H100 (`compute_90`), through the same
+//! Every CUDA source of `kernels/cuda/` compiles with NVRTC to PTX for the H100 (`compute_90`; `compute_90a` for the
+//! Hopper-only source), through the same
 //! function the backend uses at start-up. NVRTC needs no GPU: on a machine without CUDA, `scripts/nvrtc-tools.sh`
 //! provides it from PyPI wheels (`eval "$(bash scripts/nvrtc-tools.sh)"`). Where libnvrtc or the CUDA headers are
 //! missing the test prints why and passes (it cannot check anything there).
@@ -9,12 +10,13 @@ use switchyard_kernels::KernelError;
 #[test]
 fn every_cuda_source_compiles_for_sm_90() {
     for source in CUDA_SOURCES {
-        match compile_cuda_source(source, "compute_90") {
+        let arch = source.arch_on("compute_90").expect("every source runs on an H100");
+        match compile_cuda_source(source, &arch) {
             Ok(ptx) => {
                 for kernel in source.kernels {
                     assert!(ptx.contains(&format!(".entry {kernel}(")), "{}: no entry {kernel}", source.file);
                 }
-                println!("{}: {} bytes of PTX for compute_90, kernels {:?}", source.file, ptx.len(), source.kernels);
+                println!("{}: {} bytes of PTX for {arch}, kernels {:?}", source.file, ptx.len(), source.kernels);
             }
             Err(skip @ (KernelError::CudaUnavailable { .. } | KernelError::CudaIncludeNotFound { .. })) => {
                 println!("SKIPPED: cannot compile CUDA here: {skip} (run `eval \"$(bash scripts/nvrtc-tools.sh)\"`)");
@@ -31,6 +33,7 @@ fn a_broken_source_reports_the_nvrtc_log() {
         file: "broken.cu",
         text: "extern \"C\" __global__ void broken(float* x) { x[0] = undefined_name; }\n",
         kernels: &["broken"],
+        only_for: None,
     };
     match compile_cuda_source(&BROKEN, "compute_90") {
         Err(KernelError::CudaCompile { file, log, .. }) => {
@@ -64,13 +67,14 @@ fn kernels_do_not_spill_registers_on_sm_90() {
         return;
     };
     for source in CUDA_SOURCES {
+        let sm = source.arch_on("compute_90").expect("every source runs on an H100").replace("compute", "sm");
         let text = CString::new(source.text).expect("no NUL in sources");
         let name = CString::new(source.file).expect("no NUL in names");
         let program = result::create_program(&text, Some(&name)).expect("nvrtc program");
         let options = [
             "--std=c++17".to_owned(),
             format!("--include-path={}", include.display()),
-            "--gpu-architecture=sm_90".to_owned(),
+            format!("--gpu-architecture={sm}"),
             "--ptxas-options=-v".to_owned(),
         ];
         // SAFETY: the program is live until destroyed below; the log is read before that.
@@ -82,7 +86,7 @@ fn kernels_do_not_spill_registers_on_sm_90() {
             (compiled, log)
         };
         assert!(compiled.is_ok(), "{}: {log}", source.file);
-        println!("== {} (sm_90):\n{log}", source.file);
+        println!("== {} ({sm}):\n{log}", source.file);
         let spills: Vec<&str> = log
             .lines()
             .filter(|l| l.contains("spill") && !l.contains("0 bytes spill stores, 0 bytes spill loads"))

@@ -87,6 +87,12 @@ static inline T* switchyard_emu_dynamic_shared() {
     return static_cast<T*>(switchyard_emu_dynamic_shared_bytes());
 }
 
+// A shared-memory address as the shared window sees it: here an offset into the launch's dynamic shared memory (the
+// only shared memory a descriptor of the emulated wgmma may point into).
+static inline size_t __cvta_generic_to_shared(const void* p) {
+    return static_cast<size_t>(static_cast<const char*>(p) - static_cast<const char*>(switchyard_emu_dynamic_shared_bytes()));
+}
+
 template <typename T>
 static inline T __shfl_xor_sync(unsigned int mask, T value, int lane_mask, int width = 32) {
     static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffles move up to 64 bits");

@@ -13,6 +13,20 @@ pub struct CudaSource {
     pub text: &'static str,
     /// The `extern "C"` kernels it defines, each checked to be in the PTX.
     pub kernels: &'static [&'static str],
+    /// The architecture it needs, when it uses architecture-specific instructions (Hopper's wgmma: `Some("90")`,
+    /// compiled for `compute_90a` and loaded only on a GPU of compute capability 9.0); `None`: any architecture.
+    pub only_for: Option<&'static str>,
+}
+
+impl CudaSource {
+    /// The NVRTC architecture to compile for on a GPU whose virtual architecture is `arch` (e.g. `"compute_90"`), or
+    /// `None` when this source does not run there.
+    pub fn arch_on(&self, arch: &str) -> Option<String> {
+        match self.only_for {
+            None => Some(arch.to_owned()),
+            Some(only) => (arch.strip_prefix("compute_") == Some(only)).then(|| format!("{arch}a")),
+        }
+    }
 }
 
 /// The routed-expert path: FP8 quantisation, permutation, SwiGLU, the grouped small-m GEMM and the cuBLASLt epilogue.
@@ -35,6 +49,7 @@ pub const EXPERTS_CU: CudaSource = CudaSource {
         "scale_rows_cols",
         "mma_e4m3_rate",
     ],
+    only_for: None,
 };
 
 /// The attention worker's kernels: RMS norm, interleaved RoPE, paged decode attention (over an f32 or a bf16 KV pool).
@@ -42,6 +57,7 @@ pub const ATTENTION_CU: CudaSource = CudaSource {
     file: "attention.cu",
     text: include_str!("../../cuda/attention.cu"),
     kernels: &["rms_norm", "rope_interleaved", "paged_decode_attention", "paged_decode_attention_bf16"],
+    only_for: None,
 };
 
 /// The dense side of a decoder layer besides its GEMMs (cuBLASLt's): bf16 conversion of GEMM inputs, embedding
@@ -59,10 +75,19 @@ pub const DENSE_CU: CudaSource = CudaSource {
         "kv_write",
         "kv_write_bf16",
     ],
+    only_for: None,
+};
+
+/// Hopper's warpgroup MMA (wgmma, sm_90a): the layout probe a wgmma streaming kernel would rest on.
+pub const HOPPER_CU: CudaSource = CudaSource {
+    file: "hopper.cu",
+    text: include_str!("../../cuda/hopper.cu"),
+    kernels: &["wgmma_probe"],
+    only_for: Some("90"),
 };
 
 /// Every CUDA source the backend compiles.
-pub const CUDA_SOURCES: &[CudaSource] = &[EXPERTS_CU, ATTENTION_CU, DENSE_CU];
+pub const CUDA_SOURCES: &[CudaSource] = &[EXPERTS_CU, ATTENTION_CU, DENSE_CU, HOPPER_CU];
 
 /// The header that tells a directory is the CUDA include directory the kernels need.
 const MARKER_HEADER: &str = "cuda_fp8.h";

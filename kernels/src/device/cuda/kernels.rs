@@ -6,7 +6,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelA
 
 use super::{driver, lock, CudaDevice};
 use crate::device::plan::{LoneExpertGrid, LONE_THREADS};
-use crate::device::sources::{ATTENTION_CU, EXPERTS_CU};
+use crate::device::sources::{ATTENTION_CU, EXPERTS_CU, HOPPER_CU};
 use crate::device::types::{KvDtype, KvElement, PagedDecode};
 use crate::error::{check_len, product, KernelError};
 
@@ -472,6 +472,30 @@ impl CudaDevice {
         // whose workspace and counters the scratch holds (the counters zero between launches, one stream).
         unsafe { launch.launch(cfg) }.map_err(driver(kernel))?;
         Ok(())
+    }
+
+    /// One Hopper warpgroup MMA (`wgmma_probe` of hopper.cu: m64n128k32, E4M3 in, f32 out) of `a` (`[64, 32]`
+    /// codes, A in registers) by `b` (`[128, 32]` codes, B in shared memory), with B's descriptor built as `variant`
+    /// 0 (its leading byte offset between core matrices adjacent in k, as the PTX ISA reads) or 1 (the two offsets
+    /// swapped); returns `a b^T` (`[64, 128]`) as this GPU computed it. Compute capability 9.0 only: where the
+    /// layouts a wgmma kernel would rely on are checked.
+    pub fn wgmma_probe(&self, a: &[u8], b: &[u8], variant: u32) -> Result<Vec<f32>, KernelError> {
+        const OP: &str = "cuda wgmma_probe";
+        check_len(OP, "a", a.len(), 64 * 32, "64 * 32")?;
+        check_len(OP, "b", b.len(), 128 * 32, "128 * 32")?;
+        if variant > 1 {
+            return Err(KernelError::invalid(OP, format!("variant {variant} is neither 0 nor 1")));
+        }
+        let f = self.function(&HOPPER_CU, "wgmma_probe")?;
+        let (a, b) = (self.upload(a)?, self.upload(b)?);
+        let mut out = self.zeros::<f32>(64 * 128)?;
+        let variant_i = variant as i32;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 32 * 1024 };
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(&a).arg(&b).arg(&variant_i).arg(&mut out);
+        // SAFETY: signature matched; a and b have the lengths the kernel reads, out the length it writes.
+        unsafe { launch.launch(cfg) }.map_err(driver("launch wgmma_probe"))?;
+        self.download(&out)
     }
 
     /// The epilogue after a unit-scale FP8 GEMM: `out[i, j] *= a_scale[i] * w_scale[j]` over `m` x `n`.

@@ -189,7 +189,16 @@ impl CudaDevice {
             match modules.get(source.file) {
                 Some(module) => module.clone(),
                 None => {
-                    let ptx = compile::cached_ptx(source, &self.arch, &self.include_dir)?;
+                    let arch = source.arch_on(&self.arch).ok_or_else(|| KernelError::Cuda {
+                        op: "kernel look-up",
+                        message: format!(
+                            "{} is for compute capability {}.x only; this GPU is {}",
+                            source.file,
+                            source.only_for.unwrap_or("?"),
+                            self.arch
+                        ),
+                    })?;
+                    let ptx = compile::cached_ptx(source, &arch, &self.include_dir)?;
                     let module = self
                         .context
                         .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
