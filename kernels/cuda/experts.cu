@@ -22,6 +22,11 @@
 
 #include <cuda_fp8.h>
 
+// `T name[]`: the launch's dynamic shared memory (the CPU emulator's prelude defines it as a call into its runtime).
+#ifndef SWITCHYARD_CPU_EMULATION
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 #define E4M3_MAX 448.0f
 #define E4M3_NAN 0x7F
 // Tokens whose accumulators one warp keeps in registers while streaming a weight row.
@@ -118,11 +123,7 @@ extern "C" __global__ void quantize_rows_e4m3(const float* __restrict__ x, int r
 // (the caller checks them on the host).
 extern "C" __global__ void permute_plan(const unsigned int* __restrict__ experts, int rows, int num_experts,
                                         unsigned int* __restrict__ offsets, unsigned int* __restrict__ slot_row) {
-#ifdef SWITCHYARD_CPU_EMULATION
-    unsigned int* shared = switchyard_emu_dynamic_shared<unsigned int>();
-#else
-    extern __shared__ unsigned int shared[];
-#endif
+    DYNAMIC_SHARED(unsigned int, shared);
     unsigned int* counts = shared;
     unsigned int* cursor = shared + num_experts;
     unsigned int* tile = shared + 2 * num_experts;
@@ -236,11 +237,7 @@ extern "C" __global__ void silu_mul_quantize_e4m3(const float* __restrict__ gate
                                                   const unsigned int* __restrict__ offsets, int experts,
                                                   unsigned char* __restrict__ q, float* __restrict__ scales,
                                                   float* __restrict__ activated) {
-#ifdef SWITCHYARD_CPU_EMULATION
-    float* row_values = switchyard_emu_dynamic_shared<float>();
-#else
-    extern __shared__ float row_values[];
-#endif
+    DYNAMIC_SHARED(float, row_values);
     int row = blockIdx.x;
     if (row >= rows) {
         return;
@@ -565,20 +562,18 @@ __device__ __forceinline__ void fp8_grouped_gemm_mma_tiles(const unsigned char* 
 }
 
 // The kernels NVRTC exports, one per tile count (their parameters spelled once).
-#define MMA_KERNEL_PARAMS                                                                                           \
+#define MMA_PARAMS                                                                                                  \
     const unsigned char *__restrict__ a, const float *__restrict__ a_scale, const unsigned int *__restrict__ offsets, \
         const unsigned char *__restrict__ w, const float *__restrict__ w_scale, int n, int k, int max_tokens,       \
         int apply_scales, float *__restrict__ out
-#define MMA_KERNEL_ARGS a, a_scale, offsets, w, w_scale, n, k, max_tokens, apply_scales, out
-extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32, 4) fp8_grouped_gemm_mma_t1(MMA_KERNEL_PARAMS) {
-    fp8_grouped_gemm_mma_tiles<1>(MMA_KERNEL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32, 4) fp8_grouped_gemm_mma_t2(MMA_KERNEL_PARAMS) {
-    fp8_grouped_gemm_mma_tiles<2>(MMA_KERNEL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32, 4) fp8_grouped_gemm_mma_t4(MMA_KERNEL_PARAMS) {
-    fp8_grouped_gemm_mma_tiles<4>(MMA_KERNEL_ARGS);
-}
+#define MMA_ARGS a, a_scale, offsets, w, w_scale, n, k, max_tokens, apply_scales, out
+// One exported kernel of a template for a tile count, with its launch bounds; PARAMS and ARGS name the macros that
+// spell the parameter list and the arguments once.
+#define TILE_KERNEL(name, TEMPLATE, TILES, THREADS, BLOCKS_PER_SM, PARAMS, ARGS)                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM) name(PARAMS) { TEMPLATE<TILES>(ARGS); }
+TILE_KERNEL(fp8_grouped_gemm_mma_t1, fp8_grouped_gemm_mma_tiles, 1, MMA_WARPS * 32, 4, MMA_PARAMS, MMA_ARGS)
+TILE_KERNEL(fp8_grouped_gemm_mma_t2, fp8_grouped_gemm_mma_tiles, 2, MMA_WARPS * 32, 4, MMA_PARAMS, MMA_ARGS)
+TILE_KERNEL(fp8_grouped_gemm_mma_t4, fp8_grouped_gemm_mma_tiles, 4, MMA_WARPS * 32, 4, MMA_PARAMS, MMA_ARGS)
 
 // One expert's FP8 GEMM of a few tokens spread evenly over every SM (stream-K: Osama et al., PPoPP 2023), for an
 // expert the grouped kernel above would leave alone: a lone small expert of a decode step, or one of 17..=32 tokens.
@@ -638,7 +633,8 @@ __device__ __forceinline__ void lone_load(uint4* stage, const unsigned char* w, 
                                           int warp, int g, int t) {
     int row_block = unit / chunks;
     int chunk = unit % chunks;
-    const unsigned char* lo = w + (size_t)(row_block * LONE_ROWS + warp * 16 + g) * k + (size_t)chunk * MMA_CHUNK + t * 32;
+    const size_t row = (size_t)row_block * LONE_ROWS + warp * 16 + g;
+    const unsigned char* lo = w + row * k + (size_t)chunk * MMA_CHUNK + t * 32;
     mma_load_weights(stage, lo, lo + (size_t)8 * k);
 }
 
@@ -761,12 +757,8 @@ __device__ __forceinline__ void fp8_lone_expert_gemm_tiles(
     const unsigned char* __restrict__ a, const float* __restrict__ a_scale, const unsigned char* __restrict__ w,
     const float* __restrict__ w_scale, int tokens, int n, int k, int apply_scales, float* __restrict__ workspace,
     unsigned int* __restrict__ arrivals, float* __restrict__ out) {
-#ifdef SWITCHYARD_CPU_EMULATION
-    unsigned char* staged = switchyard_emu_dynamic_shared<unsigned char>();
-#else
-    extern __shared__ uint4 lone_staged[];
+    DYNAMIC_SHARED(uint4, lone_staged);
     unsigned char* staged = reinterpret_cast<unsigned char*>(lone_staged);
-#endif
     constexpr int TOKENS = TILES * 8;
     // Weight chunks in flight per warp (launch bounds: 128 registers; 32 tokens' accumulators leave room for three).
     constexpr int LONE_STAGES = TILES == 4 ? 3 : 4;
@@ -842,20 +834,14 @@ __device__ __forceinline__ void fp8_lone_expert_gemm_tiles(
     }
 }
 
-#define LONE_KERNEL_PARAMS                                                                                          \
+#define LONE_PARAMS                                                                                                 \
     const unsigned char *__restrict__ a, const float *__restrict__ a_scale, const unsigned char *__restrict__ w,  \
         const float *__restrict__ w_scale, int tokens, int n, int k, int apply_scales,                            \
         float *__restrict__ workspace, unsigned int *__restrict__ arrivals, float *__restrict__ out
-#define LONE_KERNEL_ARGS a, a_scale, w, w_scale, tokens, n, k, apply_scales, workspace, arrivals, out
-extern "C" __global__ void __launch_bounds__(LONE_WARPS * 32, 2) fp8_lone_expert_gemm_t1(LONE_KERNEL_PARAMS) {
-    fp8_lone_expert_gemm_tiles<1>(LONE_KERNEL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(LONE_WARPS * 32, 2) fp8_lone_expert_gemm_t2(LONE_KERNEL_PARAMS) {
-    fp8_lone_expert_gemm_tiles<2>(LONE_KERNEL_ARGS);
-}
-extern "C" __global__ void __launch_bounds__(LONE_WARPS * 32, 2) fp8_lone_expert_gemm_t4(LONE_KERNEL_PARAMS) {
-    fp8_lone_expert_gemm_tiles<4>(LONE_KERNEL_ARGS);
-}
+#define LONE_ARGS a, a_scale, w, w_scale, tokens, n, k, apply_scales, workspace, arrivals, out
+TILE_KERNEL(fp8_lone_expert_gemm_t1, fp8_lone_expert_gemm_tiles, 1, LONE_WARPS * 32, 2, LONE_PARAMS, LONE_ARGS)
+TILE_KERNEL(fp8_lone_expert_gemm_t2, fp8_lone_expert_gemm_tiles, 2, LONE_WARPS * 32, 2, LONE_PARAMS, LONE_ARGS)
+TILE_KERNEL(fp8_lone_expert_gemm_t4, fp8_lone_expert_gemm_tiles, 4, LONE_WARPS * 32, 2, LONE_PARAMS, LONE_ARGS)
 
 // The rate of mma.sync m16n8k32 E4M3 on this GPU, for `switchyard bench gpu`: each warp runs `rounds` rounds of 8
 // independent MMAs on registers (no memory traffic, so the MMA pipe alone is timed), and writes one sum so that

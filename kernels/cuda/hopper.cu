@@ -15,6 +15,11 @@
 // Shared memory written by ordinary stores is made visible to the tensor cores' (async proxy) reads with
 // fence.proxy.async before the wgmma.
 
+// `T name[]`: the launch's dynamic shared memory (the CPU emulator's prelude defines it as a call into its runtime).
+#ifndef SWITCHYARD_CPU_EMULATION
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 // The CPU emulator (cuda-emulator/) runs a wgmma as every thread of the block depositing its A fragment, a block
 // barrier, each thread computing its own 64 outputs from its warpgroup's fragments and the shared memory the
 // descriptor names (ascending k, f32), and a second barrier: so every thread of the block must call it together, and
@@ -46,8 +51,8 @@ __device__ void wgmma_m64n128k32_e4m3(float* d, const unsigned int* a, unsigned 
             const int owner = group_base + (row / 16) * 32 + (row % 8) * 4 + (k % 16) / 4;
             const int reg = ((row % 16) >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0);
             const float x = switchyard_emu_e4m3_to_f32((unsigned char)(fragments[owner][reg] >> (8 * (k % 4))));
-            const float y = switchyard_emu_e4m3_to_f32(shared[start + (col / 8) * stride + (k / 16) * leading + (col % 8) * 16 +
-                                                  k % 16]);
+            const size_t at = start + (col / 8) * stride + (k / 16) * leading + (col % 8) * 16 + k % 16;
+            const float y = switchyard_emu_e4m3_to_f32(shared[at]);
             acc += x * y;
         }
         out[i] = acc;
@@ -94,7 +99,9 @@ __device__ __forceinline__ void wgmma_commit_and_wait() {
 }
 
 // Makes this thread's ordinary shared-memory stores visible to the tensor cores' reads (the async proxy).
-__device__ __forceinline__ void shared_to_async_proxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void shared_to_async_proxy() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
 #endif
 
 // A K-major, unswizzled shared-memory matrix descriptor (the layout above); `leading` and `stride` in bytes,
@@ -114,12 +121,8 @@ __device__ __forceinline__ unsigned long long wgmma_descriptor(const void* share
 extern "C" __global__ void __launch_bounds__(128, 1) wgmma_probe(const unsigned char* __restrict__ a,
                                                                  const unsigned char* __restrict__ b, int variant,
                                                                  float* __restrict__ out) {
-#ifdef SWITCHYARD_CPU_EMULATION
-    unsigned char* staged = switchyard_emu_dynamic_shared<unsigned char>();
-#else
-    extern __shared__ uint4 wgmma_probe_staged[];
-    unsigned char* staged = reinterpret_cast<unsigned char*>(wgmma_probe_staged);
-#endif
+    DYNAMIC_SHARED(uint4, probe_staged);
+    unsigned char* staged = reinterpret_cast<unsigned char*>(probe_staged);
     for (int i = threadIdx.x; i < 32768 / 16; i += blockDim.x) {
         reinterpret_cast<uint4*>(staged)[i] = make_uint4(0, 0, 0, 0);
     }

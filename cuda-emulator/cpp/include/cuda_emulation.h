@@ -5,8 +5,8 @@
 //     scheduler rewrites on every switch; kernels read them after such calls, and those calls are opaque (runtime.cpp
 //     is another translation unit), so the compiler reloads them.
 //   - __shared__ variables become `static`: blocks run one at a time, so "shared by the block being run" is exactly
-//     one instance. Dynamic shared memory (`extern __shared__`) goes through switchyard_emu_dynamic_shared() under
-//     #ifdef SWITCHYARD_CPU_EMULATION in the kernel source.
+//     one instance. Dynamic shared memory (`extern __shared__`) is declared with DYNAMIC_SHARED(T, name) in the kernel
+//     source, which this prelude defines as a call to switchyard_emu_dynamic_shared().
 //   - atomics are plain read-modify-writes: nothing else runs while a fiber runs.
 //   - __device__ functions are `static` so that helpers of the same name in two .cu files never collide.
 #pragma once
@@ -86,6 +86,10 @@ template <typename T>
 static inline T* switchyard_emu_dynamic_shared() {
     return static_cast<T*>(switchyard_emu_dynamic_shared_bytes());
 }
+
+// A kernel's `DYNAMIC_SHARED(T, name)` (its `extern __shared__ T name[]` on the GPU): a pointer to the launch's dynamic
+// shared memory.
+#define DYNAMIC_SHARED(T, name) T* name = switchyard_emu_dynamic_shared<T>()
 
 // A shared-memory address as the shared window sees it: here an offset into the launch's dynamic shared memory (the
 // only shared memory a descriptor of the emulated wgmma may point into).

@@ -132,12 +132,13 @@ fn measure(
     let ShapeBuffers { weights, w_scale, a, a_scale, out } = buffers;
     // Both paths write the same output; only one call runs at a time.
     let out = std::cell::RefCell::new(out);
-    let mut ours = |i: usize| {
-        // A one-expert plan reads expert (i mod rotate)'s weights: the view starts there.
+    // Call `i`'s GEMM: a one-expert plan reads expert (i mod rotate)'s weights (the view starts there); raw sums, as
+    // the expert layer runs it (the row-wise scales applied by the SwiGLU and the combine).
+    let with_gemm = |i: usize, run: &mut dyn FnMut(&GroupedGemm<'_, '_>) -> Result<(), KernelError>| {
         let first = (i % rotate) * n * k;
         let w = weights.slice(first..first + experts * n * k);
         let w_scale = w_scale.slice((i % rotate) * n..(i % rotate) * n + experts * n);
-        let gemm = GroupedGemm {
+        run(&GroupedGemm {
             a: &a.slice(..slots * k),
             a_scale: &a_scale.slice(..slots),
             offsets: &offsets.as_view(),
@@ -145,10 +146,11 @@ fn measure(
             w_scale: &w_scale,
             n,
             k,
-            // As the expert layer runs it: raw sums, the row-wise scales applied by the SwiGLU and the combine.
             apply_scales: false,
-        };
-        device.fp8_grouped_gemm(plan, &gemm, &mut out.borrow_mut().slice_mut(..slots * n))
+        })
+    };
+    let mut ours = |i: usize| {
+        with_gemm(i, &mut |gemm| device.fp8_grouped_gemm(plan, gemm, &mut out.borrow_mut().slice_mut(..slots * n)))
     };
     let mut cublaslt = |i: usize| {
         for e in 0..experts {
@@ -174,20 +176,9 @@ fn measure(
         return Ok(Measured { ours, cublaslt, lone: None });
     }
     let mut lone = |i: usize| {
-        let expert = i % rotate;
-        let w = weights.slice(expert * n * k..(expert + 1) * n * k);
-        let w_scale = w_scale.slice(expert * n..(expert + 1) * n);
-        let gemm = GroupedGemm {
-            a: &a.slice(..slots * k),
-            a_scale: &a_scale.slice(..slots),
-            offsets: &offsets.as_view(),
-            w: &w,
-            w_scale: &w_scale,
-            n,
-            k,
-            apply_scales: false,
-        };
-        device.fp8_lone_expert_gemm(&gemm, 0, 0, slots, None, &mut out.borrow_mut().slice_mut(..slots * n))
+        with_gemm(i, &mut |gemm| {
+            device.fp8_lone_expert_gemm(gemm, 0, 0, slots, None, &mut out.borrow_mut().slice_mut(..slots * n))
+        })
     };
     let [ours, cublaslt, lone] = interleaved_medians_us(device, config, &mut [&mut ours, &mut cublaslt, &mut lone])?;
     Ok(Measured { ours, cublaslt, lone: Some(lone) })
