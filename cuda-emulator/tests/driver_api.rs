@@ -225,7 +225,7 @@ fn every_kernel_of_kernels_cuda_is_compiled_in_once() {
     unique.dedup();
     assert_eq!(unique.len(), names.len(), "kernel names must be unique across translation units: {names:?}");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels/cuda");
-    for file in ["experts.cu", "attention.cu", "dense.cu"] {
+    for file in ["experts.cu", "attention.cu", "dense.cu", "hopper.cu"] {
         let source = std::fs::read_to_string(root.join(file)).expect("kernel source");
         for declaration in source.split("extern \"C\" __global__ void").skip(1) {
             let head = declaration.split('(').next().unwrap_or_default();

@@ -567,13 +567,15 @@ __device__ __forceinline__ void fp8_grouped_gemm_mma_tiles(const unsigned char* 
         const unsigned char *__restrict__ w, const float *__restrict__ w_scale, int n, int k, int max_tokens,       \
         int apply_scales, float *__restrict__ out
 #define MMA_ARGS a, a_scale, offsets, w, w_scale, n, k, max_tokens, apply_scales, out
-// One exported kernel of a template for a tile count, with its launch bounds; PARAMS and ARGS name the macros that
-// spell the parameter list and the arguments once.
-#define TILE_KERNEL(name, TEMPLATE, TILES, THREADS, BLOCKS_PER_SM, PARAMS, ARGS)                                    \
-    extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM) name(PARAMS) { TEMPLATE<TILES>(ARGS); }
-TILE_KERNEL(fp8_grouped_gemm_mma_t1, fp8_grouped_gemm_mma_tiles, 1, MMA_WARPS * 32, 4, MMA_PARAMS, MMA_ARGS)
-TILE_KERNEL(fp8_grouped_gemm_mma_t2, fp8_grouped_gemm_mma_tiles, 2, MMA_WARPS * 32, 4, MMA_PARAMS, MMA_ARGS)
-TILE_KERNEL(fp8_grouped_gemm_mma_t4, fp8_grouped_gemm_mma_tiles, 4, MMA_WARPS * 32, 4, MMA_PARAMS, MMA_ARGS)
+extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32, 4) fp8_grouped_gemm_mma_t1(MMA_PARAMS) {
+    fp8_grouped_gemm_mma_tiles<1>(MMA_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32, 4) fp8_grouped_gemm_mma_t2(MMA_PARAMS) {
+    fp8_grouped_gemm_mma_tiles<2>(MMA_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32, 4) fp8_grouped_gemm_mma_t4(MMA_PARAMS) {
+    fp8_grouped_gemm_mma_tiles<4>(MMA_ARGS);
+}
 
 // One expert's FP8 GEMM of a few tokens spread evenly over every SM (stream-K: Osama et al., PPoPP 2023), for an
 // expert the grouped kernel above would leave alone: a lone small expert of a decode step, or one of 17..=32 tokens.
@@ -839,9 +841,15 @@ __device__ __forceinline__ void fp8_lone_expert_gemm_tiles(
         const float *__restrict__ w_scale, int tokens, int n, int k, int apply_scales,                            \
         float *__restrict__ workspace, unsigned int *__restrict__ arrivals, float *__restrict__ out
 #define LONE_ARGS a, a_scale, w, w_scale, tokens, n, k, apply_scales, workspace, arrivals, out
-TILE_KERNEL(fp8_lone_expert_gemm_t1, fp8_lone_expert_gemm_tiles, 1, LONE_WARPS * 32, 2, LONE_PARAMS, LONE_ARGS)
-TILE_KERNEL(fp8_lone_expert_gemm_t2, fp8_lone_expert_gemm_tiles, 2, LONE_WARPS * 32, 2, LONE_PARAMS, LONE_ARGS)
-TILE_KERNEL(fp8_lone_expert_gemm_t4, fp8_lone_expert_gemm_tiles, 4, LONE_WARPS * 32, 2, LONE_PARAMS, LONE_ARGS)
+extern "C" __global__ void __launch_bounds__(LONE_WARPS * 32, 2) fp8_lone_expert_gemm_t1(LONE_PARAMS) {
+    fp8_lone_expert_gemm_tiles<1>(LONE_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(LONE_WARPS * 32, 2) fp8_lone_expert_gemm_t2(LONE_PARAMS) {
+    fp8_lone_expert_gemm_tiles<2>(LONE_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(LONE_WARPS * 32, 2) fp8_lone_expert_gemm_t4(LONE_PARAMS) {
+    fp8_lone_expert_gemm_tiles<4>(LONE_ARGS);
+}
 
 // The rate of mma.sync m16n8k32 E4M3 on this GPU, for `switchyard bench gpu`: each warp runs `rounds` rounds of 8
 // independent MMAs on registers (no memory traffic, so the MMA pipe alone is timed), and writes one sum so that
