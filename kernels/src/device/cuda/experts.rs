@@ -209,12 +209,14 @@ impl GpuExpertLayer {
         let x = device.upload(inputs)?;
         let slot_row = device.upload(&plan.slot_row)?;
         let offsets = device.upload(&plan.offsets)?;
-        let mut permuted = device.zeros::<f32>(rows * hidden)?;
+        // Every per-step buffer is written in full before it is read (the gather, the quantisation, both GEMMs, which
+        // cover every slot of every expert with tokens, the SwiGLU, the scatter): none needs zeroing.
+        let mut permuted = device.uninit::<f32>(rows * hidden)?;
         device.gather_rows(&x.as_view(), &slot_row.as_view(), hidden, &mut permuted.as_view_mut())?;
-        let mut a = device.zeros::<u8>(rows * hidden)?;
-        let mut a_scale = device.zeros::<f32>(rows)?;
+        let mut a = device.uninit::<u8>(rows * hidden)?;
+        let mut a_scale = device.uninit::<f32>(rows)?;
         device.quantize_rows(&permuted.as_view(), rows, hidden, &mut a.as_view_mut(), &mut a_scale.as_view_mut())?;
-        let mut gate_up = device.zeros::<f32>(rows * 2 * inter)?;
+        let mut gate_up = device.uninit::<f32>(rows * 2 * inter)?;
         let gate_up_gemm = GroupedGemm {
             a: &a.as_view(),
             a_scale: &a_scale.as_view(),
@@ -227,8 +229,8 @@ impl GpuExpertLayer {
         };
         // Both GEMMs write raw sums: their row-wise scales are applied by the SwiGLU and the combine below.
         device.fp8_grouped_gemm(&plan, &gate_up_gemm, &mut gate_up.as_view_mut())?;
-        let mut h = device.zeros::<u8>(rows * inter)?;
-        let mut h_scale = device.zeros::<f32>(rows)?;
+        let mut h = device.uninit::<u8>(rows * inter)?;
+        let mut h_scale = device.uninit::<f32>(rows)?;
         device.silu_mul_quantize(
             &gate_up.as_view(),
             rows,
@@ -237,7 +239,7 @@ impl GpuExpertLayer {
             &mut h.as_view_mut(),
             &mut h_scale.as_view_mut(),
         )?;
-        let mut y = device.zeros::<f32>(rows * hidden)?;
+        let mut y = device.uninit::<f32>(rows * hidden)?;
         let down_gemm = GroupedGemm {
             a: &h.as_view(),
             a_scale: &h_scale.as_view(),

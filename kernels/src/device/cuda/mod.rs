@@ -181,6 +181,14 @@ impl CudaDevice {
         self.stream.alloc_zeros(len.max(1)).map_err(driver("device allocation"))
     }
 
+    /// A device buffer of `len` values whose contents are whatever the allocator hands back, for a buffer a kernel
+    /// writes in full before anything reads it: no memset launch, which a zeroed buffer costs on every call.
+    pub fn uninit<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>, KernelError> {
+        // SAFETY: `ValidAsZeroBits` types here are plain numbers (u8, u32, f32, ...), for which any bytes are a value;
+        // the host only ever sees them through a copy, after a kernel has written them.
+        unsafe { self.stream.alloc(len.max(1)) }.map_err(driver("device allocation"))
+    }
+
     /// Kernel `kernel` of `source`, compiling and loading the source the first time (PTX from the disk cache when an
     /// earlier run compiled the same source for the same architecture and NVRTC).
     pub fn function(&self, source: &CudaSource, kernel: &str) -> Result<CudaFunction, KernelError> {
