@@ -5,7 +5,9 @@
 //                         one query per sequence over a paged KV cache, as switchyard_kernels::attention
 //                         ::paged_attention: block i of a sequence holds positions (first_block + i) * block_size ..,
 //                         laid out [2, block_size, kv_heads, head_dim] (keys, then values); causal or chunked mask;
-//                         an f32 pool, or a bf16 one (keys and values widened to f32 as read: f32 arithmetic either way)
+//                         an f32 pool, or a bf16 one (keys and values widened to f32 as read: f32 arithmetic either way);
+//                         a long context's keys split over several blocks per query head
+//   paged_decode_merge    those splits merged
 // Compiled with NVRTC at start-up (kernels/src/device/cuda/compile.rs).
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
@@ -80,17 +82,46 @@ extern "C" __global__ void rope_interleaved(float* __restrict__ x, const unsigne
 #define MAX_HEAD_DIM 256
 #define ATTENTION_WARPS 4
 
-// A key or value of the pool as f32: an f32 pool's as is, a bf16 pool's widened (exact).
-__device__ __forceinline__ float kv_load(const float* p) {
-    return *p;
+// `n` consecutive keys or values of the pool as f32 (an f32 pool's as they are, a bf16 pool's widened: exact). Four at
+// a time in one load (16 bytes of f32, 8 of bf16) where `n` is 4 (head_dim 128, Maverick's); else one by one. `out`
+// is indexed by constants only (the loops unroll), so it stays in registers.
+__device__ __forceinline__ void kv_load(const float* p, int n, float* out) {
+    if (n == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(p);
+        out[0] = v.x;
+        out[1] = v.y;
+        out[2] = v.z;
+        out[3] = v.w;
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
+        if (i < n) {
+            out[i] = p[i];
+        }
+    }
 }
 
-__device__ __forceinline__ float kv_load(const unsigned short* p) {
-    return __uint_as_float((unsigned int)*p << 16);
+__device__ __forceinline__ void kv_load(const unsigned short* p, int n, float* out) {
+    if (n == 4) {
+        const uint2 v = *reinterpret_cast<const uint2*>(p);
+        out[0] = __uint_as_float(v.x << 16);
+        out[1] = __uint_as_float(v.x & 0xffff0000u);
+        out[2] = __uint_as_float(v.y << 16);
+        out[3] = __uint_as_float(v.y & 0xffff0000u);
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
+        if (i < n) {
+            out[i] = __uint_as_float((unsigned int)p[i] << 16);
+        }
+    }
 }
 
-// Decode attention: one block (ATTENTION_WARPS warps) per (sequence, query head). The warps take keys in turn and
-// keep an online softmax (running max, sum and weighted values; lane l holds dims l, l + 32, ...), then merge.
+// Decode attention: one block (ATTENTION_WARPS warps) per (sequence, query head, split of its keys). The warps take
+// keys in turn and keep an online softmax (running max, sum and weighted values; lane l holds dims l * n .. l * n + n,
+// n = head_dim / 32, so that a warp reads a key row in one coalesced sweep), then merge.
 //   q:           [seqs, q_heads, head_dim]
 //   pool:        the KV block pool, block b at pool + b * 2 * block_size * kv_heads * head_dim
 //   block_table: [table_rows, max_blocks] block ids, entry i of a row holding block first_block[s] + i
@@ -100,6 +131,10 @@ __device__ __forceinline__ float kv_load(const unsigned short* p) {
 //   chunk:       0 for the causal mask, else the chunked mask's block length
 //   out:         [seqs, q_heads, head_dim]; lse: [seqs, q_heads] natural log-sum-exp of the scaled scores (-inf and
 //                zeros when no key is visible), so partial results merge as on the CPU
+// With one split (gridDim.z == 1) the block writes out and lse. With more (flash-decoding: a long context's keys
+// spread over many SMs, where one block per query head would leave most SMs idle), split z takes the z-th of
+// gridDim.z equal parts of the visible keys and leaves its max, sum and weighted values (relative to its max) in
+// `partial` ([seqs, q_heads, splits, head_dim + 2]) for paged_decode_merge.
 // head_dim must be a multiple of 32 and at most MAX_HEAD_DIM (the caller checks). T: the pool's element type (float,
 // or unsigned short holding bf16 bits).
 template <typename T>
@@ -108,12 +143,15 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
                              int table_rows, const unsigned int* __restrict__ first_block,
                              const unsigned int* __restrict__ seq_len, const unsigned int* __restrict__ positions,
                              int q_heads, int kv_heads, int head_dim, int block_size, int max_blocks,
-                             unsigned int chunk, float scale, float* __restrict__ out, float* __restrict__ lse) {
+                             unsigned int chunk, float scale, float* __restrict__ out, float* __restrict__ lse,
+                             float* __restrict__ partial) {
     __shared__ float warp_max[ATTENTION_WARPS];
     __shared__ float warp_total[ATTENTION_WARPS];
     __shared__ float warp_acc[ATTENTION_WARPS][MAX_HEAD_DIM];
     int seq = blockIdx.x;
     int head = blockIdx.y;
+    int split = blockIdx.z;
+    int splits = gridDim.z;
     int warp = threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     int per_lane = head_dim / 32;
@@ -124,16 +162,23 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
     unsigned int lo = max(first_visible, key_start);
     unsigned int hi = min(position + 1, seq_len[seq]);
     unsigned int row_of_table = table_row[seq];
-    if (row_of_table >= (unsigned int)table_rows) {
+    if (row_of_table >= (unsigned int)table_rows || hi < lo) {
         hi = lo;
     }
+    if (splits > 1) {
+        unsigned long long visible = hi - lo;
+        unsigned int split_lo = lo + (unsigned int)(visible * split / splits);
+        hi = lo + (unsigned int)(visible * (split + 1) / splits);
+        lo = split_lo;
+    }
 
-    const float* query = q + ((size_t)seq * q_heads + head) * head_dim;
+    const float* query = q + ((size_t)seq * q_heads + head) * head_dim + lane * per_lane;
     float qv[MAX_HEAD_DIM / 32];
     float acc[MAX_HEAD_DIM / 32];
+    float kv[MAX_HEAD_DIM / 32];
 #pragma unroll
     for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
-        qv[i] = i < per_lane ? query[lane + 32 * i] : 0.0f;
+        qv[i] = i < per_lane ? query[i] : 0.0f;
         acc[i] = 0.0f;
     }
     float running_max = NEG_INF;
@@ -143,13 +188,14 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
         unsigned int index = pos / block_size - first_block[seq];
         unsigned int block = block_table[(size_t)row_of_table * max_blocks + index];
         const T* base = pool + (size_t)block * 2 * block_size * row;
-        const T* key = base + (size_t)(pos % block_size) * row + (size_t)kv_head * head_dim;
+        const T* key = base + (size_t)(pos % block_size) * row + (size_t)kv_head * head_dim + lane * per_lane;
         const T* value = key + (size_t)block_size * row;
+        kv_load(key, per_lane, kv);
         float dot = 0.0f;
 #pragma unroll
         for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
             if (i < per_lane) {
-                dot = fmaf(qv[i], kv_load(key + lane + 32 * i), dot);
+                dot = fmaf(qv[i], kv[i], dot);
             }
         }
         for (int offset = 16; offset > 0; offset >>= 1) {
@@ -160,10 +206,11 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
         float correction = expf(running_max - new_max);
         float weight = expf(score - new_max);
         total = total * correction + weight;
+        kv_load(value, per_lane, kv);
 #pragma unroll
         for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
             if (i < per_lane) {
-                acc[i] = acc[i] * correction + weight * kv_load(value + lane + 32 * i);
+                acc[i] = acc[i] * correction + weight * kv[i];
             }
         }
         running_max = new_max;
@@ -175,7 +222,7 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
 #pragma unroll
     for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
         if (i < per_lane) {
-            warp_acc[warp][lane + 32 * i] = acc[i];
+            warp_acc[warp][lane * per_lane + i] = acc[i];
         }
     }
     __syncthreads();
@@ -186,16 +233,6 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
     for (int w = 0; w < ATTENTION_WARPS; ++w) {
         block_max = fmaxf(block_max, warp_max[w]);
     }
-    float* dst = out + ((size_t)seq * q_heads + head) * head_dim;
-    if (block_max == NEG_INF) {
-        for (int i = 0; i < per_lane; ++i) {
-            dst[lane + 32 * i] = 0.0f;
-        }
-        if (lane == 0) {
-            lse[(size_t)seq * q_heads + head] = NEG_INF;
-        }
-        return;
-    }
     float sum = 0.0f;
     float factor[ATTENTION_WARPS];
 #pragma unroll
@@ -204,13 +241,41 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
         factor[w] = warp_max[w] == NEG_INF ? 0.0f : expf(warp_max[w] - block_max);
         sum += warp_total[w] * factor[w];
     }
-    for (int i = 0; i < per_lane; ++i) {
+    if (splits > 1) {
+        // This split's share: its max and sum, and its weighted values relative to its max (all zero, with max -inf,
+        // when it saw no key).
+        float* mine = partial + (((size_t)seq * q_heads + head) * splits + split) * (head_dim + 2);
+        for (int d = lane; d < head_dim; d += 32) {
+            float value = 0.0f;
+#pragma unroll
+            for (int w = 0; w < ATTENTION_WARPS; ++w) {
+                value += warp_acc[w][d] * factor[w];
+            }
+            mine[d] = value;
+        }
+        if (lane == 0) {
+            mine[head_dim] = block_max;
+            mine[head_dim + 1] = sum;
+        }
+        return;
+    }
+    float* dst = out + ((size_t)seq * q_heads + head) * head_dim;
+    if (block_max == NEG_INF) {
+        for (int d = lane; d < head_dim; d += 32) {
+            dst[d] = 0.0f;
+        }
+        if (lane == 0) {
+            lse[(size_t)seq * q_heads + head] = NEG_INF;
+        }
+        return;
+    }
+    for (int d = lane; d < head_dim; d += 32) {
         float value = 0.0f;
 #pragma unroll
         for (int w = 0; w < ATTENTION_WARPS; ++w) {
-            value += warp_acc[w][lane + 32 * i] * factor[w];
+            value += warp_acc[w][d] * factor[w];
         }
-        dst[lane + 32 * i] = value / sum;
+        dst[d] = value / sum;
     }
     if (lane == 0) {
         lse[(size_t)seq * q_heads + head] = block_max + logf(sum);
@@ -224,13 +289,55 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
         const unsigned int *__restrict__ table_row, int table_rows, const unsigned int *__restrict__ first_block,   \
         const unsigned int *__restrict__ seq_len, const unsigned int *__restrict__ positions, int q_heads,          \
         int kv_heads, int head_dim, int block_size, int max_blocks, unsigned int chunk, float scale,                \
-        float *__restrict__ out, float *__restrict__ lse
+        float *__restrict__ out, float *__restrict__ lse, float *__restrict__ partial
 #define PAGED_DECODE_ARGS                                                                                           \
     q, pool, block_table, table_row, table_rows, first_block, seq_len, positions, q_heads, kv_heads, head_dim,      \
-        block_size, max_blocks, chunk, scale, out, lse
+        block_size, max_blocks, chunk, scale, out, lse, partial
 extern "C" __global__ void paged_decode_attention(PAGED_DECODE_PARAMS(float)) {
     paged_decode(PAGED_DECODE_ARGS);
 }
 extern "C" __global__ void paged_decode_attention_bf16(PAGED_DECODE_PARAMS(unsigned short)) {
     paged_decode(PAGED_DECODE_ARGS);
+}
+
+// The splits of paged_decode_attention merged, in split order (the same sums whatever ran first): one warp per
+// (sequence, query head); out and lse as one split would have written them (to f32 rounding).
+extern "C" __global__ void paged_decode_merge(const float* __restrict__ partial, int seqs, int q_heads, int head_dim,
+                                              int splits, float* __restrict__ out, float* __restrict__ lse) {
+    int seq = blockIdx.x;
+    int head = blockIdx.y;
+    int lane = threadIdx.x;
+    const float* parts = partial + ((size_t)seq * q_heads + head) * splits * (head_dim + 2);
+    float merged_max = NEG_INF;
+    for (int s = 0; s < splits; ++s) {
+        merged_max = fmaxf(merged_max, parts[(size_t)s * (head_dim + 2) + head_dim]);
+    }
+    float* dst = out + ((size_t)seq * q_heads + head) * head_dim;
+    if (merged_max == NEG_INF) {
+        for (int d = lane; d < head_dim; d += 32) {
+            dst[d] = 0.0f;
+        }
+        if (lane == 0) {
+            lse[(size_t)seq * q_heads + head] = NEG_INF;
+        }
+        return;
+    }
+    float sum = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        const float* part = parts + (size_t)s * (head_dim + 2);
+        float split_max = part[head_dim];
+        sum += split_max == NEG_INF ? 0.0f : part[head_dim + 1] * expf(split_max - merged_max);
+    }
+    for (int d = lane; d < head_dim; d += 32) {
+        float value = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float* part = parts + (size_t)s * (head_dim + 2);
+            float split_max = part[head_dim];
+            value += split_max == NEG_INF ? 0.0f : part[d] * expf(split_max - merged_max);
+        }
+        dst[d] = value / sum;
+    }
+    if (lane == 0) {
+        lse[(size_t)seq * q_heads + head] = merged_max + logf(sum);
+    }
 }

@@ -786,6 +786,7 @@ fn check_paged_decode_attention<T: HostKv>(device: &CudaDevice) {
             pool_blocks,
             chunk,
             scale,
+            splits: 0,
         };
         let column = |f: fn(&(usize, usize, usize, u32)) -> usize| -> Vec<u32> {
             sequences.iter().map(|s| f(s) as u32).collect()
@@ -794,20 +795,25 @@ fn check_paged_decode_attention<T: HostKv>(device: &CudaDevice) {
         // The table's rows stored in reverse, each query naming its own: the kernel must follow `table_row`.
         let reversed: Vec<u32> = table.chunks(max_blocks).rev().flatten().copied().collect();
         let rows_of: Vec<u32> = (0..sequences.len() as u32).rev().collect();
-        let (got, got_lse) = gpu_paged_attention(
-            device,
-            &shape,
-            &q,
-            &pool_dev,
-            [&reversed, &rows_of, &column(|s| s.0), &column(|s| s.1), &column(|s| s.2)],
-        );
-        for &s in &relevant {
-            let rows = s * q_heads * head_dim..(s + 1) * q_heads * head_dim;
-            let what = format!("{} pool, chunk {chunk} sequence {s} out", T::DTYPE);
-            assert_within(&got[rows.clone()], &want[rows], |_| 1e-4, &what);
-            let heads = s * q_heads..(s + 1) * q_heads;
-            let want_lse_s = &want_lse[heads.clone()];
-            assert_within(&got_lse[heads], want_lse_s, |i| 1e-4 * (1.0 + f64::from(want_lse_s[i].abs())), "lse");
+        // The keys of each query head in one block (the choice here), and split over 2, 3 and 7 blocks and merged
+        // (7: some splits of the 5-key sequence see no key).
+        for splits in [0, 2, 3, 7] {
+            let (got, got_lse) = gpu_paged_attention(
+                device,
+                &PagedDecode { splits, ..shape },
+                &q,
+                &pool_dev,
+                [&reversed, &rows_of, &column(|s| s.0), &column(|s| s.1), &column(|s| s.2)],
+            );
+            for &s in &relevant {
+                let rows = s * q_heads * head_dim..(s + 1) * q_heads * head_dim;
+                let what = format!("{} pool, {splits} splits, chunk {chunk} sequence {s} out", T::DTYPE);
+                assert_within(&got[rows.clone()], &want[rows], |_| 1e-4, &what);
+                let heads = s * q_heads..(s + 1) * q_heads;
+                let want_lse_s = &want_lse[heads.clone()];
+                let bound = |i: usize| 1e-4 * (1.0 + f64::from(want_lse_s[i].abs()));
+                assert_within(&got_lse[heads], want_lse_s, bound, &format!("{what} lse"));
+            }
         }
     }
 }
@@ -1137,6 +1143,7 @@ fn check_kv_write<T: HostKv>(device: &CudaDevice) {
         pool_blocks,
         chunk: 0,
         scale,
+        splits: 0,
     };
     let (got, got_lse) =
         gpu_paged_attention(device, &decode, &q, &pool_dev, [&table, &[0], &[0], &[len as u32], &[len as u32 - 1]]);
@@ -1190,6 +1197,7 @@ fn bf16_kv_shape_errors_name_the_dtype() {
         pool_blocks: 1,
         chunk: 0,
         scale: 1.0,
+        splits: 0,
     };
     let q = device.zeros::<f32>(32).expect("alloc");
     let (mut out, mut lse) = (device.zeros::<f32>(32).expect("alloc"), device.zeros::<f32>(1).expect("alloc"));

@@ -692,6 +692,7 @@ impl GpuModel {
                 pool_blocks: self.pool.capacity(),
                 chunk,
                 scale,
+                splits: 0,
             };
             let attention = LayerAttention {
                 kv_shape,
@@ -907,6 +908,7 @@ impl ForwardPass for GpuModel {
                 pool_blocks: self.pool.capacity(),
                 chunk: 0,
                 scale: 1.0 / (hd as f32).sqrt(),
+                splits: 0,
             },
             q: inputs.slice(0..q_end),
             k: inputs.slice(q_end..k_end),

@@ -52,11 +52,18 @@ pub const EXPERTS_CU: CudaSource = CudaSource {
     only_for: None,
 };
 
-/// The attention worker's kernels: RMS norm, interleaved RoPE, paged decode attention (over an f32 or a bf16 KV pool).
+/// The attention worker's kernels: RMS norm, interleaved RoPE, paged decode attention (over an f32 or a bf16 KV pool)
+/// and the merge of its key splits.
 pub const ATTENTION_CU: CudaSource = CudaSource {
     file: "attention.cu",
     text: include_str!("../../cuda/attention.cu"),
-    kernels: &["rms_norm", "rope_interleaved", "paged_decode_attention", "paged_decode_attention_bf16"],
+    kernels: &[
+        "rms_norm",
+        "rope_interleaved",
+        "paged_decode_attention",
+        "paged_decode_attention_bf16",
+        "paged_decode_merge",
+    ],
     only_for: None,
 };
 

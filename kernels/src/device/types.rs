@@ -139,6 +139,30 @@ pub struct PagedDecode {
     pub chunk: u32,
     /// Score scale (1 / sqrt(head_dim) usually).
     pub scale: f32,
+    /// Parts each query head's keys are split into, each part on its own block, merged after (flash-decoding);
+    /// 0 lets [`PagedDecode::key_splits`] choose.
+    pub splits: usize,
+}
+
+/// Keys a split of `paged_decode_attention` takes at the least: below this, another block costs more than it saves.
+pub const MIN_KEYS_PER_SPLIT: usize = 512;
+/// Most splits of one query head's keys.
+pub const MAX_KEY_SPLITS: usize = 64;
+
+impl PagedDecode {
+    /// The splits a launch on a GPU of `sms` SMs uses: `splits` when set, else enough that the grid has about two
+    /// blocks per SM (one block per query head of a single decoding sequence is 40 blocks for Maverick, most of an
+    /// H100 idle while a long context streams through them), no split smaller than [`MIN_KEYS_PER_SPLIT`] keys of
+    /// the longest visible range (`max_blocks * block_size`), at most [`MAX_KEY_SPLITS`].
+    pub fn key_splits(&self, sms: usize) -> usize {
+        if self.splits > 0 {
+            return self.splits.min(MAX_KEY_SPLITS);
+        }
+        let heads = (self.seqs * self.q_heads).max(1);
+        let for_the_sms = (2 * sms).div_ceil(heads);
+        let for_the_keys = (self.max_blocks * self.block_size) / MIN_KEYS_PER_SPLIT;
+        for_the_sms.min(for_the_keys).clamp(1, MAX_KEY_SPLITS)
+    }
 }
 
 /// The shape of `CudaDevice::kv_write`: a pool of `pool_blocks` blocks of `[2, block_size, kv_heads, head_dim]`

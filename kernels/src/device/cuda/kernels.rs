@@ -608,7 +608,9 @@ impl CudaDevice {
     /// prefill share one, so the table is not repeated per query); `first_block`, `seq_len`, `positions`: one per
     /// query; `out`:
     /// `[seqs, q_heads, head_dim]`; `lse`: `[seqs, q_heads]`. Block ids and the visible ranges are checked on the host
-    /// by the caller that owns the block table (the kernel trusts them).
+    /// by the caller that owns the block table (the kernel trusts them). A query head's keys are split over
+    /// [`PagedDecode::key_splits`] blocks and merged by `paged_decode_merge` when there are few query heads for the
+    /// GPU's SMs and a long enough context.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode_attention<T: KvElement>(
         &self,
@@ -678,8 +680,12 @@ impl CudaDevice {
         let block_size = int(OP, "block_size", s.block_size)?;
         let max_blocks = int(OP, "max_blocks", s.max_blocks)?;
         let table_rows = int(OP, "table_rows", s.table_rows)?;
+        let splits = s.key_splits(self.sms);
+        // Each split's max, sum and weighted values, for the merge (none with one split: the kernel writes out).
+        let partial_len = if splits > 1 { product(OP, q_values / s.head_dim * splits, s.head_dim + 2)? } else { 0 };
+        let mut partial = self.uninit::<f32>(partial_len)?;
         let cfg = LaunchConfig {
-            grid_dim: (blocks(OP, s.seqs)?, blocks(OP, s.q_heads)?, 1),
+            grid_dim: (blocks(OP, s.seqs)?, blocks(OP, s.q_heads)?, blocks(OP, splits)?),
             block_dim: (ATTENTION_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -687,10 +693,24 @@ impl CudaDevice {
         launch.arg(q).arg(pool).arg(block_table).arg(table_row).arg(&table_rows).arg(first_block).arg(seq_len);
         launch.arg(positions);
         launch.arg(&q_heads).arg(&kv_heads).arg(&head_dim).arg(&block_size).arg(&max_blocks);
-        launch.arg(&s.chunk).arg(&s.scale).arg(out).arg(lse);
-        // SAFETY: signature matched (the pool's element type picks the kernel); lengths checked; block ids and ranges
-        // are the caller's (documented above).
+        launch.arg(&s.chunk).arg(&s.scale).arg(&mut *out).arg(&mut *lse).arg(&mut partial);
+        // SAFETY: signature matched (the pool's element type picks the kernel); lengths checked, `partial` holds
+        // seqs * q_heads * splits * (head_dim + 2) floats where splits > 1; block ids and ranges are the caller's
+        // (documented above).
         unsafe { launch.launch(cfg) }.map_err(driver("launch paged_decode_attention"))?;
+        if splits > 1 {
+            let merge = self.function(&ATTENTION_CU, "paged_decode_merge")?;
+            let (seqs_i, splits_i) = (int(OP, "seqs", s.seqs)?, int(OP, "splits", splits)?);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks(OP, s.seqs)?, blocks(OP, s.q_heads)?, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = self.stream.launch_builder(&merge);
+            launch.arg(&partial).arg(&seqs_i).arg(&q_heads).arg(&head_dim).arg(&splits_i).arg(out).arg(lse);
+            // SAFETY: signature matched; `partial` was just written for this grid; out and lse checked above.
+            unsafe { launch.launch(cfg) }.map_err(driver("launch paged_decode_merge"))?;
+        }
         Ok(())
     }
 }
