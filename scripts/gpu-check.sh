@@ -20,7 +20,7 @@
 #      wgmma on known operands (hopper.cu's probe), in its own process: the operand layouts a wgmma kernel needs
 #   4. the CPU parity fixture with FP8 experts on the GPU path (model/tests/gpu_experts.rs)
 #   5. `switchyard bench gpu --output-json $OUT/bench-gpu.json`: the FP8 expert GEMM table with cuBLASLt and the
-#      device-to-device copy measured in the same run
+#      device-to-device copy measured in the same run, and decode attention over 8K..1M keys against its anchors
 #   4b. the expert worker on the GPU (expert-worker/tests/gpu_worker.rs): batches against the CPU worker, load and unload
 #   4c. the whole model on the GPU (model/tests/gpu_forward.rs): GpuModel against the CPU forward pass on the golden
 #      fixtures (f32 and bf16 dense weights, prefill, decode, batches, FP8 experts on the GPU, errors)
@@ -165,11 +165,11 @@ run_checks() {
   step 5-bench-gpu 120 "$bin/switchyard" bench gpu --output-json "$out/bench-gpu.json" ${BENCH_ARGS:-}
   # The CUDA-core streaming kernel at the token counts it serves, for comparison with the tensor-core one.
   step 6-bench-gpu-simt 40 env SWITCHYARD_SMALL_GEMM=simt "$bin/switchyard" bench gpu --tokens 16,128 \
-    --output-json "$out/bench-gpu-simt.json"
+    --attention-contexts none --output-json "$out/bench-gpu-simt.json"
   # The plan routing experts of up to 32 tokens that cuBLASLt would take to the lone-expert kernel (the grouped rows
   # change where their Zipf tail has experts of 17..=32 tokens; the one-expert rows' "lone us" column is step 5's).
   step 6b-bench-gpu-lone 40 env SWITCHYARD_LONE_EXPERT_MAX_TOKENS=32 "$bin/switchyard" bench gpu \
-    --tokens 16,128,2048 --output-json "$out/bench-gpu-lone.json"
+    --tokens 16,128,2048 --attention-contexts none --output-json "$out/bench-gpu-lone.json"
   # NCCL with one rank (one GPU): bootstrap, a grouped send/recv exchange, abort on a deadline.
   step 7-nccl-one-rank 40 "$bin/transport-collective" one_nccl_rank --nocapture --test-threads 1
   echo "results in $out" | tee -a "$summary"

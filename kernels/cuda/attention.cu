@@ -307,6 +307,9 @@ extern "C" __global__ void paged_decode_merge(const float* __restrict__ partial,
     int seq = blockIdx.x;
     int head = blockIdx.y;
     int lane = threadIdx.x;
+    if (seq >= seqs || head >= q_heads) {
+        return;
+    }
     const float* parts = partial + ((size_t)seq * q_heads + head) * splits * (head_dim + 2);
     float merged_max = NEG_INF;
     for (int s = 0; s < splits; ++s) {

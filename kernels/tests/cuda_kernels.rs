@@ -1235,6 +1235,7 @@ fn bench_measures_every_case_on_small_shapes() {
         copy_bytes: 1 << 20,
         mma_rate_rounds: 1,
         calls_per_sample: 1,
+        attention_contexts: vec![1000],
         ..GemmBenchConfig::default()
     };
     let report = bench_expert_gemm(0, &config).expect("bench");
@@ -1250,6 +1251,10 @@ fn bench_measures_every_case_on_small_shapes() {
         let lone_case = row.case == "one expert" && row.tokens <= 32;
         assert_eq!(row.lone_us.is_some_and(|us| us.is_finite() && us > 0.0), lone_case, "{row:?}");
     }
+    let [attention] = &report.attention[..] else { panic!("one attention case: {:?}", report.attention) };
+    assert_eq!((attention.context, attention.anchor_us), (1000, None));
+    let timed = [attention.split_us, attention.one_block_us, attention.kv_tb_per_s];
+    assert!(timed.iter().all(|v| v.is_finite() && *v > 0.0) && attention.splits >= 1, "{attention:?}");
     let bad = GemmBenchConfig { copy_bytes: 0, ..config };
     assert!(bench_expert_gemm(0, &bad).is_err());
 }

@@ -10,7 +10,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use switchyard_kernels::device::gpu_bench::{GemmBenchConfig, GemmBenchReport, GemmBenchRow, DOWN, GATE_UP};
+use switchyard_kernels::device::gpu_bench::{
+    GemmBenchConfig, GemmBenchReport, GemmBenchRow, DOWN, GATE_UP, MAVERICK_ATTENTION,
+};
 use switchyard_kernels::device::{bench_expert_gemm, Device};
 
 /// The issue's targets: our path against cuBLASLt at >= 2048 tokens, and weight streaming at <= 128 tokens.
@@ -42,9 +44,23 @@ pub struct Args {
     /// serving step does; 1 times single calls, launch latency included.
     #[arg(long, default_value_t = 10)]
     calls_per_sample: usize,
+    /// Context lengths of the decode-attention cases (one query, Maverick's heads, a bf16 KV cache); "none" for none.
+    #[arg(long, value_delimiter = ',', default_value = "8192,65536,262144,1048576", value_parser = parse_context)]
+    attention_contexts: Vec<Option<usize>>,
     /// Also write the results as JSON.
     #[arg(long)]
     output_json: Option<PathBuf>,
+}
+
+/// A context length of `--attention-contexts`, or `None` for "none".
+fn parse_context(value: &str) -> Result<Option<usize>, String> {
+    match value.trim() {
+        "none" => Ok(None),
+        other => match other.parse::<usize>() {
+            Ok(keys) if keys > 0 => Ok(Some(keys)),
+            _ => Err(format!("{other:?} is neither a positive number of keys nor \"none\"")),
+        },
+    }
 }
 
 /// Runs `bench gpu`.
@@ -60,6 +76,7 @@ pub fn run(args: Args) -> Result<()> {
         iterations: args.iterations,
         warmup: args.warmup,
         calls_per_sample: args.calls_per_sample,
+        attention_contexts: args.attention_contexts.into_iter().flatten().collect(),
         ..GemmBenchConfig::default()
     };
     let report = bench_expert_gemm(ordinal, &config).with_context(|| format!("bench gpu on {}", args.device))?;
@@ -151,6 +168,32 @@ fn print_table(report: &GemmBenchReport) {
     if !below.is_empty() {
         println!("below: {}", below.join("; "));
     }
+    if report.attention.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "decode attention: one query, {} query / {} KV heads, head dim {}, bf16 KV in blocks of {}; \"split\": as the \
+         model runs it (keys split over several blocks per query head, merged), \"one block\": one block per query head",
+        MAVERICK_ATTENTION.q_heads, MAVERICK_ATTENTION.kv_heads, MAVERICK_ATTENTION.head_dim, MAVERICK_ATTENTION.block_size
+    );
+    println!(
+        "{:>9} {:>10} {:>7} {:>13} {:>8} {:>8} {:>10} {:>9}",
+        "context", "split us", "splits", "one block us", "KV TB/s", "of copy", "anchor us", "of anchor"
+    );
+    for row in &report.attention {
+        println!(
+            "{:>9} {:>10.1} {:>7} {:>13.1} {:>8.2} {:>8.2} {:>10} {:>9}",
+            row.context,
+            row.split_us,
+            row.splits,
+            row.one_block_us,
+            row.kv_tb_per_s,
+            row.kv_tb_per_s / report.copy_tb_per_s,
+            row.anchor_us.map(|a| format!("{a:.0}")).unwrap_or_else(|| "-".into()),
+            row.anchor_us.map(|a| format!("{:.2}", a / row.split_us)).unwrap_or_else(|| "-".into()),
+        );
+    }
 }
 
 /// Whether a row meets the issue's target for its token count; `None` where no target applies (129..2047 tokens).
@@ -202,6 +245,12 @@ fn to_json(report: &GemmBenchReport, config: &GemmBenchConfig) -> serde_json::Va
         "targets": {"ratio_to_cublaslt_from_2048_tokens": TARGET_OF_CUBLASLT,
                     "weight_tb_per_s_up_to_128_tokens": TARGET_STREAMING_TB_PER_S},
         "rows": rows,
+        "attention": report.attention.iter().map(|row| serde_json::json!({
+            "context": row.context, "split_us": row.split_us, "splits": row.splits,
+            "one_block_us": row.one_block_us, "kv_tb_per_s": row.kv_tb_per_s,
+            "ratio_to_copy": row.kv_tb_per_s / report.copy_tb_per_s, "anchor_us": row.anchor_us,
+            "ratio_to_anchor": row.anchor_us.map(|a| a / row.split_us),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -223,6 +272,13 @@ mod tests {
             tflops: 1.0,
             anchor_us: None,
         }
+    }
+
+    #[test]
+    fn attention_contexts_parse() {
+        assert_eq!(parse_context("65536"), Ok(Some(65536)));
+        assert_eq!(parse_context(" none "), Ok(None));
+        assert!(parse_context("0").is_err() && parse_context("8k").expect_err("8k").contains("\"8k\""));
     }
 
     #[test]

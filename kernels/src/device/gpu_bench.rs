@@ -43,6 +43,56 @@ pub struct GemmBenchConfig {
     pub copy_bytes: usize,
     /// Rounds of eight MMAs per warp of the mma.sync rate probe (default 8192: about a millisecond on an H100).
     pub mma_rate_rounds: usize,
+    /// Context lengths of the decode-attention cases (default 8K, 64K, 256K, 1M: performance.md's anchors); empty
+    /// for none.
+    pub attention_contexts: Vec<usize>,
+}
+
+/// The decode-attention case of `bench gpu`: one query of Maverick's attention (40 query heads, 8 KV heads, head
+/// dimension 128) over a bf16 paged KV cache of 16-position blocks, the anchors' shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub q_heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
+}
+
+/// Maverick's attention, as performance.md's decode anchors have it.
+pub const MAVERICK_ATTENTION: AttentionShape =
+    AttentionShape { q_heads: 40, kv_heads: 8, head_dim: 128, block_size: 16 };
+
+/// One measured decode-attention case.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionBenchRow {
+    /// Keys the query attends to.
+    pub context: usize,
+    /// Median of `paged_decode_attention` as the model runs it (its keys split over `splits` blocks per query head and
+    /// merged), microseconds.
+    pub split_us: f64,
+    /// The splits it chose.
+    pub splits: usize,
+    /// Median with one block per query head (no split), microseconds.
+    pub one_block_us: f64,
+    /// KV bytes read (keys and values of the context, bf16) / the split time, TB/s.
+    pub kv_tb_per_s: f64,
+    /// performance.md's anchor (bf16 SDPA through PyTorch on an H100), microseconds.
+    pub anchor_us: Option<f64>,
+}
+
+/// The decode-attention anchor of performance.md for a context length, microseconds.
+pub fn attention_anchor_us(context: usize) -> Option<f64> {
+    match context {
+        8192 => Some(27.0),
+        65536 => Some(108.0),
+        262_144 => Some(365.0),
+        1_048_576 => Some(1392.0),
+        _ => None,
+    }
 }
 
 impl Default for GemmBenchConfig {
@@ -58,6 +108,7 @@ impl Default for GemmBenchConfig {
             seed: 6,
             copy_bytes: 1 << 30,
             mma_rate_rounds: 8192,
+            attention_contexts: vec![8192, 65_536, 262_144, 1_048_576],
         }
     }
 }
@@ -108,6 +159,8 @@ pub struct GemmBenchReport {
     pub calls_per_sample: usize,
     /// The cases.
     pub rows: Vec<GemmBenchRow>,
+    /// The decode-attention cases.
+    pub attention: Vec<AttentionBenchRow>,
 }
 
 /// The anchor of performance.md (H100, cuBLASLt FP8 rowwise through PyTorch 2.11) for a case, microseconds.

@@ -11,10 +11,12 @@ use super::experts::{lone_expert_max_tokens, small_m_max_tokens};
 use super::kernels::GroupedGemm;
 use super::{driver, CudaDevice};
 use crate::device::gpu_bench::{
-    anchor_us, splitmix64, zipf_routing, GemmBenchConfig, GemmBenchReport, GemmBenchRow, GemmShape,
+    anchor_us, attention_anchor_us, splitmix64, zipf_routing, AttentionBenchRow, GemmBenchConfig, GemmBenchReport,
+    GemmBenchRow, GemmShape, MAVERICK_ATTENTION,
 };
 use crate::device::plan::{ExpertPlan, LoneExpertGrid};
 use crate::device::sources::EXPERTS_CU;
+use crate::device::PagedDecode;
 use crate::error::KernelError;
 
 /// Event-timed samples of several paths over the same problem, interleaved (a sample of each path in turn, then the
@@ -252,6 +254,11 @@ pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<Gem
             rows.push(row(shape, "grouped", tokens, busy, max_per_expert, &measured, busy * n * k));
         }
     }
+    let attention = config
+        .attention_contexts
+        .iter()
+        .map(|&context| attention_case(&device, config, context))
+        .collect::<Result<_, _>>()?;
     Ok(GemmBenchReport {
         device: format!("{} (cuda:{ordinal})", device.name()),
         copy_tb_per_s,
@@ -260,6 +267,83 @@ pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<Gem
         lone_expert_max_tokens: lone_expert_max_tokens()?,
         calls_per_sample: config.calls_per_sample.max(1),
         rows,
+        attention,
+    })
+}
+
+/// Decode attention of one query over `context` keys ([`MAVERICK_ATTENTION`], a bf16 pool of zeros: the kernel's
+/// time does not depend on the values; its blocks in a shuffled order, as a paged cache hands them out): as the
+/// model runs it, and with one block per query head, interleaved. Fewer samples than the GEMMs: at 1M keys one call
+/// reads 4 GiB.
+fn attention_case(
+    device: &CudaDevice,
+    config: &GemmBenchConfig,
+    context: usize,
+) -> Result<AttentionBenchRow, KernelError> {
+    const OP: &str = "bench gpu attention";
+    let shape = MAVERICK_ATTENTION;
+    if context == 0 || u32::try_from(context).is_err() {
+        return Err(KernelError::invalid(OP, format!("a context of {context} keys")));
+    }
+    let blocks = context.div_ceil(shape.block_size);
+    let pool = device.zeros::<u16>(blocks * 2 * shape.block_size * shape.kv_heads * shape.head_dim)?;
+    let mut state = config.seed ^ context as u64;
+    let mut order: Vec<u32> = (0..blocks as u32).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, (splitmix64(&mut state) % (i as u64 + 1)) as usize);
+    }
+    let table = device.upload(&order)?;
+    let [table_row, first_block, seq_len, position] =
+        [0, 0, context as u32, context as u32 - 1].map(|v| device.upload(&[v]));
+    let (table_row, first_block, seq_len, position) = (table_row?, first_block?, seq_len?, position?);
+    let queries: Vec<f32> = (0..shape.q_heads * shape.head_dim)
+        .map(|_| (splitmix64(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        .collect();
+    let q = device.upload(&queries)?;
+    let out = std::cell::RefCell::new(device.zeros::<f32>(queries.len())?);
+    let lse = std::cell::RefCell::new(device.zeros::<f32>(shape.q_heads)?);
+    let decode = PagedDecode {
+        seqs: 1,
+        q_heads: shape.q_heads,
+        kv_heads: shape.kv_heads,
+        head_dim: shape.head_dim,
+        block_size: shape.block_size,
+        table_rows: 1,
+        max_blocks: blocks,
+        pool_blocks: blocks,
+        chunk: 0,
+        scale: 1.0 / (shape.head_dim as f32).sqrt(),
+        splits: 0,
+    };
+    let run = |splits: usize| {
+        device.paged_decode_attention(
+            &PagedDecode { splits, ..decode },
+            &q.as_view(),
+            &pool.as_view(),
+            &table.as_view(),
+            &table_row.as_view(),
+            &first_block.as_view(),
+            &seq_len.as_view(),
+            &position.as_view(),
+            &mut out.borrow_mut().as_view_mut(),
+            &mut lse.borrow_mut().as_view_mut(),
+        )
+    };
+    let timing = GemmBenchConfig {
+        iterations: config.iterations.min(8),
+        warmup: 1,
+        calls_per_sample: config.calls_per_sample.min(3),
+        ..config.clone()
+    };
+    let [split_us, one_block_us] = interleaved_medians_us(device, &timing, &mut [&mut |_| run(0), &mut |_| run(1)])?;
+    let kv_bytes = (context * shape.kv_heads * shape.head_dim * 2 * 2) as f64;
+    Ok(AttentionBenchRow {
+        context,
+        split_us,
+        splits: decode.key_splits(device.sms()),
+        one_block_us,
+        kv_tb_per_s: kv_bytes / (split_us * 1e-6) / 1e12,
+        anchor_us: attention_anchor_us(context),
     })
 }
 
