@@ -7,7 +7,10 @@
 //                         laid out [2, block_size, kv_heads, head_dim] (keys, then values); causal or chunked mask;
 //                         an f32 pool, or a bf16 one (keys and values widened to f32 as read: f32 arithmetic either way);
 //                         a long context's keys split over several blocks per query head
-//   paged_decode_merge    those splits merged
+//   paged_decode_attention_grouped / _grouped_bf16
+//                         the same with one block per KV head for all its query heads (head_dim 128, up to 8 query
+//                         heads per KV head: Maverick's), each key read once for the group
+//   paged_decode_merge    the splits merged
 // Compiled with NVRTC at start-up (kernels/src/device/cuda/compile.rs).
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
@@ -119,6 +122,102 @@ __device__ __forceinline__ void kv_load(const unsigned short* p, int n, float* o
     }
 }
 
+// The keys query `seq` sees in split `split` of `splits`: [lo, hi) (empty when its table row is out of range).
+__device__ __forceinline__ void visible_keys(const unsigned int* __restrict__ table_row, int table_rows,
+                                             const unsigned int* __restrict__ first_block,
+                                             const unsigned int* __restrict__ seq_len,
+                                             const unsigned int* __restrict__ positions, int seq, int block_size,
+                                             unsigned int chunk, int split, int splits, unsigned int* lo_out,
+                                             unsigned int* hi_out) {
+    unsigned int position = positions[seq];
+    unsigned int key_start = first_block[seq] * (unsigned int)block_size;
+    unsigned int first_visible = chunk == 0 ? 0u : position / chunk * chunk;
+    unsigned int lo = max(first_visible, key_start);
+    unsigned int hi = min(position + 1, seq_len[seq]);
+    if (table_row[seq] >= (unsigned int)table_rows || hi < lo) {
+        hi = lo;
+    }
+    if (splits > 1) {
+        unsigned long long visible = hi - lo;
+        unsigned int split_lo = lo + (unsigned int)(visible * split / splits);
+        hi = lo + (unsigned int)(visible * (split + 1) / splits);
+        lo = split_lo;
+    }
+    *lo_out = lo;
+    *hi_out = hi;
+}
+
+// Where key or value row `pos` of KV head `kv_head` starts in the pool, for a query whose table row is `row_of_table`.
+template <typename T>
+__device__ __forceinline__ const T* key_row(const T* __restrict__ pool, const unsigned int* __restrict__ block_table,
+                                            unsigned int row_of_table, int max_blocks, unsigned int first_block,
+                                            unsigned int pos, int block_size, size_t row, int kv_head, int head_dim) {
+    unsigned int index = pos / block_size - first_block;
+    unsigned int block = block_table[(size_t)row_of_table * max_blocks + index];
+    const T* base = pool + (size_t)block * 2 * block_size * row;
+    return base + (size_t)(pos % block_size) * row + (size_t)kv_head * head_dim;
+}
+
+// One query head's result from its ATTENTION_WARPS warps' online softmaxes (warp w's max at warp_max[w * max_stride],
+// total likewise, weighted values from warp_acc + w * acc_stride), written by one warp: out and lse, or with several
+// splits this split's part (its max, sum and weighted values relative to its max) for paged_decode_merge.
+__device__ void finish_head(const float* warp_max, const float* warp_total, int max_stride, const float* warp_acc,
+                            int acc_stride, int head_dim, size_t query_head, int split, int splits,
+                            float* __restrict__ out, float* __restrict__ lse, float* __restrict__ partial) {
+    int lane = threadIdx.x % 32;
+    float block_max = NEG_INF;
+    for (int w = 0; w < ATTENTION_WARPS; ++w) {
+        block_max = fmaxf(block_max, warp_max[w * max_stride]);
+    }
+    float sum = 0.0f;
+    float factor[ATTENTION_WARPS];
+#pragma unroll
+    for (int w = 0; w < ATTENTION_WARPS; ++w) {
+        // A warp that saw no key has max -inf and total 0: its factor is 0.
+        float m = warp_max[w * max_stride];
+        factor[w] = m == NEG_INF ? 0.0f : expf(m - block_max);
+        sum += warp_total[w * max_stride] * factor[w];
+    }
+    if (splits > 1) {
+        // All zero, with max -inf, when this split saw no key.
+        float* mine = partial + (query_head * splits + split) * (head_dim + 2);
+        for (int d = lane; d < head_dim; d += 32) {
+            float value = 0.0f;
+#pragma unroll
+            for (int w = 0; w < ATTENTION_WARPS; ++w) {
+                value += warp_acc[w * acc_stride + d] * factor[w];
+            }
+            mine[d] = value;
+        }
+        if (lane == 0) {
+            mine[head_dim] = block_max;
+            mine[head_dim + 1] = sum;
+        }
+        return;
+    }
+    float* dst = out + query_head * head_dim;
+    if (block_max == NEG_INF) {
+        for (int d = lane; d < head_dim; d += 32) {
+            dst[d] = 0.0f;
+        }
+        if (lane == 0) {
+            lse[query_head] = NEG_INF;
+        }
+        return;
+    }
+    for (int d = lane; d < head_dim; d += 32) {
+        float value = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATTENTION_WARPS; ++w) {
+            value += warp_acc[w * acc_stride + d] * factor[w];
+        }
+        dst[d] = value / sum;
+    }
+    if (lane == 0) {
+        lse[query_head] = block_max + logf(sum);
+    }
+}
+
 // Decode attention: one block (ATTENTION_WARPS warps) per (sequence, query head, split of its keys). The warps take
 // keys in turn and keep an online softmax (running max, sum and weighted values; lane l holds dims l * n .. l * n + n,
 // n = head_dim / 32, so that a warp reads a key row in one coalesced sweep), then merge.
@@ -133,10 +232,9 @@ __device__ __forceinline__ void kv_load(const unsigned short* p, int n, float* o
 //                zeros when no key is visible), so partial results merge as on the CPU
 // With one split (gridDim.z == 1) the block writes out and lse. With more (flash-decoding: a long context's keys
 // spread over many SMs, where one block per query head would leave most SMs idle), split z takes the z-th of
-// gridDim.z equal parts of the visible keys and leaves its max, sum and weighted values (relative to its max) in
-// `partial` ([seqs, q_heads, splits, head_dim + 2]) for paged_decode_merge.
-// head_dim must be a multiple of 32 and at most MAX_HEAD_DIM (the caller checks). T: the pool's element type (float,
-// or unsigned short holding bf16 bits).
+// gridDim.z equal parts of the visible keys and leaves its part in `partial` ([seqs, q_heads, splits, head_dim + 2])
+// for paged_decode_merge. head_dim must be a multiple of 32 and at most MAX_HEAD_DIM (the caller checks). T: the
+// pool's element type (float, or unsigned short holding bf16 bits).
 template <typename T>
 __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ pool,
                              const unsigned int* __restrict__ block_table, const unsigned int* __restrict__ table_row,
@@ -150,28 +248,13 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
     __shared__ float warp_acc[ATTENTION_WARPS][MAX_HEAD_DIM];
     int seq = blockIdx.x;
     int head = blockIdx.y;
-    int split = blockIdx.z;
-    int splits = gridDim.z;
     int warp = threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     int per_lane = head_dim / 32;
     int kv_head = head / (q_heads / kv_heads);
-    unsigned int position = positions[seq];
-    unsigned int key_start = first_block[seq] * (unsigned int)block_size;
-    unsigned int first_visible = chunk == 0 ? 0u : position / chunk * chunk;
-    unsigned int lo = max(first_visible, key_start);
-    unsigned int hi = min(position + 1, seq_len[seq]);
-    unsigned int row_of_table = table_row[seq];
-    if (row_of_table >= (unsigned int)table_rows || hi < lo) {
-        hi = lo;
-    }
-    if (splits > 1) {
-        unsigned long long visible = hi - lo;
-        unsigned int split_lo = lo + (unsigned int)(visible * split / splits);
-        hi = lo + (unsigned int)(visible * (split + 1) / splits);
-        lo = split_lo;
-    }
-
+    unsigned int lo, hi;
+    visible_keys(table_row, table_rows, first_block, seq_len, positions, seq, block_size, chunk, blockIdx.z, gridDim.z,
+                 &lo, &hi);
     const float* query = q + ((size_t)seq * q_heads + head) * head_dim + lane * per_lane;
     float qv[MAX_HEAD_DIM / 32];
     float acc[MAX_HEAD_DIM / 32];
@@ -185,10 +268,9 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
     float total = 0.0f;
     size_t row = (size_t)kv_heads * head_dim;
     for (unsigned int pos = lo + warp; pos < hi; pos += ATTENTION_WARPS) {
-        unsigned int index = pos / block_size - first_block[seq];
-        unsigned int block = block_table[(size_t)row_of_table * max_blocks + index];
-        const T* base = pool + (size_t)block * 2 * block_size * row;
-        const T* key = base + (size_t)(pos % block_size) * row + (size_t)kv_head * head_dim + lane * per_lane;
+        const T* key = key_row(pool, block_table, table_row[seq], max_blocks, first_block[seq], pos, block_size, row,
+                               kv_head, head_dim) +
+                       lane * per_lane;
         const T* value = key + (size_t)block_size * row;
         kv_load(key, per_lane, kv);
         float dot = 0.0f;
@@ -226,64 +308,122 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
         }
     }
     __syncthreads();
-    if (warp != 0) {
-        return;
-    }
-    float block_max = NEG_INF;
-    for (int w = 0; w < ATTENTION_WARPS; ++w) {
-        block_max = fmaxf(block_max, warp_max[w]);
-    }
-    float sum = 0.0f;
-    float factor[ATTENTION_WARPS];
-#pragma unroll
-    for (int w = 0; w < ATTENTION_WARPS; ++w) {
-        // A warp that saw no key has max -inf and total 0: its factor is 0.
-        factor[w] = warp_max[w] == NEG_INF ? 0.0f : expf(warp_max[w] - block_max);
-        sum += warp_total[w] * factor[w];
-    }
-    if (splits > 1) {
-        // This split's share: its max and sum, and its weighted values relative to its max (all zero, with max -inf,
-        // when it saw no key).
-        float* mine = partial + (((size_t)seq * q_heads + head) * splits + split) * (head_dim + 2);
-        for (int d = lane; d < head_dim; d += 32) {
-            float value = 0.0f;
-#pragma unroll
-            for (int w = 0; w < ATTENTION_WARPS; ++w) {
-                value += warp_acc[w][d] * factor[w];
-            }
-            mine[d] = value;
-        }
-        if (lane == 0) {
-            mine[head_dim] = block_max;
-            mine[head_dim + 1] = sum;
-        }
-        return;
-    }
-    float* dst = out + ((size_t)seq * q_heads + head) * head_dim;
-    if (block_max == NEG_INF) {
-        for (int d = lane; d < head_dim; d += 32) {
-            dst[d] = 0.0f;
-        }
-        if (lane == 0) {
-            lse[(size_t)seq * q_heads + head] = NEG_INF;
-        }
-        return;
-    }
-    for (int d = lane; d < head_dim; d += 32) {
-        float value = 0.0f;
-#pragma unroll
-        for (int w = 0; w < ATTENTION_WARPS; ++w) {
-            value += warp_acc[w][d] * factor[w];
-        }
-        dst[d] = value / sum;
-    }
-    if (lane == 0) {
-        lse[(size_t)seq * q_heads + head] = block_max + logf(sum);
+    if (warp == 0) {
+        finish_head(warp_max, warp_total, 1, &warp_acc[0][0], MAX_HEAD_DIM, head_dim, (size_t)seq * q_heads + head,
+                    blockIdx.z, gridDim.z, out, lse, partial);
     }
 }
 
-// The two exported kernels differ only in the pool's element type (f32, or bf16 bits); their parameters are spelled
-// once.
+// The same for the query heads of one KV head together (grouped-query attention), head_dim GROUPED_HEAD_DIM and at
+// most MAX_GROUP query heads per KV head (Maverick: 128, and 5): one block per (sequence, KV head, split), so each key
+// and value row is read once for its group instead of once per query head (from L2 at best). Each lane holds 4
+// contiguous dims of every query of the group and its online softmax; per key, one 8-byte (bf16) or 16-byte (f32)
+// load a lane, then a dot product and warp reduction per query. The result is written per query head as above.
+#define GROUPED_HEAD_DIM 128
+#define MAX_GROUP 8
+template <typename T>
+__device__ void paged_decode_grouped(const float* __restrict__ q, const T* __restrict__ pool,
+                                     const unsigned int* __restrict__ block_table,
+                                     const unsigned int* __restrict__ table_row, int table_rows,
+                                     const unsigned int* __restrict__ first_block,
+                                     const unsigned int* __restrict__ seq_len,
+                                     const unsigned int* __restrict__ positions, int q_heads, int kv_heads,
+                                     int head_dim, int block_size, int max_blocks, unsigned int chunk, float scale,
+                                     float* __restrict__ out, float* __restrict__ lse, float* __restrict__ partial) {
+    constexpr int PER_LANE = GROUPED_HEAD_DIM / 32;
+    __shared__ float warp_max[ATTENTION_WARPS][MAX_GROUP];
+    __shared__ float warp_total[ATTENTION_WARPS][MAX_GROUP];
+    __shared__ float warp_acc[ATTENTION_WARPS][MAX_GROUP][GROUPED_HEAD_DIM];
+    int seq = blockIdx.x;
+    int kv_head = blockIdx.y;
+    int warp = threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    int group = q_heads / kv_heads;
+    if (head_dim != GROUPED_HEAD_DIM || group > MAX_GROUP) {
+        return;  // the host sends other shapes to paged_decode
+    }
+    unsigned int lo, hi;
+    visible_keys(table_row, table_rows, first_block, seq_len, positions, seq, block_size, chunk, blockIdx.z, gridDim.z,
+                 &lo, &hi);
+    float qv[MAX_GROUP][PER_LANE];
+    float acc[MAX_GROUP][PER_LANE];
+    float running_max[MAX_GROUP];
+    float total[MAX_GROUP];
+#pragma unroll
+    for (int h = 0; h < MAX_GROUP; ++h) {
+        const float* query = q + ((size_t)seq * q_heads + kv_head * group + h) * GROUPED_HEAD_DIM + lane * PER_LANE;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) {
+            qv[h][i] = h < group ? query[i] : 0.0f;
+            acc[h][i] = 0.0f;
+        }
+        running_max[h] = NEG_INF;
+        total[h] = 0.0f;
+    }
+    float kv[PER_LANE];
+    size_t row = (size_t)kv_heads * GROUPED_HEAD_DIM;
+    for (unsigned int pos = lo + warp; pos < hi; pos += ATTENTION_WARPS) {
+        const T* key = key_row(pool, block_table, table_row[seq], max_blocks, first_block[seq], pos, block_size, row,
+                               kv_head, GROUPED_HEAD_DIM) +
+                       lane * PER_LANE;
+        const T* value = key + (size_t)block_size * row;
+        kv_load(key, PER_LANE, kv);
+        float weight[MAX_GROUP];
+        float correction[MAX_GROUP];
+#pragma unroll
+        for (int h = 0; h < MAX_GROUP; ++h) {
+            if (h < group) {
+                float dot = 0.0f;
+#pragma unroll
+                for (int i = 0; i < PER_LANE; ++i) {
+                    dot = fmaf(qv[h][i], kv[i], dot);
+                }
+                for (int offset = 16; offset > 0; offset >>= 1) {
+                    dot += __shfl_xor_sync(0xffffffff, dot, offset);
+                }
+                float score = dot * scale;
+                float new_max = fmaxf(running_max[h], score);
+                correction[h] = expf(running_max[h] - new_max);
+                weight[h] = expf(score - new_max);
+                total[h] = total[h] * correction[h] + weight[h];
+                running_max[h] = new_max;
+            }
+        }
+        kv_load(value, PER_LANE, kv);
+#pragma unroll
+        for (int h = 0; h < MAX_GROUP; ++h) {
+            if (h < group) {
+#pragma unroll
+                for (int i = 0; i < PER_LANE; ++i) {
+                    acc[h][i] = acc[h][i] * correction[h] + weight[h] * kv[i];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < MAX_GROUP; ++h) {
+        if (h < group) {
+            if (lane == 0) {
+                warp_max[warp][h] = running_max[h];
+                warp_total[warp][h] = total[h];
+            }
+#pragma unroll
+            for (int i = 0; i < PER_LANE; ++i) {
+                warp_acc[warp][h][lane * PER_LANE + i] = acc[h][i];
+            }
+        }
+    }
+    __syncthreads();
+    // Warp w finishes query heads w, w + ATTENTION_WARPS, ... of the group.
+    for (int h = warp; h < group; h += ATTENTION_WARPS) {
+        finish_head(&warp_max[0][h], &warp_total[0][h], MAX_GROUP, &warp_acc[0][h][0], MAX_GROUP * GROUPED_HEAD_DIM,
+                    GROUPED_HEAD_DIM, (size_t)seq * q_heads + kv_head * group + h, blockIdx.z, gridDim.z, out, lse,
+                    partial);
+    }
+}
+
+// The exported kernels differ only in the pool's element type (f32, or bf16 bits) and in one block per query head or
+// per KV head; their parameters are spelled once.
 #define PAGED_DECODE_PARAMS(POOL)                                                                                   \
     const float *__restrict__ q, const POOL *__restrict__ pool, const unsigned int *__restrict__ block_table,        \
         const unsigned int *__restrict__ table_row, int table_rows, const unsigned int *__restrict__ first_block,   \
@@ -298,6 +438,12 @@ extern "C" __global__ void paged_decode_attention(PAGED_DECODE_PARAMS(float)) {
 }
 extern "C" __global__ void paged_decode_attention_bf16(PAGED_DECODE_PARAMS(unsigned short)) {
     paged_decode(PAGED_DECODE_ARGS);
+}
+extern "C" __global__ void paged_decode_attention_grouped(PAGED_DECODE_PARAMS(float)) {
+    paged_decode_grouped(PAGED_DECODE_ARGS);
+}
+extern "C" __global__ void paged_decode_attention_grouped_bf16(PAGED_DECODE_PARAMS(unsigned short)) {
+    paged_decode_grouped(PAGED_DECODE_ARGS);
 }
 
 // The splits of paged_decode_attention merged, in split order (the same sums whatever ran first): one warp per

@@ -723,8 +723,16 @@ fn paged_decode_attention_over_a_bf16_pool_matches_the_cpu() {
 /// `paged_decode_attention` over a pool of `T` against `attention::paged_attention` on the pool's values as f32: a
 /// fresh sequence, long ones, released blocks, the chunked mask, the block table's rows named per query.
 fn check_paged_decode_attention<T: HostKv>(device: &CudaDevice) {
+    // The grouped kernel (head_dim 128) with 4 and with 5 query heads per KV head (Maverick's 5 leaves the fourth
+    // warp two heads to finish), and one block per query head (head_dim 64).
+    for (q_heads, kv_heads, head_dim) in [(8, 2, 128), (10, 2, 128), (8, 2, 64)] {
+        check_paged_decode_shape::<T>(device, q_heads, kv_heads, head_dim);
+    }
+}
+
+fn check_paged_decode_shape<T: HostKv>(device: &CudaDevice, q_heads: usize, kv_heads: usize, head_dim: usize) {
     let mut r = rng(8);
-    let (q_heads, kv_heads, head_dim, block_size) = (8, 2, 128, 16);
+    let block_size = 16;
     let block_values = 2 * block_size * kv_heads * head_dim;
     let pool_blocks = 40;
     let stored: Vec<T> = uniform(&mut r, pool_blocks * block_values, 1.0).into_iter().map(T::encode).collect();
@@ -807,7 +815,10 @@ fn check_paged_decode_attention<T: HostKv>(device: &CudaDevice) {
             );
             for &s in &relevant {
                 let rows = s * q_heads * head_dim..(s + 1) * q_heads * head_dim;
-                let what = format!("{} pool, {splits} splits, chunk {chunk} sequence {s} out", T::DTYPE);
+                let what = format!(
+                    "{} pool, {q_heads}/{kv_heads} heads of {head_dim}, {splits} splits, chunk {chunk} sequence {s} out",
+                    T::DTYPE
+                );
                 assert_within(&got[rows.clone()], &want[rows], |_| 1e-4, &what);
                 let heads = s * q_heads..(s + 1) * q_heads;
                 let want_lse_s = &want_lse[heads.clone()];

@@ -62,6 +62,8 @@ pub const ATTENTION_CU: CudaSource = CudaSource {
         "rope_interleaved",
         "paged_decode_attention",
         "paged_decode_attention_bf16",
+        "paged_decode_attention_grouped",
+        "paged_decode_attention_grouped_bf16",
         "paged_decode_merge",
     ],
     only_for: None,

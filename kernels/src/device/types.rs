@@ -149,16 +149,28 @@ pub const MIN_KEYS_PER_SPLIT: usize = 512;
 /// Most splits of one query head's keys.
 pub const MAX_KEY_SPLITS: usize = 64;
 
+/// The head dimension of the grouped decode kernel (one block per KV head for all its query heads).
+pub const GROUPED_HEAD_DIM: usize = 128;
+/// The most query heads per KV head the grouped decode kernel takes.
+pub const MAX_GROUP: usize = 8;
+
 impl PagedDecode {
+    /// Whether the grouped kernel runs (one block per KV head, each key read once for its query heads): head_dim
+    /// [`GROUPED_HEAD_DIM`] and at most [`MAX_GROUP`] query heads per KV head, Maverick's 128 and 5; else one block per
+    /// query head.
+    pub fn grouped(&self) -> bool {
+        self.head_dim == GROUPED_HEAD_DIM && self.kv_heads > 0 && self.q_heads / self.kv_heads <= MAX_GROUP
+    }
+
     /// The splits a launch on a GPU of `sms` SMs uses: `splits` when set, else enough that the grid has about two
-    /// blocks per SM (one block per query head of a single decoding sequence is 40 blocks for Maverick, most of an
-    /// H100 idle while a long context streams through them), no split smaller than [`MIN_KEYS_PER_SPLIT`] keys of
-    /// the longest visible range (`max_blocks * block_size`), at most [`MAX_KEY_SPLITS`].
+    /// blocks per SM (one block per KV head of a single decoding sequence is 8 blocks for Maverick, most of an H100
+    /// idle while a long context streams through them), no split smaller than [`MIN_KEYS_PER_SPLIT`] keys of the
+    /// longest visible range (`max_blocks * block_size`), at most [`MAX_KEY_SPLITS`].
     pub fn key_splits(&self, sms: usize) -> usize {
         if self.splits > 0 {
             return self.splits.min(MAX_KEY_SPLITS);
         }
-        let heads = (self.seqs * self.q_heads).max(1);
+        let heads = (self.seqs * if self.grouped() { self.kv_heads } else { self.q_heads }).max(1);
         let for_the_sms = (2 * sms).div_ceil(heads);
         let for_the_keys = (self.max_blocks * self.block_size) / MIN_KEYS_PER_SPLIT;
         for_the_sms.min(for_the_keys).clamp(1, MAX_KEY_SPLITS)
@@ -201,6 +213,37 @@ pub fn bf16_bits_to_f32(bits: u16) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_splits_fill_the_sms_on_long_contexts_only() {
+        let one_query = PagedDecode {
+            seqs: 1,
+            q_heads: 40,
+            kv_heads: 8,
+            head_dim: 128,
+            block_size: 16,
+            table_rows: 1,
+            max_blocks: 65_536,
+            pool_blocks: 65_536,
+            chunk: 0,
+            scale: 1.0,
+            splits: 0,
+        };
+        // Maverick, 1M keys, an H100: grouped, 8 blocks per split, 33 splits for about two blocks per SM.
+        assert!(one_query.grouped());
+        assert_eq!(one_query.key_splits(132), 33);
+        // 8K keys: 16 splits of 512 keys at most.
+        assert_eq!(PagedDecode { max_blocks: 512, ..one_query }.key_splits(132), 16);
+        // Short contexts and wide batches are not split; a set count is taken (up to the most).
+        assert_eq!(PagedDecode { max_blocks: 20, ..one_query }.key_splits(132), 1);
+        assert_eq!(PagedDecode { seqs: 64, ..one_query }.key_splits(132), 1);
+        assert_eq!(PagedDecode { splits: 3, ..one_query }.key_splits(132), 3);
+        assert_eq!(PagedDecode { splits: 1000, ..one_query }.key_splits(132), MAX_KEY_SPLITS);
+        // Other head dimensions and wider groups run one block per query head, so fewer splits fill the GPU.
+        let per_head = PagedDecode { head_dim: 64, ..one_query };
+        assert!(!per_head.grouped() && !PagedDecode { q_heads: 72, ..one_query }.grouped());
+        assert_eq!(per_head.key_splits(132), 7);
+    }
 
     #[test]
     fn dense_dtype_parses_and_displays() {

@@ -608,9 +608,10 @@ impl CudaDevice {
     /// prefill share one, so the table is not repeated per query); `first_block`, `seq_len`, `positions`: one per
     /// query; `out`:
     /// `[seqs, q_heads, head_dim]`; `lse`: `[seqs, q_heads]`. Block ids and the visible ranges are checked on the host
-    /// by the caller that owns the block table (the kernel trusts them). A query head's keys are split over
-    /// [`PagedDecode::key_splits`] blocks and merged by `paged_decode_merge` when there are few query heads for the
-    /// GPU's SMs and a long enough context.
+    /// by the caller that owns the block table (the kernel trusts them). With head_dim 128 and at most 8 query heads
+    /// per KV head ([`PagedDecode::grouped`]), one block serves all query heads of a KV head, reading each key once;
+    /// else one block per query head. A long context's keys are split over [`PagedDecode::key_splits`] blocks and
+    /// merged by `paged_decode_merge` when there are few heads for the GPU's SMs.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_decode_attention<T: KvElement>(
         &self,
@@ -669,9 +670,12 @@ impl CudaDevice {
         if s.seqs == 0 {
             return Ok(());
         }
-        let kernel = match T::DTYPE {
-            KvDtype::F32 => "paged_decode_attention",
-            KvDtype::Bf16 => "paged_decode_attention_bf16",
+        let grouped = s.grouped();
+        let kernel = match (T::DTYPE, grouped) {
+            (KvDtype::F32, false) => "paged_decode_attention",
+            (KvDtype::Bf16, false) => "paged_decode_attention_bf16",
+            (KvDtype::F32, true) => "paged_decode_attention_grouped",
+            (KvDtype::Bf16, true) => "paged_decode_attention_grouped_bf16",
         };
         let f = self.function(&ATTENTION_CU, kernel)?;
         let q_heads = int(OP, "q_heads", s.q_heads)?;
@@ -685,7 +689,11 @@ impl CudaDevice {
         let partial_len = if splits > 1 { product(OP, q_values / s.head_dim * splits, s.head_dim + 2)? } else { 0 };
         let mut partial = self.uninit::<f32>(partial_len)?;
         let cfg = LaunchConfig {
-            grid_dim: (blocks(OP, s.seqs)?, blocks(OP, s.q_heads)?, blocks(OP, splits)?),
+            grid_dim: (
+                blocks(OP, s.seqs)?,
+                blocks(OP, if grouped { s.kv_heads } else { s.q_heads })?,
+                blocks(OP, splits)?,
+            ),
             block_dim: (ATTENTION_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
