@@ -174,7 +174,7 @@ fn print_table(report: &GemmBenchReport) {
     println!();
     println!(
         "decode attention: one query, {} query / {} KV heads, head dim {}, bf16 KV in blocks of {}; \"split\": as the \
-         model runs it (keys split over several blocks per query head, merged), \"one block\": one block per query head",
+         model runs it (keys split over several blocks per KV head, merged), \"one block\": one block per KV head",
         MAVERICK_ATTENTION.q_heads, MAVERICK_ATTENTION.kv_heads, MAVERICK_ATTENTION.head_dim, MAVERICK_ATTENTION.block_size
     );
     println!(

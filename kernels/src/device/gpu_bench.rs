@@ -76,7 +76,7 @@ pub struct AttentionBenchRow {
     pub split_us: f64,
     /// The splits it chose.
     pub splits: usize,
-    /// Median with one block per query head (no split), microseconds.
+    /// Median without splitting the keys (one block per KV head), microseconds.
     pub one_block_us: f64,
     /// KV bytes read (keys and values of the context, bf16) / the split time, TB/s.
     pub kv_tb_per_s: f64,

@@ -273,7 +273,7 @@ pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<Gem
 
 /// Decode attention of one query over `context` keys ([`MAVERICK_ATTENTION`], a bf16 pool of zeros: the kernel's
 /// time does not depend on the values; its blocks in a shuffled order, as a paged cache hands them out): as the
-/// model runs it, and with one block per query head, interleaved. Fewer samples than the GEMMs: at 1M keys one call
+/// model runs it, and without splitting the keys (one block per KV head), interleaved. Fewer samples than the GEMMs: at 1M keys one call
 /// reads 4 GiB.
 fn attention_case(
     device: &CudaDevice,
