@@ -175,7 +175,10 @@ fn print_table(report: &GemmBenchReport) {
     println!(
         "decode attention: one query, {} query / {} KV heads, head dim {}, bf16 KV in blocks of {}; \"split\": as the \
          model runs it (keys split over several blocks per KV head, merged), \"one block\": one block per KV head",
-        MAVERICK_ATTENTION.q_heads, MAVERICK_ATTENTION.kv_heads, MAVERICK_ATTENTION.head_dim, MAVERICK_ATTENTION.block_size
+        MAVERICK_ATTENTION.q_heads,
+        MAVERICK_ATTENTION.kv_heads,
+        MAVERICK_ATTENTION.head_dim,
+        MAVERICK_ATTENTION.block_size
     );
     println!(
         "{:>9} {:>10} {:>7} {:>13} {:>8} {:>8} {:>10} {:>9}",
