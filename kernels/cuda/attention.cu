@@ -158,6 +158,25 @@ __device__ __forceinline__ const T* key_row(const T* __restrict__ pool, const un
     return base + (size_t)(pos % block_size) * row + (size_t)kv_head * head_dim;
 }
 
+// Keys (and values) each warp has loading while it works on one: a warp's loads of a key row are issued together
+// with its value row and KV_STAGES - 1 keys ahead, so memory latency is paid once per KV_STAGES keys, not twice per
+// key (a warp waiting on each row in turn reads about half a KB per microsecond).
+#define KV_STAGES 4
+
+// This lane's `n` dims of key and value row `pos` of KV head `kv_head`, as f32: both loads issued together.
+template <typename T>
+__device__ __forceinline__ void load_key_value(const T* __restrict__ pool,
+                                               const unsigned int* __restrict__ block_table, unsigned int row_of_table,
+                                               int max_blocks, unsigned int first_block, unsigned int pos,
+                                               int block_size, size_t row, int kv_head, int head_dim, int lane_offset,
+                                               int n, float* key, float* value) {
+    const T* k = key_row(pool, block_table, row_of_table, max_blocks, first_block, pos, block_size, row, kv_head,
+                         head_dim) +
+                 lane_offset;
+    kv_load(k, n, key);
+    kv_load(k + (size_t)block_size * row, n, value);
+}
+
 // One query head's result from its ATTENTION_WARPS warps' online softmaxes (warp w's max at warp_max[w * max_stride],
 // total likewise, weighted values from warp_acc + w * acc_stride), written by one warp: out and lse, or with several
 // splits this split's part (its max, sum and weighted values relative to its max) for paged_decode_merge.
@@ -258,7 +277,6 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
     const float* query = q + ((size_t)seq * q_heads + head) * head_dim + lane * per_lane;
     float qv[MAX_HEAD_DIM / 32];
     float acc[MAX_HEAD_DIM / 32];
-    float kv[MAX_HEAD_DIM / 32];
 #pragma unroll
     for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
         qv[i] = i < per_lane ? query[i] : 0.0f;
@@ -267,35 +285,53 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
     float running_max = NEG_INF;
     float total = 0.0f;
     size_t row = (size_t)kv_heads * head_dim;
-    for (unsigned int pos = lo + warp; pos < hi; pos += ATTENTION_WARPS) {
-        const T* key = key_row(pool, block_table, table_row[seq], max_blocks, first_block[seq], pos, block_size, row,
-                               kv_head, head_dim) +
-                       lane * per_lane;
-        const T* value = key + (size_t)block_size * row;
-        kv_load(key, per_lane, kv);
-        float dot = 0.0f;
+    const unsigned int row_of_table = table_row[seq];
+    const unsigned int first = first_block[seq];
+    const unsigned int step = ATTENTION_WARPS * KV_STAGES;
+    float keys[KV_STAGES][MAX_HEAD_DIM / 32];
+    float values[KV_STAGES][MAX_HEAD_DIM / 32];
 #pragma unroll
-        for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
-            if (i < per_lane) {
-                dot = fmaf(qv[i], kv[i], dot);
+    for (int s = 0; s < KV_STAGES; ++s) {
+        unsigned int pos = lo + warp + s * ATTENTION_WARPS;
+        if (pos < hi) {
+            load_key_value(pool, block_table, row_of_table, max_blocks, first, pos, block_size, row, kv_head, head_dim,
+                           lane * per_lane, per_lane, keys[s], values[s]);
+        }
+    }
+    for (unsigned int base = lo + warp; base < hi; base += step) {
+#pragma unroll
+        for (int s = 0; s < KV_STAGES; ++s) {
+            unsigned int pos = base + s * ATTENTION_WARPS;
+            if (pos >= hi) {
+                break;
+            }
+            float dot = 0.0f;
+#pragma unroll
+            for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
+                if (i < per_lane) {
+                    dot = fmaf(qv[i], keys[s][i], dot);
+                }
+            }
+            for (int offset = 16; offset > 0; offset >>= 1) {
+                dot += __shfl_xor_sync(0xffffffff, dot, offset);
+            }
+            float score = dot * scale;
+            float new_max = fmaxf(running_max, score);
+            float correction = expf(running_max - new_max);
+            float weight = expf(score - new_max);
+            total = total * correction + weight;
+#pragma unroll
+            for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
+                if (i < per_lane) {
+                    acc[i] = acc[i] * correction + weight * values[s][i];
+                }
+            }
+            running_max = new_max;
+            if (pos + step < hi) {
+                load_key_value(pool, block_table, row_of_table, max_blocks, first, pos + step, block_size, row,
+                               kv_head, head_dim, lane * per_lane, per_lane, keys[s], values[s]);
             }
         }
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            dot += __shfl_xor_sync(0xffffffff, dot, offset);
-        }
-        float score = dot * scale;
-        float new_max = fmaxf(running_max, score);
-        float correction = expf(running_max - new_max);
-        float weight = expf(score - new_max);
-        total = total * correction + weight;
-        kv_load(value, per_lane, kv);
-#pragma unroll
-        for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
-            if (i < per_lane) {
-                acc[i] = acc[i] * correction + weight * kv[i];
-            }
-        }
-        running_max = new_max;
     }
     if (lane == 0) {
         warp_max[warp] = running_max;
@@ -318,7 +354,7 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
 // most MAX_GROUP query heads per KV head (Maverick: 128, and 5): one block per (sequence, KV head, split), so each key
 // and value row is read once for its group instead of once per query head (from L2 at best). Each lane holds 4
 // contiguous dims of every query of the group and its online softmax; per key, one 8-byte (bf16) or 16-byte (f32)
-// load a lane, then a dot product and warp reduction per query. The result is written per query head as above.
+// load a lane for the key and one for the value, then a dot product and warp reduction per query. The result is written per query head as above.
 #define GROUPED_HEAD_DIM 128
 #define MAX_GROUP 8
 template <typename T>
@@ -360,43 +396,53 @@ __device__ void paged_decode_grouped(const float* __restrict__ q, const T* __res
         running_max[h] = NEG_INF;
         total[h] = 0.0f;
     }
-    float kv[PER_LANE];
     size_t row = (size_t)kv_heads * GROUPED_HEAD_DIM;
-    for (unsigned int pos = lo + warp; pos < hi; pos += ATTENTION_WARPS) {
-        const T* key = key_row(pool, block_table, table_row[seq], max_blocks, first_block[seq], pos, block_size, row,
-                               kv_head, GROUPED_HEAD_DIM) +
-                       lane * PER_LANE;
-        const T* value = key + (size_t)block_size * row;
-        kv_load(key, PER_LANE, kv);
-        float weight[MAX_GROUP];
-        float correction[MAX_GROUP];
+    const unsigned int row_of_table = table_row[seq];
+    const unsigned int first = first_block[seq];
+    const unsigned int step = ATTENTION_WARPS * KV_STAGES;
+    float keys[KV_STAGES][PER_LANE];
+    float values[KV_STAGES][PER_LANE];
 #pragma unroll
-        for (int h = 0; h < MAX_GROUP; ++h) {
-            if (h < group) {
-                float dot = 0.0f;
-#pragma unroll
-                for (int i = 0; i < PER_LANE; ++i) {
-                    dot = fmaf(qv[h][i], kv[i], dot);
-                }
-                for (int offset = 16; offset > 0; offset >>= 1) {
-                    dot += __shfl_xor_sync(0xffffffff, dot, offset);
-                }
-                float score = dot * scale;
-                float new_max = fmaxf(running_max[h], score);
-                correction[h] = expf(running_max[h] - new_max);
-                weight[h] = expf(score - new_max);
-                total[h] = total[h] * correction[h] + weight[h];
-                running_max[h] = new_max;
-            }
+    for (int s = 0; s < KV_STAGES; ++s) {
+        unsigned int pos = lo + warp + s * ATTENTION_WARPS;
+        if (pos < hi) {
+            load_key_value(pool, block_table, row_of_table, max_blocks, first, pos, block_size, row, kv_head,
+                           GROUPED_HEAD_DIM, lane * PER_LANE, PER_LANE, keys[s], values[s]);
         }
-        kv_load(value, PER_LANE, kv);
+    }
+    for (unsigned int base = lo + warp; base < hi; base += step) {
 #pragma unroll
-        for (int h = 0; h < MAX_GROUP; ++h) {
-            if (h < group) {
+        for (int s = 0; s < KV_STAGES; ++s) {
+            unsigned int pos = base + s * ATTENTION_WARPS;
+            if (pos >= hi) {
+                break;
+            }
 #pragma unroll
-                for (int i = 0; i < PER_LANE; ++i) {
-                    acc[h][i] = acc[h][i] * correction[h] + weight[h] * kv[i];
+            for (int h = 0; h < MAX_GROUP; ++h) {
+                if (h < group) {
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < PER_LANE; ++i) {
+                        dot = fmaf(qv[h][i], keys[s][i], dot);
+                    }
+                    for (int offset = 16; offset > 0; offset >>= 1) {
+                        dot += __shfl_xor_sync(0xffffffff, dot, offset);
+                    }
+                    float score = dot * scale;
+                    float new_max = fmaxf(running_max[h], score);
+                    float correction = expf(running_max[h] - new_max);
+                    float weight = expf(score - new_max);
+                    total[h] = total[h] * correction + weight;
+                    running_max[h] = new_max;
+#pragma unroll
+                    for (int i = 0; i < PER_LANE; ++i) {
+                        acc[h][i] = acc[h][i] * correction + weight * values[s][i];
+                    }
                 }
+            }
+            if (pos + step < hi) {
+                load_key_value(pool, block_table, row_of_table, max_blocks, first, pos + step, block_size, row,
+                               kv_head, GROUPED_HEAD_DIM, lane * PER_LANE, PER_LANE, keys[s], values[s]);
             }
         }
     }
