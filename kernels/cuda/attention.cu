@@ -87,7 +87,8 @@ extern "C" __global__ void rope_interleaved(float* __restrict__ x, const unsigne
 
 // `n` consecutive keys or values of the pool as f32 (an f32 pool's as they are, a bf16 pool's widened: exact). Four at
 // a time in one load (16 bytes of f32, 8 of bf16) where `n` is 4 (head_dim 128, Maverick's); else one by one. `out`
-// is indexed by constants only (the loops unroll), so it stays in registers.
+// is indexed by constants only (the loops unroll), so it stays in registers; N: its size, the most `n` can be.
+template <int N>
 __device__ __forceinline__ void kv_load(const float* p, int n, float* out) {
     if (n == 4) {
         const float4 v = *reinterpret_cast<const float4*>(p);
@@ -98,13 +99,14 @@ __device__ __forceinline__ void kv_load(const float* p, int n, float* out) {
         return;
     }
 #pragma unroll
-    for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
+    for (int i = 0; i < N; ++i) {
         if (i < n) {
             out[i] = p[i];
         }
     }
 }
 
+template <int N>
 __device__ __forceinline__ void kv_load(const unsigned short* p, int n, float* out) {
     if (n == 4) {
         const uint2 v = *reinterpret_cast<const uint2*>(p);
@@ -115,7 +117,7 @@ __device__ __forceinline__ void kv_load(const unsigned short* p, int n, float* o
         return;
     }
 #pragma unroll
-    for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
+    for (int i = 0; i < N; ++i) {
         if (i < n) {
             out[i] = __uint_as_float((unsigned int)p[i] << 16);
         }
@@ -163,8 +165,9 @@ __device__ __forceinline__ const T* key_row(const T* __restrict__ pool, const un
 // key (a warp waiting on each row in turn reads about half a KB per microsecond).
 #define KV_STAGES 4
 
-// This lane's `n` dims of key and value row `pos` of KV head `kv_head`, as f32: both loads issued together.
-template <typename T>
+// This lane's `n` dims (of at most N) of key and value row `pos` of KV head `kv_head`, as f32: both loads issued
+// together.
+template <int N, typename T>
 __device__ __forceinline__ void load_key_value(const T* __restrict__ pool,
                                                const unsigned int* __restrict__ block_table, unsigned int row_of_table,
                                                int max_blocks, unsigned int first_block, unsigned int pos,
@@ -173,8 +176,44 @@ __device__ __forceinline__ void load_key_value(const T* __restrict__ pool,
     const T* k = key_row(pool, block_table, row_of_table, max_blocks, first_block, pos, block_size, row, kv_head,
                          head_dim) +
                  lane_offset;
-    kv_load(k, n, key);
-    kv_load(k + (size_t)block_size * row, n, value);
+    kv_load<N>(k, n, key);
+    kv_load<N>(k + (size_t)block_size * row, n, value);
+}
+
+// Calls `use(key, value)` for each of this warp's keys of [lo, hi) (every ATTENTION_WARPS-th from lo + warp) in
+// order, with this lane's `n` dims (of at most N) of the key and value rows as f32, keeping KV_STAGES keys loading.
+template <int N, typename T, typename Use>
+__device__ __forceinline__ void for_each_key(const T* __restrict__ pool, const unsigned int* __restrict__ block_table,
+                                             unsigned int row_of_table, int max_blocks, unsigned int first_block,
+                                             unsigned int lo, unsigned int hi, int block_size, size_t row, int kv_head,
+                                             int head_dim, int n, Use use) {
+    const int warp = threadIdx.x / 32;
+    const int lane_offset = (threadIdx.x % 32) * n;
+    const unsigned int step = ATTENTION_WARPS * KV_STAGES;
+    float keys[KV_STAGES][N];
+    float values[KV_STAGES][N];
+#pragma unroll
+    for (int s = 0; s < KV_STAGES; ++s) {
+        unsigned int pos = lo + warp + s * ATTENTION_WARPS;
+        if (pos < hi) {
+            load_key_value<N>(pool, block_table, row_of_table, max_blocks, first_block, pos, block_size, row, kv_head,
+                              head_dim, lane_offset, n, keys[s], values[s]);
+        }
+    }
+    for (unsigned int base = lo + warp; base < hi; base += step) {
+#pragma unroll
+        for (int s = 0; s < KV_STAGES; ++s) {
+            unsigned int pos = base + s * ATTENTION_WARPS;
+            if (pos >= hi) {
+                break;
+            }
+            use(keys[s], values[s]);
+            if (pos + step < hi) {
+                load_key_value<N>(pool, block_table, row_of_table, max_blocks, first_block, pos + step, block_size,
+                                  row, kv_head, head_dim, lane_offset, n, keys[s], values[s]);
+            }
+        }
+    }
 }
 
 // One query head's result from its ATTENTION_WARPS warps' online softmaxes (warp w's max at warp_max[w * max_stride],
@@ -284,32 +323,14 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
     }
     float running_max = NEG_INF;
     float total = 0.0f;
-    size_t row = (size_t)kv_heads * head_dim;
-    const unsigned int row_of_table = table_row[seq];
-    const unsigned int first = first_block[seq];
-    const unsigned int step = ATTENTION_WARPS * KV_STAGES;
-    float keys[KV_STAGES][MAX_HEAD_DIM / 32];
-    float values[KV_STAGES][MAX_HEAD_DIM / 32];
-#pragma unroll
-    for (int s = 0; s < KV_STAGES; ++s) {
-        unsigned int pos = lo + warp + s * ATTENTION_WARPS;
-        if (pos < hi) {
-            load_key_value(pool, block_table, row_of_table, max_blocks, first, pos, block_size, row, kv_head, head_dim,
-                           lane * per_lane, per_lane, keys[s], values[s]);
-        }
-    }
-    for (unsigned int base = lo + warp; base < hi; base += step) {
-#pragma unroll
-        for (int s = 0; s < KV_STAGES; ++s) {
-            unsigned int pos = base + s * ATTENTION_WARPS;
-            if (pos >= hi) {
-                break;
-            }
+    for_each_key<MAX_HEAD_DIM / 32>(
+        pool, block_table, table_row[seq], max_blocks, first_block[seq], lo, hi, block_size,
+        (size_t)kv_heads * head_dim, kv_head, head_dim, per_lane, [&](const float* key, const float* value) {
             float dot = 0.0f;
 #pragma unroll
             for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
                 if (i < per_lane) {
-                    dot = fmaf(qv[i], keys[s][i], dot);
+                    dot = fmaf(qv[i], key[i], dot);
                 }
             }
             for (int offset = 16; offset > 0; offset >>= 1) {
@@ -323,16 +344,11 @@ __device__ void paged_decode(const float* __restrict__ q, const T* __restrict__ 
 #pragma unroll
             for (int i = 0; i < MAX_HEAD_DIM / 32; ++i) {
                 if (i < per_lane) {
-                    acc[i] = acc[i] * correction + weight * values[s][i];
+                    acc[i] = acc[i] * correction + weight * value[i];
                 }
             }
             running_max = new_max;
-            if (pos + step < hi) {
-                load_key_value(pool, block_table, row_of_table, max_blocks, first, pos + step, block_size, row,
-                               kv_head, head_dim, lane * per_lane, per_lane, keys[s], values[s]);
-            }
-        }
-    }
+        });
     if (lane == 0) {
         warp_max[warp] = running_max;
         warp_total[warp] = total;
@@ -396,34 +412,17 @@ __device__ void paged_decode_grouped(const float* __restrict__ q, const T* __res
         running_max[h] = NEG_INF;
         total[h] = 0.0f;
     }
-    size_t row = (size_t)kv_heads * GROUPED_HEAD_DIM;
-    const unsigned int row_of_table = table_row[seq];
-    const unsigned int first = first_block[seq];
-    const unsigned int step = ATTENTION_WARPS * KV_STAGES;
-    float keys[KV_STAGES][PER_LANE];
-    float values[KV_STAGES][PER_LANE];
-#pragma unroll
-    for (int s = 0; s < KV_STAGES; ++s) {
-        unsigned int pos = lo + warp + s * ATTENTION_WARPS;
-        if (pos < hi) {
-            load_key_value(pool, block_table, row_of_table, max_blocks, first, pos, block_size, row, kv_head,
-                           GROUPED_HEAD_DIM, lane * PER_LANE, PER_LANE, keys[s], values[s]);
-        }
-    }
-    for (unsigned int base = lo + warp; base < hi; base += step) {
-#pragma unroll
-        for (int s = 0; s < KV_STAGES; ++s) {
-            unsigned int pos = base + s * ATTENTION_WARPS;
-            if (pos >= hi) {
-                break;
-            }
+    for_each_key<PER_LANE>(
+        pool, block_table, table_row[seq], max_blocks, first_block[seq], lo, hi, block_size,
+        (size_t)kv_heads * GROUPED_HEAD_DIM, kv_head, GROUPED_HEAD_DIM, PER_LANE,
+        [&](const float* key, const float* value) {
 #pragma unroll
             for (int h = 0; h < MAX_GROUP; ++h) {
                 if (h < group) {
                     float dot = 0.0f;
 #pragma unroll
                     for (int i = 0; i < PER_LANE; ++i) {
-                        dot = fmaf(qv[h][i], keys[s][i], dot);
+                        dot = fmaf(qv[h][i], key[i], dot);
                     }
                     for (int offset = 16; offset > 0; offset >>= 1) {
                         dot += __shfl_xor_sync(0xffffffff, dot, offset);
@@ -436,16 +435,11 @@ __device__ void paged_decode_grouped(const float* __restrict__ q, const T* __res
                     running_max[h] = new_max;
 #pragma unroll
                     for (int i = 0; i < PER_LANE; ++i) {
-                        acc[h][i] = acc[h][i] * correction + weight * values[s][i];
+                        acc[h][i] = acc[h][i] * correction + weight * value[i];
                     }
                 }
             }
-            if (pos + step < hi) {
-                load_key_value(pool, block_table, row_of_table, max_blocks, first, pos + step, block_size, row,
-                               kv_head, GROUPED_HEAD_DIM, lane * PER_LANE, PER_LANE, keys[s], values[s]);
-            }
-        }
-    }
+        });
 #pragma unroll
     for (int h = 0; h < MAX_GROUP; ++h) {
         if (h < group) {
