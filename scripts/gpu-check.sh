@@ -20,7 +20,8 @@
 #      wgmma on known operands (hopper.cu's probe), in its own process: the operand layouts a wgmma kernel needs
 #   4. the CPU parity fixture with FP8 experts on the GPU path (model/tests/gpu_experts.rs)
 #   5. `switchyard bench gpu --output-json $OUT/bench-gpu.json`: the FP8 expert GEMM table with cuBLASLt and the
-#      device-to-device copy measured in the same run, and decode attention over 8K..1M keys against its anchors
+#      device-to-device copy measured in the same run, what the expert path's cuBLASLt tuning chose, and decode
+#      attention over 8K..1M keys against its anchors
 #   4b. the expert worker on the GPU (expert-worker/tests/gpu_worker.rs): batches against the CPU worker, load and unload
 #   4c. the whole model on the GPU (model/tests/gpu_forward.rs): GpuModel against the CPU forward pass on the golden
 #      fixtures (f32 and bf16 dense weights, prefill, decode, batches, FP8 experts on the GPU, errors)

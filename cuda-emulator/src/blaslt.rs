@@ -21,6 +21,14 @@
 //! outputs, block scaling, ...) are refused with `CUBLAS_STATUS_NOT_SUPPORTED` and a message saying "not emulated".
 //! Every refusal is printed to stderr (`switchyard-cuda-emulator cuBLASLt: ...`) and kept for [`last_refusal`].
 //!
+//! **Algorithms**: one algorithm ([`EMULATED_ALGO_ID`]) in several configurations. The heuristic returns it with
+//! each of the tile ids [`EMULATED_TILE_IDS`] (128x128 first, then 64x128; no split-K), the configuration attributes
+//! can be read and set (`cublasLtMatmulAlgoConfigGet/SetAttribute`) and the capabilities read
+//! (`cublasLtMatmulAlgoCapGetAttribute`), and `cublasLtMatmulAlgoCheck` and `cublasLtMatmul` accept only what the
+//! capabilities advertise, with split-K needing the workspace its reduction scheme implies ([`AlgoConfig`]). An
+//! `cublasLtMatmulAlgo_t` is plain data ([`AlgoRecord`]): a copy of its bytes is the same algorithm. No configuration
+//! changes the arithmetic.
+//!
 //! Handles and descriptors are ids into a registry, never dereferenced pointers: a destroyed or foreign descriptor
 //! is reported (`CUBLAS_STATUS_INVALID_VALUE`, or `NOT_INITIALIZED` for a handle) instead of crashing.
 
@@ -161,6 +169,49 @@ pub mod pref_attr {
     pub const IMPL_MASK: u32 = 12;
 }
 
+/// `cublasLtMatmulAlgoConfigAttributes_t` values (cudarc `cublasLtMatmulAlgoConfigAttributes_t`), with the type the
+/// header gives each.
+pub mod algo_config {
+    /// int32 algorithm index, "readonly, set by cublasLtMatmulAlgoInit()".
+    pub const ID: u32 = 0;
+    /// uint32 `cublasLtMatmulTile_t`.
+    pub const TILE_ID: u32 = 1;
+    /// uint32 number of K splits.
+    pub const SPLITK_NUM: u32 = 2;
+    /// uint32 `cublasLtReductionScheme_t`.
+    pub const REDUCTION_SCHEME: u32 = 3;
+    /// uint32 CTA swizzling, 0 or 1.
+    pub const CTA_SWIZZLING: u32 = 4;
+    /// uint32 custom option.
+    pub const CUSTOM_OPTION: u32 = 5;
+    /// uint32 `cublasLtMatmulStages_t`.
+    pub const STAGES_ID: u32 = 6;
+    /// uint16 `cublasLtMatmulInnerShape_t`.
+    pub const INNER_SHAPE_ID: u32 = 7;
+    /// uint16 `cublasLtClusterShape_t`.
+    pub const CLUSTER_SHAPE_ID: u32 = 8;
+}
+
+/// `cublasLtMatmulAlgoCapAttributes_t` values answered here (cudarc `cublasLtMatmulAlgoCapAttributes_t`).
+pub mod algo_cap {
+    /// int32, 0 means no split-K support.
+    pub const SPLITK_SUPPORT: u32 = 0;
+    /// uint32 mask of the supported `cublasLtReductionScheme_t`s.
+    pub const REDUCTION_SCHEME_MASK: u32 = 1;
+    /// uint32, 1: CTA swizzling value 1 is supported.
+    pub const CTA_SWIZZLING_SUPPORT: u32 = 2;
+    /// Array of uint32 `cublasLtMatmulTile_t`.
+    pub const TILE_IDS: u32 = 6;
+    /// int32, custom options range over 0..=this.
+    pub const CUSTOM_OPTION_MAX: u32 = 7;
+    /// Array of uint32 `cublasLtMatmulStages_t`.
+    pub const STAGES_IDS: u32 = 13;
+    /// uint32 alignment in bytes the algorithm needs of A (B, C, D follow).
+    pub const MIN_ALIGNMENT_A_BYTES: u32 = 16;
+    /// As above for D.
+    pub const MIN_ALIGNMENT_D_BYTES: u32 = 19;
+}
+
 /// Enumerations set through attributes: operations, orders, pointer modes, scale modes, epilogues.
 pub mod values {
     /// `CUBLAS_OP_N`.
@@ -189,6 +240,38 @@ pub mod values {
     pub const EPILOGUE_DEFAULT: u32 = 1;
     /// `CUBLAS_FILL_MODE_FULL`, the default fill mode.
     pub const FILL_MODE_FULL: i32 = 2;
+    /// `CUBLASLT_REDUCTION_SCHEME_NONE`: "dot-product shall be performed in one sequence".
+    pub const REDUCTION_NONE: u32 = 0;
+    /// `CUBLASLT_REDUCTION_SCHEME_INPLACE`: split-K partial sums reduced in the output buffer.
+    pub const REDUCTION_INPLACE: u32 = 1;
+    /// `CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE`: partial sums kept in the workspace in the compute type.
+    pub const REDUCTION_COMPUTE_TYPE: u32 = 2;
+    /// `CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE`: partial sums kept in the workspace in the output type.
+    pub const REDUCTION_OUTPUT_TYPE: u32 = 4;
+    /// `CUBLASLT_REDUCTION_SCHEME_MASK`: all of the above.
+    pub const REDUCTION_MASK: u32 = 7;
+    /// `CUBLASLT_MATMUL_TILE_UNDEFINED`.
+    pub const TILE_UNDEFINED: u32 = 0;
+    /// `CUBLASLT_MATMUL_TILE_64x128`.
+    pub const TILE_64X128: u32 = 17;
+    /// `CUBLASLT_MATMUL_TILE_128x128`.
+    pub const TILE_128X128: u32 = 20;
+    /// `CUBLASLT_MATMUL_STAGES_UNDEFINED`.
+    pub const STAGES_UNDEFINED: u32 = 0;
+    /// `CUBLASLT_MATMUL_STAGES_64xAUTO`.
+    pub const STAGES_64XAUTO: u32 = 35;
+    /// `CUBLASLT_MATMUL_INNER_SHAPE_UNDEFINED`.
+    pub const INNER_SHAPE_UNDEFINED: u16 = 0;
+    /// `CUBLASLT_CLUSTER_SHAPE_AUTO`.
+    pub const CLUSTER_SHAPE_AUTO: u16 = 0;
+    /// `CUBLASLT_CLUSTER_SHAPE_1x1x1`.
+    pub const CLUSTER_SHAPE_1X1X1: u16 = 2;
+    /// `CUBLASLT_CLUSTER_SHAPE_2x1x1`.
+    pub const CLUSTER_SHAPE_2X1X1: u16 = 3;
+    /// `CUBLASLT_CLUSTER_SHAPE_4x1x1` (valid cuBLASLt, not emulated: a refusal example).
+    pub const CLUSTER_SHAPE_4X1X1: u16 = 4;
+    /// `CUBLASLT_CLUSTER_SHAPE_1x2x1`.
+    pub const CLUSTER_SHAPE_1X2X1: u16 = 5;
 }
 
 /// The cuBLASLt version reported: 13.0.0 (what cudarc's `cuda-13000` bindings describe), `major * 10000 +
@@ -209,7 +292,7 @@ pub struct MatmulAlgo {
 pub struct MatmulHeuristicResult {
     /// The algorithm to pass to `cublasLtMatmul`.
     pub algo: MatmulAlgo,
-    /// Workspace the algorithm needs (always 0 here).
+    /// Workspace the algorithm needs in bytes (0 unless a split-K configuration keeps partial sums there).
     pub workspaceSize: usize,
     /// `cublasStatus_t` of this result.
     pub state: u32,
@@ -466,6 +549,32 @@ unsafe fn write_attr(value: &[u8], buf: *mut c_void, size: usize, written: *mut 
         std::ptr::copy_nonoverlapping(value.as_ptr(), buf.cast::<u8>(), size);
         if !written.is_null() {
             written.write(size);
+        }
+    }
+    Ok(())
+}
+
+/// Copies an array attribute out (`CUBLASLT_ALGO_CAP_TILE_IDS`, ...): as [`write_attr`], but any buffer at least as
+/// large as the array takes it, and `sizeWritten` says how much was written.
+///
+/// # Safety
+/// As for [`write_attr`].
+unsafe fn write_array_attr(value: &[u8], buf: *mut c_void, size: usize, written: *mut usize) -> Result<(), Refusal> {
+    if size == 0 || size == value.len() {
+        // SAFETY: forwarded contract.
+        return unsafe { write_attr(value, buf, size, written) };
+    }
+    if buf.is_null() {
+        return invalid("buf is NULL");
+    }
+    if size < value.len() {
+        return invalid(format!("sizeInBytes {size} is smaller than the attribute's {} bytes", value.len()));
+    }
+    // SAFETY: the caller's contract; value.len() < size.
+    unsafe {
+        std::ptr::copy_nonoverlapping(value.as_ptr(), buf.cast::<u8>(), value.len());
+        if !written.is_null() {
+            written.write(value.len());
         }
     }
     Ok(())
@@ -1212,34 +1321,279 @@ fn check_wide(
     Ok(())
 }
 
-/// What the emulator keeps in a `cublasLtMatmulAlgo_t`: a tag, the problem signature it was chosen for, and the
-/// alignment of A, B, C and D it needs (what the preference promised, up to 16 bytes: Hopper kernels load 16 bytes
-/// at a time, so an algorithm chosen for 256-byte-aligned buffers fails on less than 16-byte-aligned ones).
+// ---------------------------------------------------------------------------------------------------------------
+// Algorithms: what a `cublasLtMatmulAlgo_t` holds, its configuration and capabilities, and the heuristic.
+
+/// The `CUBLASLT_ALGO_CONFIG_ID` of every algorithm this emulator makes: one algorithm (the exact f64 product), in
+/// several configurations.
+pub const EMULATED_ALGO_ID: i32 = 0;
+
+/// The tile ids the algorithm offers (`CUBLASLT_ALGO_CAP_TILE_IDS`), in the heuristic's order: its first result uses
+/// the first, its second the second. Tiles change nothing in the emulated arithmetic.
+pub const EMULATED_TILE_IDS: [u32; 2] = [values::TILE_128X128, values::TILE_64X128];
+
+/// The stages ids the algorithm offers (`CUBLASLT_ALGO_CAP_STAGES_IDS`); the heuristic's results carry this one.
+pub const EMULATED_STAGES_IDS: [u32; 1] = [values::STAGES_64XAUTO];
+
+/// The cluster shapes `cublasLtMatmulAlgoCheck` accepts: AUTO and the three smallest Hopper clusters. The others are
+/// valid cuBLASLt values, refused here as "not emulated".
+pub const EMULATED_CLUSTER_SHAPES: [u16; 4] =
+    [values::CLUSTER_SHAPE_AUTO, values::CLUSTER_SHAPE_1X1X1, values::CLUSTER_SHAPE_2X1X1, values::CLUSTER_SHAPE_1X2X1];
+
+/// `CUBLASLT_ALGO_CAP_CUSTOM_OPTION_MAX`: "custom option range is from 0 to CUBLASLT_ALGO_CAP_CUSTOM_OPTION_MAX
+/// (inclusive)"; the emulated algorithm has no custom options.
+pub const EMULATED_CUSTOM_OPTION_MAX: i32 = 0;
+
+/// `CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK`: every split-K reduction scheme.
+pub const EMULATED_REDUCTION_SCHEME_MASK: u32 =
+    values::REDUCTION_INPLACE | values::REDUCTION_COMPUTE_TYPE | values::REDUCTION_OUTPUT_TYPE;
+
+/// An algorithm's configuration (`cublasLtMatmulAlgoConfigAttributes_t`, each field the header's type for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlgoConfig {
+    /// `CUBLASLT_ALGO_CONFIG_TILE_ID`.
+    pub tile: u32,
+    /// `CUBLASLT_ALGO_CONFIG_SPLITK_NUM`: "number of K splits", default 1.
+    pub splitk: u32,
+    /// `CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME`, default NONE.
+    pub reduction: u32,
+    /// `CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING`: 0 or 1.
+    pub swizzle: u32,
+    /// `CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION`.
+    pub custom_option: u32,
+    /// `CUBLASLT_ALGO_CONFIG_STAGES_ID`.
+    pub stages: u32,
+    /// `CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID`.
+    pub inner_shape: u16,
+    /// `CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID`.
+    pub cluster_shape: u16,
+}
+
+impl AlgoConfig {
+    /// What the heuristic's result number `index` carries: one of [`EMULATED_TILE_IDS`], no split-K, the header's
+    /// defaults elsewhere, cluster shape AUTO.
+    fn heuristic(index: usize) -> AlgoConfig {
+        AlgoConfig {
+            tile: EMULATED_TILE_IDS[index],
+            splitk: 1,
+            reduction: values::REDUCTION_NONE,
+            swizzle: 0,
+            custom_option: 0,
+            stages: EMULATED_STAGES_IDS[0],
+            inner_shape: values::INNER_SHAPE_UNDEFINED,
+            cluster_shape: values::CLUSTER_SHAPE_AUTO,
+        }
+    }
+
+    /// The attribute's value in its header type (ID: int32; INNER_SHAPE_ID, CLUSTER_SHAPE_ID: uint16; the rest
+    /// uint32), `None` for an unknown attribute.
+    fn get(&self, attr: u32) -> Option<Vec<u8>> {
+        Some(match attr {
+            algo_config::ID => EMULATED_ALGO_ID.to_ne_bytes().to_vec(),
+            algo_config::TILE_ID => self.tile.to_ne_bytes().to_vec(),
+            algo_config::SPLITK_NUM => self.splitk.to_ne_bytes().to_vec(),
+            algo_config::REDUCTION_SCHEME => self.reduction.to_ne_bytes().to_vec(),
+            algo_config::CTA_SWIZZLING => self.swizzle.to_ne_bytes().to_vec(),
+            algo_config::CUSTOM_OPTION => self.custom_option.to_ne_bytes().to_vec(),
+            algo_config::STAGES_ID => self.stages.to_ne_bytes().to_vec(),
+            algo_config::INNER_SHAPE_ID => self.inner_shape.to_ne_bytes().to_vec(),
+            algo_config::CLUSTER_SHAPE_ID => self.cluster_shape.to_ne_bytes().to_vec(),
+            _ => return None,
+        })
+    }
+
+    /// Stores a settable attribute; `value` has the size [`AlgoConfig::get`] gives it.
+    fn set(&mut self, attr: u32, value: &[u8]) {
+        let v32 = bytes_i32(value) as u32;
+        let v16 = value.try_into().map(u16::from_ne_bytes).unwrap_or(0);
+        match attr {
+            algo_config::TILE_ID => self.tile = v32,
+            algo_config::SPLITK_NUM => self.splitk = v32,
+            algo_config::REDUCTION_SCHEME => self.reduction = v32,
+            algo_config::CTA_SWIZZLING => self.swizzle = v32,
+            algo_config::CUSTOM_OPTION => self.custom_option = v32,
+            algo_config::STAGES_ID => self.stages = v32,
+            algo_config::INNER_SHAPE_ID => self.inner_shape = v16,
+            algo_config::CLUSTER_SHAPE_ID => self.cluster_shape = v16,
+            _ => {}
+        }
+    }
+
+    /// The rules `cublasLtMatmulAlgoCheck` and `cublasLtMatmul` apply to a configuration: only what the capabilities
+    /// advertise ("CUBLAS_STATUS_NOT_SUPPORTED if algo configuration or data type combination is not currently
+    /// supported on given device"). Returns the workspace in bytes the configuration needs for `problem`.
+    fn check(&self, problem: &Problem) -> Result<u64, Refusal> {
+        let AlgoConfig { tile, splitk, reduction, swizzle, custom_option, stages, inner_shape, cluster_shape } = *self;
+        // CUBLASLT_ALGO_CAP_TILE_IDS: "tile ids possible to use"; UNDEFINED lets the library pick.
+        if tile != values::TILE_UNDEFINED && !EMULATED_TILE_IDS.contains(&tile) {
+            return not_supported(format!(
+                "tile id {tile} is not one of the algorithm's CUBLASLT_ALGO_CAP_TILE_IDS {EMULATED_TILE_IDS:?} (or \
+                 UNDEFINED)"
+            ));
+        }
+        if stages != values::STAGES_UNDEFINED && !EMULATED_STAGES_IDS.contains(&stages) {
+            return not_supported(format!(
+                "stages id {stages} is not one of the algorithm's CUBLASLT_ALGO_CAP_STAGES_IDS {EMULATED_STAGES_IDS:?} \
+                 (or UNDEFINED)"
+            ));
+        }
+        // SPLITK_NUM: "number of K splits, if != 1, SPLITK_NUM parts of matrix multiplication will be computed in
+        // parallel": at least one part, and no more parts than k has elements.
+        let k = problem.k.max(1);
+        if splitk == 0 || u64::from(splitk) > k {
+            return not_supported(format!("SPLITK_NUM = {splitk}: the K splits must number 1 to k = {k}"));
+        }
+        // CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK: "if reduction scheme is not masked out it is supported"; one
+        // scheme, not a combination.
+        let single = [
+            values::REDUCTION_NONE,
+            values::REDUCTION_INPLACE,
+            values::REDUCTION_COMPUTE_TYPE,
+            values::REDUCTION_OUTPUT_TYPE,
+        ]
+        .contains(&reduction);
+        if !single || reduction & !EMULATED_REDUCTION_SCHEME_MASK != 0 {
+            return not_supported(format!(
+                "REDUCTION_SCHEME = {reduction} is not one cublasLtReductionScheme_t within the algorithm's \
+                 CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK {EMULATED_REDUCTION_SCHEME_MASK}"
+            ));
+        }
+        // CUBLASLT_REDUCTION_SCHEME_NONE: "No reduction scheme, dot-product shall be performed in one sequence",
+        // which K splits cannot be.
+        if splitk > 1 && reduction == values::REDUCTION_NONE {
+            return not_supported(format!(
+                "SPLITK_NUM = {splitk} with REDUCTION_SCHEME NONE: the partial products need a reduction scheme"
+            ));
+        }
+        // CTA_SWIZZLING: "possible values: 0, 1, other values reserved".
+        if swizzle > 1 {
+            return not_supported(format!("CTA_SWIZZLING = {swizzle}: only 0 and 1 are defined"));
+        }
+        if i64::from(custom_option) > i64::from(EMULATED_CUSTOM_OPTION_MAX) {
+            return not_supported(format!(
+                "CUSTOM_OPTION = {custom_option} exceeds CUBLASLT_ALGO_CAP_CUSTOM_OPTION_MAX = \
+                 {EMULATED_CUSTOM_OPTION_MAX}"
+            ));
+        }
+        if inner_shape != values::INNER_SHAPE_UNDEFINED {
+            return not_supported(format!("INNER_SHAPE_ID = {inner_shape} (only UNDEFINED is emulated)"));
+        }
+        if !EMULATED_CLUSTER_SHAPES.contains(&cluster_shape) {
+            return not_supported(format!(
+                "CLUSTER_SHAPE_ID = {cluster_shape} is not emulated (only AUTO, 1x1x1, 2x1x1, 1x2x1: \
+                 {EMULATED_CLUSTER_SHAPES:?})"
+            ));
+        }
+        Ok(self.workspace(problem))
+    }
+
+    /// Workspace the configuration needs: the COMPUTE_TYPE and OUTPUT_TYPE schemes keep `splitk` partial m x n
+    /// results "in the workspace and reduced in a separate step" (4 bytes an element: f32 compute, and no D type
+    /// here is wider); NONE and INPLACE (which reduces in the output buffer) need none here.
+    fn workspace(&self, problem: &Problem) -> u64 {
+        let partials_in_workspace =
+            self.reduction == values::REDUCTION_COMPUTE_TYPE || self.reduction == values::REDUCTION_OUTPUT_TYPE;
+        if self.splitk <= 1 || !partials_in_workspace {
+            return 0;
+        }
+        [problem.n, 4, u64::from(self.splitk)].into_iter().try_fold(problem.m, u64::checked_mul).unwrap_or(u64::MAX)
+    }
+}
+
+/// What the emulator keeps in a `cublasLtMatmulAlgo_t`: a tag, the problem signature it was chosen for, the alignment
+/// of A, B, C and D it needs (what the preference promised, up to 16 bytes: Hopper kernels load 16 bytes at a time,
+/// so an algorithm chosen for 256-byte-aligned buffers fails on less than 16-byte-aligned ones), and its
+/// configuration.
+///
+/// Words of `data`: 0 the tag, 1 the signature, 2 the alignments of A, B, C, D as u16s (A in the low bits), 3 tile id
+/// (low half) and stages id (high half), 4 split-K and reduction scheme, 5 CTA swizzling and custom option, 6 inner
+/// shape (bits 0-15) and cluster shape (bits 16-31), 7 zero. The algorithm id is the constant [`EMULATED_ALGO_ID`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AlgoRecord {
-    /// [`Problem`] signature: compute, scale, A/B/D types and scale modes.
+    /// The problem's signature: compute, scale, A/B/D types and scale modes.
     pub signature: u64,
     /// Alignment in bytes each of A, B, C, D must have at `cublasLtMatmul`.
     pub alignment: [u64; 4],
+    /// The configuration attributes.
+    pub config: AlgoConfig,
 }
 
 const ALGO_TAG: u64 = 0x5357_5954_4c54_414c; // "SWYTLTAL"
 
 impl AlgoRecord {
     fn encode(&self) -> MatmulAlgo {
-        let [a, b, c, d] = self.alignment;
-        MatmulAlgo { data: [ALGO_TAG, self.signature, a, b, c, d, 0, 0] }
+        let c = &self.config;
+        let alignment = self.alignment.iter().enumerate().fold(0u64, |word, (i, &a)| word | (a & 0xFFFF) << (16 * i));
+        MatmulAlgo {
+            data: [
+                ALGO_TAG,
+                self.signature,
+                alignment,
+                u64::from(c.tile) | u64::from(c.stages) << 32,
+                u64::from(c.splitk) | u64::from(c.reduction) << 32,
+                u64::from(c.swizzle) | u64::from(c.custom_option) << 32,
+                u64::from(c.inner_shape) | u64::from(c.cluster_shape) << 16,
+                0,
+            ],
+        }
     }
 
-    /// Reads back an algorithm; `None` when it was not made by this emulator's heuristic.
+    /// Reads back an algorithm; `None` when it was not made by this emulator (wrong tag, or words no encoding
+    /// produces).
     pub fn decode(algo: &MatmulAlgo) -> Option<AlgoRecord> {
-        let [tag, signature, a, b, c, d, ..] = algo.data;
-        (tag == ALGO_TAG).then_some(AlgoRecord { signature, alignment: [a, b, c, d] })
+        let [tag, signature, alignment, tile_stages, splitk_reduction, swizzle_custom, shapes, reserved] = algo.data;
+        if tag != ALGO_TAG || reserved != 0 || shapes >> 32 != 0 {
+            return None;
+        }
+        let alignment = [0, 1, 2, 3].map(|i| (alignment >> (16 * i)) & 0xFFFF);
+        if !alignment.iter().all(|a| a.is_power_of_two()) {
+            return None;
+        }
+        let (low, high) = (|word: u64| word as u32, |word: u64| (word >> 32) as u32);
+        let config = AlgoConfig {
+            tile: low(tile_stages),
+            stages: high(tile_stages),
+            splitk: low(splitk_reduction),
+            reduction: high(splitk_reduction),
+            swizzle: low(swizzle_custom),
+            custom_option: high(swizzle_custom),
+            inner_shape: shapes as u16,
+            cluster_shape: (shapes >> 16) as u16,
+        };
+        Some(AlgoRecord { signature, alignment, config })
     }
 }
 
-/// The heuristic: one algorithm when the problem is supported for buffers of the preference's alignment.
-fn heuristic(problem: &Problem, pref: &Preference) -> Result<AlgoRecord, Refusal> {
+/// The record of an algorithm passed by pointer to the algo functions.
+///
+/// # Safety
+/// `algo` is null or readable for one `cublasLtMatmulAlgo_t`.
+unsafe fn emulated_algo(algo: *const MatmulAlgo) -> Result<AlgoRecord, Refusal> {
+    if algo.is_null() {
+        return invalid("algo is NULL");
+    }
+    // SAFETY: non-null, and the caller's contract.
+    let algo = unsafe { algo.read_unaligned() };
+    AlgoRecord::decode(&algo)
+        .map_or_else(|| invalid("algo was not made by this emulator (cublasLtMatmulAlgoGetHeuristic)"), Ok)
+}
+
+/// An algorithm given for `problem`: made by this emulator, for the same signature.
+fn algo_for(algo: &MatmulAlgo, problem: &Problem) -> Result<AlgoRecord, Refusal> {
+    let Some(record) = AlgoRecord::decode(algo) else {
+        return invalid("algo was not made by this emulator (cublasLtMatmulAlgoGetHeuristic)");
+    };
+    // cublasLtMatmulAlgoCheck: "CUBLAS_STATUS_INVALID_VALUE if matrix layout descriptors or operation descriptor
+    // don't match algo descriptor."
+    if record.signature != problem.signature {
+        return invalid("algo was chosen for other data / compute types or scale modes than this call's");
+    }
+    Ok(record)
+}
+
+/// The heuristic: the algorithm in each of its heuristic configurations ([`AlgoConfig::heuristic`]), when the problem
+/// is supported for buffers of the preference's alignment.
+fn heuristic(problem: &Problem, pref: &Preference) -> Result<Vec<AlgoRecord>, Refusal> {
     let formats = [problem.a.format, problem.b.format, problem.c.format, problem.d.format];
     let mut alignment = [0u64; 4];
     for (i, name) in ["A", "B", "C", "D"].iter().enumerate() {
@@ -1255,11 +1609,18 @@ fn heuristic(problem: &Problem, pref: &Preference) -> Result<AlgoRecord, Refusal
         }
         alignment[i] = promised.min(16);
     }
-    Ok(AlgoRecord { signature: problem.signature, alignment })
+    let records = (0..EMULATED_TILE_IDS.len()).map(|index| AlgoRecord {
+        signature: problem.signature,
+        alignment,
+        config: AlgoConfig::heuristic(index),
+    });
+    Ok(records.collect())
 }
 
-/// `cublasLtMatmulAlgoGetHeuristic`: one result for a supported problem, else `CUBLAS_STATUS_NOT_SUPPORTED` ("If no
-/// heuristic function available for current configuration") with `*returnAlgoCount = 0`.
+/// `cublasLtMatmulAlgoGetHeuristic`: `min(requestedAlgoCount, 2)` results for a supported problem, the same algorithm
+/// with tile ids [`EMULATED_TILE_IDS`] in that order (no workspace, state SUCCESS, wavesCount 1.0), else
+/// `CUBLAS_STATUS_NOT_SUPPORTED` ("If no heuristic function available for current configuration") with
+/// `*returnAlgoCount = 0`.
 ///
 /// # Safety
 /// `results` is valid for `requested` writes, `return_count` for one write (when not null).
@@ -1295,18 +1656,171 @@ pub unsafe extern "C" fn cublasLtMatmulAlgoGetHeuristic(
         let pref = preference(pref)?;
         let [la, lb, lc, ld] = &layouts;
         let problem = check_problem(&desc, [la, lb, lc, ld], false)?;
-        let record = heuristic(&problem, &pref)?;
-        let result = MatmulHeuristicResult {
-            algo: record.encode(),
-            workspaceSize: 0,
-            state: status::SUCCESS,
-            wavesCount: 1.0,
-            reserved: [0; 4],
+        let records = heuristic(&problem, &pref)?;
+        // "heuristicResultsArray: [...] ordered in increasing estimated compute time".
+        let count = records.len().min(requested as usize);
+        for (i, record) in records.iter().take(count).enumerate() {
+            let result = MatmulHeuristicResult {
+                algo: record.encode(),
+                workspaceSize: 0,
+                state: status::SUCCESS,
+                wavesCount: 1.0,
+                reserved: [0; 4],
+            };
+            // SAFETY: the caller's contract; i < count <= requested.
+            unsafe { results.add(i).write(result) };
+        }
+        // SAFETY: the caller's contract.
+        unsafe { return_count.write(count as i32) };
+        Ok(())
+    })
+}
+
+/// `cublasLtMatmulAlgoConfigGetAttribute`: "CUBLAS_STATUS_INVALID_VALUE if sizeInBytes is 0 and sizeWritten is
+/// NULL, or if sizeInBytes is non-zero and buf is NULL or sizeInBytes doesn't match size of internal storage for
+/// selected attribute" (the header's type: ID int32, INNER_SHAPE_ID and CLUSTER_SHAPE_ID uint16, the rest uint32).
+/// An algorithm not made by this emulator is refused the same way.
+///
+/// # Safety
+/// `algo` is null or readable for one `cublasLtMatmulAlgo_t`; `buf` null or valid for `size` bytes of writes;
+/// `size_written` null or valid for one write.
+#[no_mangle]
+pub unsafe extern "C" fn cublasLtMatmulAlgoConfigGetAttribute(
+    algo: *const MatmulAlgo,
+    attr: u32,
+    buf: *mut c_void,
+    size: usize,
+    size_written: *mut usize,
+) -> u32 {
+    entry("cublasLtMatmulAlgoConfigGetAttribute", || {
+        // SAFETY: forwarded contract.
+        let record = unsafe { emulated_algo(algo) }?;
+        let Some(value) = record.config.get(attr) else {
+            return invalid(format!("unknown algo configuration attribute {attr}"));
         };
-        // SAFETY: the caller's contract; requested >= 1.
+        // SAFETY: forwarded contract.
+        unsafe { write_attr(&value, buf, size, size_written) }
+    })
+}
+
+/// `cublasLtMatmulAlgoConfigSetAttribute`: "CUBLAS_STATUS_INVALID_VALUE if buf is NULL or sizeInBytes doesn't match
+/// size of internal storage for selected attribute"; `CUBLASLT_ALGO_CONFIG_ID` is "readonly". Values are stored as
+/// given: `cublasLtMatmulAlgoCheck` and `cublasLtMatmul` judge them.
+///
+/// # Safety
+/// `algo` is null or valid for reading and writing one `cublasLtMatmulAlgo_t`; `buf` null or valid for `size` bytes
+/// of reads.
+#[no_mangle]
+pub unsafe extern "C" fn cublasLtMatmulAlgoConfigSetAttribute(
+    algo: *mut MatmulAlgo,
+    attr: u32,
+    buf: *const c_void,
+    size: usize,
+) -> u32 {
+    entry("cublasLtMatmulAlgoConfigSetAttribute", || {
+        // SAFETY: forwarded contract.
+        let mut record = unsafe { emulated_algo(algo) }?;
+        if attr == algo_config::ID {
+            return invalid("CUBLASLT_ALGO_CONFIG_ID is read-only (\"readonly, set by cublasLtMatmulAlgoInit()\")");
+        }
+        let Some(expected) = record.config.get(attr).map(|value| value.len()) else {
+            return invalid(format!("unknown algo configuration attribute {attr}"));
+        };
+        // SAFETY: forwarded contract.
+        let value = unsafe { read_attr(buf, size, expected, &format!("algo configuration attribute {attr}")) }?;
+        record.config.set(attr, &value);
+        // SAFETY: non-null (emulated_algo checked), and the caller's contract.
+        unsafe { algo.write_unaligned(record.encode()) };
+        Ok(())
+    })
+}
+
+/// `cublasLtMatmulAlgoCapGetAttribute`: what the emulated algorithm supports. SPLITK_SUPPORT 1, REDUCTION_SCHEME_MASK
+/// [`EMULATED_REDUCTION_SCHEME_MASK`], CTA_SWIZZLING_SUPPORT 1, TILE_IDS [`EMULATED_TILE_IDS`], CUSTOM_OPTION_MAX 0,
+/// STAGES_IDS [`EMULATED_STAGES_IDS`], MIN_ALIGNMENT_{A,B,C,D}_BYTES the alignment the algorithm was chosen for;
+/// other capabilities are `CUBLAS_STATUS_NOT_SUPPORTED` ("not emulated"). Sizes as for
+/// `cublasLtMatmulAlgoConfigGetAttribute`, except that the arrays (TILE_IDS, STAGES_IDS) fit any buffer at least as
+/// large as they are: the header's own example passes `cublasLtMatmulTile_t tiles[CUBLASLT_MATMUL_TILE_END]` and
+/// reads the count from `sizeWritten` ("use cublasLtMatmulAlgoCapGetAttribute() with sizeInBytes=0 to query actual
+/// count").
+///
+/// # Safety
+/// As for [`cublasLtMatmulAlgoConfigGetAttribute`].
+#[no_mangle]
+pub unsafe extern "C" fn cublasLtMatmulAlgoCapGetAttribute(
+    algo: *const MatmulAlgo,
+    attr: u32,
+    buf: *mut c_void,
+    size: usize,
+    size_written: *mut usize,
+) -> u32 {
+    entry("cublasLtMatmulAlgoCapGetAttribute", || {
+        // SAFETY: forwarded contract.
+        let record = unsafe { emulated_algo(algo) }?;
+        let array = |ids: &[u32]| ids.iter().flat_map(|id| id.to_ne_bytes()).collect::<Vec<u8>>();
+        let value = match attr {
+            algo_cap::SPLITK_SUPPORT => 1i32.to_ne_bytes().to_vec(),
+            algo_cap::REDUCTION_SCHEME_MASK => EMULATED_REDUCTION_SCHEME_MASK.to_ne_bytes().to_vec(),
+            algo_cap::CTA_SWIZZLING_SUPPORT => 1u32.to_ne_bytes().to_vec(),
+            algo_cap::CUSTOM_OPTION_MAX => EMULATED_CUSTOM_OPTION_MAX.to_ne_bytes().to_vec(),
+            algo_cap::TILE_IDS | algo_cap::STAGES_IDS => {
+                let ids = array(if attr == algo_cap::TILE_IDS { &EMULATED_TILE_IDS } else { &EMULATED_STAGES_IDS });
+                // SAFETY: forwarded contract.
+                return unsafe { write_array_attr(&ids, buf, size, size_written) };
+            }
+            algo_cap::MIN_ALIGNMENT_A_BYTES..=algo_cap::MIN_ALIGNMENT_D_BYTES => {
+                let alignment = record.alignment[(attr - algo_cap::MIN_ALIGNMENT_A_BYTES) as usize];
+                (alignment as u32).to_ne_bytes().to_vec()
+            }
+            _ => return not_supported(format!("algo capability attribute {attr} is not emulated")),
+        };
+        // SAFETY: forwarded contract.
+        unsafe { write_attr(&value, buf, size, size_written) }
+    })
+}
+
+/// `cublasLtMatmulAlgoCheck`: the problem checked as the heuristic and `cublasLtMatmul` check it, the algorithm
+/// ("CUBLAS_STATUS_INVALID_VALUE if matrix layout descriptors or operation descriptor don't match algo descriptor")
+/// and its configuration (the rules of [`AlgoConfig`]). On success writes the result's `workspaceSize` (for this
+/// problem's m and n), `state` (SUCCESS) and `wavesCount` (1.0); its `algo` is left alone ("result structure to
+/// report algo runtime characteristics; algo field is never updated", and `algo` "may point to result->algo"). No
+/// pointers are given, so alignment is not checked: "CUBLAS_STATUS_SUCCESS doesn't fully guarantee algo will run
+/// (will fail if e.g. buffers are not correctly aligned)"; the algorithm keeps the alignment it was chosen for.
+///
+/// # Safety
+/// `algo` is null or readable for one `cublasLtMatmulAlgo_t`; `result` null or valid for writing one
+/// `cublasLtMatmulHeuristicResult_t` (it may contain `*algo`).
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn cublasLtMatmulAlgoCheck(
+    light_handle: *mut c_void,
+    operation_desc: *mut c_void,
+    a_desc: *mut c_void,
+    b_desc: *mut c_void,
+    c_desc: *mut c_void,
+    d_desc: *mut c_void,
+    algo: *const MatmulAlgo,
+    result: *mut MatmulHeuristicResult,
+) -> u32 {
+    entry("cublasLtMatmulAlgoCheck", || {
+        check_handle(light_handle)?;
+        if algo.is_null() || result.is_null() {
+            return invalid("algo or result is NULL");
+        }
+        let desc = desc(operation_desc)?;
+        let layouts = [layout(a_desc, "A")?, layout(b_desc, "B")?, layout(c_desc, "C")?, layout(d_desc, "D")?];
+        let [la, lb, lc, ld] = &layouts;
+        let problem = check_problem(&desc, [la, lb, lc, ld], false)?;
+        // SAFETY: non-null, and the caller's contract; read (copied) before anything is written to `result`.
+        let algo = unsafe { algo.read_unaligned() };
+        let record = algo_for(&algo, &problem)?;
+        let workspace = record.config.check(&problem)?;
+        // SAFETY: the caller's contract; field by field, never touching `result.algo`.
         unsafe {
-            results.write(result);
-            return_count.write(1);
+            std::ptr::addr_of_mut!((*result).workspaceSize)
+                .write_unaligned(usize::try_from(workspace).unwrap_or(usize::MAX));
+            std::ptr::addr_of_mut!((*result).state).write_unaligned(status::SUCCESS);
+            std::ptr::addr_of_mut!((*result).wavesCount).write_unaligned(1.0);
         }
         Ok(())
     })
@@ -1492,8 +2006,9 @@ unsafe fn read_scalar(pointer: u64, name: &str) -> Result<f64, Refusal> {
     Ok(f64::from(unsafe { std::ptr::read_unaligned(pointer as *const f32) }))
 }
 
-/// `cublasLtMatmul`: checks as the heuristic does, then the call's own rules (pointer alignment, scale pointers,
-/// the algorithm), then computes D synchronously (the stream is not used: all emulated work is synchronous).
+/// `cublasLtMatmul`: checks as the heuristic does, then the call's own rules (the algorithm and its configuration as
+/// `cublasLtMatmulAlgoCheck` judges them, the workspace the configuration needs, pointer alignment, scale pointers),
+/// then computes D synchronously (the stream is not used: all emulated work is synchronous).
 ///
 /// # Safety
 /// `alpha`/`beta` point to f32 (host or "device" memory, both host here); A, B, C, D, the workspace and any scale
@@ -1527,20 +2042,25 @@ pub unsafe extern "C" fn cublasLtMatmul(
         let problem = check_problem(&desc, [la, lb, lc, ld], pointers[2] == pointers[3])?;
         // "algo: [...] When NULL, an implicit heuristics query with default search preferences will be performed".
         let record = if algo.is_null() {
-            heuristic(&problem, &Preference::default())?
+            heuristic(&problem, &Preference::default())?[0]
         } else {
             // SAFETY: non-null, and the caller's contract.
-            let algo = unsafe { algo.read_unaligned() };
-            let Some(record) = AlgoRecord::decode(&algo) else {
-                return invalid("algo was not returned by cublasLtMatmulAlgoGetHeuristic");
-            };
-            // cublasLtMatmulAlgoCheck: "CUBLAS_STATUS_INVALID_VALUE If matrix layout descriptors or the operation
-            // descriptor do not match the algo descriptor."
-            if record.signature != problem.signature {
-                return invalid("algo was chosen for other data / compute types or scale modes than this call's");
-            }
-            record
+            algo_for(&unsafe { algo.read_unaligned() }, &problem)?
         };
+        // The configuration as cublasLtMatmulAlgoCheck judges it ("if cublasLtMatmulAlgoCheck fails, the algo will
+        // not run"), and its workspace: "CUBLAS_STATUS_INVALID_VALUE [...] For example, when workspaceSizeInBytes is
+        // less than workspace required by the configured algo."
+        let workspace_needed = record.config.check(&problem)?;
+        if (workspace_size as u64) < workspace_needed {
+            return invalid(format!(
+                "workspaceSizeInBytes = {workspace_size} is less than the {workspace_needed} bytes the algorithm needs \
+                 (split-K {} with reduction scheme {})",
+                record.config.splitk, record.config.reduction
+            ));
+        }
+        if workspace_needed > 0 && workspace.is_null() {
+            return invalid(format!("workspace is NULL but the algorithm needs {workspace_needed} bytes of it"));
+        }
         // Alignment: what the algorithm was chosen for (cublasLtMatmulAlgoCheck: "The algo will fail if, for
         // example, the buffers are not correctly aligned"), and for FP8 Tensor Core Usage's "intptr_t(A) % 16 == 0".
         for (i, name) in ["A", "B", "C", "D"].iter().enumerate() {
@@ -1602,6 +2122,14 @@ pub unsafe extern "C" fn cublasLtMatmul(
             b_scale,
             c_scale,
         };
+        if workspace_needed > 0 {
+            // A split-K kernel writes its partial sums to the workspace: so does this emulator (all bits set, NaN as
+            // f32), so a workspace shorter than declared or shared with live data shows here too.
+            // SAFETY: workspace is valid for workspace_size >= needed bytes per the caller's contract.
+            unsafe { std::ptr::write_bytes(workspace.cast::<u8>(), 0xFF, workspace_needed as usize) };
+        }
+        // Split-K and the other configuration attributes change the order of a GPU's additions, not this
+        // emulator's: every configuration sums in f64 in ascending k and rounds once, so all give the same D.
         // SAFETY: the caller's contract on the buffers' sizes.
         unsafe { compute(&problem, &buffers) };
         Ok(())

@@ -7,7 +7,8 @@ use std::ptr::null_mut;
 
 use cudarc::cublaslt::sys;
 use switchyard_cuda_emulator::blaslt::{
-    self, compute_type, data_type, desc_attr, layout_attr, pref_attr, status, values,
+    self, algo_cap, algo_config, compute_type, data_type, desc_attr, layout_attr, pref_attr, status, values,
+    MatmulAlgo, MatmulHeuristicResult,
 };
 
 /// A 256-byte-aligned host buffer (what cuMemAlloc gives), viewed at a byte offset.
@@ -136,10 +137,17 @@ impl Lt {
 
     /// The heuristic's status and algorithm.
     fn heuristic(&self) -> (u32, i32, blaslt::MatmulAlgo) {
-        let mut result = std::mem::MaybeUninit::<blaslt::MatmulHeuristicResult>::zeroed();
+        let (status, count, results) = self.heuristics(1);
+        (status, count, results[0].algo)
+    }
+
+    /// The heuristic asked for `requested` results: its status, `*returnAlgoCount` and all `requested` slots.
+    fn heuristics(&self, requested: usize) -> (u32, i32, Vec<MatmulHeuristicResult>) {
+        // SAFETY: plain data for which all zeros is valid.
+        let mut results = vec![unsafe { std::mem::zeroed::<MatmulHeuristicResult>() }; requested];
         let mut count = -1;
         let [a, b, c, d] = self.layouts;
-        // SAFETY: live objects, one result slot.
+        // SAFETY: live objects, `requested` result slots.
         let status = unsafe {
             blaslt::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
@@ -149,13 +157,27 @@ impl Lt {
                 c,
                 d,
                 self.pref,
-                1,
-                result.as_mut_ptr(),
+                requested as i32,
+                results.as_mut_ptr(),
                 &mut count,
             )
         };
-        // SAFETY: zero-initialised plain data.
-        (status, count, unsafe { result.assume_init() }.algo)
+        (status, count, results)
+    }
+
+    /// `cublasLtMatmulAlgoCheck` of `algo` for these descriptors, into a result whose fields start as garbage.
+    fn check(&self, algo: &MatmulAlgo) -> (u32, MatmulHeuristicResult) {
+        let mut result = MatmulHeuristicResult {
+            algo: MatmulAlgo { data: [0xA5; 8] },
+            workspaceSize: 12345,
+            state: 99,
+            wavesCount: -1.0,
+            reserved: [7; 4],
+        };
+        let [a, b, c, d] = self.layouts;
+        // SAFETY: live objects, a valid algo and result.
+        let status = unsafe { blaslt::cublasLtMatmulAlgoCheck(self.handle, self.desc, a, b, c, d, algo, &mut result) };
+        (status, result)
     }
 
     /// Runs the GEMM with `D = C` at `c` unless `d` is given.
@@ -176,6 +198,19 @@ impl Lt {
         [a, b, c]: [u64; 3],
         d: Option<u64>,
     ) -> u32 {
+        self.matmul_workspace(algo, alpha, beta, [a, b, c], d, (0, 0))
+    }
+
+    /// As `matmul_with`, with a workspace (address, size in bytes).
+    fn matmul_workspace(
+        &self,
+        algo: &blaslt::MatmulAlgo,
+        alpha: f32,
+        beta: f32,
+        [a, b, c]: [u64; 3],
+        d: Option<u64>,
+        (workspace, workspace_size): (u64, usize),
+    ) -> u32 {
         let [la, lb, lc, ld] = self.layouts;
         // SAFETY: the tests' buffers match the layouts.
         unsafe {
@@ -193,8 +228,8 @@ impl Lt {
                 d.unwrap_or(c) as *mut c_void,
                 ld,
                 algo,
-                null_mut(),
-                0,
+                workspace as *mut c_void,
+                workspace_size,
                 null_mut(),
             )
         }
@@ -274,6 +309,48 @@ fn enum_values_match_cudarc() {
         sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F as i32
     );
     assert_eq!(values::EPILOGUE_DEFAULT, sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT as u32);
+    use sys::cublasLtMatmulAlgoConfigAttributes_t as Config;
+    assert_eq!(algo_config::ID, Config::CUBLASLT_ALGO_CONFIG_ID as u32);
+    assert_eq!(algo_config::TILE_ID, Config::CUBLASLT_ALGO_CONFIG_TILE_ID as u32);
+    assert_eq!(algo_config::SPLITK_NUM, Config::CUBLASLT_ALGO_CONFIG_SPLITK_NUM as u32);
+    assert_eq!(algo_config::REDUCTION_SCHEME, Config::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME as u32);
+    assert_eq!(algo_config::CTA_SWIZZLING, Config::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING as u32);
+    assert_eq!(algo_config::CUSTOM_OPTION, Config::CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION as u32);
+    assert_eq!(algo_config::STAGES_ID, Config::CUBLASLT_ALGO_CONFIG_STAGES_ID as u32);
+    assert_eq!(algo_config::INNER_SHAPE_ID, Config::CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID as u32);
+    assert_eq!(algo_config::CLUSTER_SHAPE_ID, Config::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID as u32);
+    use sys::cublasLtMatmulAlgoCapAttributes_t as Cap;
+    assert_eq!(algo_cap::SPLITK_SUPPORT, Cap::CUBLASLT_ALGO_CAP_SPLITK_SUPPORT as u32);
+    assert_eq!(algo_cap::REDUCTION_SCHEME_MASK, Cap::CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK as u32);
+    assert_eq!(algo_cap::CTA_SWIZZLING_SUPPORT, Cap::CUBLASLT_ALGO_CAP_CTA_SWIZZLING_SUPPORT as u32);
+    assert_eq!(algo_cap::TILE_IDS, Cap::CUBLASLT_ALGO_CAP_TILE_IDS as u32);
+    assert_eq!(algo_cap::CUSTOM_OPTION_MAX, Cap::CUBLASLT_ALGO_CAP_CUSTOM_OPTION_MAX as u32);
+    assert_eq!(algo_cap::STAGES_IDS, Cap::CUBLASLT_ALGO_CAP_STAGES_IDS as u32);
+    assert_eq!(algo_cap::MIN_ALIGNMENT_A_BYTES, Cap::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_A_BYTES as u32);
+    assert_eq!(algo_cap::MIN_ALIGNMENT_D_BYTES, Cap::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_D_BYTES as u32);
+    use sys::cublasLtReductionScheme_t as R;
+    assert_eq!(values::REDUCTION_NONE, R::CUBLASLT_REDUCTION_SCHEME_NONE as u32);
+    assert_eq!(values::REDUCTION_INPLACE, R::CUBLASLT_REDUCTION_SCHEME_INPLACE as u32);
+    assert_eq!(values::REDUCTION_COMPUTE_TYPE, R::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32);
+    assert_eq!(values::REDUCTION_OUTPUT_TYPE, R::CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE as u32);
+    assert_eq!(values::REDUCTION_MASK, R::CUBLASLT_REDUCTION_SCHEME_MASK as u32);
+    use sys::cublasLtMatmulTile_t as T;
+    assert_eq!(values::TILE_UNDEFINED, T::CUBLASLT_MATMUL_TILE_UNDEFINED as u32);
+    assert_eq!(values::TILE_64X128, T::CUBLASLT_MATMUL_TILE_64x128 as u32);
+    assert_eq!(values::TILE_128X128, T::CUBLASLT_MATMUL_TILE_128x128 as u32);
+    use sys::cublasLtMatmulStages_t as S;
+    assert_eq!(values::STAGES_UNDEFINED, S::CUBLASLT_MATMUL_STAGES_UNDEFINED as u32);
+    assert_eq!(values::STAGES_64XAUTO, S::CUBLASLT_MATMUL_STAGES_64xAUTO as u32);
+    assert_eq!(
+        values::INNER_SHAPE_UNDEFINED,
+        sys::cublasLtMatmulInnerShape_t::CUBLASLT_MATMUL_INNER_SHAPE_UNDEFINED as u16
+    );
+    use sys::cublasLtClusterShape_t as Cluster;
+    assert_eq!(values::CLUSTER_SHAPE_AUTO, Cluster::CUBLASLT_CLUSTER_SHAPE_AUTO as u16);
+    assert_eq!(values::CLUSTER_SHAPE_1X1X1, Cluster::CUBLASLT_CLUSTER_SHAPE_1x1x1 as u16);
+    assert_eq!(values::CLUSTER_SHAPE_2X1X1, Cluster::CUBLASLT_CLUSTER_SHAPE_2x1x1 as u16);
+    assert_eq!(values::CLUSTER_SHAPE_4X1X1, Cluster::CUBLASLT_CLUSTER_SHAPE_4x1x1 as u16);
+    assert_eq!(values::CLUSTER_SHAPE_1X2X1, Cluster::CUBLASLT_CLUSTER_SHAPE_1x2x1 as u16);
     assert_eq!(
         std::mem::size_of::<blaslt::MatmulHeuristicResult>(),
         std::mem::size_of::<sys::cublasLtMatmulHeuristicResult_t>()
@@ -631,4 +708,384 @@ fn large_products_use_threads_and_stay_exact() {
             assert_eq!(d[i + j * m], want as f32, "({i}, {j})");
         }
     }
+}
+
+/// Reads a configuration attribute of `N` bytes, asserting success and the size written.
+fn config<const N: usize>(algo: &MatmulAlgo, attr: u32) -> [u8; N] {
+    let mut value = [0u8; N];
+    let mut written = 0usize;
+    // SAFETY: N writable bytes.
+    let got =
+        unsafe { blaslt::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, value.as_mut_ptr().cast(), N, &mut written) };
+    assert_eq!((got, written), (status::SUCCESS, N), "attribute {attr}: {:?}", blaslt::last_refusal());
+    value
+}
+
+fn config_u32(algo: &MatmulAlgo, attr: u32) -> u32 {
+    u32::from_ne_bytes(config(algo, attr))
+}
+
+fn config_u16(algo: &MatmulAlgo, attr: u32) -> u16 {
+    u16::from_ne_bytes(config(algo, attr))
+}
+
+fn set_config(algo: &mut MatmulAlgo, attr: u32, bytes: &[u8]) -> u32 {
+    // SAFETY: bytes.len() readable bytes.
+    unsafe { blaslt::cublasLtMatmulAlgoConfigSetAttribute(algo, attr, bytes.as_ptr().cast(), bytes.len()) }
+}
+
+/// A capability read into a buffer of `size` bytes: status, the bytes written, `sizeWritten`.
+fn capability(algo: &MatmulAlgo, attr: u32, size: usize) -> (u32, Vec<u8>, usize) {
+    let mut value = vec![0u8; size];
+    let mut written = 0usize;
+    // SAFETY: `size` writable bytes.
+    let got =
+        unsafe { blaslt::cublasLtMatmulAlgoCapGetAttribute(algo, attr, value.as_mut_ptr().cast(), size, &mut written) };
+    (got, value, written)
+}
+
+fn u32s(bytes: &[u8]) -> Vec<u32> {
+    bytes.chunks_exact(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// A split-K variant of `algo`, as an autotuner makes it.
+fn split_k(algo: &MatmulAlgo, splits: u32, reduction: u32) -> MatmulAlgo {
+    let mut variant = *algo;
+    assert_eq!(set_config(&mut variant, algo_config::SPLITK_NUM, &splits.to_ne_bytes()), status::SUCCESS);
+    assert_eq!(set_config(&mut variant, algo_config::REDUCTION_SCHEME, &reduction.to_ne_bytes()), status::SUCCESS);
+    variant
+}
+
+#[test]
+fn heuristic_offers_two_configurations_of_one_algorithm() {
+    let (m, n, k) = (6usize, 5usize, 12usize);
+    let lt = f32_lt(compute_type::COMPUTE_32F, m, n, k, true);
+    let (status_all, count, results) = lt.heuristics(32);
+    assert_eq!((status_all, count), (status::SUCCESS, 2));
+    // Slots past *returnAlgoCount are not written.
+    assert!(results[2..].iter().all(|r| r.algo.data == [0; 8]));
+    let (status_one, count, first) = lt.heuristics(1);
+    assert_eq!((status_one, count), (status::SUCCESS, 1));
+    assert_eq!(first[0].algo, results[0].algo, "the first result does not depend on how many are asked for");
+    for (result, tile) in results[..2].iter().zip([values::TILE_128X128, values::TILE_64X128]) {
+        assert_eq!((result.workspaceSize, result.state, result.wavesCount), (0, status::SUCCESS, 1.0));
+        let algo = &result.algo;
+        assert_eq!(i32::from_ne_bytes(config(algo, algo_config::ID)), blaslt::EMULATED_ALGO_ID);
+        assert_eq!(config_u32(algo, algo_config::TILE_ID), tile);
+        assert_eq!(config_u32(algo, algo_config::SPLITK_NUM), 1);
+        assert_eq!(config_u32(algo, algo_config::REDUCTION_SCHEME), values::REDUCTION_NONE);
+        assert_eq!(config_u32(algo, algo_config::CTA_SWIZZLING), 0);
+        assert_eq!(config_u32(algo, algo_config::CUSTOM_OPTION), 0);
+        assert_eq!(config_u32(algo, algo_config::STAGES_ID), values::STAGES_64XAUTO);
+        assert_eq!(config_u16(algo, algo_config::INNER_SHAPE_ID), values::INNER_SHAPE_UNDEFINED);
+        assert_eq!(config_u16(algo, algo_config::CLUSTER_SHAPE_ID), values::CLUSTER_SHAPE_AUTO);
+    }
+    // Both compute the same D.
+    let (a, b) = (values(k * m, 21), values(k * n, 22));
+    let (ba, bb) = (Buffer::from_f32(&a), Buffer::from_f32(&b));
+    let outputs: Vec<Vec<f32>> = results[..2]
+        .iter()
+        .map(|result| {
+            let out = Buffer::from_f32(&vec![0.0; m * n]);
+            assert_eq!(lt.matmul_with(&result.algo, 1.0, 0.0, [ba.ptr(), bb.ptr(), out.ptr()], None), status::SUCCESS);
+            out.f32s(m * n)
+        })
+        .collect();
+    assert_eq!(outputs[0], outputs[1]);
+    for i in 0..m {
+        for j in 0..n {
+            let want: f64 = (0..k).map(|l| f64::from(a[l + i * k]) * f64::from(b[l + j * k])).sum();
+            assert_close(outputs[0][i + j * m], want, &format!("({i}, {j})"));
+        }
+    }
+}
+
+#[test]
+fn algo_configuration_round_trips_with_exact_sizes() {
+    let lt = f32_lt(compute_type::COMPUTE_32F, 4, 3, 8, false);
+    let (_, _, original) = lt.heuristic();
+    let mut algo = original;
+    let u32_attrs = [
+        (algo_config::TILE_ID, values::TILE_64X128),
+        (algo_config::SPLITK_NUM, 3),
+        (algo_config::REDUCTION_SCHEME, values::REDUCTION_OUTPUT_TYPE),
+        (algo_config::CTA_SWIZZLING, 1),
+        (algo_config::CUSTOM_OPTION, 5),
+        (algo_config::STAGES_ID, values::STAGES_UNDEFINED),
+    ];
+    let u16_attrs = [(algo_config::INNER_SHAPE_ID, 1u16), (algo_config::CLUSTER_SHAPE_ID, values::CLUSTER_SHAPE_2X1X1)];
+    for (attr, value) in u32_attrs {
+        // Size query, then the wrong sizes both ways.
+        let mut written = 0usize;
+        // SAFETY: a size query writes only `written`; the other calls pass buffers of the sizes given.
+        unsafe {
+            let query = blaslt::cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, null_mut(), 0, &mut written);
+            assert_eq!((query, written), (status::SUCCESS, 4));
+            let no_size = blaslt::cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, null_mut(), 0, null_mut());
+            assert_eq!(no_size, status::INVALID_VALUE);
+            let mut wide = 0u64;
+            let get = blaslt::cublasLtMatmulAlgoConfigGetAttribute(
+                &algo,
+                attr,
+                (&mut wide as *mut u64).cast(),
+                8,
+                null_mut(),
+            );
+            assert_eq!(get, status::INVALID_VALUE);
+            let null_buf = blaslt::cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, null_mut(), 4, null_mut());
+            assert_eq!(null_buf, status::INVALID_VALUE);
+            let null_set = blaslt::cublasLtMatmulAlgoConfigSetAttribute(&mut algo, attr, std::ptr::null(), 4);
+            assert_eq!(null_set, status::INVALID_VALUE);
+        }
+        assert_eq!(set_config(&mut algo, attr, &u64::from(value).to_ne_bytes()), status::INVALID_VALUE);
+        assert_eq!(set_config(&mut algo, attr, &(value as u16).to_ne_bytes()), status::INVALID_VALUE);
+        assert_eq!(set_config(&mut algo, attr, &value.to_ne_bytes()), status::SUCCESS);
+        assert_eq!(config_u32(&algo, attr), value, "attribute {attr}");
+    }
+    for (attr, value) in u16_attrs {
+        let mut written = 0usize;
+        // SAFETY: a size query.
+        let query = unsafe { blaslt::cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, null_mut(), 0, &mut written) };
+        assert_eq!((query, written), (status::SUCCESS, 2));
+        let mut wide = 0u32;
+        // SAFETY: 4 writable bytes.
+        let get = unsafe {
+            blaslt::cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, (&mut wide as *mut u32).cast(), 4, null_mut())
+        };
+        assert_eq!(get, status::INVALID_VALUE, "a uint16 attribute read as int");
+        assert_eq!(set_config(&mut algo, attr, &u32::from(value).to_ne_bytes()), status::INVALID_VALUE);
+        assert_eq!(set_config(&mut algo, attr, &value.to_ne_bytes()), status::SUCCESS);
+        assert_eq!(config_u16(&algo, attr), value, "attribute {attr}");
+    }
+    // Every attribute kept its own value: none overwrote another.
+    for (attr, value) in u32_attrs {
+        assert_eq!(config_u32(&algo, attr), value, "attribute {attr} after all sets");
+    }
+    for (attr, value) in u16_attrs {
+        assert_eq!(config_u16(&algo, attr), value, "attribute {attr} after all sets");
+    }
+    // The algorithm id: int32, read-only.
+    assert_eq!(i32::from_ne_bytes(config(&algo, algo_config::ID)), blaslt::EMULATED_ALGO_ID);
+    assert_eq!(set_config(&mut algo, algo_config::ID, &7i32.to_ne_bytes()), status::INVALID_VALUE);
+    assert!(blaslt::last_refusal().is_some_and(|r| r.contains("read-only")), "{:?}", blaslt::last_refusal());
+    // Unknown attributes, a NULL algo and an algo the emulator did not make are refused.
+    assert_eq!(set_config(&mut algo, 9, &0u32.to_ne_bytes()), status::INVALID_VALUE);
+    let mut value = 0u32;
+    // SAFETY: 4 writable bytes; a NULL algo is refused before any read.
+    unsafe {
+        let buf = (&mut value as *mut u32).cast();
+        assert_eq!(blaslt::cublasLtMatmulAlgoConfigGetAttribute(&algo, 9, buf, 4, null_mut()), status::INVALID_VALUE);
+        let null_algo = blaslt::cublasLtMatmulAlgoConfigGetAttribute(std::ptr::null(), 1, buf, 4, null_mut());
+        assert_eq!(null_algo, status::INVALID_VALUE);
+        let foreign = MatmulAlgo { data: [0; 8] };
+        let got = blaslt::cublasLtMatmulAlgoConfigGetAttribute(&foreign, algo_config::TILE_ID, buf, 4, null_mut());
+        assert_eq!(got, status::INVALID_VALUE);
+    }
+    let mut foreign = MatmulAlgo { data: [1; 8] };
+    assert_eq!(set_config(&mut foreign, algo_config::TILE_ID, &0u32.to_ne_bytes()), status::INVALID_VALUE);
+    assert_eq!(foreign.data, [1; 8], "a refused set leaves the bytes alone");
+    // The problem signature and alignment survive configuration changes.
+    let mut back = algo;
+    for (attr, _) in u32_attrs {
+        assert_eq!(set_config(&mut back, attr, &config_u32(&original, attr).to_ne_bytes()), status::SUCCESS);
+    }
+    for (attr, _) in u16_attrs {
+        assert_eq!(set_config(&mut back, attr, &config_u16(&original, attr).to_ne_bytes()), status::SUCCESS);
+    }
+    assert_eq!(back, original);
+}
+
+#[test]
+fn algo_capabilities() {
+    let lt = f32_lt(compute_type::COMPUTE_32F, 4, 3, 8, false);
+    let (_, _, algo) = lt.heuristic();
+    let read = |attr: u32, size: usize| {
+        let (got, value, written) = capability(&algo, attr, size);
+        assert_eq!((got, written), (status::SUCCESS, size), "capability {attr}: {:?}", blaslt::last_refusal());
+        value
+    };
+    // int32 values, read with the same bits as uint32.
+    assert_eq!(u32s(&read(algo_cap::SPLITK_SUPPORT, 4)), [1]);
+    assert_eq!(
+        u32s(&read(algo_cap::REDUCTION_SCHEME_MASK, 4)),
+        [values::REDUCTION_INPLACE | values::REDUCTION_COMPUTE_TYPE | values::REDUCTION_OUTPUT_TYPE]
+    );
+    assert_eq!(u32s(&read(algo_cap::CTA_SWIZZLING_SUPPORT, 4)), [1]);
+    assert_eq!(u32s(&read(algo_cap::CUSTOM_OPTION_MAX, 4)), [0]);
+    // The default preference promises 256-byte alignment; the algorithm needs 16.
+    assert_eq!(u32s(&read(algo_cap::MIN_ALIGNMENT_A_BYTES, 4)), [16]);
+    assert_eq!(u32s(&read(algo_cap::MIN_ALIGNMENT_D_BYTES, 4)), [16]);
+    // Sizes must match a scalar capability.
+    assert_eq!(capability(&algo, algo_cap::SPLITK_SUPPORT, 8).0, status::INVALID_VALUE);
+    // Tile ids: the size query, then the header's way (a buffer for every tile id, the count from sizeWritten).
+    let mut written = 0usize;
+    // SAFETY: a size query.
+    let query =
+        unsafe { blaslt::cublasLtMatmulAlgoCapGetAttribute(&algo, algo_cap::TILE_IDS, null_mut(), 0, &mut written) };
+    assert_eq!((query, written), (status::SUCCESS, 8));
+    let (got, tiles, written) = capability(&algo, algo_cap::TILE_IDS, 4 * 64);
+    assert_eq!((got, written), (status::SUCCESS, 8));
+    assert_eq!(u32s(&tiles[..written]), [values::TILE_128X128, values::TILE_64X128]);
+    assert_eq!(u32s(&read(algo_cap::TILE_IDS, 8)), [values::TILE_128X128, values::TILE_64X128]);
+    assert_eq!(capability(&algo, algo_cap::TILE_IDS, 4).0, status::INVALID_VALUE, "too small for the array");
+    assert_eq!(u32s(&read(algo_cap::STAGES_IDS, 4)), [values::STAGES_64XAUTO]);
+    // Capabilities not emulated, and algorithms not made here.
+    let (got, _, _) = capability(&algo, 12, 4);
+    assert_eq!(got, status::NOT_SUPPORTED);
+    assert!(blaslt::last_refusal().is_some_and(|r| r.contains("not emulated")), "{:?}", blaslt::last_refusal());
+    let foreign = MatmulAlgo { data: [0; 8] };
+    assert_eq!(capability(&foreign, algo_cap::SPLITK_SUPPORT, 4).0, status::INVALID_VALUE);
+}
+
+#[test]
+fn algo_check_judges_the_configuration_and_reports_its_workspace() {
+    let (m, n, k) = (8usize, 6usize, 16usize);
+    let lt = f32_lt(compute_type::COMPUTE_32F, m, n, k, true);
+    let (_, _, algo) = lt.heuristic();
+    let (got, result) = lt.check(&algo);
+    assert_eq!(
+        (got, result.workspaceSize, result.state, result.wavesCount),
+        (status::SUCCESS, 0, status::SUCCESS, 1.0)
+    );
+    assert_eq!(result.algo.data, [0xA5; 8], "\"algo field is never updated\"");
+    // Split-K 2 keeping partial sums in the compute type: m * n f32 per split in the workspace.
+    let split = split_k(&algo, 2, values::REDUCTION_COMPUTE_TYPE);
+    let (got, result) = lt.check(&split);
+    assert_eq!((got, result.workspaceSize, result.state), (status::SUCCESS, m * n * 4 * 2, status::SUCCESS));
+    assert_eq!(lt.check(&split_k(&algo, 4, values::REDUCTION_OUTPUT_TYPE)).1.workspaceSize, m * n * 4 * 4);
+    // In place: reduced in the output buffer.
+    let (got, result) = lt.check(&split_k(&algo, 2, values::REDUCTION_INPLACE));
+    assert_eq!((got, result.workspaceSize), (status::SUCCESS, 0));
+    // algo may point to result->algo.
+    let mut result =
+        MatmulHeuristicResult { algo: split, workspaceSize: 0, state: 99, wavesCount: 0.0, reserved: [0; 4] };
+    let [a, b, c, d] = lt.layouts;
+    let algo_in_result = std::ptr::addr_of!(result.algo);
+    // SAFETY: live objects; the algo is the result's own.
+    let got = unsafe { blaslt::cublasLtMatmulAlgoCheck(lt.handle, lt.desc, a, b, c, d, algo_in_result, &mut result) };
+    assert_eq!((got, result.workspaceSize, result.algo), (status::SUCCESS, m * n * 8, split));
+
+    let refused = |variant: MatmulAlgo, want: u32, reason: &str| {
+        let (got, result) = lt.check(&variant);
+        assert_eq!(got, want, "{reason}: {:?}", blaslt::last_refusal());
+        assert_eq!(result.state, 99, "{reason}: a refused check writes no result");
+        assert!(blaslt::last_refusal().is_some_and(|r| r.contains(reason)), "{:?}", blaslt::last_refusal());
+    };
+    // Split-K without a reduction scheme, outside 1..=k, or with a combination of schemes.
+    refused(split_k(&algo, 2, values::REDUCTION_NONE), status::NOT_SUPPORTED, "REDUCTION_SCHEME NONE");
+    refused(split_k(&algo, 0, values::REDUCTION_COMPUTE_TYPE), status::NOT_SUPPORTED, "SPLITK_NUM = 0");
+    refused(split_k(&algo, k as u32 + 1, values::REDUCTION_COMPUTE_TYPE), status::NOT_SUPPORTED, "SPLITK_NUM = 17");
+    refused(split_k(&algo, 2, 3), status::NOT_SUPPORTED, "REDUCTION_SCHEME = 3");
+    // A cluster shape valid in cuBLASLt but not emulated, and the ones that are.
+    let mut cluster = algo;
+    assert_eq!(
+        set_config(&mut cluster, algo_config::CLUSTER_SHAPE_ID, &values::CLUSTER_SHAPE_4X1X1.to_ne_bytes()),
+        status::SUCCESS
+    );
+    refused(cluster, status::NOT_SUPPORTED, "not emulated");
+    for shape in [values::CLUSTER_SHAPE_1X1X1, values::CLUSTER_SHAPE_2X1X1, values::CLUSTER_SHAPE_1X2X1] {
+        assert_eq!(set_config(&mut cluster, algo_config::CLUSTER_SHAPE_ID, &shape.to_ne_bytes()), status::SUCCESS);
+        assert_eq!(lt.check(&cluster).0, status::SUCCESS, "cluster shape {shape}");
+    }
+    // A tile id not among the capabilities', a custom option above its maximum, a reserved swizzle value.
+    let with = |attr: u32, value: u32| {
+        let mut variant = algo;
+        assert_eq!(set_config(&mut variant, attr, &value.to_ne_bytes()), status::SUCCESS);
+        variant
+    };
+    refused(with(algo_config::TILE_ID, 1), status::NOT_SUPPORTED, "TILE_IDS");
+    assert_eq!(lt.check(&with(algo_config::TILE_ID, values::TILE_UNDEFINED)).0, status::SUCCESS);
+    refused(with(algo_config::CUSTOM_OPTION, 1), status::NOT_SUPPORTED, "CUSTOM_OPTION_MAX");
+    refused(with(algo_config::CTA_SWIZZLING, 2), status::NOT_SUPPORTED, "CTA_SWIZZLING");
+    assert_eq!(lt.check(&with(algo_config::CTA_SWIZZLING, 1)).0, status::SUCCESS);
+    refused(with(algo_config::STAGES_ID, 1), status::NOT_SUPPORTED, "STAGES_IDS");
+    // "If matrix layout descriptors or operation descriptor don't match algo descriptor": an algorithm for bf16.
+    let mut bf16 = Lt::new(compute_type::COMPUTE_32F, data_type::R_32F);
+    bf16.trans(true, false);
+    bf16.layout(0, data_type::R_16BF, k as u64, m as u64, k as i64);
+    bf16.layout(1, data_type::R_16BF, k as u64, n as u64, k as i64);
+    bf16.layout(2, data_type::R_32F, m as u64, n as u64, m as i64);
+    bf16.layout(3, data_type::R_32F, m as u64, n as u64, m as i64);
+    let (_, _, bf16_algo) = bf16.heuristic();
+    refused(bf16_algo, status::INVALID_VALUE, "other data");
+    refused(MatmulAlgo { data: [0; 8] }, status::INVALID_VALUE, "not made by this emulator");
+    // The problem is checked as the heuristic checks it.
+    let tf32 = f32_lt(compute_type::COMPUTE_32F_FAST_TF32, m, n, k, true);
+    assert_eq!(tf32.check(&algo).0, status::NOT_SUPPORTED);
+}
+
+#[test]
+fn a_kept_configuration_is_rechecked_and_run_for_another_size() {
+    // The autotuner's path: tune for one token count, keep the algo's bytes, check them again for another (the
+    // columns of B and D in the TN layout) and run.
+    let (rows, k) = (16usize, 32usize);
+    let tuned_for = f32_lt(compute_type::COMPUTE_32F, rows, 8, k, true);
+    let (_, _, algo) = tuned_for.heuristic();
+    let chosen = split_k(&algo, 4, values::REDUCTION_COMPUTE_TYPE);
+    assert_eq!(tuned_for.check(&chosen).1.workspaceSize, rows * 8 * 4 * 4);
+    let kept: [u64; 8] = chosen.data;
+
+    let columns = 5usize;
+    let lt = f32_lt(compute_type::COMPUTE_32F, rows, columns, k, true);
+    let rebuilt = MatmulAlgo { data: kept };
+    let (got, result) = lt.check(&rebuilt);
+    assert_eq!((got, result.state), (status::SUCCESS, status::SUCCESS), "{:?}", blaslt::last_refusal());
+    assert_eq!(result.workspaceSize, rows * columns * 4 * 4);
+    assert_eq!(config_u32(&rebuilt, algo_config::SPLITK_NUM), 4);
+    let (a, b) = (values(k * rows, 31), values(k * columns, 32));
+    let (ba, bb) = (Buffer::from_f32(&a), Buffer::from_f32(&b));
+    let workspace = Buffer::new(result.workspaceSize);
+    let out = Buffer::from_f32(&vec![0.0; rows * columns]);
+    let run = lt.matmul_workspace(
+        &rebuilt,
+        1.0,
+        0.0,
+        [ba.ptr(), bb.ptr(), out.ptr()],
+        None,
+        (workspace.ptr(), result.workspaceSize),
+    );
+    assert_eq!(run, status::SUCCESS, "{:?}", blaslt::last_refusal());
+    let d = out.f32s(rows * columns);
+    for i in 0..rows {
+        for j in 0..columns {
+            let want: f64 = (0..k).map(|l| f64::from(a[l + i * k]) * f64::from(b[l + j * k])).sum();
+            assert_close(d[i + j * rows], want, &format!("({i}, {j})"));
+        }
+    }
+}
+
+#[test]
+fn split_k_matmul_matches_the_default_and_needs_its_workspace() {
+    let (m, n, k) = (12usize, 7usize, 40usize);
+    let lt = f32_lt(compute_type::COMPUTE_32F, m, n, k, true);
+    let (a, b, c) = (values(k * m, 41), values(k * n, 42), values(m * n, 43));
+    let (ba, bb) = (Buffer::from_f32(&a), Buffer::from_f32(&b));
+    let (_, _, algo) = lt.heuristic();
+    let default = Buffer::from_f32(&c);
+    assert_eq!(lt.matmul_with(&algo, 0.75, 0.5, [ba.ptr(), bb.ptr(), default.ptr()], None), status::SUCCESS);
+
+    let split = split_k(&algo, 4, values::REDUCTION_COMPUTE_TYPE);
+    let needed = lt.check(&split).1.workspaceSize;
+    assert_eq!(needed, m * n * 4 * 4);
+    let workspace = Buffer::new(needed);
+    let out = Buffer::from_f32(&c);
+    let ptrs = [ba.ptr(), bb.ptr(), out.ptr()];
+    // A workspace one byte short, or none, is refused and D is left alone.
+    let short = lt.matmul_workspace(&split, 0.75, 0.5, ptrs, None, (workspace.ptr(), needed - 1));
+    assert_eq!(short, status::INVALID_VALUE);
+    assert!(blaslt::last_refusal().is_some_and(|r| r.contains("workspaceSizeInBytes")), "{:?}", blaslt::last_refusal());
+    assert_eq!(lt.matmul_with(&split, 0.75, 0.5, ptrs, None), status::INVALID_VALUE);
+    assert_eq!(lt.matmul_workspace(&split, 0.75, 0.5, ptrs, None, (0, needed)), status::INVALID_VALUE);
+    assert_eq!(out.f32s(m * n), c);
+    // Enough workspace: the same D, bit for bit.
+    assert_eq!(lt.matmul_workspace(&split, 0.75, 0.5, ptrs, None, (workspace.ptr(), needed)), status::SUCCESS);
+    assert_eq!(out.f32s(m * n), default.f32s(m * n));
+    // The configuration is judged at the call as cublasLtMatmulAlgoCheck judges it.
+    let none = split_k(&algo, 4, values::REDUCTION_NONE);
+    assert_eq!(lt.matmul_workspace(&none, 0.75, 0.5, ptrs, None, (workspace.ptr(), needed)), status::NOT_SUPPORTED);
+    // In-place reduction needs no workspace.
+    let inplace = split_k(&algo, 4, values::REDUCTION_INPLACE);
+    let out = Buffer::from_f32(&c);
+    assert_eq!(lt.matmul_with(&inplace, 0.75, 0.5, [ba.ptr(), bb.ptr(), out.ptr()], None), status::SUCCESS);
+    assert_eq!(out.f32s(m * n), default.f32s(m * n));
 }

@@ -262,8 +262,8 @@ fn fp8_grouped_gemm_matches_the_cpu_reference() {
     let Some(device) = gpu("fp8_grouped_gemm") else { return };
     let mut r = rng(4);
     let (experts, n, k) = (6, 272, 1024);
-    // Expert 0: above the streaming threshold (cuBLASLt); 1: none; the others one, two, three and four 8-token tiles
-    // of the tensor-core kernel (some partly filled).
+    // Expert 1: none; 2 and 3: the streaming kernel's one and two 8-token tiles (partly filled); 0, 4 and 5: above
+    // its threshold, cuBLASLt (the streaming kernels' three- and four-tile cases run on their own further down).
     let counts = [SMALL_M_MAX_TOKENS + 9, 0, 1, 12, 21, 32];
     let mut routed: Vec<u32> = counts.iter().enumerate().flat_map(|(e, &c)| std::iter::repeat_n(e as u32, c)).collect();
     // Shuffle so the plan's permutation is not the identity.
@@ -298,7 +298,9 @@ fn fp8_grouped_gemm_matches_the_cpu_reference() {
     let raw_gemm = GroupedGemm { apply_scales: false, ..gemm };
     device.fp8_grouped_gemm(&plan, &raw_gemm, &mut raw.as_view_mut()).expect("raw grouped gemm");
     let raw = device.download(&raw).expect("download");
-    for e in 0..experts {
+    // The raw GEMM of an expert left to cuBLASLt runs the algorithm tuned for its token bucket, which may add in
+    // another order than the scaled GEMM's (the heuristic's choice): those are checked against the reference below.
+    for e in (0..experts).filter(|&e| plan.tokens(e) <= SMALL_M_MAX_TOKENS) {
         for slot in plan.offsets[e] as usize..plan.offsets[e + 1] as usize {
             for o in 0..n {
                 let (scaled, raw) = (got[slot * n + o], raw[slot * n + o] * w_scale[e * n + o] * a_scale[slot]);
@@ -309,6 +311,22 @@ fn fp8_grouped_gemm_matches_the_cpu_reference() {
             }
         }
     }
+    // The raw cuBLASLt GEMMs (experts of 25, 21 and 32 tokens) were tuned for their bucket of 32 on that first call:
+    // every candidate that passed cuBLASLt's check timed, the fastest kept, and the next call runs it without timing
+    // again.
+    let tunings = device.cublaslt_tunings().expect("tunings");
+    let [tuning] = &tunings[..] else { panic!("one tuning: {tunings:?}") };
+    assert_eq!((tuning.n, tuning.k, tuning.tokens), (n, k, 32), "{tuning:?}");
+    println!("cuBLASLt tuning: {tuning:?}");
+    if tuning.candidates > 1 {
+        let (heuristic, tuned) = (tuning.heuristic_us.expect("timed"), tuning.tuned_us.expect("timed"));
+        assert!(tuned > 0.0 && tuned <= heuristic, "{tuning:?}");
+    }
+    let mut again = device.zeros::<f32>(slots * n).expect("alloc");
+    device.fp8_grouped_gemm(&plan, &raw_gemm, &mut again.as_view_mut()).expect("raw grouped gemm");
+    assert_eq!(device.download(&again).expect("download"), raw, "the same algorithm on the next call");
+    assert_eq!(device.cublaslt_tunings().expect("tunings"), tunings, "tuned once");
+
     // Which way cuBLASLt took the row-wise scales on this machine (fused outer-vector scales or the epilogue).
     let (first, tokens) = (plan.offsets[0] as usize, plan.tokens(0));
     let mut probe = device.zeros::<f32>(tokens * n).expect("alloc");
@@ -379,6 +397,8 @@ fn fp8_grouped_gemm_matches_the_cpu_reference() {
         };
         let path = if tokens > SMALL_M_MAX_TOKENS { "cuBLASLt" } else { "grouped streaming" };
         check(&got[rows.clone()], tensor_allowance, path);
+        let raw_scaled: Vec<f32> = rows.clone().map(|i| raw[i] * w_scale[e * n + i % n] * a_scale[i / n]).collect();
+        check(&raw_scaled, tensor_allowance, &format!("{path}, raw sums"));
         if tokens <= SMALL_M_MAX_TOKENS {
             check(&simt[rows.clone()], simt_allowance, "CUDA-core streaming kernel");
         } else {
@@ -1262,6 +1282,8 @@ fn bench_measures_every_case_on_small_shapes() {
         let lone_case = row.case == "one expert" && row.tokens <= 32;
         assert_eq!(row.lone_us.is_some_and(|us| us.is_finite() && us > 0.0), lone_case, "{row:?}");
     }
+    // The one-expert case above the streaming threshold ran cuBLASLt tuned for its bucket (rotated over the experts).
+    assert!(report.tuning.iter().any(|t| (t.n, t.k, t.tokens) == (512, 256, 64)), "{:?}", report.tuning);
     let [attention] = &report.attention[..] else { panic!("one attention case: {:?}", report.attention) };
     assert_eq!((attention.context, attention.anchor_us), (1000, None));
     let timed = [attention.split_us, attention.one_block_us, attention.kv_tb_per_s];

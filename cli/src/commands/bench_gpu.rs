@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use switchyard_kernels::device::gpu_bench::{
     GemmBenchConfig, GemmBenchReport, GemmBenchRow, DOWN, GATE_UP, MAVERICK_ATTENTION,
 };
+use switchyard_kernels::device::plan::CUBLASLT_TUNED_MAX_TOKENS;
 use switchyard_kernels::device::{bench_expert_gemm, Device};
 
 /// The issue's targets: our path against cuBLASLt at >= 2048 tokens, and weight streaming at <= 128 tokens.
@@ -96,10 +97,11 @@ fn print_table(report: &GemmBenchReport) {
         report.mma_e4m3_tflops
     );
     println!(
-        "ours: experts of up to {} tokens in the streaming kernel, larger ones in cuBLASLt; raw sums (the row-wise \
-         scales are applied by the SwiGLU and combine kernels that read them); each time the mean of {} calls queued \
-         back to back",
-        report.small_m_max_tokens, report.calls_per_sample
+        "ours: experts of up to {} tokens in the streaming kernel, larger ones in cuBLASLt (up to {} tokens with the \
+         algorithm tuned for their token bucket, below; the cuBLASLt column: the heuristic's choice); raw sums (the \
+         row-wise scales are applied by the SwiGLU and combine kernels that read them); each time the mean of {} calls \
+         queued back to back",
+        report.small_m_max_tokens, CUBLASLT_TUNED_MAX_TOKENS, report.calls_per_sample
     );
     println!(
         "lone: the lone-expert kernel (one expert over every SM, stream-K) on each one-expert case it takes; the \
@@ -168,6 +170,7 @@ fn print_table(report: &GemmBenchReport) {
     if !below.is_empty() {
         println!("below: {}", below.join("; "));
     }
+    print_tuning(report);
     if report.attention.is_empty() {
         return;
     }
@@ -195,6 +198,43 @@ fn print_table(report: &GemmBenchReport) {
             row.kv_tb_per_s / report.copy_tb_per_s,
             row.anchor_us.map(|a| format!("{a:.0}")).unwrap_or_else(|| "-".into()),
             row.anchor_us.map(|a| format!("{:.2}", a / row.split_us)).unwrap_or_else(|| "-".into()),
+        );
+    }
+}
+
+/// What the expert path's cuBLASLt tuning chose in this run (ours runs the tuned algorithm; the cuBLASLt column the
+/// heuristic's first choice).
+fn print_tuning(report: &GemmBenchReport) {
+    if report.tuning.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "cuBLASLt tuning of ours (each shape and token bucket timed once, on first use, over the candidates that pass \
+         cuBLASLt's check; counts round up to the bucket):"
+    );
+    println!(
+        "{:>6} {:>6} {:>6} {:>5} {:>10} {:>12} {:>9} {:>7}  tuned (heuristic)",
+        "n", "k", "tokens", "align", "candidates", "heuristic us", "tuned us", "speedup"
+    );
+    let us = |value: Option<f64>| value.map(|us| format!("{us:.1}")).unwrap_or_else(|| "-".into());
+    for row in &report.tuning {
+        let speedup = match (row.heuristic_us, row.tuned_us) {
+            (Some(heuristic), Some(tuned)) => format!("{:.2}", heuristic / tuned),
+            _ => "-".into(),
+        };
+        println!(
+            "{:>6} {:>6} {:>6} {:>5} {:>10} {:>12} {:>9} {:>7}  {} ({})",
+            row.n,
+            row.k,
+            row.tokens,
+            row.alignment,
+            row.candidates,
+            us(row.heuristic_us),
+            us(row.tuned_us),
+            speedup,
+            row.tuned,
+            row.heuristic
         );
     }
 }
@@ -253,6 +293,11 @@ fn to_json(report: &GemmBenchReport, config: &GemmBenchConfig) -> serde_json::Va
             "one_block_us": row.one_block_us, "kv_tb_per_s": row.kv_tb_per_s,
             "ratio_to_copy": row.kv_tb_per_s / report.copy_tb_per_s, "anchor_us": row.anchor_us,
             "ratio_to_anchor": row.anchor_us.map(|a| a / row.split_us),
+        })).collect::<Vec<_>>(),
+        "cublaslt_tuning": report.tuning.iter().map(|row| serde_json::json!({
+            "n": row.n, "k": row.k, "tokens": row.tokens, "alignment": row.alignment,
+            "candidates": row.candidates, "heuristic_us": row.heuristic_us, "tuned_us": row.tuned_us,
+            "heuristic": row.heuristic, "tuned": row.tuned,
         })).collect::<Vec<_>>(),
     })
 }

@@ -141,6 +141,29 @@ pub struct GemmBenchRow {
     pub anchor_us: Option<f64>,
 }
 
+/// What the cuBLASLt tuning of one FP8 expert GEMM shape and token bucket found (`CudaDevice::cublaslt_tunings`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmTuningRow {
+    /// Output features (weight rows).
+    pub n: usize,
+    /// Input features.
+    pub k: usize,
+    /// The token bucket: the count timed, used for every count that rounds up to it.
+    pub tokens: usize,
+    /// The pointer alignment tuned for, bytes.
+    pub alignment: u32,
+    /// Candidates that passed cuBLASLt's check (1: nothing to choose, nothing timed).
+    pub candidates: usize,
+    /// Median of the heuristic's first choice, us (`None`: not timed).
+    pub heuristic_us: Option<f64>,
+    /// Median of the fastest candidate, us.
+    pub tuned_us: Option<f64>,
+    /// The heuristic's first choice, in cuBLASLt's configuration numbers.
+    pub heuristic: String,
+    /// The candidate chosen.
+    pub tuned: String,
+}
+
 /// Everything one run measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GemmBenchReport {
@@ -161,6 +184,8 @@ pub struct GemmBenchReport {
     pub rows: Vec<GemmBenchRow>,
     /// The decode-attention cases.
     pub attention: Vec<AttentionBenchRow>,
+    /// What the expert path's cuBLASLt tuning chose during the run, by shape and token bucket.
+    pub tuning: Vec<GemmTuningRow>,
 }
 
 /// The anchor of performance.md (H100, cuBLASLt FP8 rowwise through PyTorch 2.11) for a case, microseconds.

@@ -26,6 +26,22 @@ pub const MIN_STREAMING_EXPERTS: usize = 2;
 /// take, whatever this says.
 pub const LONE_EXPERT_MAX_TOKENS: usize = 0;
 
+/// Experts that go to cuBLASLt with at most this many tokens run the algorithm timed fastest for their shape and token
+/// bucket ([`cublaslt_token_bucket`]; the CUDA backend's `gemm_tuning`), not the heuristic's first choice. Above it
+/// the GEMM is bound by its multiplications, where the heuristic's choice measured 1.00 of PyTorch's cuBLASLt.
+pub const CUBLASLT_TUNED_MAX_TOKENS: usize = 512;
+
+/// The smallest token bucket of the cuBLASLt tuning: fewer tokens are timed as this many (a lone decode expert).
+pub const CUBLASLT_SMALLEST_BUCKET: usize = 16;
+
+/// The bucket whose tuned cuBLASLt algorithm an expert of `tokens` tokens runs: the count rounded up to a power of
+/// two, at least [`CUBLASLT_SMALLEST_BUCKET`]; `None` for 0 tokens or more than [`CUBLASLT_TUNED_MAX_TOKENS`] (the
+/// heuristic's choice). An algorithm suits neighbouring token counts alike, and one bucket per power of two keeps
+/// the timing at first use to a few calls per shape.
+pub fn cublaslt_token_bucket(tokens: usize) -> Option<usize> {
+    (1..=CUBLASLT_TUNED_MAX_TOKENS).contains(&tokens).then(|| tokens.next_power_of_two().max(CUBLASLT_SMALLEST_BUCKET))
+}
+
 /// Most tokens `fp8_lone_expert_gemm` takes (`_t4`: four 8-token tiles).
 pub const LONE_MAX_TOKENS: usize = 32;
 /// Weight rows of one unit of `fp8_lone_expert_gemm` (its `LONE_ROWS`: 16 per warp, `LONE_WARPS` = 8 warps); `n`
@@ -343,5 +359,17 @@ mod tests {
         assert_eq!(two.streaming_threshold(1), 1);
         let lone = ExpertPlan::new(&[0, 1, 1], 2).expect("plan");
         assert_eq!(lone.streaming_threshold(1), 0);
+    }
+
+    #[test]
+    fn cublaslt_token_buckets_round_up_to_powers_of_two_from_sixteen() {
+        assert_eq!(cublaslt_token_bucket(0), None);
+        assert_eq!(cublaslt_token_bucket(1), Some(16));
+        assert_eq!(cublaslt_token_bucket(16), Some(16));
+        assert_eq!(cublaslt_token_bucket(17), Some(32));
+        assert_eq!(cublaslt_token_bucket(100), Some(128));
+        assert_eq!(cublaslt_token_bucket(128), Some(128));
+        assert_eq!(cublaslt_token_bucket(512), Some(512));
+        assert_eq!(cublaslt_token_bucket(513), None);
     }
 }

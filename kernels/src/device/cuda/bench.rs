@@ -5,10 +5,11 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys::CUevent_flags, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::experts::{lone_expert_max_tokens, small_m_max_tokens};
 use super::kernels::GroupedGemm;
+use super::timing::{interleaved_medians_us, Schedule, TimedPath};
 use super::{driver, CudaDevice};
 use crate::device::gpu_bench::{
     anchor_us, attention_anchor_us, splitmix64, zipf_routing, AttentionBenchRow, GemmBenchConfig, GemmBenchReport,
@@ -19,43 +20,16 @@ use crate::device::sources::EXPERTS_CU;
 use crate::device::PagedDecode;
 use crate::error::KernelError;
 
-/// Event-timed samples of several paths over the same problem, interleaved (a sample of each path in turn, then the
-/// next round), so that clock and thermal drift during the run fall on every path alike rather than on whichever ran
-/// first. Each sample queues `config.calls_per_sample` calls back to back and counts their mean; `config.warmup`
-/// untimed calls of each path come first. Returns each path's median in microseconds. `paths[p](i)` gets a running
-/// call index, to rotate inputs.
-fn interleaved_medians_us<const P: usize>(
+/// [`interleaved_medians_us`] with `config`'s schedule, for a fixed number of paths.
+fn medians_us<const P: usize>(
     device: &CudaDevice,
     config: &GemmBenchConfig,
-    paths: &mut [&mut dyn FnMut(usize) -> Result<(), KernelError>; P],
+    paths: &mut [TimedPath<'_>; P],
 ) -> Result<[f64; P], KernelError> {
-    for path in paths.iter_mut() {
-        for i in 0..config.warmup {
-            path(i)?;
-        }
-    }
-    let context = device.context();
-    let calls = config.calls_per_sample.max(1);
-    let mut times: [Vec<f64>; P] = std::array::from_fn(|_| Vec::with_capacity(config.iterations.max(1)));
-    let mut call = config.warmup;
-    for _ in 0..config.iterations.max(1) {
-        for (path, times) in paths.iter_mut().zip(times.iter_mut()) {
-            let start = context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("event"))?;
-            let end = context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("event"))?;
-            start.record(device.stream()).map_err(driver("event record"))?;
-            for offset in 0..calls {
-                path(call + offset)?;
-            }
-            end.record(device.stream()).map_err(driver("event record"))?;
-            let ms = start.elapsed_ms(&end).map_err(driver("event elapsed"))?;
-            times.push(f64::from(ms) * 1e3 / calls as f64);
-        }
-        call += calls;
-    }
-    Ok(times.map(|mut times| {
-        times.sort_by(f64::total_cmp);
-        times[times.len() / 2]
-    }))
+    let schedule =
+        Schedule { warmup: config.warmup, iterations: config.iterations, calls_per_sample: config.calls_per_sample };
+    let medians = interleaved_medians_us(device, schedule, paths)?;
+    Ok(std::array::from_fn(|i| medians[i]))
 }
 
 /// Random E4M3 codes without the NaN codes (0x7F, 0xFF), deterministic in `seed`.
@@ -174,7 +148,7 @@ fn measure(
         Ok(())
     };
     if !lone {
-        let [ours, cublaslt] = interleaved_medians_us(device, config, &mut [&mut ours, &mut cublaslt])?;
+        let [ours, cublaslt] = medians_us(device, config, &mut [&mut ours, &mut cublaslt])?;
         return Ok(Measured { ours, cublaslt, lone: None });
     }
     let mut lone = |i: usize| {
@@ -182,7 +156,7 @@ fn measure(
             device.fp8_lone_expert_gemm(gemm, 0, 0, slots, None, &mut out.borrow_mut().slice_mut(..slots * n))
         })
     };
-    let [ours, cublaslt, lone] = interleaved_medians_us(device, config, &mut [&mut ours, &mut cublaslt, &mut lone])?;
+    let [ours, cublaslt, lone] = medians_us(device, config, &mut [&mut ours, &mut cublaslt, &mut lone])?;
     Ok(Measured { ours, cublaslt, lone: Some(lone) })
 }
 
@@ -201,7 +175,7 @@ fn mma_e4m3_rate(device: &CudaDevice, config: &GemmBenchConfig) -> Result<f64, K
         block_dim: (THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let [us] = interleaved_medians_us(
+    let [us] = medians_us(
         device,
         config,
         &mut [&mut |_| {
@@ -226,7 +200,7 @@ pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<Gem
     let copy_tb_per_s = {
         let source = device.zeros::<u8>(config.copy_bytes)?;
         let mut target = device.zeros::<u8>(config.copy_bytes)?;
-        let [us] = interleaved_medians_us(
+        let [us] = medians_us(
             &device,
             config,
             &mut [&mut |_| device.stream().memcpy_dtod(&source, &mut target).map_err(driver("device-to-device copy"))],
@@ -240,6 +214,9 @@ pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<Gem
         let mut buffers = shape_buffers(&device, shape, config.experts, max_tokens, config.seed)?;
         let (n, k) = (shape.n, shape.k);
         for &tokens in &config.tokens {
+            // The one-expert case's cuBLASLt calls see one expert's weights at a time: tuned here over all of them,
+            // as a serving step reads them, so that the tuning's timing is not of weights L2 holds.
+            device.tune_fp8_expert_gemm(n, k, tokens, &buffers.weights.as_view(), config.experts)?;
             // One expert: all tokens to expert 0 of a one-expert plan, its weights rotated over the layer's experts.
             let one = ExpertPlan::new(&vec![0; tokens], 1)?;
             let lone = LoneExpertGrid::new(tokens, n, k, device.sms(), None).is_ok();
@@ -268,6 +245,7 @@ pub fn bench_expert_gemm(ordinal: usize, config: &GemmBenchConfig) -> Result<Gem
         calls_per_sample: config.calls_per_sample.max(1),
         rows,
         attention,
+        tuning: device.cublaslt_tunings()?,
     })
 }
 
@@ -335,7 +313,7 @@ fn attention_case(
         calls_per_sample: config.calls_per_sample.min(3),
         ..config.clone()
     };
-    let [split_us, one_block_us] = interleaved_medians_us(device, &timing, &mut [&mut |_| run(0), &mut |_| run(1)])?;
+    let [split_us, one_block_us] = medians_us(device, &timing, &mut [&mut |_| run(0), &mut |_| run(1)])?;
     let kv_bytes = (context * shape.kv_heads * shape.head_dim * 2 * 2) as f64;
     Ok(AttentionBenchRow {
         context,

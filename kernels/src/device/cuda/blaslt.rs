@@ -22,21 +22,24 @@ use cudarc::cublaslt::result;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 
+use super::gemm_tuning::{TuningTable, TuningWeights};
+use super::kernels::GroupedGemm;
 use super::{driver, lock, CudaDevice};
 use crate::error::{check_len, product, KernelError};
 
 /// cuBLASLt workspace: 32 MiB, what cuBLAS recommends for Hopper.
-const WORKSPACE_BYTES: usize = 32 << 20;
+pub(super) const WORKSPACE_BYTES: usize = 32 << 20;
 
-fn blas_error(op: &'static str) -> impl FnOnce(result::CublasError) -> KernelError {
+pub(super) fn blas_error(op: &'static str) -> impl FnOnce(result::CublasError) -> KernelError {
     move |e| KernelError::Cuda { op, message: format!("cuBLASLt: {e:?}") }
 }
 
 /// The descriptors and algorithm of one GEMM shape, kept so repeated calls (every decode step) skip the heuristic.
-struct Plan {
-    desc: sys::cublasLtMatmulDesc_t,
-    layouts: [sys::cublasLtMatrixLayout_t; 3],
-    algo: sys::cublasLtMatmulAlgo_t,
+pub(super) struct Plan {
+    pub(super) desc: sys::cublasLtMatmulDesc_t,
+    /// W (A), X (B), out (C and D).
+    pub(super) layouts: [sys::cublasLtMatrixLayout_t; 3],
+    pub(super) algo: sys::cublasLtMatmulAlgo_t,
 }
 
 impl Drop for Plan {
@@ -73,20 +76,23 @@ impl Operands {
 }
 
 /// Everything a plan depends on. `alignment`: the largest power of two up to 256 dividing every pointer of the call.
+/// `tuned`: the algorithm is the one `gemm_tuning` timed fastest for the shape's token bucket, where it has one (the
+/// expert path); else cuBLASLt's heuristic's first choice (everything else, and `bench gpu`'s cuBLASLt column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct PlanKey {
-    operands: Operands,
-    m: usize,
-    n: usize,
-    k: usize,
-    alignment: u32,
+pub(super) struct PlanKey {
+    pub(super) operands: Operands,
+    pub(super) m: usize,
+    pub(super) n: usize,
+    pub(super) k: usize,
+    pub(super) alignment: u32,
+    pub(super) tuned: bool,
 }
 
 impl PlanKey {
-    fn new(operands: Operands, m: usize, n: usize, k: usize, pointers: &[u64]) -> Self {
+    pub(super) fn new(operands: Operands, m: usize, n: usize, k: usize, pointers: &[u64]) -> Self {
         let all = pointers.iter().fold(0u64, |acc, &p| acc | p);
         let alignment = if all == 0 { 256 } else { (1u64 << all.trailing_zeros()).min(256) as u32 };
-        PlanKey { operands, m, n, k, alignment }
+        PlanKey { operands, m, n, k, alignment, tuned: false }
     }
 }
 
@@ -110,10 +116,12 @@ impl DenseElement for u16 {
 
 /// A cuBLASLt handle with its workspace and plan cache, and the scratch buffer bf16 GEMM inputs are converted into.
 pub(super) struct BlasLt {
-    handle: sys::cublasLtHandle_t,
-    workspace: Mutex<CudaSlice<u8>>,
+    pub(super) handle: sys::cublasLtHandle_t,
+    pub(super) workspace: Mutex<CudaSlice<u8>>,
     plans: Mutex<PlanCache>,
     bf16_scratch: Mutex<Option<CudaSlice<u16>>>,
+    /// What `gemm_tuning` found, by shape and token bucket.
+    pub(super) tunings: Mutex<TuningTable>,
 }
 
 // SAFETY: the handle and descriptors are plain pointers cuBLASLt allows to be used from any thread; every use goes
@@ -151,6 +159,7 @@ impl BlasLt {
             workspace: Mutex::new(workspace),
             plans: Mutex::new(HashMap::new()),
             bf16_scratch: Mutex::new(None),
+            tunings: Mutex::new(TuningTable::default()),
         })
     }
 
@@ -170,7 +179,28 @@ impl BlasLt {
     }
 
     fn make_plan(&self, key: PlanKey) -> Result<Plan, KernelError> {
-        let PlanKey { operands, m, n, k, alignment } = key;
+        let mut plan = self.describe(key)?;
+        if key.tuned {
+            if let Some(algo) = self.tuned_algo(&plan, key) {
+                plan.algo = algo;
+                return Ok(plan);
+            }
+        }
+        let PlanKey { operands, m, n, k, alignment, .. } = key;
+        let first = self.heuristic(&plan, alignment, 1)?.into_iter().next().ok_or_else(|| KernelError::Cuda {
+            op: "cuBLASLt algorithm",
+            message: format!(
+                "no {operands:?} GEMM algorithm for m = {m}, n = {n}, k = {k}, {alignment}-byte alignment: the \
+                 heuristic returned none"
+            ),
+        })?;
+        plan.algo = first.algo;
+        Ok(plan)
+    }
+
+    /// The descriptors of `key`'s GEMM, with no algorithm chosen yet (all zeros).
+    pub(super) fn describe(&self, key: PlanKey) -> Result<Plan, KernelError> {
+        let PlanKey { operands, m, n, k, .. } = key;
         let input_type = operands.data_type();
         let f32_type = sys::cudaDataType::CUDA_R_32F;
         let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32_type)
@@ -202,12 +232,29 @@ impl BlasLt {
         plan.layouts[1] =
             result::create_matrix_layout(input_type, k64, m64, k as i64).map_err(blas_error("layout X"))?;
         plan.layouts[2] = result::create_matrix_layout(f32_type, n64, m64, n as i64).map_err(blas_error("layout D"))?;
+        Ok(plan)
+    }
+
+    /// Up to `count` of the heuristic's algorithms for `plan`'s descriptors and buffers aligned to `alignment`
+    /// bytes, best first, each with the workspace it needs (at most ours).
+    pub(super) fn heuristic(
+        &self,
+        plan: &Plan,
+        alignment: u32,
+        count: usize,
+    ) -> Result<Vec<sys::cublasLtMatmulHeuristicResult_t>, KernelError> {
         let preference = result::create_matmul_pref().map_err(blas_error("preference"))?;
         let workspace_bytes = WORKSPACE_BYTES as u64;
+        let requested = i32::try_from(count.max(1)).unwrap_or(i32::MAX);
+        // SAFETY: zeroed heuristic results are plain data, overwritten by cuBLASLt for the ones it returns.
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+            (0..requested).map(|_| unsafe { std::mem::zeroed() }).collect();
+        let mut returned = 0i32;
         use sys::cublasLtMatmulPreferenceAttributes_t as Pref;
         // SAFETY: all descriptors are live; the preference is destroyed right after the heuristic; the attribute
-        // values have the types cuBLASLt documents (uint64 workspace size, uint32 alignments).
-        let heuristic = unsafe {
+        // values have the types cuBLASLt documents (uint64 workspace size, uint32 alignments); `results` has room
+        // for `requested` entries.
+        let status = unsafe {
             let mut set = result::set_matmul_pref_attribute(
                 preference,
                 Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -229,38 +276,44 @@ impl BlasLt {
                     )
                 });
             }
-            let heuristic = set.and_then(|()| {
-                result::get_matmul_algo_heuristic(
+            let status = set.and_then(|()| {
+                sys::cublasLtMatmulAlgoGetHeuristic(
                     self.handle,
-                    desc,
+                    plan.desc,
                     plan.layouts[0],
                     plan.layouts[1],
                     plan.layouts[2],
                     plan.layouts[2],
                     preference,
+                    requested,
+                    results.as_mut_ptr(),
+                    &mut returned,
                 )
+                .result()
             });
             let _ = result::destroy_matmul_pref(preference);
-            heuristic
-        }
-        .map_err(|e| KernelError::Cuda {
+            status
+        };
+        status.map_err(|e| KernelError::Cuda {
             op: "cuBLASLt algorithm",
-            message: format!(
-                "no {operands:?} GEMM algorithm for m = {m}, n = {n}, k = {k}, {alignment}-byte alignment: {e:?}"
-            ),
+            message: format!("no GEMM algorithm for these descriptors at {alignment}-byte alignment: {e:?}"),
         })?;
-        plan.algo = heuristic.algo;
-        Ok(plan)
+        results.truncate(usize::try_from(returned).unwrap_or(0));
+        results.retain(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && r.workspaceSize <= WORKSPACE_BYTES);
+        Ok(results)
     }
 
-    /// `D = W^T X + beta C` with `C = D = out` (the layout of the module doc) on `stream`.
+    /// `D = W^T X + beta C` with `C = D = out` (the layout of the module doc) on `stream`, through `algo` (the
+    /// plan's own, or a candidate being timed).
     ///
     /// # Safety
-    /// The pointers are live device buffers of the sizes `plan` was made for, used in stream order on `stream`.
+    /// The pointers are live device buffers of the sizes `plan` was made for, used in stream order on `stream`;
+    /// `algo` was checked against `plan`'s descriptors and needs at most [`WORKSPACE_BYTES`] of workspace.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn matmul(
+    pub(super) unsafe fn matmul(
         &self,
         plan: &Plan,
+        algo: &sys::cublasLtMatmulAlgo_t,
         w_ptr: u64,
         x_ptr: u64,
         out_ptr: u64,
@@ -284,7 +337,7 @@ impl BlasLt {
                 plan.layouts[2],
                 out_ptr as *mut c_void,
                 plan.layouts[2],
-                &plan.algo,
+                algo,
                 workspace_ptr as *mut c_void,
                 WORKSPACE_BYTES,
                 stream.cu_stream() as sys::cudaStream_t,
@@ -320,7 +373,7 @@ impl CudaDevice {
         k: usize,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), KernelError> {
-        self.cublaslt_gemm(a, w, m, n, k, None, out).map(|_| ())
+        self.cublaslt_gemm(a, w, m, n, k, None, None, out).map(|_| ())
     }
 
     /// cuBLASLt FP8 GEMM with row-wise scales: `out[i, o] = a_scale[i] * w_scale[o] * sum_c e4m3(a[i, c]) *
@@ -341,15 +394,45 @@ impl CudaDevice {
         const OP: &str = "cublaslt fp8 gemm";
         check_len(OP, "a_scale", a_scale.len(), m, "m")?;
         check_len(OP, "w_scale", w_scale.len(), n, "n")?;
-        let fused = self.cublaslt_gemm(a, w, m, n, k, Some(RowScales { a_scale, w_scale }), out)?;
+        let fused = self.cublaslt_gemm(a, w, m, n, k, Some(RowScales { a_scale, w_scale }), None, out)?;
         if !fused {
             self.scale_rows_cols(out, a_scale, w_scale)?;
         }
         Ok(fused)
     }
 
+    /// One expert's GEMM of the expert path through cuBLASLt: `tokens` rows from slot `first` of `gemm.a` times
+    /// expert `expert` of `gemm.w`, into the same rows of `out` (all experts' slots), scaled or raw as
+    /// `gemm.apply_scales` says. The raw GEMM runs the algorithm tuned for its shape and token bucket
+    /// (`gemm_tuning`), timed over all of `gemm.w`'s experts on first use.
+    pub(super) fn fp8_expert_gemm_cublaslt(
+        &self,
+        gemm: &GroupedGemm<'_, '_>,
+        expert: usize,
+        first: usize,
+        tokens: usize,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cublaslt expert gemm";
+        let GroupedGemm { a, a_scale, w, w_scale, n, k, apply_scales, .. } = *gemm;
+        let weight = product(OP, n, k)?;
+        let a_part = a.slice(first * k..(first + tokens) * k);
+        let w_part = w.slice(expert * weight..(expert + 1) * weight);
+        let mut out_part = out.slice_mut(first * n..(first + tokens) * n);
+        if apply_scales {
+            let a_scale_part = a_scale.slice(first..first + tokens);
+            let w_scale_part = w_scale.slice(expert * n..(expert + 1) * n);
+            return self
+                .fp8_gemm_cublaslt_scaled(&a_part, &a_scale_part, &w_part, &w_scale_part, tokens, n, k, &mut out_part)
+                .map(|_| ());
+        }
+        let tuning = TuningWeights { weights: w, experts: w.len() / weight };
+        self.cublaslt_gemm(&a_part, &w_part, tokens, n, k, None, Some(tuning), &mut out_part).map(|_| ())
+    }
+
     /// The GEMM; with `scales`, tries the outer-vector plan and answers whether it was used (when not, the output is
-    /// unscaled and the caller applies the epilogue).
+    /// unscaled and the caller applies the epilogue). With `tuning`, the unscaled GEMM runs the tuned algorithm of
+    /// its bucket, tuning it first on `tuning`'s weights if it is the bucket's first call.
     #[allow(clippy::too_many_arguments)]
     fn cublaslt_gemm(
         &self,
@@ -359,6 +442,7 @@ impl CudaDevice {
         n: usize,
         k: usize,
         scales: Option<RowScales<'_, '_>>,
+        tuning: Option<TuningWeights<'_, '_>>,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<bool, KernelError> {
         const OP: &str = "cublaslt fp8 gemm";
@@ -371,8 +455,11 @@ impl CudaDevice {
         if m == 0 {
             return Ok(scales.is_some());
         }
-        let blas = self.blas()?;
         let stream = &self.stream;
+        if let Some(tuning) = tuning {
+            self.ensure_fp8_tuned(n, k, m, tuning)?;
+        }
+        let blas = self.blas()?;
         // The workspace lock is held for the whole call: it also serialises the scale pointers set on the shared
         // descriptor. The borrows of the buffers end with this block.
         let (outcome, fused, fused_key) = {
@@ -387,7 +474,11 @@ impl CudaDevice {
                     "FP8 GEMM buffers must be 16-byte aligned (offset views by 16 codes)",
                 ));
             }
-            let key = |outer_vector| PlanKey::new(Operands::Fp8 { outer_vector }, m, n, k, &[a_ptr, w_ptr, out_ptr]);
+            let key = |outer_vector: bool| PlanKey {
+                // The outer-vector GEMM is not tuned (Hopper has none; where it exists, the heuristic's choice).
+                tuned: tuning.is_some() && !outer_vector,
+                ..PlanKey::new(Operands::Fp8 { outer_vector }, m, n, k, &[a_ptr, w_ptr, out_ptr])
+            };
             let fused_plan = match scales {
                 Some(_) if fused_scales_allowed() => blas.plan(key(true))?,
                 _ => None,
@@ -425,7 +516,7 @@ impl CudaDevice {
                 }
             }
             // SAFETY: pointers are live device buffers of the checked sizes on this stream; descriptors match them.
-            let outcome = unsafe { blas.matmul(&plan, w_ptr, a_ptr, out_ptr, 0.0, workspace_ptr, stream) };
+            let outcome = unsafe { blas.matmul(&plan, &plan.algo, w_ptr, a_ptr, out_ptr, 0.0, workspace_ptr, stream) };
             (outcome, fused, key(true))
         };
         match outcome {
@@ -434,7 +525,7 @@ impl CudaDevice {
             // and use the epilogue for this shape from now on.
             Err(_) if fused => {
                 lock(&blas.plans).insert(fused_key, None);
-                self.cublaslt_gemm(a, w, m, n, k, scales, out)
+                self.cublaslt_gemm(a, w, m, n, k, scales, tuning, out)
             }
             Err(e) => Err(blas_error("FP8 matmul")(e)),
         }
@@ -479,7 +570,7 @@ impl CudaDevice {
         })?;
         let beta = if accumulate { 1.0 } else { 0.0 };
         // SAFETY: pointers are live device buffers of the checked sizes on this stream; the plan was made for them.
-        unsafe { blas.matmul(&plan, w_ptr, x_ptr, out_ptr, beta, workspace_ptr, stream) }
+        unsafe { blas.matmul(&plan, &plan.algo, w_ptr, x_ptr, out_ptr, beta, workspace_ptr, stream) }
             .map_err(blas_error("dense matmul"))
     }
     /// Runs `f` on the first `len` values of this device's bf16 scratch buffer (grown to the next power of two when

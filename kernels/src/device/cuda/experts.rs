@@ -63,7 +63,7 @@ impl CudaDevice {
     /// tokens in one launch of the streaming kernel (tensor cores when `n % 16 == 0` and `k % 128 == 0`, else CUDA
     /// cores) when there are at least `MIN_STREAMING_EXPERTS` of them; each other expert alone over the whole GPU
     /// (`fp8_lone_expert_gemm`) when it has at most [`lone_expert_max_tokens`] tokens and `n % 128 == 0`, else through
-    /// cuBLASLt. `a`:
+    /// cuBLASLt (with the algorithm timed fastest for its shape and token bucket: `gemm_tuning`). `a`:
     /// `[slots, k]` codes in plan order, `a_scale`: `[slots]`; `offsets`: the plan's offsets on the device; `w`:
     /// `[experts, n, k]`, `w_scale`: `[experts, n]`; `out`: `[slots, n]`, scaled or raw as `gemm.apply_scales` says
     /// (raw: cuBLASLt runs with unit scales and nothing else; scaled: row-wise scales fused in cuBLASLt where it
@@ -75,7 +75,7 @@ impl CudaDevice {
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), KernelError> {
         const OP: &str = "cuda fp8_grouped_gemm";
-        let GroupedGemm { a, a_scale, offsets, w, w_scale, n, k, apply_scales } = *gemm;
+        let GroupedGemm { a_scale, offsets, n, k, .. } = *gemm;
         check_len(OP, "offsets", offsets.len(), plan.offsets.len(), "plan.offsets.len()")?;
         check_len(OP, "a_scale", a_scale.len(), plan.slot_row.len(), "slots")?;
         let threshold = plan.streaming_threshold(small_m_max_tokens()?);
@@ -87,31 +87,12 @@ impl CudaDevice {
                 self.fp8_grouped_gemm_small(gemm, small_max, out)?;
             }
         }
-        let weight = product(OP, n, k)?;
         let lone_max = if n % LONE_ROWS == 0 && k % MMA_CHUNK == 0 { lone_expert_max_tokens()? } else { 0 };
         for (expert, first, tokens) in plan.large_experts(threshold) {
             if tokens <= lone_max {
                 self.fp8_lone_expert_gemm(gemm, expert, first, tokens, None, out)?;
-                continue;
-            }
-            let a_part = a.slice(first * k..(first + tokens) * k);
-            let w_part = w.slice(expert * weight..(expert + 1) * weight);
-            let mut out_part = out.slice_mut(first * n..(first + tokens) * n);
-            if apply_scales {
-                let a_scale_part = a_scale.slice(first..first + tokens);
-                let w_scale_part = w_scale.slice(expert * n..(expert + 1) * n);
-                self.fp8_gemm_cublaslt_scaled(
-                    &a_part,
-                    &a_scale_part,
-                    &w_part,
-                    &w_scale_part,
-                    tokens,
-                    n,
-                    k,
-                    &mut out_part,
-                )?;
             } else {
-                self.fp8_gemm_cublaslt(&a_part, &w_part, tokens, n, k, &mut out_part)?;
+                self.fp8_expert_gemm_cublaslt(gemm, expert, first, tokens, out)?;
             }
         }
         Ok(())

@@ -14,7 +14,9 @@ mod blaslt;
 mod compile;
 mod dense;
 mod experts;
+mod gemm_tuning;
 mod kernels;
+mod timing;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

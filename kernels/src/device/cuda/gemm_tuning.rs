@@ -1,0 +1,436 @@
+//! Choosing cuBLASLt's algorithm for the expert path's FP8 GEMMs by timing the candidates, instead of taking the
+//! heuristic's first choice.
+//!
+//! cuBLASLt's heuristic picks well when the GEMM is bound by its multiplications (>= 2048 tokens: 1.00 of PyTorch's
+//! cuBLASLt in every measured row), but an expert with a few dozen to a few hundred tokens is bound by reading its
+//! weights, and there the first choice left a third of the H100's bandwidth unused (docs/cuda.md, "Measured on a
+//! GPU": one expert at 128 tokens streamed 2.0-2.16 TB/s of a 3.0 TB/s copy). Its other candidates, and split-k or
+//! cluster variants of them, fill the SMs differently. Which is fastest depends on the GPU, the driver and the cuBLAS
+//! release, so it is measured on the GPU in use, as TensorRT-LLM's GEMM profiler and vLLM's tuned MoE configurations
+//! do, rather than written into a table here.
+//!
+//! What is tuned: the unscaled FP8 GEMM (`Operands::Fp8 { outer_vector: false }`, what `GpuExpertLayer` runs) of
+//! each weight shape `(n, k)`, per token bucket (`plan::cublaslt_token_bucket`: the count rounded up to a power of
+//! two, from 16 to `plan::CUBLASLT_TUNED_MAX_TOKENS`). The first expert call of a shape and bucket times every
+//! candidate on scratch activations of the bucket's size, with the weights rotated over the layer's experts as a
+//! serving step reads them (cold in L2 when the layer holds more than L2); later calls of any token count in the
+//! bucket use the winner, re-checked by `cublasLtMatmulAlgoCheck` against their own descriptors and alignment (else
+//! the heuristic's choice). That first call pays for the timing: about 13 GEMMs per candidate, a fraction of a
+//! second for a Maverick shape. `SWITCHYARD_CUBLASLT_TUNING=0` turns tuning off (the heuristic's choice everywhere).
+//!
+//! Different algorithms add the k-sum in different orders, so two processes that tuned differently may differ in the
+//! last bits of an expert's output (within the tolerances of docs/cuda.md; the same process is always the same).
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+use cudarc::cublaslt::sys;
+use cudarc::driver::{CudaView, DevicePtr, DevicePtrMut};
+
+use super::blaslt::{blas_error, BlasLt, Operands, Plan, PlanKey, WORKSPACE_BYTES};
+use super::timing::{interleaved_medians_us, Schedule, TimedPath};
+use super::{lock, CudaDevice};
+use crate::device::gpu_bench::GemmTuningRow;
+use crate::device::plan::cublaslt_token_bucket;
+use crate::error::KernelError;
+
+/// Heuristic results asked for: cuBLASLt returns fewer when it has fewer.
+const HEURISTIC_RESULTS: usize = 32;
+
+/// Split-k factors tried on each heuristic result whose algorithm can split k.
+const SPLIT_K: [u32; 5] = [2, 3, 4, 6, 8];
+
+/// Cluster shapes (`cublasLtClusterShape_t`: 1x1x1, 2x1x1, 4x1x1, 1x2x1, 2x2x1, 1x4x1) tried on the heuristic's first
+/// [`CLUSTER_VARIANT_RANKS`] results.
+const CLUSTER_SHAPES: [u16; 6] = [2, 3, 4, 5, 6, 8];
+const CLUSTER_VARIANT_RANKS: usize = 4;
+
+/// The most candidates timed per shape and bucket (the heuristic's own first, then its others, then variants).
+const MAX_CANDIDATES: usize = 160;
+
+/// One warm-up call and three samples of four calls per candidate, all candidates interleaved.
+const SCHEDULE: Schedule = Schedule { warmup: 1, iterations: 3, calls_per_sample: 4 };
+
+/// Whether tuning is on: yes unless `SWITCHYARD_CUBLASLT_TUNING=0`. Read once.
+fn tuning_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("SWITCHYARD_CUBLASLT_TUNING").map_or(true, |v| v.trim() != "0"))
+}
+
+/// What one tuning is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct TuneKey {
+    n: usize,
+    k: usize,
+    bucket: usize,
+}
+
+impl TuneKey {
+    /// The tuning a plan would use, if its GEMM is one that is tuned.
+    fn of(key: PlanKey) -> Option<TuneKey> {
+        let tuned = key.tuned && key.operands == tuned_operands();
+        let bucket = cublaslt_token_bucket(key.m).filter(|_| tuned)?;
+        Some(TuneKey { n: key.n, k: key.k, bucket })
+    }
+}
+
+/// The operands of the tuned GEMM: FP8 with unit scales (the expert path's raw sums).
+fn tuned_operands() -> Operands {
+    Operands::Fp8 { outer_vector: false }
+}
+
+/// The tunings made on one device, by shape and bucket.
+#[derive(Default)]
+pub(super) struct TuningTable {
+    entries: BTreeMap<TuneKey, (sys::cublasLtMatmulAlgo_t, GemmTuningRow)>,
+}
+
+/// The expert weights a tuning times its candidates on: `[experts, n, k]` codes.
+#[derive(Clone, Copy)]
+pub(super) struct TuningWeights<'a, 'b> {
+    pub weights: &'a CudaView<'b, u8>,
+    pub experts: usize,
+}
+
+/// A timed call of one candidate, owned.
+type BoxedPath<'a> = Box<dyn FnMut(usize) -> Result<(), KernelError> + 'a>;
+
+/// A candidate algorithm, checked against the bucket's descriptors.
+struct Candidate {
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+/// Reads configuration attribute `attribute` of `algo` (`T`: the attribute's documented type), `None` when cuBLASLt
+/// does not answer.
+fn config<T: Default + Copy>(
+    algo: &sys::cublasLtMatmulAlgo_t,
+    attribute: sys::cublasLtMatmulAlgoConfigAttributes_t,
+) -> Option<T> {
+    let mut value = T::default();
+    let mut written = 0usize;
+    // SAFETY: `value` is a live `T` of the size passed, the attribute's documented type.
+    unsafe {
+        sys::cublasLtMatmulAlgoConfigGetAttribute(
+            algo,
+            attribute,
+            &mut value as *mut T as *mut c_void,
+            std::mem::size_of::<T>(),
+            &mut written,
+        )
+    }
+    .result()
+    .ok()
+    .filter(|()| written == std::mem::size_of::<T>())
+    .map(|()| value)
+}
+
+/// `algo` with configuration attribute `attribute` set to `value` (`T`: the attribute's documented type), `None`
+/// when cuBLASLt refuses the value.
+fn with_config<T: Copy>(
+    algo: &sys::cublasLtMatmulAlgo_t,
+    attribute: sys::cublasLtMatmulAlgoConfigAttributes_t,
+    value: T,
+) -> Option<sys::cublasLtMatmulAlgo_t> {
+    let mut variant = *algo;
+    // SAFETY: `value` is a live `T` of the size passed, the attribute's documented type; `variant` is our copy.
+    unsafe {
+        sys::cublasLtMatmulAlgoConfigSetAttribute(
+            &mut variant,
+            attribute,
+            &value as *const T as *const c_void,
+            std::mem::size_of::<T>(),
+        )
+    }
+    .result()
+    .ok()
+    .map(|()| variant)
+}
+
+/// Reads capability attribute `attribute` of `algo`, `None` when cuBLASLt does not answer.
+fn capability<T: Default + Copy>(
+    algo: &sys::cublasLtMatmulAlgo_t,
+    attribute: sys::cublasLtMatmulAlgoCapAttributes_t,
+) -> Option<T> {
+    let mut value = T::default();
+    let mut written = 0usize;
+    // SAFETY: `value` is a live `T` of the size passed, the attribute's documented type.
+    unsafe {
+        sys::cublasLtMatmulAlgoCapGetAttribute(
+            algo,
+            attribute,
+            &mut value as *mut T as *mut c_void,
+            std::mem::size_of::<T>(),
+            &mut written,
+        )
+    }
+    .result()
+    .ok()
+    .filter(|()| written == std::mem::size_of::<T>())
+    .map(|()| value)
+}
+
+/// Whether `algo` splits k and adds the splits in place, with atomic additions whose order varies from call to call.
+fn splits_in_place(algo: &sys::cublasLtMatmulAlgo_t) -> bool {
+    use sys::cublasLtMatmulAlgoConfigAttributes_t as Config;
+    let split = config::<u32>(algo, Config::CUBLASLT_ALGO_CONFIG_SPLITK_NUM).unwrap_or(1);
+    let scheme = config::<u32>(algo, Config::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME).unwrap_or(0);
+    split > 1 && scheme == sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_INPLACE as u32
+}
+
+/// The configuration of `algo` in cuBLASLt's own numbers, for the tuning report.
+fn describe(algo: &sys::cublasLtMatmulAlgo_t) -> String {
+    use sys::cublasLtMatmulAlgoConfigAttributes_t as Config;
+    let show = |value: Option<u64>| value.map_or_else(|| "?".to_owned(), |v| v.to_string());
+    let u32_of = |attribute| show(config::<u32>(algo, attribute).map(u64::from));
+    let u16_of = |attribute| show(config::<u16>(algo, attribute).map(u64::from));
+    format!(
+        "algo {} tile {} stages {} split-k {} reduction {} swizzle {} custom {} cluster {}",
+        config::<i32>(algo, Config::CUBLASLT_ALGO_CONFIG_ID).map_or_else(|| "?".to_owned(), |v| v.to_string()),
+        u32_of(Config::CUBLASLT_ALGO_CONFIG_TILE_ID),
+        u32_of(Config::CUBLASLT_ALGO_CONFIG_STAGES_ID),
+        u32_of(Config::CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+        u32_of(Config::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME),
+        u32_of(Config::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
+        u32_of(Config::CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION),
+        u16_of(Config::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID),
+    )
+}
+
+/// The split-k and cluster variants of a heuristic result (`rank`: its place in the heuristic's order), unchecked.
+fn variants(algo: &sys::cublasLtMatmulAlgo_t, rank: usize) -> Vec<sys::cublasLtMatmulAlgo_t> {
+    use sys::cublasLtMatmulAlgoCapAttributes_t as Cap;
+    use sys::cublasLtMatmulAlgoConfigAttributes_t as Config;
+    use sys::cublasLtReductionScheme_t as Reduction;
+    let mut variants = Vec::new();
+    if capability::<i32>(algo, Cap::CUBLASLT_ALGO_CAP_SPLITK_SUPPORT) == Some(1) {
+        let mask = capability::<u32>(algo, Cap::CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK).unwrap_or(0);
+        // The splits are added through the workspace in f32 (the compute type; here also the output type), in a
+        // fixed order: never in place, whose atomic additions would make the sums differ from call to call.
+        let scheme =
+            [Reduction::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE, Reduction::CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE]
+                .map(|scheme| scheme as u32)
+                .into_iter()
+                .find(|scheme| mask & scheme != 0);
+        for (scheme, split) in scheme.into_iter().flat_map(|scheme| SPLIT_K.map(|split| (scheme, split))) {
+            let variant = with_config(algo, Config::CUBLASLT_ALGO_CONFIG_SPLITK_NUM, split)
+                .and_then(|v| with_config(&v, Config::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, scheme));
+            variants.extend(variant);
+        }
+    }
+    if rank < CLUSTER_VARIANT_RANKS {
+        variants.extend(
+            CLUSTER_SHAPES
+                .iter()
+                .filter_map(|&shape| with_config(algo, Config::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, shape)),
+        );
+    }
+    variants
+}
+
+impl BlasLt {
+    /// Whether `algo` runs `plan`'s GEMM (`cublasLtMatmulAlgoCheck`) with at most our workspace and buffers aligned to
+    /// `alignment` bytes.
+    fn check(&self, plan: &Plan, algo: &sys::cublasLtMatmulAlgo_t, alignment: u32) -> bool {
+        use sys::cublasLtMatmulAlgoCapAttributes_t as Cap;
+        // SAFETY: zeroed results are plain data, written by the check.
+        let mut checked: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the handle and descriptors are live; `algo` and `checked` are live values of their types.
+        let status = unsafe {
+            sys::cublasLtMatmulAlgoCheck(
+                self.handle,
+                plan.desc,
+                plan.layouts[0],
+                plan.layouts[1],
+                plan.layouts[2],
+                plan.layouts[2],
+                algo,
+                &mut checked,
+            )
+        };
+        // A variant keeps its base's alignment needs, which the heuristic matched to `alignment`; asked anyway, since
+        // a variant that needs more would fail only at the call.
+        let aligned = [
+            Cap::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_A_BYTES,
+            Cap::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_B_BYTES,
+            Cap::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_C_BYTES,
+            Cap::CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_D_BYTES,
+        ]
+        .into_iter()
+        .all(|cap| capability::<u32>(algo, cap).is_none_or(|needed| needed <= alignment));
+        status.result().is_ok()
+            && checked.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            && checked.workspaceSize <= WORKSPACE_BYTES
+            && aligned
+    }
+
+    /// The tuned algorithm for `key`'s bucket, if one was tuned and it runs `plan`'s GEMM (a different token count
+    /// than the bucket's may not suit every algorithm: then the heuristic decides).
+    pub(super) fn tuned_algo(&self, plan: &Plan, key: PlanKey) -> Option<sys::cublasLtMatmulAlgo_t> {
+        let tune_key = TuneKey::of(key)?;
+        let algo = lock(&self.tunings).entries.get(&tune_key).map(|(algo, _)| *algo)?;
+        self.check(plan, &algo, key.alignment).then_some(algo)
+    }
+
+    /// Every candidate for `plan` (descriptors of one bucket): the heuristic's results in its order, then their
+    /// variants, each checked, without repeats, at most [`MAX_CANDIDATES`]. The first is the heuristic's choice.
+    fn candidates(&self, plan: &Plan, alignment: u32) -> Result<Vec<Candidate>, KernelError> {
+        let results = self.heuristic(plan, alignment, HEURISTIC_RESULTS)?;
+        let mut seen = HashSet::new();
+        let mut candidates = Vec::new();
+        let bases = results.iter().map(|r| r.algo);
+        let derived = results.iter().enumerate().flat_map(|(rank, r)| variants(&r.algo, rank));
+        for algo in bases.chain(derived) {
+            if candidates.len() == MAX_CANDIDATES {
+                break;
+            }
+            // The heuristic's first choice is what runs untuned, whatever it is; the others must add their splits in
+            // a fixed order.
+            let fixed_order = candidates.is_empty() || !splits_in_place(&algo);
+            if fixed_order && seen.insert(algo) && self.check(plan, &algo, alignment) {
+                candidates.push(Candidate { algo });
+            }
+        }
+        Ok(candidates)
+    }
+}
+
+impl CudaDevice {
+    /// Tunes the expert path's cuBLASLt GEMM of `(n, k)` for the bucket of `tokens` on `experts` experts' weights
+    /// (`[experts, n, k]` codes, rotated call by call), unless tuning is off, the count is not tuned, or it was tuned
+    /// before. The expert path does this itself on first use, over all of a layer's experts; a caller whose first use
+    /// would see fewer weights than a serving step reads (`bench gpu`'s one-expert cases: L2 would hold them) tunes
+    /// first.
+    pub fn tune_fp8_expert_gemm(
+        &self,
+        n: usize,
+        k: usize,
+        tokens: usize,
+        weights: &CudaView<'_, u8>,
+        experts: usize,
+    ) -> Result<(), KernelError> {
+        self.ensure_fp8_tuned(n, k, tokens, TuningWeights { weights, experts })
+    }
+
+    /// Tunes the FP8 GEMM of `(n, k)` for the bucket of `tokens`, unless tuning is off, the count is not tuned, or
+    /// it was tuned before.
+    pub(super) fn ensure_fp8_tuned(
+        &self,
+        n: usize,
+        k: usize,
+        tokens: usize,
+        weights: TuningWeights<'_, '_>,
+    ) -> Result<(), KernelError> {
+        let Some(bucket) = cublaslt_token_bucket(tokens).filter(|_| tuning_enabled()) else {
+            return Ok(());
+        };
+        let key = TuneKey { n, k, bucket };
+        let blas = self.blas()?;
+        if lock(&blas.tunings).entries.contains_key(&key) {
+            return Ok(());
+        }
+        let tuned = self.tune_fp8(&blas, key, weights)?;
+        lock(&blas.tunings).entries.insert(key, tuned);
+        Ok(())
+    }
+
+    /// What tuning found so far on this device: one row per shape and bucket, in that order.
+    pub fn cublaslt_tunings(&self) -> Result<Vec<GemmTuningRow>, KernelError> {
+        Ok(lock(&self.blas()?.tunings).entries.values().map(|(_, row)| row.clone()).collect())
+    }
+
+    /// Times every candidate for `key` and returns the fastest with its report row.
+    fn tune_fp8(
+        &self,
+        blas: &BlasLt,
+        key: TuneKey,
+        weights: TuningWeights<'_, '_>,
+    ) -> Result<(sys::cublasLtMatmulAlgo_t, GemmTuningRow), KernelError> {
+        const OP: &str = "cuBLASLt tuning";
+        let TuneKey { n, k, bucket } = key;
+        let weight = n * k;
+        if weights.experts == 0 || weights.weights.len() < weights.experts * weight {
+            return Err(KernelError::invalid(
+                OP,
+                format!("{} weight codes for {} experts of {n} x {k}", weights.weights.len(), weights.experts),
+            ));
+        }
+        let a = self.zeros::<u8>(bucket * k)?;
+        let mut out = self.zeros::<f32>(bucket * n)?;
+        let stream = self.stream();
+        let (w_ptr, _w_sync) = weights.weights.device_ptr(stream);
+        let (a_ptr, _a_sync) = a.device_ptr(stream);
+        let (out_ptr, _out_sync) = out.device_ptr_mut(stream);
+        // The alignment every timed call has (expert e's weights start e * n * k bytes in). The expert path's calls
+        // have the same: its weights and buffers are whole allocations, its offsets multiples of k and n. A call
+        // with less runs the tuned algorithm only where its alignment needs allow (`BlasLt::tuned_algo`).
+        let plan = PlanKey::new(tuned_operands(), bucket, n, k, &[w_ptr, weight as u64, a_ptr, out_ptr]);
+        let alignment = plan.alignment;
+        let plan = blas.describe(plan)?;
+        let candidates = blas.candidates(&plan, alignment)?;
+        let Some(first) = candidates.first() else {
+            return Err(KernelError::Cuda {
+                op: "cuBLASLt algorithm",
+                message: format!(
+                    "no FP8 GEMM algorithm for m = {bucket}, n = {n}, k = {k} at {alignment}-byte alignment"
+                ),
+            });
+        };
+        let mut row = GemmTuningRow {
+            n,
+            k,
+            tokens: bucket,
+            alignment,
+            candidates: candidates.len(),
+            heuristic_us: None,
+            tuned_us: None,
+            heuristic: describe(&first.algo),
+            tuned: describe(&first.algo),
+        };
+        if candidates.len() == 1 {
+            return Ok((first.algo, row));
+        }
+        let mut workspace = lock(&blas.workspace);
+        let (workspace_ptr, _workspace_sync) = workspace.device_ptr_mut(stream);
+        let experts = weights.experts;
+        let plan = &plan;
+        let mut paths: Vec<BoxedPath<'_>> = candidates
+            .iter()
+            .map(|candidate| {
+                Box::new(move |call: usize| {
+                    let w = w_ptr + ((call % experts) * weight) as u64;
+                    // SAFETY: `w` is expert (call mod experts) of the checked weights, `a` and `out` hold the bucket's
+                    // rows, all live for this function on this stream; the algorithm was checked against `plan` with
+                    // at most our workspace.
+                    unsafe { blas.matmul(plan, &candidate.algo, w, a_ptr, out_ptr, 0.0, workspace_ptr, stream) }
+                        .map_err(blas_error("FP8 matmul (tuning)"))
+                }) as BoxedPath<'_>
+            })
+            .collect();
+        let mut timed: Vec<TimedPath<'_>> = paths.iter_mut().map(|path| &mut **path as TimedPath<'_>).collect();
+        let medians = interleaved_medians_us(self, SCHEDULE, &mut timed)?;
+        let Some((best, best_us)) = medians.iter().copied().enumerate().min_by(|(_, a), (_, b)| a.total_cmp(b)) else {
+            return Ok((first.algo, row));
+        };
+        row.heuristic_us = medians.first().copied();
+        row.tuned_us = Some(best_us);
+        row.tuned = describe(&candidates[best].algo);
+        Ok((candidates[best].algo, row))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_tuned_unscaled_fp8_plans_use_a_tuning() {
+        let key = |operands, m, tuned| PlanKey { operands, m, n: 64, k: 32, alignment: 256, tuned };
+        let fp8 = Operands::Fp8 { outer_vector: false };
+        assert_eq!(TuneKey::of(key(fp8, 40, true)), Some(TuneKey { n: 64, k: 32, bucket: 64 }));
+        assert_eq!(TuneKey::of(key(fp8, 40, false)), None);
+        assert_eq!(TuneKey::of(key(Operands::Fp8 { outer_vector: true }, 40, true)), None);
+        assert_eq!(TuneKey::of(key(Operands::F32, 40, true)), None);
+        assert_eq!(TuneKey::of(key(fp8, 4096, true)), None);
+    }
+}
