@@ -4,10 +4,10 @@
 //! cuBLASLt's heuristic picks well when the GEMM is bound by its multiplications (>= 2048 tokens: 1.00 of PyTorch's
 //! cuBLASLt in every measured row), but an expert with a few dozen to a few hundred tokens is bound by reading its
 //! weights, and there the first choice left a third of the H100's bandwidth unused (docs/cuda.md, "Measured on a
-//! GPU": one expert at 128 tokens streamed 2.0-2.16 TB/s of a 3.0 TB/s copy). Its other candidates, and split-k or
-//! cluster variants of them, fill the SMs differently. Which is fastest depends on the GPU, the driver and the cuBLAS
-//! release, so it is measured on the GPU in use, as TensorRT-LLM's GEMM profiler and vLLM's tuned MoE configurations
-//! do, rather than written into a table here.
+//! GPU": one expert at 128 tokens streamed 2.0-2.16 TB/s of a 3.0 TB/s copy). Its other candidates, and their
+//! split-k, cluster, pipeline-stage and tile variants, fill the SMs differently. Which is fastest depends on the GPU,
+//! the driver and the cuBLAS release, so it is measured on the GPU in use, as TensorRT-LLM's GEMM profiler and vLLM's
+//! tuned MoE configurations do, rather than written into a table here.
 //!
 //! What is tuned: the unscaled FP8 GEMM (`Operands::Fp8 { outer_vector: false }`, what `GpuExpertLayer` runs) of
 //! each weight shape `(n, k)`, per token bucket (`plan::cublaslt_token_bucket`: the count rounded up to a power of
@@ -42,12 +42,15 @@ const HEURISTIC_RESULTS: usize = 32;
 const SPLIT_K: [u32; 5] = [2, 3, 4, 6, 8];
 
 /// Cluster shapes (`cublasLtClusterShape_t`: 1x1x1, 2x1x1, 4x1x1, 1x2x1, 2x2x1, 1x4x1) tried on the heuristic's first
-/// [`CLUSTER_VARIANT_RANKS`] results.
+/// [`SHAPE_VARIANT_RANKS`] results.
 const CLUSTER_SHAPES: [u16; 6] = [2, 3, 4, 5, 6, 8];
-const CLUSTER_VARIANT_RANKS: usize = 4;
+
+/// The heuristic's results whose cluster shape, pipeline stages and tile are varied (each alone): a weight-streaming
+/// GEMM is bound by the bytes each SM keeps in flight, which those set.
+const SHAPE_VARIANT_RANKS: usize = 4;
 
 /// The most candidates timed per shape and bucket (the heuristic's own first, then its others, then variants).
-const MAX_CANDIDATES: usize = 160;
+const MAX_CANDIDATES: usize = 256;
 
 /// One warm-up call and three samples of four calls per candidate, all candidates interleaved.
 const SCHEDULE: Schedule = Schedule { warmup: 1, iterations: 3, calls_per_sample: 4 };
@@ -218,14 +221,43 @@ fn variants(algo: &sys::cublasLtMatmulAlgo_t, rank: usize) -> Vec<sys::cublasLtM
             variants.extend(variant);
         }
     }
-    if rank < CLUSTER_VARIANT_RANKS {
+    if rank < SHAPE_VARIANT_RANKS {
         variants.extend(
             CLUSTER_SHAPES
                 .iter()
                 .filter_map(|&shape| with_config(algo, Config::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, shape)),
         );
+        for (cap, attribute) in [
+            (Cap::CUBLASLT_ALGO_CAP_STAGES_IDS, Config::CUBLASLT_ALGO_CONFIG_STAGES_ID),
+            (Cap::CUBLASLT_ALGO_CAP_TILE_IDS, Config::CUBLASLT_ALGO_CONFIG_TILE_ID),
+        ] {
+            variants.extend(capability_ids(algo, cap).into_iter().filter_map(|id| with_config(algo, attribute, id)));
+        }
     }
     variants
+}
+
+/// An array capability of `algo` (`CUBLASLT_ALGO_CAP_STAGES_IDS`, `_TILE_IDS`: uint32 ids), empty when cuBLASLt does
+/// not answer. The size is asked first, as the header describes ("If sizeInBytes is 0 and sizeWritten is not NULL,
+/// then the function returns the number of bytes needed").
+fn capability_ids(algo: &sys::cublasLtMatmulAlgo_t, attribute: sys::cublasLtMatmulAlgoCapAttributes_t) -> Vec<u32> {
+    let mut bytes = 0usize;
+    // SAFETY: a size query: no buffer is written.
+    let asked = unsafe { sys::cublasLtMatmulAlgoCapGetAttribute(algo, attribute, std::ptr::null_mut(), 0, &mut bytes) };
+    if asked.result().is_err() || bytes == 0 {
+        return Vec::new();
+    }
+    let mut ids = vec![0u32; bytes.div_ceil(4)];
+    let mut written = 0usize;
+    // SAFETY: `ids` holds at least `bytes` bytes, the size passed.
+    let read = unsafe {
+        sys::cublasLtMatmulAlgoCapGetAttribute(algo, attribute, ids.as_mut_ptr() as *mut c_void, bytes, &mut written)
+    };
+    if read.result().is_err() {
+        return Vec::new();
+    }
+    ids.truncate(written / 4);
+    ids
 }
 
 impl BlasLt {
