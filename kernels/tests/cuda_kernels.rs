@@ -1284,6 +1284,10 @@ fn bench_measures_every_case_on_small_shapes() {
     }
     // The one-expert case above the streaming threshold ran cuBLASLt tuned for its bucket (rotated over the experts).
     assert!(report.tuning.iter().any(|t| (t.n, t.k, t.tokens) == (512, 256, 64)), "{:?}", report.tuning);
+    let device = gpu("bench_measures_every_case_on_small_shapes").expect("the GPU again");
+    let weights = device.zeros::<u8>(2 * 512 * 256).expect("alloc");
+    let error = device.tune_fp8_expert_gemm(512, 256, 40, &weights.as_view(), 3).expect_err("two experts' weights");
+    assert!(error.to_string().contains("cannot hold 3 experts of 512 x 256"), "{error}");
     let [attention] = &report.attention[..] else { panic!("one attention case: {:?}", report.attention) };
     assert_eq!((attention.context, attention.anchor_us), (1000, None));
     let timed = [attention.split_us, attention.one_block_us, attention.kv_tb_per_s];

@@ -152,7 +152,8 @@ pub struct GemmTuningRow {
     pub tokens: usize,
     /// The pointer alignment tuned for, bytes.
     pub alignment: u32,
-    /// Candidates that passed cuBLASLt's check (1: nothing to choose, nothing timed).
+    /// Candidates timed: those that passed cuBLASLt's check and ran (1: nothing to choose, nothing timed; 0: the
+    /// tuning failed, `tuned` says why, and the heuristic's choice runs).
     pub candidates: usize,
     /// Median of the heuristic's first choice, us (`None`: not timed).
     pub heuristic_us: Option<f64>,

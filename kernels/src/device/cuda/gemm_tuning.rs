@@ -16,7 +16,9 @@
 //! serving step reads them (cold in L2 when the layer holds more than L2); later calls of any token count in the
 //! bucket use the winner, re-checked by `cublasLtMatmulAlgoCheck` against their own descriptors and alignment (else
 //! the heuristic's choice). That first call pays for the timing: about 13 GEMMs per candidate, a fraction of a
-//! second for a Maverick shape. `SWITCHYARD_CUBLASLT_TUNING=0` turns tuning off (the heuristic's choice everywhere).
+//! second for a Maverick shape. A candidate that fails its first call is dropped; a tuning that fails altogether is
+//! logged and leaves the heuristic's choice, so tuning never fails an expert call. `SWITCHYARD_CUBLASLT_TUNING=0`
+//! turns tuning off (the heuristic's choice everywhere).
 //!
 //! Different algorithms add the k-sum in different orders, so two processes that tuned differently may differ in the
 //! last bits of an expert's output (within the tolerances of docs/cuda.md; the same process is always the same).
@@ -83,10 +85,11 @@ fn tuned_operands() -> Operands {
     Operands::Fp8 { outer_vector: false }
 }
 
-/// The tunings made on one device, by shape and bucket.
+/// The tunings made on one device, by shape and bucket: the algorithm chosen (`None`: the tuning failed, and the
+/// heuristic's choice runs) and the report row.
 #[derive(Default)]
 pub(super) struct TuningTable {
-    entries: BTreeMap<TuneKey, (sys::cublasLtMatmulAlgo_t, GemmTuningRow)>,
+    entries: BTreeMap<TuneKey, (Option<sys::cublasLtMatmulAlgo_t>, GemmTuningRow)>,
 }
 
 /// The expert weights a tuning times its candidates on: `[experts, n, k]` codes.
@@ -300,7 +303,7 @@ impl BlasLt {
     /// than the bucket's may not suit every algorithm: then the heuristic decides).
     pub(super) fn tuned_algo(&self, plan: &Plan, key: PlanKey) -> Option<sys::cublasLtMatmulAlgo_t> {
         let tune_key = TuneKey::of(key)?;
-        let algo = lock(&self.tunings).entries.get(&tune_key).map(|(algo, _)| *algo)?;
+        let algo = lock(&self.tunings).entries.get(&tune_key).and_then(|(algo, _)| *algo)?;
         self.check(plan, &algo, key.alignment).then_some(algo)
     }
 
@@ -341,6 +344,13 @@ impl CudaDevice {
         weights: &CudaView<'_, u8>,
         experts: usize,
     ) -> Result<(), KernelError> {
+        let need = n.checked_mul(k).and_then(|weight| weight.checked_mul(experts));
+        if experts == 0 || need.is_none_or(|need| weights.len() < need) {
+            return Err(KernelError::invalid(
+                "cuBLASLt tuning",
+                format!("{} weight codes cannot hold {experts} experts of {n} x {k}", weights.len()),
+            ));
+        }
         self.ensure_fp8_tuned(n, k, tokens, TuningWeights { weights, experts })
     }
 
@@ -361,7 +371,26 @@ impl CudaDevice {
         if lock(&blas.tunings).entries.contains_key(&key) {
             return Ok(());
         }
-        let tuned = self.tune_fp8(&blas, key, weights)?;
+        // A tuning that fails leaves the heuristic's choice in place: the expert call goes on, and the report says why.
+        let tuned = match self.tune_fp8(&blas, key, weights) {
+            Ok((algo, row)) => (Some(algo), row),
+            Err(error) => {
+                tracing::warn!(n, k, bucket, %error, "cuBLASLt tuning failed; the heuristic's algorithm runs");
+                let failed = format!("tuning failed: {error}");
+                let row = GemmTuningRow {
+                    n,
+                    k,
+                    tokens: bucket,
+                    alignment: 0,
+                    candidates: 0,
+                    heuristic_us: None,
+                    tuned_us: None,
+                    heuristic: "-".to_owned(),
+                    tuned: failed,
+                };
+                (None, row)
+            }
+        };
         lock(&blas.tunings).entries.insert(key, tuned);
         Ok(())
     }
@@ -426,17 +455,24 @@ impl CudaDevice {
         let (workspace_ptr, _workspace_sync) = workspace.device_ptr_mut(stream);
         let experts = weights.experts;
         let plan = &plan;
+        // SAFETY: `w` is expert (call mod experts) of the checked weights, `a` and `out` hold the
+        // bucket's rows, all live for this function on this stream; every algorithm was checked against `plan` with
+        // at most our workspace.
+        let run = |algo: &sys::cublasLtMatmulAlgo_t, call: usize| unsafe {
+            let w = w_ptr + ((call % experts) * weight) as u64;
+            blas.matmul(plan, algo, w, a_ptr, out_ptr, 0.0, workspace_ptr, stream)
+        };
+        // One call of each first: a candidate the check passed but the call refuses is dropped, not the expert call
+        // (the heuristic's own choice must run: the untuned path would fail on it too).
+        run(&first.algo, 0).map_err(blas_error("FP8 matmul (tuning)"))?;
+        let candidates: Vec<&Candidate> =
+            candidates.iter().enumerate().filter(|(i, c)| *i == 0 || run(&c.algo, 0).is_ok()).map(|(_, c)| c).collect();
+        row.candidates = candidates.len();
         let mut paths: Vec<BoxedPath<'_>> = candidates
             .iter()
             .map(|candidate| {
-                Box::new(move |call: usize| {
-                    let w = w_ptr + ((call % experts) * weight) as u64;
-                    // SAFETY: `w` is expert (call mod experts) of the checked weights, `a` and `out` hold the bucket's
-                    // rows, all live for this function on this stream; the algorithm was checked against `plan` with
-                    // at most our workspace.
-                    unsafe { blas.matmul(plan, &candidate.algo, w, a_ptr, out_ptr, 0.0, workspace_ptr, stream) }
-                        .map_err(blas_error("FP8 matmul (tuning)"))
-                }) as BoxedPath<'_>
+                Box::new(move |call: usize| run(&candidate.algo, call).map_err(blas_error("FP8 matmul (tuning)")))
+                    as BoxedPath<'_>
             })
             .collect();
         let mut timed: Vec<TimedPath<'_>> = paths.iter_mut().map(|path| &mut **path as TimedPath<'_>).collect();
