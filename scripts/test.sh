@@ -29,6 +29,11 @@ cuda_tests=(--test cuda_nvrtc --test cuda_kernels --test gpu_experts --test gpu_
 cargo test --workspace --features cuda --locked "${cuda_tests[@]}" -- --nocapture 2>&1 | tee target/test-output-cuda.txt
 echo "== GPU tests on the CPU emulation of the CUDA driver and cuBLASLt (cuda-emulator/): their kernels run here"
 eval "$(bash scripts/cuda-emulator.sh)"
+# A fresh cuBLASLt tuning cache for this run: every run times its candidates (a tuning cached by an earlier run would
+# skip that), and the tests after the first read what it wrote.
+SWITCHYARD_CUBLASLT_CACHE="$(mktemp -d)"
+export SWITCHYARD_CUBLASLT_CACHE
+trap 'rm -rf "$SWITCHYARD_CUBLASLT_CACHE"' EXIT
 # The same test binaries (already built), now finding GPUs and NCCL: none may skip. The engine and collective targets
 # hold CPU tests too, which ran above; only their GPU and NCCL tests run again.
 on_emulator() {

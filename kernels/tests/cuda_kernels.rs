@@ -415,6 +415,34 @@ fn fp8_grouped_gemm_matches_the_cpu_reference() {
     }
 }
 
+/// A cuBLASLt tuning is written to the tuning cache and read back by the next device of the same kind (as a restarted
+/// worker would), whose GEMM then runs the same algorithm without timing again.
+#[test]
+fn cublaslt_tunings_are_cached_for_the_next_process() {
+    let Some(first) = gpu("cublaslt_tunings_are_cached_for_the_next_process") else { return };
+    // A shape no other test tunes, so that this test's first device tunes it (or finds it from an earlier run).
+    let (experts, n, k, tokens) = (2, 208, 96, 20);
+    let mut r = rng(12);
+    let codes = first.upload(&fp8_codes(&mut r, experts * n * k)).expect("upload");
+    first.tune_fp8_expert_gemm(n, k, tokens, &codes.as_view(), experts).expect("tune");
+    let [tuned] = &first.cublaslt_tunings().expect("tunings")[..] else { panic!("one tuning") };
+    assert_eq!((tuned.n, tuned.k, tuned.tokens), (n, k, 32), "{tuned:?}");
+    if switchyard_kernels::device::tuning_cache::tuning_cache_dir().is_none() {
+        println!("cublaslt_tunings_are_cached_for_the_next_process: SWITCHYARD_CUBLASLT_CACHE=off, no cache to read");
+        return;
+    }
+    let next = gpu("cublaslt_tunings_are_cached_for_the_next_process").expect("the GPU again");
+    let codes = next.upload(&fp8_codes(&mut rng(12), experts * n * k)).expect("upload");
+    next.tune_fp8_expert_gemm(n, k, tokens, &codes.as_view(), experts).expect("tune");
+    let [again] = &next.cublaslt_tunings().expect("tunings")[..] else { panic!("one tuning") };
+    assert!(again.cached, "read from the cache: {again:?}");
+    assert_eq!(
+        (&again.tuned, again.tuned_us, again.candidates),
+        (&tuned.tuned, tuned.tuned_us, tuned.candidates),
+        "the same choice"
+    );
+}
+
 /// The lone-expert kernel (one expert over the whole GPU, stream-K) against the CPU's f64 reference: every tile
 /// count, partly filled tiles, grids where every row block is split over several blocks, where some are whole in one
 /// block and where one block takes everything, scaled and raw sums; the other experts' rows are left alone, and the

@@ -211,11 +211,11 @@ fn print_tuning(report: &GemmBenchReport) {
     println!();
     println!(
         "cuBLASLt tuning of ours (each shape and token bucket timed once, on first use, over the candidates that pass \
-         cuBLASLt's check; counts round up to the bucket):"
+         cuBLASLt's check, or read from the tuning cache an earlier run wrote; counts round up to the bucket):"
     );
     println!(
-        "{:>6} {:>6} {:>6} {:>5} {:>10} {:>12} {:>9} {:>7}  tuned (heuristic)",
-        "n", "k", "tokens", "align", "candidates", "heuristic us", "tuned us", "speedup"
+        "{:>6} {:>6} {:>6} {:>5} {:>10} {:>12} {:>9} {:>7} {:>6}  tuned (heuristic)",
+        "n", "k", "tokens", "align", "candidates", "heuristic us", "tuned us", "speedup", "cached"
     );
     let us = |value: Option<f64>| value.map(|us| format!("{us:.1}")).unwrap_or_else(|| "-".into());
     for row in &report.tuning {
@@ -224,7 +224,7 @@ fn print_tuning(report: &GemmBenchReport) {
             _ => "-".into(),
         };
         println!(
-            "{:>6} {:>6} {:>6} {:>5} {:>10} {:>12} {:>9} {:>7}  {} ({})",
+            "{:>6} {:>6} {:>6} {:>5} {:>10} {:>12} {:>9} {:>7} {:>6}  {} ({})",
             row.n,
             row.k,
             row.tokens,
@@ -233,6 +233,7 @@ fn print_tuning(report: &GemmBenchReport) {
             us(row.heuristic_us),
             us(row.tuned_us),
             speedup,
+            if row.cached { "yes" } else { "no" },
             row.tuned,
             row.heuristic
         );
@@ -297,7 +298,7 @@ fn to_json(report: &GemmBenchReport, config: &GemmBenchConfig) -> serde_json::Va
         "cublaslt_tuning": report.tuning.iter().map(|row| serde_json::json!({
             "n": row.n, "k": row.k, "tokens": row.tokens, "alignment": row.alignment,
             "candidates": row.candidates, "heuristic_us": row.heuristic_us, "tuned_us": row.tuned_us,
-            "heuristic": row.heuristic, "tuned": row.tuned,
+            "heuristic": row.heuristic, "tuned": row.tuned, "cached": row.cached,
         })).collect::<Vec<_>>(),
     })
 }

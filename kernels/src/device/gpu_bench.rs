@@ -163,6 +163,9 @@ pub struct GemmTuningRow {
     pub heuristic: String,
     /// The candidate chosen.
     pub tuned: String,
+    /// Read from the tuning cache (an earlier process on this kind of GPU timed it: the times are its), not timed
+    /// in this process.
+    pub cached: bool,
 }
 
 /// Everything one run measured.

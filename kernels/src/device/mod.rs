@@ -4,8 +4,9 @@
 //! only with the `cuda` feature; `no_cuda.rs` is its stand-in, which answers [`KernelError::NotCompiledWithCuda`].
 //! This file is the only place that chooses between them, so `#[cfg(feature = "cuda")]` appears nowhere else.
 //! `sources.rs` (the embedded `kernels/cuda/*.cu`, header discovery, the PTX cache key), `plan.rs` (the host side of
-//! the expert path), `types.rs` (the kernels' plain argument types, the bf16 codec) and `gpu_bench.rs` (the GPU
-//! benchmark's data) need no CUDA and are compiled in every build.
+//! the expert path), `tuning_cache.rs` (the on-disk cache of cuBLASLt tunings), `types.rs` (the kernels' plain
+//! argument types, the bf16 codec) and `gpu_bench.rs` (the GPU benchmark's data) need no CUDA and are compiled in
+//! every build.
 
 use std::fmt;
 use std::str::FromStr;
@@ -24,6 +25,7 @@ use no_cuda as backend;
 pub mod gpu_bench;
 pub mod plan;
 pub mod sources;
+pub mod tuning_cache;
 mod types;
 
 /// The backend's API. With the `cuda` feature these are the real types (and [`CudaDevice`] has more methods than the

@@ -138,7 +138,7 @@ pub fn find_cuda_include() -> Result<PathBuf, Vec<PathBuf>> {
 }
 
 /// `$XDG_CACHE_HOME/switchyard` or `$HOME/.cache/switchyard`.
-fn cache_root() -> Option<PathBuf> {
+pub(crate) fn cache_root() -> Option<PathBuf> {
     if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         return Some(PathBuf::from(xdg).join("switchyard"));
     }
@@ -175,6 +175,26 @@ pub fn ptx_cache_file(
     hash.write(&nvrtc_version.1.to_le_bytes());
     let stem = source.file.trim_end_matches(".cu");
     dir.join(format!("{stem}-{arch}-{:016x}.ptx", hash.0))
+}
+
+/// The 64-bit FNV-1a hash of `bytes`: cache file names that must not change between Rust releases.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash = Fnv1a::default();
+    hash.write(bytes);
+    hash.0
+}
+
+/// Writes through a temporary file and a rename, so a concurrent reader never sees half a file. A cache that cannot
+/// be written is skipped: caches here only save time.
+pub(crate) fn write_atomically(file: &Path, text: &str) {
+    let Some(dir) = file.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let temporary = file.with_extension(format!("tmp.{}", std::process::id()));
+    if std::fs::write(&temporary, text).is_ok() && std::fs::rename(&temporary, file).is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
 }
 
 /// 64-bit FNV-1a.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use cudarc::nvrtc::{CompileError, CompileOptions};
 
-use crate::device::sources::{find_cuda_include, ptx_cache_dir, ptx_cache_file, CudaSource};
+use crate::device::sources::{find_cuda_include, ptx_cache_dir, ptx_cache_file, write_atomically, CudaSource};
 use crate::error::KernelError;
 
 /// The CUDA include directory (see `sources::cuda_include_candidates`).
@@ -93,16 +93,4 @@ pub(super) fn cached_ptx(source: &CudaSource, arch: &str, include_dir: &Path) ->
         write_atomically(&file, &ptx);
     }
     Ok(ptx)
-}
-
-/// Writes through a temporary file and a rename, so a concurrent reader never sees half a PTX file.
-fn write_atomically(file: &Path, text: &str) {
-    let Some(dir) = file.parent() else { return };
-    if std::fs::create_dir_all(dir).is_err() {
-        return;
-    }
-    let temporary = file.with_extension(format!("tmp.{}", std::process::id()));
-    if std::fs::write(&temporary, text).is_ok() && std::fs::rename(&temporary, file).is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
 }

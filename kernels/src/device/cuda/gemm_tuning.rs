@@ -20,11 +20,14 @@
 //! logged and leaves the heuristic's choice, so tuning never fails an expert call. `SWITCHYARD_CUBLASLT_TUNING=0`
 //! turns tuning off (the heuristic's choice everywhere).
 //!
-//! Different algorithms add the k-sum in different orders, so two processes that tuned differently may differ in the
-//! last bits of an expert's output (within the tolerances of docs/cuda.md; the same process is always the same).
+//! Each tuning goes to the tuning cache (`device::tuning_cache`: one file per GPU kind and cuBLASLt release), where
+//! the next process on such a GPU finds it instead of timing again. Different algorithms add the k-sum in different
+//! orders, so two processes that tuned separately may differ in the last bits of an expert's output (within the
+//! tolerances of docs/cuda.md); processes sharing a cache, or the same process, give the same bits.
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::c_void;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use cudarc::cublaslt::sys;
@@ -35,6 +38,9 @@ use super::timing::{interleaved_medians_us, Schedule, TimedPath};
 use super::{lock, CudaDevice};
 use crate::device::gpu_bench::GemmTuningRow;
 use crate::device::plan::cublaslt_token_bucket;
+use crate::device::tuning_cache::{
+    add_to_tuning_cache, read_tuning_cache, tuning_cache_dir, tuning_cache_file, TuningCacheKey, TuningRecord,
+};
 use crate::error::KernelError;
 
 /// Heuristic results asked for: cuBLASLt returns fewer when it has fewer.
@@ -86,10 +92,19 @@ fn tuned_operands() -> Operands {
 }
 
 /// The tunings made on one device, by shape and bucket: the algorithm chosen (`None`: the tuning failed, and the
-/// heuristic's choice runs) and the report row.
+/// heuristic's choice runs) and the report row; and the device's tuning cache file with what it held when first
+/// read (`None` until then).
 #[derive(Default)]
 pub(super) struct TuningTable {
     entries: BTreeMap<TuneKey, (Option<sys::cublasLtMatmulAlgo_t>, GemmTuningRow)>,
+    cache: Option<TuningCache>,
+}
+
+/// A device's tuning cache: the file (`None`: no cache) and the records read from it.
+struct TuningCache {
+    file: Option<PathBuf>,
+    identity: String,
+    records: BTreeMap<TuningCacheKey, TuningRecord>,
 }
 
 /// The expert weights a tuning times its candidates on: `[experts, n, k]` codes.
@@ -371,6 +386,10 @@ impl CudaDevice {
         if lock(&blas.tunings).entries.contains_key(&key) {
             return Ok(());
         }
+        if let Some((algo, row)) = self.cached_tuning(&blas, key) {
+            lock(&blas.tunings).entries.insert(key, (Some(algo), row));
+            return Ok(());
+        }
         // A tuning that fails leaves the heuristic's choice in place: the expert call goes on, and the report says why.
         let tuned = match self.tune_fp8(&blas, key, weights) {
             Ok((algo, row)) => (Some(algo), row),
@@ -387,12 +406,41 @@ impl CudaDevice {
                     tuned_us: None,
                     heuristic: "-".to_owned(),
                     tuned: failed,
+                    cached: false,
                 };
                 (None, row)
             }
         };
-        lock(&blas.tunings).entries.insert(key, tuned);
+        let mut tunings = lock(&blas.tunings);
+        if let (Some(algo), Some(cache)) = (tuned.0, tunings.cache.as_ref()) {
+            if let Some(file) = &cache.file {
+                add_to_tuning_cache(file, &cache.identity, &TuningRecord { row: tuned.1.clone(), algo: algo.data });
+            }
+        }
+        tunings.entries.insert(key, tuned);
         Ok(())
+    }
+
+    /// The tuning of `key` an earlier process cached for this kind of GPU and cuBLASLt release, if cuBLASLt still
+    /// passes its algorithm for the bucket's GEMM. Reads the cache file on first use.
+    fn cached_tuning(&self, blas: &BlasLt, key: TuneKey) -> Option<(sys::cublasLtMatmulAlgo_t, GemmTuningRow)> {
+        let record = {
+            let mut tunings = lock(&blas.tunings);
+            let cache = tunings.cache.get_or_insert_with(|| {
+                // SAFETY: cuBLASLt is loaded (the handle exists); the call only returns a number.
+                let version = unsafe { sys::cublasLtGetVersion() };
+                let identity = format!("{}; {} SMs; {}; cuBLASLt {version}", self.name(), self.sms(), self.arch());
+                let file = tuning_cache_dir().map(|dir| tuning_cache_file(&dir, &identity));
+                let records = file.as_ref().map(|file| read_tuning_cache(file, &identity)).unwrap_or_default();
+                TuningCache { file, identity, records }
+            });
+            cache.records.get(&(key.n, key.k, key.bucket))?.clone()
+        };
+        let algo = sys::cublasLtMatmulAlgo_t { data: record.algo };
+        let alignment = record.row.alignment;
+        let plan =
+            blas.describe(PlanKey { alignment, ..PlanKey::new(tuned_operands(), key.bucket, key.n, key.k, &[]) });
+        plan.ok().filter(|plan| blas.check(plan, &algo, alignment)).map(|_| (algo, record.row))
     }
 
     /// What tuning found so far on this device: one row per shape and bucket, in that order.
@@ -447,6 +495,7 @@ impl CudaDevice {
             tuned_us: None,
             heuristic: describe(&first.algo),
             tuned: describe(&first.algo),
+            cached: false,
         };
         if candidates.len() == 1 {
             return Ok((first.algo, row));
