@@ -122,28 +122,31 @@ struct Candidate {
     algo: sys::cublasLtMatmulAlgo_t,
 }
 
+/// Reads one attribute of type `T` through `get(buffer, size, written)`, `None` when cuBLASLt does not answer or
+/// writes another size.
+fn read_attribute<T: Default + Copy>(
+    get: impl FnOnce(*mut c_void, usize, &mut usize) -> sys::cublasStatus_t,
+) -> Option<T> {
+    let mut value = T::default();
+    let mut written = 0usize;
+    let size = std::mem::size_of::<T>();
+    get(&mut value as *mut T as *mut c_void, size, &mut written)
+        .result()
+        .ok()
+        .filter(|()| written == size)
+        .map(|()| value)
+}
+
 /// Reads configuration attribute `attribute` of `algo` (`T`: the attribute's documented type), `None` when cuBLASLt
 /// does not answer.
 fn config<T: Default + Copy>(
     algo: &sys::cublasLtMatmulAlgo_t,
     attribute: sys::cublasLtMatmulAlgoConfigAttributes_t,
 ) -> Option<T> {
-    let mut value = T::default();
-    let mut written = 0usize;
-    // SAFETY: `value` is a live `T` of the size passed, the attribute's documented type.
-    unsafe {
-        sys::cublasLtMatmulAlgoConfigGetAttribute(
-            algo,
-            attribute,
-            &mut value as *mut T as *mut c_void,
-            std::mem::size_of::<T>(),
-            &mut written,
-        )
-    }
-    .result()
-    .ok()
-    .filter(|()| written == std::mem::size_of::<T>())
-    .map(|()| value)
+    // SAFETY: the buffer is a live `T` of the size passed, the attribute's documented type.
+    read_attribute(|buffer, size, written| unsafe {
+        sys::cublasLtMatmulAlgoConfigGetAttribute(algo, attribute, buffer, size, written)
+    })
 }
 
 /// `algo` with configuration attribute `attribute` set to `value` (`T`: the attribute's documented type), `None`
@@ -173,22 +176,10 @@ fn capability<T: Default + Copy>(
     algo: &sys::cublasLtMatmulAlgo_t,
     attribute: sys::cublasLtMatmulAlgoCapAttributes_t,
 ) -> Option<T> {
-    let mut value = T::default();
-    let mut written = 0usize;
-    // SAFETY: `value` is a live `T` of the size passed, the attribute's documented type.
-    unsafe {
-        sys::cublasLtMatmulAlgoCapGetAttribute(
-            algo,
-            attribute,
-            &mut value as *mut T as *mut c_void,
-            std::mem::size_of::<T>(),
-            &mut written,
-        )
-    }
-    .result()
-    .ok()
-    .filter(|()| written == std::mem::size_of::<T>())
-    .map(|()| value)
+    // SAFETY: the buffer is a live `T` of the size passed, the attribute's documented type.
+    read_attribute(|buffer, size, written| unsafe {
+        sys::cublasLtMatmulAlgoCapGetAttribute(algo, attribute, buffer, size, written)
+    })
 }
 
 /// Whether `algo` splits k and adds the splits in place, with atomic additions whose order varies from call to call.
