@@ -321,6 +321,10 @@ fn fp8_grouped_gemm_matches_the_cpu_reference() {
     if tuning.candidates > 1 {
         let (heuristic, tuned) = (tuning.heuristic_us.expect("timed"), tuning.tuned_us.expect("timed"));
         assert!(tuned > 0.0 && tuned <= heuristic, "{tuning:?}");
+        // The report's runners-up (timed in this process, not read from the cache) come after the choice, in order.
+        let times: Vec<f64> = std::iter::once(tuned).chain(tuning.runners_up.iter().map(|(_, us)| *us)).collect();
+        assert!(times.windows(2).all(|pair| pair[0] <= pair[1]), "{tuning:?}");
+        assert!(tuning.cached || !tuning.runners_up.is_empty(), "{tuning:?}");
     }
     let mut again = device.zeros::<f32>(slots * n).expect("alloc");
     device.fp8_grouped_gemm(&plan, &raw_gemm, &mut again.as_view_mut()).expect("raw grouped gemm");

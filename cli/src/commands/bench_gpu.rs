@@ -237,6 +237,9 @@ fn print_tuning(report: &GemmBenchReport) {
             row.tuned,
             row.heuristic
         );
+        for (config, us) in &row.runners_up {
+            println!("{us:>60.1}  then: {config}");
+        }
     }
 }
 
@@ -299,6 +302,8 @@ fn to_json(report: &GemmBenchReport, config: &GemmBenchConfig) -> serde_json::Va
             "n": row.n, "k": row.k, "tokens": row.tokens, "alignment": row.alignment,
             "candidates": row.candidates, "heuristic_us": row.heuristic_us, "tuned_us": row.tuned_us,
             "heuristic": row.heuristic, "tuned": row.tuned, "cached": row.cached,
+            "runners_up": row.runners_up.iter().map(|(config, us)| serde_json::json!({"config": config, "us": us}))
+                .collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
 }

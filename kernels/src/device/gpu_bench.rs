@@ -166,6 +166,9 @@ pub struct GemmTuningRow {
     /// Read from the tuning cache (an earlier process on this kind of GPU timed it: the times are its), not timed
     /// in this process.
     pub cached: bool,
+    /// The next fastest candidates after the chosen one, fastest first, with their medians (us): what else cuBLASLt
+    /// offers for the shape. Empty when read from the cache or nothing was timed.
+    pub runners_up: Vec<(String, f64)>,
 }
 
 /// Everything one run measured.

@@ -77,6 +77,7 @@ impl TuningRecord {
                 heuristic: heuristic.to_owned(),
                 tuned: tuned.to_owned(),
                 cached: true,
+                runners_up: Vec::new(),
             },
             algo,
         })
@@ -141,6 +142,7 @@ mod tests {
                 heuristic: "algo 66 tile 20".into(),
                 tuned: "algo 66 tile 17 split-k 2".into(),
                 cached: true,
+                runners_up: Vec::new(),
             },
             algo: [1, 2, 3, u64::MAX, 0, 0, 7, 0xdead_beef],
         }

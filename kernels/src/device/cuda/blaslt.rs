@@ -187,13 +187,14 @@ impl BlasLt {
             }
         }
         let PlanKey { operands, m, n, k, alignment, .. } = key;
-        let first = self.heuristic(&plan, alignment, 1)?.into_iter().next().ok_or_else(|| KernelError::Cuda {
+        let none = |why: String| KernelError::Cuda {
             op: "cuBLASLt algorithm",
             message: format!(
-                "no {operands:?} GEMM algorithm for m = {m}, n = {n}, k = {k}, {alignment}-byte alignment: the \
-                 heuristic returned none"
+                "no {operands:?} GEMM algorithm for m = {m}, n = {n}, k = {k}, {alignment}-byte alignment: {why}"
             ),
-        })?;
+        };
+        let results = self.heuristic(&plan, alignment, 1).map_err(|e| none(format!("{e:?}")))?;
+        let first = results.into_iter().next().ok_or_else(|| none("the heuristic returned none".into()))?;
         plan.algo = first.algo;
         Ok(plan)
     }
@@ -242,8 +243,8 @@ impl BlasLt {
         plan: &Plan,
         alignment: u32,
         count: usize,
-    ) -> Result<Vec<sys::cublasLtMatmulHeuristicResult_t>, KernelError> {
-        let preference = result::create_matmul_pref().map_err(blas_error("preference"))?;
+    ) -> Result<Vec<sys::cublasLtMatmulHeuristicResult_t>, result::CublasError> {
+        let preference = result::create_matmul_pref()?;
         let workspace_bytes = WORKSPACE_BYTES as u64;
         let requested = i32::try_from(count.max(1)).unwrap_or(i32::MAX);
         // SAFETY: zeroed heuristic results are plain data, overwritten by cuBLASLt for the ones it returns.
@@ -294,10 +295,7 @@ impl BlasLt {
             let _ = result::destroy_matmul_pref(preference);
             status
         };
-        status.map_err(|e| KernelError::Cuda {
-            op: "cuBLASLt algorithm",
-            message: format!("no GEMM algorithm for these descriptors at {alignment}-byte alignment: {e:?}"),
-        })?;
+        status?;
         results.truncate(usize::try_from(returned).unwrap_or(0));
         results.retain(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && r.workspaceSize <= WORKSPACE_BYTES);
         Ok(results)

@@ -60,6 +60,9 @@ const SHAPE_VARIANT_RANKS: usize = 4;
 /// The most candidates timed per shape and bucket (the heuristic's own first, then its others, then variants).
 const MAX_CANDIDATES: usize = 256;
 
+/// Candidates after the chosen one kept in the report.
+const RUNNERS_UP: usize = 4;
+
 /// One warm-up call and three samples of four calls per candidate, all candidates interleaved.
 const SCHEDULE: Schedule = Schedule { warmup: 1, iterations: 3, calls_per_sample: 4 };
 
@@ -316,7 +319,10 @@ impl BlasLt {
     /// Every candidate for `plan` (descriptors of one bucket): the heuristic's results in its order, then their
     /// variants, each checked, without repeats, at most [`MAX_CANDIDATES`]. The first is the heuristic's choice.
     fn candidates(&self, plan: &Plan, alignment: u32) -> Result<Vec<Candidate>, KernelError> {
-        let results = self.heuristic(plan, alignment, HEURISTIC_RESULTS)?;
+        let results = self.heuristic(plan, alignment, HEURISTIC_RESULTS).map_err(|e| KernelError::Cuda {
+            op: "cuBLASLt algorithm",
+            message: format!("the heuristic for the tuning's candidates at {alignment}-byte alignment: {e:?}"),
+        })?;
         let mut seen = HashSet::new();
         let mut candidates = Vec::new();
         let bases = results.iter().map(|r| r.algo);
@@ -398,6 +404,7 @@ impl CudaDevice {
                     heuristic: "-".to_owned(),
                     tuned: failed,
                     cached: false,
+                    runners_up: Vec::new(),
                 };
                 (None, row)
             }
@@ -487,6 +494,7 @@ impl CudaDevice {
             heuristic: describe(&first.algo),
             tuned: describe(&first.algo),
             cached: false,
+            runners_up: Vec::new(),
         };
         if candidates.len() == 1 {
             return Ok((first.algo, row));
@@ -517,12 +525,16 @@ impl CudaDevice {
             .collect();
         let mut timed: Vec<TimedPath<'_>> = paths.iter_mut().map(|path| &mut **path as TimedPath<'_>).collect();
         let medians = interleaved_medians_us(self, SCHEDULE, &mut timed)?;
-        let Some((best, best_us)) = medians.iter().copied().enumerate().min_by(|(_, a), (_, b)| a.total_cmp(b)) else {
+        let mut ranked: Vec<(usize, f64)> = medians.iter().copied().enumerate().collect();
+        ranked.sort_by(|(_, a), (_, b)| a.total_cmp(b));
+        let Some(&(best, best_us)) = ranked.first() else {
             return Ok((first.algo, row));
         };
         row.heuristic_us = medians.first().copied();
         row.tuned_us = Some(best_us);
         row.tuned = describe(&candidates[best].algo);
+        row.runners_up =
+            ranked.iter().skip(1).take(RUNNERS_UP).map(|&(i, us)| (describe(&candidates[i].algo), us)).collect();
         Ok((candidates[best].algo, row))
     }
 }
