@@ -145,7 +145,8 @@ run_checks() {
   # The same with cuBLASLt's row-wise scales forced through the epilogue kernel (the fallback path).
   step 3b-kernels-fallbacks 60 env SWITCHYARD_CUBLASLT_FUSED_SCALES=0 SWITCHYARD_SMALL_GEMM=simt \
     "$bin/kernels-cuda_kernels" --nocapture --test-threads 1 grouped_gemm expert_layer
-  # The lone-expert kernel as the plan would route it (off by default until measured): the layer and the kernel.
+  # The lone-expert kernel forced for up to 32 tokens (by default it runs where the tuning timed it faster): the
+  # layer and the kernel.
   step 3c-kernels-lone-expert 60 env SWITCHYARD_LONE_EXPERT_MAX_TOKENS=32 \
     "$bin/kernels-cuda_kernels" --nocapture --test-threads 1 expert_layer lone_expert
   # Hopper's wgmma on known operands, in a process of its own: a fault there (a misread descriptor) would poison

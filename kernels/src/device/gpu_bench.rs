@@ -159,6 +159,8 @@ pub struct GemmTuningRow {
     pub heuristic_us: Option<f64>,
     /// Median of the fastest candidate, us.
     pub tuned_us: Option<f64>,
+    /// Median of the lone-expert kernel, us, where it competed (at most 32 tokens, `n` and `k` multiples of 128).
+    pub lone_us: Option<f64>,
     /// The heuristic's first choice, in cuBLASLt's configuration numbers.
     pub heuristic: String,
     /// The candidate chosen.

@@ -20,10 +20,10 @@ pub const SMALL_M_MAX_TOKENS: usize = 16;
 pub const MIN_STREAMING_EXPERTS: usize = 2;
 
 /// Experts that would go to cuBLASLt with at most this many tokens run in `fp8_lone_expert_gemm` instead (one expert
-/// over the whole GPU, stream-K; [`LoneExpertGrid`]); 0 leaves them all to cuBLASLt. The default of the GPU path
-/// (`SWITCHYARD_LONE_EXPERT_MAX_TOKENS` overrides it, up to [`LONE_MAX_TOKENS`]). Off until `switchyard bench gpu`
-/// has timed the kernel on a GPU: its "lone us" column measures it next to cuBLASLt for every one-expert row it can
-/// take, whatever this says.
+/// over the whole GPU, stream-K; [`LoneExpertGrid`]), whatever the cuBLASLt tuning found; 0 forces none. The default
+/// of the GPU path (`SWITCHYARD_LONE_EXPERT_MAX_TOKENS` overrides it, up to [`LONE_MAX_TOKENS`]). Unforced, the kernel
+/// still runs where the tuning timed it faster than cuBLASLt (buckets of up to 32 tokens). `switchyard bench gpu`'s
+/// "lone us" column measures it next to cuBLASLt for every one-expert row it can take.
 pub const LONE_EXPERT_MAX_TOKENS: usize = 0;
 
 /// Experts that go to cuBLASLt with at most this many tokens run the algorithm timed fastest for their shape and token

@@ -14,13 +14,13 @@ use std::path::{Path, PathBuf};
 use crate::device::gpu_bench::GemmTuningRow;
 use crate::device::sources::{cache_root, fnv1a, write_atomically};
 
-/// One tuning as the cache holds it: the report row and the 64 bytes of the `cublasLtMatmulAlgo_t` chosen.
+/// One tuning as the cache holds it: the report row and what was chosen.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TuningRecord {
     /// What was timed and chosen (`tokens` is the bucket).
     pub row: GemmTuningRow,
-    /// The chosen algorithm's opaque words.
-    pub algo: [u64; 8],
+    /// The opaque words of the `cublasLtMatmulAlgo_t` chosen; `None`: the lone-expert kernel was (written `lone`).
+    pub algo: Option<[u64; 8]>,
 }
 
 /// Shape and bucket: what a record is for.
@@ -32,14 +32,17 @@ impl TuningRecord {
         (self.row.n, self.row.k, self.row.tokens)
     }
 
-    /// The record as one line (no newline): n, k, bucket, alignment, candidates, the two times (`-` when not timed),
-    /// the algorithm's words in hex, and the two descriptions.
+    /// The record as one line (no newline): n, k, bucket, alignment, candidates, the three times (heuristic, tuned,
+    /// lone-expert kernel; `-` when not timed), the algorithm's words in hex (or `lone`), and the two descriptions.
     pub fn to_line(&self) -> String {
         let r = &self.row;
         let us = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |us| format!("{us}"));
-        let algo: Vec<String> = self.algo.iter().map(|word| format!("{word:016x}")).collect();
+        let algo = match &self.algo {
+            Some(words) => words.iter().map(|word| format!("{word:016x}")).collect::<Vec<_>>().join(","),
+            None => "lone".to_owned(),
+        };
         format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             r.n,
             r.k,
             r.tokens,
@@ -47,7 +50,8 @@ impl TuningRecord {
             r.candidates,
             us(r.heuristic_us),
             us(r.tuned_us),
-            algo.join(","),
+            us(r.lone_us),
+            algo,
             r.heuristic.replace(['\t', '\n'], " "),
             r.tuned.replace(['\t', '\n'], " ")
         )
@@ -56,15 +60,22 @@ impl TuningRecord {
     /// A line written by [`TuningRecord::to_line`], or `None`.
     pub fn parse_line(line: &str) -> Option<TuningRecord> {
         let fields: Vec<&str> = line.split('\t').collect();
-        let [n, k, tokens, alignment, candidates, heuristic_us, tuned_us, algo, heuristic, tuned] = fields[..] else {
+        let [n, k, tokens, alignment, candidates, heuristic_us, tuned_us, lone_us, algo, heuristic, tuned] = fields[..]
+        else {
             return None;
         };
         let us = |field: &str| match field {
             "-" => Some(None),
             value => value.parse::<f64>().ok().filter(|us| us.is_finite() && *us >= 0.0).map(Some),
         };
-        let words: Vec<u64> = algo.split(',').map(|word| u64::from_str_radix(word, 16).ok()).collect::<Option<_>>()?;
-        let algo: [u64; 8] = words.try_into().ok()?;
+        let algo = match algo {
+            "lone" => None,
+            words => {
+                let words: Vec<u64> =
+                    words.split(',').map(|word| u64::from_str_radix(word, 16).ok()).collect::<Option<_>>()?;
+                Some(words.try_into().ok()?)
+            }
+        };
         Some(TuningRecord {
             row: GemmTuningRow {
                 n: n.parse().ok()?,
@@ -74,6 +85,7 @@ impl TuningRecord {
                 candidates: candidates.parse().ok()?,
                 heuristic_us: us(heuristic_us)?,
                 tuned_us: us(tuned_us)?,
+                lone_us: us(lone_us)?,
                 heuristic: heuristic.to_owned(),
                 tuned: tuned.to_owned(),
                 cached: true,
@@ -139,18 +151,21 @@ mod tests {
                 candidates: 40,
                 heuristic_us: tuned_us.map(|us| us * 1.1),
                 tuned_us,
+                lone_us: None,
                 heuristic: "algo 66 tile 20".into(),
                 tuned: "algo 66 tile 17 split-k 2".into(),
                 cached: true,
                 runners_up: Vec::new(),
             },
-            algo: [1, 2, 3, u64::MAX, 0, 0, 7, 0xdead_beef],
+            algo: Some([1, 2, 3, u64::MAX, 0, 0, 7, 0xdead_beef]),
         }
     }
 
     #[test]
     fn records_round_trip_through_a_line() {
-        for r in [record(16384, 128, Some(37.25)), record(5120, 16, None)] {
+        let mut lone = TuningRecord { algo: None, ..record(5120, 16, Some(15.5)) };
+        lone.row.lone_us = Some(15.5);
+        for r in [record(16384, 128, Some(37.25)), record(5120, 16, None), lone] {
             assert_eq!(TuningRecord::parse_line(&r.to_line()), Some(r.clone()));
         }
         let line = record(16384, 128, Some(37.25)).to_line();

@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, CudaViewMut};
 
+use super::gemm_tuning::TuningWeights;
 use super::kernels::{GroupedGemm, MMA_CHUNK, MMA_MAX_TOKENS};
 use super::{driver, CudaDevice};
 use crate::device::plan::{
@@ -63,7 +64,8 @@ impl CudaDevice {
     /// tokens in one launch of the streaming kernel (tensor cores when `n % 16 == 0` and `k % 128 == 0`, else CUDA
     /// cores) when there are at least `MIN_STREAMING_EXPERTS` of them; each other expert alone over the whole GPU
     /// (`fp8_lone_expert_gemm`) when it has at most [`lone_expert_max_tokens`] tokens and `n % 128 == 0`, else through
-    /// cuBLASLt (with the algorithm timed fastest for its shape and token bucket: `gemm_tuning`). `a`:
+    /// cuBLASLt with the algorithm timed fastest for its shape and token bucket (`gemm_tuning`), or the lone-expert
+    /// kernel where that timing found it faster (raw sums of up to 32 tokens). `a`:
     /// `[slots, k]` codes in plan order, `a_scale`: `[slots]`; `offsets`: the plan's offsets on the device; `w`:
     /// `[experts, n, k]`, `w_scale`: `[experts, n]`; `out`: `[slots, n]`, scaled or raw as `gemm.apply_scales` says
     /// (raw: cuBLASLt runs with unit scales and nothing else; scaled: row-wise scales fused in cuBLASLt where it
@@ -87,9 +89,19 @@ impl CudaDevice {
                 self.fp8_grouped_gemm_small(gemm, small_max, out)?;
             }
         }
-        let lone_max = if n % LONE_ROWS == 0 && k % MMA_CHUNK == 0 { lone_expert_max_tokens()? } else { 0 };
+        let lone_shape = n % LONE_ROWS == 0 && k % MMA_CHUNK == 0;
+        let lone_max = if lone_shape { lone_expert_max_tokens()? } else { 0 };
+        let weight = product(OP, n, k)?;
+        let tuning = TuningWeights { weights: gemm.w, experts: gemm.w.len() / weight };
         for (expert, first, tokens) in plan.large_experts(threshold) {
-            if tokens <= lone_max {
+            // The lone-expert kernel where the knob routes the count to it, or where the tuning (of raw sums, the
+            // expert layer's GEMM) timed it faster than cuBLASLt for the count's bucket.
+            let lone = tokens <= lone_max
+                || (lone_shape
+                    && tokens <= LONE_MAX_TOKENS
+                    && !gemm.apply_scales
+                    && self.tuned_to_lone_kernel(n, k, tokens, tuning)?);
+            if lone {
                 self.fp8_lone_expert_gemm(gemm, expert, first, tokens, None, out)?;
             } else {
                 self.fp8_expert_gemm_cublaslt(gemm, expert, first, tokens, out)?;

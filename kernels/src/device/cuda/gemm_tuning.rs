@@ -34,10 +34,11 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaView, DevicePtr, DevicePtrMut};
 
 use super::blaslt::{blas_error, BlasLt, Operands, Plan, PlanKey, WORKSPACE_BYTES};
+use super::kernels::{GroupedGemm, MMA_CHUNK};
 use super::timing::{interleaved_medians_us, Schedule, TimedPath};
 use super::{lock, CudaDevice};
 use crate::device::gpu_bench::GemmTuningRow;
-use crate::device::plan::cublaslt_token_bucket;
+use crate::device::plan::{cublaslt_token_bucket, LoneExpertGrid};
 use crate::device::tuning_cache::{
     add_to_tuning_cache, read_tuning_cache, tuning_cache_dir, tuning_cache_file, TuningCacheKey, TuningRecord,
 };
@@ -94,12 +95,35 @@ fn tuned_operands() -> Operands {
     Operands::Fp8 { outer_vector: false }
 }
 
-/// The tunings made on one device, by shape and bucket: the algorithm chosen (`None`: the tuning failed, and the
-/// heuristic's choice runs) and the report row; and the device's tuning cache file with what it held when first
+/// What a tuning chose for a shape and bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TunedChoice {
+    /// A cuBLASLt algorithm.
+    Cublaslt(sys::cublasLtMatmulAlgo_t),
+    /// The lone-expert kernel (`fp8_lone_expert_gemm`), timed with the cuBLASLt candidates where it takes the bucket
+    /// (at most 32 tokens, `n` a multiple of 128, `k` of 128).
+    LoneKernel,
+}
+
+impl TunedChoice {
+    /// The algorithm words a cache record keeps (`None`: the lone-expert kernel).
+    fn record(self) -> Option<[u64; 8]> {
+        match self {
+            TunedChoice::Cublaslt(algo) => Some(algo.data),
+            TunedChoice::LoneKernel => None,
+        }
+    }
+}
+
+/// How the report names the lone-expert kernel when it is chosen.
+const LONE_KERNEL: &str = "lone-expert kernel (fp8_lone_expert_gemm)";
+
+/// The tunings made on one device, by shape and bucket: what was chosen (`None`: the tuning failed, and the
+/// heuristic's algorithm runs) and the report row; and the device's tuning cache file with what it held when first
 /// read (`None` until then).
 #[derive(Default)]
 pub(super) struct TuningTable {
-    entries: BTreeMap<TuneKey, (Option<sys::cublasLtMatmulAlgo_t>, GemmTuningRow)>,
+    entries: BTreeMap<TuneKey, (Option<TunedChoice>, GemmTuningRow)>,
     cache: Option<TuningCache>,
 }
 
@@ -312,7 +336,9 @@ impl BlasLt {
     /// than the bucket's may not suit every algorithm: then the heuristic decides).
     pub(super) fn tuned_algo(&self, plan: &Plan, key: PlanKey) -> Option<sys::cublasLtMatmulAlgo_t> {
         let tune_key = TuneKey::of(key)?;
-        let algo = lock(&self.tunings).entries.get(&tune_key).and_then(|(algo, _)| *algo)?;
+        let Some(TunedChoice::Cublaslt(algo)) = lock(&self.tunings).entries.get(&tune_key).and_then(|(c, _)| *c) else {
+            return None;
+        };
         self.check(plan, &algo, key.alignment).then_some(algo)
     }
 
@@ -383,13 +409,13 @@ impl CudaDevice {
         if lock(&blas.tunings).entries.contains_key(&key) {
             return Ok(());
         }
-        if let Some((algo, row)) = self.cached_tuning(&blas, key) {
-            lock(&blas.tunings).entries.insert(key, (Some(algo), row));
+        if let Some((choice, row)) = self.cached_tuning(&blas, key) {
+            lock(&blas.tunings).entries.insert(key, (Some(choice), row));
             return Ok(());
         }
         // A tuning that fails leaves the heuristic's choice in place: the expert call goes on, and the report says why.
         let tuned = match self.tune_fp8(&blas, key, weights) {
-            Ok((algo, row)) => (Some(algo), row),
+            Ok((choice, row)) => (Some(choice), row),
             Err(error) => {
                 tracing::warn!(n, k, bucket, %error, "cuBLASLt tuning failed; the heuristic's algorithm runs");
                 let failed = format!("tuning failed: {error}");
@@ -401,6 +427,7 @@ impl CudaDevice {
                     candidates: 0,
                     heuristic_us: None,
                     tuned_us: None,
+                    lone_us: None,
                     heuristic: "-".to_owned(),
                     tuned: failed,
                     cached: false,
@@ -410,9 +437,13 @@ impl CudaDevice {
             }
         };
         let mut tunings = lock(&blas.tunings);
-        if let (Some(algo), Some(cache)) = (tuned.0, tunings.cache.as_ref()) {
+        if let (Some(choice), Some(cache)) = (tuned.0, tunings.cache.as_ref()) {
             if let Some(file) = &cache.file {
-                add_to_tuning_cache(file, &cache.identity, &TuningRecord { row: tuned.1.clone(), algo: algo.data });
+                add_to_tuning_cache(
+                    file,
+                    &cache.identity,
+                    &TuningRecord { row: tuned.1.clone(), algo: choice.record() },
+                );
             }
         }
         tunings.entries.insert(key, tuned);
@@ -421,7 +452,7 @@ impl CudaDevice {
 
     /// The tuning of `key` an earlier process cached for this kind of GPU and cuBLASLt release, if cuBLASLt still
     /// passes its algorithm for the bucket's GEMM. Reads the cache file on first use.
-    fn cached_tuning(&self, blas: &BlasLt, key: TuneKey) -> Option<(sys::cublasLtMatmulAlgo_t, GemmTuningRow)> {
+    fn cached_tuning(&self, blas: &BlasLt, key: TuneKey) -> Option<(TunedChoice, GemmTuningRow)> {
         let record = {
             let mut tunings = lock(&blas.tunings);
             let cache = tunings.cache.get_or_insert_with(|| {
@@ -434,11 +465,35 @@ impl CudaDevice {
             });
             cache.records.get(&(key.n, key.k, key.bucket))?.clone()
         };
-        let algo = sys::cublasLtMatmulAlgo_t { data: record.algo };
+        let Some(data) = record.algo else {
+            return self.lone_kernel_takes(key).then_some((TunedChoice::LoneKernel, record.row));
+        };
+        let algo = sys::cublasLtMatmulAlgo_t { data };
         let alignment = record.row.alignment;
         let plan =
             blas.describe(PlanKey { alignment, ..PlanKey::new(tuned_operands(), key.bucket, key.n, key.k, &[]) });
-        plan.ok().filter(|plan| blas.check(plan, &algo, alignment)).map(|_| (algo, record.row))
+        plan.ok().filter(|plan| blas.check(plan, &algo, alignment)).map(|_| (TunedChoice::Cublaslt(algo), record.row))
+    }
+
+    /// Whether the lone-expert kernel takes `key`'s GEMM (its bucket's token count and shape).
+    fn lone_kernel_takes(&self, key: TuneKey) -> bool {
+        key.k % MMA_CHUNK == 0 && LoneExpertGrid::new(key.bucket, key.n, key.k, self.sms(), None).is_ok()
+    }
+
+    /// Whether the tuning of `(n, k)` for the bucket of `tokens` chose the lone-expert kernel, tuning it first (on
+    /// `weights`) if it was not yet.
+    pub(super) fn tuned_to_lone_kernel(
+        &self,
+        n: usize,
+        k: usize,
+        tokens: usize,
+        weights: TuningWeights<'_, '_>,
+    ) -> Result<bool, KernelError> {
+        self.ensure_fp8_tuned(n, k, tokens, weights)?;
+        let Some(bucket) = cublaslt_token_bucket(tokens) else { return Ok(false) };
+        let key = TuneKey { n, k, bucket };
+        let choice = lock(&self.blas()?.tunings).entries.get(&key).and_then(|(choice, _)| *choice);
+        Ok(choice == Some(TunedChoice::LoneKernel))
     }
 
     /// What tuning found so far on this device: one row per shape and bucket, in that order.
@@ -452,7 +507,7 @@ impl CudaDevice {
         blas: &BlasLt,
         key: TuneKey,
         weights: TuningWeights<'_, '_>,
-    ) -> Result<(sys::cublasLtMatmulAlgo_t, GemmTuningRow), KernelError> {
+    ) -> Result<(TunedChoice, GemmTuningRow), KernelError> {
         const OP: &str = "cuBLASLt tuning";
         let TuneKey { n, k, bucket } = key;
         let weight = n * k;
@@ -491,31 +546,41 @@ impl CudaDevice {
             candidates: candidates.len(),
             heuristic_us: None,
             tuned_us: None,
+            lone_us: None,
             heuristic: describe(&first.algo),
             tuned: describe(&first.algo),
             cached: false,
             runners_up: Vec::new(),
         };
-        if candidates.len() == 1 {
-            return Ok((first.algo, row));
+        // The lone-expert kernel competes where it takes the bucket: on its own scratch (it writes the output
+        // through a view, while the cuBLASLt calls below hold raw pointers), rotating over the same experts.
+        let lone = if self.lone_kernel_takes(key) && weights.weights.len() == weights.experts * weight {
+            let mut offsets = vec![bucket as u32; weights.experts + 1];
+            offsets[0] = 0;
+            Some((
+                self.upload(&offsets)?,
+                self.zeros::<f32>(bucket)?,
+                self.zeros::<f32>(weights.experts * n)?,
+                self.zeros::<f32>(bucket * n)?,
+            ))
+        } else {
+            None
+        };
+        if candidates.len() == 1 && lone.is_none() {
+            return Ok((TunedChoice::Cublaslt(first.algo), row));
         }
         let mut workspace = lock(&blas.workspace);
         let (workspace_ptr, _workspace_sync) = workspace.device_ptr_mut(stream);
         let experts = weights.experts;
         let plan = &plan;
-        // SAFETY: `w` is expert (call mod experts) of the checked weights, `a` and `out` hold the
-        // bucket's rows, all live for this function on this stream; every algorithm was checked against `plan` with
-        // at most our workspace.
+        // SAFETY: `w` is expert (call mod experts) of the checked weights, `a` and `out` hold the bucket's rows, all
+        // live for this function on this stream; every algorithm was checked against `plan` with at most our
+        // workspace.
         let run = |algo: &sys::cublasLtMatmulAlgo_t, call: usize| unsafe {
             let w = w_ptr + ((call % experts) * weight) as u64;
             blas.matmul(plan, algo, w, a_ptr, out_ptr, 0.0, workspace_ptr, stream)
         };
-        // One call of each first: a candidate the check passed but the call refuses is dropped, not the expert call
-        // (the heuristic's own choice must run: the untuned path would fail on it too).
-        run(&first.algo, 0).map_err(blas_error("FP8 matmul (tuning)"))?;
-        let candidates: Vec<&Candidate> =
-            candidates.iter().enumerate().filter(|(i, c)| *i == 0 || run(&c.algo, 0).is_ok()).map(|(_, c)| c).collect();
-        row.candidates = candidates.len();
+        let mut choices: Vec<TunedChoice> = candidates.iter().map(|c| TunedChoice::Cublaslt(c.algo)).collect();
         let mut paths: Vec<BoxedPath<'_>> = candidates
             .iter()
             .map(|candidate| {
@@ -523,19 +588,55 @@ impl CudaDevice {
                     as BoxedPath<'_>
             })
             .collect();
-        let mut timed: Vec<TimedPath<'_>> = paths.iter_mut().map(|path| &mut **path as TimedPath<'_>).collect();
+        if let Some((offsets, a_scale, w_scale, mut lone_out)) = lone {
+            let a = a.as_view();
+            choices.push(TunedChoice::LoneKernel);
+            paths.push(Box::new(move |call: usize| {
+                let gemm = GroupedGemm {
+                    a: &a,
+                    a_scale: &a_scale.as_view(),
+                    offsets: &offsets.as_view(),
+                    w: weights.weights,
+                    w_scale: &w_scale.as_view(),
+                    n,
+                    k,
+                    apply_scales: false,
+                };
+                self.fp8_lone_expert_gemm(&gemm, call % experts, 0, bucket, None, &mut lone_out.as_view_mut())
+            }));
+        }
+        // One call of each first: a candidate the check passed but the call refuses is dropped, not the expert call
+        // (the heuristic's own choice must run: the untuned path would fail on it too).
+        paths[0](0)?;
+        let mut kept = vec![0];
+        for (i, path) in paths.iter_mut().enumerate().skip(1) {
+            if path(0).is_ok() {
+                kept.push(i);
+            }
+        }
+        let mut timed: Vec<TimedPath<'_>> = Vec::with_capacity(kept.len());
+        for (i, path) in paths.iter_mut().enumerate() {
+            if kept.contains(&i) {
+                timed.push(&mut **path);
+            }
+        }
+        row.candidates = kept.len();
         let medians = interleaved_medians_us(self, SCHEDULE, &mut timed)?;
-        let mut ranked: Vec<(usize, f64)> = medians.iter().copied().enumerate().collect();
+        let describe_choice = |i: usize| match choices[i] {
+            TunedChoice::Cublaslt(algo) => describe(&algo),
+            TunedChoice::LoneKernel => LONE_KERNEL.to_owned(),
+        };
+        let mut ranked: Vec<(usize, f64)> = kept.iter().copied().zip(medians.iter().copied()).collect();
         ranked.sort_by(|(_, a), (_, b)| a.total_cmp(b));
         let Some(&(best, best_us)) = ranked.first() else {
-            return Ok((first.algo, row));
+            return Ok((TunedChoice::Cublaslt(first.algo), row));
         };
         row.heuristic_us = medians.first().copied();
         row.tuned_us = Some(best_us);
-        row.tuned = describe(&candidates[best].algo);
-        row.runners_up =
-            ranked.iter().skip(1).take(RUNNERS_UP).map(|&(i, us)| (describe(&candidates[i].algo), us)).collect();
-        Ok((candidates[best].algo, row))
+        row.lone_us = ranked.iter().find(|&&(i, _)| choices[i] == TunedChoice::LoneKernel).map(|&(_, us)| us);
+        row.tuned = describe_choice(best);
+        row.runners_up = ranked.iter().skip(1).take(RUNNERS_UP).map(|&(i, us)| (describe_choice(i), us)).collect();
+        Ok((choices[best], row))
     }
 }
 
