@@ -12,8 +12,8 @@ use super::kernels::GroupedGemm;
 use super::timing::{interleaved_medians_us, Schedule, TimedPath};
 use super::{driver, CudaDevice};
 use crate::device::gpu_bench::{
-    anchor_us, attention_anchor_us, splitmix64, zipf_routing, AttentionBenchRow, GemmBenchConfig, GemmBenchReport,
-    GemmBenchRow, GemmShape, MAVERICK_ATTENTION,
+    anchor_us, attention_anchor_us, random_codes, splitmix64, zipf_routing, AttentionBenchRow, GemmBenchConfig,
+    GemmBenchReport, GemmBenchRow, GemmShape, MAVERICK_ATTENTION,
 };
 use crate::device::plan::{ExpertPlan, LoneExpertGrid};
 use crate::device::sources::EXPERTS_CU;
@@ -30,17 +30,6 @@ fn medians_us<const P: usize>(
         Schedule { warmup: config.warmup, iterations: config.iterations, calls_per_sample: config.calls_per_sample };
     let medians = interleaved_medians_us(device, schedule, paths)?;
     Ok(std::array::from_fn(|i| medians[i]))
-}
-
-/// Random E4M3 codes without the NaN codes (0x7F, 0xFF), deterministic in `seed`.
-fn random_codes(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed;
-    let mut codes = Vec::with_capacity(len + 8);
-    while codes.len() < len {
-        codes.extend(splitmix64(&mut state).to_le_bytes().map(|b| if b & 0x7F == 0x7F { b ^ 1 } else { b }));
-    }
-    codes.truncate(len);
-    codes
 }
 
 /// Random scales in [0.5, 1.5) / 256, deterministic in `seed`.

@@ -31,13 +31,13 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use cudarc::cublaslt::sys;
-use cudarc::driver::{CudaView, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
 use super::blaslt::{blas_error, BlasLt, Operands, Plan, PlanKey, WORKSPACE_BYTES};
 use super::kernels::{GroupedGemm, MMA_CHUNK};
 use super::timing::{interleaved_medians_us, Schedule, TimedPath};
 use super::{lock, CudaDevice};
-use crate::device::gpu_bench::GemmTuningRow;
+use crate::device::gpu_bench::{random_codes, GemmTuningRow};
 use crate::device::plan::{cublaslt_token_bucket, LoneExpertGrid};
 use crate::device::tuning_cache::{
     add_to_tuning_cache, read_tuning_cache, tuning_cache_dir, tuning_cache_file, TuningCacheKey, TuningRecord,
@@ -517,12 +517,15 @@ impl CudaDevice {
                 format!("{} weight codes for {} experts of {n} x {k}", weights.weights.len(), weights.experts),
             ));
         }
-        let a = self.zeros::<u8>(bucket * k)?;
-        let mut out = self.zeros::<f32>(bucket * n)?;
         let stream = self.stream();
-        let (w_ptr, _w_sync) = weights.weights.device_ptr(stream);
-        let (a_ptr, _a_sync) = a.device_ptr(stream);
-        let (out_ptr, _out_sync) = out.device_ptr_mut(stream);
+        // Random activations: the lone-expert kernel's sums are compared with cuBLASLt's before it may compete.
+        let a = self.upload(&random_codes(bucket * k, 0x7475_6e65 ^ weight as u64))?;
+        let mut out = self.zeros::<f32>(bucket * n)?;
+        // Raw pointers for the cuBLASLt calls: the buffers live to the end of this function, and everything runs on
+        // this one stream.
+        let w_ptr = weights.weights.device_ptr(stream).0;
+        let a_ptr = a.device_ptr(stream).0;
+        let out_ptr = out.device_ptr_mut(stream).0;
         // The alignment every timed call has (expert e's weights start e * n * k bytes in). The expert path's calls
         // have the same: its weights and buffers are whole allocations, its offsets multiples of k and n. A call
         // with less runs the tuned algorithm only where its alignment needs allow (`BlasLt::tuned_algo`).
@@ -552,34 +555,30 @@ impl CudaDevice {
             cached: false,
             runners_up: Vec::new(),
         };
-        // The lone-expert kernel competes where it takes the bucket: on its own scratch (it writes the output
-        // through a view, while the cuBLASLt calls below hold raw pointers), rotating over the same experts.
-        let lone = if self.lone_kernel_takes(key) && weights.weights.len() == weights.experts * weight {
-            let mut offsets = vec![bucket as u32; weights.experts + 1];
-            offsets[0] = 0;
-            Some((
-                self.upload(&offsets)?,
-                self.zeros::<f32>(bucket)?,
-                self.zeros::<f32>(weights.experts * n)?,
-                self.zeros::<f32>(bucket * n)?,
-            ))
+        let experts = weights.experts;
+        let plan = &plan;
+        let workspace = &blas.workspace;
+        // SAFETY: `w` is expert (call mod experts) of the checked weights, `a` and `out` hold the bucket's rows, all
+        // live for this function on this stream; every algorithm was checked against `plan` with at most our
+        // workspace, which is locked for the call.
+        let run = |algo: &sys::cublasLtMatmulAlgo_t, call: usize| unsafe {
+            let w = w_ptr + ((call % experts) * weight) as u64;
+            let mut workspace = lock(workspace);
+            let (workspace_ptr, _workspace_sync) = workspace.device_ptr_mut(stream);
+            blas.matmul(plan, algo, w, a_ptr, out_ptr, 0.0, workspace_ptr, stream)
+        };
+        // The heuristic's choice must run (the untuned path would fail on it too); its sums are the reference the
+        // lone-expert kernel is checked against.
+        run(&first.algo, 0).map_err(blas_error("FP8 matmul (tuning)"))?;
+        let lone = if self.lone_kernel_takes(key) && weights.weights.len() == experts * weight {
+            let reference = self.download(&out)?;
+            self.lone_kernel_scratch(key, &a, weights, &reference)?
         } else {
             None
         };
         if candidates.len() == 1 && lone.is_none() {
             return Ok((TunedChoice::Cublaslt(first.algo), row));
         }
-        let mut workspace = lock(&blas.workspace);
-        let (workspace_ptr, _workspace_sync) = workspace.device_ptr_mut(stream);
-        let experts = weights.experts;
-        let plan = &plan;
-        // SAFETY: `w` is expert (call mod experts) of the checked weights, `a` and `out` hold the bucket's rows, all
-        // live for this function on this stream; every algorithm was checked against `plan` with at most our
-        // workspace.
-        let run = |algo: &sys::cublasLtMatmulAlgo_t, call: usize| unsafe {
-            let w = w_ptr + ((call % experts) * weight) as u64;
-            blas.matmul(plan, algo, w, a_ptr, out_ptr, 0.0, workspace_ptr, stream)
-        };
         let mut choices: Vec<TunedChoice> = candidates.iter().map(|c| TunedChoice::Cublaslt(c.algo)).collect();
         let mut paths: Vec<BoxedPath<'_>> = candidates
             .iter()
@@ -588,32 +587,15 @@ impl CudaDevice {
                     as BoxedPath<'_>
             })
             .collect();
-        if let Some((offsets, a_scale, w_scale, mut lone_out)) = lone {
+        if let Some(mut scratch) = lone {
             let a = a.as_view();
             choices.push(TunedChoice::LoneKernel);
-            paths.push(Box::new(move |call: usize| {
-                let gemm = GroupedGemm {
-                    a: &a,
-                    a_scale: &a_scale.as_view(),
-                    offsets: &offsets.as_view(),
-                    w: weights.weights,
-                    w_scale: &w_scale.as_view(),
-                    n,
-                    k,
-                    apply_scales: false,
-                };
-                self.fp8_lone_expert_gemm(&gemm, call % experts, 0, bucket, None, &mut lone_out.as_view_mut())
-            }));
+            paths.push(Box::new(move |call: usize| scratch.run(self, &a, weights, key, call % experts)));
         }
-        // One call of each first: a candidate the check passed but the call refuses is dropped, not the expert call
-        // (the heuristic's own choice must run: the untuned path would fail on it too).
-        paths[0](0)?;
+        // One call of each other candidate first: one the check passed but the call refuses is dropped, not the
+        // expert call.
         let mut kept = vec![0];
-        for (i, path) in paths.iter_mut().enumerate().skip(1) {
-            if path(0).is_ok() {
-                kept.push(i);
-            }
-        }
+        kept.extend((1..paths.len()).filter(|&i| paths[i](0).is_ok()));
         let mut timed: Vec<TimedPath<'_>> = Vec::with_capacity(kept.len());
         for (i, path) in paths.iter_mut().enumerate() {
             if kept.contains(&i) {
@@ -638,11 +620,114 @@ impl CudaDevice {
         row.runners_up = ranked.iter().skip(1).take(RUNNERS_UP).map(|&(i, us)| (describe_choice(i), us)).collect();
         Ok((choices[best], row))
     }
+
+    /// The lone-expert kernel's scratch for timing `key`, after one run on expert 0 has given `reference` (cuBLASLt's
+    /// sums of the same product) to within what two tensor-core summations may differ by; `None`, with a warning,
+    /// when it has not: then it does not compete. Our kernel, unlike cuBLASLt's, is checked where it is chosen.
+    fn lone_kernel_scratch(
+        &self,
+        key: TuneKey,
+        a: &CudaSlice<u8>,
+        weights: TuningWeights<'_, '_>,
+        reference: &[f32],
+    ) -> Result<Option<LoneScratchBuffers>, KernelError> {
+        let mut offsets = vec![key.bucket as u32; weights.experts + 1];
+        offsets[0] = 0;
+        let mut scratch = LoneScratchBuffers {
+            offsets: self.upload(&offsets)?,
+            a_scale: self.zeros::<f32>(key.bucket)?,
+            w_scale: self.zeros::<f32>(weights.experts * key.n)?,
+            out: self.zeros::<f32>(key.bucket * key.n)?,
+        };
+        if let Err(error) = scratch.run(self, &a.as_view(), weights, key, 0) {
+            tracing::warn!(n = key.n, k = key.k, bucket = key.bucket, %error, "the lone-expert kernel failed; not used");
+            return Ok(None);
+        }
+        let sums = self.download(&scratch.out)?;
+        if !sums_agree(&sums, reference) {
+            tracing::warn!(
+                n = key.n,
+                k = key.k,
+                bucket = key.bucket,
+                "the lone-expert kernel's sums differ from cuBLASLt's; not used"
+            );
+            return Ok(None);
+        }
+        Ok(Some(scratch))
+    }
+}
+
+/// Whether `sums` are `reference` computed in another order on the tensor cores. Hopper's FP8 MMAs add with fewer
+/// bits than f32 (2^-12 of the sum of the products' magnitudes, the kernel tests' bound), which over thousands of
+/// random products can reach a percent of a small sum, so the check is loose: a relative RMS difference of at most
+/// 1%, and no sum off by more than 5% of the largest. A wrong kernel (a lost or doubled partial sum, a misread
+/// operand) is off by tens of percent wherever it is wrong.
+fn sums_agree(sums: &[f32], reference: &[f32]) -> bool {
+    if sums.len() != reference.len() {
+        return false;
+    }
+    let (mut difference, mut energy, mut largest, mut worst) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    for (&s, &r) in sums.iter().zip(reference) {
+        let (s, r) = (f64::from(s), f64::from(r));
+        difference += (s - r) * (s - r);
+        energy += r * r;
+        largest = largest.max(r.abs());
+        worst = worst.max((s - r).abs());
+    }
+    // NaN anywhere fails both comparisons.
+    difference <= 1e-4 * energy && worst <= 0.05 * largest
+}
+
+/// What timing the lone-expert kernel needs besides the activations and weights the cuBLASLt candidates use: the
+/// grouped-GEMM arguments it takes (offsets of one expert's slots, unit scales; raw sums) and its own output.
+struct LoneScratchBuffers {
+    offsets: CudaSlice<u32>,
+    a_scale: CudaSlice<f32>,
+    w_scale: CudaSlice<f32>,
+    out: CudaSlice<f32>,
+}
+
+impl LoneScratchBuffers {
+    /// The kernel on `a` (the bucket's activations) and expert `expert` of `weights`.
+    fn run(
+        &mut self,
+        device: &CudaDevice,
+        a: &CudaView<'_, u8>,
+        weights: TuningWeights<'_, '_>,
+        key: TuneKey,
+        expert: usize,
+    ) -> Result<(), KernelError> {
+        let gemm = GroupedGemm {
+            a,
+            a_scale: &self.a_scale.as_view(),
+            offsets: &self.offsets.as_view(),
+            w: weights.weights,
+            w_scale: &self.w_scale.as_view(),
+            n: key.n,
+            k: key.k,
+            apply_scales: false,
+        };
+        device.fp8_lone_expert_gemm(&gemm, expert, 0, key.bucket, None, &mut self.out.as_view_mut())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lone_kernel_check_allows_summation_order_and_catches_lost_sums() {
+        let reference: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.25).collect();
+        let reordered: Vec<f32> = reference.iter().map(|r| r * (1.0 + 1e-4) + 1e-3).collect();
+        assert!(sums_agree(&reordered, &reference));
+        let mut lost = reference.clone();
+        lost[500..525].iter_mut().for_each(|s| *s *= 0.5);
+        assert!(!sums_agree(&lost, &reference), "one row block's partial sum lost");
+        let mut nan = reference.clone();
+        nan[3] = f32::NAN;
+        assert!(!sums_agree(&nan, &reference));
+        assert!(!sums_agree(&reference[1..], &reference));
+    }
 
     #[test]
     fn only_tuned_unscaled_fp8_plans_use_a_tuning() {
