@@ -231,18 +231,6 @@ pub fn zipf_routing(tokens: usize, experts: usize, s: f64, seed: u64) -> Vec<u32
         .collect()
 }
 
-/// Random E4M3 codes without the NaN codes (0x7F, 0xFF), deterministic in `seed`: the benchmark's weights and
-/// activations, and the tuning's activations.
-pub(crate) fn random_codes(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed;
-    let mut codes = Vec::with_capacity(len + 8);
-    while codes.len() < len {
-        codes.extend(splitmix64(&mut state).to_le_bytes().map(|b| if b & 0x7F == 0x7F { b ^ 1 } else { b }));
-    }
-    codes.truncate(len);
-    codes
-}
-
 /// SplitMix64: a small, well-mixed deterministic generator (no `rand` in this crate's dependencies).
 pub(crate) fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);

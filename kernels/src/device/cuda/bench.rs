@@ -9,11 +9,11 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::experts::{lone_expert_max_tokens, small_m_max_tokens};
 use super::kernels::GroupedGemm;
-use super::timing::{interleaved_medians_us, Schedule, TimedPath};
+use super::timing::{interleaved_medians_us, random_codes, Schedule, TimedPath};
 use super::{driver, CudaDevice};
 use crate::device::gpu_bench::{
-    anchor_us, attention_anchor_us, random_codes, splitmix64, zipf_routing, AttentionBenchRow, GemmBenchConfig,
-    GemmBenchReport, GemmBenchRow, GemmShape, MAVERICK_ATTENTION,
+    anchor_us, attention_anchor_us, splitmix64, zipf_routing, AttentionBenchRow, GemmBenchConfig, GemmBenchReport,
+    GemmBenchRow, GemmShape, MAVERICK_ATTENTION,
 };
 use crate::device::plan::{ExpertPlan, LoneExpertGrid};
 use crate::device::sources::EXPERTS_CU;

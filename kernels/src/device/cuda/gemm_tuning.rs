@@ -35,9 +35,9 @@ use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
 use super::blaslt::{blas_error, BlasLt, Operands, Plan, PlanKey, WORKSPACE_BYTES};
 use super::kernels::{GroupedGemm, MMA_CHUNK};
-use super::timing::{interleaved_medians_us, Schedule, TimedPath};
+use super::timing::{interleaved_medians_us, random_codes, Schedule, TimedPath};
 use super::{lock, CudaDevice};
-use crate::device::gpu_bench::{random_codes, GemmTuningRow};
+use crate::device::gpu_bench::GemmTuningRow;
 use crate::device::plan::{cublaslt_token_bucket, LoneExpertGrid};
 use crate::device::tuning_cache::{
     add_to_tuning_cache, read_tuning_cache, tuning_cache_dir, tuning_cache_file, TuningCacheKey, TuningRecord,
@@ -236,7 +236,9 @@ fn describe(algo: &sys::cublasLtMatmulAlgo_t) -> String {
     )
 }
 
-/// The split-k and cluster variants of a heuristic result (`rank`: its place in the heuristic's order), unchecked.
+/// The variants of a heuristic result (`rank`: its place in the heuristic's order), unchecked: split-k for every
+/// result whose algorithm can split k; cluster shape, pipeline stages and tile, each alone, for the first
+/// [`SHAPE_VARIANT_RANKS`].
 fn variants(algo: &sys::cublasLtMatmulAlgo_t, rank: usize) -> Vec<sys::cublasLtMatmulAlgo_t> {
     use sys::cublasLtMatmulAlgoCapAttributes_t as Cap;
     use sys::cublasLtMatmulAlgoConfigAttributes_t as Config;

@@ -1,10 +1,22 @@
-//! Event timing on the device's stream, shared by `bench gpu` and the cuBLASLt tuner: both compare several ways of
-//! doing the same work and must not let the order they ran in decide.
+//! What `bench gpu` and the cuBLASLt tuner share: event timing on the device's stream (both compare several ways of
+//! doing the same work and must not let the order they ran in decide), and the random operands they time on.
 
 use cudarc::driver::sys::CUevent_flags;
 
 use super::{driver, CudaDevice};
+use crate::device::gpu_bench::splitmix64;
 use crate::error::KernelError;
+
+/// Random E4M3 codes without the NaN codes (0x7F, 0xFF), deterministic in `seed`.
+pub(super) fn random_codes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    let mut codes = Vec::with_capacity(len + 8);
+    while codes.len() < len {
+        codes.extend(splitmix64(&mut state).to_le_bytes().map(|b| if b & 0x7F == 0x7F { b ^ 1 } else { b }));
+    }
+    codes.truncate(len);
+    codes
+}
 
 /// How many calls to time, and how they are grouped.
 #[derive(Debug, Clone, Copy)]
