@@ -431,8 +431,15 @@ fn cublaslt_tunings_are_cached_for_the_next_process() {
     first.tune_fp8_expert_gemm(n, k, tokens, &codes.as_view(), experts).expect("tune");
     let [tuned] = &first.cublaslt_tunings().expect("tunings")[..] else { panic!("one tuning") };
     assert_eq!((tuned.n, tuned.k, tuned.tokens), (n, k, 32), "{tuned:?}");
-    if switchyard_kernels::device::tuning_cache::tuning_cache_dir().is_none() {
-        println!("cublaslt_tunings_are_cached_for_the_next_process: SWITCHYARD_CUBLASLT_CACHE=off, no cache to read");
+    // The cache only saves time: where it is off or cannot be written, there is nothing for the next device to read.
+    let writable = switchyard_kernels::device::tuning_cache::tuning_cache_dir().is_some_and(|dir| {
+        let probe = dir.join(format!(".probe-{}", std::process::id()));
+        let written = std::fs::create_dir_all(&dir).is_ok() && std::fs::write(&probe, b"").is_ok();
+        let _ = std::fs::remove_file(&probe);
+        written
+    });
+    if !writable {
+        println!("cublaslt_tunings_are_cached_for_the_next_process: no writable tuning cache, nothing to read back");
         return;
     }
     let next = gpu("cublaslt_tunings_are_cached_for_the_next_process").expect("the GPU again");
