@@ -16,8 +16,10 @@
 #   3. the GPU kernel tests (tests/cuda_kernels.rs): every kernel and the whole expert layer against the CPU kernels;
 #      3b the GEMM and layer tests again on the fallbacks: cuBLASLt's row-wise scales through the epilogue kernel, and
 #      the CUDA-core streaming kernel instead of the tensor-core one; 3c the layer and the lone-expert kernel with the
-#      plan routing experts of up to 32 tokens to that kernel (SWITCHYARD_LONE_EXPERT_MAX_TOKENS=32); 3d one Hopper
-#      wgmma on known operands (hopper.cu's probe), in its own process: the operand layouts a wgmma kernel needs
+#      plan routing experts of up to 32 tokens to that kernel (SWITCHYARD_LONE_EXPERT_MAX_TOKENS=32); before them,
+#      each in its own process, 3d one Hopper wgmma on known operands (hopper.cu's probe: the operand layouts) and 3e
+#      the warpgroup expert kernel (wgmma) against the CPU and forced into the expert layer; unless both pass, the
+#      later steps run without it (SWITCHYARD_WGMMA_EXPERT_GEMM=0)
 #   4. the CPU parity fixture with FP8 experts on the GPU path (model/tests/gpu_experts.rs)
 #   5. `switchyard bench gpu --output-json $OUT/bench-gpu.json`: the FP8 expert GEMM table with cuBLASLt and the
 #      device-to-device copy measured in the same run, what the expert path's cuBLASLt tuning chose, and decode
@@ -141,7 +143,18 @@ run_checks() {
   step 1-environment 20 bash -c 'nvidia-smi && echo && { ls -d /usr/local/cuda*/targets/x86_64-linux/include 2>&1;
     ldconfig -p | grep -E "libcuda|libnvrtc|libcublas|libnccl"; true; }'
   step 2-nvrtc 60 "$bin/kernels-cuda_nvrtc" --nocapture --test-threads 1
-  step 3-kernels 90 "$bin/kernels-cuda_kernels" --nocapture --test-threads 1 --skip wgmma
+  # Hopper's wgmma first, each in a process of its own: a fault there (a misread descriptor) would poison every
+  # later test of the same CUDA context. 3d: one wgmma on known operands (hopper.cu's probe); 3e: the warpgroup expert
+  # kernel built on it, against the CPU. Unless both pass, every later step runs with the warpgroup kernel out of the
+  # tuning (SWITCHYARD_WGMMA_EXPERT_GEMM=0), so that a broken kernel costs only its own steps.
+  step 3d-wgmma-layouts 30 "$bin/kernels-cuda_kernels" --nocapture --test-threads 1 wgmma
+  step 3e-warpgroup-kernel 40 env SWITCHYARD_WGMMA_EXPERT_GEMM=force "$bin/kernels-cuda_kernels" --nocapture \
+    --test-threads 1 warpgroup expert_layer
+  local wgmma=0
+  [ "$(grep -c -E '^3[de]-[a-z-]+: ok' "$summary")" -eq 2 ] && wgmma=1
+  echo "the warpgroup expert kernel in the later steps' tuning: SWITCHYARD_WGMMA_EXPERT_GEMM=$wgmma" | tee -a "$summary"
+  export SWITCHYARD_WGMMA_EXPERT_GEMM="$wgmma"
+  step 3-kernels 90 "$bin/kernels-cuda_kernels" --nocapture --test-threads 1 --skip wgmma --skip warpgroup
   # The same with cuBLASLt's row-wise scales forced through the epilogue kernel (the fallback path).
   step 3b-kernels-fallbacks 60 env SWITCHYARD_CUBLASLT_FUSED_SCALES=0 SWITCHYARD_SMALL_GEMM=simt \
     "$bin/kernels-cuda_kernels" --nocapture --test-threads 1 grouped_gemm expert_layer
@@ -149,9 +162,6 @@ run_checks() {
   # layer and the kernel.
   step 3c-kernels-lone-expert 60 env SWITCHYARD_LONE_EXPERT_MAX_TOKENS=32 \
     "$bin/kernels-cuda_kernels" --nocapture --test-threads 1 expert_layer lone_expert
-  # Hopper's wgmma on known operands, in a process of its own: a fault there (a misread descriptor) would poison
-  # every later test of the same CUDA context.
-  step 3d-wgmma-layouts 30 "$bin/kernels-cuda_kernels" --nocapture --test-threads 1 wgmma
   step 4-fp8-fixture-on-gpu 30 "$bin/model-gpu_experts" --nocapture --test-threads 1
   # The expert worker with --device cuda:0: batches against the CPU worker, loads and unloads re-uploading layers.
   step 4b-expert-worker-on-gpu 30 "$bin/expert-worker-gpu_worker" --nocapture --test-threads 1

@@ -44,6 +44,8 @@ on_emulator() {
   # The expert layer with the lone-expert kernel forced for up to 32 tokens (by default only where the tuning timed it
   # faster than cuBLASLt).
   SWITCHYARD_LONE_EXPERT_MAX_TOKENS=32 on_emulator --test cuda_kernels -- expert_layer --nocapture
+  # And with the warpgroup (wgmma) kernel chosen wherever it takes a bucket (timing on the emulator never would).
+  SWITCHYARD_WGMMA_EXPERT_GEMM=force on_emulator --test cuda_kernels -- expert_layer --nocapture
   on_emulator --test engine -- engine_on_the_gpu --nocapture
   on_emulator --test gpu_shards -- --nocapture
   on_emulator --test collective -- nccl --nocapture

@@ -458,6 +458,8 @@ void switchyard_emu_warp_mma(float* c, unsigned int a0, unsigned int a1, unsigne
 
 void* switchyard_emu_dynamic_shared_bytes(void) { return g_launch.shared; }
 
+size_t switchyard_emu_dynamic_shared_size(void) { return g_launch.shared_bytes; }
+
 void switchyard_emu_fail(const char* what) {
     format_message("%s", what);
     fail_in_fiber();

@@ -46,9 +46,9 @@ use rand_chacha::ChaCha8Rng;
 use switchyard_kernels::activation::{silu_mul, silu_mul_reference};
 use switchyard_kernels::attention::{paged_attention, AttentionMask, AttentionShape, PagedKv};
 use switchyard_kernels::device::gpu_bench::{GemmBenchConfig, GemmShape};
-use switchyard_kernels::device::plan::{ExpertPlan, Fp8Expert, SMALL_M_MAX_TOKENS};
+use switchyard_kernels::device::plan::{ExpertPlan, Fp8Expert, WarpgroupLaunch, WarpgroupStages, SMALL_M_MAX_TOKENS};
 use switchyard_kernels::device::{
-    bench_expert_gemm, bf16_bits_to_f32, f32_to_bf16_bits, CudaDevice, CudaSlice, DenseDtype, DenseWeight,
+    bench_expert_gemm, bf16_bits_to_f32, f32_to_bf16_bits, CudaDevice, CudaSlice, CudaViewMut, DenseDtype, DenseWeight,
     ExpertScales, GpuExpertLayer, GroupedGemm, KvDtype, KvElement, KvWrite, PagedDecode,
 };
 use switchyard_kernels::fp8::{dequantize_rows, fake_quantize_rows, quantize_rows};
@@ -456,21 +456,62 @@ fn cublaslt_tunings_are_cached_for_the_next_process() {
 
 /// The lone-expert kernel (one expert over the whole GPU, stream-K) against the CPU's f64 reference: every tile
 /// count, partly filled tiles, grids where every row block is split over several blocks, where some are whole in one
-/// block and where one block takes everything, scaled and raw sums; the other experts' rows are left alone, and the
-/// same launch gives the same bits again (the partials are added in a fixed order, and the arrival counters are back
-/// at zero after each launch).
+/// block and where one block takes everything (see [`check_one_expert_kernel`]).
 #[test]
 fn fp8_lone_expert_gemm_matches_the_cpu_reference() {
     let Some(device) = gpu("fp8_lone_expert_gemm") else { return };
-    let mut r = rng(11);
-    // 3 row blocks of 128 rows x 8 chunks of 128 columns: 24 units.
+    // None: the default grid (more blocks than units here: one unit each, every row block split 8 ways).
+    let grids = [None, Some(1), Some(2), Some(5), Some(7)];
+    check_one_expert_kernel(
+        &device,
+        11,
+        &[1, 8, 9, 16, 21, 32],
+        &grids,
+        33,
+        |gemm, expert, first, tokens, grid, out| device.fp8_lone_expert_gemm(gemm, expert, first, tokens, grid, out),
+    );
+}
+
+/// The warpgroup expert kernel (Hopper's wgmma, stream-K) as the lone-expert kernel above: one token, a partly
+/// filled and a full 128-token tile, both ring depths, grids that split every row block, some, or none (one block
+/// for everything; one block per unit). Only on compute capability 9.0 (the emulator's too): wgmma is Hopper's.
+#[test]
+fn fp8_warpgroup_expert_gemm_matches_the_cpu_reference() {
+    let Some(device) = gpu("fp8_warpgroup_expert_gemm") else { return };
+    if device.arch() != "compute_90" {
+        println!("SKIPPED fp8_warpgroup_expert_gemm: wgmma is Hopper's (compute_90); this GPU is {}", device.arch());
+        return;
+    }
+    let launch = |stages, blocks| WarpgroupLaunch { stages, blocks };
+    let (three, six) = (WarpgroupStages::Three, WarpgroupStages::Six);
+    // 24 units: 1 block; 5 (every row block split); 6 (row blocks whole, four blocks each); 24 (one unit each).
+    let grids = [launch(six, 1), launch(three, 5), launch(six, 6), launch(three, 24)];
+    check_one_expert_kernel(&device, 13, &[1, 40, 128], &grids, 129, |gemm, expert, first, tokens, grid, out| {
+        device.fp8_warpgroup_expert_gemm(gemm, expert, first, tokens, grid, out)
+    });
+}
+
+/// A one-expert kernel (`run`: expert, first slot, tokens, grid) against the CPU's f64 reference on expert 1 of three
+/// (3 row blocks of 128 rows x 8 chunks of 128 columns: 24 units), for each token count and grid, with scaled and raw
+/// sums: the other experts' rows are left alone, and the same launch gives the same bits again (the partials are
+/// added in a fixed order, and the arrival counters are back at zero after each launch). `too_many` tokens, an expert
+/// past the last and slots past the end are refused before launching.
+fn check_one_expert_kernel<G: Copy + std::fmt::Debug>(
+    device: &CudaDevice,
+    seed: u64,
+    token_counts: &[usize],
+    grids: &[G],
+    too_many: usize,
+    run: impl Fn(&GroupedGemm<'_, '_>, usize, usize, usize, G, &mut CudaViewMut<'_, f32>) -> Result<(), KernelError>,
+) {
+    let mut r = rng(seed);
     let (experts, n, k) = (3, 384, 1024);
     let codes = fp8_codes(&mut r, experts * n * k);
     let w_scale = positive_scales(&mut r, experts * n, 1.0 / 448.0);
     let (w_dev, w_scale_dev) = (device.upload(&codes).expect("upload"), device.upload(&w_scale).expect("upload"));
     let expert = 1;
     let weight = Fp8Weight { codes: &codes[n * k..2 * n * k], scales: &w_scale[n..2 * n], rows: n, cols: k };
-    for tokens in [1, 8, 9, 16, 21, 32] {
+    for &tokens in token_counts {
         // Expert 0 has 3 slots before expert 1's, expert 2 has 2 after.
         let counts = [3, tokens, 2];
         let routed: Vec<u32> = counts.iter().enumerate().flat_map(|(e, &c)| std::iter::repeat_n(e as u32, c)).collect();
@@ -497,17 +538,14 @@ fn fp8_lone_expert_gemm_matches_the_cpu_reference() {
                 k,
                 apply_scales,
             };
-            // None: the default grid (more blocks than units here: one unit each, every row block split 8 ways).
-            for blocks in [None, Some(1), Some(2), Some(5), Some(7)] {
-                let run = || {
+            for &grid in grids {
+                let launch = || {
                     let mut out = device.zeros::<f32>(slots * n).expect("alloc");
-                    device
-                        .fp8_lone_expert_gemm(&gemm, expert, first, tokens, blocks, &mut out.as_view_mut())
-                        .expect("lone expert gemm");
+                    run(&gemm, expert, first, tokens, grid, &mut out.as_view_mut()).expect("one-expert gemm");
                     device.download(&out).expect("download")
                 };
-                let got = run();
-                let what = format!("{tokens} tokens, {blocks:?} blocks, scaled {apply_scales}");
+                let got = launch();
+                let what = format!("{tokens} tokens, grid {grid:?}, scaled {apply_scales}");
                 let rows = first * n..(first + tokens) * n;
                 assert!(
                     got[..rows.start].iter().chain(&got[rows.end..]).all(|&v| v == 0.0),
@@ -522,17 +560,18 @@ fn fp8_lone_expert_gemm_matches_the_cpu_reference() {
                 };
                 let scaled: Vec<f32> = got[rows].iter().enumerate().map(|(i, &v)| v * unscale(i)).collect();
                 assert_within(&scaled, &want, |i| f64::from(size[i]) / 4096.0 + 1e-30, &what);
-                assert_eq!(run(), got, "{what}: a second launch gives other bits");
+                assert_eq!(launch(), got, "{what}: a second launch gives other bits");
             }
             // What the kernel cannot take is refused before launching.
             let mut out = device.zeros::<f32>(slots * n).expect("alloc");
+            let too_many_tokens = format!("tokens = {too_many}");
             let past_the_slots = format!("slots {}..{}", slots - 4, slots + 4);
-            for (expert, first, tokens, what) in
-                [(1, 0, 40, "tokens = 40"), (3, 0, 8, "expert 3"), (1, slots - 4, 8, past_the_slots.as_str())]
-            {
-                let err = device
-                    .fp8_lone_expert_gemm(&gemm, expert, first, tokens, None, &mut out.as_view_mut())
-                    .expect_err(what);
+            for (expert, first, tokens, what) in [
+                (1, 0, too_many, too_many_tokens.as_str()),
+                (3, 0, 8, "expert 3"),
+                (1, slots - 4, 8, past_the_slots.as_str()),
+            ] {
+                let err = run(&gemm, expert, first, tokens, grids[0], &mut out.as_view_mut()).expect_err(what);
                 assert!(err.to_string().contains(what), "{err}");
             }
         }
@@ -610,7 +649,7 @@ fn wgmma_layouts_match_the_reference() {
 fn expert_layer_matches_the_cpu_fp8_path() {
     let Some(device) = gpu("expert_layer") else { return };
     let mut r = rng(5);
-    let (experts, hidden, inter) = (5, 512, 768);
+    let (experts, hidden, inter) = (6, 512, 768);
     struct Owned {
         codes: [Vec<u8>; 3],
         scales: [Vec<f32>; 3],
@@ -639,8 +678,11 @@ fn expert_layer_matches_the_cpu_fp8_path() {
         .collect();
     let layer = GpuExpertLayer::upload(&device, &weights).expect("upload");
     assert_eq!(layer.experts(), experts);
-    // Expert 1 gets more tokens than the streaming threshold; expert 4 none.
+    // Expert 1 gets more tokens than the streaming threshold (cuBLASLt's bucket of 32, where the lone-expert kernel
+    // competes); expert 5 more than the lone-expert kernel takes (the bucket of 64, where the warpgroup kernel
+    // competes on Hopper); expert 4 none.
     let mut routed: Vec<u32> = std::iter::repeat_n(1, SMALL_M_MAX_TOKENS + 3).collect();
+    routed.extend(std::iter::repeat_n(5, 40));
     routed.extend((0..40).map(|_| [0u32, 2, 3][r.random_range(0..3)]));
     for i in (1..routed.len()).rev() {
         routed.swap(i, r.random_range(0..=i));
@@ -673,6 +715,16 @@ fn expert_layer_matches_the_cpu_fp8_path() {
     let relative_rms = (error / norm).sqrt();
     println!("expert layer: relative RMS error {relative_rms:e} over {rows} rows");
     assert!(relative_rms <= 2e-2, "relative RMS error {relative_rms:e}");
+    // With the warpgroup kernel forced (scripts/test.sh runs this test so), expert 5's GEMMs went through it.
+    if std::env::var("SWITCHYARD_WGMMA_EXPERT_GEMM").as_deref() == Ok("force") && device.arch() == "compute_90" {
+        let tunings = device.cublaslt_tunings().expect("tunings");
+        for (n, k) in [(2 * inter, hidden), (hidden, inter)] {
+            let Some(tuning) = tunings.iter().find(|t| (t.n, t.k, t.tokens) == (n, k, 64)) else {
+                panic!("no tuning of {n} x {k} for 64 tokens: {tunings:?}")
+            };
+            assert!(tuning.tuned.starts_with("warpgroup kernel"), "{tuning:?}");
+        }
+    }
 }
 
 #[test]
@@ -1323,14 +1375,19 @@ fn bench_measures_every_case_on_small_shapes() {
     }
     // Each one-expert case was tuned for its bucket, rotated over the experts; the lone-expert kernel competed where
     // it takes the bucket (up to 32 tokens), and the choice's time is the fastest.
-    for (tokens, lone) in [(16, true), (64, false)] {
+    // The warpgroup kernel (Hopper only) where it takes the bucket (33..=128 tokens).
+    let device = gpu("bench_measures_every_case_on_small_shapes").expect("the GPU again");
+    let hopper = device.arch() == "compute_90";
+    for (tokens, lone, warpgroup) in [(16, true, false), (64, false, hopper)] {
         let Some(row) = report.tuning.iter().find(|t| (t.n, t.k, t.tokens) == (512, 256, tokens)) else {
             panic!("no tuning of bucket {tokens}: {:?}", report.tuning)
         };
         assert!(row.cached || row.lone_us.is_some() == lone, "{row:?}");
-        assert!(row.lone_us.is_none_or(|us| row.tuned_us.is_some_and(|tuned| tuned <= us)), "{row:?}");
+        assert!(row.cached || row.warpgroup_us.is_some() == warpgroup, "{row:?}");
+        for ours in [row.lone_us, row.warpgroup_us] {
+            assert!(ours.is_none_or(|us| row.tuned_us.is_some_and(|tuned| tuned <= us)), "{row:?}");
+        }
     }
-    let device = gpu("bench_measures_every_case_on_small_shapes").expect("the GPU again");
     let weights = device.zeros::<u8>(2 * 512 * 256).expect("alloc");
     let error = device.tune_fp8_expert_gemm(512, 256, 40, &weights.as_view(), 3).expect_err("two experts' weights");
     assert!(error.to_string().contains("cannot hold 3 experts of 512 x 256"), "{error}");

@@ -211,11 +211,22 @@ fn print_tuning(report: &GemmBenchReport) {
     println!();
     println!(
         "cuBLASLt tuning of ours (each shape and token bucket timed once, on first use, over the candidates that pass \
-         cuBLASLt's check, or read from the tuning cache an earlier run wrote; counts round up to the bucket):"
+         cuBLASLt's check and our kernels where they take the bucket, or read from the tuning cache an earlier run \
+         wrote; counts round up to the bucket):"
     );
     println!(
-        "{:>6} {:>6} {:>6} {:>5} {:>10} {:>12} {:>9} {:>7} {:>8} {:>6}  tuned (heuristic)",
-        "n", "k", "tokens", "align", "candidates", "heuristic us", "tuned us", "speedup", "lone us", "cached"
+        "{:>6} {:>6} {:>6} {:>5} {:>10} {:>12} {:>9} {:>7} {:>8} {:>9} {:>6}  tuned (heuristic)",
+        "n",
+        "k",
+        "tokens",
+        "align",
+        "candidates",
+        "heuristic us",
+        "tuned us",
+        "speedup",
+        "lone us",
+        "wgmma us",
+        "cached"
     );
     let us = |value: Option<f64>| value.map(|us| format!("{us:.1}")).unwrap_or_else(|| "-".into());
     for row in &report.tuning {
@@ -224,7 +235,7 @@ fn print_tuning(report: &GemmBenchReport) {
             _ => "-".into(),
         };
         println!(
-            "{:>6} {:>6} {:>6} {:>5} {:>10} {:>12} {:>9} {:>7} {:>8} {:>6}  {} ({})",
+            "{:>6} {:>6} {:>6} {:>5} {:>10} {:>12} {:>9} {:>7} {:>8} {:>9} {:>6}  {} ({})",
             row.n,
             row.k,
             row.tokens,
@@ -234,12 +245,13 @@ fn print_tuning(report: &GemmBenchReport) {
             us(row.tuned_us),
             speedup,
             us(row.lone_us),
+            us(row.warpgroup_us),
             if row.cached { "yes" } else { "no" },
             row.tuned,
             row.heuristic
         );
         for (config, us) in &row.runners_up {
-            println!("{us:>60.1}  then: {config}");
+            println!("{us:>70.1}  then: {config}");
         }
     }
 }
@@ -302,7 +314,7 @@ fn to_json(report: &GemmBenchReport, config: &GemmBenchConfig) -> serde_json::Va
         "cublaslt_tuning": report.tuning.iter().map(|row| serde_json::json!({
             "n": row.n, "k": row.k, "tokens": row.tokens, "alignment": row.alignment,
             "candidates": row.candidates, "heuristic_us": row.heuristic_us, "tuned_us": row.tuned_us,
-            "lone_us": row.lone_us,
+            "lone_us": row.lone_us, "warpgroup_us": row.warpgroup_us,
             "heuristic": row.heuristic, "tuned": row.tuned, "cached": row.cached,
             "runners_up": row.runners_up.iter().map(|(config, us)| serde_json::json!({"config": config, "us": us}))
                 .collect::<Vec<_>>(),

@@ -78,6 +78,8 @@ void switchyard_emu_warp_mma(float* c, unsigned int a0, unsigned int a1, unsigne
 void switchyard_emu_fail(const char* what);
 /// The launch's dynamic shared memory (sharedMemBytes, 0xCD-filled at the start of every block).
 void* switchyard_emu_dynamic_shared_bytes(void);
+/// Its size in bytes.
+size_t switchyard_emu_dynamic_shared_size(void);
 }
 
 #define __syncthreads() switchyard_emu_syncthreads()

@@ -161,6 +161,10 @@ pub struct GemmTuningRow {
     pub tuned_us: Option<f64>,
     /// Median of the lone-expert kernel, us, where it competed (at most 32 tokens, `n` and `k` multiples of 128).
     pub lone_us: Option<f64>,
+    /// Median of the warpgroup expert kernel (`fp8_warpgroup_expert_gemm`), us, its fastest launch, where it competed
+    /// (buckets of 64 and 128 tokens, `n` and `k` multiples of 128, a Hopper GPU whose wgmma layouts the probe
+    /// confirmed).
+    pub warpgroup_us: Option<f64>,
     /// The heuristic's first choice, in cuBLASLt's configuration numbers.
     pub heuristic: String,
     /// The candidate chosen.

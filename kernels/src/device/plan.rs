@@ -127,6 +127,150 @@ impl LoneExpertGrid {
     }
 }
 
+/// Most tokens `fp8_warpgroup_expert_gemm` takes (the N of its `m64n128k32` wgmma).
+pub const WARPGROUP_MAX_TOKENS: usize = 128;
+/// Fewest tokens it is timed for: its buckets are the tuning's 64 and 128; fewer tokens belong to the lone-expert
+/// kernel's mma.sync tiles, which do not multiply padding.
+pub const WARPGROUP_MIN_TOKENS: usize = LONE_MAX_TOKENS + 1;
+/// Weight rows of one unit of `fp8_warpgroup_expert_gemm` (its `WG_ROWS`: 64 per warpgroup, two warpgroups); `n`
+/// must be a multiple.
+pub const WARPGROUP_ROWS: usize = 128;
+/// Columns of one unit (its `WG_CHUNK`); `k` must be a multiple.
+pub const WARPGROUP_CHUNK: usize = 128;
+/// Threads of one block (its `WG_THREADS`: two warpgroups).
+pub const WARPGROUP_THREADS: usize = 256;
+/// Shared memory of one ring slot (its `WG_STAGE_BYTES`: 128 tokens' chunk, then 128 weight rows of 144 bytes).
+const WARPGROUP_STAGE_BYTES: usize = 128 * 128 + WARPGROUP_ROWS * 144;
+/// Accumulators of one thread (64 weight rows x 128 tokens over a warpgroup's 128 threads).
+const WARPGROUP_THREAD_SUMS: usize = 64;
+
+/// The depth of `fp8_warpgroup_expert_gemm`'s ring: how many units' bytes a block keeps in flight, against how many
+/// blocks share an SM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WarpgroupStages {
+    /// `_s3`: three slots (102 KiB), two blocks an SM (launch bounds: 128 registers).
+    Three,
+    /// `_s6`: six slots (204 KiB), one block an SM.
+    Six,
+}
+
+impl WarpgroupStages {
+    /// Both, in the order the tuning lists them.
+    pub const ALL: [WarpgroupStages; 2] = [WarpgroupStages::Three, WarpgroupStages::Six];
+
+    /// Ring slots.
+    pub fn slots(self) -> usize {
+        match self {
+            WarpgroupStages::Three => 3,
+            WarpgroupStages::Six => 6,
+        }
+    }
+
+    /// Blocks that share an SM.
+    pub fn blocks_per_sm(self) -> usize {
+        match self {
+            WarpgroupStages::Three => 2,
+            WarpgroupStages::Six => 1,
+        }
+    }
+
+    /// The kernel's name.
+    pub fn kernel(self) -> &'static str {
+        match self {
+            WarpgroupStages::Three => "fp8_warpgroup_expert_gemm_s3",
+            WarpgroupStages::Six => "fp8_warpgroup_expert_gemm_s6",
+        }
+    }
+
+    /// The ring depth with `slots` slots, if the kernel has one.
+    pub fn with_slots(slots: usize) -> Option<Self> {
+        WarpgroupStages::ALL.into_iter().find(|stages| stages.slots() == slots)
+    }
+}
+
+/// How `fp8_warpgroup_expert_gemm` is launched: its ring depth and its blocks, which split the expert's units
+/// (`(n / 128) * (k / 128)` of 128 weight rows x 128 columns) evenly, to one unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WarpgroupLaunch {
+    /// The ring depth (the kernel).
+    pub stages: WarpgroupStages,
+    /// Blocks of the launch.
+    pub blocks: usize,
+}
+
+impl WarpgroupLaunch {
+    /// The launches the tuning times for an `n` x `k` expert on `sms` SMs: for each ring depth, one block per place on
+    /// the SMs, and the most whole splits of every row block that fit those places (no row block then shares a block
+    /// with another, so fewer partial sums travel through L2: Maverick's gate_up on an H100 needs none at one block
+    /// an SM). Without duplicates, in a fixed order.
+    pub fn candidates(n: usize, k: usize, sms: usize) -> Vec<WarpgroupLaunch> {
+        let (row_blocks, units) = (n / WARPGROUP_ROWS, (n / WARPGROUP_ROWS) * (k / WARPGROUP_CHUNK));
+        let mut launches = Vec::new();
+        for stages in WarpgroupStages::ALL {
+            let places = sms.max(1) * stages.blocks_per_sm();
+            let whole_splits = if row_blocks == 0 { 0 } else { row_blocks * (places / row_blocks) };
+            for blocks in [places, whole_splits] {
+                let launch = WarpgroupLaunch { stages, blocks: blocks.min(units) };
+                if launch.blocks > 0 && !launches.contains(&launch) {
+                    launches.push(launch);
+                }
+            }
+        }
+        launches
+    }
+}
+
+/// What one launch of `fp8_warpgroup_expert_gemm` needs for one expert's `tokens` x `n` x `k` GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarpgroupExpertGrid {
+    /// The launch (its blocks clamped to the units).
+    pub launch: WarpgroupLaunch,
+    /// Units of work: row blocks times chunks.
+    pub units: usize,
+    /// Dynamic shared memory of a block (the ring), bytes.
+    pub shared_bytes: usize,
+    /// Floats of the partial-sum workspace: two partials of every thread of every block.
+    pub workspace_floats: usize,
+    /// Row blocks (`n / 128`): the arrival counters.
+    pub row_blocks: usize,
+}
+
+impl WarpgroupExpertGrid {
+    /// The grid of `launch` (blocks above the units are clamped), or why the kernel cannot take the GEMM.
+    pub fn new(tokens: usize, n: usize, k: usize, launch: WarpgroupLaunch) -> Result<Self, KernelError> {
+        const OP: &str = "warpgroup expert grid";
+        if !(1..=WARPGROUP_MAX_TOKENS).contains(&tokens) {
+            return Err(KernelError::invalid(OP, format!("tokens = {tokens} must be in 1..={WARPGROUP_MAX_TOKENS}")));
+        }
+        if n == 0 || k == 0 || n % WARPGROUP_ROWS != 0 || k % WARPGROUP_CHUNK != 0 {
+            return Err(KernelError::invalid(
+                OP,
+                format!("n = {n} must be a positive multiple of {WARPGROUP_ROWS} and k = {k} of {WARPGROUP_CHUNK}"),
+            ));
+        }
+        if launch.blocks == 0 {
+            return Err(KernelError::invalid(OP, "a grid needs at least one block"));
+        }
+        let row_blocks = n / WARPGROUP_ROWS;
+        let units = row_blocks * (k / WARPGROUP_CHUNK);
+        let blocks = launch.blocks.min(units);
+        // The kernel computes `units * block / blocks` in 32 bits.
+        if units.checked_mul(blocks + 1).is_none_or(|v| v > i32::MAX as usize) {
+            return Err(KernelError::invalid(
+                OP,
+                format!("{units} units over {blocks} blocks exceed the kernel's i32 range"),
+            ));
+        }
+        Ok(WarpgroupExpertGrid {
+            launch: WarpgroupLaunch { blocks, ..launch },
+            units,
+            shared_bytes: launch.stages.slots() * WARPGROUP_STAGE_BYTES,
+            workspace_floats: blocks * 2 * WARPGROUP_THREAD_SUMS * WARPGROUP_THREADS,
+            row_blocks,
+        })
+    }
+}
+
 /// One expert's FP8 weights in nn.Linear layout, borrowed from the host (the model's checkpoint mmap).
 #[derive(Debug, Clone, Copy)]
 pub struct Fp8Expert<'a> {
@@ -327,6 +471,51 @@ mod tests {
         // More blocks than units are clamped; 17..=32 tokens take four tiles.
         assert_eq!(LoneExpertGrid::new(17, 256, 256, 132, Some(99)).expect("grid").blocks, 4);
         assert_eq!(LoneExpertGrid::new(17, 256, 256, 132, None).expect("grid").tiles, 4);
+    }
+
+    #[test]
+    fn warpgroup_launches_fill_the_sms_and_split_row_blocks_whole() {
+        // An H100: gate_up has 128 row blocks, down 40.
+        let launch = |stages, blocks| WarpgroupLaunch { stages, blocks };
+        let (three, six) = (WarpgroupStages::Three, WarpgroupStages::Six);
+        assert_eq!(
+            WarpgroupLaunch::candidates(16384, 5120, 132),
+            [launch(three, 264), launch(three, 256), launch(six, 132), launch(six, 128)]
+        );
+        assert_eq!(
+            WarpgroupLaunch::candidates(5120, 8192, 132),
+            [launch(three, 264), launch(three, 240), launch(six, 132), launch(six, 120)]
+        );
+        // More row blocks than places: no whole splits; few units: clamped and deduplicated.
+        assert_eq!(WarpgroupLaunch::candidates(1280, 128, 4), [launch(three, 8), launch(six, 4)]);
+        assert_eq!(WarpgroupLaunch::candidates(128, 256, 132), [launch(three, 2), launch(six, 2)]);
+        assert_eq!(WarpgroupStages::with_slots(6), Some(six));
+        assert_eq!(WarpgroupStages::with_slots(4), None);
+    }
+
+    #[test]
+    fn warpgroup_grid_sizes_its_ring_and_workspace() {
+        let down =
+            WarpgroupExpertGrid::new(128, 5120, 8192, WarpgroupLaunch { stages: WarpgroupStages::Six, blocks: 120 })
+                .expect("grid");
+        assert_eq!((down.units, down.row_blocks, down.launch.blocks), (2560, 40, 120));
+        assert_eq!(down.shared_bytes, 6 * (16384 + 128 * 144));
+        assert!(down.shared_bytes <= 227 * 1024, "an H100 block holds 227 KiB");
+        assert_eq!(down.workspace_floats, 120 * 2 * 64 * 256);
+        let three = WarpgroupLaunch { stages: WarpgroupStages::Three, blocks: 999 };
+        let small = WarpgroupExpertGrid::new(40, 256, 256, three).expect("grid");
+        assert_eq!((small.launch.blocks, small.shared_bytes), (4, 3 * (16384 + 128 * 144)));
+        assert!(2 * small.shared_bytes <= 227 * 1024, "two blocks share an SM");
+        for (tokens, n, k, blocks, what) in [
+            (0, 256, 256, 1, "tokens = 0"),
+            (129, 256, 256, 1, "tokens = 129"),
+            (64, 192, 256, 1, "n = 192"),
+            (64, 256, 192, 1, "k = 192"),
+            (64, 256, 256, 0, "at least one block"),
+        ] {
+            let err = WarpgroupExpertGrid::new(tokens, n, k, WarpgroupLaunch { blocks, ..three }).expect_err(what);
+            assert!(err.to_string().contains(what), "{err}");
+        }
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub const DENSE_CU: CudaSource = CudaSource {
 pub const HOPPER_CU: CudaSource = CudaSource {
     file: "hopper.cu",
     text: include_str!("../../cuda/hopper.cu"),
-    kernels: &["wgmma_probe"],
+    kernels: &["wgmma_probe", "fp8_warpgroup_expert_gemm_s3", "fp8_warpgroup_expert_gemm_s6"],
     only_for: Some("90"),
 };
 

@@ -5,22 +5,61 @@
 //!
 //! One file per GPU kind and cuBLASLt release (its name a hash of both, as the PTX cache names its files), one line
 //! per shape and token bucket, tab-separated text. A line that does not parse is ignored, as is a file that cannot be
-//! read or written: the cache only saves time. The algorithm it names is re-checked by cuBLASLt before it runs.
+//! read or written: the cache only saves time. What it names is re-checked before it runs: a cuBLASLt algorithm by
+//! cuBLASLt, one of our kernels against the shape (and, for the warpgroup kernel, this GPU's wgmma layouts).
 //! Plain data and file I/O: no CUDA here.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::device::gpu_bench::GemmTuningRow;
+use crate::device::plan::{WarpgroupLaunch, WarpgroupStages};
 use crate::device::sources::{cache_root, fnv1a, write_atomically};
+
+/// What a tuning chose, as the cache keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachedChoice {
+    /// A cuBLASLt algorithm: the opaque words of its `cublasLtMatmulAlgo_t` (written in hex).
+    Cublaslt([u64; 8]),
+    /// The lone-expert kernel (written `lone`).
+    LoneKernel,
+    /// The warpgroup expert kernel with this launch (written `wgmma-s<slots>-b<blocks>`).
+    WarpgroupKernel(WarpgroupLaunch),
+}
+
+impl CachedChoice {
+    fn to_field(self) -> String {
+        match self {
+            CachedChoice::Cublaslt(words) => {
+                words.iter().map(|word| format!("{word:016x}")).collect::<Vec<_>>().join(",")
+            }
+            CachedChoice::LoneKernel => "lone".to_owned(),
+            CachedChoice::WarpgroupKernel(launch) => format!("wgmma-s{}-b{}", launch.stages.slots(), launch.blocks),
+        }
+    }
+
+    fn parse_field(field: &str) -> Option<CachedChoice> {
+        if field == "lone" {
+            return Some(CachedChoice::LoneKernel);
+        }
+        if let Some(launch) = field.strip_prefix("wgmma-s") {
+            let (slots, blocks) = launch.split_once("-b")?;
+            let stages = WarpgroupStages::with_slots(slots.parse().ok()?)?;
+            let blocks = blocks.parse().ok().filter(|&blocks| blocks > 0)?;
+            return Some(CachedChoice::WarpgroupKernel(WarpgroupLaunch { stages, blocks }));
+        }
+        let words: Vec<u64> = field.split(',').map(|word| u64::from_str_radix(word, 16).ok()).collect::<Option<_>>()?;
+        Some(CachedChoice::Cublaslt(words.try_into().ok()?))
+    }
+}
 
 /// One tuning as the cache holds it: the report row and what was chosen.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TuningRecord {
     /// What was timed and chosen (`tokens` is the bucket).
     pub row: GemmTuningRow,
-    /// The opaque words of the `cublasLtMatmulAlgo_t` chosen; `None`: the lone-expert kernel was (written `lone`).
-    pub algo: Option<[u64; 8]>,
+    /// The choice.
+    pub choice: CachedChoice,
 }
 
 /// Shape and bucket: what a record is for.
@@ -32,17 +71,14 @@ impl TuningRecord {
         (self.row.n, self.row.k, self.row.tokens)
     }
 
-    /// The record as one line (no newline): n, k, bucket, alignment, candidates, the three times (heuristic, tuned,
-    /// lone-expert kernel; `-` when not timed), the algorithm's words in hex (or `lone`), and the two descriptions.
+    /// The record as one line (no newline): n, k, bucket, alignment, candidates, the four times (heuristic, tuned,
+    /// lone-expert kernel, warpgroup kernel; `-` when not timed), the choice ([`CachedChoice`]), and the two
+    /// descriptions.
     pub fn to_line(&self) -> String {
         let r = &self.row;
         let us = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |us| format!("{us}"));
-        let algo = match &self.algo {
-            Some(words) => words.iter().map(|word| format!("{word:016x}")).collect::<Vec<_>>().join(","),
-            None => "lone".to_owned(),
-        };
         format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             r.n,
             r.k,
             r.tokens,
@@ -51,7 +87,8 @@ impl TuningRecord {
             us(r.heuristic_us),
             us(r.tuned_us),
             us(r.lone_us),
-            algo,
+            us(r.warpgroup_us),
+            self.choice.to_field(),
             r.heuristic.replace(['\t', '\n'], " "),
             r.tuned.replace(['\t', '\n'], " ")
         )
@@ -60,21 +97,14 @@ impl TuningRecord {
     /// A line written by [`TuningRecord::to_line`], or `None`.
     pub fn parse_line(line: &str) -> Option<TuningRecord> {
         let fields: Vec<&str> = line.split('\t').collect();
-        let [n, k, tokens, alignment, candidates, heuristic_us, tuned_us, lone_us, algo, heuristic, tuned] = fields[..]
+        let [n, k, tokens, alignment, candidates, heuristic_us, tuned_us, lone_us, warpgroup_us, choice, heuristic, tuned] =
+            fields[..]
         else {
             return None;
         };
         let us = |field: &str| match field {
             "-" => Some(None),
             value => value.parse::<f64>().ok().filter(|us| us.is_finite() && *us >= 0.0).map(Some),
-        };
-        let algo = match algo {
-            "lone" => None,
-            words => {
-                let words: Vec<u64> =
-                    words.split(',').map(|word| u64::from_str_radix(word, 16).ok()).collect::<Option<_>>()?;
-                Some(words.try_into().ok()?)
-            }
         };
         Some(TuningRecord {
             row: GemmTuningRow {
@@ -86,12 +116,13 @@ impl TuningRecord {
                 heuristic_us: us(heuristic_us)?,
                 tuned_us: us(tuned_us)?,
                 lone_us: us(lone_us)?,
+                warpgroup_us: us(warpgroup_us)?,
                 heuristic: heuristic.to_owned(),
                 tuned: tuned.to_owned(),
                 cached: true,
                 runners_up: Vec::new(),
             },
-            algo,
+            choice: CachedChoice::parse_field(choice)?,
         })
     }
 }
@@ -152,21 +183,31 @@ mod tests {
                 heuristic_us: tuned_us.map(|us| us * 1.1),
                 tuned_us,
                 lone_us: None,
+                warpgroup_us: None,
                 heuristic: "algo 66 tile 20".into(),
                 tuned: "algo 66 tile 17 split-k 2".into(),
                 cached: true,
                 runners_up: Vec::new(),
             },
-            algo: Some([1, 2, 3, u64::MAX, 0, 0, 7, 0xdead_beef]),
+            choice: CachedChoice::Cublaslt([1, 2, 3, u64::MAX, 0, 0, 7, 0xdead_beef]),
         }
     }
 
     #[test]
     fn records_round_trip_through_a_line() {
-        let mut lone = TuningRecord { algo: None, ..record(5120, 16, Some(15.5)) };
+        let mut lone = TuningRecord { choice: CachedChoice::LoneKernel, ..record(5120, 16, Some(15.5)) };
         lone.row.lone_us = Some(15.5);
-        for r in [record(16384, 128, Some(37.25)), record(5120, 16, None), lone] {
+        let launch = WarpgroupLaunch { stages: WarpgroupStages::Six, blocks: 120 };
+        let mut warpgroup =
+            TuningRecord { choice: CachedChoice::WarpgroupKernel(launch), ..record(5120, 128, Some(16.0)) };
+        warpgroup.row.warpgroup_us = Some(16.0);
+        for r in [record(16384, 128, Some(37.25)), record(5120, 16, None), lone, warpgroup.clone()] {
             assert_eq!(TuningRecord::parse_line(&r.to_line()), Some(r.clone()));
+        }
+        let wgmma = warpgroup.to_line();
+        assert!(wgmma.contains("\twgmma-s6-b120\t"), "{wgmma}");
+        for (bad, what) in [("wgmma-s4-b120", "no 4-slot ring"), ("wgmma-s6-b0", "no blocks"), ("wgmma-s6", "no -b")] {
+            assert_eq!(TuningRecord::parse_line(&wgmma.replace("wgmma-s6-b120", bad)), None, "{what}");
         }
         let line = record(16384, 128, Some(37.25)).to_line();
         assert_eq!(TuningRecord::parse_line(&line.replace("16384", "x")), None, "bad number");

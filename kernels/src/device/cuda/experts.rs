@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, CudaViewMut};
 
-use super::gemm_tuning::TuningWeights;
+use super::gemm_tuning::{OwnKernel, TuningWeights};
 use super::kernels::{GroupedGemm, MMA_CHUNK, MMA_MAX_TOKENS};
 use super::{driver, CudaDevice};
 use crate::device::plan::{
@@ -94,17 +94,21 @@ impl CudaDevice {
         let weight = product(OP, n, k)?;
         let tuning = TuningWeights { weights: gemm.w, experts: gemm.w.len() / weight };
         for (expert, first, tokens) in plan.large_experts(threshold) {
-            // The lone-expert kernel where the knob routes the count to it, or where the tuning (of raw sums, the
-            // expert layer's GEMM) timed it faster than cuBLASLt for the count's bucket.
-            let lone = tokens <= lone_max
-                || (lone_shape
-                    && tokens <= LONE_MAX_TOKENS
-                    && !gemm.apply_scales
-                    && self.tuned_to_lone_kernel(n, k, tokens, tuning)?);
-            if lone {
-                self.fp8_lone_expert_gemm(gemm, expert, first, tokens, None, out)?;
+            // The lone-expert kernel where the knob routes the count to it; else, for raw sums (the expert layer's
+            // GEMM), whichever the tuning timed fastest for the count's bucket: a cuBLASLt algorithm or our kernel.
+            let own = if tokens <= lone_max {
+                Some(OwnKernel::Lone)
+            } else if gemm.apply_scales {
+                None
             } else {
-                self.fp8_expert_gemm_cublaslt(gemm, expert, first, tokens, out)?;
+                self.tuned_own_kernel(n, k, tokens, tuning)?
+            };
+            match own {
+                Some(OwnKernel::Lone) => self.fp8_lone_expert_gemm(gemm, expert, first, tokens, None, out)?,
+                Some(OwnKernel::Warpgroup(launch)) => {
+                    self.fp8_warpgroup_expert_gemm(gemm, expert, first, tokens, launch, out)?
+                }
+                None => self.fp8_expert_gemm_cublaslt(gemm, expert, first, tokens, out)?,
             }
         }
         Ok(())

@@ -20,11 +20,17 @@
 //! logged and leaves the heuristic's choice, so tuning never fails an expert call. `SWITCHYARD_CUBLASLT_TUNING=0`
 //! turns tuning off (the heuristic's choice everywhere).
 //!
+//! Our own one-expert kernels compete in the same timing where they take the bucket (`OwnKernel`): the lone-expert
+//! kernel (mma.sync, up to 32 tokens) and, on Hopper, the warpgroup kernel (wgmma, 64 and 128 tokens), each launch of
+//! it a candidate. Each is first run once and its sums compared with cuBLASLt's (`sums_agree`): a kernel that has
+//! not run on this GPU before cannot win with wrong sums.
+//!
 //! Each tuning goes to the tuning cache (`device::tuning_cache`: one file per GPU kind and cuBLASLt release), where
 //! the next process on such a GPU finds it instead of timing again. Different algorithms add the k-sum in different
 //! orders, so two processes that tuned separately may differ in the last bits of an expert's output (within the
 //! tolerances of docs/cuda.md); processes sharing a cache, or the same process, give the same bits.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::c_void;
 use std::path::PathBuf;
@@ -38,9 +44,13 @@ use super::kernels::{GroupedGemm, MMA_CHUNK};
 use super::timing::{interleaved_medians_us, random_codes, Schedule, TimedPath};
 use super::{lock, CudaDevice};
 use crate::device::gpu_bench::GemmTuningRow;
-use crate::device::plan::{cublaslt_token_bucket, LoneExpertGrid};
+use crate::device::plan::{
+    cublaslt_token_bucket, LoneExpertGrid, WarpgroupExpertGrid, WarpgroupLaunch, WARPGROUP_MAX_TOKENS,
+    WARPGROUP_MIN_TOKENS,
+};
 use crate::device::tuning_cache::{
-    add_to_tuning_cache, read_tuning_cache, tuning_cache_dir, tuning_cache_file, TuningCacheKey, TuningRecord,
+    add_to_tuning_cache, read_tuning_cache, tuning_cache_dir, tuning_cache_file, CachedChoice, TuningCacheKey,
+    TuningRecord,
 };
 use crate::error::KernelError;
 
@@ -73,6 +83,30 @@ fn tuning_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("SWITCHYARD_CUBLASLT_TUNING").map_or(true, |v| v.trim() != "0"))
 }
 
+/// Whether the warpgroup expert kernel (`fp8_warpgroup_expert_gemm`) takes part in the tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WarpgroupMode {
+    /// Not at all (`SWITCHYARD_WGMMA_EXPERT_GEMM=0`: gpu-check turns it off for the benchmark when the kernel's own
+    /// tests failed on the GPU).
+    Off,
+    /// It competes with cuBLASLt's candidates (the default).
+    Compete,
+    /// It wins wherever it takes the bucket and its sums agree (`SWITCHYARD_WGMMA_EXPERT_GEMM=force`: the tests run
+    /// the expert path through it on the emulator, where timing would never choose it). The tuning cache is neither
+    /// read nor written then.
+    Force,
+}
+
+/// `SWITCHYARD_WGMMA_EXPERT_GEMM`, read once.
+fn warpgroup_mode() -> WarpgroupMode {
+    static MODE: OnceLock<WarpgroupMode> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("SWITCHYARD_WGMMA_EXPERT_GEMM").as_deref().map(str::trim) {
+        Ok("0") => WarpgroupMode::Off,
+        Ok("force") => WarpgroupMode::Force,
+        _ => WarpgroupMode::Compete,
+    })
+}
+
 /// What one tuning is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) struct TuneKey {
@@ -95,28 +129,55 @@ fn tuned_operands() -> Operands {
     Operands::Fp8 { outer_vector: false }
 }
 
+/// One of our kernels, timed with the cuBLASLt candidates where it takes the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OwnKernel {
+    /// `fp8_lone_expert_gemm` (at most 32 tokens, `n` and `k` multiples of 128).
+    Lone,
+    /// `fp8_warpgroup_expert_gemm` with this launch (buckets of 64 and 128 tokens, `n` and `k` multiples of 128, a
+    /// Hopper GPU whose wgmma layouts `wgmma_probe` confirmed).
+    Warpgroup(WarpgroupLaunch),
+}
+
+impl OwnKernel {
+    /// How the report names it.
+    fn describe(self) -> String {
+        match self {
+            OwnKernel::Lone => "lone-expert kernel (fp8_lone_expert_gemm)".to_owned(),
+            OwnKernel::Warpgroup(launch) => {
+                format!("warpgroup kernel ({}, {} blocks)", launch.stages.kernel(), launch.blocks)
+            }
+        }
+    }
+}
+
 /// What a tuning chose for a shape and bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum TunedChoice {
     /// A cuBLASLt algorithm.
     Cublaslt(sys::cublasLtMatmulAlgo_t),
-    /// The lone-expert kernel (`fp8_lone_expert_gemm`), timed with the cuBLASLt candidates where it takes the bucket
-    /// (at most 32 tokens, `n` a multiple of 128, `k` of 128).
-    LoneKernel,
+    /// One of our kernels.
+    Own(OwnKernel),
 }
 
 impl TunedChoice {
-    /// The algorithm words a cache record keeps (`None`: the lone-expert kernel).
-    fn record(self) -> Option<[u64; 8]> {
+    /// What a cache record keeps.
+    fn record(self) -> CachedChoice {
         match self {
-            TunedChoice::Cublaslt(algo) => Some(algo.data),
-            TunedChoice::LoneKernel => None,
+            TunedChoice::Cublaslt(algo) => CachedChoice::Cublaslt(algo.data),
+            TunedChoice::Own(OwnKernel::Lone) => CachedChoice::LoneKernel,
+            TunedChoice::Own(OwnKernel::Warpgroup(launch)) => CachedChoice::WarpgroupKernel(launch),
+        }
+    }
+
+    /// How the report names it.
+    fn describe(self) -> String {
+        match self {
+            TunedChoice::Cublaslt(algo) => describe(&algo),
+            TunedChoice::Own(kernel) => kernel.describe(),
         }
     }
 }
-
-/// How the report names the lone-expert kernel when it is chosen.
-const LONE_KERNEL: &str = "lone-expert kernel (fp8_lone_expert_gemm)";
 
 /// The tunings made on one device, by shape and bucket: what was chosen (`None`: the tuning failed, and the
 /// heuristic's algorithm runs) and the report row; and the device's tuning cache file with what it held when first
@@ -411,7 +472,9 @@ impl CudaDevice {
         if lock(&blas.tunings).entries.contains_key(&key) {
             return Ok(());
         }
-        if let Some((choice, row)) = self.cached_tuning(&blas, key) {
+        // A forced choice is not a measured one: it neither comes from the cache nor goes to it.
+        let cache = warpgroup_mode() != WarpgroupMode::Force;
+        if let Some((choice, row)) = self.cached_tuning(&blas, key).filter(|_| cache) {
             lock(&blas.tunings).entries.insert(key, (Some(choice), row));
             return Ok(());
         }
@@ -430,6 +493,7 @@ impl CudaDevice {
                     heuristic_us: None,
                     tuned_us: None,
                     lone_us: None,
+                    warpgroup_us: None,
                     heuristic: "-".to_owned(),
                     tuned: failed,
                     cached: false,
@@ -439,12 +503,12 @@ impl CudaDevice {
             }
         };
         let mut tunings = lock(&blas.tunings);
-        if let (Some(choice), Some(cache)) = (tuned.0, tunings.cache.as_ref()) {
+        if let (Some(choice), Some(cache), true) = (tuned.0, tunings.cache.as_ref(), cache) {
             if let Some(file) = &cache.file {
                 add_to_tuning_cache(
                     file,
                     &cache.identity,
-                    &TuningRecord { row: tuned.1.clone(), algo: choice.record() },
+                    &TuningRecord { row: tuned.1.clone(), choice: choice.record() },
                 );
             }
         }
@@ -452,8 +516,9 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// The tuning of `key` an earlier process cached for this kind of GPU and cuBLASLt release, if cuBLASLt still
-    /// passes its algorithm for the bucket's GEMM. Reads the cache file on first use.
+    /// The tuning of `key` an earlier process cached for this kind of GPU and cuBLASLt release, if what it chose
+    /// still runs the bucket's GEMM here (cuBLASLt passes the algorithm; our kernel takes the shape). Reads the cache
+    /// file on first use.
     fn cached_tuning(&self, blas: &BlasLt, key: TuneKey) -> Option<(TunedChoice, GemmTuningRow)> {
         let record = {
             let mut tunings = lock(&blas.tunings);
@@ -467,8 +532,12 @@ impl CudaDevice {
             });
             cache.records.get(&(key.n, key.k, key.bucket))?.clone()
         };
-        let Some(data) = record.algo else {
-            return self.lone_kernel_takes(key).then_some((TunedChoice::LoneKernel, record.row));
+        let own =
+            |kernel| self.own_kernels(key).contains(&kernel).then_some((TunedChoice::Own(kernel), record.row.clone()));
+        let data = match record.choice {
+            CachedChoice::LoneKernel => return own(OwnKernel::Lone),
+            CachedChoice::WarpgroupKernel(launch) => return own(OwnKernel::Warpgroup(launch)),
+            CachedChoice::Cublaslt(data) => data,
         };
         let algo = sys::cublasLtMatmulAlgo_t { data };
         let alignment = record.row.alignment;
@@ -477,25 +546,48 @@ impl CudaDevice {
         plan.ok().filter(|plan| blas.check(plan, &algo, alignment)).map(|_| (TunedChoice::Cublaslt(algo), record.row))
     }
 
-    /// Whether the lone-expert kernel takes `key`'s GEMM (its bucket's token count and shape).
-    fn lone_kernel_takes(&self, key: TuneKey) -> bool {
-        key.k % MMA_CHUNK == 0 && LoneExpertGrid::new(key.bucket, key.n, key.k, self.sms(), None).is_ok()
+    /// Our kernels that take `key`'s GEMM (its bucket's token count and shape), each launch the tuning would time:
+    /// the lone-expert kernel up to 32 tokens; the warpgroup kernel's launches for 33..=128 on a Hopper GPU whose
+    /// wgmma layouts `wgmma_probe` confirmed (asked here the first time: one small launch).
+    fn own_kernels(&self, key: TuneKey) -> Vec<OwnKernel> {
+        let TuneKey { n, k, bucket } = key;
+        let mut kernels = Vec::new();
+        if k % MMA_CHUNK == 0 && LoneExpertGrid::new(bucket, n, k, self.sms(), None).is_ok() {
+            kernels.push(OwnKernel::Lone);
+        }
+        let warpgroup = (WARPGROUP_MIN_TOKENS..=WARPGROUP_MAX_TOKENS).contains(&bucket)
+            && warpgroup_mode() != WarpgroupMode::Off
+            && self.arch() == "compute_90";
+        if warpgroup {
+            let launches = WarpgroupLaunch::candidates(n, k, self.sms());
+            let takes = |launch: &WarpgroupLaunch| WarpgroupExpertGrid::new(bucket, n, k, *launch).is_ok();
+            if launches.iter().any(takes) {
+                match self.wgmma_reading() {
+                    Ok(_) => kernels.extend(launches.into_iter().filter(takes).map(OwnKernel::Warpgroup)),
+                    Err(error) => tracing::warn!(%error, "the warpgroup expert kernel is not used on this GPU"),
+                }
+            }
+        }
+        kernels
     }
 
-    /// Whether the tuning of `(n, k)` for the bucket of `tokens` chose the lone-expert kernel, tuning it first (on
-    /// `weights`) if it was not yet.
-    pub(super) fn tuned_to_lone_kernel(
+    /// Which of our kernels the tuning of `(n, k)` for the bucket of `tokens` chose, if it chose one, tuning it first
+    /// (on `weights`) if it was not yet.
+    pub(super) fn tuned_own_kernel(
         &self,
         n: usize,
         k: usize,
         tokens: usize,
         weights: TuningWeights<'_, '_>,
-    ) -> Result<bool, KernelError> {
+    ) -> Result<Option<OwnKernel>, KernelError> {
         self.ensure_fp8_tuned(n, k, tokens, weights)?;
-        let Some(bucket) = cublaslt_token_bucket(tokens) else { return Ok(false) };
+        let Some(bucket) = cublaslt_token_bucket(tokens) else { return Ok(None) };
         let key = TuneKey { n, k, bucket };
         let choice = lock(&self.blas()?.tunings).entries.get(&key).and_then(|(choice, _)| *choice);
-        Ok(choice == Some(TunedChoice::LoneKernel))
+        Ok(match choice {
+            Some(TunedChoice::Own(kernel)) => Some(kernel),
+            _ => None,
+        })
     }
 
     /// What tuning found so far on this device: one row per shape and bucket, in that order.
@@ -520,7 +612,7 @@ impl CudaDevice {
             ));
         }
         let stream = self.stream();
-        // Random activations: the lone-expert kernel's sums are compared with cuBLASLt's before it may compete.
+        // Random activations: our kernels' sums are compared with cuBLASLt's before they may compete.
         let a = self.upload(&random_codes(bucket * k, 0x7475_6e65 ^ weight as u64))?;
         let mut out = self.zeros::<f32>(bucket * n)?;
         // Raw pointers for the cuBLASLt calls: the buffers live to the end of this function, and everything runs on
@@ -552,6 +644,7 @@ impl CudaDevice {
             heuristic_us: None,
             tuned_us: None,
             lone_us: None,
+            warpgroup_us: None,
             heuristic: describe(&first.algo),
             tuned: describe(&first.algo),
             cached: false,
@@ -569,18 +662,24 @@ impl CudaDevice {
             let (workspace_ptr, _workspace_sync) = workspace.device_ptr_mut(stream);
             blas.matmul(plan, algo, w, a_ptr, out_ptr, 0.0, workspace_ptr, stream)
         };
-        // The heuristic's choice must run (the untuned path would fail on it too); its sums are the reference the
-        // lone-expert kernel is checked against.
+        // The heuristic's choice must run (the untuned path would fail on it too); its sums are the reference our
+        // kernels are checked against.
         run(&first.algo, 0).map_err(blas_error("FP8 matmul (tuning)"))?;
-        let lone = if self.lone_kernel_takes(key) && weights.weights.len() == experts * weight {
-            let reference = self.download(&out)?;
-            self.lone_kernel_scratch(key, &a, weights, &reference)?
-        } else {
+        let own = self.own_kernels(key);
+        let checked = if own.is_empty() || weights.weights.len() != experts * weight {
             None
+        } else {
+            let reference = self.download(&out)?;
+            Some(self.checked_own_kernels(key, own, &a, weights, &reference)?)
         };
-        if candidates.len() == 1 && lone.is_none() {
+        let (own_scratch, own) = match checked {
+            Some((scratch, kernels)) if !kernels.is_empty() => (Some(RefCell::new(scratch)), kernels),
+            _ => (None, Vec::new()),
+        };
+        if candidates.len() == 1 && own.is_empty() {
             return Ok((TunedChoice::Cublaslt(first.algo), row));
         }
+        let a_view = a.as_view();
         let mut choices: Vec<TunedChoice> = candidates.iter().map(|c| TunedChoice::Cublaslt(c.algo)).collect();
         let mut paths: Vec<BoxedPath<'_>> = candidates
             .iter()
@@ -589,10 +688,14 @@ impl CudaDevice {
                     as BoxedPath<'_>
             })
             .collect();
-        if let Some(mut scratch) = lone {
-            let a = a.as_view();
-            choices.push(TunedChoice::LoneKernel);
-            paths.push(Box::new(move |call: usize| scratch.run(self, &a, weights, key, call % experts)));
+        if let Some(scratch) = own_scratch.as_ref() {
+            let a = &a_view;
+            for kernel in own {
+                choices.push(TunedChoice::Own(kernel));
+                paths.push(Box::new(move |call: usize| {
+                    scratch.borrow_mut().run(self, a, weights, key, call % experts, kernel)
+                }));
+            }
         }
         // One call of each other candidate first: one the check passed but the call refuses is dropped, not the
         // expert call.
@@ -606,56 +709,70 @@ impl CudaDevice {
         }
         row.candidates = kept.len();
         let medians = interleaved_medians_us(self, SCHEDULE, &mut timed)?;
-        let describe_choice = |i: usize| match choices[i] {
-            TunedChoice::Cublaslt(algo) => describe(&algo),
-            TunedChoice::LoneKernel => LONE_KERNEL.to_owned(),
-        };
         let mut ranked: Vec<(usize, f64)> = kept.iter().copied().zip(medians.iter().copied()).collect();
         ranked.sort_by(|(_, a), (_, b)| a.total_cmp(b));
-        let Some(&(best, best_us)) = ranked.first() else {
+        let forced = ranked
+            .iter()
+            .find(|&&(i, _)| matches!(choices[i], TunedChoice::Own(OwnKernel::Warpgroup(_))))
+            .filter(|_| warpgroup_mode() == WarpgroupMode::Force);
+        let Some(&(best, best_us)) = forced.or(ranked.first()) else {
             return Ok((TunedChoice::Cublaslt(first.algo), row));
         };
+        let fastest =
+            |wanted: fn(TunedChoice) -> bool| ranked.iter().find(|&&(i, _)| wanted(choices[i])).map(|&(_, us)| us);
         row.heuristic_us = medians.first().copied();
         row.tuned_us = Some(best_us);
-        row.lone_us = ranked.iter().find(|&&(i, _)| choices[i] == TunedChoice::LoneKernel).map(|&(_, us)| us);
-        row.tuned = describe_choice(best);
-        row.runners_up = ranked.iter().skip(1).take(RUNNERS_UP).map(|&(i, us)| (describe_choice(i), us)).collect();
+        row.lone_us = fastest(|choice| choice == TunedChoice::Own(OwnKernel::Lone));
+        row.warpgroup_us = fastest(|choice| matches!(choice, TunedChoice::Own(OwnKernel::Warpgroup(_))));
+        row.tuned = choices[best].describe();
+        row.runners_up = ranked
+            .iter()
+            .filter(|&&(i, _)| i != best)
+            .take(RUNNERS_UP)
+            .map(|&(i, us)| (choices[i].describe(), us))
+            .collect();
         Ok((choices[best], row))
     }
 
-    /// The lone-expert kernel's scratch for timing `key`, after one run on expert 0 has given `reference` (cuBLASLt's
-    /// sums of the same product) to within what two tensor-core summations may differ by; `None`, with a warning,
-    /// when it has not: then it does not compete. Our kernel, unlike cuBLASLt's, is checked where it is chosen.
-    fn lone_kernel_scratch(
+    /// The scratch our kernels are timed with for `key`, and those of `kernels` whose run on expert 0 gave
+    /// `reference` (cuBLASLt's sums of the same product) to within what two tensor-core summations may differ by;
+    /// the others are left out with a warning. Our kernels, unlike cuBLASLt's, are checked where they are chosen.
+    fn checked_own_kernels(
         &self,
         key: TuneKey,
+        kernels: Vec<OwnKernel>,
         a: &CudaSlice<u8>,
         weights: TuningWeights<'_, '_>,
         reference: &[f32],
-    ) -> Result<Option<LoneScratchBuffers>, KernelError> {
+    ) -> Result<(OwnKernelScratch, Vec<OwnKernel>), KernelError> {
         let mut offsets = vec![key.bucket as u32; weights.experts + 1];
         offsets[0] = 0;
-        let mut scratch = LoneScratchBuffers {
+        let mut scratch = OwnKernelScratch {
             offsets: self.upload(&offsets)?,
             a_scale: self.zeros::<f32>(key.bucket)?,
             w_scale: self.zeros::<f32>(weights.experts * key.n)?,
             out: self.zeros::<f32>(key.bucket * key.n)?,
         };
-        if let Err(error) = scratch.run(self, &a.as_view(), weights, key, 0) {
-            tracing::warn!(n = key.n, k = key.k, bucket = key.bucket, %error, "the lone-expert kernel failed; not used");
-            return Ok(None);
+        let mut agreeing = Vec::new();
+        for kernel in kernels {
+            let (n, k, bucket, kernel_name) = (key.n, key.k, key.bucket, kernel.describe());
+            if let Err(error) = scratch.run(self, &a.as_view(), weights, key, 0, kernel) {
+                tracing::warn!(n, k, bucket, kernel = kernel_name, %error, "our kernel failed; not used");
+                continue;
+            }
+            if sums_agree(&self.download(&scratch.out)?, reference) {
+                agreeing.push(kernel);
+            } else {
+                tracing::warn!(
+                    n,
+                    k,
+                    bucket,
+                    kernel = kernel_name,
+                    "our kernel's sums differ from cuBLASLt's; not used"
+                );
+            }
         }
-        let sums = self.download(&scratch.out)?;
-        if !sums_agree(&sums, reference) {
-            tracing::warn!(
-                n = key.n,
-                k = key.k,
-                bucket = key.bucket,
-                "the lone-expert kernel's sums differ from cuBLASLt's; not used"
-            );
-            return Ok(None);
-        }
-        Ok(Some(scratch))
+        Ok((scratch, agreeing))
     }
 }
 
@@ -680,17 +797,17 @@ fn sums_agree(sums: &[f32], reference: &[f32]) -> bool {
     difference <= 1e-4 * energy && worst <= 0.05 * largest
 }
 
-/// What timing the lone-expert kernel needs besides the activations and weights the cuBLASLt candidates use: the
-/// grouped-GEMM arguments it takes (offsets of one expert's slots, unit scales; raw sums) and its own output.
-struct LoneScratchBuffers {
+/// What timing our kernels needs besides the activations and weights the cuBLASLt candidates use: the grouped-GEMM
+/// arguments they take (offsets of one expert's slots, unit scales; raw sums) and their own output.
+struct OwnKernelScratch {
     offsets: CudaSlice<u32>,
     a_scale: CudaSlice<f32>,
     w_scale: CudaSlice<f32>,
     out: CudaSlice<f32>,
 }
 
-impl LoneScratchBuffers {
-    /// The kernel on `a` (the bucket's activations) and expert `expert` of `weights`.
+impl OwnKernelScratch {
+    /// `kernel` on `a` (the bucket's activations) and expert `expert` of `weights`.
     fn run(
         &mut self,
         device: &CudaDevice,
@@ -698,6 +815,7 @@ impl LoneScratchBuffers {
         weights: TuningWeights<'_, '_>,
         key: TuneKey,
         expert: usize,
+        kernel: OwnKernel,
     ) -> Result<(), KernelError> {
         let gemm = GroupedGemm {
             a,
@@ -709,7 +827,11 @@ impl LoneScratchBuffers {
             k: key.k,
             apply_scales: false,
         };
-        device.fp8_lone_expert_gemm(&gemm, expert, 0, key.bucket, None, &mut self.out.as_view_mut())
+        let out = &mut self.out.as_view_mut();
+        match kernel {
+            OwnKernel::Lone => device.fp8_lone_expert_gemm(&gemm, expert, 0, key.bucket, None, out),
+            OwnKernel::Warpgroup(launch) => device.fp8_warpgroup_expert_gemm(&gemm, expert, 0, key.bucket, launch, out),
+        }
     }
 }
 

@@ -4,11 +4,15 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
+use super::timing::random_codes;
 use super::{driver, lock, CudaDevice};
-use crate::device::plan::{LoneExpertGrid, LONE_THREADS};
+use crate::device::plan::{
+    LoneExpertGrid, WarpgroupExpertGrid, WarpgroupLaunch, LONE_THREADS, WARPGROUP_CHUNK, WARPGROUP_THREADS,
+};
 use crate::device::sources::{ATTENTION_CU, EXPERTS_CU, HOPPER_CU};
 use crate::device::types::{KvDtype, KvElement, PagedDecode};
 use crate::error::{check_len, product, KernelError};
+use crate::fp8::E4M3_TO_F32;
 
 /// Threads per block of the row kernels (a multiple of 32, at most 1024).
 pub(super) const ROW_THREADS: u32 = 256;
@@ -108,13 +112,86 @@ impl<'a, 'b> GroupedGemm<'a, 'b> {
     }
 }
 
-/// What `fp8_lone_expert_gemm` keeps between launches: the arrival counters of its row blocks (zero between launches:
-/// the last block at a row block resets its counter, so no launch has to clear them) and the partial-sum workspace.
-/// Both grow to the largest launch seen.
+/// What the stream-K expert kernels (`fp8_lone_expert_gemm`, `fp8_warpgroup_expert_gemm`) keep between launches: the
+/// arrival counters of their row blocks (zero between launches: the last block at a row block resets its counter, so
+/// no launch has to clear them) and the partial-sum workspace. Both grow to the largest launch seen; one stream runs
+/// the launches one after another, so the two kernels share them.
 #[derive(Default)]
-pub(super) struct LoneScratch {
+pub(super) struct StreamKScratch {
     arrivals: Option<CudaSlice<u32>>,
     workspace: Option<CudaSlice<f32>>,
+}
+
+/// How a GPU's wgmma reads the two byte offsets of a shared-memory matrix descriptor (K-major, no swizzle), as
+/// `wgmma_probe` found: as the PTX ISA is read in hopper.cu (the "leading" offset between core matrices adjacent in k,
+/// the "stride" offset between those adjacent in n), or the two swapped. Kernels take the offsets as arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WgmmaReading {
+    /// The hardware reads the leading offset as the one between core matrices adjacent in n.
+    pub offsets_swapped: bool,
+}
+
+impl WgmmaReading {
+    /// The descriptor's (leading, stride) fields for core matrices `k_adjacent` bytes apart in k and `n_adjacent` in n.
+    pub(crate) fn offsets(self, k_adjacent: u32, n_adjacent: u32) -> (u32, u32) {
+        if self.offsets_swapped {
+            (n_adjacent, k_adjacent)
+        } else {
+            (k_adjacent, n_adjacent)
+        }
+    }
+}
+
+/// One expert's operands of a grouped GEMM, as a one-expert kernel takes them: its slots' activations, scales and
+/// output rows, its weights and weight scales, and the scalars.
+struct OneExpert<'v> {
+    a: CudaView<'v, u8>,
+    a_scale: CudaView<'v, f32>,
+    w: CudaView<'v, u8>,
+    w_scale: CudaView<'v, f32>,
+    out: CudaViewMut<'v, f32>,
+    tokens: i32,
+    n: i32,
+    k: i32,
+    apply_scales: i32,
+}
+
+impl<'v> OneExpert<'v> {
+    /// Expert `expert`'s part of `gemm` (of `experts` experts, checked by `check_grouped`): its `tokens` slots from
+    /// `first`.
+    fn of(
+        op: &'static str,
+        gemm: &GroupedGemm<'v, '_>,
+        experts: usize,
+        expert: usize,
+        first: usize,
+        tokens: usize,
+        out: &'v mut CudaViewMut<'_, f32>,
+    ) -> Result<Self, KernelError> {
+        let GroupedGemm { a, a_scale, w, w_scale, n, k, apply_scales, .. } = *gemm;
+        if expert >= experts || first + tokens > a_scale.len() {
+            return Err(KernelError::invalid(
+                op,
+                format!(
+                    "expert {expert} with slots {first}..{} is outside {experts} experts and {} slots",
+                    first + tokens,
+                    a_scale.len()
+                ),
+            ));
+        }
+        let weight = n * k;
+        Ok(OneExpert {
+            a: a.slice(first * k..(first + tokens) * k),
+            a_scale: a_scale.slice(first..first + tokens),
+            w: w.slice(expert * weight..(expert + 1) * weight),
+            w_scale: w_scale.slice(expert * n..(expert + 1) * n),
+            out: out.slice_mut(first * n..(first + tokens) * n),
+            tokens: int(op, "tokens", tokens)?,
+            n: int(op, "n", n)?,
+            k: int(op, "k", k)?,
+            apply_scales: i32::from(apply_scales),
+        })
+    }
 }
 
 /// The shape checks of the grouped GEMMs; returns the number of experts. `k_multiple`: what `k` must divide by.
@@ -421,57 +498,94 @@ impl CudaDevice {
     ) -> Result<(), KernelError> {
         const OP: &str = "cuda fp8_lone_expert_gemm";
         let experts = check_grouped(OP, gemm, MMA_CHUNK, out)?;
-        let GroupedGemm { a, a_scale, w, w_scale, n, k, apply_scales, .. } = *gemm;
-        let grid = LoneExpertGrid::new(tokens, n, k, self.sms, grid_blocks)?;
-        if expert >= experts || first + tokens > a_scale.len() {
-            return Err(KernelError::invalid(
-                OP,
-                format!(
-                    "expert {expert} with slots {first}..{} is outside {experts} experts and {} slots",
-                    first + tokens,
-                    a_scale.len()
-                ),
-            ));
-        }
+        let grid = LoneExpertGrid::new(tokens, gemm.n, gemm.k, self.sms, grid_blocks)?;
+        let part = OneExpert::of(OP, gemm, experts, expert, first, tokens, out)?;
         let kernel = match grid.tiles {
             1 => "fp8_lone_expert_gemm_t1",
             2 => "fp8_lone_expert_gemm_t2",
             _ => "fp8_lone_expert_gemm_t4",
         };
         let f = self.function(&EXPERTS_CU, kernel)?;
-        let shared = i32::try_from(grid.shared_bytes)
-            .map_err(|_| KernelError::invalid(OP, format!("{} bytes of shared memory", grid.shared_bytes)))?;
-        if grid.shared_bytes > 48 * 1024 {
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared,
-            )
-            .map_err(driver("fp8_lone_expert_gemm shared memory"))?;
-        }
-        let (tokens_i, n_i, k_i) = (int(OP, "tokens", tokens)?, int(OP, "n", n)?, int(OP, "k", k)?);
-        let apply_i = i32::from(apply_scales);
-        let weight = n * k;
-        let a_part = a.slice(first * k..(first + tokens) * k);
-        let a_scale_part = a_scale.slice(first..first + tokens);
-        let w_part = w.slice(expert * weight..(expert + 1) * weight);
-        let w_scale_part = w_scale.slice(expert * n..(expert + 1) * n);
-        let mut out_part = out.slice_mut(first * n..(first + tokens) * n);
-        let mut scratch = lock(&self.lone_scratch);
-        let LoneScratch { arrivals, workspace } = &mut *scratch;
+        let shared = self.allow_dynamic_shared(OP, &f, kernel, grid.shared_bytes)?;
+        let mut scratch = lock(&self.stream_k_scratch);
+        let StreamKScratch { arrivals, workspace } = &mut *scratch;
         let arrivals = self.grown(arrivals, grid.row_blocks)?;
         let workspace = self.grown(workspace, grid.workspace_floats)?;
         let cfg = LaunchConfig {
             grid_dim: (blocks(OP, grid.blocks)?, 1, 1),
             block_dim: (LONE_THREADS as u32, 1, 1),
-            shared_mem_bytes: grid.shared_bytes as u32,
+            shared_mem_bytes: shared,
         };
+        let OneExpert { a, a_scale, w, w_scale, mut out, tokens, n, k, apply_scales } = part;
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(&a_part).arg(&a_scale_part).arg(&w_part).arg(&w_scale_part);
-        launch.arg(&tokens_i).arg(&n_i).arg(&k_i).arg(&apply_i).arg(workspace).arg(arrivals).arg(&mut out_part);
-        // SAFETY: signature matched; lengths checked (check_grouped, the slot range); the grid is LoneExpertGrid's,
+        launch.arg(&a).arg(&a_scale).arg(&w).arg(&w_scale);
+        launch.arg(&tokens).arg(&n).arg(&k).arg(&apply_scales).arg(workspace).arg(arrivals).arg(&mut out);
+        // SAFETY: signature matched; lengths checked (check_grouped, OneExpert::of); the grid is LoneExpertGrid's,
         // whose workspace and counters the scratch holds (the counters zero between launches, one stream).
         unsafe { launch.launch(cfg) }.map_err(driver(kernel))?;
         Ok(())
+    }
+
+    /// One expert's part of a grouped GEMM (as [`CudaDevice::fp8_lone_expert_gemm`]) on Hopper's warpgroup MMA:
+    /// `fp8_warpgroup_expert_gemm` (hopper.cu), stream-K with `launch`'s ring depth and blocks
+    /// ([`WarpgroupExpertGrid`]). `tokens` in `1..=`[`crate::device::plan::WARPGROUP_MAX_TOKENS`], `n` a multiple of
+    /// 128, `k` of [`WARPGROUP_CHUNK`]; compute capability 9.0 only, and only once `wgmma_probe` has confirmed how
+    /// the GPU reads the descriptors ([`CudaDevice::wgmma_reading`]). Only that expert's rows of `out` are written.
+    pub fn fp8_warpgroup_expert_gemm(
+        &self,
+        gemm: &GroupedGemm<'_, '_>,
+        expert: usize,
+        first: usize,
+        tokens: usize,
+        launch: WarpgroupLaunch,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "cuda fp8_warpgroup_expert_gemm";
+        let experts = check_grouped(OP, gemm, WARPGROUP_CHUNK, out)?;
+        let grid = WarpgroupExpertGrid::new(tokens, gemm.n, gemm.k, launch)?;
+        let part = OneExpert::of(OP, gemm, experts, expert, first, tokens, out)?;
+        let (leading, stride) = self.wgmma_reading()?.offsets(2048, 128);
+        let kernel = grid.launch.stages.kernel();
+        let f = self.function(&HOPPER_CU, kernel)?;
+        let shared = self.allow_dynamic_shared(OP, &f, kernel, grid.shared_bytes)?;
+        let mut scratch = lock(&self.stream_k_scratch);
+        let StreamKScratch { arrivals, workspace } = &mut *scratch;
+        let arrivals = self.grown(arrivals, grid.row_blocks)?;
+        let workspace = self.grown(workspace, grid.workspace_floats)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(OP, grid.launch.blocks)?, 1, 1),
+            block_dim: (WARPGROUP_THREADS as u32, 1, 1),
+            shared_mem_bytes: shared,
+        };
+        let OneExpert { a, a_scale, w, w_scale, mut out, tokens, n, k, apply_scales } = part;
+        let mut builder = self.stream.launch_builder(&f);
+        builder.arg(&a).arg(&a_scale).arg(&w).arg(&w_scale).arg(&tokens).arg(&n).arg(&k).arg(&apply_scales);
+        builder.arg(&leading).arg(&stride).arg(workspace).arg(arrivals).arg(&mut out);
+        // SAFETY: signature matched; lengths checked (check_grouped, OneExpert::of); the grid is
+        // WarpgroupExpertGrid's, whose workspace and counters the scratch holds (the counters zero between launches,
+        // one stream); the descriptor offsets are those the probe confirmed on this GPU.
+        unsafe { builder.launch(cfg) }.map_err(driver(kernel))?;
+        Ok(())
+    }
+
+    /// Lets `f` take `bytes` of dynamic shared memory (above 48 KiB a kernel must ask); the size as a launch takes it.
+    fn allow_dynamic_shared(
+        &self,
+        op: &'static str,
+        f: &cudarc::driver::CudaFunction,
+        kernel: &'static str,
+        bytes: usize,
+    ) -> Result<u32, KernelError> {
+        let shared =
+            i32::try_from(bytes).map_err(|_| KernelError::invalid(op, format!("{bytes} bytes of shared memory")))?;
+        if bytes > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared,
+            )
+            .map_err(driver(kernel))?;
+        }
+        Ok(shared as u32)
     }
 
     /// One Hopper warpgroup MMA (`wgmma_probe` of hopper.cu: m64n128k32, E4M3 in, f32 out) of `a` (`[64, 32]`
@@ -496,6 +610,40 @@ impl CudaDevice {
         // SAFETY: signature matched; a and b have the lengths the kernel reads, out the length it writes.
         unsafe { launch.launch(cfg) }.map_err(driver("launch wgmma_probe"))?;
         self.download(&out)
+    }
+
+    /// How this GPU's wgmma reads a shared-memory descriptor, as `wgmma_probe` found on known operands the first time
+    /// it is asked (then remembered): the reading under which every output matches the CPU's product. An error (kept
+    /// too) when the GPU has no wgmma or neither reading matches: then no wgmma kernel runs here.
+    pub(crate) fn wgmma_reading(&self) -> Result<WgmmaReading, KernelError> {
+        const OP: &str = "wgmma layouts";
+        self.wgmma_reading
+            .get_or_init(|| {
+                let (a, b) = (random_codes(64 * 32, 0x0077_676d_6d61), random_codes(128 * 32, 0x0070_726f_6265));
+                let value = |code: u8| f64::from(E4M3_TO_F32[code as usize]);
+                let mut wrong = [0usize; 2];
+                for (variant, wrong) in (0..2u32).zip(&mut wrong) {
+                    let got = self.wgmma_probe(&a, &b, variant).map_err(|e| e.to_string())?;
+                    *wrong = (0..64 * 128)
+                        .filter(|&i| {
+                            let (m, n) = (i / 128, i % 128);
+                            let products = (0..32).map(|c| value(a[m * 32 + c]) * value(b[n * 32 + c]));
+                            let (want, size) = products.fold((0.0, 0.0), |(sum, size), p| (sum + p, size + p.abs()));
+                            (f64::from(got[i]) - want).abs() > size / 4096.0 + 1e-30
+                        })
+                        .count();
+                }
+                match wrong {
+                    [0, _] => Ok(WgmmaReading { offsets_swapped: false }),
+                    [_, 0] => Ok(WgmmaReading { offsets_swapped: true }),
+                    [first, second] => Err(format!(
+                        "wgmma_probe matched the CPU under neither descriptor reading ({first} and {second} of 8192 \
+                         outputs wrong)"
+                    )),
+                }
+            })
+            .clone()
+            .map_err(|message| KernelError::Cuda { op: OP, message })
     }
 
     /// The epilogue after a unit-scale FP8 GEMM: `out[i, j] *= a_scale[i] * w_scale[j]` over `m` x `n`.

@@ -20,7 +20,7 @@ mod timing;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, ValidAsZeroBits};
 
@@ -97,7 +97,9 @@ pub struct CudaDevice {
     sms: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     blas: Mutex<Option<Arc<blaslt::BlasLt>>>,
-    lone_scratch: Mutex<kernels::LoneScratch>,
+    stream_k_scratch: Mutex<kernels::StreamKScratch>,
+    /// How this GPU's wgmma reads a shared-memory descriptor, found by `wgmma_probe` on first use.
+    wgmma_reading: OnceLock<Result<kernels::WgmmaReading, String>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -129,7 +131,8 @@ impl CudaDevice {
             sms: usize::try_from(sms).unwrap_or(1).max(1),
             modules: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
-            lone_scratch: Mutex::new(kernels::LoneScratch::default()),
+            stream_k_scratch: Mutex::new(kernels::StreamKScratch::default()),
+            wgmma_reading: OnceLock::new(),
         }))
     }
 
