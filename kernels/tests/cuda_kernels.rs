@@ -81,6 +81,16 @@ fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
     }
 }
 
+/// The GPU for a test of Hopper's wgmma, or `None` with a printed reason (no GPU, or one without wgmma).
+fn hopper(test: &str) -> Option<Arc<CudaDevice>> {
+    let device = gpu(test)?;
+    if device.arch() != "compute_90" {
+        println!("SKIPPED {test}: wgmma is Hopper's (compute_90); this GPU is {}", device.arch());
+        return None;
+    }
+    Some(device)
+}
+
 fn positive_scales(rng: &mut ChaCha8Rng, len: usize, around: f32) -> Vec<f32> {
     (0..len).map(|_| around * rng.random_range(0.5f32..1.5)).collect()
 }
@@ -477,11 +487,7 @@ fn fp8_lone_expert_gemm_matches_the_cpu_reference() {
 /// for everything; one block per unit). Only on compute capability 9.0 (the emulator's too): wgmma is Hopper's.
 #[test]
 fn fp8_warpgroup_expert_gemm_matches_the_cpu_reference() {
-    let Some(device) = gpu("fp8_warpgroup_expert_gemm") else { return };
-    if device.arch() != "compute_90" {
-        println!("SKIPPED fp8_warpgroup_expert_gemm: wgmma is Hopper's (compute_90); this GPU is {}", device.arch());
-        return;
-    }
+    let Some(device) = hopper("fp8_warpgroup_expert_gemm") else { return };
     let launch = |stages, blocks| WarpgroupLaunch { stages, blocks };
     let (three, six) = (WarpgroupStages::Three, WarpgroupStages::Six);
     // 24 units: 1 block; 5 (every row block split); 6 (row blocks whole, four blocks each); 24 (one unit each).
@@ -584,11 +590,7 @@ fn check_one_expert_kernel<G: Copy + std::fmt::Debug>(
 /// disagrees says how. GPUs other than compute capability 9.0 have no wgmma: the test says so and passes.
 #[test]
 fn wgmma_layouts_match_the_reference() {
-    let Some(device) = gpu("wgmma_layouts") else { return };
-    if device.arch() != "compute_90" {
-        println!("SKIPPED wgmma_layouts: wgmma is Hopper's (compute_90); this GPU is {}", device.arch());
-        return;
-    }
+    let Some(device) = hopper("wgmma_layouts") else { return };
     let mut r = rng(12);
     let (a, b) = (fp8_codes(&mut r, 64 * 32), fp8_codes(&mut r, 128 * 32));
     let decode = |codes: &[u8]| -> Vec<f32> {

@@ -59,6 +59,38 @@ const LONE_TOKEN_BYTES: usize = 144;
 /// Most shared memory a block stages: two blocks must fit an SM (an H100 has 228 KiB).
 const LONE_SHARED_LIMIT: usize = 100 * 1024;
 
+/// What the stream-K one-expert kernels ask of a GEMM: 1..=`max_tokens` tokens, `n` a positive multiple of `rows`
+/// (a unit's weight rows) and `k` of `chunk` (its columns). Returns the row blocks and the chunks.
+fn stream_k_units(
+    op: &'static str,
+    tokens: usize,
+    max_tokens: usize,
+    (n, rows): (usize, usize),
+    (k, chunk): (usize, usize),
+) -> Result<(usize, usize), KernelError> {
+    if !(1..=max_tokens).contains(&tokens) {
+        return Err(KernelError::invalid(op, format!("tokens = {tokens} must be in 1..={max_tokens}")));
+    }
+    if n == 0 || k == 0 || n % rows != 0 || k % chunk != 0 {
+        return Err(KernelError::invalid(
+            op,
+            format!("n = {n} must be a positive multiple of {rows} and k = {k} of {chunk}"),
+        ));
+    }
+    Ok((n / rows, k / chunk))
+}
+
+/// The stream-K kernels compute `units * block / blocks` in 32 bits.
+fn check_stream_k_range(op: &'static str, units: usize, blocks: usize) -> Result<(), KernelError> {
+    if units.checked_mul(blocks + 1).is_none_or(|v| v > i32::MAX as usize) {
+        return Err(KernelError::invalid(
+            op,
+            format!("{units} units over {blocks} blocks exceed the kernel's i32 range"),
+        ));
+    }
+    Ok(())
+}
+
 /// How `fp8_lone_expert_gemm` is launched for one expert's `tokens` x `n` x `k` GEMM on a GPU of `sms` SMs: the work
 /// is `(n / 128) * (k / 128)` units of 128 weight rows x 128 columns, split evenly (to one unit) over the blocks, which
 /// stage the activations of their units' chunks in shared memory.
@@ -82,17 +114,8 @@ impl LoneExpertGrid {
     /// The grid for `sms` SMs, or with `blocks` blocks when given (tests and tuning; at least 1, at most `units`).
     pub fn new(tokens: usize, n: usize, k: usize, sms: usize, blocks: Option<usize>) -> Result<Self, KernelError> {
         const OP: &str = "lone expert grid";
-        if !(1..=LONE_MAX_TOKENS).contains(&tokens) {
-            return Err(KernelError::invalid(OP, format!("tokens = {tokens} must be in 1..={LONE_MAX_TOKENS}")));
-        }
-        if n == 0 || k == 0 || n % LONE_ROWS != 0 || k % LONE_CHUNK != 0 {
-            return Err(KernelError::invalid(
-                OP,
-                format!("n = {n} must be a positive multiple of {LONE_ROWS} and k = {k} of {LONE_CHUNK}"),
-            ));
-        }
+        let (row_blocks, chunks) = stream_k_units(OP, tokens, LONE_MAX_TOKENS, (n, LONE_ROWS), (k, LONE_CHUNK))?;
         let tiles = tokens.div_ceil(8).next_power_of_two();
-        let (row_blocks, chunks) = (n / LONE_ROWS, k / LONE_CHUNK);
         let units = row_blocks * chunks;
         let chunk_bytes = 8 * tiles * LONE_TOKEN_BYTES;
         // A block's range spans at most `LONE_SHARED_LIMIT / chunk_bytes` units, so that its staged chunks fit.
@@ -102,13 +125,7 @@ impl LoneExpertGrid {
             Some(blocks) => blocks.min(units),
             None => (sms.max(1) * LONE_BLOCKS_PER_SM).max(units.div_ceil(longest)).min(units),
         };
-        // The kernel computes `units * block / blocks` in 32 bits.
-        if units.checked_mul(blocks + 1).is_none_or(|v| v > i32::MAX as usize) {
-            return Err(KernelError::invalid(
-                OP,
-                format!("{units} units over {blocks} blocks exceed the kernel's i32 range"),
-            ));
-        }
+        check_stream_k_range(OP, units, blocks)?;
         let range = units.div_ceil(blocks);
         if range.min(chunks) * chunk_bytes > LONE_SHARED_LIMIT {
             return Err(KernelError::invalid(
@@ -239,28 +256,14 @@ impl WarpgroupExpertGrid {
     /// The grid of `launch` (blocks above the units are clamped), or why the kernel cannot take the GEMM.
     pub fn new(tokens: usize, n: usize, k: usize, launch: WarpgroupLaunch) -> Result<Self, KernelError> {
         const OP: &str = "warpgroup expert grid";
-        if !(1..=WARPGROUP_MAX_TOKENS).contains(&tokens) {
-            return Err(KernelError::invalid(OP, format!("tokens = {tokens} must be in 1..={WARPGROUP_MAX_TOKENS}")));
-        }
-        if n == 0 || k == 0 || n % WARPGROUP_ROWS != 0 || k % WARPGROUP_CHUNK != 0 {
-            return Err(KernelError::invalid(
-                OP,
-                format!("n = {n} must be a positive multiple of {WARPGROUP_ROWS} and k = {k} of {WARPGROUP_CHUNK}"),
-            ));
-        }
+        let (row_blocks, chunks) =
+            stream_k_units(OP, tokens, WARPGROUP_MAX_TOKENS, (n, WARPGROUP_ROWS), (k, WARPGROUP_CHUNK))?;
         if launch.blocks == 0 {
             return Err(KernelError::invalid(OP, "a grid needs at least one block"));
         }
-        let row_blocks = n / WARPGROUP_ROWS;
-        let units = row_blocks * (k / WARPGROUP_CHUNK);
+        let units = row_blocks * chunks;
         let blocks = launch.blocks.min(units);
-        // The kernel computes `units * block / blocks` in 32 bits.
-        if units.checked_mul(blocks + 1).is_none_or(|v| v > i32::MAX as usize) {
-            return Err(KernelError::invalid(
-                OP,
-                format!("{units} units over {blocks} blocks exceed the kernel's i32 range"),
-            ));
-        }
+        check_stream_k_range(OP, units, blocks)?;
         Ok(WarpgroupExpertGrid {
             launch: WarpgroupLaunch { blocks, ..launch },
             units,

@@ -9,7 +9,7 @@ use super::{driver, lock, CudaDevice};
 use crate::device::plan::{
     LoneExpertGrid, WarpgroupExpertGrid, WarpgroupLaunch, LONE_THREADS, WARPGROUP_CHUNK, WARPGROUP_THREADS,
 };
-use crate::device::sources::{ATTENTION_CU, EXPERTS_CU, HOPPER_CU};
+use crate::device::sources::{CudaSource, ATTENTION_CU, EXPERTS_CU, HOPPER_CU};
 use crate::device::types::{KvDtype, KvElement, PagedDecode};
 use crate::error::{check_len, product, KernelError};
 use crate::fp8::E4M3_TO_F32;
@@ -140,6 +140,15 @@ impl WgmmaReading {
             (k_adjacent, n_adjacent)
         }
     }
+}
+
+/// How a stream-K one-expert kernel is launched: its grid type's numbers.
+struct StreamKLaunch {
+    blocks: usize,
+    threads: usize,
+    shared_bytes: usize,
+    row_blocks: usize,
+    workspace_floats: usize,
 }
 
 /// One expert's operands of a grouped GEMM, as a one-expert kernel takes them: its slots' activations, scales and
@@ -505,25 +514,14 @@ impl CudaDevice {
             2 => "fp8_lone_expert_gemm_t2",
             _ => "fp8_lone_expert_gemm_t4",
         };
-        let f = self.function(&EXPERTS_CU, kernel)?;
-        let shared = self.allow_dynamic_shared(OP, &f, kernel, grid.shared_bytes)?;
-        let mut scratch = lock(&self.stream_k_scratch);
-        let StreamKScratch { arrivals, workspace } = &mut *scratch;
-        let arrivals = self.grown(arrivals, grid.row_blocks)?;
-        let workspace = self.grown(workspace, grid.workspace_floats)?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks(OP, grid.blocks)?, 1, 1),
-            block_dim: (LONE_THREADS as u32, 1, 1),
-            shared_mem_bytes: shared,
+        let grid = StreamKLaunch {
+            blocks: grid.blocks,
+            threads: LONE_THREADS,
+            shared_bytes: grid.shared_bytes,
+            row_blocks: grid.row_blocks,
+            workspace_floats: grid.workspace_floats,
         };
-        let OneExpert { a, a_scale, w, w_scale, mut out, tokens, n, k, apply_scales } = part;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(&a).arg(&a_scale).arg(&w).arg(&w_scale);
-        launch.arg(&tokens).arg(&n).arg(&k).arg(&apply_scales).arg(workspace).arg(arrivals).arg(&mut out);
-        // SAFETY: signature matched; lengths checked (check_grouped, OneExpert::of); the grid is LoneExpertGrid's,
-        // whose workspace and counters the scratch holds (the counters zero between launches, one stream).
-        unsafe { launch.launch(cfg) }.map_err(driver(kernel))?;
-        Ok(())
+        self.launch_stream_k(OP, &EXPERTS_CU, kernel, grid, part, None)
     }
 
     /// One expert's part of a grouped GEMM (as [`CudaDevice::fp8_lone_expert_gemm`]) on Hopper's warpgroup MMA:
@@ -544,26 +542,53 @@ impl CudaDevice {
         let experts = check_grouped(OP, gemm, WARPGROUP_CHUNK, out)?;
         let grid = WarpgroupExpertGrid::new(tokens, gemm.n, gemm.k, launch)?;
         let part = OneExpert::of(OP, gemm, experts, expert, first, tokens, out)?;
-        let (leading, stride) = self.wgmma_reading()?.offsets(2048, 128);
+        let descriptor = self.wgmma_reading()?.offsets(2048, 128);
         let kernel = grid.launch.stages.kernel();
-        let f = self.function(&HOPPER_CU, kernel)?;
-        let shared = self.allow_dynamic_shared(OP, &f, kernel, grid.shared_bytes)?;
+        let launch = StreamKLaunch {
+            blocks: grid.launch.blocks,
+            threads: WARPGROUP_THREADS,
+            shared_bytes: grid.shared_bytes,
+            row_blocks: grid.row_blocks,
+            workspace_floats: grid.workspace_floats,
+        };
+        self.launch_stream_k(OP, &HOPPER_CU, kernel, launch, part, Some(descriptor))
+    }
+
+    /// Launches a stream-K one-expert kernel (`kernel` of `source`) on `part`'s operands, with the scratch grown to
+    /// `launch`'s workspace and counters; `descriptor`: the (leading, stride) descriptor offsets a wgmma kernel takes
+    /// after the scalars.
+    fn launch_stream_k(
+        &self,
+        op: &'static str,
+        source: &CudaSource,
+        kernel: &'static str,
+        launch: StreamKLaunch,
+        part: OneExpert<'_>,
+        descriptor: Option<(u32, u32)>,
+    ) -> Result<(), KernelError> {
+        let f = self.function(source, kernel)?;
+        let shared = self.allow_dynamic_shared(op, &f, kernel, launch.shared_bytes)?;
         let mut scratch = lock(&self.stream_k_scratch);
         let StreamKScratch { arrivals, workspace } = &mut *scratch;
-        let arrivals = self.grown(arrivals, grid.row_blocks)?;
-        let workspace = self.grown(workspace, grid.workspace_floats)?;
+        let arrivals = self.grown(arrivals, launch.row_blocks)?;
+        let workspace = self.grown(workspace, launch.workspace_floats)?;
         let cfg = LaunchConfig {
-            grid_dim: (blocks(OP, grid.launch.blocks)?, 1, 1),
-            block_dim: (WARPGROUP_THREADS as u32, 1, 1),
+            grid_dim: (blocks(op, launch.blocks)?, 1, 1),
+            block_dim: (launch.threads as u32, 1, 1),
             shared_mem_bytes: shared,
         };
         let OneExpert { a, a_scale, w, w_scale, mut out, tokens, n, k, apply_scales } = part;
         let mut builder = self.stream.launch_builder(&f);
         builder.arg(&a).arg(&a_scale).arg(&w).arg(&w_scale).arg(&tokens).arg(&n).arg(&k).arg(&apply_scales);
-        builder.arg(&leading).arg(&stride).arg(workspace).arg(arrivals).arg(&mut out);
-        // SAFETY: signature matched; lengths checked (check_grouped, OneExpert::of); the grid is
-        // WarpgroupExpertGrid's, whose workspace and counters the scratch holds (the counters zero between launches,
-        // one stream); the descriptor offsets are those the probe confirmed on this GPU.
+        let (leading, stride) = descriptor.unwrap_or_default();
+        if descriptor.is_some() {
+            builder.arg(&leading).arg(&stride);
+        }
+        builder.arg(workspace).arg(arrivals).arg(&mut out);
+        // SAFETY: the kernel's signature is matched (the descriptor offsets only for the wgmma kernel); lengths checked
+        // (check_grouped, OneExpert::of); the grid is the kernel's grid type's, whose workspace and counters the
+        // scratch holds (the counters zero between launches, one stream); the descriptor offsets are those the probe
+        // confirmed on this GPU.
         unsafe { builder.launch(cfg) }.map_err(driver(kernel))?;
         Ok(())
     }
