@@ -1377,9 +1377,10 @@ fn bench_measures_every_case_on_small_shapes() {
     }
     // Each one-expert case was tuned for its bucket, rotated over the experts; the lone-expert kernel competed where
     // it takes the bucket (up to 32 tokens), and the choice's time is the fastest.
-    // The warpgroup kernel (Hopper only) where it takes the bucket (33..=128 tokens).
+    // The warpgroup kernel (Hopper only, unless SWITCHYARD_WGMMA_EXPERT_GEMM=0 leaves it out) where it takes the
+    // bucket (33..=128 tokens).
     let device = gpu("bench_measures_every_case_on_small_shapes").expect("the GPU again");
-    let hopper = device.arch() == "compute_90";
+    let hopper = device.arch() == "compute_90" && std::env::var("SWITCHYARD_WGMMA_EXPERT_GEMM").as_deref() != Ok("0");
     for (tokens, lone, warpgroup) in [(16, true, false), (64, false, hopper)] {
         let Some(row) = report.tuning.iter().find(|t| (t.n, t.k, t.tokens) == (512, 256, tokens)) else {
             panic!("no tuning of bucket {tokens}: {:?}", report.tuning)

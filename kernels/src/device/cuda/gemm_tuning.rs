@@ -86,8 +86,8 @@ fn tuning_enabled() -> bool {
 /// Whether the warpgroup expert kernel (`fp8_warpgroup_expert_gemm`) takes part in the tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WarpgroupMode {
-    /// Not at all (`SWITCHYARD_WGMMA_EXPERT_GEMM=0`: gpu-check turns it off for the benchmark when the kernel's own
-    /// tests failed on the GPU).
+    /// Not at all (`SWITCHYARD_WGMMA_EXPERT_GEMM=0`: gpu-check turns it off for every step after its own, when the
+    /// probe or the kernel's tests failed on the GPU).
     Off,
     /// It competes with cuBLASLt's candidates (the default).
     Compete,
