@@ -626,8 +626,8 @@ impl CudaDevice {
         let plan = PlanKey::new(tuned_operands(), bucket, n, k, &[w_ptr, weight as u64, a_ptr, out_ptr]);
         let alignment = plan.alignment;
         let plan = blas.describe(plan)?;
-        let candidates = blas.candidates(&plan, alignment)?;
-        let Some(first) = candidates.first() else {
+        let mut candidates = blas.candidates(&plan, alignment)?;
+        let Some(first) = candidates.first().map(|candidate| Candidate { algo: candidate.algo }) else {
             return Err(KernelError::Cuda {
                 op: "cuBLASLt algorithm",
                 message: format!(
@@ -676,6 +676,10 @@ impl CudaDevice {
             Some((scratch, kernels)) if !kernels.is_empty() => (Some(RefCell::new(scratch)), kernels),
             _ => (None, Vec::new()),
         };
+        // A forced warpgroup kernel wins whatever cuBLASLt's other candidates take: only the heuristic's is timed.
+        if warpgroup_mode() == WarpgroupMode::Force && own.iter().any(|k| matches!(k, OwnKernel::Warpgroup(_))) {
+            candidates.truncate(1);
+        }
         if candidates.len() == 1 && own.is_empty() {
             return Ok((TunedChoice::Cublaslt(first.algo), row));
         }
